@@ -1,0 +1,52 @@
+//! Errors of tier operations, each naming the tier, checkpoint and path involved.
+
+use std::path::PathBuf;
+
+use crate::{CheckpointName, TierKind};
+
+/// A tier operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TierError {
+    /// The tier does not hold the checkpoint.
+    #[error("{tier} tier holds no checkpoint named {name}")]
+    NotFound {
+        /// Tier that was asked.
+        tier: TierKind,
+        /// Checkpoint that was asked for.
+        name: CheckpointName,
+    },
+    /// A file system operation failed.
+    #[error("{tier} tier: {op} {}: {source}", path.display())]
+    Io {
+        /// Tier the operation ran on.
+        tier: TierKind,
+        /// What was being done, e.g. "copy", "create directory".
+        op: &'static str,
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The stored data is not what was written.
+    #[error("{tier} tier: checkpoint {name} is corrupt: {detail}")]
+    Corrupt {
+        /// Tier holding the bad copy.
+        tier: TierKind,
+        /// Affected checkpoint.
+        name: CheckpointName,
+        /// Which file or chunk and what is wrong.
+        detail: String,
+    },
+}
+
+impl TierError {
+    /// Short, stable label for metrics (`reason` label of failure counters).
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            TierError::NotFound { .. } => "not_found",
+            TierError::Io { .. } => "io",
+            TierError::Corrupt { .. } => "corrupt",
+        }
+    }
+}

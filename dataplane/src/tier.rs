@@ -1,0 +1,88 @@
+//! The interface every storage tier implements.
+
+use std::fmt;
+use std::path::Path;
+
+use crate::{CheckpointName, TierError};
+
+/// The storage tiers, nearest (fastest to restore from) first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TierKind {
+    /// tmpfs: where CRIU writes and reads images.
+    Ram,
+    /// Local disk.
+    Nvme,
+    /// Object storage.
+    S3,
+}
+
+impl TierKind {
+    /// Stable lower-case name used in the API, the CLI and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TierKind::Ram => "ram",
+            TierKind::Nvme => "nvme",
+            TierKind::S3 => "s3",
+        }
+    }
+
+    /// Parses the name produced by [`TierKind::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ram" => Some(TierKind::Ram),
+            "nvme" => Some(TierKind::Nvme),
+            "s3" => Some(TierKind::S3),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for TierKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What storing an image set cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreReport {
+    /// Bytes of the image set as CRIU wrote it.
+    pub raw_bytes: u64,
+    /// Bytes this store added to the tier.
+    pub stored_bytes: u64,
+}
+
+/// What loading an image set produced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Bytes written into the destination directory.
+    pub bytes: u64,
+}
+
+/// A place that can hold checkpoint image sets.
+///
+/// Implementations are blocking; the agent runs each tier on threads of its own.
+/// A store is atomic: until it returns `Ok`, the tier does not report the checkpoint as held.
+pub trait Tier: Send + Sync + fmt::Debug {
+    /// Which tier this is.
+    fn kind(&self) -> TierKind;
+
+    /// Stores the image set in the directory `image_dir` under `name`, replacing nothing:
+    /// storing a name the tier already holds is an error-free no-op returning the held size.
+    fn store(&self, name: &CheckpointName, image_dir: &Path) -> Result<StoreReport, TierError>;
+
+    /// Writes the image set of `name` into `dest`, an existing empty directory.
+    fn load(&self, name: &CheckpointName, dest: &Path) -> Result<LoadReport, TierError>;
+
+    /// Whether the tier holds a complete copy of `name`.
+    fn contains(&self, name: &CheckpointName) -> Result<bool, TierError>;
+
+    /// Drops the tier's copy of `name`; returns whether there was one.
+    fn remove(&self, name: &CheckpointName) -> Result<bool, TierError>;
+
+    /// Every checkpoint the tier holds completely.
+    fn list(&self) -> Result<Vec<CheckpointName>, TierError>;
+
+    /// Bytes the tier currently uses.
+    fn used_bytes(&self) -> Result<u64, TierError>;
+}
