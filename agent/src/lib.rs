@@ -1,1 +1,46 @@
-//! placeholder
+//! The Kybernate node agent: checkpoints and restores workloads on its node.
+//!
+//! Actors (actix): a [`node::NodeAgent`] receiving every request, one
+//! [`container::ContainerActor`] per workload, the [`criu::CriuRunner`], the
+//! [`cuda::CudaSession`] and one [`tiers::TierActor`] per storage tier. The gRPC API
+//! ([`grpc`]) is served on a Unix socket; `kybernatectl` ([`cli`]) is its client.
+
+pub mod catalog;
+pub mod checkpoint;
+pub mod cli;
+pub mod cli_demo;
+pub mod client;
+pub mod command;
+pub mod config;
+pub mod container;
+pub mod criu;
+pub mod cuda;
+pub mod daemon;
+pub mod error;
+pub mod events;
+pub mod grpc;
+pub mod images;
+pub mod metrics;
+pub mod node;
+pub mod node_parts;
+pub mod process;
+pub mod restore;
+pub mod tiers;
+pub mod workload;
+
+/// Sets up structured logging on stderr; `KYBERNATE_LOG` sets the filter (default `info`).
+pub fn init_logging(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("KYBERNATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

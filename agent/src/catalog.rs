@@ -1,0 +1,254 @@
+//! The agent's record of every checkpoint, one JSON file per checkpoint in the state
+//! directory, so a restarted agent finds its checkpoints again.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use kybernate_dataplane::CheckpointName;
+use serde::{Deserialize, Serialize};
+
+use crate::images::ImageFile;
+
+/// Largest record file the agent reads; anything bigger is not one of ours.
+const MAX_RECORD_BYTES: u64 = 16 << 20;
+
+/// Duration of one phase.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Phase {
+    /// Phase name, e.g. `criu_dump`.
+    pub name: String,
+    /// Milliseconds it took.
+    pub millis: u64,
+}
+
+/// What the agent knows about one checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    /// The checkpoint's name.
+    pub name: String,
+    /// Root PID of the dumped tree (CRIU restores it under the same PID).
+    pub pid: i32,
+    /// Container, when the workload is one.
+    #[serde(default)]
+    pub container_id: String,
+    /// Pod of the container.
+    #[serde(default)]
+    pub pod_uid: String,
+    /// GPU group the device plugin assigned.
+    #[serde(default)]
+    pub gpu_group: String,
+    /// GPU seat the device plugin assigned.
+    #[serde(default)]
+    pub gpu_seat: String,
+    /// Seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// Whether the workload kept running after the dump.
+    pub leave_running: bool,
+    /// Whether CRIU needed `--shell-job` (restore needs it too).
+    pub shell_job: bool,
+    /// Checkpoint phases and their durations.
+    pub phases: Vec<Phase>,
+    /// Bytes CRIU wrote.
+    pub raw_bytes: u64,
+    /// Bytes the tiers added for it.
+    pub stored_bytes: u64,
+    /// Every image file with its size and digest, to verify before restoring.
+    pub files: Vec<ImageFile>,
+}
+
+/// A record could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// File system error on a record.
+    #[error("checkpoint record {}: {source}", path.display())]
+    Io {
+        /// The record file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A record file is not valid.
+    #[error("checkpoint record {} is corrupt: {detail}", path.display())]
+    Corrupt {
+        /// The record file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+/// All records, kept in memory and mirrored to `<state_dir>/checkpoints/`.
+#[derive(Debug)]
+pub struct Catalog {
+    dir: PathBuf,
+    records: BTreeMap<CheckpointName, CheckpointRecord>,
+}
+
+impl Catalog {
+    /// Loads every record in `dir`; unreadable ones are reported and skipped.
+    pub fn open(dir: &Path) -> Result<(Self, Vec<CatalogError>), CatalogError> {
+        let io = |source| CatalogError::Io {
+            path: dir.to_owned(),
+            source,
+        };
+        fs::create_dir_all(dir).map_err(io)?;
+        let mut records = BTreeMap::new();
+        let mut problems = Vec::new();
+        for entry in fs::read_dir(dir).map_err(io)? {
+            let path = entry.map_err(io)?.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            match read_record(&path) {
+                Ok((name, record)) => {
+                    records.insert(name, record);
+                }
+                Err(e) => problems.push(e),
+            }
+        }
+        let catalog = Self {
+            dir: dir.to_owned(),
+            records,
+        };
+        Ok((catalog, problems))
+    }
+
+    /// The record of `name`.
+    pub fn get(&self, name: &CheckpointName) -> Option<&CheckpointRecord> {
+        self.records.get(name)
+    }
+
+    /// Every record, by name.
+    pub fn all(&self) -> impl Iterator<Item = &CheckpointRecord> {
+        self.records.values()
+    }
+
+    /// Writes a record durably (temp file, fsync, rename) and keeps it.
+    pub fn insert(
+        &mut self,
+        name: CheckpointName,
+        record: CheckpointRecord,
+    ) -> Result<(), CatalogError> {
+        let path = self.path_of(&name);
+        let tmp = path.with_extension("json.tmp");
+        let io = |source| CatalogError::Io {
+            path: path.clone(),
+            source,
+        };
+        let bytes = serde_json::to_vec_pretty(&record).map_err(|e| CatalogError::Corrupt {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        let mut file = fs::File::create(&tmp).map_err(io)?;
+        file.write_all(&bytes).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        fs::rename(&tmp, &path).map_err(io)?;
+        self.records.insert(name, record);
+        Ok(())
+    }
+
+    /// Forgets `name`; returns whether it was known.
+    pub fn remove(&mut self, name: &CheckpointName) -> Result<bool, CatalogError> {
+        let path = self.path_of(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(CatalogError::Io { path, source }),
+        }
+        Ok(self.records.remove(name).is_some())
+    }
+
+    fn path_of(&self, name: &CheckpointName) -> PathBuf {
+        self.dir.join(format!("{name}.json"))
+    }
+}
+
+fn read_record(path: &Path) -> Result<(CheckpointName, CheckpointRecord), CatalogError> {
+    let corrupt = |detail: String| CatalogError::Corrupt {
+        path: path.to_owned(),
+        detail,
+    };
+    let meta = fs::metadata(path).map_err(|source| CatalogError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    if meta.len() > MAX_RECORD_BYTES {
+        return Err(corrupt(format!(
+            "{} bytes is more than a record can hold",
+            meta.len()
+        )));
+    }
+    let bytes = fs::read(path).map_err(|source| CatalogError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let record: CheckpointRecord =
+        serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let name = CheckpointName::new(&record.name).map_err(|e| corrupt(e.to_string()))?;
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default();
+    if stem != name.as_str() {
+        return Err(corrupt(format!("it names checkpoint {name}")));
+    }
+    Ok((name, record))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str) -> CheckpointRecord {
+        CheckpointRecord {
+            name: name.into(),
+            pid: 77,
+            container_id: String::new(),
+            pod_uid: String::new(),
+            gpu_group: String::new(),
+            gpu_seat: String::new(),
+            created_unix: 1,
+            leave_running: false,
+            shell_job: false,
+            phases: vec![Phase {
+                name: "criu_dump".into(),
+                millis: 5,
+            }],
+            raw_bytes: 10,
+            stored_bytes: 10,
+            files: vec![],
+        }
+    }
+
+    #[test]
+    fn records_survive_reopen_and_corrupt_ones_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut catalog, problems) = Catalog::open(dir.path()).unwrap();
+        assert!(problems.is_empty());
+        let name = CheckpointName::new("cp1").unwrap();
+        catalog.insert(name.clone(), record("cp1")).unwrap();
+        fs::write(dir.path().join("bad.json"), b"{not json").unwrap();
+        fs::write(
+            dir.path().join("other.json"),
+            serde_json::to_vec(&record("cp9")).unwrap(),
+        )
+        .unwrap();
+
+        let (reopened, problems) = Catalog::open(dir.path()).unwrap();
+        assert_eq!(reopened.get(&name), Some(&record("cp1")));
+        assert_eq!(reopened.all().count(), 1);
+        let messages: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert!(messages
+            .iter()
+            .any(|m| m.contains("bad.json") && m.contains("corrupt")));
+        assert!(messages.iter().any(|m| m.contains("names checkpoint cp9")));
+
+        let (mut catalog, _) = Catalog::open(dir.path()).unwrap();
+        assert!(catalog.remove(&name).unwrap());
+        assert!(!catalog.remove(&name).unwrap());
+    }
+}

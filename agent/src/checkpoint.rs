@@ -1,0 +1,236 @@
+//! The checkpoint of one workload: CUDA phase, CRIU dump into the RAM tier, digest, and
+//! storing into the slower tiers. Any failure resumes the workload and leaves no checkpoint.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kybernate_dataplane::{CheckpointName, StoreReport, TierKind};
+
+use crate::catalog::CheckpointRecord;
+use crate::config::TimeoutsConfig;
+use crate::criu::Dump;
+use crate::cuda::PrepareCheckpoint;
+use crate::error::AgentError;
+use crate::events::PhaseClock;
+use crate::images;
+use crate::node_parts::NodeParts;
+use crate::process;
+use crate::tiers::Store;
+
+/// What to checkpoint and how.
+#[derive(Debug, Clone)]
+pub struct CheckpointJob {
+    /// Name to store it under.
+    pub name: CheckpointName,
+    /// Root of the process tree.
+    pub pid: i32,
+    /// Keep the workload running.
+    pub leave_running: bool,
+    /// Dump deadline requested by the caller, overriding the configured one.
+    pub dump_timeout: Option<Duration>,
+    /// Identity of the workload, recorded as given.
+    pub container_id: String,
+    /// Pod of the workload.
+    pub pod_uid: String,
+    /// GPU group.
+    pub gpu_group: String,
+    /// GPU seat.
+    pub gpu_seat: String,
+}
+
+/// Runs a checkpoint; on success the record is ready to be saved in the catalog.
+/// `on_dumped` is called once CRIU has finished, before the images are stored.
+pub async fn run(
+    parts: NodeParts,
+    job: CheckpointJob,
+    on_dumped: impl FnOnce(),
+) -> Result<CheckpointRecord, AgentError> {
+    let mut clock = PhaseClock::new(
+        job.name.as_str(),
+        "checkpoint",
+        parts.events.clone(),
+        parts.metrics.clone(),
+    );
+    let result = phases(&parts, &job, &mut clock, on_dumped).await;
+    match &result {
+        Ok(_) => clock.succeeded(),
+        Err((phase, e)) => clock.failed(phase, e.metric_label()),
+    }
+    result.map_err(|(_, e)| e)
+}
+
+async fn phases(
+    parts: &NodeParts,
+    job: &CheckpointJob,
+    clock: &mut PhaseClock,
+    on_dumped: impl FnOnce(),
+) -> Result<CheckpointRecord, (&'static str, AgentError)> {
+    let name = job.name.clone();
+    let stat = process::check_target(job.pid).map_err(|e| ("validate", e.into()))?;
+    let shell_job = stat.session != job.pid || stat.pgrp != job.pid;
+    let tree = process::tree(job.pid);
+
+    clock
+        .run("cuda_checkpoint", async {
+            parts
+                .cuda
+                .send(PrepareCheckpoint { pids: tree.clone() })
+                .await?
+                .map_err(|source| AgentError::Cuda {
+                    name: name.to_string(),
+                    source,
+                })
+        })
+        .await
+        .map_err(|e| ("cuda_checkpoint", e))?;
+
+    let partial = parts.ram.partial_dir_of(&name);
+    let prepared = std::fs::remove_dir_all(&partial)
+        .or_else(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })
+        .and_then(|()| std::fs::create_dir_all(&partial))
+        .and_then(|()| std::fs::create_dir_all(parts.config.logs_dir()));
+    if let Err(e) = prepared {
+        return Err((
+            "criu_dump",
+            AgentError::Internal(format!("cannot prepare {}: {e}", partial.display())),
+        ));
+    }
+
+    let timeouts = &parts.config.timeouts;
+    let dump = Dump {
+        pid: job.pid,
+        images_dir: partial.clone(),
+        log: parts.config.logs_dir().join(format!("{name}-dump.log")),
+        leave_running: job.leave_running,
+        shell_job,
+        timeout: job
+            .dump_timeout
+            .unwrap_or_else(|| TimeoutsConfig::of(timeouts.dump_ms)),
+    };
+    let dumped = clock
+        .run("criu_dump", async {
+            parts
+                .criu
+                .send(dump)
+                .await?
+                .map_err(|source| AgentError::Criu {
+                    name: name.to_string(),
+                    source,
+                    resumed: true,
+                })
+        })
+        .await;
+    if let Err(e) = dumped {
+        // CRIU resumes the tree itself when it fails; when it was killed half-way, only we can.
+        process::continue_tree(&tree);
+        let _ = std::fs::remove_dir_all(&partial);
+        return Err(("criu_dump", e));
+    }
+    on_dumped();
+
+    let ram = parts.ram.clone();
+    let commit_name = name.clone();
+    let ram_report = clock
+        .run("store_ram", async {
+            blocking(move || ram.commit(&commit_name))
+                .await?
+                .map_err(|source| AgentError::Tier {
+                    name: name.to_string(),
+                    phase: "store_ram".into(),
+                    source,
+                })
+        })
+        .await
+        .map_err(|e| ("store_ram", e))?;
+
+    let image_dir = parts.ram.dir_of(&name);
+    let digest_dir = image_dir.clone();
+    let files = clock
+        .run("digest", async move {
+            blocking(move || images::digest_dir(&digest_dir))
+                .await?
+                .map_err(|e| AgentError::Internal(e.to_string()))
+        })
+        .await
+        .map_err(|e| ("digest", e))?;
+
+    let mut stored: Vec<(TierKind, StoreReport)> = vec![(TierKind::Ram, ram_report)];
+    for (kind, tier) in parts
+        .tiers
+        .actors
+        .iter()
+        .filter(|(k, _)| *k != TierKind::Ram)
+    {
+        let phase = store_phase(*kind);
+        let store = Store {
+            name: name.clone(),
+            image_dir: image_dir.clone(),
+        };
+        let deadline = TimeoutsConfig::of(timeouts.store_ms);
+        let report = clock
+            .run(phase, async {
+                let sent = tokio::time::timeout(deadline, tier.send(store))
+                    .await
+                    .map_err(|_| AgentError::Timeout {
+                        name: name.to_string(),
+                        phase: phase.into(),
+                        millis: timeouts.store_ms,
+                    })?;
+                sent?.map_err(|source| AgentError::Tier {
+                    name: name.to_string(),
+                    phase: phase.into(),
+                    source,
+                })
+            })
+            .await
+            .map_err(|e| (phase, e))?;
+        stored.push((*kind, report));
+    }
+
+    let per_tier: Vec<(&str, u64)> = stored
+        .iter()
+        .map(|(k, r)| (k.as_str(), r.stored_bytes))
+        .collect();
+    parts.metrics.stored(ram_report.raw_bytes, &per_tier);
+    Ok(CheckpointRecord {
+        name: name.to_string(),
+        pid: job.pid,
+        container_id: job.container_id.clone(),
+        pod_uid: job.pod_uid.clone(),
+        gpu_group: job.gpu_group.clone(),
+        gpu_seat: job.gpu_seat.clone(),
+        created_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        leave_running: job.leave_running,
+        shell_job,
+        phases: clock.phases.clone(),
+        raw_bytes: ram_report.raw_bytes,
+        stored_bytes: stored.iter().skip(1).map(|(_, r)| r.stored_bytes).sum(),
+        files,
+    })
+}
+
+/// Phase name of storing into `kind`.
+pub fn store_phase(kind: TierKind) -> &'static str {
+    match kind {
+        TierKind::Ram => "store_ram",
+        TierKind::Nvme => "store_nvme",
+        TierKind::S3 => "store_s3",
+    }
+}
+
+/// Runs blocking file work off the async runtime.
+pub async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| AgentError::Internal(format!("blocking task: {e}")))
+}

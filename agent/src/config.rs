@@ -1,0 +1,244 @@
+//! The agent's configuration: one TOML file with built-in defaults, so the agent starts
+//! with no file at all. Command-line flags override the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Default agent socket.
+pub const DEFAULT_SOCKET: &str = "/run/kybernate/agent.sock";
+/// Default state directory (checkpoint records, logs, the NVMe tier).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/kybernate";
+/// Default RAM tier, on tmpfs, used when the state directory is the default one.
+pub const DEFAULT_RAM_TIER: &str = "/dev/shm/kybernate";
+
+/// Everything the agent can be told, with defaults for every value.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Unix socket of the gRPC API.
+    pub socket: PathBuf,
+    /// Checkpoint records, CRIU logs and (by default) the NVMe tier live here.
+    pub state_dir: PathBuf,
+    /// Besides root, the uids allowed to use the socket.
+    pub allowed_uids: Vec<u32>,
+    /// Where Prometheus metrics are served over HTTP.
+    pub metrics_addr: SocketAddr,
+    /// The CRIU binary (4.2 or newer), looked up on PATH when not absolute.
+    pub criu_path: PathBuf,
+    /// Storage tiers.
+    pub tiers: TiersConfig,
+    /// Per-phase timeouts.
+    pub timeouts: TimeoutsConfig,
+}
+
+/// Where the tiers keep their data.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TiersConfig {
+    /// RAM tier directory (tmpfs). Default: `/dev/shm/kybernate` with the default state
+    /// directory, else `<state_dir>/ram`, so agents with their own state dirs never share it.
+    pub ram_path: Option<PathBuf>,
+    /// NVMe tier directory. Default: `<state_dir>/nvme`.
+    pub nvme_path: Option<PathBuf>,
+}
+
+/// Timeouts, in milliseconds, for each phase of a checkpoint or restore.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    /// CUDA lock + checkpoint, and CUDA restore + unlock.
+    pub cuda_ms: u64,
+    /// CRIU dump (the workload's freeze window).
+    pub dump_ms: u64,
+    /// Storing the images into the slower tiers.
+    pub store_ms: u64,
+    /// Loading the images back and running CRIU restore.
+    pub restore_ms: u64,
+    /// Waiting for a dumped process's PID to be released before restoring it.
+    pub pid_release_ms: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            allowed_uids: Vec::new(),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            criu_path: PathBuf::from("criu"),
+            tiers: TiersConfig::default(),
+            timeouts: TimeoutsConfig::default(),
+        }
+    }
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        Self {
+            cuda_ms: 30_000,
+            dump_ms: 300_000,
+            store_ms: 900_000,
+            restore_ms: 300_000,
+            pid_release_ms: 10_000,
+        }
+    }
+}
+
+/// The configuration file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {}: {source}", path.display())]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong, with line and key.
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range.
+    #[error("invalid config: {key}: {problem}")]
+    Invalid {
+        /// The offending key.
+        key: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+impl AgentConfig {
+    /// Reads a config file; keys it does not set keep their defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that TOML types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let t = &self.timeouts;
+        for (key, value) in [
+            ("timeouts.cuda_ms", t.cuda_ms),
+            ("timeouts.dump_ms", t.dump_ms),
+            ("timeouts.store_ms", t.store_ms),
+            ("timeouts.restore_ms", t.restore_ms),
+            ("timeouts.pid_release_ms", t.pid_release_ms),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    problem: "must be greater than 0".into(),
+                });
+            }
+        }
+        for (key, path) in [("socket", &self.socket), ("state_dir", &self.state_dir)] {
+            if !path.is_absolute() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    problem: format!("{} is not an absolute path", path.display()),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The RAM tier directory, resolved as [`TiersConfig::ram_path`] describes.
+    pub fn ram_tier_path(&self) -> PathBuf {
+        match &self.tiers.ram_path {
+            Some(path) => path.clone(),
+            None if self.state_dir == Path::new(DEFAULT_STATE_DIR) => DEFAULT_RAM_TIER.into(),
+            None => self.state_dir.join("ram"),
+        }
+    }
+
+    /// The NVMe tier directory.
+    pub fn nvme_tier_path(&self) -> PathBuf {
+        self.tiers
+            .nvme_path
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("nvme"))
+    }
+
+    /// Directory of the per-checkpoint records.
+    pub fn records_dir(&self) -> PathBuf {
+        self.state_dir.join("checkpoints")
+    }
+
+    /// Directory of CRIU's logs.
+    pub fn logs_dir(&self) -> PathBuf {
+        self.state_dir.join("logs")
+    }
+}
+
+impl TimeoutsConfig {
+    /// The timeout of `phase_ms` as a duration.
+    pub fn of(phase_ms: u64) -> Duration {
+        Duration::from_millis(phase_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_means_defaults() {
+        let config: AgentConfig = toml::from_str("").unwrap();
+        assert_eq!(config, AgentConfig::default());
+        assert_eq!(config.ram_tier_path(), Path::new(DEFAULT_RAM_TIER));
+        assert_eq!(
+            config.nvme_tier_path(),
+            Path::new("/var/lib/kybernate/nvme")
+        );
+    }
+
+    #[test]
+    fn own_state_dir_gets_own_tiers() {
+        let config = AgentConfig {
+            state_dir: "/tmp/a".into(),
+            ..AgentConfig::default()
+        };
+        assert_eq!(config.ram_tier_path(), Path::new("/tmp/a/ram"));
+        assert_eq!(config.nvme_tier_path(), Path::new("/tmp/a/nvme"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "sockett = \"/x\"\n").unwrap();
+        let err = AgentConfig::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("sockett"), "{err}");
+
+        std::fs::write(&path, "[timeouts]\ndump_ms = 0\n").unwrap();
+        let err = AgentConfig::from_file(&path).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid config: timeouts.dump_ms: must be greater than 0"
+        );
+
+        let err = AgentConfig::from_file(&dir.path().join("none.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("cannot read config file"), "{err}");
+    }
+}

@@ -1,0 +1,179 @@
+//! Starting the agent: tiers, actors, the gRPC socket and the metrics endpoint.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use actix::prelude::*;
+use kybernate_dataplane::{LocalDirTier, Tier, TierError, TierKind};
+use kybernate_proto::agent::v1::agent_server::AgentServer;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::catalog::{Catalog, CatalogError};
+use crate::command::TokioCommandRunner;
+use crate::config::AgentConfig;
+use crate::criu::{self, CriuRunner};
+use crate::cuda::CudaSession;
+use crate::events::EVENT_BUFFER;
+use crate::grpc::{authorise, AgentService};
+use crate::metrics::{self, Metrics};
+use crate::node::NodeAgent;
+use crate::node_parts::NodeParts;
+use crate::tiers::{TierActor, Tiers};
+
+/// Threads serving each tier.
+const TIER_THREADS: usize = 2;
+
+/// The agent could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// A tier could not be opened.
+    #[error("cannot open tier: {0}")]
+    Tier(#[from] TierError),
+    /// The catalog could not be opened.
+    #[error("cannot open checkpoint records: {0}")]
+    Catalog(#[from] CatalogError),
+    /// The socket could not be set up.
+    #[error("agent socket {}: {message}", path.display())]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The metrics endpoint could not be served.
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// The bind error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub fn run(config: AgentConfig) -> Result<(), DaemonError> {
+    actix_rt::System::new().block_on(serve(config))
+}
+
+async fn serve(config: AgentConfig) -> Result<(), DaemonError> {
+    let config = Arc::new(config);
+    let availability = match criu::probe(&config.criu_path) {
+        Ok(version) => {
+            tracing::info!(%version, "found CRIU");
+            Ok(())
+        }
+        Err(problem) => {
+            tracing::error!(%problem, "CRIU is not usable; checkpoints fail until it is installed");
+            Err(problem)
+        }
+    };
+
+    let ram = Arc::new(LocalDirTier::open(TierKind::Ram, config.ram_tier_path())?);
+    let nvme: Arc<dyn Tier> =
+        Arc::new(LocalDirTier::open(TierKind::Nvme, config.nvme_tier_path())?);
+    let tiers = Tiers {
+        actors: vec![
+            (TierKind::Ram, TierActor::start(ram.clone(), TIER_THREADS)),
+            (TierKind::Nvme, TierActor::start(nvme, TIER_THREADS)),
+        ],
+    };
+    let (catalog, problems) = Catalog::open(&config.records_dir())?;
+    for problem in problems {
+        tracing::error!(%problem, "skipping an unreadable checkpoint record");
+    }
+    tracing::info!(
+        checkpoints = catalog.all().count(),
+        ram = %config.ram_tier_path().display(),
+        nvme = %config.nvme_tier_path().display(),
+        "tiers ready"
+    );
+
+    let metrics = Metrics::new();
+    let (events, _) = tokio::sync::broadcast::channel(EVENT_BUFFER);
+    let parts = NodeParts {
+        criu: CriuRunner::new(
+            config.criu_path.clone(),
+            Arc::new(TokioCommandRunner),
+            availability,
+        )
+        .start(),
+        cuda: CudaSession.start(),
+        ram,
+        tiers,
+        config: config.clone(),
+        metrics: metrics.clone(),
+        events: events.clone(),
+    };
+    let node = NodeAgent::new(parts, catalog).start();
+
+    let metrics_listener = tokio::net::TcpListener::bind(config.metrics_addr)
+        .await
+        .map_err(|source| DaemonError::Metrics {
+            addr: config.metrics_addr,
+            source,
+        })?;
+    let metrics_addr = metrics_listener.local_addr().unwrap_or(config.metrics_addr);
+    actix_rt::spawn(async move {
+        if let Err(e) = metrics::serve(metrics_listener, metrics).await {
+            tracing::error!(error = %e, "metrics endpoint stopped");
+        }
+    });
+
+    let listener = bind_socket(&config.socket)?;
+    tracing::info!(socket = %config.socket.display(), metrics = %metrics_addr, "agent serving");
+    let allowed = Arc::new(config.allowed_uids.clone());
+    let service = AgentServer::with_interceptor(AgentService::new(node, events), move |req| {
+        authorise(&allowed, &req).map(|()| req)
+    });
+    let served = tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+        .await;
+    let _ = std::fs::remove_file(&config.socket);
+    tracing::info!("agent stopped");
+    served.map_err(DaemonError::from)
+}
+
+/// Binds the socket with mode 0600, replacing a stale one but never a live agent's.
+fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
+    let fail = |message: String| DaemonError::Socket {
+        path: path.to_owned(),
+        message,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| fail(format!("cannot create its directory: {e}")))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(fail("another agent is already serving on it".into()));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| fail(format!("cannot remove the stale socket: {e}")))?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| fail(e.to_string()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| fail(format!("cannot set mode 0600: {e}")))?;
+    Ok(listener)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}

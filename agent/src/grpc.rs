@@ -1,0 +1,137 @@
+//! The gRPC API on the agent's Unix socket. Only root and configured uids may call it: the
+//! caller's uid comes from the kernel (SO_PEERCRED), not from anything the caller says.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use actix::Addr;
+use kybernate_proto::agent::v1 as pb;
+use kybernate_proto::agent::v1::agent_server::Agent;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+
+use crate::error::AgentError;
+use crate::events::EventBus;
+use crate::node::{self, NodeAgent};
+
+/// The Agent service, answering through the node agent actor.
+#[derive(Debug, Clone)]
+pub struct AgentService {
+    node: Addr<NodeAgent>,
+    events: EventBus,
+}
+
+impl AgentService {
+    /// A service in front of `node`.
+    pub fn new(node: Addr<NodeAgent>, events: EventBus) -> Self {
+        Self { node, events }
+    }
+}
+
+/// Rejects callers that are neither root nor in `allowed_uids`.
+pub fn authorise<T>(allowed_uids: &Arc<Vec<u32>>, request: &Request<T>) -> Result<(), Status> {
+    let cred = request
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+        .ok_or_else(|| {
+            Status::permission_denied(
+                "caller credentials are unknown; only Unix socket peers are served",
+            )
+        })?;
+    let uid = cred.uid();
+    if uid == 0 || allowed_uids.contains(&uid) {
+        Ok(())
+    } else {
+        tracing::warn!(uid, pid = ?cred.pid(), "refused a caller that is not authorised");
+        Err(Status::permission_denied(format!(
+            "uid {uid} is not authorised to use the Kybernate agent (allowed: root{})",
+            allowed_uids
+                .iter()
+                .map(|u| format!(", {u}"))
+                .collect::<String>()
+        )))
+    }
+}
+
+async fn ask<M>(node: &Addr<NodeAgent>, msg: M) -> Result<M::Result, Status>
+where
+    M: actix::Message + Send + 'static,
+    M::Result: Send,
+    NodeAgent: actix::Handler<M>,
+{
+    node.send(msg)
+        .await
+        .map_err(|e| Status::from(AgentError::from(e)))
+}
+
+/// Stream of events sent to a WatchEvents caller.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn checkpoint(
+        &self,
+        request: Request<pb::CheckpointRequest>,
+    ) -> Result<Response<pb::CheckpointReply>, Status> {
+        let reply = ask(&self.node, node::Checkpoint(request.into_inner())).await??;
+        Ok(Response::new(reply))
+    }
+
+    async fn restore(
+        &self,
+        request: Request<pb::RestoreRequest>,
+    ) -> Result<Response<pb::RestoreReply>, Status> {
+        let reply = ask(&self.node, node::Restore(request.into_inner())).await??;
+        Ok(Response::new(reply))
+    }
+
+    async fn list(&self, _: Request<pb::ListRequest>) -> Result<Response<pb::ListReply>, Status> {
+        let checkpoints = ask(&self.node, node::List).await??;
+        Ok(Response::new(pb::ListReply { checkpoints }))
+    }
+
+    async fn inspect(
+        &self,
+        request: Request<pb::InspectRequest>,
+    ) -> Result<Response<pb::CheckpointInfo>, Status> {
+        let info = ask(
+            &self.node,
+            node::Inspect(request.into_inner().checkpoint_ref),
+        )
+        .await??;
+        Ok(Response::new(info))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteReply>, Status> {
+        let removed_from = ask(
+            &self.node,
+            node::Delete(request.into_inner().checkpoint_ref),
+        )
+        .await??;
+        Ok(Response::new(pb::DeleteReply { removed_from }))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let only = request.into_inner().checkpoint_ref;
+        let stream =
+            BroadcastStream::new(self.events.subscribe()).filter_map(move |event| match event {
+                Ok(event) if only.is_empty() || event.checkpoint_ref == only => Some(Ok(event)),
+                Ok(_) => None,
+                Err(lagged) => Some(Err(Status::data_loss(format!(
+                    "event stream fell behind: {lagged}"
+                )))),
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,239 @@
+//! Prometheus metrics of the agent, served over HTTP at the configured (loopback) address.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of a phase: which operation ("checkpoint", "restore") and which phase.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    /// "checkpoint" or "restore".
+    pub operation: String,
+    /// Phase name.
+    pub phase: String,
+}
+
+/// Labels of a failure.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    /// "checkpoint" or "restore".
+    pub operation: String,
+    /// Phase that failed.
+    pub phase: String,
+    /// Short reason, from the error's metric label.
+    pub reason: String,
+}
+
+/// Labels naming a tier.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabels {
+    /// "ram", "nvme" or "s3".
+    pub tier: String,
+}
+
+/// Labels of finished operations.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    /// "checkpoint" or "restore".
+    pub operation: String,
+    /// "ok" or "failed".
+    pub result: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Every metric the agent exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    phase_seconds: HistogramFamily<PhaseLabels>,
+    failures: Family<FailureLabels, Counter>,
+    operations: Family<OperationLabels, Counter>,
+    raw_bytes: Counter,
+    stored_bytes: Family<TierLabels, Counter>,
+    loaded_bytes: Family<TierLabels, Counter>,
+    tier_used_bytes: Family<TierLabels, Gauge>,
+}
+
+fn phase_histogram() -> Histogram {
+    // 1 ms .. ~9 min
+    Histogram::new(exponential_buckets(0.001, 2.0, 20))
+}
+
+impl Metrics {
+    /// Registers every metric under the `kybernate` prefix.
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("kybernate");
+        let metrics = Self {
+            phase_seconds: Family::new_with_constructor(phase_histogram as fn() -> Histogram),
+            failures: Family::default(),
+            operations: Family::default(),
+            raw_bytes: Counter::default(),
+            stored_bytes: Family::default(),
+            loaded_bytes: Family::default(),
+            tier_used_bytes: Family::default(),
+            registry: Mutex::new(Registry::default()),
+        };
+        registry.register(
+            "phase_duration_seconds",
+            "Duration of each checkpoint and restore phase",
+            metrics.phase_seconds.clone(),
+        );
+        registry.register(
+            "failures",
+            "Failed checkpoints and restores by phase and reason",
+            metrics.failures.clone(),
+        );
+        registry.register(
+            "operations",
+            "Finished checkpoints and restores by result",
+            metrics.operations.clone(),
+        );
+        registry.register(
+            "checkpoint_raw_bytes",
+            "Bytes of image sets written by CRIU",
+            metrics.raw_bytes.clone(),
+        );
+        registry.register(
+            "tier_stored_bytes",
+            "Bytes added to each tier by checkpoints",
+            metrics.stored_bytes.clone(),
+        );
+        registry.register(
+            "tier_loaded_bytes",
+            "Bytes read back from each tier by restores",
+            metrics.loaded_bytes.clone(),
+        );
+        registry.register(
+            "tier_used_bytes",
+            "Bytes each tier currently holds",
+            metrics.tier_used_bytes.clone(),
+        );
+        *metrics.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
+        Arc::new(metrics)
+    }
+
+    /// Records a finished phase.
+    pub fn phase(&self, operation: &str, phase: &str, took: Duration) {
+        self.phase_seconds
+            .get_or_create(&PhaseLabels {
+                operation: operation.into(),
+                phase: phase.into(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records a failed operation.
+    pub fn failure(&self, operation: &str, phase: &str, reason: &str) {
+        self.failures
+            .get_or_create(&FailureLabels {
+                operation: operation.into(),
+                phase: phase.into(),
+                reason: reason.into(),
+            })
+            .inc();
+        self.finished(operation, "failed");
+    }
+
+    /// Records a finished operation.
+    pub fn finished(&self, operation: &str, result: &str) {
+        self.operations
+            .get_or_create(&OperationLabels {
+                operation: operation.into(),
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// Records the bytes of a checkpoint and what each tier stored of it.
+    pub fn stored(&self, raw: u64, per_tier: &[(&str, u64)]) {
+        self.raw_bytes.inc_by(raw);
+        for (tier, bytes) in per_tier {
+            self.stored_bytes
+                .get_or_create(&TierLabels {
+                    tier: (*tier).into(),
+                })
+                .inc_by(*bytes);
+        }
+    }
+
+    /// Records bytes a restore read from `tier`.
+    pub fn loaded(&self, tier: &str, bytes: u64) {
+        self.loaded_bytes
+            .get_or_create(&TierLabels { tier: tier.into() })
+            .inc_by(bytes);
+    }
+
+    /// Sets the current occupancy of `tier`.
+    pub fn tier_used(&self, tier: &str, bytes: u64) {
+        self.tier_used_bytes
+            .get_or_create(&TierLabels { tier: tier.into() })
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Serves `/metrics` (and `/healthz`) on `listener` until the task is dropped.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.encode(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }));
+    axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exports_phases_failures_and_bytes() {
+        let m = Metrics::new();
+        m.phase("checkpoint", "criu_dump", Duration::from_millis(20));
+        m.failure("restore", "verify", "corrupt");
+        m.stored(100, &[("ram", 100), ("nvme", 40)]);
+        m.tier_used("nvme", 40);
+        let text = m.encode();
+        for needle in [
+            "kybernate_phase_duration_seconds_count{operation=\"checkpoint\",phase=\"criu_dump\"} 1",
+            "kybernate_failures_total{operation=\"restore\",phase=\"verify\",reason=\"corrupt\"} 1",
+            "kybernate_tier_stored_bytes_total{tier=\"nvme\"} 40",
+            "kybernate_checkpoint_raw_bytes_total 100",
+            "kybernate_tier_used_bytes{tier=\"nvme\"} 40",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+}

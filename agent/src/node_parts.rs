@@ -1,0 +1,32 @@
+//! The actors and settings every workload's operations use.
+
+use std::sync::Arc;
+
+use actix::Addr;
+use kybernate_dataplane::LocalDirTier;
+
+use crate::config::AgentConfig;
+use crate::criu::CriuRunner;
+use crate::cuda::CudaSession;
+use crate::events::EventBus;
+use crate::metrics::Metrics;
+use crate::tiers::Tiers;
+
+/// Handles to the node-wide actors, cloned into each container actor.
+#[derive(Clone, Debug)]
+pub struct NodeParts {
+    /// The CRIU runner.
+    pub criu: Addr<CriuRunner>,
+    /// The CUDA session.
+    pub cuda: Addr<CudaSession>,
+    /// The RAM tier's directory layout: CRIU writes into it and restores from it.
+    pub ram: Arc<LocalDirTier>,
+    /// Every tier's actor, nearest first.
+    pub tiers: Tiers,
+    /// The agent's configuration.
+    pub config: Arc<AgentConfig>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Progress events.
+    pub events: EventBus,
+}

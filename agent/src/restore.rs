@@ -1,0 +1,270 @@
+//! The restore of one checkpoint: find the nearest tier with a good copy, bring the images into
+//! the RAM tier, verify them, wait for the PID to be free, and run CRIU restore.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kybernate_dataplane::{CheckpointName, TierKind};
+
+use crate::catalog::{CheckpointRecord, Phase};
+use crate::checkpoint::blocking;
+use crate::config::TimeoutsConfig;
+use crate::criu::Restore;
+use crate::error::{tier_list, AgentError};
+use crate::events::PhaseClock;
+use crate::images::{self, ImageError};
+use crate::node_parts::NodeParts;
+use crate::process;
+use crate::tiers::{Contains, Load};
+
+/// What a restore produced.
+#[derive(Debug, Clone)]
+pub struct RestoreOutcome {
+    /// PID of the restored tree's root.
+    pub pid: i32,
+    /// Tier the images came from.
+    pub source_tier: TierKind,
+    /// Restore phases and their durations.
+    pub phases: Vec<Phase>,
+}
+
+/// Restores `record`, from `from` only when given, else from the nearest tier holding a good copy.
+pub async fn run(
+    parts: NodeParts,
+    record: CheckpointRecord,
+    from: Option<TierKind>,
+) -> Result<RestoreOutcome, AgentError> {
+    let mut clock = PhaseClock::new(
+        &record.name,
+        "restore",
+        parts.events.clone(),
+        parts.metrics.clone(),
+    );
+    let result = phases(&parts, &record, from, &mut clock).await;
+    match &result {
+        Ok(_) => clock.succeeded(),
+        Err((phase, e)) => clock.failed(phase, e.metric_label()),
+    }
+    result.map_err(|(_, e)| e)
+}
+
+/// Images ready for CRIU, and the scratch copy to remove afterwards.
+struct Staged {
+    dir: PathBuf,
+    scratch: Option<PathBuf>,
+    tier: TierKind,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some(scratch) = &self.scratch {
+            let _ = std::fs::remove_dir_all(scratch);
+        }
+    }
+}
+
+async fn phases(
+    parts: &NodeParts,
+    record: &CheckpointRecord,
+    from: Option<TierKind>,
+    clock: &mut PhaseClock,
+) -> Result<RestoreOutcome, (&'static str, AgentError)> {
+    let name = CheckpointName::new(&record.name).map_err(|e| ("stage", e.into()))?;
+    let staged = stage(parts, record, &name, from, clock)
+        .await
+        .map_err(|e| ("stage", e))?;
+    let timeouts = &parts.config.timeouts;
+
+    let pid_wait = TimeoutsConfig::of(timeouts.pid_release_ms);
+    clock
+        .run("wait_pid", async {
+            process::wait_until_released(record.pid, pid_wait)
+                .await
+                .map_err(|stat| AgentError::PidInUse {
+                    name: record.name.clone(),
+                    pid: record.pid,
+                    stat,
+                })
+        })
+        .await
+        .map_err(|e| ("wait_pid", e))?;
+
+    let restore = Restore {
+        images_dir: staged.dir.clone(),
+        log: parts
+            .config
+            .logs_dir()
+            .join(format!("{}-restore.log", record.name)),
+        shell_job: record.shell_job,
+        timeout: TimeoutsConfig::of(timeouts.restore_ms),
+    };
+    let _ = std::fs::create_dir_all(parts.config.logs_dir());
+    let restored = clock
+        .run("criu_restore", async {
+            parts
+                .criu
+                .send(restore)
+                .await?
+                .map_err(|source| AgentError::Criu {
+                    name: record.name.clone(),
+                    source,
+                    resumed: false,
+                })
+        })
+        .await
+        .map_err(|e| ("criu_restore", e))?;
+
+    Ok(RestoreOutcome {
+        pid: restored.pid,
+        source_tier: staged.tier,
+        phases: clock.phases.clone(),
+    })
+}
+
+/// Finds the nearest tier with an intact copy and makes its images available in RAM.
+async fn stage(
+    parts: &NodeParts,
+    record: &CheckpointRecord,
+    name: &CheckpointName,
+    from: Option<TierKind>,
+    clock: &mut PhaseClock,
+) -> Result<Staged, AgentError> {
+    let candidates: Vec<TierKind> = match from {
+        Some(kind) if parts.tiers.get(kind).is_none() => {
+            return Err(AgentError::InvalidRequest(format!(
+                "this agent has no {kind} tier (tiers: {})",
+                tier_list(
+                    &parts
+                        .tiers
+                        .actors
+                        .iter()
+                        .map(|(k, _)| *k)
+                        .collect::<Vec<_>>()
+                )
+            )))
+        }
+        Some(kind) => vec![kind],
+        None => parts.tiers.actors.iter().map(|(k, _)| *k).collect(),
+    };
+    let mut last_damage: Option<(TierKind, ImageError)> = None;
+    let mut damaged = Vec::new();
+    for kind in &candidates {
+        let Some(tier) = parts.tiers.get(*kind) else {
+            continue;
+        };
+        let held = tier
+            .send(Contains(name.clone()))
+            .await?
+            .map_err(|source| AgentError::Tier {
+                name: record.name.clone(),
+                phase: format!("find_{kind}"),
+                source,
+            })?;
+        if !held {
+            continue;
+        }
+        let staged = match kind {
+            TierKind::Ram => Staged {
+                dir: parts.ram.dir_of(name),
+                scratch: None,
+                tier: *kind,
+            },
+            _ => load_into_ram(parts, name, *kind, tier, clock).await?,
+        };
+        let files = record.files.clone();
+        let dir = staged.dir.clone();
+        let verified = clock
+            .run(verify_phase(*kind), async move {
+                blocking(move || images::verify_dir(&dir, &files))
+                    .await?
+                    .map_err(|e| AgentError::Images {
+                        name: name.to_string(),
+                        detail: format!("{kind} copy: {e}"),
+                        source: e,
+                    })
+            })
+            .await;
+        match verified {
+            Ok(()) => return Ok(staged),
+            Err(AgentError::Images { source, .. }) => {
+                tracing::warn!(checkpoint = %name, tier = %kind, error = %source, "image set damaged; trying the next tier");
+                damaged.push(format!("{kind} copy: {source}"));
+                last_damage = Some((*kind, source));
+            }
+            Err(other) => return Err(other),
+        }
+    }
+    match last_damage {
+        Some((_, source)) => Err(AgentError::Images {
+            name: record.name.clone(),
+            detail: format!("no intact copy left ({})", damaged.join("; ")),
+            source,
+        }),
+        None => Err(AgentError::NoCopy {
+            name: record.name.clone(),
+            tiers: tier_list(&candidates),
+        }),
+    }
+}
+
+async fn load_into_ram(
+    parts: &NodeParts,
+    name: &CheckpointName,
+    kind: TierKind,
+    tier: &actix::Addr<crate::tiers::TierActor>,
+    clock: &mut PhaseClock,
+) -> Result<Staged, AgentError> {
+    let scratch = parts.ram.root().join(format!(
+        ".partial-restore-{name}-{:08x}",
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&scratch)
+        .map_err(|e| AgentError::Internal(format!("cannot create {}: {e}", scratch.display())))?;
+    let staged = Staged {
+        dir: scratch.clone(),
+        scratch: Some(scratch.clone()),
+        tier: kind,
+    };
+    let deadline = Duration::from_millis(parts.config.timeouts.restore_ms);
+    let phase = load_phase(kind);
+    let report = clock
+        .run(phase, async {
+            let sent = tokio::time::timeout(
+                deadline,
+                tier.send(Load {
+                    name: name.clone(),
+                    dest: scratch.clone(),
+                }),
+            )
+            .await
+            .map_err(|_| AgentError::Timeout {
+                name: name.to_string(),
+                phase: phase.into(),
+                millis: parts.config.timeouts.restore_ms,
+            })?;
+            sent?.map_err(|source| AgentError::Tier {
+                name: name.to_string(),
+                phase: phase.into(),
+                source,
+            })
+        })
+        .await?;
+    parts.metrics.loaded(kind.as_str(), report.bytes);
+    Ok(staged)
+}
+
+fn load_phase(kind: TierKind) -> &'static str {
+    match kind {
+        TierKind::Ram => "load_ram",
+        TierKind::Nvme => "load_nvme",
+        TierKind::S3 => "load_s3",
+    }
+}
+
+fn verify_phase(kind: TierKind) -> &'static str {
+    match kind {
+        TierKind::Ram => "verify_ram",
+        TierKind::Nvme => "verify_nvme",
+        TierKind::S3 => "verify_s3",
+    }
+}

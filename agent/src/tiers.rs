@@ -1,0 +1,121 @@
+//! One actor per storage tier. Tier work is blocking file (and later network) I/O, so each
+//! tier actor runs on threads of its own (a `SyncArbiter`), never on the async runtime.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use kybernate_dataplane::{CheckpointName, LoadReport, StoreReport, Tier, TierError, TierKind};
+
+/// The actor serving one tier.
+#[derive(Debug)]
+pub struct TierActor {
+    tier: Arc<dyn Tier>,
+}
+
+impl TierActor {
+    /// Starts `threads` threads serving `tier`.
+    pub fn start(tier: Arc<dyn Tier>, threads: usize) -> Addr<Self> {
+        SyncArbiter::start(threads, move || Self { tier: tier.clone() })
+    }
+}
+
+impl Actor for TierActor {
+    type Context = SyncContext<Self>;
+}
+
+/// Store the image set in `image_dir` under `name`.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<StoreReport, TierError>")]
+pub struct Store {
+    /// Checkpoint to store.
+    pub name: CheckpointName,
+    /// Where its images are now.
+    pub image_dir: PathBuf,
+}
+
+/// Write the image set of `name` into `dest`.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<LoadReport, TierError>")]
+pub struct Load {
+    /// Checkpoint to load.
+    pub name: CheckpointName,
+    /// Existing empty directory.
+    pub dest: PathBuf,
+}
+
+/// Whether the tier holds `name`.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<bool, TierError>")]
+pub struct Contains(pub CheckpointName);
+
+/// Drop the tier's copy of `name`.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<bool, TierError>")]
+pub struct Remove(pub CheckpointName);
+
+/// Every checkpoint the tier holds.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Vec<CheckpointName>, TierError>")]
+pub struct List;
+
+/// Bytes in use.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<u64, TierError>")]
+pub struct UsedBytes;
+
+impl Handler<Store> for TierActor {
+    type Result = Result<StoreReport, TierError>;
+    fn handle(&mut self, msg: Store, _: &mut Self::Context) -> Self::Result {
+        self.tier.store(&msg.name, &msg.image_dir)
+    }
+}
+
+impl Handler<Load> for TierActor {
+    type Result = Result<LoadReport, TierError>;
+    fn handle(&mut self, msg: Load, _: &mut Self::Context) -> Self::Result {
+        self.tier.load(&msg.name, &msg.dest)
+    }
+}
+
+impl Handler<Contains> for TierActor {
+    type Result = Result<bool, TierError>;
+    fn handle(&mut self, msg: Contains, _: &mut Self::Context) -> Self::Result {
+        self.tier.contains(&msg.0)
+    }
+}
+
+impl Handler<Remove> for TierActor {
+    type Result = Result<bool, TierError>;
+    fn handle(&mut self, msg: Remove, _: &mut Self::Context) -> Self::Result {
+        self.tier.remove(&msg.0)
+    }
+}
+
+impl Handler<List> for TierActor {
+    type Result = Result<Vec<CheckpointName>, TierError>;
+    fn handle(&mut self, _: List, _: &mut Self::Context) -> Self::Result {
+        self.tier.list()
+    }
+}
+
+impl Handler<UsedBytes> for TierActor {
+    type Result = Result<u64, TierError>;
+    fn handle(&mut self, _: UsedBytes, _: &mut Self::Context) -> Self::Result {
+        self.tier.used_bytes()
+    }
+}
+
+/// The agent's tiers, nearest first, each with its actor.
+#[derive(Clone, Debug)]
+pub struct Tiers {
+    /// In nearest-first order; the first is always RAM.
+    pub actors: Vec<(TierKind, Addr<TierActor>)>,
+}
+
+impl Tiers {
+    /// The actor of `kind`, if the agent has that tier.
+    pub fn get(&self, kind: TierKind) -> Option<&Addr<TierActor>> {
+        self.actors.iter().find(|(k, _)| *k == kind).map(|(_, a)| a)
+    }
+}
