@@ -1,0 +1,325 @@
+//! Fixtures for the agent's integration tests: a private agent per test (own state dir on
+//! tmpfs, own socket, own metrics port) and sample workloads, all cleaned up on drop.
+
+#![allow(dead_code)]
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kybernate_agent::workload::Status;
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_kybernate-agent");
+pub const CTL: &str = env!("CARGO_BIN_EXE_kybernatectl");
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Fails loudly when the test cannot run for real: never a silent pass.
+pub fn require_root_and_criu() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "these tests checkpoint real processes with CRIU and must run as root"
+    );
+    let out = Command::new("criu")
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| panic!("criu is not on PATH ({e}); run scripts/install-deps.sh first"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Version: 4."),
+        "criu on PATH is not CRIU 4.x: {text}"
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A private agent process.
+pub struct TestAgent {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub metrics_port: u16,
+    process: Option<Child>,
+}
+
+impl TestAgent {
+    pub fn start() -> Self {
+        require_root_and_criu();
+        let dir = tempfile::Builder::new()
+            .prefix("kybernate-test-")
+            .tempdir_in("/dev/shm")
+            .unwrap();
+        let socket = dir.path().join("agent.sock");
+        let mut agent = Self {
+            dir,
+            socket,
+            metrics_port: free_port(),
+            process: None,
+        };
+        agent.launch();
+        agent
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn nvme_dir(&self, name: &str) -> PathBuf {
+        self.state_dir().join("nvme").join(name)
+    }
+
+    pub fn ram_dir(&self, name: &str) -> PathBuf {
+        self.state_dir().join("ram").join(name)
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .unwrap();
+        let child = Command::new(AGENT)
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{}", self.metrics_port))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start kybernate-agent");
+        self.process = Some(child);
+        let deadline = Instant::now() + WAIT;
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(status) = self.process.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited with {status}: {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent socket never appeared: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// Stops the agent gracefully and starts it again on the same state.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            // SAFETY: kill(2) to our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if child.try_wait().unwrap().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Runs kybernatectl against this agent.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(CTL)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run kybernatectl")
+    }
+
+    /// Runs kybernatectl with JSON output and expects success.
+    pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut full = vec!["--output", "json"];
+        full.extend_from_slice(args);
+        let out = self.ctl(&full);
+        assert!(
+            out.status.success(),
+            "kybernatectl {args:?} failed: {}\nagent log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "bad JSON from kybernatectl {args:?}: {e}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Runs kybernatectl and expects a failure; returns its stderr.
+    pub fn ctl_err(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            !out.status.success(),
+            "kybernatectl {args:?} should have failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// The agent still answers.
+    pub fn assert_serving(&self) {
+        self.ctl_json(&["list"]);
+    }
+
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        stream.read_to_string(&mut body).unwrap();
+        body
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A sample workload. Restored copies are no longer our children, so it is tracked by PID.
+pub struct Workload {
+    pub pid: i32,
+    pub status: PathBuf,
+    child: Option<Child>,
+}
+
+impl Workload {
+    pub fn start(dir: &Path, mib: usize, extra: &[&str]) -> Self {
+        let status = dir.join(format!("status-{}", rand_suffix()));
+        let mut command = Command::new(CTL);
+        command
+            .args(["workload", "--mib", &mib.to_string(), "--status"])
+            .arg(&status)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: setsid() is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let child = command.spawn().expect("start workload");
+        let workload = Self {
+            pid: child.id() as i32,
+            status,
+            child: Some(child),
+        };
+        workload.wait_for(|s| s.counter >= 5);
+        workload
+    }
+
+    pub fn read(&self) -> Option<Status> {
+        Status::read(&self.status)
+    }
+
+    /// Waits until the status satisfies `ready`.
+    pub fn wait_for(&self, ready: impl Fn(&Status) -> bool) -> Status {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.read() {
+                if ready(&status) {
+                    return status;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "workload {} made no progress: {:?}",
+                self.pid,
+                self.read()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Asks the workload to verify its memory and returns the verified status.
+    pub fn verify_memory(&self) -> Status {
+        let before = self.wait_for(|_| true).verified;
+        // SAFETY: kill(2) with a valid signal.
+        unsafe { libc::kill(self.pid, libc::SIGUSR1) };
+        self.wait_for(|s| s.verified > before)
+    }
+
+    /// Reaps our child after a dump stopped it; waits until the PID is gone.
+    pub fn reap_dumped(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.wait().unwrap();
+        }
+        let deadline = Instant::now() + WAIT;
+        while Path::new(&format!("/proc/{}", self.pid)).exists() {
+            assert!(
+                Instant::now() < deadline,
+                "PID {} did not go away",
+                self.pid
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn is_alive(&self) -> bool {
+        proc_state(self.pid).is_some_and(|s| s != 'Z')
+    }
+
+    /// The process now runs under `pid` (after a restore).
+    pub fn restored_as(&mut self, pid: i32) {
+        self.pid = pid;
+    }
+
+    /// Kills the workload and waits until its PID is free.
+    pub fn kill(&mut self) {
+        // SAFETY: kill(2) with a valid signal.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        self.reap_dumped();
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) with a valid signal.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+    }
+}
+
+/// One-letter state of a process.
+pub fn proc_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
+}
+
+fn rand_suffix() -> u32 {
+    rand::random()
+}
