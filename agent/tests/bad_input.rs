@@ -75,7 +75,7 @@ fn deleted_or_corrupt_images_are_caught_before_criu() {
     flip(pages(agent.ram_dir("damaged")));
     let restored = agent.ctl_json(&["restore", "damaged"]);
     assert_eq!(restored["source_tier"], "nvme");
-    workload.restored_as(restored["pid"].as_i64().unwrap() as i32);
+    workload.restored_as(support::pid_of(&restored));
     workload.verify_memory();
     assert!(workload.read().unwrap().memory_ok);
     workload.kill();

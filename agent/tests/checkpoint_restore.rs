@@ -36,7 +36,7 @@ fn memory_survives_checkpoint_kill_restore() {
     let at_dump = workload.read().unwrap();
 
     let restored = agent.ctl_json(&["restore", "big"]);
-    let pid = restored["pid"].as_i64().unwrap() as i32;
+    let pid = support::pid_of(&restored);
     assert_eq!(pid, workload.pid, "CRIU restores the tree under its PID");
     assert_eq!(restored["source_tier"], "ram");
     workload.restored_as(pid);
@@ -74,7 +74,7 @@ fn multithreaded_process_restores_all_threads() {
 
     let restored = agent.ctl_json(&["restore", "threads", "--from", "nvme"]);
     assert_eq!(restored["source_tier"], "nvme");
-    workload.restored_as(restored["pid"].as_i64().unwrap() as i32);
+    workload.restored_as(support::pid_of(&restored));
     let after = workload.wait_for(|s| {
         s.threads
             .iter()
@@ -109,18 +109,18 @@ fn open_file_keeps_its_position() {
     let at_dump = workload.read().unwrap();
 
     let restored = agent.ctl_json(&["restore", "journal"]);
-    workload.restored_as(restored["pid"].as_i64().unwrap() as i32);
+    workload.restored_as(support::pid_of(&restored));
     workload.wait_for(|s| s.journal > at_dump.journal + 10);
     workload.kill();
 
     let text = std::fs::read_to_string(&journal).unwrap();
     let lines: Vec<u64> = text.lines().map(|l| l.parse().unwrap()).collect();
-    let expected: Vec<u64> = (1..=lines.len() as u64).collect();
+    let expected: Vec<u64> = (1..=u64::try_from(lines.len()).unwrap()).collect();
     assert_eq!(
         lines, expected,
         "the journal continued without gaps or repeats"
     );
-    assert!(lines.len() as u64 > at_dump.journal + 10);
+    assert!(u64::try_from(lines.len()).unwrap() > at_dump.journal + 10);
 }
 
 #[test]
@@ -157,14 +157,14 @@ fn leave_running_and_two_checkpoints_of_one_process() {
     assert_eq!(names, ["first", "second"]);
 
     let restored = agent.ctl_json(&["restore", "second"]);
-    workload.restored_as(restored["pid"].as_i64().unwrap() as i32);
+    workload.restored_as(support::pid_of(&restored));
     let after = workload.wait_for(|s| s.counter > at_second.counter);
     assert_eq!(after.epoch, at_second.epoch);
 
     // The first checkpoint restores the older state once the PID is free again.
     workload.kill();
     let restored = agent.ctl_json(&["restore", "first"]);
-    workload.restored_as(restored["pid"].as_i64().unwrap() as i32);
+    workload.restored_as(support::pid_of(&restored));
     let older = workload.wait_for(|_| true);
     assert_eq!(older.epoch, at_second.epoch);
     let info = agent.ctl_json(&["inspect", "first"]);
@@ -191,7 +191,7 @@ fn checkpoints_survive_an_agent_restart() {
     assert_eq!(list[0]["tiers"], serde_json::json!(["ram", "nvme"]));
 
     let restored = agent.ctl_json(&["restore", "durable"]);
-    workload.restored_as(restored["pid"].as_i64().unwrap() as i32);
+    workload.restored_as(support::pid_of(&restored));
     let after = workload.wait_for(|s| s.counter > at_dump.counter);
     assert_eq!(after.epoch, at_dump.epoch);
 

@@ -125,7 +125,7 @@ impl TestAgent {
     fn stop(&mut self) {
         if let Some(mut child) = self.process.take() {
             // SAFETY: kill(2) to our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if child.try_wait().unwrap().is_some() {
@@ -228,7 +228,7 @@ impl Workload {
         }
         let child = command.spawn().expect("start workload");
         let workload = Self {
-            pid: child.id() as i32,
+            pid: i32::try_from(child.id()).unwrap(),
             status,
             child: Some(child),
         };
@@ -322,4 +322,9 @@ pub fn proc_state(pid: i32) -> Option<char> {
 
 fn rand_suffix() -> u32 {
     rand::random()
+}
+
+/// The `pid` field of a JSON reply.
+pub fn pid_of(reply: &serde_json::Value) -> i32 {
+    i32::try_from(reply["pid"].as_i64().expect("reply has a pid")).expect("pid fits i32")
 }
