@@ -212,6 +212,13 @@ mod tests {
     }
 
     #[test]
+    fn shipped_sample_is_the_defaults() {
+        let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/agent-config.toml");
+        let config = AgentConfig::from_file(Path::new(sample)).unwrap();
+        assert_eq!(config, AgentConfig::default());
+    }
+
+    #[test]
     fn own_state_dir_gets_own_tiers() {
         let config = AgentConfig {
             state_dir: "/tmp/a".into(),
