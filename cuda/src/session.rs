@@ -1,0 +1,405 @@
+//! The CUDA session: what the agent's CUDA session actor calls. Checkpoint locks every
+//! CUDA process of a workload, then checkpoints them all, and hands back a guard that
+//! the caller resolves after CRIU; restore runs after CRIU restore.
+
+use crate::driver::{CudaDriver, ProcessState};
+use crate::error::{CudaError, Phase};
+use crate::fingerprint::{plan_restore, GpuFingerprint};
+use crate::host;
+use crate::libcuda::LibCuda;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long each phase took, for metrics and the CLI. Phases that did not run are zero.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PhaseTimings {
+    /// Locking every process.
+    pub lock: Duration,
+    /// Checkpointing every process (VRAM → host memory).
+    pub checkpoint: Duration,
+    /// Restoring every process (host memory → VRAM).
+    pub restore: Duration,
+    /// Unlocking every process.
+    pub unlock: Duration,
+}
+
+/// Knobs of one checkpoint.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckpointOptions {
+    /// Timeout of each `cuCheckpointProcessLock`.
+    pub lock_timeout: Duration,
+    /// Host RAM that must stay free beyond the GPU memory moved into it.
+    pub host_ram_margin: u64,
+}
+
+impl Default for CheckpointOptions {
+    fn default() -> Self {
+        CheckpointOptions {
+            lock_timeout: Duration::from_secs(10),
+            host_ram_margin: 512 * 1024 * 1024,
+        }
+    }
+}
+
+/// The result of a restore.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RestoreReport {
+    /// The CUDA processes restored, with their restore thread ids.
+    pub processes: Vec<(u32, u32)>,
+    /// Whether GPUs were remapped to other UUIDs.
+    pub remapped: bool,
+    /// Restore and unlock durations.
+    pub timings: PhaseTimings,
+}
+
+/// The agent's handle on the CUDA driver. Create it once, at agent start; a node
+/// without a driver gets a CPU-only session whose operations do nothing.
+#[derive(Clone, Debug)]
+pub struct CudaSession {
+    driver: Option<Arc<dyn CudaDriver>>,
+}
+
+impl CudaSession {
+    /// Loads and initialises `libcuda.so.1`; CPU-only (with a log line) when the node
+    /// has no driver or no GPU.
+    pub fn load() -> Result<CudaSession, CudaError> {
+        Ok(CudaSession {
+            driver: LibCuda::load()?.map(|d| Arc::new(d) as Arc<dyn CudaDriver>),
+        })
+    }
+
+    /// A session over any driver implementation (tests use recording fakes).
+    pub fn with_driver(driver: Arc<dyn CudaDriver>) -> CudaSession {
+        CudaSession {
+            driver: Some(driver),
+        }
+    }
+
+    /// A session for a node without GPUs.
+    pub fn cpu_only() -> CudaSession {
+        CudaSession { driver: None }
+    }
+
+    /// True when there is no driver: checkpoints skip the CUDA steps.
+    pub fn is_cpu_only(&self) -> bool {
+        self.driver.is_none()
+    }
+
+    /// This node's GPUs and driver, to record in a checkpoint's manifest.
+    pub fn fingerprint(&self) -> Option<GpuFingerprint> {
+        self.driver.as_ref().map(|d| GpuFingerprint {
+            driver_version: d.driver_version(),
+            devices: d.devices().to_vec(),
+        })
+    }
+
+    /// The CUDA processes among `pids` (those whose state query succeeds), with their
+    /// states. Other processes are skipped.
+    pub fn cuda_processes(&self, pids: &[u32]) -> Vec<(u32, ProcessState)> {
+        let Some(driver) = &self.driver else {
+            return Vec::new();
+        };
+        pids.iter()
+            .filter_map(|&pid| match driver.process_state(pid) {
+                Ok(state) => Some((pid, state)),
+                Err(e) => {
+                    tracing::debug!(pid, error = %e, "not a CUDA process");
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// Refuses, before CRIU restore runs, a checkpoint this node cannot take back; on
+    /// success returns whether GPUs will be remapped.
+    pub fn check_restore(&self, recorded: &GpuFingerprint) -> Result<bool, CudaError> {
+        plan_restore(recorded, self.fingerprint().as_ref()).map(|pairs| !pairs.is_empty())
+    }
+
+    /// Locks all CUDA processes among `pids`, then checkpoints them all. Refuses before
+    /// locking when host RAM cannot take their GPU memory. On any failure every
+    /// process already touched is restored and unlocked, in reverse order, and the
+    /// error names the phase, the pid and the driver's code. On success the returned
+    /// guard must be resolved after CRIU: [`Checkpointed::resume`] (leave-running or
+    /// CRIU failed) or [`Checkpointed::keep_checkpointed`] (stop); dropping it rolls back.
+    pub fn checkpoint(
+        &self,
+        pids: &[u32],
+        options: &CheckpointOptions,
+    ) -> Result<Checkpointed, CudaError> {
+        let mut guard = Checkpointed {
+            driver: self.driver.clone(),
+            locked: Vec::new(),
+            checkpointed: 0,
+            fingerprint: self.fingerprint(),
+            timings: PhaseTimings::default(),
+            resolved: false,
+        };
+        let Some(driver) = self.driver.clone() else {
+            tracing::info!("CPU-only node: no CUDA checkpoint");
+            return Ok(guard);
+        };
+        let mut targets = Vec::new();
+        for (pid, state) in self.cuda_processes(pids) {
+            if state != ProcessState::Running {
+                guard.resolved = true;
+                return Err(CudaError::UnexpectedState {
+                    phase: Phase::Discover,
+                    pid,
+                    expected: ProcessState::Running,
+                    found: state,
+                });
+            }
+            targets.push(pid);
+        }
+        let mut gpu_bytes = 0u64;
+        for &pid in &targets {
+            let used = driver
+                .gpu_memory_used(pid)
+                .map_err(|source| CudaError::Driver {
+                    phase: Phase::Discover,
+                    pid,
+                    source,
+                })?;
+            gpu_bytes = gpu_bytes.saturating_add(used);
+        }
+        if !targets.is_empty() {
+            host::preflight(
+                gpu_bytes,
+                options.host_ram_margin,
+                host::available_memory()?,
+            )?;
+        }
+        let started = Instant::now();
+        for &pid in &targets {
+            if let Err(source) = driver.lock(pid, options.lock_timeout) {
+                return Err(guard.fail(CudaError::Driver {
+                    phase: Phase::Lock,
+                    pid,
+                    source,
+                }));
+            }
+            guard.locked.push(pid);
+        }
+        guard.timings.lock = started.elapsed();
+        let started = Instant::now();
+        for &pid in &targets {
+            if let Err(source) = driver.checkpoint(pid) {
+                return Err(guard.fail(CudaError::Driver {
+                    phase: Phase::Checkpoint,
+                    pid,
+                    source,
+                }));
+            }
+            guard.checkpointed += 1;
+        }
+        guard.timings.checkpoint = started.elapsed();
+        tracing::info!(
+            processes = targets.len(),
+            gpu_bytes,
+            lock_ms = guard.timings.lock.as_millis(),
+            checkpoint_ms = guard.timings.checkpoint.as_millis(),
+            "CUDA checkpoint done"
+        );
+        Ok(guard)
+    }
+
+    /// After CRIU restore: for every CUDA process among `pids` in CHECKPOINTED state,
+    /// reads its restore thread id and restores it (remapping GPUs when `recorded`
+    /// names other UUIDs), then unlocks them all. When a step fails, processes already
+    /// restored are still unlocked, so none stays LOCKED.
+    pub fn restore(
+        &self,
+        pids: &[u32],
+        recorded: Option<&GpuFingerprint>,
+    ) -> Result<RestoreReport, CudaError> {
+        let pairs = match recorded {
+            Some(rec) => plan_restore(rec, self.fingerprint().as_ref())?,
+            None => Vec::new(),
+        };
+        let mut report = RestoreReport {
+            processes: Vec::new(),
+            remapped: !pairs.is_empty(),
+            timings: PhaseTimings::default(),
+        };
+        let Some(driver) = self.driver.clone() else {
+            return Ok(report);
+        };
+        let targets: Vec<u32> = self
+            .cuda_processes(pids)
+            .into_iter()
+            .filter(|(_, state)| *state == ProcessState::Checkpointed)
+            .map(|(pid, _)| pid)
+            .collect();
+        let started = Instant::now();
+        let mut failure = None;
+        for &pid in &targets {
+            let step = driver
+                .restore_thread_id(pid)
+                .map_err(|source| (Phase::RestoreThreadId, source))
+                .and_then(|tid| {
+                    driver
+                        .restore(pid, &pairs)
+                        .map(|()| tid)
+                        .map_err(|source| (Phase::Restore, source))
+                });
+            match step {
+                Ok(tid) => report.processes.push((pid, tid)),
+                Err((phase, source)) => {
+                    failure = Some(CudaError::Driver { phase, pid, source });
+                    break;
+                }
+            }
+        }
+        report.timings.restore = started.elapsed();
+        let started = Instant::now();
+        let mut unlock_failures = Vec::new();
+        for &(pid, _) in &report.processes {
+            if let Err(source) = driver.unlock(pid) {
+                let err = CudaError::Driver {
+                    phase: Phase::Unlock,
+                    pid,
+                    source,
+                };
+                unlock_failures.push(err.to_string());
+                failure.get_or_insert(err);
+            }
+        }
+        report.timings.unlock = started.elapsed();
+        match failure {
+            None => {
+                tracing::info!(
+                    processes = report.processes.len(),
+                    remapped = report.remapped,
+                    restore_ms = report.timings.restore.as_millis(),
+                    unlock_ms = report.timings.unlock.as_millis(),
+                    "CUDA restore done"
+                );
+                Ok(report)
+            }
+            Some(cause) if unlock_failures.is_empty() || cause.phase() == Phase::Unlock => {
+                Err(cause)
+            }
+            Some(cause) => Err(CudaError::RollbackIncomplete {
+                cause: Box::new(cause),
+                failures: unlock_failures,
+            }),
+        }
+    }
+}
+
+/// The processes of one workload, locked and checkpointed at one consistent point.
+/// Resolve it once CRIU has run; dropping it unresolved rolls back.
+#[derive(Debug)]
+pub struct Checkpointed {
+    driver: Option<Arc<dyn CudaDriver>>,
+    /// Locked processes, in lock order.
+    locked: Vec<u32>,
+    /// How many of `locked` (a prefix) are also checkpointed.
+    checkpointed: usize,
+    fingerprint: Option<GpuFingerprint>,
+    timings: PhaseTimings,
+    resolved: bool,
+}
+
+impl Checkpointed {
+    /// The CUDA processes held (empty on a CPU-only node or without CUDA processes).
+    pub fn pids(&self) -> &[u32] {
+        &self.locked
+    }
+
+    /// The GPUs to record in the manifest.
+    pub fn fingerprint(&self) -> Option<&GpuFingerprint> {
+        self.fingerprint.as_ref()
+    }
+
+    /// Lock and checkpoint durations so far.
+    pub fn timings(&self) -> PhaseTimings {
+        self.timings
+    }
+
+    /// The processes stay checkpointed: CRIU has captured them and a stop-checkpoint
+    /// ends them. Returns the phase durations.
+    pub fn keep_checkpointed(mut self) -> PhaseTimings {
+        self.resolved = true;
+        self.timings
+    }
+
+    /// Restores and unlocks every process (reverse order), so the workload runs on its
+    /// GPU again: after a leave-running checkpoint, or when CRIU failed.
+    pub fn resume(mut self) -> Result<PhaseTimings, CudaError> {
+        self.resolved = true;
+        let failures = self.roll_back();
+        match failures.into_iter().next() {
+            None => Ok(self.timings),
+            Some(first) => Err(first),
+        }
+    }
+
+    /// Rolls back after `cause`: the error to report, wrapped when rollback failed too.
+    fn fail(&mut self, cause: CudaError) -> CudaError {
+        self.resolved = true;
+        tracing::warn!(error = %cause, "CUDA checkpoint failed; rolling back");
+        let failures = self.roll_back();
+        if failures.is_empty() {
+            cause
+        } else {
+            CudaError::RollbackIncomplete {
+                cause: Box::new(cause),
+                failures: failures.iter().map(ToString::to_string).collect(),
+            }
+        }
+    }
+
+    /// Restore (if checkpointed) then unlock each touched process, last one first; a
+    /// failed step does not stop the others.
+    fn roll_back(&mut self) -> Vec<CudaError> {
+        let Some(driver) = self.driver.clone() else {
+            return Vec::new();
+        };
+        let mut failures = Vec::new();
+        let mut restore = Duration::ZERO;
+        let mut unlock = Duration::ZERO;
+        for (index, &pid) in self.locked.iter().enumerate().rev() {
+            if index < self.checkpointed {
+                let started = Instant::now();
+                let restored = driver.restore(pid, &[]);
+                restore += started.elapsed();
+                if let Err(source) = restored {
+                    failures.push(CudaError::Driver {
+                        phase: Phase::Restore,
+                        pid,
+                        source,
+                    });
+                    continue;
+                }
+            }
+            let started = Instant::now();
+            let unlocked = driver.unlock(pid);
+            unlock += started.elapsed();
+            if let Err(source) = unlocked {
+                failures.push(CudaError::Driver {
+                    phase: Phase::Unlock,
+                    pid,
+                    source,
+                });
+            }
+        }
+        self.timings.restore = restore;
+        self.timings.unlock = unlock;
+        self.locked.clear();
+        self.checkpointed = 0;
+        failures
+    }
+}
+
+impl Drop for Checkpointed {
+    fn drop(&mut self) {
+        if !self.resolved {
+            tracing::warn!("CUDA checkpoint dropped unresolved; rolling back");
+            for failure in self.roll_back() {
+                tracing::error!(error = %failure, "CUDA rollback step failed");
+            }
+        }
+    }
+}
