@@ -110,6 +110,8 @@ pub fn on_node(test: &str, gpu: Option<&str>, body: fn(&Node)) {
     }
     let output = child.output().expect("re-running the test in a child");
     let stdout = String::from_utf8_lossy(&output.stdout);
+    // Shown by the harness on failure or with --nocapture.
+    eprintln!("{}", String::from_utf8_lossy(&output.stderr));
     assert!(
         output.status.success() && stdout.contains("1 passed"),
         "test {test} failed in its node process:\n{stdout}\n{}",
