@@ -6,6 +6,7 @@
 //! [`CudaSession::checkpoint`] before CRIU dumps and [`CudaSession::restore`] after
 //! CRIU restores. The driver sits behind [`CudaDriver`] so the session can be tested.
 
+mod checkpointed;
 mod driver;
 mod error;
 mod fingerprint;

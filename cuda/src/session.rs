@@ -10,6 +10,8 @@ use crate::libcuda::LibCuda;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use crate::checkpointed::Checkpointed;
+
 /// How long each phase took, for metrics and the CLI. Phases that did not run are zero.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PhaseTimings {
@@ -127,14 +129,7 @@ impl CudaSession {
         pids: &[u32],
         options: &CheckpointOptions,
     ) -> Result<Checkpointed, CudaError> {
-        let mut guard = Checkpointed {
-            driver: self.driver.clone(),
-            locked: Vec::new(),
-            checkpointed: 0,
-            fingerprint: self.fingerprint(),
-            timings: PhaseTimings::default(),
-            resolved: false,
-        };
+        let mut guard = Checkpointed::new(self.driver.clone(), self.fingerprint());
         let Some(driver) = self.driver.clone() else {
             tracing::info!("CPU-only node: no CUDA checkpoint");
             return Ok(guard);
@@ -142,7 +137,7 @@ impl CudaSession {
         let mut targets = Vec::new();
         for (pid, state) in self.cuda_processes(pids) {
             if state != ProcessState::Running {
-                guard.resolved = true;
+                guard.mark_resolved();
                 return Err(CudaError::UnexpectedState {
                     phase: Phase::Discover,
                     pid,
@@ -179,9 +174,9 @@ impl CudaSession {
                     source,
                 }));
             }
-            guard.locked.push(pid);
+            guard.locked(pid);
         }
-        guard.timings.lock = started.elapsed();
+        guard.timings_mut().lock = started.elapsed();
         let started = Instant::now();
         for &pid in &targets {
             if let Err(source) = driver.checkpoint(pid) {
@@ -191,14 +186,14 @@ impl CudaSession {
                     source,
                 }));
             }
-            guard.checkpointed += 1;
+            guard.checkpointed_next();
         }
-        guard.timings.checkpoint = started.elapsed();
+        guard.timings_mut().checkpoint = started.elapsed();
         tracing::info!(
             processes = targets.len(),
             gpu_bytes,
-            lock_ms = guard.timings.lock.as_millis(),
-            checkpoint_ms = guard.timings.checkpoint.as_millis(),
+            lock_ms = guard.timings().lock.as_millis(),
+            checkpoint_ms = guard.timings().checkpoint.as_millis(),
             "CUDA checkpoint done"
         );
         Ok(guard)
@@ -284,122 +279,6 @@ impl CudaSession {
                 cause: Box::new(cause),
                 failures: unlock_failures,
             }),
-        }
-    }
-}
-
-/// The processes of one workload, locked and checkpointed at one consistent point.
-/// Resolve it once CRIU has run; dropping it unresolved rolls back.
-#[derive(Debug)]
-pub struct Checkpointed {
-    driver: Option<Arc<dyn CudaDriver>>,
-    /// Locked processes, in lock order.
-    locked: Vec<u32>,
-    /// How many of `locked` (a prefix) are also checkpointed.
-    checkpointed: usize,
-    fingerprint: Option<GpuFingerprint>,
-    timings: PhaseTimings,
-    resolved: bool,
-}
-
-impl Checkpointed {
-    /// The CUDA processes held (empty on a CPU-only node or without CUDA processes).
-    pub fn pids(&self) -> &[u32] {
-        &self.locked
-    }
-
-    /// The GPUs to record in the manifest.
-    pub fn fingerprint(&self) -> Option<&GpuFingerprint> {
-        self.fingerprint.as_ref()
-    }
-
-    /// Lock and checkpoint durations so far.
-    pub fn timings(&self) -> PhaseTimings {
-        self.timings
-    }
-
-    /// The processes stay checkpointed: CRIU has captured them and a stop-checkpoint
-    /// ends them. Returns the phase durations.
-    pub fn keep_checkpointed(mut self) -> PhaseTimings {
-        self.resolved = true;
-        self.timings
-    }
-
-    /// Restores and unlocks every process (reverse order), so the workload runs on its
-    /// GPU again: after a leave-running checkpoint, or when CRIU failed.
-    pub fn resume(mut self) -> Result<PhaseTimings, CudaError> {
-        self.resolved = true;
-        let failures = self.roll_back();
-        match failures.into_iter().next() {
-            None => Ok(self.timings),
-            Some(first) => Err(first),
-        }
-    }
-
-    /// Rolls back after `cause`: the error to report, wrapped when rollback failed too.
-    fn fail(&mut self, cause: CudaError) -> CudaError {
-        self.resolved = true;
-        tracing::warn!(error = %cause, "CUDA checkpoint failed; rolling back");
-        let failures = self.roll_back();
-        if failures.is_empty() {
-            cause
-        } else {
-            CudaError::RollbackIncomplete {
-                cause: Box::new(cause),
-                failures: failures.iter().map(ToString::to_string).collect(),
-            }
-        }
-    }
-
-    /// Restore (if checkpointed) then unlock each touched process, last one first; a
-    /// failed step does not stop the others.
-    fn roll_back(&mut self) -> Vec<CudaError> {
-        let Some(driver) = self.driver.clone() else {
-            return Vec::new();
-        };
-        let mut failures = Vec::new();
-        let mut restore = Duration::ZERO;
-        let mut unlock = Duration::ZERO;
-        for (index, &pid) in self.locked.iter().enumerate().rev() {
-            if index < self.checkpointed {
-                let started = Instant::now();
-                let restored = driver.restore(pid, &[]);
-                restore += started.elapsed();
-                if let Err(source) = restored {
-                    failures.push(CudaError::Driver {
-                        phase: Phase::Restore,
-                        pid,
-                        source,
-                    });
-                    continue;
-                }
-            }
-            let started = Instant::now();
-            let unlocked = driver.unlock(pid);
-            unlock += started.elapsed();
-            if let Err(source) = unlocked {
-                failures.push(CudaError::Driver {
-                    phase: Phase::Unlock,
-                    pid,
-                    source,
-                });
-            }
-        }
-        self.timings.restore = restore;
-        self.timings.unlock = unlock;
-        self.locked.clear();
-        self.checkpointed = 0;
-        failures
-    }
-}
-
-impl Drop for Checkpointed {
-    fn drop(&mut self) {
-        if !self.resolved {
-            tracing::warn!("CUDA checkpoint dropped unresolved; rolling back");
-            for failure in self.roll_back() {
-                tracing::error!(error = %failure, "CUDA rollback step failed");
-            }
         }
     }
 }

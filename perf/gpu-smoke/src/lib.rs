@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 const CHUNK: usize = 8 * 1024 * 1024;
 
 fn word(chunk: usize, generation: u32, i: usize) -> u64 {
-    let x = ((chunk as u64) << 40 ^ u64::from(generation) << 24 ^ i as u64)
-        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let (chunk, i) = (chunk as u64, i as u64); // hash inputs: truncation is harmless
+    let x = (chunk << 40 ^ u64::from(generation) << 24 ^ i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     x ^ (x >> 29)
 }
 

@@ -55,6 +55,11 @@ fn gpu() -> MutexGuard<'static, Gpu> {
     GPU.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A buffer length as a device-memory length.
+pub fn byte_len(len: usize) -> u64 {
+    u64::try_from(len).unwrap_or(u64::MAX)
+}
+
 fn own_pid() -> u32 {
     std::process::id()
 }
@@ -205,7 +210,7 @@ fn locate(g: &Gpu, ptr: u64, len: u64) -> Option<u64> {
 /// `cuMemcpyHtoD`.
 pub fn write(ptr: u64, src: &[u8]) -> i32 {
     gpu_call(|g, path| {
-        let Some(offset) = locate(g, ptr, src.len() as u64) else {
+        let Some(offset) = locate(g, ptr, byte_len(src.len())) else {
             return INVALID_VALUE;
         };
         match fs::OpenOptions::new().write(true).open(path) {
@@ -218,7 +223,7 @@ pub fn write(ptr: u64, src: &[u8]) -> i32 {
 /// `cuMemcpyDtoH`.
 pub fn read(ptr: u64, dst: &mut [u8]) -> i32 {
     gpu_call(|g, path| {
-        let Some(offset) = locate(g, ptr, dst.len() as u64) else {
+        let Some(offset) = locate(g, ptr, byte_len(dst.len())) else {
             return INVALID_VALUE;
         };
         match fs::File::open(path) {
@@ -323,7 +328,7 @@ pub fn restore(pairs: &[([u8; 16], [u8; 16])]) -> i32 {
         let Some(device) = node::devices().into_iter().find(|d| d.uuid == target) else {
             return INVALID_DEVICE;
         };
-        if used_on(&target) + g.host_copy.len() as u64 > device.total_bytes {
+        if used_on(&target) + byte_len(g.host_copy.len()) > device.total_bytes {
             return OUT_OF_MEMORY;
         }
         let incarnation = own_start();

@@ -55,11 +55,13 @@ fn device_at(ordinal: c_int) -> Result<node::Device, c_int> {
         .ok_or(INVALID_DEVICE)
 }
 
+/// The driver's `cuInit`, simulated.
 #[no_mangle]
 pub extern "C" fn cuInit(_flags: c_uint) -> c_int {
     device::init()
 }
 
+/// The driver's `cuDriverGetVersion`, simulated.
 #[no_mangle]
 pub unsafe extern "C" fn cuDriverGetVersion(version: *mut c_int) -> c_int {
     if version.is_null() {
@@ -70,6 +72,7 @@ pub unsafe extern "C" fn cuDriverGetVersion(version: *mut c_int) -> c_int {
     SUCCESS
 }
 
+/// The driver's `cuDeviceGetCount`, simulated.
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceGetCount(count: *mut c_int) -> c_int {
     if count.is_null() {
@@ -85,6 +88,7 @@ pub unsafe extern "C" fn cuDeviceGetCount(count: *mut c_int) -> c_int {
     }
 }
 
+/// The driver's `cuDeviceGet`, simulated.
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceGet(dev: *mut c_int, ordinal: c_int) -> c_int {
     if dev.is_null() {
@@ -100,6 +104,7 @@ pub unsafe extern "C" fn cuDeviceGet(dev: *mut c_int, ordinal: c_int) -> c_int {
     }
 }
 
+/// The driver's `cuDeviceGetName`, simulated.
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: c_int) -> c_int {
     let Ok(len) = usize::try_from(len) else {
@@ -123,6 +128,7 @@ pub unsafe extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: c_i
     }
 }
 
+/// The driver's `cuDeviceTotalMem_v2`, simulated.
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: c_int) -> c_int {
     if bytes.is_null() {
@@ -138,6 +144,7 @@ pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: c_int) -> c
     }
 }
 
+/// The driver's `cuDeviceGetUuid`, simulated.
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceGetUuid(uuid: *mut [u8; 16], dev: c_int) -> c_int {
     if uuid.is_null() {
@@ -153,12 +160,14 @@ pub unsafe extern "C" fn cuDeviceGetUuid(uuid: *mut [u8; 16], dev: c_int) -> c_i
     }
 }
 
+/// The driver's `cuDeviceGetUuid_v2`, simulated.
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceGetUuid_v2(uuid: *mut [u8; 16], dev: c_int) -> c_int {
     // SAFETY: same contract as cuDeviceGetUuid.
     unsafe { cuDeviceGetUuid(uuid, dev) }
 }
 
+/// The driver's `cuGetErrorName`, simulated.
 #[no_mangle]
 pub unsafe extern "C" fn cuGetErrorName(code: c_int, out: *mut *const c_char) -> c_int {
     match (out.is_null(), codes::describe(code)) {
@@ -171,6 +180,7 @@ pub unsafe extern "C" fn cuGetErrorName(code: c_int, out: *mut *const c_char) ->
     }
 }
 
+/// The driver's `cuGetErrorString`, simulated.
 #[no_mangle]
 pub unsafe extern "C" fn cuGetErrorString(code: c_int, out: *mut *const c_char) -> c_int {
     match (out.is_null(), codes::describe(code)) {
@@ -183,6 +193,7 @@ pub unsafe extern "C" fn cuGetErrorString(code: c_int, out: *mut *const c_char) 
     }
 }
 
+/// The driver's `cuDevicePrimaryCtxRetain`, simulated.
 #[no_mangle]
 pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut *mut c_void, dev: c_int) -> c_int {
     if ctx.is_null() {
@@ -197,22 +208,25 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut *mut c_void, dev: c_
     code
 }
 
+/// The driver's `cuDevicePrimaryCtxRelease_v2`, simulated.
 #[no_mangle]
 pub extern "C" fn cuDevicePrimaryCtxRelease_v2(_dev: c_int) -> c_int {
     SUCCESS
 }
 
+/// The driver's `cuCtxSetCurrent`, simulated.
 #[no_mangle]
 pub extern "C" fn cuCtxSetCurrent(_ctx: *mut c_void) -> c_int {
     SUCCESS
 }
 
+/// The driver's `cuMemAlloc_v2`, simulated.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAlloc_v2(ptr: *mut u64, len: usize) -> c_int {
     if ptr.is_null() {
         return INVALID_VALUE;
     }
-    match device::alloc(len as u64) {
+    match device::alloc(device::byte_len(len)) {
         Ok(p) => {
             // SAFETY: valid out pointer (checked non-null).
             unsafe { ptr.write(p) };
@@ -222,11 +236,13 @@ pub unsafe extern "C" fn cuMemAlloc_v2(ptr: *mut u64, len: usize) -> c_int {
     }
 }
 
+/// The driver's `cuMemFree_v2`, simulated.
 #[no_mangle]
 pub extern "C" fn cuMemFree_v2(ptr: u64) -> c_int {
     device::free(ptr)
 }
 
+/// The driver's `cuMemcpyHtoD_v2`, simulated.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyHtoD_v2(dst: u64, src: *const c_void, len: usize) -> c_int {
     if src.is_null() {
@@ -237,6 +253,7 @@ pub unsafe extern "C" fn cuMemcpyHtoD_v2(dst: u64, src: *const c_void, len: usiz
     device::write(dst, src)
 }
 
+/// The driver's `cuMemcpyDtoH_v2`, simulated.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: u64, len: usize) -> c_int {
     if dst.is_null() {
@@ -247,6 +264,7 @@ pub unsafe extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: u64, len: usize)
     device::read(src, dst)
 }
 
+/// The driver's `cuMemGetInfo_v2`, simulated.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> c_int {
     if free.is_null() || total.is_null() {
@@ -275,6 +293,7 @@ fn checkpoint_call(pid: c_int, op: &str, arg: &str) -> (c_int, i64) {
     }
 }
 
+/// The driver's `cuCheckpointProcessGetRestoreThreadId`, simulated.
 #[no_mangle]
 pub unsafe extern "C" fn cuCheckpointProcessGetRestoreThreadId(
     pid: c_int,
@@ -291,6 +310,7 @@ pub unsafe extern "C" fn cuCheckpointProcessGetRestoreThreadId(
     code
 }
 
+/// The driver's `cuCheckpointProcessGetState`, simulated.
 #[no_mangle]
 pub unsafe extern "C" fn cuCheckpointProcessGetState(pid: c_int, state: *mut c_int) -> c_int {
     if state.is_null() {
@@ -304,6 +324,7 @@ pub unsafe extern "C" fn cuCheckpointProcessGetState(pid: c_int, state: *mut c_i
     code
 }
 
+/// The driver's `cuCheckpointProcessLock`, simulated.
 #[no_mangle]
 pub unsafe extern "C" fn cuCheckpointProcessLock(pid: c_int, args: *const LockArgs) -> c_int {
     let timeout_ms = if args.is_null() {
@@ -315,11 +336,13 @@ pub unsafe extern "C" fn cuCheckpointProcessLock(pid: c_int, args: *const LockAr
     checkpoint_call(pid, "lock", &timeout_ms.to_string()).0
 }
 
+/// The driver's `cuCheckpointProcessCheckpoint`, simulated.
 #[no_mangle]
 pub extern "C" fn cuCheckpointProcessCheckpoint(pid: c_int, _args: *const c_void) -> c_int {
     checkpoint_call(pid, "checkpoint", "").0
 }
 
+/// The driver's `cuCheckpointProcessRestore`, simulated.
 #[no_mangle]
 pub unsafe extern "C" fn cuCheckpointProcessRestore(pid: c_int, args: *const RestoreArgs) -> c_int {
     let mut pairs = Vec::new();
@@ -339,6 +362,7 @@ pub unsafe extern "C" fn cuCheckpointProcessRestore(pid: c_int, args: *const Res
     checkpoint_call(pid, "restore", &control::format_pairs(&pairs)).0
 }
 
+/// The driver's `cuCheckpointProcessUnlock`, simulated.
 #[no_mangle]
 pub extern "C" fn cuCheckpointProcessUnlock(pid: c_int, _args: *const c_void) -> c_int {
     checkpoint_call(pid, "unlock", "").0

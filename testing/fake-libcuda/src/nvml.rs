@@ -19,16 +19,19 @@ pub struct ProcessInfo {
     compute_instance_id: c_uint,
 }
 
+/// NVML's `nvmlInit_v2`, simulated.
 #[no_mangle]
 pub extern "C" fn nvmlInit_v2() -> c_int {
     NVML_SUCCESS
 }
 
+/// NVML's `nvmlShutdown`, simulated.
 #[no_mangle]
 pub extern "C" fn nvmlShutdown() -> c_int {
     NVML_SUCCESS
 }
 
+/// NVML's `nvmlDeviceGetCount_v2`, simulated.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetCount_v2(count: *mut c_uint) -> c_int {
     if count.is_null() {
@@ -39,17 +42,23 @@ pub unsafe extern "C" fn nvmlDeviceGetCount_v2(count: *mut c_uint) -> c_int {
     NVML_SUCCESS
 }
 
+/// NVML's `nvmlDeviceGetHandleByIndex_v2`, simulated.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(
     index: c_uint,
     handle: *mut *mut c_void,
 ) -> c_int {
-    let known = usize::try_from(index).is_ok_and(|i| i < node::devices().len());
-    if handle.is_null() || !known {
+    let Some(i) = usize::try_from(index)
+        .ok()
+        .filter(|&i| i < node::devices().len())
+    else {
+        return NVML_ERROR_INVALID_ARGUMENT;
+    };
+    if handle.is_null() {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
     // SAFETY: valid out pointer; the handle is the index plus one, opaque to callers.
-    unsafe { handle.write((index as usize + 1) as *mut c_void) };
+    unsafe { handle.write(std::ptr::null_mut::<c_void>().wrapping_byte_add(i + 1)) };
     NVML_SUCCESS
 }
 
@@ -72,13 +81,14 @@ fn processes_on(index: usize) -> Vec<(u32, u64)> {
         .collect()
 }
 
+/// NVML's `nvmlDeviceGetComputeRunningProcesses_v3`, simulated.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     handle: *mut c_void,
     count: *mut c_uint,
     infos: *mut ProcessInfo,
 ) -> c_int {
-    let Some(index) = (handle as usize).checked_sub(1) else {
+    let Some(index) = handle.addr().checked_sub(1) else {
         return NVML_ERROR_INVALID_ARGUMENT;
     };
     if count.is_null() {

@@ -25,7 +25,8 @@ pub struct WorkloadConfig {
 
 /// The word at index `word` of chunk `chunk` after `generation` rewrites.
 pub fn pattern(chunk: usize, generation: u32, word: usize) -> u64 {
-    let mut x = (chunk as u64) << 40 ^ u64::from(generation) << 20 ^ word as u64;
+    let (chunk, word) = (chunk as u64, word as u64); // hash inputs: truncation is harmless
+    let mut x = chunk << 40 ^ u64::from(generation) << 20 ^ word;
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
