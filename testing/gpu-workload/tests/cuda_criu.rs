@@ -1,14 +1,14 @@
 //! The CUDA session against the fake driver and real CRIU 4.2: the points 1–7
 //! at the library level. Needs root and `criu` on PATH; each test runs in its own
-//! process on its own fake node (see `support`).
-
-mod support;
+//! process on its own fake node (see `kybernate_gpu_workload::harness`).
 
 use kybernate_cuda::{CheckpointOptions, CudaError, CudaSession, Phase, ProcessState};
+use kybernate_gpu_workload::harness::{
+    criu_dump, criu_restore, on_node, Workload, GPU_A, GPU_B, MODEL,
+};
 use std::fs;
 use std::path::Path;
 use std::time::Duration;
-use support::{criu_dump, criu_restore, on_node, Workload, GPU_A, GPU_B, MODEL};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -214,6 +214,48 @@ fn two_processes_are_both_locked_before_either_is_checkpointed() {
             criu_restore(&images).unwrap();
             let report = session.restore(&pids, Some(&recorded)).unwrap();
             assert_eq!(report.processes.len(), 2);
+            w.assert_keeps_verifying();
+        },
+    );
+}
+
+#[test]
+fn checkpoint_failure_in_one_process_rolls_back_both() {
+    on_node(
+        "checkpoint_failure_in_one_process_rolls_back_both",
+        Some(GPU_A),
+        |node| {
+            let w = Workload::start(node, 64, 1);
+            let pids = w.pids();
+            let session = load();
+            node.set_faults(&format!("checkpoint fail=2 pid={}\n", pids[1]));
+            let err = session.checkpoint(&pids, &options()).unwrap_err();
+            assert_eq!(
+                (err.phase(), err.driver_code()),
+                (Phase::Checkpoint, Some(2))
+            );
+            assert!(
+                err.to_string().contains("CUDA_ERROR_OUT_OF_MEMORY"),
+                "{err}"
+            );
+            let rollback: Vec<String> = node
+                .calls()
+                .into_iter()
+                .filter(|c| c.starts_with("restore ") || c.starts_with("unlock "))
+                .collect();
+            assert_eq!(
+                rollback,
+                [
+                    format!("unlock {} 0", pids[1]),
+                    format!("restore {} 0", pids[0]),
+                    format!("unlock {} 0", pids[0]),
+                ]
+            );
+            assert_eq!(
+                states(&session, &w),
+                [ProcessState::Running, ProcessState::Running]
+            );
+            assert_eq!(node.regions_on(GPU_A).len(), 2);
             w.assert_keeps_verifying();
         },
     );

@@ -1,12 +1,12 @@
-//! Fixtures for the CUDA + CRIU tests: a simulated GPU node (the fake `libcuda.so.1`
+//! Fixtures for tests of the CUDA path: a simulated GPU node (the fake `libcuda.so.1`
 //! in a private library directory, a node directory with devices and faults), the
 //! test workload, and CRIU driven directly.
 //!
 //! The dynamic loader reads `LD_LIBRARY_PATH` only at process start, so each test
-//! re-runs itself in a child process of this test binary with the fake on that path
-//! and its own node directory ([`on_fake_node`]).
-
-#![allow(dead_code)]
+//! re-runs itself in a child process of its test binary with the fake on that path
+//! and its own node directory ([`on_node`]). The parent builds the fake driver and the
+//! workload with `cargo build -p kybernate-fake-libcuda -p kybernate-gpu-workload`
+//! (a no-op when they are fresh) into the test binary's own target directory.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -22,9 +22,10 @@ pub const GPU_B: &str = "GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
 /// The fake GPU model.
 pub const MODEL: &str = "Kybernate Fake GPU 16GB";
 
-/// How the child process sees its node.
+/// A simulated GPU node, as the test body sees it.
 #[derive(Debug)]
 pub struct Node {
+    /// The node directory (`KYBERNATE_FAKE_CUDA_DIR` of the fake driver).
     pub dir: PathBuf,
 }
 
@@ -37,24 +38,46 @@ fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds the fake driver (cheap when fresh) and returns the path of the cdylib.
-fn fake_library() -> PathBuf {
+/// Builds the fake driver and the workload (cheap when fresh) into this test binary's
+/// target directory and returns the path of the fake driver's shared object.
+fn build_artifacts() -> PathBuf {
+    let target = target_dir();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
     let mut build = Command::new(cargo);
-    build.args(["build", "-p", "kybernate-fake-libcuda"]);
-    if target_dir().file_name().is_some_and(|p| p == "release") {
+    build
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "kybernate-fake-libcuda",
+            "-p",
+            "kybernate-gpu-workload",
+        ])
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(target.parent().expect("target dir"));
+    if target.file_name().is_some_and(|p| p == "release") {
         build.arg("--release");
     }
     let status = build
         .status()
-        .expect("running cargo to build the fake libcuda");
+        .expect("running cargo to build the fake libcuda and gpu-workload");
     assert!(
         status.success(),
-        "cargo build -p kybernate-fake-libcuda failed"
+        "cargo build -p kybernate-fake-libcuda -p kybernate-gpu-workload failed"
     );
-    let lib = target_dir().join("libkybernate_fake_libcuda.so");
+    let lib = target.join("libkybernate_fake_libcuda.so");
     assert!(lib.exists(), "fake driver not found at {}", lib.display());
     lib
+}
+
+/// The workload binary built by [`build_artifacts`].
+fn workload_binary() -> PathBuf {
+    let bin = target_dir().join("gpu-workload");
+    assert!(bin.exists(), "gpu-workload not found at {}", bin.display());
+    bin
 }
 
 fn require_root_and_criu() {
@@ -72,8 +95,10 @@ fn require_root_and_criu() {
     );
 }
 
-/// Runs `body` in a child of this test binary on a fresh fake node with `gpu`
-/// (`None`: a node without any libcuda). `test` is this test's name.
+/// Runs `body` in a child of this test binary on a fresh fake node with one GPU of
+/// UUID `gpu` and model [`MODEL`] (`None`: a node without any libcuda). `test` is the
+/// calling test's full name as libtest knows it (e.g. `module::test_fn`). Needs root
+/// and `criu` on PATH; fails loudly without them.
 pub fn on_node(test: &str, gpu: Option<&str>, body: fn(&Node)) {
     if std::env::var_os(CHILD_ENV).is_some() {
         let dir = std::env::var_os(NODE_ENV).map_or_else(
@@ -97,8 +122,8 @@ pub fn on_node(test: &str, gpu: Option<&str>, body: fn(&Node)) {
         .env("KYBERNATE_TEST_NODE", root.path())
         .env("LD_LIBRARY_PATH", &lib_dir)
         .env_remove(NODE_ENV);
+    let lib = build_artifacts();
     if let Some(uuid) = gpu {
-        let lib = fake_library();
         std::os::unix::fs::symlink(&lib, lib_dir.join("libcuda.so.1")).unwrap();
         std::os::unix::fs::symlink(&lib, lib_dir.join("libnvidia-ml.so.1")).unwrap();
         fs::write(
@@ -163,20 +188,27 @@ impl Node {
     }
 }
 
-/// Progress a workload process reported.
+/// Progress a workload process reported in its state file.
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
+    /// Chunks verified and rewritten.
     pub iterations: u64,
+    /// Full passes over all of its (V)RAM.
     pub sweeps: u64,
+    /// `ok`, or `error: ...` once it failed.
     pub status: String,
 }
 
 /// The test GPU workload: `children + 1` processes, each holding `mib` MiB.
+/// Killed (the whole tree) on drop.
 #[derive(Debug)]
 pub struct Workload {
+    /// The first process; CRIU dumps the tree from here.
     pub root: u32,
     child: Option<Child>,
+    /// Where each process writes `<pid>.state`.
     pub state_dir: PathBuf,
+    /// How many processes the workload has.
     pub processes: usize,
     pids: Vec<u32>,
 }
@@ -197,7 +229,7 @@ impl Workload {
         let state_dir = node.dir.join("state");
         fs::create_dir_all(&state_dir).unwrap();
         let log = fs::File::create(node.dir.join("workload.log")).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpu-workload"));
+        let mut cmd = Command::new(workload_binary());
         cmd.args([
             "--mib",
             &mib.to_string(),
