@@ -148,7 +148,7 @@ impl Checkpointed {
 
 impl Drop for Checkpointed {
     fn drop(&mut self) {
-        if !self.resolved {
+        if !self.resolved && !self.locked.is_empty() {
             tracing::warn!("CUDA checkpoint dropped unresolved; rolling back");
             for failure in self.roll_back() {
                 tracing::error!(error = %failure, "CUDA rollback step failed");

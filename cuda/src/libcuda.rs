@@ -115,6 +115,7 @@ impl LibCuda {
             return Err(load_error(format!("cuInit failed: {}", describe(&e))));
         }
         let api = resolve(&library)?;
+        same_library_as_cudarc(&library)?;
         let mut version: c_int = 0;
         // SAFETY: the out pointer is valid for the duration of the call; cuInit succeeded.
         let code = unsafe { sys::cuDriverGetVersion(&mut version) };
@@ -160,6 +161,11 @@ impl LibCuda {
         DriverCallError { code, name }
     }
 
+    /// The conservative estimate of a process's GPU memory: all of every GPU.
+    fn all_memory(&self) -> u64 {
+        self.devices.iter().map(|d| d.total_memory).sum()
+    }
+
     fn check(&self, code: c_int) -> Result<(), DriverCallError> {
         if code == 0 {
             Ok(())
@@ -197,6 +203,29 @@ fn resolve(library: &libloading::Library) -> Result<CheckpointApi, CudaError> {
         unlock: sym(library, "cuCheckpointProcessUnlock")?,
         error_name: sym(library, "cuGetErrorName")?,
     })
+}
+
+/// cudarc opens the driver by its own list of names (`libcuda.so` first). Make sure it
+/// got the very library whose checkpoint entry points we call: a toolkit stub found
+/// first would leave the real driver uninitialised.
+fn same_library_as_cudarc(library: &libloading::Library) -> Result<(), CudaError> {
+    type InitFn = unsafe extern "C" fn(c_uint) -> c_int;
+    // SAFETY: cuInit has this signature; only its address is used.
+    let ours = unsafe { library.get::<InitFn>(b"cuInit") }
+        .map(|s| *s as usize)
+        .map_err(|e| load_error(format!("driver lacks cuInit: {e}")))?;
+    // SAFETY: cudarc already opened its library successfully (result::init ran);
+    // `culib` returns that handle, and only the address of cuInit is read.
+    let theirs = unsafe { sys::culib().get::<InitFn>(b"cuInit") }
+        .map(|s| *s as usize)
+        .map_err(|e| load_error(format!("cudarc's driver lacks cuInit: {e}")))?;
+    if ours != theirs {
+        return Err(load_error(
+            "cudarc loaded a different libcuda than libcuda.so.1 (a toolkit stub named \
+             libcuda.so earlier on the library path?)",
+        ));
+    }
+    Ok(())
 }
 
 fn enumerate() -> Result<Vec<GpuDevice>, CudaError> {
@@ -315,11 +344,18 @@ impl CudaDriver for LibCuda {
 
     fn gpu_memory_used(&self, pid: u32) -> Result<u64, DriverCallError> {
         match &self.nvml {
-            Some(nvml) => nvml.memory_used_by(pid).map_err(|reason| DriverCallError {
-                code: 999,
-                name: format!("NVML: {reason}"),
-            }),
-            None => Ok(self.devices.iter().map(|d| d.total_memory).sum()),
+            Some(nvml) => match nvml.memory_used_by(pid) {
+                Ok(bytes) => Ok(bytes),
+                Err(reason) => {
+                    tracing::warn!(
+                        pid,
+                        %reason,
+                        "NVML cannot tell this process's GPU memory; assuming all of it"
+                    );
+                    Ok(self.all_memory())
+                }
+            },
+            None => Ok(self.all_memory()),
         }
     }
 }

@@ -201,8 +201,8 @@ impl CudaSession {
 
     /// After CRIU restore: for every CUDA process among `pids` in CHECKPOINTED state,
     /// reads its restore thread id and restores it (remapping GPUs when `recorded`
-    /// names other UUIDs), then unlocks them all. When a step fails, processes already
-    /// restored are still unlocked, so none stays LOCKED.
+    /// names other UUIDs), then unlocks them all (and any found still LOCKED). When a
+    /// step fails, processes already restored are still unlocked, so none stays LOCKED.
     pub fn restore(
         &self,
         pids: &[u32],
@@ -220,12 +220,17 @@ impl CudaSession {
         let Some(driver) = self.driver.clone() else {
             return Ok(report);
         };
-        let targets: Vec<u32> = self
-            .cuda_processes(pids)
-            .into_iter()
+        let found = self.cuda_processes(pids);
+        let targets: Vec<u32> = found
+            .iter()
             .filter(|(_, state)| *state == ProcessState::Checkpointed)
-            .map(|(pid, _)| pid)
+            .map(|(pid, _)| *pid)
             .collect();
+        // Left LOCKED by an earlier, interrupted restore: they only need unlocking.
+        let locked = found
+            .iter()
+            .filter(|(_, state)| *state == ProcessState::Locked)
+            .map(|(pid, _)| *pid);
         let started = Instant::now();
         let mut failure = None;
         for &pid in &targets {
@@ -249,7 +254,8 @@ impl CudaSession {
         report.timings.restore = started.elapsed();
         let started = Instant::now();
         let mut unlock_failures = Vec::new();
-        for &(pid, _) in &report.processes {
+        let restored: Vec<u32> = report.processes.iter().map(|(pid, _)| *pid).collect();
+        for pid in locked.chain(restored) {
             if let Err(source) = driver.unlock(pid) {
                 let err = CudaError::Driver {
                     phase: Phase::Unlock,

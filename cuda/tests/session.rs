@@ -320,3 +320,17 @@ fn incompatible_fingerprint_is_refused_before_any_call() {
     assert!(session(&rec).restore(&[10], Some(&recorded)).is_err());
     assert!(rec.calls().is_empty());
 }
+
+#[test]
+fn restore_unlocks_processes_left_locked_by_an_interrupted_restore() {
+    let rec = Arc::new(Recorder::new(&[10, 20]));
+    rec.states.lock().unwrap().insert(10, ProcessState::Locked);
+    rec.states
+        .lock()
+        .unwrap()
+        .insert(20, ProcessState::Checkpointed);
+    let report = session(&rec).restore(&[10, 20], None).unwrap();
+    assert_eq!(report.processes, [(20, 21)]);
+    assert_eq!(rec.calls(), ["restore 20", "unlock 10", "unlock 20"]);
+    assert_eq!(rec.state(10), ProcessState::Running);
+}
