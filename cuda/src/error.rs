@@ -25,9 +25,10 @@ pub enum Phase {
     Unlock,
 }
 
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = match self {
+impl Phase {
+    /// The phase's name, for metric labels and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
             Phase::Load => "load",
             Phase::Discover => "discover",
             Phase::Preflight => "preflight",
@@ -36,8 +37,13 @@ impl fmt::Display for Phase {
             Phase::RestoreThreadId => "restore-thread-id",
             Phase::Restore => "restore",
             Phase::Unlock => "unlock",
-        };
-        f.write_str(name)
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -134,6 +140,19 @@ impl CudaError {
             }
             CudaError::Incompatible { .. } => Phase::Restore,
             CudaError::RollbackIncomplete { cause, .. } => cause.phase(),
+        }
+    }
+
+    /// A fixed label for the kind of failure, for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            CudaError::DriverLoad { .. } => "driver_load",
+            CudaError::Driver { .. } => "driver_call",
+            CudaError::InsufficientHostMemory { .. } => "insufficient_host_memory",
+            CudaError::Incompatible { .. } => "incompatible_node",
+            CudaError::UnexpectedState { .. } => "unexpected_state",
+            CudaError::RollbackIncomplete { .. } => "rollback_incomplete",
+            CudaError::HostFile { .. } => "host_file",
         }
     }
 
