@@ -58,9 +58,12 @@ fn build_artifacts() -> PathBuf {
         .arg(&manifest)
         .arg("--target-dir")
         .arg(target.parent().expect("target dir"));
-    if target.file_name().is_some_and(|p| p == "release") {
-        build.arg("--release");
-    }
+    // target/debug holds the `dev` profile; every other profile has its own dir.
+    let profile = match target.file_name().and_then(|p| p.to_str()) {
+        Some("debug") | None => "dev",
+        Some(other) => other,
+    };
+    build.args(["--profile", profile]);
     let status = build
         .status()
         .expect("running cargo to build the fake libcuda and gpu-workload");
