@@ -138,6 +138,13 @@ fn criu_failure_after_cuda_checkpoint_leaves_workload_running() {
             let w = Workload::start(node, 128, 0);
             let session = load();
             let held = session.checkpoint(&w.pids(), &options()).unwrap();
+            let frozen = w.all_progress()[0].1.iterations;
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(
+                w.all_progress()[0].1.iterations,
+                frozen,
+                "a checkpointed process makes no GPU progress"
+            );
             let not_a_dir = node.dir.join("not-a-directory");
             fs::write(&not_a_dir, b"").unwrap();
             let err = criu_dump(w.root, &not_a_dir).unwrap_err();
