@@ -1,0 +1,365 @@
+//! The simulated GPU as seen from inside one process: its context, its allocations and
+//! its checkpoint state. Device memory is a region file under the node directory, never
+//! this process's memory, until a checkpoint moves it in (as the real driver moves VRAM
+//! into host memory) and a restore moves it back out.
+
+use crate::codes::{
+    CONTEXT_IS_DESTROYED, ILLEGAL_STATE, INVALID_CONTEXT, INVALID_DEVICE, INVALID_VALUE,
+    NOT_INITIALIZED, NO_DEVICE, OPERATING_SYSTEM, OUT_OF_MEMORY, SUCCESS, TIMEOUT,
+};
+use crate::node::{self, Device, Fault};
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// First device address handed out; any non-null, aligned value would do.
+const BASE: u64 = 0x7f00_0000_0000;
+
+/// `CUprocessState` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Running = 0,
+    Locked = 1,
+    Checkpointed = 2,
+}
+
+#[derive(Debug)]
+struct Gpu {
+    initialised: bool,
+    state: State,
+    device: Option<[u8; 16]>,
+    /// Start time of the incarnation that owns the device region.
+    incarnation: u64,
+    /// device pointer → (offset in region, length)
+    allocs: BTreeMap<u64, (u64, u64)>,
+    next: u64,
+    /// The device memory while checkpointed.
+    host_copy: Vec<u8>,
+}
+
+static GPU: Mutex<Gpu> = Mutex::new(Gpu {
+    initialised: false,
+    state: State::Running,
+    device: None,
+    incarnation: 0,
+    allocs: BTreeMap::new(),
+    next: 0,
+    host_copy: Vec::new(),
+});
+static RESUMED: Condvar = Condvar::new();
+
+fn gpu() -> MutexGuard<'static, Gpu> {
+    GPU.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A buffer length as a device-memory length.
+pub fn byte_len(len: usize) -> u64 {
+    u64::try_from(len).unwrap_or(u64::MAX)
+}
+
+fn own_pid() -> u32 {
+    std::process::id()
+}
+
+fn own_start() -> u64 {
+    node::start_time(own_pid()).unwrap_or(0)
+}
+
+fn region_path(device: &[u8; 16], incarnation: u64) -> Option<PathBuf> {
+    Some(
+        node::dir()?
+            .join("vram")
+            .join(node::format_uuid(device))
+            .join(format!("{}-{incarnation}.bin", own_pid())),
+    )
+}
+
+fn used_on(device: &[u8; 16]) -> u64 {
+    let Some(dir) = node::dir() else { return 0 };
+    fs::read_dir(dir.join("vram").join(node::format_uuid(device)))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// `cuInit`: frees regions of dead processes, like the kernel driver does on exit.
+pub fn init() -> i32 {
+    if node::dir().is_none() || node::devices().is_empty() {
+        return NO_DEVICE;
+    }
+    node::free_dead_regions();
+    gpu().initialised = true;
+    SUCCESS
+}
+
+/// The node's devices, only after `cuInit`.
+pub fn devices() -> Result<Vec<Device>, i32> {
+    if !gpu().initialised {
+        return Err(NOT_INITIALIZED);
+    }
+    Ok(node::devices())
+}
+
+/// `cuDevicePrimaryCtxRetain`: binds this process to a device and makes it a CUDA
+/// process (its control channel starts).
+pub fn retain_context(ordinal: i32) -> i32 {
+    let devices = match devices() {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    let Some(device) = usize::try_from(ordinal).ok().and_then(|i| devices.get(i)) else {
+        return INVALID_DEVICE;
+    };
+    let mut g = gpu();
+    match g.device {
+        Some(current) if current != device.uuid => return INVALID_DEVICE,
+        Some(_) => {}
+        None => {
+            g.device = Some(device.uuid);
+            g.incarnation = own_start();
+        }
+    }
+    drop(g);
+    crate::control::serve();
+    SUCCESS
+}
+
+/// Runs a GPU call: blocks while the process is locked or checkpointed, and fails when
+/// the device memory belongs to an earlier incarnation (the process was restored by
+/// CRIU without a CUDA checkpoint, so its VRAM died with the old process).
+fn gpu_call(op: impl FnOnce(&mut Gpu, PathBuf) -> i32) -> i32 {
+    let mut g = gpu();
+    while g.state != State::Running {
+        g = RESUMED.wait(g).unwrap_or_else(|p| p.into_inner());
+    }
+    let Some(device) = g.device else {
+        return INVALID_CONTEXT;
+    };
+    if g.incarnation != own_start() {
+        return CONTEXT_IS_DESTROYED;
+    }
+    let Some(path) = region_path(&device, g.incarnation) else {
+        return NOT_INITIALIZED;
+    };
+    op(&mut g, path)
+}
+
+/// `cuMemAlloc`.
+pub fn alloc(len: u64) -> Result<u64, i32> {
+    let mut out = Err(INVALID_VALUE);
+    let code = gpu_call(|g, path| {
+        let Some(device) = g.device else {
+            return INVALID_CONTEXT;
+        };
+        let total = node::devices()
+            .iter()
+            .find(|d| d.uuid == device)
+            .map_or(0, |d| d.total_bytes);
+        if len == 0 || used_on(&device) + len > total {
+            return OUT_OF_MEMORY;
+        }
+        if let Some(parent) = path.parent() {
+            if fs::create_dir_all(parent).is_err() {
+                return OPERATING_SYSTEM;
+            }
+        }
+        let offset = g.next;
+        let grown = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_len(offset + len));
+        if grown.is_err() {
+            return OPERATING_SYSTEM;
+        }
+        g.next = offset + len;
+        g.allocs.insert(BASE + offset, (offset, len));
+        out = Ok(BASE + offset);
+        SUCCESS
+    });
+    if code == SUCCESS {
+        out
+    } else {
+        Err(code)
+    }
+}
+
+/// `cuMemFree`: forgets the allocation (the region keeps its size; a bump allocator).
+pub fn free(ptr: u64) -> i32 {
+    gpu_call(|g, _| match g.allocs.remove(&ptr) {
+        Some(_) => SUCCESS,
+        None => INVALID_VALUE,
+    })
+}
+
+fn locate(g: &Gpu, ptr: u64, len: u64) -> Option<u64> {
+    let (&start, &(offset, alloc_len)) = g.allocs.range(..=ptr).next_back()?;
+    let inner = ptr - start;
+    (inner + len <= alloc_len).then_some(offset + inner)
+}
+
+/// `cuMemcpyHtoD`.
+pub fn write(ptr: u64, src: &[u8]) -> i32 {
+    gpu_call(|g, path| {
+        let Some(offset) = locate(g, ptr, byte_len(src.len())) else {
+            return INVALID_VALUE;
+        };
+        match fs::OpenOptions::new().write(true).open(path) {
+            Ok(f) if f.write_all_at(src, offset).is_ok() => SUCCESS,
+            _ => CONTEXT_IS_DESTROYED,
+        }
+    })
+}
+
+/// `cuMemcpyDtoH`.
+pub fn read(ptr: u64, dst: &mut [u8]) -> i32 {
+    gpu_call(|g, path| {
+        let Some(offset) = locate(g, ptr, byte_len(dst.len())) else {
+            return INVALID_VALUE;
+        };
+        match fs::File::open(path) {
+            Ok(f) if f.read_exact_at(dst, offset).is_ok() => SUCCESS,
+            _ => CONTEXT_IS_DESTROYED,
+        }
+    })
+}
+
+/// `cuMemGetInfo`: (free, total) of the current device.
+pub fn mem_info() -> Result<(u64, u64), i32> {
+    let device = gpu().device.ok_or(INVALID_CONTEXT)?;
+    let total = node::devices()
+        .iter()
+        .find(|d| d.uuid == device)
+        .map_or(0, |d| d.total_bytes);
+    Ok((total.saturating_sub(used_on(&device)), total))
+}
+
+/// Checkpoint-API state of this process.
+pub fn state() -> State {
+    gpu().state
+}
+
+fn honour_fault(op: &str, timeout: Option<Duration>) -> Option<i32> {
+    match node::fault(op, own_pid())? {
+        Fault::Fail(code) => Some(code),
+        Fault::Hang => {
+            // The call never completes: in-flight work never drains. With a timeout the
+            // driver gives up; without one it waits until the fault is lifted.
+            let waited = std::time::Instant::now();
+            while node::fault(op, own_pid()) == Some(Fault::Hang) {
+                if timeout.is_some_and(|t| waited.elapsed() >= t) {
+                    return Some(TIMEOUT);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            None
+        }
+    }
+}
+
+/// `cuCheckpointProcessLock`: waits for in-flight GPU calls (they hold the state
+/// mutex), then blocks further ones.
+pub fn lock(timeout_ms: u32) -> i32 {
+    let timeout = (timeout_ms > 0).then(|| Duration::from_millis(u64::from(timeout_ms)));
+    if let Some(code) = honour_fault("lock", timeout) {
+        return code;
+    }
+    let mut g = gpu();
+    if g.state != State::Running {
+        return ILLEGAL_STATE;
+    }
+    g.state = State::Locked;
+    SUCCESS
+}
+
+/// `cuCheckpointProcessCheckpoint`: device memory → process memory; the device region
+/// is freed.
+pub fn checkpoint() -> i32 {
+    if let Some(code) = honour_fault("checkpoint", None) {
+        return code;
+    }
+    let mut g = gpu();
+    if g.state != State::Locked {
+        return ILLEGAL_STATE;
+    }
+    if let Some(device) = g.device {
+        let Some(path) = region_path(&device, g.incarnation) else {
+            return NOT_INITIALIZED;
+        };
+        let len = usize::try_from(g.next).unwrap_or(usize::MAX);
+        let mut copy = vec![0u8; len];
+        let read = fs::File::open(&path).and_then(|f| f.read_exact_at(&mut copy, 0));
+        if read.is_err() {
+            return CONTEXT_IS_DESTROYED;
+        }
+        if fs::remove_file(&path).is_err() {
+            return OPERATING_SYSTEM;
+        }
+        g.host_copy = copy;
+    }
+    g.state = State::Checkpointed;
+    SUCCESS
+}
+
+/// `cuCheckpointProcessRestore`: process memory → a device region of this incarnation,
+/// on the device the UUID pairs map the old one to.
+pub fn restore(pairs: &[([u8; 16], [u8; 16])]) -> i32 {
+    if let Some(code) = honour_fault("restore", None) {
+        return code;
+    }
+    let mut g = gpu();
+    if g.state != State::Checkpointed {
+        return ILLEGAL_STATE;
+    }
+    if let Some(old) = g.device {
+        let target = pairs
+            .iter()
+            .find(|(from, _)| *from == old)
+            .map_or(old, |(_, to)| *to);
+        let Some(device) = node::devices().into_iter().find(|d| d.uuid == target) else {
+            return INVALID_DEVICE;
+        };
+        if used_on(&target) + byte_len(g.host_copy.len()) > device.total_bytes {
+            return OUT_OF_MEMORY;
+        }
+        let incarnation = own_start();
+        let Some(path) = region_path(&target, incarnation) else {
+            return NOT_INITIALIZED;
+        };
+        let written = path
+            .parent()
+            .map_or(Ok(()), fs::create_dir_all)
+            .and_then(|()| fs::write(&path, &g.host_copy));
+        if written.is_err() {
+            return OPERATING_SYSTEM;
+        }
+        g.host_copy = Vec::new();
+        g.device = Some(target);
+        g.incarnation = incarnation;
+    }
+    g.state = State::Locked;
+    SUCCESS
+}
+
+/// `cuCheckpointProcessUnlock`: GPU calls resume.
+pub fn unlock() -> i32 {
+    if let Some(code) = honour_fault("unlock", None) {
+        return code;
+    }
+    let mut g = gpu();
+    if g.state != State::Locked {
+        return ILLEGAL_STATE;
+    }
+    g.state = State::Running;
+    RESUMED.notify_all();
+    SUCCESS
+}

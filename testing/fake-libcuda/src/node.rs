@@ -1,0 +1,173 @@
+//! The simulated node: which devices exist, which driver version it reports, which
+//! faults it injects. Everything lives under the directory named by
+//! `KYBERNATE_FAKE_CUDA_DIR`, so a test owns its node and changes it by writing files:
+//!
+//! - `devices`: one device per line, `GPU-<uuid> <total MiB> <name...>`;
+//! - `driver_version`: e.g. `13000` (default when absent);
+//! - `faults`: one fault per line, `<op> fail=<code>|hang [pid=<pid>]`, where `<op>` is
+//!   `state`, `restore_tid`, `lock`, `checkpoint`, `restore` or `unlock`;
+//! - `vram/<uuid>/<pid>-<starttime>.bin`: the device memory of one process;
+//! - `ctl/<pid>/`: the control channel of one CUDA process (see `control`);
+//! - `calls.log`: every checkpoint-API call made by a caller, with its result.
+
+use std::fs;
+use std::io::Write;
+use std::path::PathBuf;
+
+/// The environment variable naming the node directory.
+pub const DIR_ENV: &str = "KYBERNATE_FAKE_CUDA_DIR";
+const DEFAULT_DRIVER_VERSION: i32 = 13000;
+
+/// One simulated GPU.
+#[derive(Clone, Debug)]
+pub struct Device {
+    pub uuid: [u8; 16],
+    pub total_bytes: u64,
+    pub name: String,
+}
+
+/// The node directory, or `None` when the variable is unset (the fake then has no devices).
+pub fn dir() -> Option<PathBuf> {
+    std::env::var_os(DIR_ENV).map(PathBuf::from)
+}
+
+/// Reads the device list; a malformed line is skipped with a note on stderr.
+pub fn devices() -> Vec<Device> {
+    let Some(dir) = dir() else { return Vec::new() };
+    let text = fs::read_to_string(dir.join("devices")).unwrap_or_default();
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let mut parts = line.split_whitespace();
+        let uuid = parts.next().and_then(parse_uuid);
+        let mib = parts.next().and_then(|m| m.parse::<u64>().ok());
+        let name = parts.collect::<Vec<_>>().join(" ");
+        match (uuid, mib) {
+            (Some(uuid), Some(mib)) if !name.is_empty() => out.push(Device {
+                uuid,
+                total_bytes: mib * 1024 * 1024,
+                name,
+            }),
+            _ => eprintln!("fake libcuda: bad line in devices file: {line:?}"),
+        }
+    }
+    out
+}
+
+/// The reported driver version (`cuDriverGetVersion`).
+pub fn driver_version() -> i32 {
+    dir()
+        .and_then(|d| fs::read_to_string(d.join("driver_version")).ok())
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(DEFAULT_DRIVER_VERSION)
+}
+
+/// What a fault line asks the fake to do in a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    Fail(i32),
+    Hang,
+}
+
+/// The fault configured for `op` on `pid`, if any.
+pub fn fault(op: &str, pid: u32) -> Option<Fault> {
+    let text = fs::read_to_string(dir()?.join("faults")).ok()?;
+    for line in text.lines() {
+        let mut parts = line.split_whitespace();
+        if parts.next() != Some(op) {
+            continue;
+        }
+        let action = parts.next()?;
+        let applies = match parts.next().and_then(|p| p.strip_prefix("pid=")) {
+            Some(p) => p.parse::<u32>().ok() == Some(pid),
+            None => true,
+        };
+        if !applies {
+            continue;
+        }
+        if action == "hang" {
+            return Some(Fault::Hang);
+        }
+        if let Some(code) = action.strip_prefix("fail=").and_then(|c| c.parse().ok()) {
+            return Some(Fault::Fail(code));
+        }
+    }
+    None
+}
+
+/// Appends one line to `calls.log` (best effort: the log is for tests to read).
+pub fn log_call(line: &str) {
+    if let Some(dir) = dir() {
+        if let Ok(mut f) = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("calls.log"))
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
+
+/// `GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` → 16 bytes.
+pub fn parse_uuid(text: &str) -> Option<[u8; 16]> {
+    let hex: String = text
+        .strip_prefix("GPU-")?
+        .chars()
+        .filter(|c| *c != '-')
+        .collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// 16 bytes → `GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
+pub fn format_uuid(uuid: &[u8; 16]) -> String {
+    let h: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "GPU-{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// Start time (clock ticks since boot) of a process: with the pid it identifies one
+/// incarnation, so a process restored by CRIU is a new incarnation of the same pid.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_comm = &stat[stat.rfind(')')? + 2..];
+    after_comm.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Deletes device regions whose owning process incarnation no longer exists: the
+/// device frees the memory of a process that died.
+pub fn free_dead_regions() {
+    let Some(dir) = dir() else { return };
+    let Ok(devices) = fs::read_dir(dir.join("vram")) else {
+        return;
+    };
+    for device in devices.flatten() {
+        let Ok(regions) = fs::read_dir(device.path()) else {
+            continue;
+        };
+        for region in regions.flatten() {
+            let name = region.file_name().to_string_lossy().into_owned();
+            let Some((pid, start)) = name
+                .strip_suffix(".bin")
+                .and_then(|s| s.split_once('-'))
+                .and_then(|(p, s)| Some((p.parse::<u32>().ok()?, s.parse::<u64>().ok()?)))
+            else {
+                continue;
+            };
+            if start_time(pid) != Some(start) {
+                let _ = fs::remove_file(region.path());
+            }
+        }
+    }
+}
