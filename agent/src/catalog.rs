@@ -6,6 +6,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use kybernate_cuda::GpuFingerprint;
 use kybernate_dataplane::CheckpointName;
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +57,9 @@ pub struct CheckpointRecord {
     pub stored_bytes: u64,
     /// Every image file with its size and digest, to verify before restoring.
     pub files: Vec<ImageFile>,
+    /// The node's GPUs when the workload used CUDA; restore checks the target against it.
+    #[serde(default)]
+    pub gpu: Option<GpuFingerprint>,
 }
 
 /// A record could not be read or written.
@@ -220,6 +224,7 @@ mod tests {
             raw_bytes: 10,
             stored_bytes: 10,
             files: vec![],
+            gpu: None,
         }
     }
 

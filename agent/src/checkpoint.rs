@@ -8,7 +8,7 @@ use kybernate_dataplane::{CheckpointName, StoreReport, TierKind};
 use crate::catalog::CheckpointRecord;
 use crate::config::TimeoutsConfig;
 use crate::criu::Dump;
-use crate::cuda::PrepareCheckpoint;
+use crate::cuda::{CudaPhaseError, LockAndCheckpoint, Release};
 use crate::error::AgentError;
 use crate::events::PhaseClock;
 use crate::images;
@@ -69,32 +69,35 @@ async fn phases(
     let shell_job = stat.session != job.pid || stat.pgrp != job.pid;
     let tree = process::tree(job.pid);
 
-    clock
+    let cuda_error = |source: CudaPhaseError| AgentError::Cuda {
+        name: name.to_string(),
+        source,
+    };
+    let lock = LockAndCheckpoint {
+        name: name.to_string(),
+        pids: tree.clone(),
+        lock_timeout: TimeoutsConfig::of(parts.config.timeouts.cuda_ms),
+    };
+    let cuda = clock
         .run("cuda_checkpoint", async {
-            parts
-                .cuda
-                .send(PrepareCheckpoint { pids: tree.clone() })
-                .await?
-                .map_err(|source| AgentError::Cuda {
-                    name: name.to_string(),
-                    source,
-                })
+            parts.cuda.send(lock).await?.map_err(cuda_error)
         })
         .await
         .map_err(|e| ("cuda_checkpoint", e))?;
+    if !cuda.cuda_pids.is_empty() {
+        clock.record("cuda_lock", cuda.timings.lock);
+    }
+    let release = |keep_checkpointed| Release {
+        name: name.to_string(),
+        keep_checkpointed,
+    };
 
     let partial = parts.ram.partial_dir_of(&name);
-    let prepared = std::fs::remove_dir_all(&partial)
-        .or_else(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })
+    let prepared = remove_if_present(&partial)
         .and_then(|()| std::fs::create_dir_all(&partial))
         .and_then(|()| std::fs::create_dir_all(parts.config.logs_dir()));
     if let Err(e) = prepared {
+        let _ = parts.cuda.send(release(false)).await;
         return Err((
             "criu_dump",
             AgentError::Internal(format!("cannot prepare {}: {e}", partial.display())),
@@ -129,9 +132,39 @@ async fn phases(
         // CRIU resumes the tree itself when it fails; when it was killed half-way, only we can.
         process::continue_tree(&tree);
         let _ = std::fs::remove_dir_all(&partial);
+        let resumed = clock
+            .run("cuda_resume", async {
+                parts.cuda.send(release(false)).await?.map_err(cuda_error)
+            })
+            .await;
+        if let Err(resume_error) = resumed {
+            let e =
+                AgentError::Internal(format!("{e}; and the CUDA rollback failed: {resume_error}"));
+            return Err(("cuda_resume", e));
+        }
         return Err(("criu_dump", e));
     }
     on_dumped();
+    // Stopped workloads stay checkpointed (CRIU has their memory); leave-running ones get their
+    // GPUs back now.
+    let phase = if job.leave_running {
+        "cuda_resume"
+    } else {
+        "cuda_release"
+    };
+    let timings = clock
+        .run(phase, async {
+            parts
+                .cuda
+                .send(release(!job.leave_running))
+                .await?
+                .map_err(cuda_error)
+        })
+        .await
+        .map_err(|e| (phase, e))?;
+    if job.leave_running && !cuda.cuda_pids.is_empty() {
+        clock.record("cuda_unlock", timings.unlock);
+    }
 
     let ram = parts.ram.clone();
     let commit_name = name.clone();
@@ -214,7 +247,19 @@ async fn phases(
         raw_bytes: ram_report.raw_bytes,
         stored_bytes: stored.iter().skip(1).map(|(_, r)| r.stored_bytes).sum(),
         files,
+        gpu: if cuda.cuda_pids.is_empty() {
+            None
+        } else {
+            cuda.fingerprint
+        },
     })
+}
+
+fn remove_if_present(dir: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Phase name of storing into `kind`.

@@ -1,66 +1,184 @@
-//! The CUDA session actor. It runs before CRIU on checkpoint and after CRIU on restore.
+//! The CUDA session actor: the driver's checkpoint API, before CRIU on checkpoint and after
+//! CRIU on restore, for every CUDA process of a workload.
 //!
-//! This agent build finds which processes of a workload have the CUDA driver mapped. Workloads
-//! without CUDA are skipped cleanly; a workload that uses CUDA is refused before anything is
-//! frozen, because dumping it without the driver's checkpoint step would lose its GPU state.
+//! Driver calls block (a lock waits up to its timeout), so the actor runs on a thread of its
+//! own. It holds each workload's locked-and-checkpointed processes until the checkpoint flow
+//! says, after CRIU, whether they stay checkpointed or run again. If the agent stops first,
+//! dropping them rolls them back: no process is left locked.
+
+use std::collections::HashMap;
+use std::time::Duration;
 
 use actix::prelude::*;
+use kybernate_cuda::{
+    CheckpointOptions, Checkpointed, CudaSession, GpuFingerprint, PhaseTimings, RestoreReport,
+};
 
 /// The CUDA phase failed.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum CudaError {
-    /// A process of the workload uses the CUDA driver, which this agent cannot checkpoint.
-    #[error("process {pid} has {library} mapped; this agent has no CUDA driver session, so its GPU state cannot be checkpointed")]
+#[derive(Debug, thiserror::Error)]
+pub enum CudaPhaseError {
+    /// The driver refused or failed; everything touched was rolled back.
+    #[error(transparent)]
+    Driver(#[from] kybernate_cuda::CudaError),
+    /// A process uses CUDA but this node has no usable driver to checkpoint it with.
+    #[error("process {pid} has {library} mapped, but this node has no usable CUDA driver, so its GPU state cannot be checkpointed")]
     NoDriverSession {
         /// The CUDA process.
         pid: i32,
         /// The mapped driver library.
         library: String,
     },
+    /// The flow asked to finish a CUDA checkpoint the actor does not hold.
+    #[error("no CUDA checkpoint of {0} is being held")]
+    NotHeld(String),
 }
 
-impl CudaError {
+impl CudaPhaseError {
     /// Label for failure metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            CudaError::NoDriverSession { .. } => "cuda_no_driver",
+            CudaPhaseError::Driver(e) => e.metric_label(),
+            CudaPhaseError::NoDriverSession { .. } => "cuda_no_driver",
+            CudaPhaseError::NotHeld(_) => "internal",
         }
     }
 }
 
-/// Which processes of a workload use CUDA.
+/// Lock and checkpoint every CUDA process among `pids`, held under `name`.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<CudaPlan, CudaError>")]
-pub struct PrepareCheckpoint {
+#[rtype(result = "Result<CudaHeld, CudaPhaseError>")]
+pub struct LockAndCheckpoint {
+    /// Checkpoint the hold belongs to.
+    pub name: String,
     /// Every PID of the workload.
     pub pids: Vec<i32>,
+    /// Timeout of each process's lock.
+    pub lock_timeout: Duration,
 }
 
-/// What the CUDA phase did for a workload.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CudaPlan {
-    /// No process uses CUDA: nothing to lock or restore.
-    CpuOnly,
+/// What a CUDA checkpoint holds.
+#[derive(Debug, Clone)]
+pub struct CudaHeld {
+    /// The CUDA processes (empty for a CPU-only workload).
+    pub cuda_pids: Vec<u32>,
+    /// The node's GPUs, to record in the checkpoint.
+    pub fingerprint: Option<GpuFingerprint>,
+    /// Lock and checkpoint durations.
+    pub timings: PhaseTimings,
 }
 
-/// The CUDA session of the node.
-#[derive(Debug, Default)]
-pub struct CudaSession;
-
-impl Actor for CudaSession {
-    type Context = Context<Self>;
+/// Finish the hold of `name` after CRIU: keep the processes checkpointed (the workload
+/// stops) or restore and unlock them (leave-running, or CRIU failed).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<PhaseTimings, CudaPhaseError>")]
+pub struct Release {
+    /// Checkpoint the hold belongs to.
+    pub name: String,
+    /// Keep the processes checkpointed.
+    pub keep_checkpointed: bool,
 }
 
-impl Handler<PrepareCheckpoint> for CudaSession {
-    type Result = Result<CudaPlan, CudaError>;
+/// Before CRIU restore: can this node restore a checkpoint taken on `recorded`?
+/// Answers whether GPUs will be remapped.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<bool, CudaPhaseError>")]
+pub struct CheckRestore {
+    /// The fingerprint recorded at checkpoint time.
+    pub recorded: GpuFingerprint,
+}
 
-    fn handle(&mut self, msg: PrepareCheckpoint, _: &mut Self::Context) -> Self::Result {
-        for pid in msg.pids {
-            if let Some(library) = mapped_cuda_driver(pid) {
-                return Err(CudaError::NoDriverSession { pid, library });
+/// After CRIU restore: restore and unlock the CUDA processes among `pids`.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<RestoreReport, CudaPhaseError>")]
+pub struct RestoreAndUnlock {
+    /// Every PID of the restored workload.
+    pub pids: Vec<i32>,
+    /// The fingerprint recorded at checkpoint time.
+    pub recorded: Option<GpuFingerprint>,
+}
+
+/// The CUDA session actor.
+#[derive(Debug)]
+pub struct CudaActor {
+    session: CudaSession,
+    held: HashMap<String, Checkpointed>,
+}
+
+impl CudaActor {
+    /// Starts the actor on its own thread around a session loaded once at agent start.
+    pub fn start(session: CudaSession) -> Addr<Self> {
+        SyncArbiter::start(1, move || Self {
+            session: session.clone(),
+            held: HashMap::new(),
+        })
+    }
+}
+
+impl Actor for CudaActor {
+    type Context = SyncContext<Self>;
+}
+
+fn pids_u32(pids: &[i32]) -> Vec<u32> {
+    pids.iter().filter_map(|p| u32::try_from(*p).ok()).collect()
+}
+
+impl Handler<LockAndCheckpoint> for CudaActor {
+    type Result = Result<CudaHeld, CudaPhaseError>;
+
+    fn handle(&mut self, msg: LockAndCheckpoint, _: &mut Self::Context) -> Self::Result {
+        if self.session.is_cpu_only() {
+            for &pid in &msg.pids {
+                if let Some(library) = mapped_cuda_driver(pid) {
+                    return Err(CudaPhaseError::NoDriverSession { pid, library });
+                }
             }
         }
-        Ok(CudaPlan::CpuOnly)
+        let options = CheckpointOptions {
+            lock_timeout: msg.lock_timeout,
+            ..CheckpointOptions::default()
+        };
+        let held = self.session.checkpoint(&pids_u32(&msg.pids), &options)?;
+        let answer = CudaHeld {
+            cuda_pids: held.pids().to_vec(),
+            fingerprint: held.fingerprint().cloned(),
+            timings: held.timings(),
+        };
+        self.held.insert(msg.name, held);
+        Ok(answer)
+    }
+}
+
+impl Handler<Release> for CudaActor {
+    type Result = Result<PhaseTimings, CudaPhaseError>;
+
+    fn handle(&mut self, msg: Release, _: &mut Self::Context) -> Self::Result {
+        let held = self
+            .held
+            .remove(&msg.name)
+            .ok_or_else(|| CudaPhaseError::NotHeld(msg.name.clone()))?;
+        if msg.keep_checkpointed {
+            Ok(held.keep_checkpointed())
+        } else {
+            Ok(held.resume()?)
+        }
+    }
+}
+
+impl Handler<CheckRestore> for CudaActor {
+    type Result = Result<bool, CudaPhaseError>;
+
+    fn handle(&mut self, msg: CheckRestore, _: &mut Self::Context) -> Self::Result {
+        Ok(self.session.check_restore(&msg.recorded)?)
+    }
+}
+
+impl Handler<RestoreAndUnlock> for CudaActor {
+    type Result = Result<RestoreReport, CudaPhaseError>;
+
+    fn handle(&mut self, msg: RestoreAndUnlock, _: &mut Self::Context) -> Self::Result {
+        Ok(self
+            .session
+            .restore(&pids_u32(&msg.pids), msg.recorded.as_ref())?)
     }
 }
 
@@ -82,14 +200,36 @@ mod tests {
     use super::*;
 
     #[actix_rt::test]
-    async fn processes_without_cuda_are_cpu_only() {
+    async fn cpu_only_node_skips_processes_without_cuda() {
         let me = i32::try_from(std::process::id()).unwrap();
         assert_eq!(mapped_cuda_driver(me), None);
-        let session = CudaSession.start();
-        let plan = session
-            .send(PrepareCheckpoint { pids: vec![me] })
+        let cuda = CudaActor::start(CudaSession::cpu_only());
+        let held = cuda
+            .send(LockAndCheckpoint {
+                name: "cp".into(),
+                pids: vec![me],
+                lock_timeout: Duration::from_secs(1),
+            })
             .await
+            .unwrap()
             .unwrap();
-        assert_eq!(plan, Ok(CudaPlan::CpuOnly));
+        assert!(held.cuda_pids.is_empty());
+        assert_eq!(held.fingerprint, None);
+        cuda.send(Release {
+            name: "cp".into(),
+            keep_checkpointed: true,
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let err = cuda
+            .send(Release {
+                name: "cp".into(),
+                keep_checkpointed: true,
+            })
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.to_string(), "no CUDA checkpoint of cp is being held");
     }
 }

@@ -14,7 +14,7 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::command::TokioCommandRunner;
 use crate::config::AgentConfig;
 use crate::criu::{self, CriuRunner};
-use crate::cuda::CudaSession;
+use crate::cuda::CudaActor;
 use crate::events::EVENT_BUFFER;
 use crate::grpc::{authorise, AgentService};
 use crate::metrics::{self, Metrics};
@@ -31,6 +31,9 @@ pub enum DaemonError {
     /// A tier could not be opened.
     #[error("cannot open tier: {0}")]
     Tier(#[from] TierError),
+    /// libcuda.so.1 exists but cannot be used.
+    #[error("{0}")]
+    Cuda(#[from] kybernate_cuda::CudaError),
     /// The catalog could not be opened.
     #[error("cannot open checkpoint records: {0}")]
     Catalog(#[from] CatalogError),
@@ -74,6 +77,16 @@ async fn serve(config: AgentConfig) -> Result<(), DaemonError> {
         }
     };
 
+    let cuda = kybernate_cuda::CudaSession::load()?;
+    match cuda.fingerprint() {
+        Some(gpus) => tracing::info!(
+            driver = gpus.driver_version,
+            gpus = gpus.devices.len(),
+            "CUDA driver loaded"
+        ),
+        None => tracing::info!("no CUDA driver or GPU on this node: CPU-only workloads"),
+    }
+
     let ram = Arc::new(LocalDirTier::open(TierKind::Ram, config.ram_tier_path())?);
     let nvme: Arc<dyn Tier> =
         Arc::new(LocalDirTier::open(TierKind::Nvme, config.nvme_tier_path())?);
@@ -103,7 +116,7 @@ async fn serve(config: AgentConfig) -> Result<(), DaemonError> {
             availability,
         )
         .start(),
-        cuda: CudaSession.start(),
+        cuda: CudaActor::start(cuda),
         ram,
         tiers,
         config: config.clone(),

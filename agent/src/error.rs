@@ -5,7 +5,7 @@ use kybernate_dataplane::{InvalidName, TierError, TierKind};
 
 use crate::catalog::CatalogError;
 use crate::criu::CriuError;
-use crate::cuda::CudaError;
+use crate::cuda::CudaPhaseError;
 use crate::images::ImageError;
 use crate::process::{ProcStat, TargetError};
 
@@ -37,7 +37,7 @@ pub enum AgentError {
         name: String,
         /// Cause.
         #[source]
-        source: CudaError,
+        source: CudaPhaseError,
     },
     /// CRIU failed; the workload was resumed.
     #[error("checkpoint {name}: {source}{}", if *.resumed { "; the workload was resumed and keeps running" } else { "" })]

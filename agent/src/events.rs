@@ -68,6 +68,15 @@ impl PhaseClock {
         result
     }
 
+    /// Records a sub-phase timed elsewhere (e.g. by the CUDA driver session).
+    pub fn record(&mut self, phase: &str, took: Duration) {
+        self.metrics.phase(self.operation, phase, took);
+        self.phases.push(Phase {
+            name: phase.to_owned(),
+            millis: millis(took),
+        });
+    }
+
     /// Reports a failure of the whole operation in `phase`.
     pub fn failed(&self, phase: &str, reason: &str) {
         self.metrics.failure(self.operation, phase, reason);

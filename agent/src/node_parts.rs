@@ -7,7 +7,7 @@ use kybernate_dataplane::LocalDirTier;
 
 use crate::config::AgentConfig;
 use crate::criu::CriuRunner;
-use crate::cuda::CudaSession;
+use crate::cuda::CudaActor;
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::tiers::Tiers;
@@ -18,7 +18,7 @@ pub struct NodeParts {
     /// The CRIU runner.
     pub criu: Addr<CriuRunner>,
     /// The CUDA session.
-    pub cuda: Addr<CudaSession>,
+    pub cuda: Addr<CudaActor>,
     /// The RAM tier's directory layout: CRIU writes into it and restores from it.
     pub ram: Arc<LocalDirTier>,
     /// Every tier's actor, nearest first.

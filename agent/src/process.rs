@@ -135,6 +135,16 @@ pub fn continue_tree(pids: &[i32]) {
     }
 }
 
+/// Kills every process of the tree.
+pub fn kill_tree(pids: &[i32]) {
+    for &pid in pids {
+        // SAFETY: kill(2) with a valid signal number; a vanished PID yields ESRCH.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
 /// Whether a process is stopped (job control or ptrace), i.e. frozen.
 pub fn is_stopped(pid: i32) -> bool {
     matches!(stat(pid).map(|s| s.state), Some('T' | 't'))

@@ -10,6 +10,7 @@ use crate::catalog::{CheckpointRecord, Phase};
 use crate::checkpoint::blocking;
 use crate::config::TimeoutsConfig;
 use crate::criu::Restore;
+use crate::cuda::{CheckRestore, CudaPhaseError, RestoreAndUnlock};
 use crate::error::{tier_list, AgentError};
 use crate::events::PhaseClock;
 use crate::images::{self, ImageError};
@@ -70,6 +71,21 @@ async fn phases(
     clock: &mut PhaseClock,
 ) -> Result<RestoreOutcome, (&'static str, AgentError)> {
     let name = CheckpointName::new(&record.name).map_err(|e| ("stage", e.into()))?;
+    let cuda_error = |source: CudaPhaseError| AgentError::Cuda {
+        name: record.name.clone(),
+        source,
+    };
+    if let Some(recorded) = &record.gpu {
+        let check = CheckRestore {
+            recorded: recorded.clone(),
+        };
+        clock
+            .run("cuda_check", async {
+                parts.cuda.send(check).await?.map_err(cuda_error)
+            })
+            .await
+            .map_err(|e| ("cuda_check", e))?;
+    }
     let staged = stage(parts, record, &name, from, clock)
         .await
         .map_err(|e| ("stage", e))?;
@@ -113,6 +129,29 @@ async fn phases(
         })
         .await
         .map_err(|e| ("criu_restore", e))?;
+
+    let tree = process::tree(restored.pid);
+    let unlock = RestoreAndUnlock {
+        pids: tree.clone(),
+        recorded: record.gpu.clone(),
+    };
+    let cuda = clock
+        .run("cuda_restore", async {
+            parts.cuda.send(unlock).await?.map_err(cuda_error)
+        })
+        .await;
+    match cuda {
+        Ok(report) if !report.processes.is_empty() => {
+            clock.record("cuda_unlock", report.timings.unlock)
+        }
+        Ok(_) => {}
+        Err(e) => {
+            // A process whose GPU state did not come back must not run half-restored; the
+            // checkpoint stays, so the restore can be retried.
+            process::kill_tree(&tree);
+            return Err(("cuda_restore", e));
+        }
+    }
 
     Ok(RestoreOutcome {
         pid: restored.pid,

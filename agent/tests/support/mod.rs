@@ -51,6 +51,11 @@ pub struct TestAgent {
 
 impl TestAgent {
     pub fn start() -> Self {
+        Self::start_with_config("")
+    }
+
+    /// An agent with `config` (TOML) as its config file.
+    pub fn start_with_config(config: &str) -> Self {
         require_root_and_criu();
         let dir = tempfile::Builder::new()
             .prefix("kybernate-test-")
@@ -63,6 +68,7 @@ impl TestAgent {
             metrics_port: free_port(),
             process: None,
         };
+        std::fs::write(agent.dir.path().join("agent.toml"), config).unwrap();
         agent.launch();
         agent
     }
@@ -86,6 +92,8 @@ impl TestAgent {
             .open(self.dir.path().join("agent.log"))
             .unwrap();
         let child = Command::new(AGENT)
+            .arg("--config")
+            .arg(self.dir.path().join("agent.toml"))
             .arg("--state-dir")
             .arg(self.state_dir())
             .arg("--socket")
