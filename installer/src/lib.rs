@@ -3,6 +3,7 @@
 //! for the node's flavour (containerd 1.x or 2.x, drop-ins, MicroK8s, k3s, RKE2) and
 //! restarts containerd so that it picks the runtime up. `--uninstall` undoes all of it.
 
+pub mod cli;
 pub mod config_edit;
 pub mod dropin;
 pub mod error;

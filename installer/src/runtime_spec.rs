@@ -17,6 +17,8 @@ pub const SHIM_BINARY: &str = "containerd-shim-kybernate-v1";
 pub const POD_ANNOTATIONS: &[&str] = &["kybernate.io/*"];
 /// runc options that change how the container runs, copied from the node's default runtime
 /// so that a kybernate container runs like a runc one (cgroup driver above all).
+/// `SystemdCgroup` is always copied; the others only when set to something other than their
+/// zero value.
 pub const COPIED_OPTIONS: &[&str] = &[
     "SystemdCgroup",
     "BinaryName",
@@ -104,7 +106,8 @@ impl RuntimeSpec {
                     .iter()
                     .filter_map(|name| {
                         let value = opts.get(name)?.as_value()?.clone();
-                        Some(((*name).to_string(), value.decorated("", "")))
+                        let matters = *name == "SystemdCgroup" || !is_unset(&value);
+                        matters.then(|| ((*name).to_string(), value.decorated("", "")))
                     })
                     .collect()
             })
@@ -141,6 +144,16 @@ impl RuntimeSpec {
             }
         }
         None
+    }
+}
+
+/// An option left at its zero value means "runc's default", which the shim has anyway.
+fn is_unset(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.value().is_empty(),
+        Value::Integer(i) => *i.value() == 0,
+        Value::Boolean(b) => !*b.value(),
+        _ => false,
     }
 }
 
