@@ -10,11 +10,14 @@
 #   like scripts/install-deps.sh does for CRIU.
 #
 # Which runc containerd uses: containerd-shim-runc-v2 runs the runtime option `BinaryName`,
-# or else the first `runc` on its PATH. scripts/install-deps.sh puts a wrapper for sid's
-# runc 1.3.6 into /usr/local/bin, which comes before /usr/bin on the usual PATH, so a
-# containerd started with the default PATH runs that runc (it is the one that pairs with
-# CRIU 4.2 for checkpoints). Bookworm's /usr/bin/runc 1.1.5 is installed as well because
-# Debian's containerd package depends on it; a test that wants it sets BinaryName.
+# or else the first `runc` on containerd's PATH. scripts/install-deps.sh puts a wrapper for
+# sid's runc 1.3.6 into /usr/local/bin, which comes first on the usual PATH. That wrapper
+# starts runc through a private loader, so runc's re-exec of /proc/self/exe for `runc init`
+# runs the loader instead, and `runc create` fails ("can't copy bootstrap data to pipe").
+# containerd therefore uses bookworm's /usr/bin/runc 1.1.5 (with CRIU 4.2 from the
+# /usr/local/bin wrapper for checkpoints, which works): start containerd with
+#   PATH=/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/sbin:/usr/local/bin
+# (the Kybernate tests do), or set BinaryName = "/usr/bin/runc" in the runc options.
 set -euo pipefail
 
 PREFIX=${KYBERNATE_CONTAINERD2_PREFIX:-/opt/kybernate/containerd2}
@@ -75,4 +78,4 @@ containerd2_works || {
 }
 log "containerd 1.x: $(/usr/bin/containerd --version)"
 log "containerd 2.x: $("$PREFIX/usr/bin/containerd" --version) (in $PREFIX/usr/bin)"
-log "runc on PATH: $(command -v runc) $(runc --version | head -1)"
+log "runc for containerd: /usr/bin/runc $(/usr/bin/runc --version | head -1) (start containerd with /usr/bin before /usr/local/bin on PATH)"
