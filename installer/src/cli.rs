@@ -81,14 +81,13 @@ pub fn run(args: &Args) -> Result<()> {
         force: args.force,
     };
     let plan = if args.uninstall { plan_uninstall(&opts)? } else { plan_install(&opts)? };
-    for note in &plan.notes {
-        log(note);
-    }
     if args.dry_run {
+        plan.notes.iter().for_each(|n| log(n));
         print!("{}", plan.diff());
         return Ok(());
     }
     plan.apply()?;
+    plan.notes.iter().for_each(|n| log(n));
     log(&plan.shim.describe());
     report_files(&plan);
     if !plan.config_changed() {
