@@ -52,7 +52,8 @@ pub struct Args {
 }
 
 fn parse_flavour(name: &str) -> std::result::Result<Flavour, String> {
-    Flavour::from_name(name).ok_or_else(|| format!("unknown flavour {name:?}; use vanilla, microk8s, k3s or rke2"))
+    Flavour::from_name(name)
+        .ok_or_else(|| format!("unknown flavour {name:?}; use vanilla, microk8s, k3s or rke2"))
 }
 
 fn log(line: &str) {
@@ -63,7 +64,9 @@ fn log(line: &str) {
 pub fn run(args: &Args) -> Result<()> {
     let host = HostRoot::new(&args.host_root);
     if !host.dir().is_dir() {
-        return Err(InstallerError::HostPathMissing { path: host.dir().to_path_buf() });
+        return Err(InstallerError::HostPathMissing {
+            path: host.dir().to_path_buf(),
+        });
     }
     let shim_source = match &args.shim_source {
         Some(p) => p.clone(),
@@ -80,7 +83,11 @@ pub fn run(args: &Args) -> Result<()> {
         shim_dir: args.shim_dir.clone(),
         force: args.force,
     };
-    let plan = if args.uninstall { plan_uninstall(&opts)? } else { plan_install(&opts)? };
+    let plan = if args.uninstall {
+        plan_uninstall(&opts)?
+    } else {
+        plan_install(&opts)?
+    };
     if args.dry_run {
         plan.notes.iter().for_each(|n| log(n));
         print!("{}", plan.diff());
@@ -100,8 +107,14 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let restart = restart_for(plan.target.flavour, &host);
     let socket = socket_path(&plan.target, &host);
-    log(&format!("restarting containerd ({restart:?}) and waiting for {}", socket.display()));
-    let policy = WaitPolicy { attempts: args.wait_seconds.max(1), interval: Duration::from_secs(1) };
+    log(&format!(
+        "restarting containerd ({restart:?}) and waiting for {}",
+        socket.display()
+    ));
+    let policy = WaitPolicy {
+        attempts: args.wait_seconds.max(1),
+        interval: Duration::from_secs(1),
+    };
     let probes = restart_and_wait(
         restart.as_ref(),
         &NsenterCommand::for_host(&host),

@@ -5,7 +5,9 @@ use std::path::Path;
 
 use toml_edit::{value, Array, DocumentMut, Item, Table, Value};
 
-use crate::runtime_spec::{ConfigVersion, RuntimeSpec, POD_ANNOTATIONS, RUNTIME_NAME, RUNTIME_TYPE};
+use crate::runtime_spec::{
+    ConfigVersion, RuntimeSpec, POD_ANNOTATIONS, RUNTIME_NAME, RUNTIME_TYPE,
+};
 use crate::{InstallerError, Result};
 
 /// Text in the comment above every table the installer writes; it marks the table as the
@@ -17,7 +19,11 @@ pub fn parse(text: &str, path: &Path) -> Result<DocumentMut> {
     text.parse::<DocumentMut>()
         .map_err(|e| InstallerError::Parse {
             path: path.to_path_buf(),
-            message: e.to_string().split_whitespace().collect::<Vec<_>>().join(" "),
+            message: e
+                .to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
         })
 }
 
@@ -48,7 +54,10 @@ pub fn entry_state(doc: &DocumentMut, spec: &RuntimeSpec) -> EntryState {
     };
     match spec.difference(entry) {
         None => EntryState::Matches,
-        Some(detail) => EntryState::Differs { ours: entry_is_ours(doc, spec.version), detail },
+        Some(detail) => EntryState::Differs {
+            ours: entry_is_ours(doc, spec.version),
+            detail,
+        },
     }
 }
 
@@ -74,9 +83,11 @@ fn runtimes_table_mut<'d>(
             t.set_implicit(true);
             Item::Table(t)
         });
-        let unsupported = |what: &str| InstallerError::Unsupported {
+        let unsupported = |what: &str| {
+            InstallerError::Unsupported {
             path: path.to_path_buf(),
             detail: format!("`{key}` on the way to the runtimes table is {what}; add the kybernate runtime by hand"),
+        }
         };
         let Some(t) = item.as_table_mut() else {
             return Err(unsupported("not a [table]"));
@@ -104,7 +115,10 @@ impl Indent {
             .find_map(|(name, item)| item.as_table().map(|t| (name, t)))
             .filter(|(name, _)| *name != RUNTIME_NAME);
         let Some((_, table)) = sibling else {
-            return Self { header: String::new(), keys: "  ".to_string() };
+            return Self {
+                header: String::new(),
+                keys: "  ".to_string(),
+            };
         };
         let header = table
             .decor()
@@ -142,9 +156,19 @@ pub fn insert_entry(doc: &mut DocumentMut, spec: &RuntimeSpec, path: &Path) -> R
          {h}# kybernate.io/* pod annotations to its shim. `{MARKER} --uninstall` removes it.\n{h}",
         h = indent.header
     ));
-    indented(&mut entry, "runtime_type", value(RUNTIME_TYPE), &indent.keys);
+    indented(
+        &mut entry,
+        "runtime_type",
+        value(RUNTIME_TYPE),
+        &indent.keys,
+    );
     let annotations: Array = POD_ANNOTATIONS.iter().copied().collect();
-    indented(&mut entry, "pod_annotations", value(annotations), &indent.keys);
+    indented(
+        &mut entry,
+        "pod_annotations",
+        value(annotations),
+        &indent.keys,
+    );
     if !spec.options.is_empty() {
         let mut options = Table::new();
         options.decor_mut().set_prefix(format!("\n{}", indent.keys));

@@ -19,7 +19,11 @@ pub const DROPIN_NAME: &str = "kybernate.toml";
 
 /// The host directory whose `*.toml` (or `*`) files `config` imports, if any. Relative
 /// imports are taken relative to the config's directory, as containerd does.
-pub fn import_dir(doc: &DocumentMut, config_host_path: &Path, version: ConfigVersion) -> Option<PathBuf> {
+pub fn import_dir(
+    doc: &DocumentMut,
+    config_host_path: &Path,
+    version: ConfigVersion,
+) -> Option<PathBuf> {
     if version != ConfigVersion::V3 {
         return None;
     }
@@ -37,7 +41,10 @@ pub fn import_dir(doc: &DocumentMut, config_host_path: &Path, version: ConfigVer
         Some(if dir.is_absolute() {
             dir.to_path_buf()
         } else {
-            config_host_path.parent().unwrap_or(Path::new("/")).join(dir)
+            config_host_path
+                .parent()
+                .unwrap_or(Path::new("/"))
+                .join(dir)
         })
     })
 }
@@ -55,5 +62,7 @@ pub fn render(spec: &RuntimeSpec, path: &Path) -> Result<String> {
 
 /// Whether a drop-in's text is the installer's own.
 pub fn is_ours(text: &str) -> bool {
-    text.lines().next().is_some_and(|l| l.starts_with('#') && l.contains(MARKER))
+    text.lines()
+        .next()
+        .is_some_and(|l| l.starts_with('#') && l.contains(MARKER))
 }

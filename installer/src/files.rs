@@ -39,27 +39,44 @@ pub fn read_text(path: &Path) -> Result<Option<String>> {
     match fs::read_to_string(path) {
         Ok(text) => Ok(Some(text)),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(InstallerError::Read { path: path.to_path_buf(), source }),
+        Err(source) => Err(InstallerError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
 /// Reads a file that must exist.
 pub fn read_required(path: &Path) -> Result<String> {
-    read_text(path)?.ok_or_else(|| InstallerError::HostPathMissing { path: path.to_path_buf() })
+    read_text(path)?.ok_or_else(|| InstallerError::HostPathMissing {
+        path: path.to_path_buf(),
+    })
 }
 
 fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> InstallerError + '_ {
-    move |source| InstallerError::Write { path: path.to_path_buf(), source }
+    move |source| InstallerError::Write {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Replaces `path` with `bytes` atomically (temp file, fsync, rename, fsync of the
 /// directory) and gives it `mode`. The directory must exist.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let dir = path.parent().ok_or_else(|| InstallerError::HostPathMissing { path: path.to_path_buf() })?;
+    let dir = path
+        .parent()
+        .ok_or_else(|| InstallerError::HostPathMissing {
+            path: path.to_path_buf(),
+        })?;
     if !dir.is_dir() {
-        return Err(InstallerError::HostPathMissing { path: dir.to_path_buf() });
+        return Err(InstallerError::HostPathMissing {
+            path: dir.to_path_buf(),
+        });
     }
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let temp = dir.join(format!(".{name}.kybernate-tmp-{}", std::process::id()));
     let result = (|| {
         let mut file = OpenOptions::new()
@@ -70,10 +87,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
             .open(&temp)
             .map_err(write_err(path))?;
         file.write_all(bytes).map_err(write_err(path))?;
-        file.set_permissions(fs::Permissions::from_mode(mode)).map_err(write_err(path))?;
+        file.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(write_err(path))?;
         file.sync_all().map_err(write_err(path))?;
         fs::rename(&temp, path).map_err(write_err(path))?;
-        File::open(dir).and_then(|d| d.sync_all()).map_err(write_err(dir))
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(write_err(dir))
     })();
     if result.is_err() {
         let _ = fs::remove_file(&temp);
@@ -86,17 +106,26 @@ pub fn remove_file(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-        Err(source) => return Err(InstallerError::Write { path: path.to_path_buf(), source }),
+        Err(source) => {
+            return Err(InstallerError::Write {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
     }
     if let Some(dir) = path.parent() {
-        File::open(dir).and_then(|d| d.sync_all()).map_err(write_err(dir))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(write_err(dir))?;
     }
     Ok(())
 }
 
 /// Mode of an existing file, or `default` when there is none.
 pub fn mode_or(path: &Path, default: u32) -> u32 {
-    fs::metadata(path).map(|m| m.permissions().mode() & 0o7777).unwrap_or(default)
+    fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(default)
 }
 
 /// The copy of a config as it was before the first install.

@@ -79,7 +79,12 @@ pub struct Target {
     pub socket: PathBuf,
 }
 
-const DETECTION_ORDER: [Flavour; 4] = [Flavour::MicroK8s, Flavour::Rke2, Flavour::K3s, Flavour::Vanilla];
+const DETECTION_ORDER: [Flavour; 4] = [
+    Flavour::MicroK8s,
+    Flavour::Rke2,
+    Flavour::K3s,
+    Flavour::Vanilla,
+];
 
 /// Finds the node's flavour (unless `flavour` forces one) and its files. `config` overrides
 /// the file the flavour's containerd reads.
@@ -94,7 +99,8 @@ pub fn detect(host: &HostRoot, flavour: Option<Flavour>, config: Option<&Path>) 
                 (Some(f), _) => f,
                 (None, Some(_)) => Flavour::Vanilla,
                 (None, None) => {
-                    let tried: Vec<&str> = DETECTION_ORDER.iter().map(|f| f.default_config()).collect();
+                    let tried: Vec<&str> =
+                        DETECTION_ORDER.iter().map(|f| f.default_config()).collect();
                     return Err(InstallerError::NoFlavour {
                         host_root: host.dir().to_path_buf(),
                         tried: tried.join(", "),
@@ -103,10 +109,18 @@ pub fn detect(host: &HostRoot, flavour: Option<Flavour>, config: Option<&Path>) 
             }
         }
     };
-    let main = config.map_or_else(|| PathBuf::from(flavour.default_config()), Path::to_path_buf);
+    let main = config.map_or_else(
+        || PathBuf::from(flavour.default_config()),
+        Path::to_path_buf,
+    );
     let socket = PathBuf::from(flavour.default_socket());
     if !flavour.uses_go_template() {
-        return Ok(Target { flavour, config: main, generated: None, socket });
+        return Ok(Target {
+            flavour,
+            config: main,
+            generated: None,
+            socket,
+        });
     }
     let dir = main.parent().unwrap_or(Path::new("/")).to_path_buf();
     let existing = ["config-v3.toml.tmpl", "config.toml.tmpl"]
@@ -117,7 +131,12 @@ pub fn detect(host: &HostRoot, flavour: Option<Flavour>, config: Option<&Path>) 
         Some(t) => t,
         None => dir.join(template_name_for(host, &main)?),
     };
-    Ok(Target { flavour, config: template, generated: Some(main), socket })
+    Ok(Target {
+        flavour,
+        config: template,
+        generated: Some(main),
+        socket,
+    })
 }
 
 /// k3s renders `config-v3.toml.tmpl` for containerd 2.x and `config.toml.tmpl` for 1.x;
@@ -126,8 +145,10 @@ fn template_name_for(host: &HostRoot, generated: &Path) -> Result<&'static str> 
     let resolved = host.resolve(generated);
     let text = crate::files::read_required(&resolved)?;
     let doc = crate::config_edit::parse(&text, &resolved)?;
-    Ok(match crate::runtime_spec::ConfigVersion::require(&doc, &resolved)? {
-        crate::runtime_spec::ConfigVersion::V3 => "config-v3.toml.tmpl",
-        crate::runtime_spec::ConfigVersion::V2 => "config.toml.tmpl",
-    })
+    Ok(
+        match crate::runtime_spec::ConfigVersion::require(&doc, &resolved)? {
+            crate::runtime_spec::ConfigVersion::V3 => "config-v3.toml.tmpl",
+            crate::runtime_spec::ConfigVersion::V2 => "config.toml.tmpl",
+        },
+    )
 }

@@ -22,13 +22,15 @@ pub fn mask(text: &str, path: &Path) -> Result<String> {
             out.push('#');
             out.push_str(body);
         } else {
-            out.push_str(&mask_inline(body).ok_or_else(|| InstallerError::Unsupported {
-                path: path.to_path_buf(),
-                detail: format!(
-                    "line {}: a template action that does not close on its line",
-                    number + 1
-                ),
-            })?);
+            out.push_str(
+                &mask_inline(body).ok_or_else(|| InstallerError::Unsupported {
+                    path: path.to_path_buf(),
+                    detail: format!(
+                        "line {}: a template action that does not close on its line",
+                        number + 1
+                    ),
+                })?,
+            );
         }
         out.push_str(ending);
     }
@@ -106,6 +108,9 @@ mod tests {
     #[test]
     fn refuses_an_action_that_spans_lines() {
         let err = mask("a = {{ if\n.X }}\n", Path::new("/x/config.toml.tmpl")).unwrap_err();
-        assert!(err.to_string().contains("/x/config.toml.tmpl: line 1"), "{err}");
+        assert!(
+            err.to_string().contains("/x/config.toml.tmpl: line 1"),
+            "{err}"
+        );
     }
 }

@@ -9,7 +9,9 @@ use toml_edit::DocumentMut;
 
 use crate::config_edit::{entry_state, insert_entry, parse, remove_entry, EntryState, MARKER};
 use crate::dropin::{self, DROPIN_NAME};
-use crate::files::{backup_path, created_marker_path, mode_or, read_text, remove_file, write_atomic, HostRoot};
+use crate::files::{
+    backup_path, created_marker_path, mode_or, read_text, remove_file, write_atomic, HostRoot,
+};
 use crate::flavour::{detect, Flavour, Target};
 use crate::gotemplate;
 use crate::runtime_spec::{ConfigVersion, RuntimeSpec, SHIM_BINARY};
@@ -68,13 +70,16 @@ pub struct Plan {
     pub notes: Vec<String>,
 }
 
-const BLOCK_BEGIN: &str = "# BEGIN kybernate-installer: `kybernate-installer --uninstall` removes this block.\n";
+const BLOCK_BEGIN: &str =
+    "# BEGIN kybernate-installer: `kybernate-installer --uninstall` removes this block.\n";
 const BLOCK_END: &str = "# END kybernate-installer\n";
 
 impl Plan {
     /// Whether a file containerd reads changes, which is what needs a restart.
     pub fn config_changed(&self) -> bool {
-        self.files.iter().any(|f| f.role == FileRole::Config && f.before != f.after)
+        self.files
+            .iter()
+            .any(|f| f.role == FileRole::Config && f.before != f.after)
     }
 
     /// A unified diff of the config files plus one line per other step.
@@ -84,15 +89,27 @@ impl Plan {
             let path = file.path.display();
             match file.role {
                 FileRole::Record => {
-                    let verb = if file.after.is_some() { "write" } else { "remove" };
+                    let verb = if file.after.is_some() {
+                        "write"
+                    } else {
+                        "remove"
+                    };
                     let _ = writeln!(out, "# would {verb} {path}");
                 }
                 FileRole::Config => {
                     let before = file.before.as_deref().unwrap_or("");
                     let after = file.after.as_deref().unwrap_or("");
                     let diff = similar::TextDiff::from_lines(before, after);
-                    let old = if file.before.is_some() { path.to_string() } else { "/dev/null".to_string() };
-                    let new = if file.after.is_some() { path.to_string() } else { "/dev/null".to_string() };
+                    let old = if file.before.is_some() {
+                        path.to_string()
+                    } else {
+                        "/dev/null".to_string()
+                    };
+                    let new = if file.after.is_some() {
+                        path.to_string()
+                    } else {
+                        "/dev/null".to_string()
+                    };
                     let _ = write!(out, "{}", diff.unified_diff().header(&old, &new));
                 }
             }
@@ -104,17 +121,26 @@ impl Plan {
     /// Writes the plan: install puts the shim first so containerd finds it once it
     /// restarts; records are written before the configs they describe.
     pub fn apply(&self) -> Result<()> {
-        let installing = matches!(self.shim, ShimStep::Copy { .. } | ShimStep::Unchanged { .. });
+        let installing = matches!(
+            self.shim,
+            ShimStep::Copy { .. } | ShimStep::Unchanged { .. }
+        );
         if installing {
             self.shim.apply()?;
         }
         for file in self.files.iter().filter(|f| f.before != f.after) {
             match &file.after {
                 Some(text) => {
-                    if let Some(dir) = file.path.parent().filter(|_| file.role == FileRole::Config) {
-                        if !dir.exists() && file.path.file_name().is_some_and(|n| n == DROPIN_NAME) {
-                            std::fs::create_dir_all(dir)
-                                .map_err(|source| InstallerError::Write { path: dir.to_path_buf(), source })?;
+                    if let Some(dir) = file.path.parent().filter(|_| file.role == FileRole::Config)
+                    {
+                        if !dir.exists() && file.path.file_name().is_some_and(|n| n == DROPIN_NAME)
+                        {
+                            std::fs::create_dir_all(dir).map_err(|source| {
+                                InstallerError::Write {
+                                    path: dir.to_path_buf(),
+                                    source,
+                                }
+                            })?;
                         }
                     }
                     write_atomic(&file.path, text.as_bytes(), mode_or(&file.path, 0o644))?
@@ -140,13 +166,24 @@ struct ConfigFile {
 
 fn load(path: PathBuf, text: String) -> Result<ConfigFile> {
     let template = gotemplate::has_actions(&text);
-    let masked = if template { gotemplate::mask(&text, &path)? } else { text.clone() };
+    let masked = if template {
+        gotemplate::mask(&text, &path)?
+    } else {
+        text.clone()
+    };
     let doc = parse(&masked, &path)?;
-    Ok(ConfigFile { path, text, doc, template })
+    Ok(ConfigFile {
+        path,
+        text,
+        doc,
+        template,
+    })
 }
 
 fn load_generated(host: &HostRoot, target: &Target) -> Result<Option<(PathBuf, DocumentMut)>> {
-    let Some(generated) = &target.generated else { return Ok(None) };
+    let Some(generated) = &target.generated else {
+        return Ok(None);
+    };
     let path = host.resolve(generated);
     match read_text(&path)? {
         Some(text) => Ok(Some((path.clone(), parse(&text, &path)?))),
@@ -169,7 +206,11 @@ pub fn plan_install(opts: &InstallOptions) -> Result<Plan> {
         Some(text) => (load(config_path.clone(), text)?, false),
         None => match &generated {
             Some((gen_path, _)) => {
-                notes.push(format!("creating {} from {}", config_path.display(), gen_path.display()));
+                notes.push(format!(
+                    "creating {} from {}",
+                    config_path.display(),
+                    gen_path.display()
+                ));
                 let seed = crate::files::read_required(gen_path)?;
                 (load(config_path.clone(), seed)?, true)
             }
@@ -189,7 +230,11 @@ pub fn plan_install(opts: &InstallOptions) -> Result<Plan> {
         "{} node, config version {}, runtime options copied: {}",
         target.flavour.name(),
         version.number(),
-        spec.options.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", ")
+        spec.options
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
 
     let state = entry_state(&config.doc, &spec);
@@ -211,17 +256,41 @@ pub fn plan_install(opts: &InstallOptions) -> Result<Plan> {
                     }
                 }
             }
-            if !dropin::is_ours(existing) && !opts.force && entry_state(&doc, &spec) != EntryState::Matches {
-                return Err(InstallerError::Conflict { path, detail: "file exists and was not written by the installer".into() });
+            if !dropin::is_ours(existing)
+                && !opts.force
+                && entry_state(&doc, &spec) != EntryState::Matches
+            {
+                return Err(InstallerError::Conflict {
+                    path,
+                    detail: "file exists and was not written by the installer".into(),
+                });
             }
         }
         let after = match &before {
-            Some(existing) if entry_state(&parse(existing, &path)?, &spec) == EntryState::Matches => before.clone(),
+            Some(existing)
+                if entry_state(&parse(existing, &path)?, &spec) == EntryState::Matches =>
+            {
+                before.clone()
+            }
             _ => Some(wanted),
         };
-        notes.push(format!("using drop-in {} (imported by {})", path.display(), config.path.display()));
-        files.push(FileWrite { path, before, after, role: FileRole::Config });
-        return Ok(Plan { target, files, shim, notes });
+        notes.push(format!(
+            "using drop-in {} (imported by {})",
+            path.display(),
+            config.path.display()
+        ));
+        files.push(FileWrite {
+            path,
+            before,
+            after,
+            role: FileRole::Config,
+        });
+        return Ok(Plan {
+            target,
+            files,
+            shim,
+            notes,
+        });
     }
 
     let after = match state {
@@ -229,7 +298,10 @@ pub fn plan_install(opts: &InstallOptions) -> Result<Plan> {
         EntryState::Absent => with_entry(&config, &spec)?,
         EntryState::Differs { ours, detail } => {
             if !ours && !opts.force {
-                return Err(InstallerError::Conflict { path: config.path.clone(), detail });
+                return Err(InstallerError::Conflict {
+                    path: config.path.clone(),
+                    detail,
+                });
             }
             let without = without_entry(&config, version, true)?;
             with_entry(&load(config.path.clone(), without)?, &spec)?
@@ -246,17 +318,41 @@ pub fn plan_install(opts: &InstallOptions) -> Result<Plan> {
     if changed {
         if created {
             let marker = created_marker_path(&config.path);
-            files.push(FileWrite { before: read_text(&marker)?, path: marker, after: Some(config.text.clone()), role: FileRole::Record });
+            files.push(FileWrite {
+                before: read_text(&marker)?,
+                path: marker,
+                after: Some(config.text.clone()),
+                role: FileRole::Record,
+            });
         } else {
             let backup = backup_path(&config.path);
             let existing = read_text(&backup)?;
             let after_backup = existing.clone().or_else(|| Some(config.text.clone()));
-            files.push(FileWrite { path: backup, before: existing, after: after_backup, role: FileRole::Record });
+            files.push(FileWrite {
+                path: backup,
+                before: existing,
+                after: after_backup,
+                role: FileRole::Record,
+            });
         }
     }
-    let before = if created { None } else { Some(config.text.clone()) };
-    files.push(FileWrite { path: config.path.clone(), before, after: Some(after), role: FileRole::Config });
-    Ok(Plan { target, files, shim, notes })
+    let before = if created {
+        None
+    } else {
+        Some(config.text.clone())
+    };
+    files.push(FileWrite {
+        path: config.path.clone(),
+        before,
+        after: Some(after),
+        role: FileRole::Config,
+    });
+    Ok(Plan {
+        target,
+        files,
+        shim,
+        notes,
+    })
 }
 
 /// `check` carries the masked parse of `config`; a template gets a text block appended,
@@ -273,7 +369,11 @@ fn with_entry(config: &ConfigFile, spec: &RuntimeSpec) -> Result<String> {
     if !text.is_empty() && !text.ends_with('\n') {
         text.push('\n');
     }
-    let _ = write!(text, "\n{BLOCK_BEGIN}{}{BLOCK_END}", fresh.to_string().trim_start_matches('\n'));
+    let _ = write!(
+        text,
+        "\n{BLOCK_BEGIN}{}{BLOCK_END}",
+        fresh.to_string().trim_start_matches('\n')
+    );
     Ok(text)
 }
 
@@ -311,8 +411,16 @@ pub fn plan_uninstall(opts: &InstallOptions) -> Result<Plan> {
     let mut files = Vec::new();
     let mut notes = Vec::new();
     let Some(text) = read_text(&config_path)? else {
-        notes.push(format!("{} does not exist; no runtime entry to remove", config_path.display()));
-        return Ok(Plan { target, files, shim, notes });
+        notes.push(format!(
+            "{} does not exist; no runtime entry to remove",
+            config_path.display()
+        ));
+        return Ok(Plan {
+            target,
+            files,
+            shim,
+            notes,
+        });
     };
     let config = load(config_path.clone(), text)?;
     let generated = load_generated(host, &target)?;
@@ -328,9 +436,17 @@ pub fn plan_uninstall(opts: &InstallOptions) -> Result<Plan> {
         let path = host.resolve(&dir.join(DROPIN_NAME));
         if let Some(existing) = read_text(&path)? {
             if dropin::is_ours(&existing) || opts.force {
-                files.push(FileWrite { path, before: Some(existing), after: None, role: FileRole::Config });
+                files.push(FileWrite {
+                    path,
+                    before: Some(existing),
+                    after: None,
+                    role: FileRole::Config,
+                });
             } else {
-                notes.push(format!("{} was not written by {MARKER}; left as is (--force removes it)", path.display()));
+                notes.push(format!(
+                    "{} was not written by {MARKER}; left as is (--force removes it)",
+                    path.display()
+                ));
             }
         }
     }
@@ -359,22 +475,52 @@ pub fn plan_uninstall(opts: &InstallOptions) -> Result<Plan> {
     if let Some(saved) = read_text(&backup)? {
         if final_text.as_deref().map(str::trim_end) == Some(saved.trim_end()) {
             final_text = Some(saved.clone());
-            files.push(FileWrite { path: backup, before: Some(saved), after: None, role: FileRole::Record });
+            files.push(FileWrite {
+                path: backup,
+                before: Some(saved),
+                after: None,
+                role: FileRole::Record,
+            });
         } else {
-            notes.push(format!("{} differs from {} (edited since install); backup kept", config.path.display(), backup.display()));
+            notes.push(format!(
+                "{} differs from {} (edited since install); backup kept",
+                config.path.display(),
+                backup.display()
+            ));
         }
     }
     if let Some(seed) = read_text(&marker)? {
         if final_text.as_deref() == Some(seed.as_str()) {
             final_text = None;
         } else {
-            notes.push(format!("{} was edited since the installer created it; kept", config.path.display()));
+            notes.push(format!(
+                "{} was edited since the installer created it; kept",
+                config.path.display()
+            ));
         }
-        files.push(FileWrite { path: marker, before: Some(seed), after: None, role: FileRole::Record });
+        files.push(FileWrite {
+            path: marker,
+            before: Some(seed),
+            after: None,
+            role: FileRole::Record,
+        });
     }
     // The config goes first so a failure never leaves it without its backup.
-    files.insert(0, FileWrite { path: config.path, before: Some(config.text), after: final_text, role: FileRole::Config });
-    Ok(Plan { target, files, shim, notes })
+    files.insert(
+        0,
+        FileWrite {
+            path: config.path,
+            before: Some(config.text),
+            after: final_text,
+            role: FileRole::Config,
+        },
+    );
+    Ok(Plan {
+        target,
+        files,
+        shim,
+        notes,
+    })
 }
 
 /// The shim's host path for the given options.

@@ -37,7 +37,10 @@ pub struct CriStatusProbe {
 impl CriStatusProbe {
     /// A probe of the containerd listening on `socket`.
     pub fn new(socket: impl Into<PathBuf>) -> Self {
-        Self { socket: socket.into(), timeout: Duration::from_secs(5) }
+        Self {
+            socket: socket.into(),
+            timeout: Duration::from_secs(5),
+        }
     }
 
     /// The verbose status info, keyed as containerd returns it (`config` holds the CRI
@@ -54,7 +57,11 @@ impl CriStatusProbe {
                 let channel = Endpoint::from_static("http://containerd.invalid")
                     .connect_with_connector(tower::service_fn(move |_: Uri| {
                         let socket = socket.clone();
-                        async move { tokio::net::UnixStream::connect(socket).await.map(TokioIo::new) }
+                        async move {
+                            tokio::net::UnixStream::connect(socket)
+                                .await
+                                .map(TokioIo::new)
+                        }
                     }))
                     .await
                     .map_err(|e| format!("connect: {e}"))?;
@@ -63,12 +70,18 @@ impl CriStatusProbe {
                 let codec = tonic_prost::ProstCodec::<StatusRequest, StatusResponse>::default();
                 let path = PathAndQuery::from_static("/runtime.v1.RuntimeService/Status");
                 let response = grpc
-                    .unary(tonic::Request::new(StatusRequest { verbose: true }), path, codec)
+                    .unary(
+                        tonic::Request::new(StatusRequest { verbose: true }),
+                        path,
+                        codec,
+                    )
                     .await
                     .map_err(|s| format!("CRI Status: {}", s.message()))?;
                 Ok(response.into_inner().info)
             };
-            tokio::time::timeout(timeout, call).await.map_err(|_| "timed out".to_string())?
+            tokio::time::timeout(timeout, call)
+                .await
+                .map_err(|_| "timed out".to_string())?
         })
     }
 }
@@ -78,7 +91,8 @@ pub fn lists_runtime(info: &HashMap<String, String>, name: &str) -> bool {
     fn search(v: &serde_json::Value, name: &str) -> bool {
         match v {
             serde_json::Value::Object(map) => map.iter().any(|(k, child)| {
-                (k.eq_ignore_ascii_case("runtimes") && child.get(name).is_some()) || search(child, name)
+                (k.eq_ignore_ascii_case("runtimes") && child.get(name).is_some())
+                    || search(child, name)
             }),
             serde_json::Value::Array(items) => items.iter().any(|c| search(c, name)),
             _ => false,
@@ -92,7 +106,9 @@ pub fn lists_runtime(info: &HashMap<String, String>, name: &str) -> bool {
 impl ContainerdProbe for CriStatusProbe {
     fn probe(&self) -> ProbeOutcome {
         match self.status_info() {
-            Ok(info) => ProbeOutcome::Answering { runtime_listed: lists_runtime(&info, RUNTIME_NAME) },
+            Ok(info) => ProbeOutcome::Answering {
+                runtime_listed: lists_runtime(&info, RUNTIME_NAME),
+            },
             Err(why) => ProbeOutcome::Unreachable(why),
         }
     }

@@ -27,7 +27,9 @@ pub struct NsenterCommand {
 impl NsenterCommand {
     /// Chooses direct execution for host root `/`.
     pub fn for_host(host: &HostRoot) -> Self {
-        Self { direct: host.dir() == Path::new("/") }
+        Self {
+            direct: host.dir() == Path::new("/"),
+        }
     }
 }
 
@@ -35,21 +37,30 @@ impl HostCommand for NsenterCommand {
     fn run(&self, argv: &[&str]) -> Result<()> {
         let mut full: Vec<&str> = Vec::new();
         if !self.direct {
-            full.extend(["nsenter", "--target", "1", "--mount", "--uts", "--ipc", "--net", "--pid", "--"]);
+            full.extend([
+                "nsenter", "--target", "1", "--mount", "--uts", "--ipc", "--net", "--pid", "--",
+            ]);
         }
         full.extend_from_slice(argv);
         let command = full.join(" ");
-        let output = Command::new(full[0]).args(&full[1..]).output().map_err(|e| InstallerError::Restart {
-            command: command.clone(),
-            detail: e.to_string(),
-        })?;
+        let output = Command::new(full[0])
+            .args(&full[1..])
+            .output()
+            .map_err(|e| InstallerError::Restart {
+                command: command.clone(),
+                detail: e.to_string(),
+            })?;
         if output.status.success() {
             return Ok(());
         }
         let stderr = String::from_utf8_lossy(&output.stderr);
         Err(InstallerError::Restart {
             command,
-            detail: format!("{}: {}", output.status, stderr.split_whitespace().collect::<Vec<_>>().join(" ")),
+            detail: format!(
+                "{}: {}",
+                output.status,
+                stderr.split_whitespace().collect::<Vec<_>>().join(" ")
+            ),
         })
     }
 }
@@ -94,14 +105,30 @@ impl ContainerdRestart for RancherRestart {
     }
 }
 
-const UNIT_DIRS: [&str; 4] = ["/etc/systemd/system", "/usr/local/lib/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system"];
+const UNIT_DIRS: [&str; 4] = [
+    "/etc/systemd/system",
+    "/usr/local/lib/systemd/system",
+    "/usr/lib/systemd/system",
+    "/lib/systemd/system",
+];
 
 /// Picks the restart for `flavour`; for k3s/RKE2 the agent unit when only that is installed.
 pub fn restart_for(flavour: Flavour, host: &HostRoot) -> Box<dyn ContainerdRestart> {
-    let unit_exists = |unit: &str| UNIT_DIRS.iter().any(|d| host.resolve(&Path::new(d).join(format!("{unit}.service"))).exists());
+    let unit_exists = |unit: &str| {
+        UNIT_DIRS.iter().any(|d| {
+            host.resolve(&Path::new(d).join(format!("{unit}.service")))
+                .exists()
+        })
+    };
     let rancher = |server: &str, agent: &str| {
-        let unit = if !unit_exists(server) && unit_exists(agent) { agent } else { server };
-        Box::new(RancherRestart { unit: unit.to_string() })
+        let unit = if !unit_exists(server) && unit_exists(agent) {
+            agent
+        } else {
+            server
+        };
+        Box::new(RancherRestart {
+            unit: unit.to_string(),
+        })
     };
     match flavour {
         Flavour::Vanilla => Box::new(SystemdRestart),
@@ -152,7 +179,11 @@ pub fn restart_and_wait(
     let mut last = ProbeOutcome::Unreachable("not probed".into());
     for attempt in 1..=policy.attempts.max(1) {
         last = probe.probe();
-        if last == (ProbeOutcome::Answering { runtime_listed: expect_listed }) {
+        if last
+            == (ProbeOutcome::Answering {
+                runtime_listed: expect_listed,
+            })
+        {
             return Ok(attempt);
         }
         if attempt < policy.attempts {
@@ -161,10 +192,16 @@ pub fn restart_and_wait(
     }
     let detail = match last {
         ProbeOutcome::Unreachable(why) => format!("did not answer ({why})"),
-        ProbeOutcome::Answering { .. } if expect_listed => "answers but does not list runtime kybernate".to_string(),
+        ProbeOutcome::Answering { .. } if expect_listed => {
+            "answers but does not list runtime kybernate".to_string()
+        }
         ProbeOutcome::Answering { .. } => "still lists runtime kybernate".to_string(),
     };
-    Err(InstallerError::NotReady { socket: socket.to_path_buf(), detail, attempts: policy.attempts.max(1) })
+    Err(InstallerError::NotReady {
+        socket: socket.to_path_buf(),
+        detail,
+        attempts: policy.attempts.max(1),
+    })
 }
 
 /// The socket the installer probes, as it opens it.

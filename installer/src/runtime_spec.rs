@@ -120,14 +120,18 @@ impl RuntimeSpec {
     pub fn difference(&self, existing: &dyn TableLike) -> Option<String> {
         let runtime_type = existing.get("runtime_type").and_then(Item::as_str);
         if runtime_type != Some(RUNTIME_TYPE) {
-            return Some(format!("runtime_type is {runtime_type:?}, not {RUNTIME_TYPE:?}"));
+            return Some(format!(
+                "runtime_type is {runtime_type:?}, not {RUNTIME_TYPE:?}"
+            ));
         }
         let annotations: Option<Vec<&str>> = existing
             .get("pod_annotations")
             .and_then(Item::as_array)
             .map(|a| a.iter().filter_map(Value::as_str).collect());
         if annotations.as_deref() != Some(POD_ANNOTATIONS) {
-            return Some(format!("pod_annotations is {annotations:?}, not {POD_ANNOTATIONS:?}"));
+            return Some(format!(
+                "pod_annotations is {annotations:?}, not {POD_ANNOTATIONS:?}"
+            ));
         }
         let existing_opts = existing.get("options").and_then(Item::as_table_like);
         let existing_count = existing_opts.map_or(0, |o| o.len());
@@ -138,7 +142,9 @@ impl RuntimeSpec {
             ));
         }
         for (name, value) in &self.options {
-            let have = existing_opts.and_then(|o| o.get(name)).and_then(Item::as_value);
+            let have = existing_opts
+                .and_then(|o| o.get(name))
+                .and_then(Item::as_value);
             if have.map(plain) != Some(plain(value)) {
                 return Some(format!("options.{name} differs"));
             }

@@ -38,28 +38,42 @@ pub enum ShimStep {
 impl ShimStep {
     /// Decides the install step from the source binary and the installed one.
     pub fn for_install(from: &Path, to: &Path) -> Result<Self> {
-        let source = fs::read(from).map_err(|source| InstallerError::ShimSource { path: from.to_path_buf(), source })?;
+        let source = fs::read(from).map_err(|source| InstallerError::ShimSource {
+            path: from.to_path_buf(),
+            source,
+        })?;
         let dir = to.parent().unwrap_or(Path::new("/"));
         if !dir.is_dir() {
-            return Err(InstallerError::HostPathMissing { path: dir.to_path_buf() });
+            return Err(InstallerError::HostPathMissing {
+                path: dir.to_path_buf(),
+            });
         }
         let same = match fs::read(to) {
             Ok(installed) => blake3::hash(&installed) == blake3::hash(&source),
             Err(_) => false,
         };
         Ok(if same {
-            Self::Unchanged { to: to.to_path_buf() }
+            Self::Unchanged {
+                to: to.to_path_buf(),
+            }
         } else {
-            Self::Copy { from: from.to_path_buf(), to: to.to_path_buf() }
+            Self::Copy {
+                from: from.to_path_buf(),
+                to: to.to_path_buf(),
+            }
         })
     }
 
     /// Decides the uninstall step.
     pub fn for_uninstall(path: &Path) -> Self {
         if path.exists() {
-            Self::Remove { path: path.to_path_buf() }
+            Self::Remove {
+                path: path.to_path_buf(),
+            }
         } else {
-            Self::Absent { path: path.to_path_buf() }
+            Self::Absent {
+                path: path.to_path_buf(),
+            }
         }
     }
 
@@ -67,7 +81,10 @@ impl ShimStep {
     pub fn apply(&self) -> Result<()> {
         match self {
             Self::Copy { from, to } => {
-                let bytes = fs::read(from).map_err(|source| InstallerError::ShimSource { path: from.clone(), source })?;
+                let bytes = fs::read(from).map_err(|source| InstallerError::ShimSource {
+                    path: from.clone(),
+                    source,
+                })?;
                 write_atomic(to, &bytes, 0o755)
             }
             Self::Remove { path } => remove_file(path),
@@ -78,7 +95,9 @@ impl ShimStep {
     /// One line for the log and the dry run.
     pub fn describe(&self) -> String {
         match self {
-            Self::Copy { from, to } => format!("install shim {} -> {}", from.display(), to.display()),
+            Self::Copy { from, to } => {
+                format!("install shim {} -> {}", from.display(), to.display())
+            }
             Self::Unchanged { to } => format!("shim {} is up to date", to.display()),
             Self::Remove { path } => format!("remove shim {}", path.display()),
             Self::Absent { path } => format!("no shim at {}", path.display()),

@@ -22,8 +22,6 @@ struct Case {
     edited: &'static str,
 }
 
-const K3S_DIR: &str = "/var/lib/rancher/k3s/agent/etc/containerd";
-
 const CASES: &[Case] = &[
     Case {
         name: "containerd-1.6-default",
@@ -46,42 +44,64 @@ const CASES: &[Case] = &[
     Case {
         name: "microk8s-template",
         flavour: Flavour::MicroK8s,
-        files: &[("/var/snap/microk8s/current/args/containerd-template.toml", "microk8s-containerd-template.toml")],
+        files: &[(
+            "/var/snap/microk8s/current/args/containerd-template.toml",
+            "microk8s-containerd-template.toml",
+        )],
         edited: "/var/snap/microk8s/current/args/containerd-template.toml",
     },
     Case {
         name: "k3s-template",
         flavour: Flavour::K3s,
         files: &[
-            ("/var/lib/rancher/k3s/agent/etc/containerd/config.toml", "k3s-generated-config.toml"),
-            ("/var/lib/rancher/k3s/agent/etc/containerd/config.toml.tmpl", "k3s-config.toml.tmpl"),
+            (
+                "/var/lib/rancher/k3s/agent/etc/containerd/config.toml",
+                "k3s-generated-config.toml",
+            ),
+            (
+                "/var/lib/rancher/k3s/agent/etc/containerd/config.toml.tmpl",
+                "k3s-config.toml.tmpl",
+            ),
         ],
         edited: "/var/lib/rancher/k3s/agent/etc/containerd/config.toml.tmpl",
     },
     Case {
         name: "k3s-no-template",
         flavour: Flavour::K3s,
-        files: &[("/var/lib/rancher/k3s/agent/etc/containerd/config.toml", "k3s-generated-config.toml")],
+        files: &[(
+            "/var/lib/rancher/k3s/agent/etc/containerd/config.toml",
+            "k3s-generated-config.toml",
+        )],
         edited: "/var/lib/rancher/k3s/agent/etc/containerd/config.toml.tmpl",
     },
     Case {
         name: "rke2-no-template",
         flavour: Flavour::Rke2,
-        files: &[("/var/lib/rancher/rke2/agent/etc/containerd/config.toml", "k3s-generated-config.toml")],
+        files: &[(
+            "/var/lib/rancher/rke2/agent/etc/containerd/config.toml",
+            "k3s-generated-config.toml",
+        )],
         edited: "/var/lib/rancher/rke2/agent/etc/containerd/config.toml.tmpl",
     },
 ];
 
 fn golden(name: &str, actual: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
     if std::env::var_os("KYBERNATE_UPDATE_GOLDEN").is_some() {
         fs::write(&path, actual).unwrap();
         return;
     }
-    let expected = fs::read_to_string(&path).unwrap_or_else(|e| panic!("golden file {}: {e}", path.display()));
+    let expected =
+        fs::read_to_string(&path).unwrap_or_else(|e| panic!("golden file {}: {e}", path.display()));
     if expected != actual {
         let diff = similar::TextDiff::from_lines(expected.as_str(), actual);
-        panic!("{} differs from the golden file:\n{}", path.display(), diff.unified_diff());
+        panic!(
+            "{} differs from the golden file:\n{}",
+            path.display(),
+            diff.unified_diff()
+        );
     }
 }
 
@@ -95,11 +115,22 @@ fn run_case(case: &Case) {
 
     // Dry run: the exact diff, and nothing written.
     let plan = plan_install(&opts).unwrap();
-    assert_eq!(plan.target.flavour, case.flavour, "{}: detected flavour", case.name);
-    let diff = plan.diff().replace(&host.root().display().to_string(), "/host");
+    assert_eq!(
+        plan.target.flavour, case.flavour,
+        "{}: detected flavour",
+        case.name
+    );
+    let diff = plan
+        .diff()
+        .replace(&host.root().display().to_string(), "/host");
     let diff = diff.replace(&host.shim_source.display().to_string(), "SHIM_SOURCE");
     golden(&format!("{}.dry-run.diff", case.name), &diff);
-    assert_eq!(host.snapshot(), pristine, "{}: the dry run wrote something", case.name);
+    assert_eq!(
+        host.snapshot(),
+        pristine,
+        "{}: the dry run wrote something",
+        case.name
+    );
 
     // Install.
     plan.apply().unwrap();
@@ -117,34 +148,76 @@ fn run_case(case: &Case) {
         // Every Go-template action survives, verbatim and in order.
         let actions: Vec<&str> = original.lines().filter(|l| l.contains("{{")).collect();
         let kept: Vec<&str> = now.lines().filter(|l| l.contains("{{")).collect();
-        assert_eq!(actions, kept, "{}: template actions of {host_path}", case.name);
+        assert_eq!(
+            actions, kept,
+            "{}: template actions of {host_path}",
+            case.name
+        );
         // The original's lines all remain, in order (nothing unrelated moved or changed).
         let mut rest = now.lines();
         for line in original.lines() {
-            assert!(rest.any(|l| l == line), "{}: line {line:?} of {host_path} lost or moved", case.name);
+            assert!(
+                rest.any(|l| l == line),
+                "{}: line {line:?} of {host_path} lost or moved",
+                case.name
+            );
         }
     }
     let after_install = host.snapshot();
 
     // Idempotence: a second run plans no change and writes nothing.
     let again = plan_install(&opts).unwrap();
-    assert!(!again.config_changed(), "{}: second install changes the config", case.name);
-    assert!(matches!(again.shim, ShimStep::Unchanged { .. }), "{}: shim recopied", case.name);
-    assert!(!again.diff().contains("+++"), "{}: second dry run shows a diff", case.name);
+    assert!(
+        !again.config_changed(),
+        "{}: second install changes the config",
+        case.name
+    );
+    assert!(
+        matches!(again.shim, ShimStep::Unchanged { .. }),
+        "{}: shim recopied",
+        case.name
+    );
+    assert!(
+        !again.diff().contains("+++"),
+        "{}: second dry run shows a diff",
+        case.name
+    );
     again.apply().unwrap();
-    assert_eq!(host.snapshot(), after_install, "{}: second install wrote something", case.name);
+    assert_eq!(
+        host.snapshot(),
+        after_install,
+        "{}: second install wrote something",
+        case.name
+    );
 
     // Uninstall: back to the exact bytes (and files) from before, no backup left behind.
     let undo = plan_uninstall(&opts).unwrap();
-    assert!(undo.config_changed(), "{}: uninstall changes nothing", case.name);
+    assert!(
+        undo.config_changed(),
+        "{}: uninstall changes nothing",
+        case.name
+    );
     let undo_diff = undo.diff();
-    assert!(undo_diff.contains("-  ") || undo_diff.contains("/dev/null"), "{}: uninstall dry run: {undo_diff}", case.name);
+    assert!(
+        undo_diff.contains("-  ") || undo_diff.contains("/dev/null"),
+        "{}: uninstall dry run: {undo_diff}",
+        case.name
+    );
     undo.apply().unwrap();
-    assert_eq!(host.snapshot(), pristine, "{}: uninstall did not restore the host", case.name);
+    assert_eq!(
+        host.snapshot(),
+        pristine,
+        "{}: uninstall did not restore the host",
+        case.name
+    );
 
     // Uninstalling again is a no-op.
     let twice = plan_uninstall(&opts).unwrap();
-    assert!(!twice.config_changed(), "{}: second uninstall changes something", case.name);
+    assert!(
+        !twice.config_changed(),
+        "{}: second uninstall changes something",
+        case.name
+    );
 }
 
 #[test]

@@ -16,7 +16,8 @@ pub struct Host {
 pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
 pub fn fixture(name: &str) -> String {
-    fs::read_to_string(Path::new(FIXTURES).join(name)).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+    fs::read_to_string(Path::new(FIXTURES).join(name))
+        .unwrap_or_else(|e| panic!("fixture {name}: {e}"))
 }
 
 impl Host {
@@ -53,7 +54,10 @@ impl Host {
                 if path.is_dir() {
                     walk(&path, base, out);
                 } else {
-                    out.insert(path.strip_prefix(base).unwrap().to_path_buf(), fs::read(&path).unwrap());
+                    out.insert(
+                        path.strip_prefix(base).unwrap().to_path_buf(),
+                        fs::read(&path).unwrap(),
+                    );
                 }
             }
         }
@@ -90,10 +94,17 @@ impl Host {
 /// Asserts that the run failed with exactly one line on stderr containing every `needle`.
 pub fn assert_refused(output: &Output, needles: &[&str]) {
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "expected a refusal, got success; stderr: {stderr}");
+    assert!(
+        !output.status.success(),
+        "expected a refusal, got success; stderr: {stderr}"
+    );
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "expected one line on stderr, got: {stderr}");
     for needle in needles {
-        assert!(lines[0].contains(needle), "{needle:?} missing from: {}", lines[0]);
+        assert!(
+            lines[0].contains(needle),
+            "{needle:?} missing from: {}",
+            lines[0]
+        );
     }
 }
