@@ -224,6 +224,10 @@ pub fn plan_install(opts: &InstallOptions) -> Result<Plan> {
             None => ConfigVersion::require(&config.doc, &config.path)?,
         },
     };
+    let mut target = target;
+    if let Some(address) = grpc_address(&config.doc) {
+        target.socket = address;
+    }
     let source = generated.as_ref().map_or(&config.doc, |(_, doc)| doc);
     let spec = RuntimeSpec::new(version, Some(source));
     notes.push(format!(
@@ -355,6 +359,12 @@ pub fn plan_install(opts: &InstallOptions) -> Result<Plan> {
     })
 }
 
+/// The socket a config sets in `[grpc] address`, if any (a host path).
+fn grpc_address(doc: &DocumentMut) -> Option<PathBuf> {
+    let address = doc.get("grpc")?.get("address")?.as_str()?;
+    (!address.is_empty() && !address.contains("{{")).then(|| PathBuf::from(address))
+}
+
 /// `check` carries the masked parse of `config`; a template gets a text block appended,
 /// a plain config a table inserted with `toml_edit`.
 fn with_entry(config: &ConfigFile, spec: &RuntimeSpec) -> Result<String> {
@@ -423,6 +433,10 @@ pub fn plan_uninstall(opts: &InstallOptions) -> Result<Plan> {
         });
     };
     let config = load(config_path.clone(), text)?;
+    let mut target = target;
+    if let Some(address) = grpc_address(&config.doc) {
+        target.socket = address;
+    }
     let generated = load_generated(host, &target)?;
     let version = match ConfigVersion::from_document(&config.doc, &config.path)? {
         Some(v) => v,

@@ -31,12 +31,23 @@ struct Version {
 }
 
 fn containerd_16() -> Version {
-    Version { label: "1.6", bin_dir: PathBuf::from("/usr/bin"), fixture: "containerd-1.6-default.toml", v3: false }
+    Version {
+        label: "1.6",
+        bin_dir: PathBuf::from("/usr/bin"),
+        fixture: "containerd-1.6-default.toml",
+        v3: false,
+    }
 }
 
 fn containerd_21() -> Version {
-    let prefix = std::env::var("KYBERNATE_CONTAINERD2_PREFIX").unwrap_or_else(|_| "/opt/kybernate/containerd2".into());
-    Version { label: "2.1", bin_dir: Path::new(&prefix).join("usr/bin"), fixture: "containerd-2.1-default.toml", v3: true }
+    let prefix = std::env::var("KYBERNATE_CONTAINERD2_PREFIX")
+        .unwrap_or_else(|_| "/opt/kybernate/containerd2".into());
+    Version {
+        label: "2.1",
+        bin_dir: Path::new(&prefix).join("usr/bin"),
+        fixture: "containerd-2.1-default.toml",
+        v3: true,
+    }
 }
 
 impl Version {
@@ -76,8 +87,19 @@ impl PrivateContainerd {
             doc["plugins"]["io.containerd.nri.v1.nri"]["disable"] = toml_edit::value(true);
         }
         let config = host.put("/etc/containerd/config.toml", &doc.to_string());
-        let namespace = format!("kybernate-installer-{}-{}", version.label.replace('.', ""), std::process::id());
-        Self { host, version, config, socket, namespace, daemon: None }
+        let namespace = format!(
+            "kybernate-installer-{}-{}",
+            version.label.replace('.', ""),
+            std::process::id()
+        );
+        Self {
+            host,
+            version,
+            config,
+            socket,
+            namespace,
+            daemon: None,
+        }
     }
 
     fn installer(&self, extra: &[&str]) -> Output {
@@ -90,14 +112,21 @@ impl PrivateContainerd {
             .args(extra)
             .output()
             .unwrap();
-        assert!(out.status.success(), "installer {extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "installer {extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         out
     }
 
     /// containerd finds shims on its PATH: the host's shim dir first, then bookworm's
     /// /usr/bin runc (see scripts/install-containerd.sh), then CRIU's wrapper dir.
     fn path_env(&self) -> String {
-        format!("{}:/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/sbin:/usr/local/bin", self.host.path("/usr/local/bin").display())
+        format!(
+            "{}:/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/sbin:/usr/local/bin",
+            self.host.path("/usr/local/bin").display()
+        )
     }
 
     fn start(&mut self) -> ProbeOutcome {
@@ -120,16 +149,27 @@ impl PrivateContainerd {
                 return last;
             }
             if let Some(status) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
-                panic!("containerd {} exited with {status}: {}", self.version.label, self.log());
+                panic!(
+                    "containerd {} exited with {status}: {}",
+                    self.version.label,
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        panic!("containerd {} did not answer: {last:?}\n{}", self.version.label, self.log())
+        panic!(
+            "containerd {} did not answer: {last:?}\n{}",
+            self.version.label,
+            self.log()
+        )
     }
 
     fn stop(&mut self) {
         if let Some(mut child) = self.daemon.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
             for _ in 0..50 {
                 if child.try_wait().ok().flatten().is_some() {
                     return;
@@ -159,13 +199,27 @@ impl PrivateContainerd {
 
     fn ctr_ok(&self, args: &[&str]) -> String {
         let out = self.ctr(args);
-        assert!(out.status.success(), "ctr {args:?}: {}{}", String::from_utf8_lossy(&out.stderr), self.log());
+        assert!(
+            out.status.success(),
+            "ctr {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn config_dump(&self) -> String {
-        let out = Command::new(self.version.tool("containerd")).arg("--config").arg(&self.config).args(["config", "dump"]).output().unwrap();
-        assert!(out.status.success(), "config dump: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(self.version.tool("containerd"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(["config", "dump"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "config dump: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -177,7 +231,11 @@ impl PrivateContainerd {
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
             .filter(|pid| {
                 fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(&needle))
+                    .map(|c| {
+                        String::from_utf8_lossy(&c)
+                            .replace('\0', " ")
+                            .contains(&needle)
+                    })
                     .unwrap_or(false)
             })
             .collect()
@@ -199,7 +257,10 @@ impl Drop for PrivateContainerd {
         }
         self.stop();
         for pid in self.shim_pids() {
-            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
         }
         let base = self.host.dir.path().display().to_string();
         let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -219,7 +280,12 @@ impl Drop for PrivateContainerd {
 fn busybox_image(dir: &Path) -> PathBuf {
     let out = dir.join("busybox-oci.tar");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make-busybox-oci.sh");
-    let status = Command::new("bash").arg(&script).arg(&out).arg(IMAGE).status().unwrap();
+    let status = Command::new("bash")
+        .arg(&script)
+        .arg(&out)
+        .arg(IMAGE)
+        .status()
+        .unwrap();
     assert!(status.success(), "{} failed", script.display());
     out
 }
@@ -230,25 +296,66 @@ fn end_to_end(version: Version) {
 
     ctd.installer(&[]);
     let dump = ctd.config_dump();
-    let table = dump.find("runtimes.kybernate]").unwrap_or_else(|| panic!("config dump lacks the runtime:\n{dump}"));
-    let entry = &dump[table..dump[table..].find("options]").map_or(dump.len(), |e| table + e)];
+    let table = dump
+        .find("runtimes.kybernate]")
+        .unwrap_or_else(|| panic!("config dump lacks the runtime:\n{dump}"));
+    let entry = &dump[table
+        ..dump[table..]
+            .find("options]")
+            .map_or(dump.len(), |e| table + e)];
     assert!(entry.contains("io.containerd.kybernate.v1"), "{entry}");
-    assert!(entry.contains("pod_annotations = [\"kybernate.io/*\"]") || entry.contains("pod_annotations = ['kybernate.io/*']"), "{entry}");
+    assert!(
+        entry.contains("pod_annotations = [\"kybernate.io/*\"]")
+            || entry.contains("pod_annotations = ['kybernate.io/*']"),
+        "{entry}"
+    );
 
-    assert_eq!(ctd.start(), ProbeOutcome::Answering { runtime_listed: true }, "CRI status of the patched containerd");
+    assert_eq!(
+        ctd.start(),
+        ProbeOutcome::Answering {
+            runtime_listed: true
+        },
+        "CRI status of the patched containerd"
+    );
 
     let image = busybox_image(ctd.host.dir.path());
     ctd.ctr_ok(&["images", "import", image.to_str().unwrap()]);
-    let out = ctd.ctr_ok(&["run", "--rm", "--runtime", "io.containerd.kybernate.v1", IMAGE, "echo-once", "/bin/echo", "through-kybernate"]);
+    let out = ctd.ctr_ok(&[
+        "run",
+        "--rm",
+        "--runtime",
+        "io.containerd.kybernate.v1",
+        IMAGE,
+        "echo-once",
+        "/bin/echo",
+        "through-kybernate",
+    ]);
     assert_eq!(out.trim(), "through-kybernate");
 
     // A long-running task: its shim process is the installed binary.
-    ctd.ctr_ok(&["run", "-d", "--runtime", "io.containerd.kybernate.v1", IMAGE, "sleeper", "/bin/sleep", "300"]);
+    ctd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        "io.containerd.kybernate.v1",
+        IMAGE,
+        "sleeper",
+        "/bin/sleep",
+        "300",
+    ]);
     let info = ctd.ctr_ok(&["containers", "info", "sleeper"]);
     assert!(info.contains("io.containerd.kybernate.v1"), "{info}");
     let installed = ctd.host.path("/usr/local/bin/containerd-shim-kybernate-v1");
-    let shims: Vec<PathBuf> = ctd.shim_pids().iter().filter_map(|pid| fs::read_link(format!("/proc/{pid}/exe")).ok()).collect();
-    assert!(shims.contains(&installed), "no shim runs from {}: {shims:?}", installed.display());
+    let shims: Vec<PathBuf> = ctd
+        .shim_pids()
+        .iter()
+        .filter_map(|pid| fs::read_link(format!("/proc/{pid}/exe")).ok())
+        .collect();
+    assert!(
+        shims.contains(&installed),
+        "no shim runs from {}: {shims:?}",
+        installed.display()
+    );
     ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "sleeper"]);
     for _ in 0..50 {
         if ctd.ctr(&["tasks", "delete", "sleeper"]).status.success() {
@@ -260,12 +367,33 @@ fn end_to_end(version: Version) {
 
     // Uninstall: config back byte for byte, shim gone; after a restart the runtime is gone.
     ctd.installer(&["--uninstall"]);
-    assert_eq!(fs::read(&ctd.config).unwrap(), pristine, "config after uninstall");
+    assert_eq!(
+        fs::read(&ctd.config).unwrap(),
+        pristine,
+        "config after uninstall"
+    );
     assert!(!installed.exists());
     ctd.stop();
-    assert_eq!(ctd.start(), ProbeOutcome::Answering { runtime_listed: false }, "CRI status after uninstall");
-    let out = ctd.ctr(&["run", "--rm", "--runtime", "io.containerd.kybernate.v1", IMAGE, "after-uninstall", "/bin/true"]);
-    assert!(!out.status.success(), "the runtime still runs after uninstall");
+    assert_eq!(
+        ctd.start(),
+        ProbeOutcome::Answering {
+            runtime_listed: false
+        },
+        "CRI status after uninstall"
+    );
+    let out = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        "io.containerd.kybernate.v1",
+        IMAGE,
+        "after-uninstall",
+        "/bin/true",
+    ]);
+    assert!(
+        !out.status.success(),
+        "the runtime still runs after uninstall"
+    );
 }
 
 #[test]
@@ -276,4 +404,92 @@ fn containerd_16_runs_a_container_through_the_installed_runtime() {
 #[test]
 fn containerd_21_runs_a_container_through_the_installed_runtime() {
     end_to_end(containerd_21());
+}
+
+fn golden(name: &str) -> String {
+    fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(name),
+    )
+    .unwrap()
+}
+
+/// `containerd config dump` of `config`; asserts the kybernate runtime is in it and returns it.
+fn dump_with_runtime(version: &Version, config: &Path) -> String {
+    let out = Command::new(version.tool("containerd"))
+        .arg("--config")
+        .arg(config)
+        .args(["config", "dump"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "containerd {} config dump {}: {}",
+        version.label,
+        config.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump = String::from_utf8_lossy(&out.stdout).into_owned();
+    let start = dump
+        .find("runtimes.kybernate]")
+        .unwrap_or_else(|| panic!("{}: no kybernate runtime in\n{dump}", config.display()));
+    let entry = &dump[start..];
+    let entry = &entry[..entry
+        .find("runtimes.kybernate.options]")
+        .unwrap_or(entry.len())];
+    assert!(entry.contains("io.containerd.kybernate.v1"), "{entry}");
+    assert!(
+        entry.contains("[\"kybernate.io/*\"]") || entry.contains("['kybernate.io/*']"),
+        "{entry}"
+    );
+    dump
+}
+
+#[test]
+fn real_containerd_reads_every_installed_golden_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let v16 = containerd_16();
+    for name in [
+        "containerd-1.6-default.installed",
+        "microk8s-template.installed",
+        "k3s-no-template.installed",
+    ] {
+        let path = dir.path().join(name);
+        fs::write(&path, golden(name)).unwrap();
+        dump_with_runtime(&v16, &path);
+    }
+    let v21 = containerd_21();
+    let path = dir.path().join("containerd-2.1-default.installed");
+    fs::write(&path, golden("containerd-2.1-default.installed")).unwrap();
+    dump_with_runtime(&v21, &path);
+
+    // The drop-in merges into the main config under containerd 2.1: the runtime appears and
+    // the main config's runc settings stay.
+    let conf_d = dir.path().join("conf.d");
+    fs::create_dir(&conf_d).unwrap();
+    fs::write(
+        conf_d.join("kybernate.toml"),
+        golden("containerd-2.1-imports.installed"),
+    )
+    .unwrap();
+    let main = dir.path().join("config.toml");
+    let text = fixture("containerd-2.1-imports.toml")
+        .replace("/etc/containerd/conf.d", &conf_d.display().to_string());
+    fs::write(&main, text).unwrap();
+    let dump = dump_with_runtime(&v21, &main);
+    let runc = &dump[dump
+        .find("runtimes.runc.options]")
+        .expect("runc options kept")..];
+    assert!(
+        runc[..runc.find("\n\n").unwrap_or(runc.len())].contains("SystemdCgroup = true"),
+        "{dump}"
+    );
+    let ours = &dump[dump
+        .find("runtimes.kybernate.options]")
+        .expect("kybernate options")..];
+    assert!(
+        ours[..ours.find("\n\n").unwrap_or(ours.len())].contains("SystemdCgroup = true"),
+        "{dump}"
+    );
 }
