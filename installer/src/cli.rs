@@ -10,7 +10,9 @@ use crate::files::HostRoot;
 use crate::flavour::Flavour;
 use crate::plan::{plan_install, plan_uninstall, InstallOptions, Plan};
 use crate::probe::CriStatusProbe;
-use crate::restart::{restart_and_wait, restart_for, socket_path, NsenterCommand, WaitPolicy};
+use crate::restart::{
+    restart_and_wait, restart_for, socket_path, HostCommand, NsenterCommand, WaitPolicy,
+};
 use crate::runtime_spec::SHIM_BINARY;
 use crate::{InstallerError, Result};
 
@@ -62,6 +64,14 @@ fn log(line: &str) {
 
 /// Runs the installer with parsed flags; the error is the one line the binary prints.
 pub fn run(args: &Args) -> Result<()> {
+    run_with(
+        args,
+        &NsenterCommand::for_host(&HostRoot::new(&args.host_root)),
+    )
+}
+
+/// [`run`] with the host's init system behind `host_command` (tests pass a fake one).
+pub fn run_with(args: &Args, host_command: &dyn HostCommand) -> Result<()> {
     let host = HostRoot::new(&args.host_root);
     if !host.dir().is_dir() {
         return Err(InstallerError::HostPathMissing {
@@ -117,7 +127,7 @@ pub fn run(args: &Args) -> Result<()> {
     };
     let probes = restart_and_wait(
         restart.as_ref(),
-        &NsenterCommand::for_host(&host),
+        host_command,
         &CriStatusProbe::new(&socket),
         &socket,
         !args.uninstall,

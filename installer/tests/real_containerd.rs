@@ -130,6 +130,11 @@ impl PrivateContainerd {
     }
 
     fn start(&mut self) -> ProbeOutcome {
+        self.spawn();
+        self.wait_answering()
+    }
+
+    fn spawn(&mut self) {
         let log = fs::File::create(self.host.dir.path().join("containerd.log")).unwrap();
         let child = Command::new(self.version.tool("containerd"))
             .arg("--config")
@@ -141,6 +146,9 @@ impl PrivateContainerd {
             .spawn()
             .unwrap();
         self.daemon = Some(child);
+    }
+
+    fn wait_answering(&mut self) -> ProbeOutcome {
         let probe = CriStatusProbe::new(&self.socket);
         let mut last = ProbeOutcome::Unreachable("not probed".into());
         for _ in 0..100 {
@@ -491,5 +499,92 @@ fn real_containerd_reads_every_installed_golden_config() {
     assert!(
         ours[..ours.find("\n\n").unwrap_or(ours.len())].contains("SystemdCgroup = true"),
         "{dump}"
+    );
+}
+
+/// The fake init system of this machine (which has no systemd): `systemctl restart
+/// containerd` stops the private containerd and spawns it again without waiting, so the
+/// installer's own wait (with the real CRI probe) is what sees it come back.
+struct FakeSystemd<'a> {
+    ctd: &'a std::cell::RefCell<PrivateContainerd>,
+    commands: std::cell::RefCell<Vec<String>>,
+}
+
+impl kybernate_installer::restart::HostCommand for FakeSystemd<'_> {
+    fn run(&self, argv: &[&str]) -> kybernate_installer::Result<()> {
+        self.commands.borrow_mut().push(argv.join(" "));
+        assert_eq!(argv, ["systemctl", "restart", "containerd"]);
+        let mut ctd = self.ctd.borrow_mut();
+        ctd.stop();
+        ctd.spawn();
+        Ok(())
+    }
+}
+
+#[test]
+fn install_restarts_containerd_and_waits_until_it_lists_the_runtime() {
+    use clap::Parser;
+    use kybernate_installer::cli::{run_with, Args};
+
+    let ctd = std::cell::RefCell::new(PrivateContainerd::new(containerd_16()));
+    assert_eq!(
+        ctd.borrow_mut().start(),
+        ProbeOutcome::Answering {
+            runtime_listed: false
+        }
+    );
+    let (root, socket, shim) = {
+        let c = ctd.borrow();
+        (
+            c.host.root(),
+            c.socket.clone(),
+            c.version.tool("containerd-shim-runc-v2"),
+        )
+    };
+    // The config names the socket by its real path; the installer resolves it under the
+    // host root, as it would in the DaemonSet. Make that path lead to the real socket.
+    let mirrored = root.join(socket.parent().unwrap().strip_prefix("/").unwrap());
+    fs::create_dir_all(mirrored.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(socket.parent().unwrap(), &mirrored).unwrap();
+
+    let fake = FakeSystemd {
+        ctd: &ctd,
+        commands: Default::default(),
+    };
+    let base = [
+        "kybernate-installer",
+        "--host-root",
+        root.to_str().unwrap(),
+        "--shim-source",
+        shim.to_str().unwrap(),
+        "--wait-seconds",
+        "30",
+    ];
+    run_with(&Args::try_parse_from(base).unwrap(), &fake).unwrap();
+    assert_eq!(*fake.commands.borrow(), ["systemctl restart containerd"]);
+    assert_eq!(
+        CriStatusProbe::new(&socket).probe(),
+        ProbeOutcome::Answering {
+            runtime_listed: true
+        }
+    );
+
+    // Nothing changed: no restart.
+    run_with(&Args::try_parse_from(base).unwrap(), &fake).unwrap();
+    assert_eq!(
+        fake.commands.borrow().len(),
+        1,
+        "an idempotent run restarted containerd"
+    );
+
+    let mut uninstall = base.to_vec();
+    uninstall.push("--uninstall");
+    run_with(&Args::try_parse_from(uninstall).unwrap(), &fake).unwrap();
+    assert_eq!(fake.commands.borrow().len(), 2);
+    assert_eq!(
+        CriStatusProbe::new(&socket).probe(),
+        ProbeOutcome::Answering {
+            runtime_listed: false
+        }
     );
 }
