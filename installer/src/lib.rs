@@ -10,10 +10,12 @@ pub mod error;
 pub mod files;
 pub mod flavour;
 pub mod gotemplate;
+pub mod install;
 pub mod plan;
 pub mod probe;
 pub mod restart;
 pub mod runtime_spec;
 pub mod shim;
+pub mod uninstall;
 
 pub use error::{InstallerError, Result};

@@ -7,16 +7,16 @@ use std::path::PathBuf;
 
 use toml_edit::DocumentMut;
 
-use crate::config_edit::{entry_state, insert_entry, parse, remove_entry, EntryState, MARKER};
-use crate::dropin::{self, DROPIN_NAME};
-use crate::files::{
-    backup_path, created_marker_path, mode_or, read_text, remove_file, write_atomic, HostRoot,
-};
-use crate::flavour::{detect, Flavour, Target};
+use crate::config_edit::{insert_entry, parse, remove_entry};
+use crate::files::{mode_or, read_text, remove_file, write_atomic, HostRoot};
+use crate::flavour::{Flavour, Target};
 use crate::gotemplate;
 use crate::runtime_spec::{ConfigVersion, RuntimeSpec, SHIM_BINARY};
 use crate::shim::ShimStep;
 use crate::{InstallerError, Result};
+
+pub use crate::install::plan_install;
+pub use crate::uninstall::plan_uninstall;
 
 /// What the command line asked for.
 #[derive(Debug, Clone)]
@@ -131,17 +131,16 @@ impl Plan {
         for file in self.files.iter().filter(|f| f.before != f.after) {
             match &file.after {
                 Some(text) => {
-                    if let Some(dir) = file.path.parent().filter(|_| file.role == FileRole::Config)
+                    // A drop-in may be the first file in its import directory.
+                    if let Some(dir) = file
+                        .path
+                        .parent()
+                        .filter(|d| file.before.is_none() && !d.exists())
                     {
-                        if !dir.exists() && file.path.file_name().is_some_and(|n| n == DROPIN_NAME)
-                        {
-                            std::fs::create_dir_all(dir).map_err(|source| {
-                                InstallerError::Write {
-                                    path: dir.to_path_buf(),
-                                    source,
-                                }
-                            })?;
-                        }
+                        std::fs::create_dir_all(dir).map_err(|source| InstallerError::Write {
+                            path: dir.to_path_buf(),
+                            source,
+                        })?;
                     }
                     write_atomic(&file.path, text.as_bytes(), mode_or(&file.path, 0o644))?
                 }
@@ -156,15 +155,15 @@ impl Plan {
 }
 
 /// The edited file, read and checked.
-struct ConfigFile {
-    path: PathBuf,
-    text: String,
+pub(crate) struct ConfigFile {
+    pub(crate) path: PathBuf,
+    pub(crate) text: String,
     /// Parsed text, with Go template actions masked.
-    doc: DocumentMut,
-    template: bool,
+    pub(crate) doc: DocumentMut,
+    pub(crate) template: bool,
 }
 
-fn load(path: PathBuf, text: String) -> Result<ConfigFile> {
+pub(crate) fn load(path: PathBuf, text: String) -> Result<ConfigFile> {
     let template = gotemplate::has_actions(&text);
     let masked = if template {
         gotemplate::mask(&text, &path)?
@@ -180,7 +179,10 @@ fn load(path: PathBuf, text: String) -> Result<ConfigFile> {
     })
 }
 
-fn load_generated(host: &HostRoot, target: &Target) -> Result<Option<(PathBuf, DocumentMut)>> {
+pub(crate) fn load_generated(
+    host: &HostRoot,
+    target: &Target,
+) -> Result<Option<(PathBuf, DocumentMut)>> {
     let Some(generated) = &target.generated else {
         return Ok(None);
     };
@@ -191,183 +193,15 @@ fn load_generated(host: &HostRoot, target: &Target) -> Result<Option<(PathBuf, D
     }
 }
 
-/// Plans an install: shim copy, runtime entry (in place, drop-in or template block),
-/// backup.
-pub fn plan_install(opts: &InstallOptions) -> Result<Plan> {
-    let host = &opts.host;
-    let target = detect(host, opts.flavour, opts.config.as_deref())?;
-    let shim_to = host.resolve(&opts.shim_dir.join(SHIM_BINARY));
-    let shim = ShimStep::for_install(&opts.shim_source, &shim_to)?;
-    let generated = load_generated(host, &target)?;
-    let config_path = host.resolve(&target.config);
-    let mut notes = Vec::new();
-
-    let (config, created) = match read_text(&config_path)? {
-        Some(text) => (load(config_path.clone(), text)?, false),
-        None => match &generated {
-            Some((gen_path, _)) => {
-                notes.push(format!(
-                    "creating {} from {}",
-                    config_path.display(),
-                    gen_path.display()
-                ));
-                let seed = crate::files::read_required(gen_path)?;
-                (load(config_path.clone(), seed)?, true)
-            }
-            None => return Err(InstallerError::HostPathMissing { path: config_path }),
-        },
-    };
-    let version = match ConfigVersion::from_document(&config.doc, &config.path)? {
-        Some(v) => v,
-        None => match &generated {
-            Some((gen_path, gen_doc)) => ConfigVersion::require(gen_doc, gen_path)?,
-            None => ConfigVersion::require(&config.doc, &config.path)?,
-        },
-    };
-    let mut target = target;
-    if let Some(address) = grpc_address(&config.doc) {
-        target.socket = address;
-    }
-    let source = generated.as_ref().map_or(&config.doc, |(_, doc)| doc);
-    let spec = RuntimeSpec::new(version, Some(source));
-    notes.push(format!(
-        "{} node, config version {}, runtime options copied: {}",
-        target.flavour.name(),
-        version.number(),
-        spec.options
-            .iter()
-            .map(|(k, _)| k.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    ));
-
-    let state = entry_state(&config.doc, &spec);
-    let mut files = Vec::new();
-    let dropin_dir = (!config.template && state == EntryState::Absent)
-        .then(|| dropin::import_dir(&config.doc, &target.config, version))
-        .flatten();
-    if let Some(dir) = dropin_dir {
-        let path = host.resolve(&dir.join(DROPIN_NAME));
-        let before = read_text(&path)?;
-        let wanted = dropin::render(&spec, &path)?;
-        if let Some(existing) = &before {
-            let doc = parse(existing, &path)?;
-            match entry_state(&doc, &spec) {
-                EntryState::Matches | EntryState::Absent => {}
-                EntryState::Differs { ours, detail } => {
-                    if !ours && !dropin::is_ours(existing) && !opts.force {
-                        return Err(InstallerError::Conflict { path, detail });
-                    }
-                }
-            }
-            if !dropin::is_ours(existing)
-                && !opts.force
-                && entry_state(&doc, &spec) != EntryState::Matches
-            {
-                return Err(InstallerError::Conflict {
-                    path,
-                    detail: "file exists and was not written by the installer".into(),
-                });
-            }
-        }
-        let after = match &before {
-            Some(existing)
-                if entry_state(&parse(existing, &path)?, &spec) == EntryState::Matches =>
-            {
-                before.clone()
-            }
-            _ => Some(wanted),
-        };
-        notes.push(format!(
-            "using drop-in {} (imported by {})",
-            path.display(),
-            config.path.display()
-        ));
-        files.push(FileWrite {
-            path,
-            before,
-            after,
-            role: FileRole::Config,
-        });
-        return Ok(Plan {
-            target,
-            files,
-            shim,
-            notes,
-        });
-    }
-
-    let after = match state {
-        EntryState::Matches => config.text.clone(),
-        EntryState::Absent => with_entry(&config, &spec)?,
-        EntryState::Differs { ours, detail } => {
-            if !ours && !opts.force {
-                return Err(InstallerError::Conflict {
-                    path: config.path.clone(),
-                    detail,
-                });
-            }
-            let without = without_entry(&config, version, true)?;
-            with_entry(&load(config.path.clone(), without)?, &spec)?
-        }
-    };
-    let check = load(config.path.clone(), after.clone())?;
-    if entry_state(&check.doc, &spec) != EntryState::Matches {
-        return Err(InstallerError::Unsupported {
-            path: config.path.clone(),
-            detail: "the runtime entry did not read back as written; nothing changed".into(),
-        });
-    }
-    let changed = after != config.text || created;
-    if changed {
-        if created {
-            let marker = created_marker_path(&config.path);
-            files.push(FileWrite {
-                before: read_text(&marker)?,
-                path: marker,
-                after: Some(config.text.clone()),
-                role: FileRole::Record,
-            });
-        } else {
-            let backup = backup_path(&config.path);
-            let existing = read_text(&backup)?;
-            let after_backup = existing.clone().or_else(|| Some(config.text.clone()));
-            files.push(FileWrite {
-                path: backup,
-                before: existing,
-                after: after_backup,
-                role: FileRole::Record,
-            });
-        }
-    }
-    let before = if created {
-        None
-    } else {
-        Some(config.text.clone())
-    };
-    files.push(FileWrite {
-        path: config.path.clone(),
-        before,
-        after: Some(after),
-        role: FileRole::Config,
-    });
-    Ok(Plan {
-        target,
-        files,
-        shim,
-        notes,
-    })
-}
-
 /// The socket a config sets in `[grpc] address`, if any (a host path).
-fn grpc_address(doc: &DocumentMut) -> Option<PathBuf> {
+pub(crate) fn grpc_address(doc: &DocumentMut) -> Option<PathBuf> {
     let address = doc.get("grpc")?.get("address")?.as_str()?;
     (!address.is_empty() && !address.contains("{{")).then(|| PathBuf::from(address))
 }
 
 /// `check` carries the masked parse of `config`; a template gets a text block appended,
 /// a plain config a table inserted with `toml_edit`.
-fn with_entry(config: &ConfigFile, spec: &RuntimeSpec) -> Result<String> {
+pub(crate) fn with_entry(config: &ConfigFile, spec: &RuntimeSpec) -> Result<String> {
     if !config.template {
         let mut doc = config.doc.clone();
         insert_entry(&mut doc, spec, &config.path)?;
@@ -388,7 +222,11 @@ fn with_entry(config: &ConfigFile, spec: &RuntimeSpec) -> Result<String> {
 }
 
 /// The config's text without the installer's runtime entry.
-fn without_entry(config: &ConfigFile, version: ConfigVersion, force: bool) -> Result<String> {
+pub(crate) fn without_entry(
+    config: &ConfigFile,
+    version: ConfigVersion,
+    force: bool,
+) -> Result<String> {
     if config.template {
         if let Some(start) = config.text.find(&format!("\n{BLOCK_BEGIN}")) {
             let tail = &config.text[start..];
@@ -409,132 +247,6 @@ fn without_entry(config: &ConfigFile, version: ConfigVersion, force: bool) -> Re
     let mut doc = config.doc.clone();
     remove_entry(&mut doc, version);
     Ok(doc.to_string())
-}
-
-/// Plans an uninstall: the drop-in or the runtime entry goes, the config returns to its
-/// backup, the shim is removed.
-pub fn plan_uninstall(opts: &InstallOptions) -> Result<Plan> {
-    let host = &opts.host;
-    let target = detect(host, opts.flavour, opts.config.as_deref())?;
-    let shim = ShimStep::for_uninstall(&host.resolve(&opts.shim_dir.join(SHIM_BINARY)));
-    let config_path = host.resolve(&target.config);
-    let mut files = Vec::new();
-    let mut notes = Vec::new();
-    let Some(text) = read_text(&config_path)? else {
-        notes.push(format!(
-            "{} does not exist; no runtime entry to remove",
-            config_path.display()
-        ));
-        return Ok(Plan {
-            target,
-            files,
-            shim,
-            notes,
-        });
-    };
-    let config = load(config_path.clone(), text)?;
-    let mut target = target;
-    if let Some(address) = grpc_address(&config.doc) {
-        target.socket = address;
-    }
-    let generated = load_generated(host, &target)?;
-    let version = match ConfigVersion::from_document(&config.doc, &config.path)? {
-        Some(v) => v,
-        None => match &generated {
-            Some((p, d)) => ConfigVersion::require(d, p)?,
-            None => ConfigVersion::require(&config.doc, &config.path)?,
-        },
-    };
-
-    if let Some(dir) = dropin::import_dir(&config.doc, &target.config, version) {
-        let path = host.resolve(&dir.join(DROPIN_NAME));
-        if let Some(existing) = read_text(&path)? {
-            if dropin::is_ours(&existing) || opts.force {
-                files.push(FileWrite {
-                    path,
-                    before: Some(existing),
-                    after: None,
-                    role: FileRole::Config,
-                });
-            } else {
-                notes.push(format!(
-                    "{} was not written by {MARKER}; left as is (--force removes it)",
-                    path.display()
-                ));
-            }
-        }
-    }
-
-    let spec = RuntimeSpec::new(version, None);
-    let after = match entry_state(&config.doc, &spec) {
-        EntryState::Absent => config.text.clone(),
-        EntryState::Matches | EntryState::Differs { .. } => {
-            let ours = crate::runtime_spec::lookup(&config.doc, &version.runtimes_path())
-                .and_then(|r| r.get(crate::runtime_spec::RUNTIME_NAME))
-                .and_then(toml_edit::Item::as_table)
-                .and_then(|t| t.decor().prefix())
-                .and_then(|p| p.as_str())
-                .is_some_and(|p| p.contains(MARKER));
-            if ours || opts.force {
-                without_entry(&config, version, opts.force)?
-            } else {
-                notes.push(format!("runtime kybernate in {} was not written by {MARKER}; left as is (--force removes it)", config.path.display()));
-                config.text.clone()
-            }
-        }
-    };
-    let backup = backup_path(&config.path);
-    let marker = created_marker_path(&config.path);
-    let mut final_text = Some(after);
-    if let Some(saved) = read_text(&backup)? {
-        if final_text.as_deref().map(str::trim_end) == Some(saved.trim_end()) {
-            final_text = Some(saved.clone());
-            files.push(FileWrite {
-                path: backup,
-                before: Some(saved),
-                after: None,
-                role: FileRole::Record,
-            });
-        } else {
-            notes.push(format!(
-                "{} differs from {} (edited since install); backup kept",
-                config.path.display(),
-                backup.display()
-            ));
-        }
-    }
-    if let Some(seed) = read_text(&marker)? {
-        if final_text.as_deref() == Some(seed.as_str()) {
-            final_text = None;
-        } else {
-            notes.push(format!(
-                "{} was edited since the installer created it; kept",
-                config.path.display()
-            ));
-        }
-        files.push(FileWrite {
-            path: marker,
-            before: Some(seed),
-            after: None,
-            role: FileRole::Record,
-        });
-    }
-    // The config goes first so a failure never leaves it without its backup.
-    files.insert(
-        0,
-        FileWrite {
-            path: config.path,
-            before: Some(config.text),
-            after: final_text,
-            role: FileRole::Config,
-        },
-    );
-    Ok(Plan {
-        target,
-        files,
-        shim,
-        notes,
-    })
 }
 
 /// The shim's host path for the given options.
