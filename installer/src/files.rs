@@ -144,3 +144,42 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     s.push(suffix);
     PathBuf::from(s)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_paths_stay_under_the_host_root() {
+        let host = HostRoot::new("/host");
+        assert_eq!(
+            host.resolve(Path::new("/etc/containerd/config.toml")),
+            Path::new("/host/etc/containerd/config.toml")
+        );
+        assert_eq!(
+            host.resolve(Path::new("/../../etc/shadow")),
+            Path::new("/host/etc/shadow")
+        );
+        assert_eq!(
+            HostRoot::new("/").resolve(Path::new("/run/x.sock")),
+            Path::new("/run/x.sock")
+        );
+    }
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        fs::write(&path, "old").unwrap();
+        write_atomic(&path, b"new", 0o600).unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "new");
+        assert_eq!(mode_or(&path, 0), 0o600);
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["config.toml"]);
+        let err = write_atomic(&dir.path().join("missing/config.toml"), b"x", 0o644).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
+    }
+}

@@ -196,7 +196,8 @@ pub(crate) fn load_generated(
 /// The socket a config sets in `[grpc] address`, if any (a host path).
 pub(crate) fn grpc_address(doc: &DocumentMut) -> Option<PathBuf> {
     let address = doc.get("grpc")?.get("address")?.as_str()?;
-    (!address.is_empty() && !address.contains("{{")).then(|| PathBuf::from(address))
+    (!address.is_empty() && !address.contains("{{") && !address.contains("${"))
+        .then(|| PathBuf::from(address))
 }
 
 /// `check` carries the masked parse of `config`; a template gets a text block appended,

@@ -113,3 +113,22 @@ impl ContainerdProbe for CriStatusProbe {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_runtime_in_the_cri_config_json() {
+        let mut info = HashMap::new();
+        info.insert("golang".to_string(), "\"go1.21\"".to_string());
+        info.insert(
+            "config".to_string(),
+            r#"{"containerd":{"defaultRuntimeName":"runc","runtimes":{"runc":{},"kybernate":{"runtimeType":"io.containerd.kybernate.v1"}}}}"#.to_string(),
+        );
+        assert!(lists_runtime(&info, "kybernate"));
+        assert!(!lists_runtime(&info, "gvisor"));
+        info.insert("config".to_string(), "not json".to_string());
+        assert!(!lists_runtime(&info, "kybernate"));
+    }
+}
