@@ -547,6 +547,25 @@ fn install_restarts_containerd_and_waits_until_it_lists_the_runtime() {
     fs::create_dir_all(mirrored.parent().unwrap()).unwrap();
     std::os::unix::fs::symlink(socket.parent().unwrap(), &mirrored).unwrap();
 
+    // A workload that must survive the restart untouched.
+    let image = busybox_image(ctd.borrow().host.dir.path());
+    ctd.borrow()
+        .ctr_ok(&["images", "import", image.to_str().unwrap()]);
+    ctd.borrow()
+        .ctr_ok(&["run", "-d", IMAGE, "workload", "/bin/sleep", "300"]);
+    let workload = |c: &PrivateContainerd| -> String {
+        let tasks = c.ctr_ok(&["tasks", "ls"]);
+        tasks
+            .lines()
+            .find(|l| l.starts_with("workload"))
+            .unwrap_or("workload missing")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let before = workload(&ctd.borrow());
+    assert!(before.ends_with("RUNNING"), "{before}");
+
     let fake = FakeSystemd {
         ctd: &ctd,
         commands: Default::default(),
@@ -567,6 +586,11 @@ fn install_restarts_containerd_and_waits_until_it_lists_the_runtime() {
         ProbeOutcome::Answering {
             runtime_listed: true
         }
+    );
+    assert_eq!(
+        workload(&ctd.borrow()),
+        before,
+        "the running workload (same pid) after the restart"
     );
 
     // Nothing changed: no restart.
