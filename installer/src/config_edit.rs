@@ -61,7 +61,8 @@ pub fn entry_state(doc: &DocumentMut, spec: &RuntimeSpec) -> EntryState {
     }
 }
 
-fn entry_is_ours(doc: &DocumentMut, version: ConfigVersion) -> bool {
+/// Whether the `kybernate` runtime table carries the installer's marker comment.
+pub fn entry_is_ours(doc: &DocumentMut, version: ConfigVersion) -> bool {
     crate::runtime_spec::lookup(doc, &version.runtimes_path())
         .and_then(|r| r.get(RUNTIME_NAME))
         .and_then(Item::as_table)

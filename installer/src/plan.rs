@@ -142,7 +142,12 @@ impl Plan {
                             source,
                         })?;
                     }
-                    write_atomic(&file.path, text.as_bytes(), mode_or(&file.path, 0o644))?
+                    // Records may copy a config that holds credentials: owner-only.
+                    let mode = match file.role {
+                        FileRole::Config => mode_or(&file.path, 0o644),
+                        FileRole::Record => 0o600,
+                    };
+                    write_atomic(&file.path, text.as_bytes(), mode)?
                 }
                 None => remove_file(&file.path)?,
             }

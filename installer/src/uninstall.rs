@@ -1,7 +1,7 @@
 //! Planning an uninstall: the drop-in or the runtime entry goes, the config returns to the
 //! bytes of its backup, a template the installer created is removed, the shim goes last.
 
-use crate::config_edit::{entry_state, EntryState, MARKER};
+use crate::config_edit::{entry_is_ours, entry_state, EntryState, MARKER};
 use crate::dropin::{self, DROPIN_NAME};
 use crate::files::{backup_path, created_marker_path, read_text};
 use crate::flavour::detect;
@@ -70,12 +70,7 @@ pub fn plan_uninstall(opts: &InstallOptions) -> Result<Plan> {
     let after = match entry_state(&config.doc, &spec) {
         EntryState::Absent => config.text.clone(),
         EntryState::Matches | EntryState::Differs { .. } => {
-            let ours = crate::runtime_spec::lookup(&config.doc, &version.runtimes_path())
-                .and_then(|r| r.get(crate::runtime_spec::RUNTIME_NAME))
-                .and_then(toml_edit::Item::as_table)
-                .and_then(|t| t.decor().prefix())
-                .and_then(|p| p.as_str())
-                .is_some_and(|p| p.contains(MARKER));
+            let ours = entry_is_ours(&config.doc, version);
             if ours || opts.force {
                 without_entry(&config, version, opts.force)?
             } else {
