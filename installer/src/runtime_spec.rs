@@ -17,8 +17,10 @@ pub const SHIM_BINARY: &str = "containerd-shim-kybernate-v1";
 pub const POD_ANNOTATIONS: &[&str] = &["kybernate.io/*"];
 /// runc options that change how the container runs, copied from the node's default runtime
 /// so that a kybernate container runs like a runc one (cgroup driver above all).
-/// `SystemdCgroup` is always copied; the others only when set to something other than their
-/// zero value.
+/// Only options set to something other than their zero value are copied: an empty options
+/// table lets CRI pass no options at all, which every shim accepts. (CRI hands a runtime type
+/// other than runc's a `runtimeoptions.v1.Options`, not runc's options; the copies document
+/// the node's settings in the config and reach the shim only through its own reading.)
 pub const COPIED_OPTIONS: &[&str] = &[
     "SystemdCgroup",
     "BinaryName",
@@ -106,8 +108,7 @@ impl RuntimeSpec {
                     .iter()
                     .filter_map(|name| {
                         let value = opts.get(name)?.as_value()?.clone();
-                        let matters = *name == "SystemdCgroup" || !is_unset(&value);
-                        matters.then(|| ((*name).to_string(), value.decorated("", "")))
+                        (!is_unset(&value)).then(|| ((*name).to_string(), value.decorated("", "")))
                     })
                     .collect()
             })
