@@ -10,6 +10,7 @@
 //! `--shim-source`, which proves the installer's part end to end.
 
 mod common;
+mod cri;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -194,11 +195,15 @@ impl PrivateContainerd {
     }
 
     fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_in(&self.namespace, args)
+    }
+
+    fn ctr_in(&self, namespace: &str, args: &[&str]) -> Output {
         Command::new(self.version.tool("ctr"))
             .arg("--address")
             .arg(&self.socket)
             .arg("--namespace")
-            .arg(&self.namespace)
+            .arg(namespace)
             .args(args)
             .env("PATH", self.path_env())
             .output()
@@ -253,14 +258,17 @@ impl PrivateContainerd {
 impl Drop for PrivateContainerd {
     fn drop(&mut self) {
         if self.daemon.is_some() {
-            let tasks = self.ctr(&["tasks", "ls", "-q"]);
-            for id in String::from_utf8_lossy(&tasks.stdout).lines() {
-                let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
-                let _ = self.ctr(&["tasks", "delete", "-f", id]);
-            }
-            let containers = self.ctr(&["containers", "ls", "-q"]);
-            for id in String::from_utf8_lossy(&containers.stdout).lines() {
-                let _ = self.ctr(&["containers", "rm", id]);
+            // The test's own namespace, and CRI's for pod sandboxes.
+            for namespace in [self.namespace.clone(), "k8s.io".to_string()] {
+                let tasks = self.ctr_in(&namespace, &["tasks", "ls", "-q"]);
+                for id in String::from_utf8_lossy(&tasks.stdout).lines() {
+                    let _ = self.ctr_in(&namespace, &["tasks", "kill", "-s", "SIGKILL", id]);
+                    let _ = self.ctr_in(&namespace, &["tasks", "delete", "-f", id]);
+                }
+                let containers = self.ctr_in(&namespace, &["containers", "ls", "-q"]);
+                for id in String::from_utf8_lossy(&containers.stdout).lines() {
+                    let _ = self.ctr_in(&namespace, &["containers", "rm", id]);
+                }
             }
         }
         self.stop();
@@ -611,4 +619,135 @@ fn install_restarts_containerd_and_waits_until_it_lists_the_runtime() {
             runtime_listed: false
         }
     );
+}
+
+/// What kubelet relies on: a pod sandbox run through CRI with runtime handler `kybernate`
+/// uses the installed runtime, and of the pod's annotations exactly the `kybernate.io/*`
+/// ones reach the OCI spec (restore reads `kybernate.io/restore-from` from there).
+fn cri_passes_kybernate_annotations(version: Version) {
+    let mut ctd = PrivateContainerd::new(version);
+    let mut doc: toml_edit::DocumentMut = fs::read_to_string(&ctd.config).unwrap().parse().unwrap();
+    // This machine refuses a negative oom_score_adj, which CRI gives sandboxes (-998)
+    // unless told to stay at containerd's own.
+    if ctd.version.v3 {
+        doc["plugins"]["io.containerd.cri.v1.images"]["pinned_images"]["sandbox"] =
+            toml_edit::value(IMAGE);
+        doc["plugins"]["io.containerd.cri.v1.runtime"]["restrict_oom_score_adj"] =
+            toml_edit::value(true);
+    } else {
+        doc["plugins"]["io.containerd.grpc.v1.cri"]["sandbox_image"] = toml_edit::value(IMAGE);
+        doc["plugins"]["io.containerd.grpc.v1.cri"]["restrict_oom_score_adj"] =
+            toml_edit::value(true);
+    }
+    fs::write(&ctd.config, doc.to_string()).unwrap();
+    ctd.installer(&[]);
+    assert_eq!(
+        ctd.start(),
+        ProbeOutcome::Answering {
+            runtime_listed: true
+        }
+    );
+    let image = busybox_image(ctd.host.dir.path());
+    let out = ctd.ctr_in("k8s.io", &["images", "import", image.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let annotations = [
+        (
+            "kybernate.io/restore-from".to_string(),
+            "ckpt-42".to_string(),
+        ),
+        ("example.com/not-passed".to_string(), "x".to_string()),
+    ];
+    let request = cri::RunPodSandboxRequest {
+        config: Some(cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: "restore-me".into(),
+                uid: format!("uid-{}", std::process::id()),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            hostname: String::new(),
+            annotations: annotations.into_iter().collect(),
+            linux: Some(cri::LinuxPodSandboxConfig {
+                cgroup_parent: String::new(),
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    // Host network: no CNI needed.
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: 2,
+                        pid: 0,
+                        ipc: 0,
+                    }),
+                }),
+            }),
+            ..Default::default()
+        }),
+        runtime_handler: "kybernate".into(),
+    };
+    let sandbox: cri::RunPodSandboxResponse = cri::call(
+        &ctd.socket,
+        "/runtime.v1.RuntimeService/RunPodSandbox",
+        request,
+    )
+    .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log()));
+    let id = sandbox.pod_sandbox_id;
+    let out = ctd.ctr_in("k8s.io", &["containers", "info", &id]);
+    assert!(
+        out.status.success(),
+        "containers info: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        info["Runtime"]["Name"], "io.containerd.kybernate.v1",
+        "{info}"
+    );
+    let spec_annotations = &info["Spec"]["annotations"];
+    assert_eq!(
+        spec_annotations["kybernate.io/restore-from"], "ckpt-42",
+        "{spec_annotations}"
+    );
+    assert!(
+        spec_annotations.get("example.com/not-passed").is_none(),
+        "{spec_annotations}"
+    );
+
+    // The sandbox's /bin/sh has exited by now; containerd 1.6 can race its own cleanup on
+    // the first stop, so stop until it reports success.
+    let mut stopped = Err(String::new());
+    for _ in 0..20 {
+        let stop = cri::PodSandboxIdRequest {
+            pod_sandbox_id: id.clone(),
+        };
+        stopped = cri::call::<_, cri::Empty>(
+            &ctd.socket,
+            "/runtime.v1.RuntimeService/StopPodSandbox",
+            stop,
+        );
+        if stopped.is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stopped.unwrap();
+    let remove = cri::PodSandboxIdRequest { pod_sandbox_id: id };
+    let _: cri::Empty = cri::call(
+        &ctd.socket,
+        "/runtime.v1.RuntimeService/RemovePodSandbox",
+        remove,
+    )
+    .unwrap();
+}
+
+#[test]
+fn containerd_16_cri_passes_kybernate_pod_annotations() {
+    cri_passes_kybernate_annotations(containerd_16());
+}
+
+#[test]
+fn containerd_21_cri_passes_kybernate_pod_annotations() {
+    cri_passes_kybernate_annotations(containerd_21());
 }
