@@ -11,7 +11,8 @@ use crate::flavour::Flavour;
 use crate::plan::{plan_install, plan_uninstall, InstallOptions, Plan};
 use crate::probe::CriStatusProbe;
 use crate::restart::{
-    restart_and_wait, restart_for, socket_path, HostCommand, NsenterCommand, WaitPolicy,
+    restart_and_wait, restart_for, socket_path, ContainerdProbe, HostCommand, NsenterCommand,
+    ProbeOutcome, WaitPolicy,
 };
 use crate::runtime_spec::SHIM_BINARY;
 use crate::{InstallerError, Result};
@@ -107,16 +108,24 @@ pub fn run_with(args: &Args, host_command: &dyn HostCommand) -> Result<()> {
     plan.notes.iter().for_each(|n| log(n));
     log(&plan.shim.describe());
     report_files(&plan);
-    if !plan.config_changed() {
-        log("containerd config unchanged; no restart needed");
+    if args.no_restart {
+        if plan.config_changed() {
+            log("--no-restart: containerd keeps its old config until it is restarted");
+        }
         return Ok(());
     }
-    if args.no_restart {
-        log("--no-restart: containerd keeps its old config until it is restarted");
+    let socket = socket_path(&plan.target, &host);
+    let probe = CriStatusProbe::new(&socket);
+    let settled = ProbeOutcome::Answering {
+        runtime_listed: !args.uninstall,
+    };
+    // An unchanged config still needs a restart when the running containerd has not loaded
+    // it yet (an earlier --no-restart run, or a restart that failed).
+    if !plan.config_changed() && probe.probe() == settled {
+        log("containerd config unchanged and loaded; no restart needed");
         return Ok(());
     }
     let restart = restart_for(plan.target.flavour, &host);
-    let socket = socket_path(&plan.target, &host);
     log(&format!(
         "restarting containerd ({restart:?}) and waiting for {}",
         socket.display()
@@ -128,7 +137,7 @@ pub fn run_with(args: &Args, host_command: &dyn HostCommand) -> Result<()> {
     let probes = restart_and_wait(
         restart.as_ref(),
         host_command,
-        &CriStatusProbe::new(&socket),
+        &probe,
         &socket,
         !args.uninstall,
         policy,

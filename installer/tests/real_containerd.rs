@@ -250,7 +250,7 @@ impl kybernate_installer::restart::HostCommand for FakeSystemd<'_> {
 }
 
 #[test]
-fn install_restarts_containerd_and_waits_until_it_lists_the_runtime() {
+fn install_restarts_containerd_when_the_running_one_lacks_the_runtime_and_waits_for_it() {
     use clap::Parser;
     use kybernate_installer::cli::{run_with, Args};
 
@@ -307,6 +307,19 @@ fn install_restarts_containerd_and_waits_until_it_lists_the_runtime() {
         "--wait-seconds",
         "30",
     ];
+    // --no-restart patches the config only; the running containerd does not know it yet.
+    let mut no_restart = base.to_vec();
+    no_restart.push("--no-restart");
+    run_with(&Args::try_parse_from(no_restart).unwrap(), &fake).unwrap();
+    assert!(fake.commands.borrow().is_empty());
+    assert_eq!(
+        CriStatusProbe::new(&socket).probe(),
+        ProbeOutcome::Answering {
+            runtime_listed: false
+        }
+    );
+
+    // The next run finds the config unchanged but not loaded, so it restarts and waits.
     run_with(&Args::try_parse_from(base).unwrap(), &fake).unwrap();
     assert_eq!(*fake.commands.borrow(), ["systemctl restart containerd"]);
     assert_eq!(
