@@ -10,14 +10,10 @@
 #   like scripts/install-deps.sh does for CRIU.
 #
 # Which runc containerd uses: containerd-shim-runc-v2 runs the runtime option `BinaryName`,
-# or else the first `runc` on containerd's PATH. scripts/install-deps.sh puts a wrapper for
-# sid's runc 1.3.6 into /usr/local/bin, which comes first on the usual PATH. That wrapper
-# starts runc through a private loader, so runc's re-exec of /proc/self/exe for `runc init`
-# runs the loader instead, and `runc create` fails ("can't copy bootstrap data to pipe").
-# containerd therefore uses bookworm's /usr/bin/runc 1.1.5 (with CRIU 4.2 from the
-# /usr/local/bin wrapper for checkpoints, which works): start containerd with
-#   PATH=/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/sbin:/usr/local/bin
-# (the Kybernate tests do), or set BinaryName = "/usr/bin/runc" in the runc options.
+# or else the first `runc` on containerd's PATH: bookworm's /usr/bin/runc 1.1.5. (A runc
+# started through a private loader, as CRIU is, cannot re-exec /proc/self/exe for
+# `runc init`, so sid's runc is not used.) CRIU 4.2 for checkpoints comes from the
+# /usr/local/bin/criu wrapper that scripts/install-deps.sh installs.
 set -euo pipefail
 
 PREFIX=${KYBERNATE_CONTAINERD2_PREFIX:-/opt/kybernate/containerd2}

@@ -3,9 +3,12 @@
 #
 # - bookworm packages: iptables (CRIU's network lock), zstd/pzstd (benchmark baselines),
 #   protobuf headers are not needed (protox compiles .proto files in pure Rust);
-# - CRIU 4.2.1 and runc from Debian sid, unpacked with the trixie C library they need into a
-#   private prefix (bookworm's glibc 2.36 is too old and must not be upgraded), with wrapper
-#   scripts on PATH that start them through that prefix's loader.
+# - CRIU 4.2.1 from Debian sid, unpacked with the trixie C library it needs into a private
+#   prefix (bookworm's glibc 2.36 is too old and must not be upgraded), with a wrapper script
+#   on PATH that starts it through that prefix's loader;
+# - containerd 1.6 + runc 1.1 (bookworm) and containerd 2.1 (sid, private prefix), through
+#   scripts/install-containerd.sh. runc stays bookworm's: a loader-wrapped runc cannot
+#   re-exec itself for `runc init`.
 set -euo pipefail
 
 PREFIX=${KYBERNATE_DEPS_PREFIX:-/opt/kybernate/deps}
@@ -16,7 +19,7 @@ log() { echo "install-deps: $*" >&2; }
 
 [ "$(id -u)" = 0 ] || { log "must run as root"; exit 1; }
 
-bookworm_packages=(iptables zstd ca-certificates)
+bookworm_packages=(iptables zstd ca-certificates busybox-static util-linux)
 missing=()
 for p in "${bookworm_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -27,7 +30,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-sid_packages=(criu libcompel1 libnet9 libnl-3-200 runc)
+sid_packages=(criu libcompel1 libnet9 libnl-3-200)
 trixie_packages=(libc6 libprotobuf-c1 libnftables1 libgnutls30t64 libbsd0 libunistring5
   libidn2-0 libtasn1-6 libnettle8t64 libhogweed6t64 libgmp10 libp11-kit0 libnftnl11
   libxtables12 libjansson4 libmnl0 libffi8 libuuid1 libmd0 libseccomp2)
@@ -42,8 +45,14 @@ criu_works() {
   [ -x "$BIN_DIR/criu" ] && "$BIN_DIR/criu" --version 2>/dev/null | grep -q 'Version: 4\.[2-9]'
 }
 
-if ! criu_works || ! [ -x "$BIN_DIR/runc" ]; then
-  log "fetching CRIU 4.2 and runc from Debian sid into $PREFIX"
+# Earlier versions of this script wrapped sid's runc the same way; that wrapper breaks
+# `runc create`, so it is removed.
+if [ -f "$BIN_DIR/runc" ] && grep -q "Kybernate's private prefix" "$BIN_DIR/runc"; then
+  rm -f "$BIN_DIR/runc"
+fi
+
+if ! criu_works; then
+  log "fetching CRIU 4.2 from Debian sid into $PREFIX"
   mkdir -p "$APT_STATE/lists/partial" "$APT_STATE/archives/partial" "$APT_STATE/debs"
   cat >"$APT_STATE/sources.list" <<SOURCES
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian sid main
@@ -62,17 +71,15 @@ SOURCES
   rm -rf "$PREFIX/root"
   mv "$PREFIX/root.new" "$PREFIX/root"
   root=$PREFIX/root
-  for tool in criu:usr/sbin/criu runc:usr/sbin/runc; do
-    name=${tool%%:*}
-    path=${tool#*:}
-    cat >"$BIN_DIR/$name" <<WRAPPER
+  cat >"$BIN_DIR/criu" <<WRAPPER
 #!/bin/sh
-# Runs $name from Kybernate's private prefix with the C library it was built for.
-exec $root/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 --library-path $root/usr/lib/x86_64-linux-gnu $root/$path "\$@"
+# Runs criu from Kybernate's private CRIU prefix with the C library it was built for.
+exec $root/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 --library-path $root/usr/lib/x86_64-linux-gnu $root/usr/sbin/criu "\$@"
 WRAPPER
-    chmod 0755 "$BIN_DIR/$name"
-  done
+  chmod 0755 "$BIN_DIR/criu"
 fi
 
 criu_works || { log "CRIU 4.2+ is not usable after install: $("$BIN_DIR/criu" --version 2>&1 | head -1)"; exit 1; }
-log "criu: $("$BIN_DIR/criu" --version | head -1); runc: $("$BIN_DIR/runc" --version | head -1)"
+log "criu: $("$BIN_DIR/criu" --version | head -1)"
+
+bash "$(dirname "$0")/install-containerd.sh"
