@@ -1,25 +1,40 @@
 #!/usr/bin/env bash
-# Real-GPU smoke check: VRAM survives CUDA checkpoint -> CRIU dump (kill) -> CRIU
-# restore -> CUDA restore, with each phase timed. See README.md.
+# Real-GPU smoke check through the agent: VRAM survives `kybernatectl checkpoint` (CUDA lock +
+# checkpoint, CRIU dump, which kills the process) and `kybernatectl restore` (CRIU restore,
+# CUDA restore + unlock), with every phase timed by the agent. See README.md.
 #
-# usage: perf/gpu-smoke/run.sh [MiB]        (root; criu on PATH; NVIDIA driver >= 570)
+# usage: perf/gpu-smoke/run.sh [MiB]        (root; CRIU 4.2 on PATH; NVIDIA driver >= 570)
 set -euo pipefail
 
 MIB=${1:-1024}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PROFILE=${PROFILE:-release}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-BIN=$TARGET/$PROFILE
+BIN=$TARGET/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")
 
-cargo build --quiet --manifest-path "$ROOT/Cargo.toml" --profile "$PROFILE" -p kybernate-gpu-smoke
+cargo build --quiet --manifest-path "$ROOT/Cargo.toml" --profile "$PROFILE" \
+	-p kybernate-gpu-smoke -p kybernate-agent --bins
 
 WORK=$(mktemp -d /dev/shm/gpu-smoke.XXXXXX)
+SOCKET=$WORK/agent.sock
 echo "work dir: $WORK"
+"$BIN/kybernate-agent" --state-dir "$WORK/agent" --socket "$SOCKET" --metrics-addr 127.0.0.1:0 \
+	2>"$WORK/agent.log" &
+AGENT=$!
+PID=
+cleanup() {
+	[ -n "$PID" ] && kill -9 "$PID" 2>/dev/null || true
+	kill "$AGENT" 2>/dev/null || true
+}
+trap cleanup EXIT
+for _ in $(seq 200); do [ -S "$SOCKET" ] && break; sleep 0.05; done
+[ -S "$SOCKET" ] || { echo "FAIL: agent did not start: $(cat "$WORK/agent.log")"; exit 1; }
+grep -q "CUDA driver loaded" "$WORK/agent.log" || { echo "FAIL: the agent found no CUDA driver: $(cat "$WORK/agent.log")"; exit 1; }
+ctl() { "$BIN/kybernatectl" --socket "$SOCKET" --output json "$@"; }
 
 # Own session, stdio off the terminal: what CRIU needs to dump a bare process.
 setsid "$BIN/gpu-smoke" "$MIB" "$WORK/state" </dev/null >"$WORK/smoke.log" 2>&1 &
 PID=$!
-trap 'kill -9 $PID 2>/dev/null || true' EXIT
 
 sweeps() { sed -n 's/^sweeps=\([0-9]*\).*/\1/p' "$WORK/state" 2>/dev/null || true; }
 wait_sweeps() { # wait_sweeps N: until N verified sweeps, failing on an error status
@@ -36,8 +51,12 @@ wait_sweeps() { # wait_sweeps N: until N verified sweeps, failing on an error st
 }
 
 wait_sweeps 1
-echo "pid $PID holds $MIB MiB of verified VRAM; checkpointing"
-"$BIN/gpu-cycle" "$PID" "$WORK/images" | tee "$WORK/phases.json"
+echo "pid $PID holds $MIB MiB of verified VRAM; checkpointing through the agent"
+ctl checkpoint --pid "$PID" --name gpu-smoke | tee "$WORK/checkpoint.json"
+wait "$PID" 2>/dev/null || true
+while [ -e "/proc/$PID" ]; do sleep 0.01; done
+ctl restore gpu-smoke --from ram | tee "$WORK/restore.json"
 BEFORE=$(sweeps)
 wait_sweeps $((BEFORE + 2))
-echo "PASS: restored process verified all $MIB MiB twice more (sweeps $(sweeps)); phases in $WORK/phases.json"
+echo "PASS: restored process verified all $MIB MiB twice more (sweeps $(sweeps))"
+echo "phases (ms): checkpoint $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["phases"])' "$WORK/checkpoint.json"), restore $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["phases"])' "$WORK/restore.json")"

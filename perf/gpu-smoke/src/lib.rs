@@ -1,13 +1,10 @@
 //! The real-GPU smoke check (see `README.md`): [`smoke`] keeps a known pattern in VRAM
-//! and verifies it forever; [`cycle`] takes one such process through CUDA checkpoint,
-//! CRIU dump (which kills it), CRIU restore and CUDA restore, timing every phase.
+//! and verifies it forever, so a checkpoint and restore through the agent can be proven
+//! on real hardware.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use cudarc::driver::{result, sys};
-use kybernate_cuda::{CheckpointOptions, CudaSession};
 use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
 
 const CHUNK: usize = 8 * 1024 * 1024;
 
@@ -85,73 +82,4 @@ fn smoke_loop(mib: usize, state: &Path, sweeps: &mut u64) -> Result<()> {
         std::fs::write(&tmp, format!("sweeps={sweeps} status=ok\n"))?;
         std::fs::rename(&tmp, state)?;
     }
-}
-
-fn criu(args: &[&str], images: &Path) -> Result<Duration> {
-    let started = Instant::now();
-    let status = Command::new("criu")
-        .args(args)
-        .arg("-D")
-        .arg(images)
-        .args(["-o", &format!("{}.log", args[0]), "-v4"])
-        .status()
-        .context("running criu (is it on PATH?)")?;
-    if !status.success() {
-        bail!(
-            "criu {} failed ({status}); see {}/{}.log",
-            args[0],
-            images.display(),
-            args[0]
-        );
-    }
-    Ok(started.elapsed())
-}
-
-/// One checkpoint → kill → restore cycle of process `pid` (started with setsid, stdio
-/// not on a terminal). Prints one JSON object with every phase in milliseconds.
-pub fn cycle(pid: u32, images: &Path) -> Result<()> {
-    let started = Instant::now();
-    let session = CudaSession::load().context("loading the CUDA driver")?;
-    let load = started.elapsed();
-    let fingerprint = session.fingerprint();
-    let held = session
-        .checkpoint(&[pid], &CheckpointOptions::default())
-        .context("CUDA checkpoint")?;
-    if held.pids().is_empty() {
-        bail!("pid {pid} is not a CUDA process");
-    }
-    std::fs::create_dir_all(images)?;
-    let dump = match criu(&["dump", "-t", &pid.to_string()], images) {
-        Ok(d) => d,
-        Err(e) => {
-            held.resume().context("rolling back after CRIU failure")?;
-            return Err(e);
-        }
-    };
-    let cuda_checkpoint = held.keep_checkpointed();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Path::new(&format!("/proc/{pid}")).exists() {
-        if Instant::now() > deadline {
-            bail!("pid {pid} still exists 30 s after the dump");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let criu_restore = criu(&["restore", "-d"], images)?;
-    let report = session
-        .restore(&[pid], fingerprint.as_ref())
-        .context("CUDA restore")?;
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let out = serde_json::json!({
-        "pid": pid,
-        "driver_load_ms": ms(load),
-        "cuda_lock_ms": ms(cuda_checkpoint.lock),
-        "cuda_checkpoint_ms": ms(cuda_checkpoint.checkpoint),
-        "criu_dump_ms": ms(dump),
-        "criu_restore_ms": ms(criu_restore),
-        "cuda_restore_ms": ms(report.timings.restore),
-        "cuda_unlock_ms": ms(report.timings.unlock),
-        "remapped": report.remapped,
-    });
-    println!("{out}");
-    Ok(())
 }
