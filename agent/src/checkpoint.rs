@@ -9,7 +9,7 @@ use crate::catalog::CheckpointRecord;
 use crate::config::TimeoutsConfig;
 use crate::criu::Dump;
 use crate::cuda::{CudaPhaseError, LockAndCheckpoint, Release};
-use crate::error::AgentError;
+use crate::error::{tier_list, AgentError};
 use crate::events::PhaseClock;
 use crate::images;
 use crate::node_parts::NodeParts;
@@ -193,6 +193,7 @@ async fn phases(
         .map_err(|e| ("digest", e))?;
 
     let mut stored: Vec<(TierKind, StoreReport)> = vec![(TierKind::Ram, ram_report)];
+    let mut store_failure = None;
     for (kind, tier) in parts
         .tiers
         .actors
@@ -220,9 +221,14 @@ async fn phases(
                     source,
                 })
             })
-            .await
-            .map_err(|e| (phase, e))?;
-        stored.push((*kind, report));
+            .await;
+        match report {
+            Ok(report) => stored.push((*kind, report)),
+            Err(e) => {
+                store_failure = Some((phase, e));
+                break;
+            }
+        }
     }
 
     let per_tier: Vec<(&str, u64)> = stored
@@ -230,7 +236,7 @@ async fn phases(
         .map(|(k, r)| (k.as_str(), r.stored_bytes))
         .collect();
     parts.metrics.stored(ram_report.raw_bytes, &per_tier);
-    Ok(CheckpointRecord {
+    let record = CheckpointRecord {
         name: name.to_string(),
         pid: job.pid,
         container_id: job.container_id.clone(),
@@ -252,7 +258,20 @@ async fn phases(
         } else {
             cuda.fingerprint
         },
-    })
+    };
+    match store_failure {
+        None => Ok(record),
+        // The dump succeeded, so the images are the workload's state (in stop mode its only
+        // state): keep the checkpoint with the tiers that hold it and report what failed.
+        Some((phase, source)) => Err((
+            phase,
+            AgentError::HeldPartially {
+                tiers: tier_list(&stored.iter().map(|(k, _)| *k).collect::<Vec<_>>()),
+                record: Box::new(record),
+                source: Box::new(source),
+            },
+        )),
+    }
 }
 
 fn remove_if_present(dir: &std::path::Path) -> std::io::Result<()> {

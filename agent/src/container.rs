@@ -105,6 +105,8 @@ impl Handler<RunCheckpoint> for ContainerActor {
                     (Err(AgentError::InvalidTarget(_) | AgentError::Cuda { .. }), _) => {
                         WorkloadState::Running
                     }
+                    (Err(AgentError::HeldPartially { .. }), true) => WorkloadState::Running,
+                    (Err(AgentError::HeldPartially { .. }), false) => WorkloadState::Stored,
                     (Err(_), _) => WorkloadState::Failed,
                 };
                 actor.state.send_replace(next);

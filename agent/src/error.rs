@@ -3,7 +3,7 @@
 
 use kybernate_dataplane::{InvalidName, TierError, TierKind};
 
-use crate::catalog::CatalogError;
+use crate::catalog::{CatalogError, CheckpointRecord};
 use crate::criu::CriuError;
 use crate::cuda::CudaPhaseError;
 use crate::images::ImageError;
@@ -90,6 +90,18 @@ pub enum AgentError {
         /// The process holding it.
         stat: Option<ProcStat>,
     },
+    /// The checkpoint was taken but could not be stored in every tier; it is kept in the
+    /// tiers that hold it.
+    #[error("checkpoint {} was taken and is kept in {tiers} only: {source}", record.name)]
+    HeldPartially {
+        /// The checkpoint, to be recorded all the same.
+        record: Box<CheckpointRecord>,
+        /// The tiers that hold it.
+        tiers: String,
+        /// Why the next tier failed.
+        #[source]
+        source: Box<AgentError>,
+    },
     /// The checkpoint record could not be saved or read.
     #[error(transparent)]
     Catalog(#[from] CatalogError),
@@ -120,6 +132,7 @@ impl AgentError {
             AgentError::Cuda { source, .. } => source.metric_label(),
             AgentError::Criu { source, .. } => source.metric_label(),
             AgentError::Tier { source, .. } => source.metric_label(),
+            AgentError::HeldPartially { source, .. } => source.metric_label(),
             AgentError::Images { .. } => "corrupt",
             AgentError::NoCopy { .. } => "no_copy",
             AgentError::PidInUse { .. } => "pid_in_use",
@@ -153,6 +166,7 @@ impl From<AgentError> for tonic::Status {
             }
             AgentError::Timeout { .. } => tonic::Status::deadline_exceeded(message),
             AgentError::Cuda { .. }
+            | AgentError::HeldPartially { .. }
             | AgentError::Criu { .. }
             | AgentError::Tier { .. }
             | AgentError::Catalog(_) => tonic::Status::aborted(message),

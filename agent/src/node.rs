@@ -207,6 +207,9 @@ impl Handler<Checkpoint> for NodeAgent {
             .map(move |result, agent, ctx| {
                 agent.busy.remove(&name);
                 agent.refresh_tier_usage(ctx);
+                if let Err(AgentError::HeldPartially { record, .. }) = &result {
+                    agent.catalog.insert(name.clone(), (**record).clone())?;
+                }
                 let (record, holdings) = result?;
                 agent.catalog.insert(name.clone(), record.clone())?;
                 Ok(pb::CheckpointReply {

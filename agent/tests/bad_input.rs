@@ -191,3 +191,62 @@ fn only_root_may_use_the_socket() {
     assert!(err.contains("uid 65534 is not authorised"), "{err}");
     agent.assert_serving();
 }
+
+/// A small tmpfs mounted for one test, unmounted on drop.
+struct SmallMount(tempfile::TempDir);
+
+impl SmallMount {
+    fn new(size: &str) -> Self {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount a {size} tmpfs");
+        Self(dir)
+    }
+}
+
+impl Drop for SmallMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[test]
+fn full_nvme_tier_keeps_the_ram_copy() {
+    let nvme = SmallMount::new("1m");
+    let agent = TestAgent::start_with_config(&format!(
+        "[tiers]\nnvme_path = \"{}\"\n",
+        nvme.0.path().display()
+    ));
+    let mut workload = Workload::start(agent.dir.path(), 16, &[]);
+    let err = agent.ctl_err(&[
+        "checkpoint",
+        "--pid",
+        &workload.pid.to_string(),
+        "--name",
+        "full",
+    ]);
+    assert!(
+        err.contains("checkpoint full was taken and is kept in ram only"),
+        "{err}"
+    );
+    assert!(
+        err.contains("store_nvme") && err.contains("No space left on device"),
+        "{err}"
+    );
+    workload.reap_dumped();
+    let at_dump = workload.read().unwrap();
+
+    let list = agent.ctl_json(&["list"]);
+    assert_eq!(list[0]["name"], "full");
+    assert_eq!(list[0]["tiers"], serde_json::json!(["ram"]));
+    let restored = agent.ctl_json(&["restore", "full"]);
+    workload.restored_as(support::pid_of(&restored));
+    let after = workload.wait_for(|s| s.counter > at_dump.counter);
+    assert_eq!(after.epoch, at_dump.epoch, "nothing was lost");
+}
