@@ -107,15 +107,8 @@ pub fn verify_dir(dir: &Path, files: &[ImageFile]) -> Result<(), ImageError> {
 }
 
 fn digest_file(path: &Path) -> std::io::Result<String> {
-    let file = fs::File::open(path)?;
     let mut hasher = blake3::Hasher::new();
-    if file.metadata()?.len() > 0 {
-        // SAFETY: image files are written once by CRIU and never modified in place while a
-        // checkpoint is being digested; a concurrent truncation would at worst fault this
-        // read, which the agent's own layout rules out.
-        let map = unsafe { memmap2::Mmap::map(&file)? };
-        hasher.update(&map);
-    }
+    hasher.update_mmap_rayon(path)?;
     Ok(hasher.finalize().to_hex().to_string())
 }
 
