@@ -28,7 +28,11 @@ impl LocalDirTier {
         fs::create_dir_all(&tier.root).map_err(|e| tier.io("create directory", &tier.root, e))?;
         for entry in fs::read_dir(&tier.root).map_err(|e| tier.io("read", &tier.root, e))? {
             let entry = entry.map_err(|e| tier.io("read", &tier.root, e))?;
-            if entry.file_name().to_string_lossy().starts_with(PARTIAL_PREFIX) {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(PARTIAL_PREFIX)
+            {
                 let path = entry.path();
                 fs::remove_dir_all(&path).map_err(|e| tier.io("remove", &path, e))?;
             }
@@ -222,7 +226,10 @@ mod tests {
         let dest = tmp.path().join("dest");
         fs::create_dir(&dest).unwrap();
         assert_eq!(tier.load(&name("cp1"), &dest).unwrap().bytes, 10_004);
-        assert_eq!(fs::read(dest.join("pages-1.img")).unwrap(), vec![7u8; 10_000]);
+        assert_eq!(
+            fs::read(dest.join("pages-1.img")).unwrap(),
+            vec![7u8; 10_000]
+        );
 
         assert!(tier.remove(&name("cp1")).unwrap());
         assert!(!tier.remove(&name("cp1")).unwrap());

@@ -81,7 +81,9 @@ mod tests {
 
     #[test]
     fn rejects_names_that_escape_or_hide() {
-        for bad in ["", "../x", "a/b", ".hidden", "..", "-rf", "a b", "ü", "x\0y"] {
+        for bad in [
+            "", "../x", "a/b", ".hidden", "..", "-rf", "a b", "ü", "x\0y",
+        ] {
             let err = CheckpointName::new(bad).unwrap_err();
             assert!(err.to_string().contains("invalid checkpoint name"), "{err}");
         }
