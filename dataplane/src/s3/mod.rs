@@ -465,7 +465,17 @@ impl ChunkFetch for S3Tier {
                     .send()
             })
             .await
-            .map_err(|(e, n)| remote(format!("ranged get {range} of"), &key, &e, n))?;
+            .map_err(|(e, n)| {
+                if status(&e) == Some(416) {
+                    corrupt(format!("pack {key} is shorter than the manifest says (HTTP 416 for {range})"))
+                } else {
+                    let op = format!(
+                        "checkpoint {} file {file} chunk {index}: ranged get {range} of",
+                        manifest.name
+                    );
+                    remote(op, &key, &e, n)
+                }
+            })?;
             let mut body = out.body;
             let mut filled = 0usize;
             let dest = buf.spare_mut();
@@ -481,7 +491,9 @@ impl ChunkFetch for S3Tier {
                 filled += piece.len();
             }
             if filled != len {
-                return Err(corrupt(format!("{key} returned {filled} of {len} bytes")));
+                return Err(corrupt(format!(
+                    "pack {key} is shorter than the manifest says: {range} returned {filled} of {len} bytes"
+                )));
             }
             Ok(())
         });

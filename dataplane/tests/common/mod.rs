@@ -1,6 +1,8 @@
 //! Shared fixtures: deterministic image-set contents and directory comparison.
 #![allow(dead_code)]
 
+pub mod s3_server;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
