@@ -38,6 +38,34 @@ pub enum TierError {
         /// Which file or chunk and what is wrong.
         detail: String,
     },
+    /// The object store refused or failed a request (after retries where they apply).
+    #[error("{tier} tier: {op} {key}: {detail}")]
+    Remote {
+        /// Tier the request went to.
+        tier: TierKind,
+        /// What was being done, e.g. "upload part 3 of", "get".
+        op: String,
+        /// Object key (or bucket) involved.
+        key: String,
+        /// The server's or client's message, never containing credentials.
+        detail: String,
+    },
+    /// Every tier that held the checkpoint failed to produce a good copy.
+    #[error("no tier holds a good copy of checkpoint {name}: {failures}")]
+    NoGoodCopy {
+        /// The checkpoint.
+        name: CheckpointName,
+        /// Each tier's error, nearest first.
+        failures: String,
+    },
+    /// The tier's configuration cannot work.
+    #[error("{tier} tier: invalid configuration: {detail}")]
+    Config {
+        /// Tier being configured.
+        tier: TierKind,
+        /// What is wrong.
+        detail: String,
+    },
 }
 
 impl TierError {
@@ -47,6 +75,9 @@ impl TierError {
             TierError::NotFound { .. } => "not_found",
             TierError::Io { .. } => "io",
             TierError::Corrupt { .. } => "corrupt",
+            TierError::Remote { .. } => "remote",
+            TierError::Config { .. } => "config",
+            TierError::NoGoodCopy { .. } => "no_good_copy",
         }
     }
 }

@@ -4,12 +4,31 @@
 //! into the RAM tier and then stored into the slower tiers; a restore loads them back from the
 //! nearest tier that holds them.
 
+mod buffer;
+mod chunk;
 mod error;
 mod local_dir;
+mod manifest;
 mod name;
+mod nearest;
+mod nvme;
+mod pipeline;
+mod restore;
+mod s3;
 mod tier;
+mod uring;
 
+pub use buffer::{AlignedBuf, BufferPool, PooledBuf};
+pub use chunk::{ChunkConfig, ChunkEncoding, ChunkHash, DEFAULT_CHUNK_SIZE};
 pub use error::TierError;
 pub use local_dir::LocalDirTier;
+pub use manifest::{
+    CheckpointManifest, ChunkLocation, ChunkRef, FileEntry, ManifestError, MANIFEST_MAGIC,
+    MANIFEST_VERSION, MAX_MANIFEST_BYTES,
+};
 pub use name::{CheckpointName, InvalidName};
+pub use nearest::{load_nearest, NearestLoad};
+pub use nvme::NvmeTier;
+pub use pipeline::DrainStats;
+pub use s3::{S3Config, S3Tier, Secret, MAX_PARTS, MIN_PART_SIZE};
 pub use tier::{LoadReport, StoreReport, Tier, TierKind};

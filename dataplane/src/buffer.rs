@@ -1,0 +1,246 @@
+//! A fixed pool of page-aligned, mlock'ed buffers.
+//!
+//! Every encoded chunk and every S3 part lives in one of these: they are aligned for O_DIRECT,
+//! pinned so the kernel never pages them out mid-write, and reused, so a multi-GiB drain does
+//! no allocation per chunk and its memory stays flat (a full pool makes producers wait).
+
+use std::alloc::{self, Layout};
+use std::ptr::NonNull;
+use std::sync::{Arc, Condvar, Mutex};
+
+use crate::chunk::IO_ALIGN;
+
+/// One aligned allocation of `capacity` bytes, with `len` of them in use.
+#[derive(Debug)]
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    capacity: usize,
+    len: usize,
+    locked: bool,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only hands out `&[u8]`; mutation needs `&mut self`.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    fn new(capacity: usize) -> Self {
+        let capacity = capacity.div_ceil(IO_ALIGN).max(1) * IO_ALIGN;
+        let layout = Layout::from_size_align(capacity, IO_ALIGN).expect("valid buffer layout");
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout)
+        };
+        // SAFETY: ptr..ptr+capacity is our allocation. Failure (RLIMIT_MEMLOCK) only means
+        // the buffer is not pinned, which costs speed, not correctness.
+        let locked = unsafe { libc::mlock(ptr.as_ptr().cast(), capacity) } == 0;
+        Self {
+            ptr,
+            capacity,
+            len: 0,
+            locked,
+        }
+    }
+
+    /// Bytes the buffer can hold (a multiple of 4096).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The bytes in use.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: len <= capacity, and the whole allocation is initialised (alloc_zeroed).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The whole allocation, for filling; call [`AlignedBuf::set_len`] afterwards.
+    pub fn spare_mut(&mut self) -> &mut [u8] {
+        // SAFETY: the allocation is initialised and exclusively borrowed through &mut self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.capacity) }
+    }
+
+    /// Marks the first `len` bytes as in use.
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.capacity, "buffer length beyond capacity");
+        self.len = len;
+    }
+
+    /// Start of the allocation, for io_uring submissions.
+    pub(crate) fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Whether mlock succeeded.
+    pub fn is_pinned(&self) -> bool {
+        self.locked
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.capacity, IO_ALIGN).expect("valid layout");
+        // SAFETY: same allocation as in `new`; munlock of an unlocked range is harmless.
+        unsafe {
+            if self.locked {
+                libc::munlock(self.ptr.as_ptr().cast(), self.capacity);
+            }
+            alloc::dealloc(self.ptr.as_ptr(), layout);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PoolInner {
+    free: Mutex<Vec<AlignedBuf>>,
+    returned: Condvar,
+}
+
+/// A bounded set of equally sized [`AlignedBuf`]s shared by the stages of the pipeline.
+#[derive(Clone, Debug)]
+pub struct BufferPool {
+    inner: Arc<PoolInner>,
+    buf_size: usize,
+    count: usize,
+}
+
+impl BufferPool {
+    /// Allocates and pins `count` buffers of at least `buf_size` bytes.
+    pub fn new(buf_size: usize, count: usize) -> Self {
+        let free: Vec<_> = (0..count.max(1))
+            .map(|_| AlignedBuf::new(buf_size))
+            .collect();
+        if free.iter().any(|b| !b.is_pinned()) {
+            tracing::warn!(
+                buf_size,
+                count,
+                "mlock failed; data-plane buffers are not pinned"
+            );
+        }
+        Self {
+            inner: Arc::new(PoolInner {
+                free: Mutex::new(free),
+                returned: Condvar::new(),
+            }),
+            buf_size,
+            count: count.max(1),
+        }
+    }
+
+    /// Size each buffer was asked to hold.
+    pub fn buf_size(&self) -> usize {
+        self.buf_size
+    }
+
+    /// Number of buffers in the pool.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Takes a buffer, waiting until one is returned if all are in use.
+    pub fn take(&self) -> PooledBuf {
+        let mut free = self.inner.free.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(mut buf) = free.pop() {
+                buf.set_len(0);
+                return PooledBuf {
+                    buf: Some(buf),
+                    pool: Arc::clone(&self.inner),
+                };
+            }
+            free = self
+                .inner
+                .returned
+                .wait(free)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Buffers currently free (for tests and metrics).
+    pub fn available(&self) -> usize {
+        self.inner.free.lock().map_or(0, |f| f.len())
+    }
+}
+
+/// A buffer on loan from a [`BufferPool`]; dropping it gives it back.
+#[derive(Debug)]
+pub struct PooledBuf {
+    buf: Option<AlignedBuf>,
+    pool: Arc<PoolInner>,
+}
+
+impl PooledBuf {
+    /// Turns the buffer into `Bytes` without copying; it returns to the pool when the last
+    /// clone of those `Bytes` is dropped (e.g. after the HTTP client sent it).
+    pub fn into_bytes(self) -> bytes::Bytes {
+        bytes::Bytes::from_owner(self)
+    }
+}
+
+impl AsRef<[u8]> for PooledBuf {
+    fn as_ref(&self) -> &[u8] {
+        self.buf.as_ref().map_or(&[], AlignedBuf::as_slice)
+    }
+}
+
+impl std::ops::Deref for PooledBuf {
+    type Target = AlignedBuf;
+    fn deref(&self) -> &AlignedBuf {
+        self.buf.as_ref().expect("buffer present until drop")
+    }
+}
+
+impl std::ops::DerefMut for PooledBuf {
+    fn deref_mut(&mut self) -> &mut AlignedBuf {
+        self.buf.as_mut().expect("buffer present until drop")
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            let mut free = self.pool.free.lock().unwrap_or_else(|e| e.into_inner());
+            free.push(buf);
+            self.pool.returned.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_aligned_reused_and_returned_through_bytes() {
+        let pool = BufferPool::new(10_000, 2);
+        let mut a = pool.take();
+        assert_eq!(a.capacity(), 12_288);
+        assert_eq!(a.as_ptr() as usize % IO_ALIGN, 0);
+        a.spare_mut()[..3].copy_from_slice(b"abc");
+        a.set_len(3);
+        let first_ptr = a.as_ptr();
+        let bytes = a.into_bytes();
+        let clone = bytes.clone();
+        assert_eq!(&clone[..], b"abc");
+        assert_eq!(pool.available(), 1);
+        drop(bytes);
+        assert_eq!(pool.available(), 1);
+        drop(clone);
+        assert_eq!(pool.available(), 2);
+        let b = pool.take();
+        let c = pool.take();
+        assert!(b.as_ptr() == first_ptr || c.as_ptr() == first_ptr);
+        assert!(b.as_slice().is_empty());
+    }
+
+    #[test]
+    fn take_waits_for_a_returned_buffer() {
+        let pool = BufferPool::new(4096, 1);
+        let held = pool.take();
+        let p2 = pool.clone();
+        let waiter = std::thread::spawn(move || p2.take().capacity());
+        drop(held);
+        assert_eq!(waiter.join().unwrap(), 4096);
+    }
+}

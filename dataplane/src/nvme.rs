@@ -1,0 +1,444 @@
+//! The NVMe tier: a content-addressed chunk store on local disk plus one manifest per
+//! checkpoint.
+//!
+//! Layout under the root: `chunks/<2 hex>/<64 hex>` (a chunk's stored bytes, named by the
+//! BLAKE3 of its raw bytes), `chunks/.tmp/` (chunks being written), `manifests/<name>`.
+//! A chunk already present is never written again, so a second checkpoint of the same memory,
+//! or a second replica of the same model, adds only its new chunks. A checkpoint exists once
+//! its manifest is renamed into place, after all its chunks are fsynced.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::buffer::{AlignedBuf, BufferPool, PooledBuf};
+use crate::chunk::{ChunkConfig, ChunkEncoding, ChunkHash};
+use crate::manifest::{CheckpointManifest, ChunkLocation, ChunkRef, MAX_MANIFEST_BYTES};
+use crate::pipeline::{drain_image_set, ChunkIndex, ChunkWriter, DrainStats, StoredChunk};
+use crate::restore::{restore_image_set, ChunkFetch};
+use crate::uring::{UringWriter, WriteJob};
+use crate::{CheckpointName, LoadReport, StoreReport, Tier, TierError, TierKind};
+
+const TIER: TierKind = TierKind::Nvme;
+
+/// Content-addressed, chunked, compressed image sets on local disk (see the module docs).
+#[derive(Debug)]
+pub struct NvmeTier {
+    root: PathBuf,
+    config: ChunkConfig,
+    pool: BufferPool,
+    /// Serialises stores and removals, so garbage collection never races a store that is
+    /// about to reference a chunk.
+    lock: Mutex<()>,
+    tmp_seq: AtomicU64,
+}
+
+fn io(op: &'static str, path: &Path, source: io::Error) -> TierError {
+    TierError::Io {
+        tier: TIER,
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn sync_dir(path: &Path) -> Result<(), TierError> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("sync directory", path, e))
+}
+
+impl NvmeTier {
+    /// Opens (creating if needed) the tier at `root` and removes chunk files left half-written
+    /// by a crash. Allocates the tier's pinned buffer pool.
+    pub fn open(root: impl Into<PathBuf>, config: ChunkConfig) -> Result<Self, TierError> {
+        config
+            .validate()
+            .map_err(|detail| TierError::Config { tier: TIER, detail })?;
+        let root = root.into();
+        for dir in [root.join("manifests"), root.join("chunks").join(".tmp")] {
+            fs::create_dir_all(&dir).map_err(|e| io("create directory", &dir, e))?;
+        }
+        let tmp = root.join("chunks").join(".tmp");
+        for entry in fs::read_dir(&tmp).map_err(|e| io("read", &tmp, e))? {
+            let path = entry.map_err(|e| io("read", &tmp, e))?.path();
+            fs::remove_file(&path).map_err(|e| io("remove leftover", &path, e))?;
+        }
+        let pool = BufferPool::new(config.chunk_size, config.worker_count() * 2 + 24);
+        Ok(Self {
+            root,
+            config,
+            pool,
+            lock: Mutex::new(()),
+            tmp_seq: AtomicU64::new(0),
+        })
+    }
+
+    /// Root directory of the tier.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The pipeline settings this tier stores with.
+    pub fn config(&self) -> &ChunkConfig {
+        &self.config
+    }
+
+    /// Path of the stored bytes of the chunk with `hash`.
+    pub fn chunk_path(&self, hash: &ChunkHash) -> PathBuf {
+        let hex = hash.to_hex();
+        self.root.join("chunks").join(&hex[..2]).join(hex)
+    }
+
+    /// Path of the manifest of `name`.
+    pub fn manifest_path(&self, name: &CheckpointName) -> PathBuf {
+        self.root.join("manifests").join(name.as_str())
+    }
+
+    /// Reads and validates the manifest of `name`.
+    pub fn manifest(&self, name: &CheckpointName) -> Result<CheckpointManifest, TierError> {
+        let path = self.manifest_path(name);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(TierError::NotFound {
+                    tier: TIER,
+                    name: name.clone(),
+                })
+            }
+            Err(e) => return Err(io("open manifest", &path, e)),
+        };
+        let reader = BufReader::new(file).take(MAX_MANIFEST_BYTES + 64);
+        let manifest = CheckpointManifest::read_from(reader).map_err(|e| TierError::Corrupt {
+            tier: TIER,
+            name: name.clone(),
+            detail: format!("manifest {}: {e}", path.display()),
+        })?;
+        if &manifest.name != name {
+            return Err(TierError::Corrupt {
+                tier: TIER,
+                name: name.clone(),
+                detail: format!(
+                    "manifest {} names checkpoint {}",
+                    path.display(),
+                    manifest.name
+                ),
+            });
+        }
+        Ok(manifest)
+    }
+
+    /// Stores an image set and reports the pipeline's figures (zero, dedup and new bytes).
+    pub fn store_with_stats(
+        &self,
+        name: &CheckpointName,
+        image_dir: &Path,
+    ) -> Result<(StoreReport, DrainStats), TierError> {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(m) = self.manifest(name) {
+            let raw = m.raw_bytes();
+            return Ok((
+                StoreReport {
+                    raw_bytes: raw,
+                    stored_bytes: 0,
+                },
+                DrainStats {
+                    raw_bytes: raw,
+                    ..DrainStats::default()
+                },
+            ));
+        }
+        let mut writer = NvmeChunkWriter {
+            tier: self,
+            uring: Some(UringWriter::start()?),
+            dirs: HashSet::new(),
+        };
+        let drained = drain_image_set(
+            TIER,
+            name,
+            image_dir,
+            &self.config,
+            &self.pool,
+            self,
+            &mut writer,
+        );
+        let outcome = writer.uring.take().expect("writer present").finish();
+        let drained = match (drained, outcome.error) {
+            (_, Some(e)) | (Err(e), None) => Err(e),
+            (Ok(done), None) => Ok(done),
+        };
+        let committed = drained.and_then(|(manifest, stats)| {
+            for dir in &writer.dirs {
+                sync_dir(dir)?;
+            }
+            self.write_manifest(&manifest)?;
+            Ok(stats)
+        });
+        match committed {
+            Ok(stats) => Ok((
+                StoreReport {
+                    raw_bytes: stats.raw_bytes,
+                    stored_bytes: stats.new_stored_bytes,
+                },
+                stats,
+            )),
+            Err(e) => {
+                // Nothing references the chunks this store added (stores are serialised), so
+                // they go; the source image set was only read and is untouched.
+                for path in &outcome.written {
+                    let _ = fs::remove_file(path);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn write_manifest(&self, manifest: &CheckpointManifest) -> Result<(), TierError> {
+        let dir = self.root.join("manifests");
+        let tmp = dir.join(format!(".tmp-{}", manifest.name));
+        let path = self.manifest_path(&manifest.name);
+        let result = (|| {
+            let mut file = File::create(&tmp).map_err(|e| io("create manifest", &tmp, e))?;
+            let mut buf = Vec::new();
+            manifest
+                .write_to(&mut buf)
+                .map_err(|e| TierError::Corrupt {
+                    tier: TIER,
+                    name: manifest.name.clone(),
+                    detail: format!("manifest cannot be encoded: {e}"),
+                })?;
+            file.write_all(&buf)
+                .map_err(|e| io("write manifest", &tmp, e))?;
+            file.sync_all().map_err(|e| io("sync manifest", &tmp, e))?;
+            fs::rename(&tmp, &path).map_err(|e| io("commit manifest", &tmp, e))?;
+            sync_dir(&dir)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn all_referenced(&self) -> Result<HashSet<ChunkHash>, TierError> {
+        let mut hashes = HashSet::new();
+        for name in self.list()? {
+            for f in self.manifest(&name)?.files {
+                hashes.extend(
+                    f.chunks
+                        .iter()
+                        .filter(|c| c.encoding != ChunkEncoding::Zero)
+                        .map(|c| c.hash),
+                );
+            }
+        }
+        Ok(hashes)
+    }
+
+    fn chunk_files(&self) -> Result<Vec<PathBuf>, TierError> {
+        let chunks = self.root.join("chunks");
+        let mut out = Vec::new();
+        for shard in fs::read_dir(&chunks).map_err(|e| io("read", &chunks, e))? {
+            let shard = shard.map_err(|e| io("read", &chunks, e))?;
+            if shard.file_name() == ".tmp" {
+                continue;
+            }
+            let dir = shard.path();
+            for entry in fs::read_dir(&dir).map_err(|e| io("read", &dir, e))? {
+                out.push(entry.map_err(|e| io("read", &dir, e))?.path());
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl ChunkIndex for NvmeTier {
+    fn lookup(&self, hash: &ChunkHash, raw_len: u32) -> Result<Option<StoredChunk>, TierError> {
+        let path = self.chunk_path(hash);
+        match fs::metadata(&path) {
+            Ok(meta) => {
+                // A raw chunk keeps its full length; a zstd frame is always shorter. A file
+                // that fits neither is damaged and is simply written again.
+                let Ok(stored_len) = u32::try_from(meta.len()) else {
+                    return Ok(None);
+                };
+                let encoding = match stored_len {
+                    0 => return Ok(None),
+                    n if n == raw_len => ChunkEncoding::Raw,
+                    n if n < raw_len => ChunkEncoding::Zstd,
+                    _ => return Ok(None),
+                };
+                Ok(Some(StoredChunk {
+                    encoding,
+                    stored_len,
+                    location: ChunkLocation::Store,
+                }))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io("stat chunk", &path, e)),
+        }
+    }
+}
+
+struct NvmeChunkWriter<'a> {
+    tier: &'a NvmeTier,
+    uring: Option<UringWriter>,
+    dirs: HashSet<PathBuf>,
+}
+
+impl ChunkWriter for NvmeChunkWriter<'_> {
+    fn put(
+        &mut self,
+        hash: ChunkHash,
+        encoding: ChunkEncoding,
+        data: PooledBuf,
+    ) -> Result<StoredChunk, TierError> {
+        let final_path = self.tier.chunk_path(&hash);
+        let dir = final_path
+            .parent()
+            .expect("chunk path has a shard dir")
+            .to_owned();
+        if !self.dirs.contains(&dir) {
+            fs::create_dir_all(&dir).map_err(|e| io("create directory", &dir, e))?;
+            self.dirs.insert(dir);
+        }
+        let seq = self.tier.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp_path = self.tier.root.join("chunks").join(".tmp").join(format!(
+            "{}.{}.{seq}",
+            hash.to_hex(),
+            std::process::id()
+        ));
+        let stored_len = u32::try_from(data.as_slice().len()).expect("chunk below 4 GiB");
+        let job = WriteJob {
+            tmp_path,
+            final_path,
+            data,
+        };
+        if self
+            .uring
+            .as_ref()
+            .expect("writer present")
+            .submit(job)
+            .is_err()
+        {
+            // The writer stopped on an error; the store reports that one from `finish`.
+            return Err(io(
+                "queue chunk write",
+                &self.tier.chunk_path(&hash),
+                io::Error::other("io_uring writer stopped"),
+            ));
+        }
+        Ok(StoredChunk {
+            encoding,
+            stored_len,
+            location: ChunkLocation::Store,
+        })
+    }
+}
+
+impl ChunkFetch for NvmeTier {
+    fn fetch(
+        &self,
+        manifest: &CheckpointManifest,
+        file: &str,
+        index: usize,
+        chunk: &ChunkRef,
+        buf: &mut AlignedBuf,
+    ) -> Result<(), TierError> {
+        let path = self.chunk_path(&chunk.hash);
+        let corrupt = |what: String| TierError::Corrupt {
+            tier: TIER,
+            name: manifest.name.clone(),
+            detail: format!("file {file} chunk {index} ({}): {what}", chunk.hash),
+        };
+        let mut f = File::open(&path)
+            .map_err(|e| corrupt(format!("chunk file {}: {e}", path.display())))?;
+        let len = usize::try_from(chunk.stored_len).expect("u32 fits usize");
+        let actual = f.metadata().map_err(|e| io("stat chunk", &path, e))?.len();
+        if actual != u64::from(chunk.stored_len) {
+            return Err(corrupt(format!(
+                "chunk file {} has {actual} bytes, the manifest says {len}",
+                path.display()
+            )));
+        }
+        if len > buf.capacity() {
+            return Err(corrupt(format!(
+                "stored length {len} exceeds the chunk size"
+            )));
+        }
+        f.read_exact(&mut buf.spare_mut()[..len])
+            .map_err(|e| io("read chunk", &path, e))?;
+        buf.set_len(len);
+        Ok(())
+    }
+}
+
+impl Tier for NvmeTier {
+    fn kind(&self) -> TierKind {
+        TIER
+    }
+
+    fn store(&self, name: &CheckpointName, image_dir: &Path) -> Result<StoreReport, TierError> {
+        self.store_with_stats(name, image_dir)
+            .map(|(report, _)| report)
+    }
+
+    fn load(&self, name: &CheckpointName, dest: &Path) -> Result<LoadReport, TierError> {
+        let manifest = self.manifest(name)?;
+        let workers = self.config.worker_count();
+        restore_image_set(TIER, &manifest, dest, self, &self.pool, workers)
+    }
+
+    fn contains(&self, name: &CheckpointName) -> Result<bool, TierError> {
+        Ok(self.manifest_path(name).is_file())
+    }
+
+    fn remove(&self, name: &CheckpointName) -> Result<bool, TierError> {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let path = self.manifest_path(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io("remove manifest", &path, e)),
+        }
+        sync_dir(&self.root.join("manifests"))?;
+        let keep: HashSet<String> = self
+            .all_referenced()?
+            .iter()
+            .map(ChunkHash::to_hex)
+            .collect();
+        for chunk in self.chunk_files()? {
+            let referenced = chunk
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| keep.contains(n));
+            if !referenced {
+                fs::remove_file(&chunk).map_err(|e| io("remove chunk", &chunk, e))?;
+            }
+        }
+        Ok(true)
+    }
+
+    fn list(&self) -> Result<Vec<CheckpointName>, TierError> {
+        let dir = self.root.join("manifests");
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(|e| io("read", &dir, e))? {
+            let entry = entry.map_err(|e| io("read", &dir, e))?;
+            if let Ok(name) = CheckpointName::new(&entry.file_name().to_string_lossy()) {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn used_bytes(&self) -> Result<u64, TierError> {
+        let mut total = 0;
+        for path in self.chunk_files()? {
+            total += fs::metadata(&path).map_err(|e| io("stat", &path, e))?.len();
+        }
+        Ok(total)
+    }
+}

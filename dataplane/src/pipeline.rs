@@ -1,0 +1,317 @@
+//! The drain direction: an image set on tmpfs → content-addressed, compressed chunks.
+//!
+//! Files are memory-mapped (no read() copy). A producer cuts them into fixed-size chunks and
+//! feeds a bounded queue; one worker per core skips zero chunks, hashes the rest, asks the
+//! destination whether it already holds the hash (then nothing is compressed or written) and
+//! otherwise compresses into a pooled pinned buffer. The calling thread hands new chunks to the
+//! destination's writer in any order and fills the manifest. Queues and the buffer pool are
+//! bounded, so memory stays flat whatever the image size.
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Arc, Mutex};
+
+use memmap2::Mmap;
+
+use crate::buffer::{BufferPool, PooledBuf};
+use crate::chunk::{encode_into, is_zero, ChunkConfig, ChunkEncoding, ChunkHash};
+use crate::manifest::{CheckpointManifest, ChunkLocation, ChunkRef, FileEntry};
+use crate::{CheckpointName, TierError, TierKind};
+
+/// How a destination keeps a chunk it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct StoredChunk {
+    pub encoding: ChunkEncoding,
+    pub stored_len: u32,
+    pub location: ChunkLocation,
+}
+
+/// Which chunks a destination already holds; asked from the worker threads.
+pub(crate) trait ChunkIndex: Sync {
+    fn lookup(&self, hash: &ChunkHash, raw_len: u32) -> Result<Option<StoredChunk>, TierError>;
+}
+
+/// Takes the new chunks of one store, on the calling thread.
+pub(crate) trait ChunkWriter {
+    fn put(
+        &mut self,
+        hash: ChunkHash,
+        encoding: ChunkEncoding,
+        data: PooledBuf,
+    ) -> Result<StoredChunk, TierError>;
+}
+
+/// What one pass of the pipeline did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DrainStats {
+    /// Bytes of the image set.
+    pub raw_bytes: u64,
+    /// Bytes in zero chunks (recorded, not stored).
+    pub zero_bytes: u64,
+    /// Raw bytes of chunks the destination already held.
+    pub dedup_bytes: u64,
+    /// Stored (compressed) bytes handed to the writer.
+    pub new_stored_bytes: u64,
+    /// Number of chunks handed to the writer.
+    pub new_chunks: u64,
+}
+
+struct SourceFile {
+    name: String,
+    mode: u32,
+    size: u64,
+    map: Option<Mmap>,
+}
+
+struct Job<'a> {
+    file: usize,
+    index: usize,
+    data: &'a [u8],
+}
+
+enum Outcome {
+    Zero,
+    Known(StoredChunk),
+    New(ChunkEncoding, PooledBuf),
+}
+
+struct Done {
+    file: usize,
+    index: usize,
+    hash: ChunkHash,
+    raw_len: u32,
+    outcome: Outcome,
+}
+
+fn io_err(tier: TierKind, op: &'static str, path: &Path, source: std::io::Error) -> TierError {
+    TierError::Io {
+        tier,
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn open_sources(tier: TierKind, dir: &Path) -> Result<Vec<SourceFile>, TierError> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| io_err(tier, "read image directory", dir, e))? {
+        let entry = entry.map_err(|e| io_err(tier, "read image directory", dir, e))?;
+        let path = entry.path();
+        let meta = fs::symlink_metadata(&path).map_err(|e| io_err(tier, "stat", &path, e))?;
+        if !meta.is_file() {
+            return Err(io_err(
+                tier,
+                "read image set",
+                &path,
+                std::io::Error::other(
+                    "not a regular file; image sets are flat directories of files",
+                ),
+            ));
+        }
+        let name = entry.file_name().into_string().map_err(|_| {
+            io_err(
+                tier,
+                "read image set",
+                &path,
+                std::io::Error::other("file name is not UTF-8"),
+            )
+        })?;
+        let file = fs::File::open(&path).map_err(|e| io_err(tier, "open", &path, e))?;
+        let map = if meta.len() == 0 {
+            None
+        } else {
+            // SAFETY: CRIU has finished writing the image set before it is drained, and
+            // nothing modifies or truncates files in the RAM tier while a store reads them.
+            Some(unsafe { Mmap::map(&file) }.map_err(|e| io_err(tier, "mmap", &path, e))?)
+        };
+        files.push(SourceFile {
+            name,
+            mode: meta.permissions().mode() & 0o7777,
+            size: meta.len(),
+            map,
+        });
+    }
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(files)
+}
+
+fn work(
+    tier: TierKind,
+    jobs: &Mutex<Receiver<Job<'_>>>,
+    done: &std::sync::mpsc::SyncSender<Result<Done, TierError>>,
+    config: &ChunkConfig,
+    pool: &BufferPool,
+    index: &dyn ChunkIndex,
+) {
+    let mut compressor = match zstd::bulk::Compressor::new(config.zstd_level) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = done.send(Err(TierError::Config {
+                tier,
+                detail: format!("zstd level {}: {e}", config.zstd_level),
+            }));
+            return;
+        }
+    };
+    loop {
+        let job = {
+            let rx = jobs.lock().unwrap_or_else(|e| e.into_inner());
+            match rx.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            }
+        };
+        let raw_len = u32::try_from(job.data.len()).expect("chunk size is capped below 4 GiB");
+        let result = if is_zero(job.data) {
+            Ok((ChunkHash([0; 32]), Outcome::Zero))
+        } else {
+            let hash = ChunkHash::of(job.data);
+            match index.lookup(&hash, raw_len) {
+                Ok(Some(stored)) => Ok((hash, Outcome::Known(stored))),
+                Ok(None) => {
+                    let mut buf = pool.take();
+                    let (encoding, n) =
+                        encode_into(job.data, config, &mut compressor, buf.spare_mut());
+                    buf.set_len(n);
+                    Ok((hash, Outcome::New(encoding, buf)))
+                }
+                Err(e) => Err(e),
+            }
+        };
+        let msg = result.map(|(hash, outcome)| Done {
+            file: job.file,
+            index: job.index,
+            hash,
+            raw_len,
+            outcome,
+        });
+        if done.send(msg).is_err() {
+            return;
+        }
+    }
+}
+
+/// Cuts the image set in `image_dir` into chunks and hands the new ones to `writer`; returns
+/// the manifest (with [`ChunkLocation`]s from the writer) and what was done.
+pub(crate) fn drain_image_set(
+    tier: TierKind,
+    name: &CheckpointName,
+    image_dir: &Path,
+    config: &ChunkConfig,
+    pool: &BufferPool,
+    index: &dyn ChunkIndex,
+    writer: &mut dyn ChunkWriter,
+) -> Result<(CheckpointManifest, DrainStats), TierError> {
+    config
+        .validate()
+        .map_err(|detail| TierError::Config { tier, detail })?;
+    let sources = open_sources(tier, image_dir)?;
+    let chunk_size = config.chunk_size;
+    let mut slots: Vec<Vec<Option<ChunkRef>>> = sources
+        .iter()
+        .map(|f| {
+            let n = usize::try_from(f.size.div_ceil(chunk_size as u64)).expect("fits usize");
+            vec![None; n]
+        })
+        .collect();
+    let workers = config.worker_count();
+    let mut stats = DrainStats::default();
+    let mut written: HashMap<ChunkHash, StoredChunk> = HashMap::new();
+
+    std::thread::scope(|s| -> Result<(), TierError> {
+        let (job_tx, job_rx) = sync_channel::<Job<'_>>(workers * 2);
+        let (done_tx, done_rx) = sync_channel::<Result<Done, TierError>>(workers * 2);
+        // Owned by the workers only, so the producer stops once they all have.
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let sources = &sources;
+        s.spawn(move || {
+            for (file, src) in sources.iter().enumerate() {
+                let Some(map) = &src.map else { continue };
+                for (index, data) in map.chunks(chunk_size).enumerate() {
+                    if job_tx.send(Job { file, index, data }).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        for _ in 0..workers {
+            let done_tx = done_tx.clone();
+            let job_rx = Arc::clone(&job_rx);
+            s.spawn(move || work(tier, &job_rx, &done_tx, config, pool, index));
+        }
+        drop(done_tx);
+        drop(job_rx);
+        // Leaving this loop early drops `done_rx`, which stops the workers and the producer.
+        for msg in done_rx {
+            let done = msg?;
+            let raw = u64::from(done.raw_len);
+            stats.raw_bytes += raw;
+            let stored = match done.outcome {
+                Outcome::Zero => {
+                    stats.zero_bytes += raw;
+                    StoredChunk {
+                        encoding: ChunkEncoding::Zero,
+                        stored_len: 0,
+                        location: ChunkLocation::Store,
+                    }
+                }
+                Outcome::Known(stored) => {
+                    stats.dedup_bytes += raw;
+                    stored
+                }
+                Outcome::New(encoding, buf) => {
+                    if let Some(stored) = written.get(&done.hash) {
+                        stats.dedup_bytes += raw;
+                        *stored
+                    } else {
+                        stats.new_chunks += 1;
+                        stats.new_stored_bytes +=
+                            u64::try_from(buf.as_slice().len()).expect("fits");
+                        let stored = writer.put(done.hash, encoding, buf)?;
+                        written.insert(done.hash, stored);
+                        stored
+                    }
+                }
+            };
+            slots[done.file][done.index] = Some(ChunkRef {
+                hash: done.hash,
+                encoding: stored.encoding,
+                raw_len: done.raw_len,
+                stored_len: stored.stored_len,
+                location: stored.location,
+            });
+        }
+        Ok(())
+    })?;
+
+    let files = sources
+        .iter()
+        .zip(slots)
+        .map(|(src, chunks)| {
+            let chunks = chunks
+                .into_iter()
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| TierError::Corrupt {
+                    tier,
+                    name: name.clone(),
+                    detail: format!("file {}: a chunk was not processed", src.name),
+                })?;
+            Ok(FileEntry {
+                name: src.name.clone(),
+                size: src.size,
+                mode: src.mode,
+                chunks,
+            })
+        })
+        .collect::<Result<Vec<_>, TierError>>()?;
+    let manifest = CheckpointManifest {
+        name: name.clone(),
+        chunk_size: u32::try_from(chunk_size).expect("validated chunk size"),
+        packs: Vec::new(),
+        files,
+    };
+    Ok((manifest, stats))
+}

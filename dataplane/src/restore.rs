@@ -1,0 +1,191 @@
+//! The restore direction: a manifest plus a tier's chunks → an image set in a (tmpfs) dir.
+//!
+//! Each destination file is created at full size and memory-mapped; workers fetch chunks in
+//! parallel, decompress them straight into their place in the mapping and verify the hash
+//! there. Zero chunks cost nothing (a fresh file reads as zeros). A chunk that fails is an
+//! error naming the checkpoint, file and chunk, and the partial files are removed, so the
+//! caller can fall back to another tier with the same empty directory.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::sync_channel;
+use std::sync::{Arc, Mutex};
+
+use memmap2::MmapMut;
+
+use crate::buffer::{AlignedBuf, BufferPool};
+use crate::chunk::{decode_into, ChunkEncoding};
+use crate::manifest::{CheckpointManifest, ChunkRef};
+use crate::{LoadReport, TierError, TierKind};
+
+/// Reads one chunk's stored bytes from a tier; called from many threads at once.
+pub(crate) trait ChunkFetch: Sync {
+    /// Fills `buf` with exactly `chunk.stored_len` stored bytes of the chunk.
+    /// `file` and `index` are for error messages.
+    fn fetch(
+        &self,
+        manifest: &CheckpointManifest,
+        file: &str,
+        index: usize,
+        chunk: &ChunkRef,
+        buf: &mut AlignedBuf,
+    ) -> Result<(), TierError>;
+}
+
+struct Job<'a> {
+    file: &'a str,
+    index: usize,
+    chunk: &'a ChunkRef,
+    dest: &'a mut [u8],
+}
+
+/// Writes the image set described by `manifest` into `dest` using `fetch`, with `workers`
+/// threads; on error nothing it created is left in `dest`.
+pub(crate) fn restore_image_set(
+    tier: TierKind,
+    manifest: &CheckpointManifest,
+    dest: &Path,
+    fetch: &dyn ChunkFetch,
+    pool: &BufferPool,
+    workers: usize,
+) -> Result<LoadReport, TierError> {
+    let mut created: Vec<PathBuf> = Vec::new();
+    let result = restore_inner(tier, manifest, dest, fetch, pool, workers, &mut created);
+    if result.is_err() {
+        for path in &created {
+            let _ = fs::remove_file(path);
+        }
+    }
+    result
+}
+
+fn restore_inner(
+    tier: TierKind,
+    manifest: &CheckpointManifest,
+    dest: &Path,
+    fetch: &dyn ChunkFetch,
+    pool: &BufferPool,
+    workers: usize,
+    created: &mut Vec<PathBuf>,
+) -> Result<LoadReport, TierError> {
+    let io = |op, path: &Path, source| TierError::Io {
+        tier,
+        op,
+        path: path.to_owned(),
+        source,
+    };
+    let mut maps: Vec<Option<MmapMut>> = Vec::with_capacity(manifest.files.len());
+    for f in &manifest.files {
+        let path = dest.join(&f.name);
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| io("create", &path, e))?;
+        created.push(path.clone());
+        file.set_len(f.size).map_err(|e| io("size", &path, e))?;
+        file.set_permissions(fs::Permissions::from_mode(f.mode))
+            .map_err(|e| io("chmod", &path, e))?;
+        maps.push(if f.size == 0 {
+            None
+        } else {
+            // SAFETY: the file was just created by us (create_new) in the restore directory and
+            // nobody else writes it until the restore returns.
+            Some(unsafe { MmapMut::map_mut(&file) }.map_err(|e| io("mmap", &path, e))?)
+        });
+    }
+
+    let chunk_size = usize::try_from(manifest.chunk_size).expect("u32 fits usize");
+    let first_error: Mutex<Option<TierError>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        let (tx, rx) = sync_channel::<Job<'_>>(workers * 2);
+        // Each worker owns a handle; when all have stopped on errors, sends fail.
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..workers.max(1) {
+            let rx = Arc::clone(&rx);
+            let first_error = &first_error;
+            s.spawn(move || {
+                let mut decompressor = match zstd::bulk::Decompressor::new() {
+                    Ok(d) => d,
+                    Err(e) => {
+                        record(first_error, io("start decompressor", Path::new(""), e));
+                        return;
+                    }
+                };
+                loop {
+                    let job = match rx.lock().unwrap_or_else(|e| e.into_inner()).recv() {
+                        Ok(job) => job,
+                        Err(_) => return,
+                    };
+                    let mut buf = pool.take();
+                    let result = fetch
+                        .fetch(manifest, job.file, job.index, job.chunk, &mut buf)
+                        .and_then(|()| {
+                            decode_into(
+                                job.chunk.encoding,
+                                buf.as_slice(),
+                                &job.chunk.hash,
+                                &mut decompressor,
+                                job.dest,
+                            )
+                            .map_err(|e| TierError::Corrupt {
+                                tier,
+                                name: manifest.name.clone(),
+                                detail: format!(
+                                    "file {} chunk {} ({}): {e}",
+                                    job.file, job.index, job.chunk.hash
+                                ),
+                            })
+                        });
+                    if let Err(e) = result {
+                        record(first_error, e);
+                        return;
+                    }
+                }
+            });
+        }
+        drop(rx);
+        'files: for (f, map) in manifest.files.iter().zip(maps.iter_mut()) {
+            let Some(map) = map else { continue };
+            for (index, (chunk, dest)) in
+                f.chunks.iter().zip(map.chunks_mut(chunk_size)).enumerate()
+            {
+                if chunk.encoding == ChunkEncoding::Zero {
+                    continue;
+                }
+                let stop = first_error.lock().map_or(true, |e| e.is_some());
+                let job = Job {
+                    file: &f.name,
+                    index,
+                    chunk,
+                    dest,
+                };
+                if stop || tx.send(job).is_err() {
+                    break 'files;
+                }
+            }
+        }
+        drop(tx);
+    });
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(e);
+    }
+    for (f, map) in manifest.files.iter().zip(&maps) {
+        if let Some(map) = map {
+            map.flush()
+                .map_err(|e| io("flush", &dest.join(&f.name), e))?;
+        }
+    }
+    Ok(LoadReport {
+        bytes: manifest.raw_bytes(),
+    })
+}
+
+fn record(slot: &Mutex<Option<TierError>>, e: TierError) {
+    let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+    if slot.is_none() {
+        *slot = Some(e);
+    }
+}

@@ -1,0 +1,600 @@
+//! The S3 tier: each checkpoint is a manifest object plus, for its new chunks, one pack object
+//! written as one multipart upload. Chunks already held in any pack under the prefix (from
+//! earlier checkpoints, or other nodes' replicas of the same model) are referenced, not
+//! uploaded again. Restores fetch chunks with parallel ranged GETs.
+
+mod config;
+mod request;
+mod upload;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::Client;
+
+pub use config::{S3Config, Secret, MAX_PARTS, MIN_PART_SIZE};
+use request::{remote, retrying, status};
+use upload::PackUpload;
+
+use crate::buffer::{AlignedBuf, BufferPool};
+use crate::chunk::{ChunkConfig, ChunkEncoding, ChunkHash};
+use crate::manifest::{CheckpointManifest, ChunkLocation, ChunkRef, MAX_MANIFEST_BYTES};
+use crate::pipeline::{drain_image_set, ChunkIndex, DrainStats, StoredChunk};
+use crate::restore::{restore_image_set, ChunkFetch};
+use crate::{CheckpointName, LoadReport, StoreReport, Tier, TierError, TierKind};
+
+const TIER: TierKind = TierKind::S3;
+
+/// Object-storage tier (see the module docs). Blocking like every [`Tier`]; it runs its own
+/// small tokio runtime, so it must not be called from inside an async task.
+#[derive(Debug)]
+pub struct S3Tier {
+    config: S3Config,
+    prefix: String,
+    client: Client,
+    rt: tokio::runtime::Runtime,
+    chunk: ChunkConfig,
+    pool: BufferPool,
+    /// Serialises stores and removals of this tier instance.
+    lock: Mutex<()>,
+    /// Multipart uploads whose abort failed (server unreachable): (key, upload id).
+    pending_aborts: Mutex<Vec<(String, String)>>,
+}
+
+/// Which chunks the packs under the prefix hold, with global pack numbers.
+#[derive(Default)]
+struct PackIndex {
+    packs: Vec<String>,
+    chunks: HashMap<ChunkHash, (ChunkEncoding, u32, u32, u64)>,
+}
+
+impl ChunkIndex for PackIndex {
+    fn lookup(&self, hash: &ChunkHash, _raw_len: u32) -> Result<Option<StoredChunk>, TierError> {
+        Ok(self
+            .chunks
+            .get(hash)
+            .map(|&(encoding, stored_len, pack, offset)| StoredChunk {
+                encoding,
+                stored_len,
+                location: ChunkLocation::Pack { pack, offset },
+            }))
+    }
+}
+
+impl S3Tier {
+    /// Builds the client and checks that the bucket exists and the credentials work, so a bad
+    /// configuration fails at start-up with a clear error.
+    pub fn connect(config: S3Config, chunk: ChunkConfig) -> Result<Self, TierError> {
+        config.validate()?;
+        chunk
+            .validate()
+            .map_err(|detail| TierError::Config { tier: TIER, detail })?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("kyb-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| TierError::Io {
+                tier: TIER,
+                op: "start S3 runtime",
+                path: Default::default(),
+                source: e,
+            })?;
+        let creds = Credentials::new(
+            config.access_key_id.clone(),
+            config.secret_access_key.expose().to_owned(),
+            config.session_token.as_ref().map(|t| t.expose().to_owned()),
+            None,
+            "kybernate-config",
+        );
+        let mut builder = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(config.region.clone()))
+            .credentials_provider(creds)
+            .force_path_style(config.force_path_style)
+            .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(config.connect_timeout_secs))
+                    .build(),
+            )
+            // Integrity is end to end: every chunk is verified against its BLAKE3 on restore.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        if !config.endpoint.is_empty() {
+            builder = builder.endpoint_url(config.endpoint.clone());
+        }
+        let client = Client::from_conf(builder.build());
+        let tier = Self {
+            prefix: config.normalized_prefix(),
+            pool: BufferPool::new(
+                chunk.chunk_size,
+                config.fetch_concurrency + chunk.worker_count() * 2 + 8,
+            ),
+            config,
+            client,
+            rt,
+            chunk,
+            lock: Mutex::new(()),
+            pending_aborts: Mutex::new(Vec::new()),
+        };
+        tier.check_bucket()?;
+        Ok(tier)
+    }
+
+    fn check_bucket(&self) -> Result<(), TierError> {
+        let bucket = &self.config.bucket;
+        let result = self.rt.block_on(retrying(&self.config, "head bucket", || {
+            self.client.head_bucket().bucket(bucket).send()
+        }));
+        match result {
+            Ok(_) => Ok(()),
+            Err((e, _)) if status(&e) == Some(404) => Err(TierError::Remote {
+                tier: TIER,
+                op: "open bucket".into(),
+                key: bucket.clone(),
+                detail: format!("bucket {bucket} does not exist (HTTP 404)"),
+            }),
+            Err((e, n)) => Err(remote("open bucket", bucket, &e, n)),
+        }
+    }
+
+    /// The settings in use.
+    pub fn config(&self) -> &S3Config {
+        &self.config
+    }
+
+    /// Object key of the manifest of `name`.
+    pub fn manifest_key(&self, name: &CheckpointName) -> String {
+        format!("{}manifests/{name}", self.prefix)
+    }
+
+    fn packs_prefix(&self) -> String {
+        format!("{}packs/", self.prefix)
+    }
+
+    /// Reads and validates the manifest of `name`.
+    pub fn manifest(&self, name: &CheckpointName) -> Result<CheckpointManifest, TierError> {
+        let key = self.manifest_key(name);
+        let out = self.rt.block_on(retrying(&self.config, "get manifest", || {
+            self.client
+                .get_object()
+                .bucket(&self.config.bucket)
+                .key(&key)
+                .send()
+        }));
+        let out = match out {
+            Ok(out) => out,
+            Err((e, _)) if status(&e) == Some(404) => {
+                return Err(TierError::NotFound {
+                    tier: TIER,
+                    name: name.clone(),
+                })
+            }
+            Err((e, n)) => return Err(remote("get manifest", &key, &e, n)),
+        };
+        let corrupt = |detail: String| TierError::Corrupt {
+            tier: TIER,
+            name: name.clone(),
+            detail: format!("manifest {key}: {detail}"),
+        };
+        let len = out.content_length().unwrap_or(0);
+        if u64::try_from(len).map_or(true, |l| l > MAX_MANIFEST_BYTES + 64) {
+            return Err(corrupt(format!("size {len} is out of bounds")));
+        }
+        let body = self
+            .rt
+            .block_on(out.body.collect())
+            .map_err(|e| corrupt(format!("reading the body failed: {e}")))?
+            .into_bytes();
+        let manifest =
+            CheckpointManifest::read_from(&body[..]).map_err(|e| corrupt(e.to_string()))?;
+        if &manifest.name != name {
+            return Err(corrupt(format!("names checkpoint {}", manifest.name)));
+        }
+        Ok(manifest)
+    }
+
+    fn list_keys(&self, prefix: &str) -> Result<Vec<(String, i64, i64)>, TierError> {
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let out = self
+                .rt
+                .block_on(retrying(&self.config, "list objects", || {
+                    self.client
+                        .list_objects_v2()
+                        .bucket(&self.config.bucket)
+                        .prefix(prefix)
+                        .set_continuation_token(token.clone())
+                        .send()
+                }))
+                .map_err(|(e, n)| remote("list", prefix, &e, n))?;
+            for obj in out.contents() {
+                if let Some(key) = obj.key() {
+                    let modified = obj.last_modified().map_or(0, |t| t.secs());
+                    keys.push((key.to_owned(), obj.size().unwrap_or(0), modified));
+                }
+            }
+            match out.next_continuation_token() {
+                Some(t) if out.is_truncated() == Some(true) => token = Some(t.to_owned()),
+                _ => return Ok(keys),
+            }
+        }
+    }
+
+    fn all_manifests(&self) -> Result<Vec<CheckpointManifest>, TierError> {
+        self.list()?.iter().map(|n| self.manifest(n)).collect()
+    }
+
+    fn build_index(&self) -> Result<PackIndex, TierError> {
+        let mut index = PackIndex::default();
+        let mut pack_ids: HashMap<String, u32> = HashMap::new();
+        for m in self.all_manifests()? {
+            for f in &m.files {
+                for c in &f.chunks {
+                    if let ChunkLocation::Pack { pack, offset } = c.location {
+                        let key = &m.packs[usize::try_from(pack).expect("validated index")];
+                        let next = u32::try_from(index.packs.len()).expect("fewer than 4G packs");
+                        let id = *pack_ids.entry(key.clone()).or_insert_with(|| {
+                            index.packs.push(key.clone());
+                            next
+                        });
+                        index
+                            .chunks
+                            .insert(c.hash, (c.encoding, c.stored_len, id, offset));
+                    }
+                }
+            }
+        }
+        Ok(index)
+    }
+
+    /// Aborts multipart uploads whose abort failed earlier; returns how many were aborted.
+    pub fn abort_pending_uploads(&self) -> Result<usize, TierError> {
+        let pending = std::mem::take(
+            &mut *self
+                .pending_aborts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        let mut done = 0;
+        let mut first_err = None;
+        for (key, id) in pending {
+            match self.abort_upload(&key, &id) {
+                Ok(()) => done += 1,
+                Err(e) => {
+                    self.remember_abort(&key, &id);
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(done), Err)
+    }
+
+    fn abort_upload(&self, key: &str, upload_id: &str) -> Result<(), TierError> {
+        let result = self
+            .rt
+            .block_on(retrying(&self.config, "abort multipart upload", || {
+                self.client
+                    .abort_multipart_upload()
+                    .bucket(&self.config.bucket)
+                    .key(key)
+                    .upload_id(upload_id)
+                    .send()
+            }));
+        match result {
+            Ok(_) => Ok(()),
+            // Already gone (aborted or never created): nothing is left.
+            Err((e, _)) if status(&e) == Some(404) => Ok(()),
+            Err((e, n)) => Err(remote("abort multipart upload of", key, &e, n)),
+        }
+    }
+
+    fn remember_abort(&self, key: &str, upload_id: &str) {
+        let mut pending = self
+            .pending_aborts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        pending.push((key.to_owned(), upload_id.to_owned()));
+    }
+
+    /// Stores an image set and reports the pipeline's figures (zero, dedup and new bytes).
+    pub fn store_with_stats(
+        &self,
+        name: &CheckpointName,
+        image_dir: &Path,
+    ) -> Result<(StoreReport, DrainStats), TierError> {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = self.abort_pending_uploads() {
+            tracing::warn!(error = %e, "earlier multipart uploads could not be aborted yet");
+        }
+        if self.contains(name)? {
+            let raw = self.manifest(name)?.raw_bytes();
+            let report = StoreReport {
+                raw_bytes: raw,
+                stored_bytes: 0,
+            };
+            let stats = DrainStats {
+                raw_bytes: raw,
+                ..DrainStats::default()
+            };
+            return Ok((report, stats));
+        }
+        let mut index = self.build_index()?;
+        let nonce = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let pack_rel = format!("packs/{name}-{nonce:x}.pack");
+        let pack_id = u32::try_from(index.packs.len()).expect("fewer than 4G packs");
+        index.packs.push(pack_rel.clone());
+        let total = crate::local_dir::dir_bytes(image_dir).map_err(|e| TierError::Io {
+            tier: TIER,
+            op: "read image directory",
+            path: image_dir.to_owned(),
+            source: e,
+        })?;
+        let part_size = self.config.part_size_for(total);
+        let part_pool = BufferPool::new(part_size, self.config.parts_in_flight + 1);
+        let mut upload = PackUpload::new(
+            self,
+            format!("{}{pack_rel}", self.prefix),
+            pack_id,
+            part_pool,
+        );
+        let drained = drain_image_set(
+            TIER,
+            name,
+            image_dir,
+            &self.chunk,
+            &self.pool,
+            &index,
+            &mut upload,
+        );
+        let (mut manifest, stats) = match drained {
+            Ok(done) => done,
+            Err(e) => return Err(upload.abort(e)),
+        };
+        let pack_written = upload.finish()?;
+        debug_assert!(pack_written || stats.new_chunks == 0);
+        // Renumber the packs this checkpoint uses into its own compact table.
+        let used: BTreeSet<u32> = manifest
+            .files
+            .iter()
+            .flat_map(|f| f.chunks.iter())
+            .filter_map(|c| match c.location {
+                ChunkLocation::Pack { pack, .. } => Some(pack),
+                ChunkLocation::Store => None,
+            })
+            .collect();
+        let renumber: HashMap<u32, u32> = used
+            .iter()
+            .enumerate()
+            .map(|(i, &g)| (g, u32::try_from(i).expect("fits")))
+            .collect();
+        manifest.packs = used
+            .iter()
+            .map(|&g| index.packs[usize::try_from(g).expect("fits")].clone())
+            .collect();
+        for c in manifest.files.iter_mut().flat_map(|f| f.chunks.iter_mut()) {
+            if let ChunkLocation::Pack { pack, .. } = &mut c.location {
+                *pack = renumber[pack];
+            }
+        }
+        self.put_manifest(&manifest)?;
+        Ok((
+            StoreReport {
+                raw_bytes: stats.raw_bytes,
+                stored_bytes: stats.new_stored_bytes,
+            },
+            stats,
+        ))
+    }
+
+    fn put_manifest(&self, manifest: &CheckpointManifest) -> Result<(), TierError> {
+        let key = self.manifest_key(&manifest.name);
+        let mut buf = Vec::new();
+        manifest
+            .write_to(&mut buf)
+            .map_err(|e| TierError::Corrupt {
+                tier: TIER,
+                name: manifest.name.clone(),
+                detail: format!("manifest cannot be encoded: {e}"),
+            })?;
+        let body = bytes::Bytes::from(buf);
+        self.rt
+            .block_on(retrying(&self.config, "put manifest", || {
+                self.client
+                    .put_object()
+                    .bucket(&self.config.bucket)
+                    .key(&key)
+                    .body(ByteStream::from(body.clone()))
+                    .send()
+            }))
+            .map(|_| ())
+            .map_err(|(e, n)| remote("put manifest", &key, &e, n))
+    }
+}
+
+impl ChunkFetch for S3Tier {
+    fn fetch(
+        &self,
+        manifest: &CheckpointManifest,
+        file: &str,
+        index: usize,
+        chunk: &ChunkRef,
+        buf: &mut AlignedBuf,
+    ) -> Result<(), TierError> {
+        let corrupt = |what: String| TierError::Corrupt {
+            tier: TIER,
+            name: manifest.name.clone(),
+            detail: format!("file {file} chunk {index} ({}): {what}", chunk.hash),
+        };
+        let ChunkLocation::Pack { pack, offset } = chunk.location else {
+            return Err(corrupt("the manifest gives no pack for it".into()));
+        };
+        let key = format!(
+            "{}{}",
+            self.prefix,
+            manifest.packs[usize::try_from(pack).expect("validated")]
+        );
+        let len = usize::try_from(chunk.stored_len).expect("fits");
+        if len > buf.capacity() {
+            return Err(corrupt(format!(
+                "stored length {len} exceeds the chunk size"
+            )));
+        }
+        let range = format!(
+            "bytes={offset}-{}",
+            offset + u64::from(chunk.stored_len) - 1
+        );
+        let result = self.rt.block_on(async {
+            let out = retrying(&self.config, "get chunk", || {
+                self.client
+                    .get_object()
+                    .bucket(&self.config.bucket)
+                    .key(&key)
+                    .range(&range)
+                    .send()
+            })
+            .await
+            .map_err(|(e, n)| {
+                if status(&e) == Some(416) {
+                    corrupt(format!("pack {key} is shorter than the manifest says (HTTP 416 for {range})"))
+                } else {
+                    let op = format!(
+                        "checkpoint {} file {file} chunk {index}: ranged get {range} of",
+                        manifest.name
+                    );
+                    remote(op, &key, &e, n)
+                }
+            })?;
+            let mut body = out.body;
+            let mut filled = 0usize;
+            let dest = buf.spare_mut();
+            while let Some(piece) = body
+                .try_next()
+                .await
+                .map_err(|e| corrupt(format!("reading {key} {range} failed: {e}")))?
+            {
+                if filled + piece.len() > len {
+                    return Err(corrupt(format!("{key} returned more than {len} bytes")));
+                }
+                dest[filled..filled + piece.len()].copy_from_slice(&piece);
+                filled += piece.len();
+            }
+            if filled != len {
+                return Err(corrupt(format!(
+                    "pack {key} is shorter than the manifest says: {range} returned {filled} of {len} bytes"
+                )));
+            }
+            Ok(())
+        });
+        result?;
+        buf.set_len(len);
+        Ok(())
+    }
+}
+
+impl Tier for S3Tier {
+    fn kind(&self) -> TierKind {
+        TIER
+    }
+
+    fn store(&self, name: &CheckpointName, image_dir: &Path) -> Result<StoreReport, TierError> {
+        self.store_with_stats(name, image_dir).map(|(r, _)| r)
+    }
+
+    fn load(&self, name: &CheckpointName, dest: &Path) -> Result<LoadReport, TierError> {
+        let manifest = self.manifest(name)?;
+        restore_image_set(
+            TIER,
+            &manifest,
+            dest,
+            self,
+            &self.pool,
+            self.config.fetch_concurrency,
+        )
+    }
+
+    fn contains(&self, name: &CheckpointName) -> Result<bool, TierError> {
+        let key = self.manifest_key(name);
+        let result = self
+            .rt
+            .block_on(retrying(&self.config, "head manifest", || {
+                self.client
+                    .head_object()
+                    .bucket(&self.config.bucket)
+                    .key(&key)
+                    .send()
+            }));
+        match result {
+            Ok(_) => Ok(true),
+            Err((e, _)) if status(&e) == Some(404) => Ok(false),
+            Err((e, n)) => Err(remote("head", &key, &e, n)),
+        }
+    }
+
+    fn remove(&self, name: &CheckpointName) -> Result<bool, TierError> {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.contains(name)? {
+            return Ok(false);
+        }
+        let key = self.manifest_key(name);
+        self.rt
+            .block_on(retrying(&self.config, "delete manifest", || {
+                self.client
+                    .delete_object()
+                    .bucket(&self.config.bucket)
+                    .key(&key)
+                    .send()
+            }))
+            .map_err(|(e, n)| remote("delete", &key, &e, n))?;
+        let referenced: BTreeSet<String> = self
+            .all_manifests()?
+            .into_iter()
+            .flat_map(|m| m.packs)
+            .map(|p| format!("{}{p}", self.prefix))
+            .collect();
+        for (pack, _, _) in self.list_keys(&self.packs_prefix())? {
+            if !referenced.contains(&pack) {
+                self.rt
+                    .block_on(retrying(&self.config, "delete pack", || {
+                        self.client
+                            .delete_object()
+                            .bucket(&self.config.bucket)
+                            .key(&pack)
+                            .send()
+                    }))
+                    .map_err(|(e, n)| remote("delete", &pack, &e, n))?;
+            }
+        }
+        Ok(true)
+    }
+
+    fn list(&self) -> Result<Vec<CheckpointName>, TierError> {
+        let prefix = format!("{}manifests/", self.prefix);
+        let mut names: Vec<_> = self
+            .list_keys(&prefix)?
+            .into_iter()
+            .filter_map(|(k, _, _)| CheckpointName::new(&k[prefix.len()..]).ok())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    fn used_bytes(&self) -> Result<u64, TierError> {
+        let keys = self.list_keys(&self.prefix)?;
+        Ok(keys
+            .iter()
+            .map(|(_, size, _)| u64::try_from(*size).unwrap_or(0))
+            .sum())
+    }
+}
