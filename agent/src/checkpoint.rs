@@ -11,10 +11,10 @@ use crate::criu::Dump;
 use crate::cuda::{CudaPhaseError, LockAndCheckpoint, Release};
 use crate::error::{tier_list, AgentError};
 use crate::events::PhaseClock;
+use crate::drain;
 use crate::images;
 use crate::node_parts::NodeParts;
 use crate::process;
-use crate::tiers::Store;
 
 /// What to checkpoint and how.
 #[derive(Debug, Clone)]
@@ -25,6 +25,9 @@ pub struct CheckpointJob {
     pub pid: i32,
     /// Keep the workload running.
     pub leave_running: bool,
+    /// The slowest tier to store into before the checkpoint reports done; slower ones
+    /// follow in the background.
+    pub until: TierKind,
     /// Dump deadline requested by the caller, overriding the configured one.
     pub dump_timeout: Option<Duration>,
     /// Identity of the workload, recorded as given.
@@ -194,48 +197,20 @@ async fn phases(
 
     let mut stored: Vec<(TierKind, StoreReport)> = vec![(TierKind::Ram, ram_report)];
     let mut store_failure = None;
-    for (kind, tier) in parts
-        .tiers
-        .actors
-        .iter()
-        .filter(|(k, _)| *k != TierKind::Ram)
-    {
-        let phase = store_phase(*kind);
-        let store = Store {
-            name: name.clone(),
-            image_dir: image_dir.clone(),
-        };
-        let deadline = TimeoutsConfig::of(timeouts.store_ms);
-        let report = clock
-            .run(phase, async {
-                let sent = tokio::time::timeout(deadline, tier.send(store))
-                    .await
-                    .map_err(|_| AgentError::Timeout {
-                        name: name.to_string(),
-                        phase: phase.into(),
-                        millis: timeouts.store_ms,
-                    })?;
-                sent?.map_err(|source| AgentError::Tier {
-                    name: name.to_string(),
-                    phase: phase.into(),
-                    source,
-                })
-            })
-            .await;
-        match report {
-            Ok(report) => stored.push((*kind, report)),
+    let (foreground, _background) = drain::split_tiers(parts, job.until);
+    for kind in foreground {
+        match drain::store_into(parts, clock, &name, &image_dir, kind).await {
+            Ok(report) => stored.push((kind, report)),
             Err(e) => {
-                store_failure = Some((phase, e));
+                store_failure = Some((drain::store_phase(kind), e));
                 break;
             }
         }
     }
 
-    let per_tier: Vec<(&str, u64)> = stored
-        .iter()
-        .map(|(k, r)| (k.as_str(), r.stored_bytes))
-        .collect();
-    parts.metrics.stored(ram_report.raw_bytes, &per_tier);
+    parts
+        .metrics
+        .stored(ram_report.raw_bytes, &[("ram", ram_report.stored_bytes)]);
     let record = CheckpointRecord {
         name: name.to_string(),
         pid: job.pid,
@@ -278,15 +253,6 @@ fn remove_if_present(dir: &std::path::Path) -> std::io::Result<()> {
     match std::fs::remove_dir_all(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
-    }
-}
-
-/// Phase name of storing into `kind`.
-pub fn store_phase(kind: TierKind) -> &'static str {
-    match kind {
-        TierKind::Ram => "store_ram",
-        TierKind::Nvme => "store_nvme",
-        TierKind::S3 => "store_s3",
     }
 }
 

@@ -52,6 +52,10 @@ pub enum Command {
         /// Deadline of the dump in milliseconds (the configured one when omitted).
         #[arg(long)]
         timeout_ms: Option<u64>,
+        /// Slowest tier (ram, nvme, s3) to store into before reporting done; slower tiers
+        /// follow in the background. Default: nvme.
+        #[arg(long)]
+        tier: Option<String>,
     },
     /// Restore a checkpoint and print the restored PID.
     Restore {
@@ -67,6 +71,14 @@ pub enum Command {
     Inspect {
         /// The checkpoint.
         name: String,
+    },
+    /// Copy a checkpoint into a nearer tier ahead of a restore.
+    Prefetch {
+        /// The checkpoint.
+        name: String,
+        /// Target tier: ram or nvme.
+        #[arg(long)]
+        to: String,
     },
     /// Delete a checkpoint from every tier.
     Delete {
@@ -136,6 +148,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             name,
             leave_running,
             timeout_ms,
+            tier,
         } => {
             let reply = agent
                 .checkpoint(pb::CheckpointRequest {
@@ -143,6 +156,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                     pid,
                     leave_running,
                     timeout_ms: timeout_ms.unwrap_or(0),
+                    tier: tier.unwrap_or_default(),
                     ..Default::default()
                 })
                 .await
@@ -182,6 +196,26 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", info_json(&info));
             } else {
                 print_info(&info);
+            }
+        }
+        Command::Prefetch { name, to } => {
+            let reply = agent
+                .prefetch(pb::PrefetchRequest {
+                    checkpoint_ref: name.clone(),
+                    to_tier: to.clone(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    json!({"name": name, "to": to, "from": reply.from_tier, "phases": phases_json(&reply.phases)})
+                );
+            } else if reply.from_tier.is_empty() {
+                println!("{name} is already in the {to} tier");
+            } else {
+                println!("copied {name} from {} to {to}: {}", reply.from_tier, phases_text(&reply.phases));
             }
         }
         Command::Delete { name } => {

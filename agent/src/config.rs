@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kybernate_dataplane::{ChunkConfig, S3Config, Secret};
 use serde::{Deserialize, Serialize};
 
 /// Default agent socket.
@@ -32,6 +33,48 @@ pub struct AgentConfig {
     pub tiers: TiersConfig,
     /// Per-phase timeouts.
     pub timeouts: TimeoutsConfig,
+    /// How images are chunked and compressed on their way to NVMe and S3.
+    pub dataplane: DataplaneConfig,
+    /// The S3 tier; absent means no S3 tier. Credentials never come from this file but from
+    /// the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`),
+    /// which a Kubernetes Secret fills.
+    #[serde(skip_serializing)]
+    pub s3: Option<S3Config>,
+}
+
+/// Chunking and compression of the data plane.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataplaneConfig {
+    /// Chunk size in MiB.
+    pub chunk_size_mib: usize,
+    /// zstd level, 1..=19.
+    pub zstd_level: i32,
+    /// Compression threads; 0 means one per core.
+    pub workers: usize,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        let chunk = ChunkConfig::default();
+        Self {
+            chunk_size_mib: chunk.chunk_size >> 20,
+            zstd_level: chunk.zstd_level,
+            workers: chunk.workers,
+        }
+    }
+}
+
+impl DataplaneConfig {
+    /// The data plane's own form of these settings.
+    pub fn chunk_config(&self) -> ChunkConfig {
+        ChunkConfig {
+            chunk_size: self.chunk_size_mib << 20,
+            zstd_level: self.zstd_level,
+            workers: self.workers,
+            ..ChunkConfig::default()
+        }
+    }
 }
 
 /// Where the tiers keep their data.
@@ -43,6 +86,12 @@ pub struct TiersConfig {
     pub ram_path: Option<PathBuf>,
     /// NVMe tier directory. Default: `<state_dir>/nvme`.
     pub nvme_path: Option<PathBuf>,
+    /// Bytes the RAM tier may hold before the least recently used checkpoints are demoted.
+    /// Default: 25% of the node's memory.
+    pub ram_budget_bytes: Option<u64>,
+    /// Bytes the NVMe tier may hold before checkpoints are demoted to S3 (only with an S3
+    /// tier: the last copy is never dropped). Default: no limit.
+    pub nvme_budget_bytes: Option<u64>,
 }
 
 /// Timeouts, in milliseconds, for each phase of a checkpoint or restore.
@@ -71,6 +120,8 @@ impl Default for AgentConfig {
             criu_path: PathBuf::from("criu"),
             tiers: TiersConfig::default(),
             timeouts: TimeoutsConfig::default(),
+            dataplane: DataplaneConfig::default(),
+            s3: None,
         }
     }
 }
@@ -125,10 +176,21 @@ impl AgentConfig {
             path: path.to_owned(),
             source,
         })?;
-        let config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let mut config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
             path: path.to_owned(),
             source: Box::new(source),
         })?;
+        if let Some(s3) = &mut config.s3 {
+            if !s3.secret_access_key.expose().is_empty() || s3.session_token.is_some() {
+                return Err(ConfigError::Invalid {
+                    key: "s3.secret_access_key",
+                    problem: "secrets do not belong in the config file; set AWS_SECRET_ACCESS_KEY \
+                              (and AWS_SESSION_TOKEN) from a Secret"
+                        .into(),
+                });
+            }
+            credentials_from_env(s3, |key| std::env::var(key).ok());
+        }
         config.validate()?;
         Ok(config)
     }
@@ -149,6 +211,25 @@ impl AgentConfig {
                     problem: "must be greater than 0".into(),
                 });
             }
+        }
+        self.dataplane
+            .chunk_config()
+            .validate()
+            .map_err(|e| ConfigError::Invalid {
+                key: "dataplane",
+                problem: e.to_string(),
+            })?;
+        if let Some(s3) = &self.s3 {
+            s3.validate().map_err(|e| ConfigError::Invalid {
+                key: "s3",
+                problem: e.to_string(),
+            })?;
+        }
+        if self.tiers.ram_budget_bytes == Some(0) {
+            return Err(ConfigError::Invalid {
+                key: "tiers.ram_budget_bytes",
+                problem: "must be greater than 0".into(),
+            });
         }
         for (key, path) in [("socket", &self.socket), ("state_dir", &self.state_dir)] {
             if !path.is_absolute() {
@@ -178,6 +259,11 @@ impl AgentConfig {
             .unwrap_or_else(|| self.state_dir.join("nvme"))
     }
 
+    /// The RAM tier's budget: the configured one, or a quarter of the node's memory.
+    pub fn ram_budget(&self) -> u64 {
+        self.tiers.ram_budget_bytes.unwrap_or_else(|| node_memory_bytes() / 4)
+    }
+
     /// Directory of the per-checkpoint records.
     pub fn records_dir(&self) -> PathBuf {
         self.state_dir.join("checkpoints")
@@ -187,6 +273,26 @@ impl AgentConfig {
     pub fn logs_dir(&self) -> PathBuf {
         self.state_dir.join("logs")
     }
+}
+
+/// Fills S3 credentials from the environment (`get` looks a variable up).
+fn credentials_from_env(s3: &mut S3Config, get: impl Fn(&str) -> Option<String>) {
+    if s3.access_key_id.is_empty() {
+        s3.access_key_id = get("AWS_ACCESS_KEY_ID").unwrap_or_default();
+    }
+    if let Some(secret) = get("AWS_SECRET_ACCESS_KEY") {
+        s3.secret_access_key = Secret::new(secret);
+    }
+    s3.session_token = get("AWS_SESSION_TOKEN").map(Secret::new);
+}
+
+/// Total memory of the node, from /proc/meminfo (0 when unreadable).
+fn node_memory_bytes() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
 }
 
 impl TimeoutsConfig {
@@ -219,6 +325,23 @@ mod tests {
     }
 
     #[test]
+    fn s3_credentials_come_from_the_environment() {
+        let mut s3 = S3Config {
+            bucket: "b".into(),
+            ..S3Config::default()
+        };
+        credentials_from_env(&mut s3, |key| match key {
+            "AWS_ACCESS_KEY_ID" => Some("id".into()),
+            "AWS_SECRET_ACCESS_KEY" => Some("secret".into()),
+            _ => None,
+        });
+        assert_eq!(s3.access_key_id, "id");
+        assert_eq!(s3.secret_access_key.expose(), "secret");
+        assert!(!format!("{s3:?}").contains("secret\""), "never printed");
+        assert!(node_memory_bytes() > 0);
+    }
+
+    #[test]
     fn own_state_dir_gets_own_tiers() {
         let config = AgentConfig {
             state_dir: "/tmp/a".into(),
@@ -235,6 +358,15 @@ mod tests {
         std::fs::write(&path, "sockett = \"/x\"\n").unwrap();
         let err = AgentConfig::from_file(&path).unwrap_err().to_string();
         assert!(err.contains("sockett"), "{err}");
+
+        std::fs::write(&path, "[s3]\nbucket = \"b\"\nsecret_access_key = \"x\"\n").unwrap();
+        let err = AgentConfig::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("secrets do not belong in the config file"), "{err}");
+        assert!(!err.contains("\"x\""), "{err}");
+
+        std::fs::write(&path, "[dataplane]\nzstd_level = 99\n").unwrap();
+        let err = AgentConfig::from_file(&path).unwrap_err().to_string();
+        assert!(err.starts_with("invalid config: dataplane:"), "{err}");
 
         std::fs::write(&path, "[timeouts]\ndump_ms = 0\n").unwrap();
         let err = AgentConfig::from_file(&path).unwrap_err().to_string();

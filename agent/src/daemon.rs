@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use actix::prelude::*;
-use kybernate_dataplane::{LocalDirTier, Tier, TierError, TierKind};
+use kybernate_dataplane::{LocalDirTier, NvmeTier, S3Tier, TierError, TierKind};
 use kybernate_proto::agent::v1::agent_server::AgentServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -88,14 +88,18 @@ async fn serve(config: AgentConfig) -> Result<(), DaemonError> {
     }
 
     let ram = Arc::new(LocalDirTier::open(TierKind::Ram, config.ram_tier_path())?);
-    let nvme: Arc<dyn Tier> =
-        Arc::new(LocalDirTier::open(TierKind::Nvme, config.nvme_tier_path())?);
-    let tiers = Tiers {
-        actors: vec![
-            (TierKind::Ram, TierActor::start(ram.clone(), TIER_THREADS)),
-            (TierKind::Nvme, TierActor::start(nvme, TIER_THREADS)),
-        ],
-    };
+    let chunks = config.dataplane.chunk_config();
+    let nvme = NvmeTier::open(config.nvme_tier_path(), chunks.clone())?;
+    let mut actors = vec![
+        (TierKind::Ram, TierActor::start(ram.clone(), TIER_THREADS)),
+        (TierKind::Nvme, TierActor::start(Arc::new(nvme), TIER_THREADS)),
+    ];
+    if let Some(s3) = &config.s3 {
+        let tier = S3Tier::connect(s3.clone(), chunks)?;
+        tracing::info!(endpoint = %s3.endpoint, bucket = %s3.bucket, prefix = %s3.prefix, "S3 tier ready");
+        actors.push((TierKind::S3, TierActor::start(Arc::new(tier), TIER_THREADS)));
+    }
+    let tiers = Tiers { actors };
     let (catalog, problems) = Catalog::open(&config.records_dir())?;
     for problem in problems {
         tracing::error!(%problem, "skipping an unreadable checkpoint record");

@@ -117,6 +117,14 @@ impl Agent for AgentService {
         Ok(Response::new(pb::DeleteReply { removed_from }))
     }
 
+    async fn prefetch(
+        &self,
+        request: Request<pb::PrefetchRequest>,
+    ) -> Result<Response<pb::PrefetchReply>, Status> {
+        let reply = ask(&self.node, node::Prefetch(request.into_inner())).await??;
+        Ok(Response::new(reply))
+    }
+
     type WatchEventsStream = EventStream;
 
     async fn watch_events(

@@ -11,7 +11,9 @@ use kybernate_proto::agent::v1 as pb;
 use crate::catalog::{Catalog, CheckpointRecord, Phase};
 use crate::checkpoint::CheckpointJob;
 use crate::container::{ContainerActor, GetState, RunCheckpoint, RunRestore};
-use crate::error::AgentError;
+use crate::demotion::{self, Candidate};
+use crate::drain;
+use crate::error::{tier_list, AgentError};
 use crate::node_parts::NodeParts;
 use crate::tiers::{self, Remove, UsedBytes};
 
@@ -21,18 +23,79 @@ pub struct NodeAgent {
     parts: NodeParts,
     catalog: Catalog,
     workloads: HashMap<i32, Addr<ContainerActor>>,
+    /// Checkpoints with a checkpoint, restore, prefetch or delete in flight.
     busy: HashSet<CheckpointName>,
+    /// Checkpoints still draining into slower tiers in the background.
+    draining: HashSet<CheckpointName>,
+    /// When each checkpoint was last taken or restored (Unix seconds), for LRU demotion.
+    last_used: HashMap<CheckpointName, u64>,
+    /// A demotion pass is running.
+    demoting: bool,
+}
+
+/// How often tier budgets are re-checked besides after each operation.
+const BUDGET_CHECK_INTERVAL: Duration = Duration::from_secs(30);
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl NodeAgent {
     /// An agent serving `catalog` with the node's actors.
     pub fn new(parts: NodeParts, catalog: Catalog) -> Self {
+        let last_used = catalog
+            .all()
+            .filter_map(|r| Some((CheckpointName::new(&r.name).ok()?, r.created_unix)))
+            .collect();
         Self {
             parts,
             catalog,
             workloads: HashMap::new(),
             busy: HashSet::new(),
+            draining: HashSet::new(),
+            last_used,
+            demoting: false,
         }
+    }
+
+    /// Demotes least recently used checkpoints out of every tier over its budget.
+    fn enforce_budgets(&mut self, ctx: &mut Context<Self>) {
+        if self.demoting {
+            return;
+        }
+        let mut budgets = vec![(TierKind::Ram, self.parts.config.ram_budget())];
+        if let (Some(budget), Some(_)) = (self.parts.config.tiers.nvme_budget_bytes, self.parts.tiers.get(TierKind::S3)) {
+            budgets.push((TierKind::Nvme, budget));
+        }
+        let records: Vec<CheckpointRecord> = self
+            .catalog
+            .all()
+            .filter(|r| {
+                CheckpointName::new(&r.name)
+                    .is_ok_and(|n| !self.busy.contains(&n) && !self.draining.contains(&n))
+            })
+            .cloned()
+            .collect();
+        let last_used = self.last_used.clone();
+        let parts = self.parts.clone();
+        self.demoting = true;
+        ctx.spawn(
+            async move {
+                for (kind, budget) in budgets {
+                    if let Err(e) = demote_over_budget(&parts, kind, budget, &records, &last_used).await {
+                        tracing::error!(tier = %kind, error = %e, "demotion stopped; the copies stay where they are");
+                    }
+                }
+            }
+            .into_actor(self)
+            .map(|(), agent, ctx| {
+                agent.demoting = false;
+                agent.refresh_tier_usage(ctx);
+            }),
+        );
     }
 
     fn workload(&mut self, pid: i32) -> Addr<ContainerActor> {
@@ -59,6 +122,18 @@ impl NodeAgent {
                 req.container_id
             )));
         }
+        let until = match req.tier.as_str() {
+            "" => TierKind::Nvme,
+            tier => TierKind::parse(tier).ok_or_else(|| {
+                AgentError::InvalidRequest(format!("unknown tier {tier:?}: use ram, nvme or s3"))
+            })?,
+        };
+        if self.parts.tiers.get(until).is_none() {
+            return Err(AgentError::InvalidRequest(format!(
+                "this agent has no {until} tier (tiers: {})",
+                tier_list(&self.parts.tiers.kinds())
+            )));
+        }
         let name = if req.name.is_empty() {
             generated_name(req.pid)
         } else {
@@ -70,6 +145,7 @@ impl NodeAgent {
         Ok(CheckpointJob {
             name,
             pid: req.pid,
+            until,
             leave_running: req.leave_running,
             dump_timeout: (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms)),
             container_id: req.container_id,
@@ -92,6 +168,26 @@ impl NodeAgent {
         Ok((name, record))
     }
 
+    /// Drains a fresh checkpoint into the tiers slower than `until` in the background.
+    fn drain_later(&mut self, ctx: &mut Context<Self>, name: &CheckpointName, until: TierKind) {
+        let (_, background) = drain::split_tiers(&self.parts, until);
+        if background.is_empty() {
+            return;
+        }
+        self.draining.insert(name.clone());
+        let done = name.clone();
+        let image_dir = self.parts.ram.dir_of(name);
+        ctx.spawn(
+            drain::drain_in_background(self.parts.clone(), name.clone(), image_dir, background)
+                .into_actor(self)
+                .map(move |(), agent, ctx| {
+                    agent.draining.remove(&done);
+                    agent.refresh_tier_usage(ctx);
+                    agent.enforce_budgets(ctx);
+                }),
+        );
+    }
+
     fn refresh_tier_usage(&self, ctx: &mut Context<Self>) {
         for (kind, tier) in self.parts.tiers.actors.clone() {
             let metrics = self.parts.metrics.clone();
@@ -112,6 +208,7 @@ impl Actor for NodeAgent {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.refresh_tier_usage(ctx);
+        ctx.run_interval(BUDGET_CHECK_INTERVAL, |agent, ctx| agent.enforce_budgets(ctx));
     }
 }
 
@@ -195,6 +292,7 @@ impl Handler<Checkpoint> for NodeAgent {
             Err(e) => return Box::pin(actix::fut::ready(Err(e))),
         };
         let name = job.name.clone();
+        let until = job.until;
         let workload = self.workload(job.pid);
         let parts = self.parts.clone();
         Box::pin(
@@ -212,6 +310,9 @@ impl Handler<Checkpoint> for NodeAgent {
                 }
                 let (record, holdings) = result?;
                 agent.catalog.insert(name.clone(), record.clone())?;
+                agent.last_used.insert(name.clone(), record.created_unix);
+                agent.drain_later(ctx, &name, until);
+                agent.enforce_budgets(ctx);
                 Ok(pb::CheckpointReply {
                     checkpoint_ref: record.name.clone(),
                     phases: phases_pb(&record.phases),
@@ -258,6 +359,7 @@ impl Handler<Restore> for NodeAgent {
                     agent.busy.remove(&name);
                     agent.refresh_tier_usage(ctx);
                     let outcome = result?;
+                    agent.last_used.insert(name.clone(), now_unix());
                     Ok(pb::RestoreReply {
                         checkpoint_ref: name.to_string(),
                         pid: outcome.pid,
@@ -344,7 +446,12 @@ impl Handler<Delete> for NodeAgent {
     fn handle(&mut self, msg: Delete, _: &mut Self::Context) -> Self::Result {
         let prepared = CheckpointName::new(&msg.0)
             .map_err(AgentError::from)
-            .and_then(|name| self.reserve(&name).map(|()| name));
+            .and_then(|name| {
+                if self.draining.contains(&name) {
+                    return Err(AgentError::Busy(format!("{name} (still draining into slower tiers)")));
+                }
+                self.reserve(&name).map(|()| name)
+            });
         let name = match prepared {
             Ok(name) => name,
             Err(e) => return Box::pin(actix::fut::ready(Err(e))),
@@ -379,6 +486,87 @@ impl Handler<Delete> for NodeAgent {
                 }
                 Ok(removed)
             }),
+        )
+    }
+}
+
+/// Demotes the least recently used checkpoints of tier `kind` until it fits `budget`.
+async fn demote_over_budget(
+    parts: &NodeParts,
+    kind: TierKind,
+    budget: u64,
+    records: &[CheckpointRecord],
+    last_used: &HashMap<CheckpointName, u64>,
+) -> Result<(), AgentError> {
+    let Some(tier) = parts.tiers.get(kind) else {
+        return Ok(());
+    };
+    let tier_error = |source| AgentError::Tier {
+        name: "*".into(),
+        phase: format!("budget_{kind}"),
+        source,
+    };
+    let used = tier.send(UsedBytes).await?.map_err(tier_error)?;
+    if used <= budget {
+        return Ok(());
+    }
+    let held = tier.send(tiers::List).await?.map_err(tier_error)?;
+    let candidates = records
+        .iter()
+        .filter_map(|r| {
+            let name = CheckpointName::new(&r.name).ok()?;
+            held.contains(&name).then(|| Candidate {
+                bytes: r.raw_bytes,
+                last_used: last_used.get(&name).copied().unwrap_or(r.created_unix),
+                name,
+            })
+        })
+        .collect();
+    for name in demotion::plan(used, budget, candidates) {
+        let Some(record) = records.iter().find(|r| r.name == name.as_str()) else {
+            continue;
+        };
+        demotion::demote(parts, record, kind).await?;
+    }
+    Ok(())
+}
+
+/// Copy a checkpoint into a nearer tier.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<pb::PrefetchReply, AgentError>")]
+pub struct Prefetch(pub pb::PrefetchRequest);
+
+impl Handler<Prefetch> for NodeAgent {
+    type Result = ResponseActFuture<Self, Result<pb::PrefetchReply, AgentError>>;
+
+    fn handle(&mut self, msg: Prefetch, _: &mut Self::Context) -> Self::Result {
+        let prepared = TierKind::parse(&msg.0.to_tier)
+            .ok_or_else(|| {
+                AgentError::InvalidRequest(format!("unknown tier {:?}: use ram or nvme", msg.0.to_tier))
+            })
+            .and_then(|to| {
+                let (name, record) = self.record(&msg.0.checkpoint_ref)?;
+                self.reserve(&name)?;
+                Ok((name, record, to))
+            });
+        let (name, record, to) = match prepared {
+            Ok(p) => p,
+            Err(e) => return Box::pin(actix::fut::ready(Err(e))),
+        };
+        let parts = self.parts.clone();
+        Box::pin(
+            crate::prefetch::run(parts, record, to)
+                .into_actor(self)
+                .map(move |result, agent, ctx| {
+                    agent.busy.remove(&name);
+                    agent.refresh_tier_usage(ctx);
+                    let outcome = result?;
+                    agent.last_used.insert(name.clone(), now_unix());
+                    Ok(pb::PrefetchReply {
+                        from_tier: outcome.from.map(|t| t.as_str().to_owned()).unwrap_or_default(),
+                        phases: phases_pb(&outcome.phases),
+                    })
+                }),
         )
     }
 }

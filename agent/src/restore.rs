@@ -49,11 +49,28 @@ pub async fn run(
     result.map_err(|(_, e)| e)
 }
 
-/// Images ready for CRIU, and the scratch copy to remove afterwards.
-struct Staged {
-    dir: PathBuf,
+/// Verified images in the RAM tier, and the scratch copy to remove afterwards.
+#[derive(Debug)]
+pub struct Staged {
+    /// Directory holding the images.
+    pub dir: PathBuf,
     scratch: Option<PathBuf>,
-    tier: TierKind,
+    /// Tier they came from.
+    pub tier: TierKind,
+}
+
+impl Staged {
+    /// Moves a scratch copy into the RAM tier as the held copy of `name`.
+    pub fn keep_in_ram(mut self, parts: &NodeParts, name: &CheckpointName) -> Result<(), AgentError> {
+        let Some(scratch) = self.scratch.take() else {
+            return Ok(());
+        };
+        let target = parts.ram.dir_of(name);
+        std::fs::rename(&scratch, &target).map_err(|e| {
+            let _ = std::fs::remove_dir_all(&scratch);
+            AgentError::Internal(format!("cannot move {} to {}: {e}", scratch.display(), target.display()))
+        })
+    }
 }
 
 impl Drop for Staged {
@@ -86,7 +103,18 @@ async fn phases(
             .await
             .map_err(|e| ("cuda_check", e))?;
     }
-    let staged = stage(parts, record, &name, from, clock)
+    let candidates = match from {
+        Some(kind) if parts.tiers.get(kind).is_none() => {
+            let e = AgentError::InvalidRequest(format!(
+                "this agent has no {kind} tier (tiers: {})",
+                tier_list(&parts.tiers.kinds())
+            ));
+            return Err(("stage", e));
+        }
+        Some(kind) => vec![kind],
+        None => parts.tiers.kinds(),
+    };
+    let staged = stage(parts, record, &name, &candidates, clock)
         .await
         .map_err(|e| ("stage", e))?;
     let timeouts = &parts.config.timeouts;
@@ -160,34 +188,18 @@ async fn phases(
     })
 }
 
-/// Finds the nearest tier with an intact copy and makes its images available in RAM.
-async fn stage(
+/// Finds the first of `candidates` (nearest first) with an intact copy and makes its images
+/// available in RAM, verified against the checkpoint's digests.
+pub async fn stage(
     parts: &NodeParts,
     record: &CheckpointRecord,
     name: &CheckpointName,
-    from: Option<TierKind>,
+    candidates: &[TierKind],
     clock: &mut PhaseClock,
 ) -> Result<Staged, AgentError> {
-    let candidates: Vec<TierKind> = match from {
-        Some(kind) if parts.tiers.get(kind).is_none() => {
-            return Err(AgentError::InvalidRequest(format!(
-                "this agent has no {kind} tier (tiers: {})",
-                tier_list(
-                    &parts
-                        .tiers
-                        .actors
-                        .iter()
-                        .map(|(k, _)| *k)
-                        .collect::<Vec<_>>()
-                )
-            )))
-        }
-        Some(kind) => vec![kind],
-        None => parts.tiers.actors.iter().map(|(k, _)| *k).collect(),
-    };
-    let mut last_damage: Option<(TierKind, ImageError)> = None;
+    let mut last_damage: Option<ImageError> = None;
     let mut damaged = Vec::new();
-    for kind in &candidates {
+    for kind in candidates {
         let Some(tier) = parts.tiers.get(*kind) else {
             continue;
         };
@@ -228,20 +240,20 @@ async fn stage(
             Err(AgentError::Images { source, .. }) => {
                 tracing::warn!(checkpoint = %name, tier = %kind, error = %source, "image set damaged; trying the next tier");
                 damaged.push(format!("{kind} copy: {source}"));
-                last_damage = Some((*kind, source));
+                last_damage = Some(source);
             }
             Err(other) => return Err(other),
         }
     }
     match last_damage {
-        Some((_, source)) => Err(AgentError::Images {
+        Some(source) => Err(AgentError::Images {
             name: record.name.clone(),
             detail: format!("no intact copy left ({})", damaged.join("; ")),
             source,
         }),
         None => Err(AgentError::NoCopy {
             name: record.name.clone(),
-            tiers: tier_list(&candidates),
+            tiers: tier_list(candidates),
         }),
     }
 }

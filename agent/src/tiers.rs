@@ -114,6 +114,11 @@ pub struct Tiers {
 }
 
 impl Tiers {
+    /// The kinds of tiers the agent has, nearest first.
+    pub fn kinds(&self) -> Vec<TierKind> {
+        self.actors.iter().map(|(k, _)| *k).collect()
+    }
+
     /// The actor of `kind`, if the agent has that tier.
     pub fn get(&self, kind: TierKind) -> Option<&Addr<TierActor>> {
         self.actors.iter().find(|(k, _)| *k == kind).map(|(_, a)| a)

@@ -237,6 +237,7 @@ fn watch_streams_phase_progress() {
         [
             "cuda_checkpoint",
             "criu_dump",
+            "cuda_release",
             "store_ram",
             "digest",
             "store_nvme"
