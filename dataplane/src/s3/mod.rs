@@ -4,6 +4,7 @@
 //! uploaded again. Restores fetch chunks with parallel ranged GETs.
 
 mod config;
+mod from_nvme;
 mod request;
 mod upload;
 
@@ -39,13 +40,33 @@ pub struct S3Tier {
     config: S3Config,
     prefix: String,
     client: Client,
-    rt: tokio::runtime::Runtime,
+    rt: OwnRuntime,
     chunk: ChunkConfig,
     pool: BufferPool,
     /// Serialises stores and removals of this tier instance.
     lock: Mutex<()>,
     /// Multipart uploads whose abort failed (server unreachable): (key, upload id).
     pending_aborts: Mutex<Vec<(String, String)>>,
+}
+
+/// The tier's private runtime; dropping it never blocks, so the tier may be dropped anywhere,
+/// even inside an async task.
+#[derive(Debug)]
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for OwnRuntime {
+    type Target = tokio::runtime::Runtime;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("runtime present until drop")
+    }
+}
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// Which chunks the packs under the prefix hold, with global pack numbers.
@@ -120,7 +141,7 @@ impl S3Tier {
             ),
             config,
             client,
-            rt,
+            rt: OwnRuntime(Some(rt)),
             chunk,
             lock: Mutex::new(()),
             pending_aborts: Mutex::new(Vec::new()),
@@ -313,28 +334,11 @@ impl S3Tier {
         image_dir: &Path,
     ) -> Result<(StoreReport, DrainStats), TierError> {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = self.abort_pending_uploads() {
-            tracing::warn!(error = %e, "earlier multipart uploads could not be aborted yet");
-        }
-        if self.contains(name)? {
-            let raw = self.manifest(name)?.raw_bytes();
-            let report = StoreReport {
-                raw_bytes: raw,
-                stored_bytes: 0,
-            };
-            let stats = DrainStats {
-                raw_bytes: raw,
-                ..DrainStats::default()
-            };
-            return Ok((report, stats));
+        if let Some(held) = self.begin_store(name)? {
+            return Ok(held);
         }
         let mut index = self.build_index()?;
-        let nonce = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let pack_rel = format!("packs/{name}-{nonce:x}.pack");
-        let pack_id = u32::try_from(index.packs.len()).expect("fewer than 4G packs");
-        index.packs.push(pack_rel.clone());
+        let (pack_rel, pack_id) = self.new_pack(name, &mut index);
         let total = crate::local_dir::dir_bytes(image_dir).map_err(|e| TierError::Io {
             tier: TIER,
             op: "read image directory",
@@ -358,13 +362,24 @@ impl S3Tier {
             &index,
             &mut upload,
         );
-        let (mut manifest, stats) = match drained {
+        let (manifest, stats) = match drained {
             Ok(done) => done,
             Err(e) => return Err(upload.abort(e)),
         };
-        let pack_written = upload.finish()?;
-        debug_assert!(pack_written || stats.new_chunks == 0);
-        // Renumber the packs this checkpoint uses into its own compact table.
+        upload.finish()?;
+        self.commit(manifest, &index)?;
+        Ok((
+            StoreReport {
+                raw_bytes: stats.raw_bytes,
+                stored_bytes: stats.new_stored_bytes,
+            },
+            stats,
+        ))
+    }
+
+    /// Renumbers the global pack ids of `manifest` into its own compact pack table and writes
+    /// it: the commit point of a store.
+    fn commit(&self, mut manifest: CheckpointManifest, index: &PackIndex) -> Result<(), TierError> {
         let used: BTreeSet<u32> = manifest
             .files
             .iter()
@@ -388,14 +403,42 @@ impl S3Tier {
                 *pack = renumber[pack];
             }
         }
-        self.put_manifest(&manifest)?;
-        Ok((
-            StoreReport {
-                raw_bytes: stats.raw_bytes,
-                stored_bytes: stats.new_stored_bytes,
-            },
-            stats,
-        ))
+        self.put_manifest(&manifest)
+    }
+
+    /// Starts a store of `name`: clears pending aborts, and returns `Some(report)` if the
+    /// checkpoint is already held.
+    fn begin_store(
+        &self,
+        name: &CheckpointName,
+    ) -> Result<Option<(StoreReport, DrainStats)>, TierError> {
+        if let Err(e) = self.abort_pending_uploads() {
+            tracing::warn!(error = %e, "earlier multipart uploads could not be aborted yet");
+        }
+        if !self.contains(name)? {
+            return Ok(None);
+        }
+        let raw = self.manifest(name)?.raw_bytes();
+        let report = StoreReport {
+            raw_bytes: raw,
+            stored_bytes: 0,
+        };
+        let stats = DrainStats {
+            raw_bytes: raw,
+            ..DrainStats::default()
+        };
+        Ok(Some((report, stats)))
+    }
+
+    /// A new pack key for `name`, registered in `index`; returns (relative key, pack id).
+    fn new_pack(&self, name: &CheckpointName, index: &mut PackIndex) -> (String, u32) {
+        let nonce = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let pack_rel = format!("packs/{name}-{nonce:x}.pack");
+        let pack_id = u32::try_from(index.packs.len()).expect("fewer than 4G packs");
+        index.packs.push(pack_rel.clone());
+        (pack_rel, pack_id)
     }
 
     fn put_manifest(&self, manifest: &CheckpointManifest) -> Result<(), TierError> {
