@@ -1,4 +1,4 @@
-//! A fixed pool of page-aligned, mlock'ed buffers.
+//! A bounded pool of page-aligned, mlock'ed buffers.
 //!
 //! Every encoded chunk and every S3 part lives in one of these: they are aligned for O_DIRECT,
 //! pinned so the kernel never pages them out mid-write, and reused, so a multi-GiB drain does
@@ -92,8 +92,15 @@ impl Drop for AlignedBuf {
 }
 
 #[derive(Debug)]
+struct PoolState {
+    free: Vec<AlignedBuf>,
+    /// Buffers allocated so far (free or lent out).
+    created: usize,
+}
+
+#[derive(Debug)]
 struct PoolInner {
-    free: Mutex<Vec<AlignedBuf>>,
+    state: Mutex<PoolState>,
     returned: Condvar,
 }
 
@@ -106,21 +113,15 @@ pub struct BufferPool {
 }
 
 impl BufferPool {
-    /// Allocates and pins `count` buffers of at least `buf_size` bytes.
+    /// A pool of at most `count` buffers of at least `buf_size` bytes. Buffers are allocated
+    /// and pinned when first needed and then reused, so an idle tier costs no memory.
     pub fn new(buf_size: usize, count: usize) -> Self {
-        let free: Vec<_> = (0..count.max(1))
-            .map(|_| AlignedBuf::new(buf_size))
-            .collect();
-        if free.iter().any(|b| !b.is_pinned()) {
-            tracing::warn!(
-                buf_size,
-                count,
-                "mlock failed; data-plane buffers are not pinned"
-            );
-        }
         Self {
             inner: Arc::new(PoolInner {
-                free: Mutex::new(free),
+                state: Mutex::new(PoolState {
+                    free: Vec::new(),
+                    created: 0,
+                }),
                 returned: Condvar::new(),
             }),
             buf_size,
@@ -138,28 +139,52 @@ impl BufferPool {
         self.count
     }
 
-    /// Takes a buffer, waiting until one is returned if all are in use.
+    /// Takes a buffer, waiting until one is returned if all `count` are in use.
     pub fn take(&self) -> PooledBuf {
-        let mut free = self.inner.free.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(mut buf) = free.pop() {
+            if let Some(mut buf) = state.free.pop() {
                 buf.set_len(0);
-                return PooledBuf {
-                    buf: Some(buf),
-                    pool: Arc::clone(&self.inner),
-                };
+                return self.lend(buf);
             }
-            free = self
+            if state.created < self.count {
+                state.created += 1;
+                drop(state);
+                let buf = AlignedBuf::new(self.buf_size);
+                if !buf.is_pinned() {
+                    tracing::warn!(
+                        size = self.buf_size,
+                        "mlock failed; a data-plane buffer is not pinned"
+                    );
+                }
+                return self.lend(buf);
+            }
+            state = self
                 .inner
                 .returned
-                .wait(free)
+                .wait(state)
                 .unwrap_or_else(|e| e.into_inner());
         }
     }
 
-    /// Buffers currently free (for tests and metrics).
+    fn lend(&self, buf: AlignedBuf) -> PooledBuf {
+        PooledBuf {
+            buf: Some(buf),
+            pool: Arc::clone(&self.inner),
+        }
+    }
+
+    /// Buffers that could be taken without waiting (for tests and metrics).
     pub fn available(&self) -> usize {
-        self.inner.free.lock().map_or(0, |f| f.len())
+        self.inner
+            .state
+            .lock()
+            .map_or(0, |s| s.free.len() + (self.count - s.created))
+    }
+
+    /// Buffers allocated so far.
+    pub fn allocated(&self) -> usize {
+        self.inner.state.lock().map_or(0, |s| s.created)
     }
 }
 
@@ -200,8 +225,8 @@ impl std::ops::DerefMut for PooledBuf {
 impl Drop for PooledBuf {
     fn drop(&mut self) {
         if let Some(buf) = self.buf.take() {
-            let mut free = self.pool.free.lock().unwrap_or_else(|e| e.into_inner());
-            free.push(buf);
+            let mut state = self.pool.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.free.push(buf);
             self.pool.returned.notify_one();
         }
     }
@@ -214,7 +239,9 @@ mod tests {
     #[test]
     fn buffers_are_aligned_reused_and_returned_through_bytes() {
         let pool = BufferPool::new(10_000, 2);
+        assert_eq!(pool.allocated(), 0);
         let mut a = pool.take();
+        assert_eq!(pool.allocated(), 1);
         assert_eq!(a.capacity(), 12_288);
         assert_eq!(a.as_ptr() as usize % IO_ALIGN, 0);
         a.spare_mut()[..3].copy_from_slice(b"abc");
@@ -232,6 +259,7 @@ mod tests {
         let c = pool.take();
         assert!(b.as_ptr() == first_ptr || c.as_ptr() == first_ptr);
         assert!(b.as_slice().is_empty());
+        assert_eq!(pool.allocated(), 2, "no allocation beyond the bound");
     }
 
     #[test]

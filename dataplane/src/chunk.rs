@@ -80,8 +80,10 @@ impl ChunkEncoding {
     }
 }
 
-/// Knobs of the chunk pipeline; the agent fills them from its config file.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Knobs of the chunk pipeline; the agent fills them from its config file (every field is
+/// optional there, defaults below).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ChunkConfig {
     /// Chunk size in bytes, a multiple of 4096 between 4 KiB and 256 MiB.
     pub chunk_size: usize,

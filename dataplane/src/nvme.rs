@@ -387,7 +387,8 @@ impl Tier for NvmeTier {
 
     fn load(&self, name: &CheckpointName, dest: &Path) -> Result<LoadReport, TierError> {
         let manifest = self.manifest(name)?;
-        let workers = self.config.worker_count();
+        // Twice the cores: while half the workers decompress, the other half keep the disk busy.
+        let workers = self.config.worker_count() * 2;
         restore_image_set(TIER, &manifest, dest, self, &self.pool, workers)
     }
 

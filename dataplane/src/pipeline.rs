@@ -123,9 +123,13 @@ fn open_sources(tier: TierKind, dir: &Path) -> Result<Vec<SourceFile>, TierError
         let map = if meta.len() == 0 {
             None
         } else {
+            // Populating maps every page in one go instead of faulting them in one by one
+            // from the workers.
+            let options = memmap2::MmapOptions::new().populate().clone();
             // SAFETY: CRIU has finished writing the image set before it is drained, and
             // nothing modifies or truncates files in the RAM tier while a store reads them.
-            Some(unsafe { Mmap::map(&file) }.map_err(|e| io_err(tier, "mmap", &path, e))?)
+            let map = unsafe { options.map(&file) };
+            Some(map.map_err(|e| io_err(tier, "mmap", &path, e))?)
         };
         files.push(SourceFile {
             name,

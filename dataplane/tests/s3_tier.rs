@@ -324,3 +324,42 @@ fn corrupt_pack_and_deleted_manifest_fall_back_or_fail_clearly() {
     let err = tier.load(&name("cp"), &dest2).unwrap_err();
     assert!(matches!(err, TierError::NotFound { .. }), "{err}");
 }
+
+#[test]
+fn demotion_from_nvme_uploads_verified_chunks_without_the_ram_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = S3Server::start(&tmp.path().join("s3"));
+    let tier = S3Tier::connect(s3_config(&server), chunk_config()).unwrap();
+    let nvme = NvmeTier::open(tmp.path().join("nvme"), chunk_config()).unwrap();
+    let src = new_dir(tmp.path(), "src");
+    image(&src, 21);
+    nvme.store(&name("cp"), &src).unwrap();
+    let expected = read_dir_files(&src);
+    fs::remove_dir_all(&src).unwrap();
+
+    let (report, stats) = tier.store_from_nvme(&name("cp"), &nvme).unwrap();
+    assert!(report.stored_bytes > 0 && stats.new_chunks > 0, "{stats:?}");
+    assert_eq!(server.faults.creates.load(Ordering::SeqCst), 1);
+    let dest = new_dir(tmp.path(), "dest");
+    tier.load(&name("cp"), &dest).unwrap();
+    assert_eq!(read_dir_files(&dest), expected);
+
+    // A damaged NVMe chunk never reaches S3: clear error, upload aborted, nothing committed.
+    let m = nvme.manifest(&name("cp")).unwrap();
+    let chunk = m.files[1].chunks[8];
+    let path = nvme.chunk_path(&chunk.hash);
+    let mut bad = fs::read(&path).unwrap();
+    bad[10] ^= 4;
+    fs::write(&path, &bad).unwrap();
+    let other = S3Config {
+        prefix: "node-b".into(),
+        ..s3_config(&server)
+    };
+    let tier_b = S3Tier::connect(other, chunk_config()).unwrap();
+    let err = tier_b.store_from_nvme(&name("cp"), &nvme).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, TierError::Corrupt { .. }), "{msg}");
+    assert!(msg.contains("file pages-1.img chunk 8"), "{msg}");
+    assert!(!tier_b.contains(&name("cp")).unwrap());
+    assert!(server.leftover_upload_files().is_empty());
+}

@@ -185,6 +185,40 @@ mod tests {
     }
 
     #[test]
+    fn the_agent_can_fill_both_configs_from_toml() {
+        let text = r#"
+            [chunks]
+            chunk_size = 4194304
+            zstd_level = 3
+
+            [s3]
+            endpoint = "http://127.0.0.1:9000"
+            bucket = "ckpt"
+            prefix = "node-a"
+            force_path_style = true
+            access_key_id = "AKIA1"
+            secret_access_key = "s3cr3t"
+        "#;
+        #[derive(serde::Deserialize)]
+        struct Agent {
+            chunks: crate::ChunkConfig,
+            s3: S3Config,
+        }
+        let agent: Agent = toml::from_str(text).unwrap();
+        assert_eq!(agent.chunks.chunk_size, 4 << 20);
+        assert_eq!(agent.chunks.zstd_level, 3);
+        assert_eq!(agent.chunks.workers, 0, "defaults fill the rest");
+        assert_eq!(agent.s3.secret_access_key.expose(), "s3cr3t");
+        assert_eq!(agent.s3.parts_in_flight, 16);
+        assert_eq!(agent.s3.normalized_prefix(), "node-a/");
+        agent.s3.validate().unwrap();
+        let err = toml::from_str::<Agent>("[chunks]\nchunk_sise = 1\n[s3]\n")
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("chunk_sise"), "{err}");
+    }
+
+    #[test]
     fn validation_names_the_field() {
         let ok = S3Config {
             bucket: "b".into(),

@@ -4,7 +4,10 @@
 //! uploaded again. Restores fetch chunks with parallel ranged GETs.
 
 mod config;
+mod from_nvme;
+mod objects;
 mod request;
+mod store;
 mod upload;
 
 use std::collections::{BTreeSet, HashMap};
@@ -39,13 +42,33 @@ pub struct S3Tier {
     config: S3Config,
     prefix: String,
     client: Client,
-    rt: tokio::runtime::Runtime,
+    rt: OwnRuntime,
     chunk: ChunkConfig,
     pool: BufferPool,
     /// Serialises stores and removals of this tier instance.
     lock: Mutex<()>,
     /// Multipart uploads whose abort failed (server unreachable): (key, upload id).
     pending_aborts: Mutex<Vec<(String, String)>>,
+}
+
+/// The tier's private runtime; dropping it never blocks, so the tier may be dropped anywhere,
+/// even inside an async task.
+#[derive(Debug)]
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for OwnRuntime {
+    type Target = tokio::runtime::Runtime;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("runtime present until drop")
+    }
+}
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// Which chunks the packs under the prefix hold, with global pack numbers.
@@ -120,7 +143,7 @@ impl S3Tier {
             ),
             config,
             client,
-            rt,
+            rt: OwnRuntime(Some(rt)),
             chunk,
             lock: Mutex::new(()),
             pending_aborts: Mutex::new(Vec::new()),
@@ -304,297 +327,5 @@ impl S3Tier {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         pending.push((key.to_owned(), upload_id.to_owned()));
-    }
-
-    /// Stores an image set and reports the pipeline's figures (zero, dedup and new bytes).
-    pub fn store_with_stats(
-        &self,
-        name: &CheckpointName,
-        image_dir: &Path,
-    ) -> Result<(StoreReport, DrainStats), TierError> {
-        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = self.abort_pending_uploads() {
-            tracing::warn!(error = %e, "earlier multipart uploads could not be aborted yet");
-        }
-        if self.contains(name)? {
-            let raw = self.manifest(name)?.raw_bytes();
-            let report = StoreReport {
-                raw_bytes: raw,
-                stored_bytes: 0,
-            };
-            let stats = DrainStats {
-                raw_bytes: raw,
-                ..DrainStats::default()
-            };
-            return Ok((report, stats));
-        }
-        let mut index = self.build_index()?;
-        let nonce = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let pack_rel = format!("packs/{name}-{nonce:x}.pack");
-        let pack_id = u32::try_from(index.packs.len()).expect("fewer than 4G packs");
-        index.packs.push(pack_rel.clone());
-        let total = crate::local_dir::dir_bytes(image_dir).map_err(|e| TierError::Io {
-            tier: TIER,
-            op: "read image directory",
-            path: image_dir.to_owned(),
-            source: e,
-        })?;
-        let part_size = self.config.part_size_for(total);
-        let part_pool = BufferPool::new(part_size, self.config.parts_in_flight + 1);
-        let mut upload = PackUpload::new(
-            self,
-            format!("{}{pack_rel}", self.prefix),
-            pack_id,
-            part_pool,
-        );
-        let drained = drain_image_set(
-            TIER,
-            name,
-            image_dir,
-            &self.chunk,
-            &self.pool,
-            &index,
-            &mut upload,
-        );
-        let (mut manifest, stats) = match drained {
-            Ok(done) => done,
-            Err(e) => return Err(upload.abort(e)),
-        };
-        let pack_written = upload.finish()?;
-        debug_assert!(pack_written || stats.new_chunks == 0);
-        // Renumber the packs this checkpoint uses into its own compact table.
-        let used: BTreeSet<u32> = manifest
-            .files
-            .iter()
-            .flat_map(|f| f.chunks.iter())
-            .filter_map(|c| match c.location {
-                ChunkLocation::Pack { pack, .. } => Some(pack),
-                ChunkLocation::Store => None,
-            })
-            .collect();
-        let renumber: HashMap<u32, u32> = used
-            .iter()
-            .enumerate()
-            .map(|(i, &g)| (g, u32::try_from(i).expect("fits")))
-            .collect();
-        manifest.packs = used
-            .iter()
-            .map(|&g| index.packs[usize::try_from(g).expect("fits")].clone())
-            .collect();
-        for c in manifest.files.iter_mut().flat_map(|f| f.chunks.iter_mut()) {
-            if let ChunkLocation::Pack { pack, .. } = &mut c.location {
-                *pack = renumber[pack];
-            }
-        }
-        self.put_manifest(&manifest)?;
-        Ok((
-            StoreReport {
-                raw_bytes: stats.raw_bytes,
-                stored_bytes: stats.new_stored_bytes,
-            },
-            stats,
-        ))
-    }
-
-    fn put_manifest(&self, manifest: &CheckpointManifest) -> Result<(), TierError> {
-        let key = self.manifest_key(&manifest.name);
-        let mut buf = Vec::new();
-        manifest
-            .write_to(&mut buf)
-            .map_err(|e| TierError::Corrupt {
-                tier: TIER,
-                name: manifest.name.clone(),
-                detail: format!("manifest cannot be encoded: {e}"),
-            })?;
-        let body = bytes::Bytes::from(buf);
-        self.rt
-            .block_on(retrying(&self.config, "put manifest", || {
-                self.client
-                    .put_object()
-                    .bucket(&self.config.bucket)
-                    .key(&key)
-                    .body(ByteStream::from(body.clone()))
-                    .send()
-            }))
-            .map(|_| ())
-            .map_err(|(e, n)| remote("put manifest", &key, &e, n))
-    }
-}
-
-impl ChunkFetch for S3Tier {
-    fn fetch(
-        &self,
-        manifest: &CheckpointManifest,
-        file: &str,
-        index: usize,
-        chunk: &ChunkRef,
-        buf: &mut AlignedBuf,
-    ) -> Result<(), TierError> {
-        let corrupt = |what: String| TierError::Corrupt {
-            tier: TIER,
-            name: manifest.name.clone(),
-            detail: format!("file {file} chunk {index} ({}): {what}", chunk.hash),
-        };
-        let ChunkLocation::Pack { pack, offset } = chunk.location else {
-            return Err(corrupt("the manifest gives no pack for it".into()));
-        };
-        let key = format!(
-            "{}{}",
-            self.prefix,
-            manifest.packs[usize::try_from(pack).expect("validated")]
-        );
-        let len = usize::try_from(chunk.stored_len).expect("fits");
-        if len > buf.capacity() {
-            return Err(corrupt(format!(
-                "stored length {len} exceeds the chunk size"
-            )));
-        }
-        let range = format!(
-            "bytes={offset}-{}",
-            offset + u64::from(chunk.stored_len) - 1
-        );
-        let result = self.rt.block_on(async {
-            let out = retrying(&self.config, "get chunk", || {
-                self.client
-                    .get_object()
-                    .bucket(&self.config.bucket)
-                    .key(&key)
-                    .range(&range)
-                    .send()
-            })
-            .await
-            .map_err(|(e, n)| {
-                if status(&e) == Some(416) {
-                    corrupt(format!("pack {key} is shorter than the manifest says (HTTP 416 for {range})"))
-                } else {
-                    let op = format!(
-                        "checkpoint {} file {file} chunk {index}: ranged get {range} of",
-                        manifest.name
-                    );
-                    remote(op, &key, &e, n)
-                }
-            })?;
-            let mut body = out.body;
-            let mut filled = 0usize;
-            let dest = buf.spare_mut();
-            while let Some(piece) = body
-                .try_next()
-                .await
-                .map_err(|e| corrupt(format!("reading {key} {range} failed: {e}")))?
-            {
-                if filled + piece.len() > len {
-                    return Err(corrupt(format!("{key} returned more than {len} bytes")));
-                }
-                dest[filled..filled + piece.len()].copy_from_slice(&piece);
-                filled += piece.len();
-            }
-            if filled != len {
-                return Err(corrupt(format!(
-                    "pack {key} is shorter than the manifest says: {range} returned {filled} of {len} bytes"
-                )));
-            }
-            Ok(())
-        });
-        result?;
-        buf.set_len(len);
-        Ok(())
-    }
-}
-
-impl Tier for S3Tier {
-    fn kind(&self) -> TierKind {
-        TIER
-    }
-
-    fn store(&self, name: &CheckpointName, image_dir: &Path) -> Result<StoreReport, TierError> {
-        self.store_with_stats(name, image_dir).map(|(r, _)| r)
-    }
-
-    fn load(&self, name: &CheckpointName, dest: &Path) -> Result<LoadReport, TierError> {
-        let manifest = self.manifest(name)?;
-        restore_image_set(
-            TIER,
-            &manifest,
-            dest,
-            self,
-            &self.pool,
-            self.config.fetch_concurrency,
-        )
-    }
-
-    fn contains(&self, name: &CheckpointName) -> Result<bool, TierError> {
-        let key = self.manifest_key(name);
-        let result = self
-            .rt
-            .block_on(retrying(&self.config, "head manifest", || {
-                self.client
-                    .head_object()
-                    .bucket(&self.config.bucket)
-                    .key(&key)
-                    .send()
-            }));
-        match result {
-            Ok(_) => Ok(true),
-            Err((e, _)) if status(&e) == Some(404) => Ok(false),
-            Err((e, n)) => Err(remote("head", &key, &e, n)),
-        }
-    }
-
-    fn remove(&self, name: &CheckpointName) -> Result<bool, TierError> {
-        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        if !self.contains(name)? {
-            return Ok(false);
-        }
-        let key = self.manifest_key(name);
-        self.rt
-            .block_on(retrying(&self.config, "delete manifest", || {
-                self.client
-                    .delete_object()
-                    .bucket(&self.config.bucket)
-                    .key(&key)
-                    .send()
-            }))
-            .map_err(|(e, n)| remote("delete", &key, &e, n))?;
-        let referenced: BTreeSet<String> = self
-            .all_manifests()?
-            .into_iter()
-            .flat_map(|m| m.packs)
-            .map(|p| format!("{}{p}", self.prefix))
-            .collect();
-        for (pack, _, _) in self.list_keys(&self.packs_prefix())? {
-            if !referenced.contains(&pack) {
-                self.rt
-                    .block_on(retrying(&self.config, "delete pack", || {
-                        self.client
-                            .delete_object()
-                            .bucket(&self.config.bucket)
-                            .key(&pack)
-                            .send()
-                    }))
-                    .map_err(|(e, n)| remote("delete", &pack, &e, n))?;
-            }
-        }
-        Ok(true)
-    }
-
-    fn list(&self) -> Result<Vec<CheckpointName>, TierError> {
-        let prefix = format!("{}manifests/", self.prefix);
-        let mut names: Vec<_> = self
-            .list_keys(&prefix)?
-            .into_iter()
-            .filter_map(|(k, _, _)| CheckpointName::new(&k[prefix.len()..]).ok())
-            .collect();
-        names.sort();
-        Ok(names)
-    }
-
-    fn used_bytes(&self) -> Result<u64, TierError> {
-        let keys = self.list_keys(&self.prefix)?;
-        Ok(keys
-            .iter()
-            .map(|(_, size, _)| u64::try_from(*size).unwrap_or(0))
-            .sum())
     }
 }

@@ -1,0 +1,179 @@
+//! Reading chunks back with ranged GETs, and the [`Tier`] operations on manifests and packs.
+
+use super::*;
+
+impl ChunkFetch for S3Tier {
+    fn fetch(
+        &self,
+        manifest: &CheckpointManifest,
+        file: &str,
+        index: usize,
+        chunk: &ChunkRef,
+        buf: &mut AlignedBuf,
+    ) -> Result<(), TierError> {
+        let corrupt = |what: String| TierError::Corrupt {
+            tier: TIER,
+            name: manifest.name.clone(),
+            detail: format!("file {file} chunk {index} ({}): {what}", chunk.hash),
+        };
+        let ChunkLocation::Pack { pack, offset } = chunk.location else {
+            return Err(corrupt("the manifest gives no pack for it".into()));
+        };
+        let key = format!(
+            "{}{}",
+            self.prefix,
+            manifest.packs[usize::try_from(pack).expect("validated")]
+        );
+        let len = usize::try_from(chunk.stored_len).expect("fits");
+        if len > buf.capacity() {
+            return Err(corrupt(format!(
+                "stored length {len} exceeds the chunk size"
+            )));
+        }
+        let range = format!(
+            "bytes={offset}-{}",
+            offset + u64::from(chunk.stored_len) - 1
+        );
+        let result = self.rt.block_on(async {
+            let out = retrying(&self.config, "get chunk", || {
+                self.client
+                    .get_object()
+                    .bucket(&self.config.bucket)
+                    .key(&key)
+                    .range(&range)
+                    .send()
+            })
+            .await
+            .map_err(|(e, n)| {
+                if status(&e) == Some(416) {
+                    corrupt(format!("pack {key} is shorter than the manifest says (HTTP 416 for {range})"))
+                } else {
+                    let op = format!(
+                        "checkpoint {} file {file} chunk {index}: ranged get {range} of",
+                        manifest.name
+                    );
+                    remote(op, &key, &e, n)
+                }
+            })?;
+            let mut body = out.body;
+            let mut filled = 0usize;
+            let dest = buf.spare_mut();
+            while let Some(piece) = body
+                .try_next()
+                .await
+                .map_err(|e| corrupt(format!("reading {key} {range} failed: {e}")))?
+            {
+                if filled + piece.len() > len {
+                    return Err(corrupt(format!("{key} returned more than {len} bytes")));
+                }
+                dest[filled..filled + piece.len()].copy_from_slice(&piece);
+                filled += piece.len();
+            }
+            if filled != len {
+                return Err(corrupt(format!(
+                    "pack {key} is shorter than the manifest says: {range} returned {filled} of {len} bytes"
+                )));
+            }
+            Ok(())
+        });
+        result?;
+        buf.set_len(len);
+        Ok(())
+    }
+}
+
+impl Tier for S3Tier {
+    fn kind(&self) -> TierKind {
+        TIER
+    }
+
+    fn store(&self, name: &CheckpointName, image_dir: &Path) -> Result<StoreReport, TierError> {
+        self.store_with_stats(name, image_dir).map(|(r, _)| r)
+    }
+
+    fn load(&self, name: &CheckpointName, dest: &Path) -> Result<LoadReport, TierError> {
+        let manifest = self.manifest(name)?;
+        restore_image_set(
+            TIER,
+            &manifest,
+            dest,
+            self,
+            &self.pool,
+            self.config.fetch_concurrency,
+        )
+    }
+
+    fn contains(&self, name: &CheckpointName) -> Result<bool, TierError> {
+        let key = self.manifest_key(name);
+        let result = self
+            .rt
+            .block_on(retrying(&self.config, "head manifest", || {
+                self.client
+                    .head_object()
+                    .bucket(&self.config.bucket)
+                    .key(&key)
+                    .send()
+            }));
+        match result {
+            Ok(_) => Ok(true),
+            Err((e, _)) if status(&e) == Some(404) => Ok(false),
+            Err((e, n)) => Err(remote("head", &key, &e, n)),
+        }
+    }
+
+    fn remove(&self, name: &CheckpointName) -> Result<bool, TierError> {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.contains(name)? {
+            return Ok(false);
+        }
+        let key = self.manifest_key(name);
+        self.rt
+            .block_on(retrying(&self.config, "delete manifest", || {
+                self.client
+                    .delete_object()
+                    .bucket(&self.config.bucket)
+                    .key(&key)
+                    .send()
+            }))
+            .map_err(|(e, n)| remote("delete", &key, &e, n))?;
+        let referenced: BTreeSet<String> = self
+            .all_manifests()?
+            .into_iter()
+            .flat_map(|m| m.packs)
+            .map(|p| format!("{}{p}", self.prefix))
+            .collect();
+        for (pack, _, _) in self.list_keys(&self.packs_prefix())? {
+            if !referenced.contains(&pack) {
+                self.rt
+                    .block_on(retrying(&self.config, "delete pack", || {
+                        self.client
+                            .delete_object()
+                            .bucket(&self.config.bucket)
+                            .key(&pack)
+                            .send()
+                    }))
+                    .map_err(|(e, n)| remote("delete", &pack, &e, n))?;
+            }
+        }
+        Ok(true)
+    }
+
+    fn list(&self) -> Result<Vec<CheckpointName>, TierError> {
+        let prefix = format!("{}manifests/", self.prefix);
+        let mut names: Vec<_> = self
+            .list_keys(&prefix)?
+            .into_iter()
+            .filter_map(|(k, _, _)| CheckpointName::new(&k[prefix.len()..]).ok())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    fn used_bytes(&self) -> Result<u64, TierError> {
+        let keys = self.list_keys(&self.prefix)?;
+        Ok(keys
+            .iter()
+            .map(|(_, size, _)| u64::try_from(*size).unwrap_or(0))
+            .sum())
+    }
+}
