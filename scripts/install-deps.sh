@@ -83,3 +83,4 @@ criu_works || { log "CRIU 4.2+ is not usable after install: $("$BIN_DIR/criu" --
 log "criu: $("$BIN_DIR/criu" --version | head -1)"
 
 bash "$(dirname "$0")/install-containerd.sh"
+bash "$(dirname "$0")/install-dataplane-deps.sh"

@@ -215,7 +215,11 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             } else if reply.from_tier.is_empty() {
                 println!("{name} is already in the {to} tier");
             } else {
-                println!("copied {name} from {} to {to}: {}", reply.from_tier, phases_text(&reply.phases));
+                println!(
+                    "copied {name} from {} to {to}: {}",
+                    reply.from_tier,
+                    phases_text(&reply.phases)
+                );
             }
         }
         Command::Delete { name } => {

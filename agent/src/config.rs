@@ -261,7 +261,9 @@ impl AgentConfig {
 
     /// The RAM tier's budget: the configured one, or a quarter of the node's memory.
     pub fn ram_budget(&self) -> u64 {
-        self.tiers.ram_budget_bytes.unwrap_or_else(|| node_memory_bytes() / 4)
+        self.tiers
+            .ram_budget_bytes
+            .unwrap_or_else(|| node_memory_bytes() / 4)
     }
 
     /// Directory of the per-checkpoint records.
@@ -361,7 +363,10 @@ mod tests {
 
         std::fs::write(&path, "[s3]\nbucket = \"b\"\nsecret_access_key = \"x\"\n").unwrap();
         let err = AgentConfig::from_file(&path).unwrap_err().to_string();
-        assert!(err.contains("secrets do not belong in the config file"), "{err}");
+        assert!(
+            err.contains("secrets do not belong in the config file"),
+            "{err}"
+        );
         assert!(!err.contains("\"x\""), "{err}");
 
         std::fs::write(&path, "[dataplane]\nzstd_level = 99\n").unwrap();

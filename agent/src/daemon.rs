@@ -92,7 +92,10 @@ async fn serve(config: AgentConfig) -> Result<(), DaemonError> {
     let nvme = NvmeTier::open(config.nvme_tier_path(), chunks.clone())?;
     let mut actors = vec![
         (TierKind::Ram, TierActor::start(ram.clone(), TIER_THREADS)),
-        (TierKind::Nvme, TierActor::start(Arc::new(nvme), TIER_THREADS)),
+        (
+            TierKind::Nvme,
+            TierActor::start(Arc::new(nvme), TIER_THREADS),
+        ),
     ];
     if let Some(s3) = &config.s3 {
         let tier = S3Tier::connect(s3.clone(), chunks)?;

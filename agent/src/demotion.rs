@@ -44,21 +44,35 @@ pub fn plan(used: u64, budget: u64, mut candidates: Vec<Candidate>) -> Vec<Check
 
 /// Moves `record` out of tier `from` into the next slower tier (copying it there first if
 /// that tier does not hold it yet), then drops the `from` copy.
-pub async fn demote(parts: &NodeParts, record: &CheckpointRecord, from: TierKind) -> Result<TierKind, AgentError> {
+pub async fn demote(
+    parts: &NodeParts,
+    record: &CheckpointRecord,
+    from: TierKind,
+) -> Result<TierKind, AgentError> {
     let name = CheckpointName::new(&record.name)?;
     let Some(to) = parts.tiers.kinds().into_iter().find(|k| *k > from) else {
-        return Err(AgentError::InvalidRequest(format!("there is no tier slower than {from} to demote {name} to")));
+        return Err(AgentError::InvalidRequest(format!(
+            "there is no tier slower than {from} to demote {name} to"
+        )));
     };
-    let mut clock = PhaseClock::new(name.as_str(), "demote", parts.events.clone(), parts.metrics.clone());
+    let mut clock = PhaseClock::new(
+        name.as_str(),
+        "demote",
+        parts.events.clone(),
+        parts.metrics.clone(),
+    );
     let target = parts
         .tiers
         .get(to)
         .ok_or_else(|| AgentError::Internal(format!("no {to} tier")))?;
-    let held = target.send(Contains(name.clone())).await?.map_err(|source| AgentError::Tier {
-        name: name.to_string(),
-        phase: format!("find_{to}"),
-        source,
-    })?;
+    let held = target
+        .send(Contains(name.clone()))
+        .await?
+        .map_err(|source| AgentError::Tier {
+            name: name.to_string(),
+            phase: format!("find_{to}"),
+            source,
+        })?;
     if !held {
         if from == TierKind::Ram {
             drain::store_into(parts, &mut clock, &name, &parts.ram.dir_of(&name), to).await?;
@@ -71,11 +85,14 @@ pub async fn demote(parts: &NodeParts, record: &CheckpointRecord, from: TierKind
         .tiers
         .get(from)
         .ok_or_else(|| AgentError::Internal(format!("no {from} tier")))?;
-    source.send(Remove(name.clone())).await?.map_err(|e| AgentError::Tier {
-        name: name.to_string(),
-        phase: format!("demote_{from}"),
-        source: e,
-    })?;
+    source
+        .send(Remove(name.clone()))
+        .await?
+        .map_err(|e| AgentError::Tier {
+            name: name.to_string(),
+            phase: format!("demote_{from}"),
+            source: e,
+        })?;
     tracing::info!(checkpoint = %name, %from, %to, "demoted to stay within the tier budget");
     clock.succeeded();
     Ok(to)
@@ -97,7 +114,10 @@ mod tests {
     fn evicts_least_recently_used_until_within_budget() {
         let all = vec![c("new", 40, 30), c("old", 40, 10), c("mid", 40, 20)];
         assert!(plan(120, 120, all.clone()).is_empty());
-        let names: Vec<String> = plan(120, 50, all.clone()).iter().map(|n| n.to_string()).collect();
+        let names: Vec<String> = plan(120, 50, all.clone())
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
         assert_eq!(names, ["old", "mid"]);
         let names: Vec<String> = plan(120, 100, all).iter().map(|n| n.to_string()).collect();
         assert_eq!(names, ["old"]);

@@ -30,7 +30,9 @@ pub async fn store_into(
 ) -> Result<StoreReport, AgentError> {
     let phase = store_phase(kind);
     let Some(tier) = parts.tiers.get(kind) else {
-        return Err(AgentError::InvalidRequest(format!("this agent has no {kind} tier")));
+        return Err(AgentError::InvalidRequest(format!(
+            "this agent has no {kind} tier"
+        )));
     };
     let store = Store {
         name: name.clone(),
@@ -53,7 +55,9 @@ pub async fn store_into(
             })
         })
         .await?;
-    parts.metrics.stored(0, &[(kind.as_str(), report.stored_bytes)]);
+    parts
+        .metrics
+        .stored(0, &[(kind.as_str(), report.stored_bytes)]);
     Ok(report)
 }
 
@@ -72,8 +76,18 @@ pub fn split_tiers(parts: &NodeParts, until: TierKind) -> (Vec<TierKind>, Vec<Ti
 /// Drains `name` from its RAM copy into `kinds` in the background, reporting progress as
 /// the operation "drain" in events and metrics. Stops at the first failure: the copies
 /// already made stay, and the failure is logged and counted.
-pub async fn drain_in_background(parts: NodeParts, name: CheckpointName, image_dir: PathBuf, kinds: Vec<TierKind>) {
-    let mut clock = PhaseClock::new(name.as_str(), "drain", parts.events.clone(), parts.metrics.clone());
+pub async fn drain_in_background(
+    parts: NodeParts,
+    name: CheckpointName,
+    image_dir: PathBuf,
+    kinds: Vec<TierKind>,
+) {
+    let mut clock = PhaseClock::new(
+        name.as_str(),
+        "drain",
+        parts.events.clone(),
+        parts.metrics.clone(),
+    );
     for kind in kinds {
         if let Err(e) = store_into(&parts, &mut clock, &name, &image_dir, kind).await {
             tracing::error!(checkpoint = %name, tier = %kind, error = %e, "background drain failed; the nearer copies stay");

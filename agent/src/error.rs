@@ -6,7 +6,6 @@ use kybernate_dataplane::{InvalidName, TierError, TierKind};
 use crate::catalog::{CatalogError, CheckpointRecord};
 use crate::criu::CriuError;
 use crate::cuda::CudaPhaseError;
-use crate::images::ImageError;
 use crate::process::{ProcStat, TargetError};
 
 /// A checkpoint, restore or query failed.
@@ -68,9 +67,6 @@ pub enum AgentError {
         name: String,
         /// Which tiers were tried and what each held.
         detail: String,
-        /// The last image error.
-        #[source]
-        source: ImageError,
     },
     /// The checkpoint is held by no tier.
     #[error("checkpoint {name} is in no tier any more (tiers: {tiers})")]

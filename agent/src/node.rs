@@ -67,7 +67,10 @@ impl NodeAgent {
             return;
         }
         let mut budgets = vec![(TierKind::Ram, self.parts.config.ram_budget())];
-        if let (Some(budget), Some(_)) = (self.parts.config.tiers.nvme_budget_bytes, self.parts.tiers.get(TierKind::S3)) {
+        if let (Some(budget), Some(_)) = (
+            self.parts.config.tiers.nvme_budget_bytes,
+            self.parts.tiers.get(TierKind::S3),
+        ) {
             budgets.push((TierKind::Nvme, budget));
         }
         let records: Vec<CheckpointRecord> = self
@@ -208,7 +211,9 @@ impl Actor for NodeAgent {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.refresh_tier_usage(ctx);
-        ctx.run_interval(BUDGET_CHECK_INTERVAL, |agent, ctx| agent.enforce_budgets(ctx));
+        ctx.run_interval(BUDGET_CHECK_INTERVAL, |agent, ctx| {
+            agent.enforce_budgets(ctx)
+        });
     }
 }
 
@@ -448,7 +453,9 @@ impl Handler<Delete> for NodeAgent {
             .map_err(AgentError::from)
             .and_then(|name| {
                 if self.draining.contains(&name) {
-                    return Err(AgentError::Busy(format!("{name} (still draining into slower tiers)")));
+                    return Err(AgentError::Busy(format!(
+                        "{name} (still draining into slower tiers)"
+                    )));
                 }
                 self.reserve(&name).map(|()| name)
             });
@@ -542,7 +549,10 @@ impl Handler<Prefetch> for NodeAgent {
     fn handle(&mut self, msg: Prefetch, _: &mut Self::Context) -> Self::Result {
         let prepared = TierKind::parse(&msg.0.to_tier)
             .ok_or_else(|| {
-                AgentError::InvalidRequest(format!("unknown tier {:?}: use ram or nvme", msg.0.to_tier))
+                AgentError::InvalidRequest(format!(
+                    "unknown tier {:?}: use ram or nvme",
+                    msg.0.to_tier
+                ))
             })
             .and_then(|to| {
                 let (name, record) = self.record(&msg.0.checkpoint_ref)?;
@@ -563,7 +573,10 @@ impl Handler<Prefetch> for NodeAgent {
                     let outcome = result?;
                     agent.last_used.insert(name.clone(), now_unix());
                     Ok(pb::PrefetchReply {
-                        from_tier: outcome.from.map(|t| t.as_str().to_owned()).unwrap_or_default(),
+                        from_tier: outcome
+                            .from
+                            .map(|t| t.as_str().to_owned())
+                            .unwrap_or_default(),
                         phases: phases_pb(&outcome.phases),
                     })
                 }),

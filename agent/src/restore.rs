@@ -61,14 +61,22 @@ pub struct Staged {
 
 impl Staged {
     /// Moves a scratch copy into the RAM tier as the held copy of `name`.
-    pub fn keep_in_ram(mut self, parts: &NodeParts, name: &CheckpointName) -> Result<(), AgentError> {
+    pub fn keep_in_ram(
+        mut self,
+        parts: &NodeParts,
+        name: &CheckpointName,
+    ) -> Result<(), AgentError> {
         let Some(scratch) = self.scratch.take() else {
             return Ok(());
         };
         let target = parts.ram.dir_of(name);
         std::fs::rename(&scratch, &target).map_err(|e| {
             let _ = std::fs::remove_dir_all(&scratch);
-            AgentError::Internal(format!("cannot move {} to {}: {e}", scratch.display(), target.display()))
+            AgentError::Internal(format!(
+                "cannot move {} to {}: {e}",
+                scratch.display(),
+                target.display()
+            ))
         })
     }
 }
@@ -189,7 +197,9 @@ async fn phases(
 }
 
 /// Finds the first of `candidates` (nearest first) with an intact copy and makes its images
-/// available in RAM, verified against the checkpoint's digests.
+/// available in RAM. A RAM copy is checked against the checkpoint's file digests; NVMe and S3
+/// copies are verified chunk by chunk by the data plane as they load. A damaged copy is
+/// reported and the next tier is tried.
 pub async fn stage(
     parts: &NodeParts,
     record: &CheckpointRecord,
@@ -197,7 +207,6 @@ pub async fn stage(
     candidates: &[TierKind],
     clock: &mut PhaseClock,
 ) -> Result<Staged, AgentError> {
-    let mut last_damage: Option<ImageError> = None;
     let mut damaged = Vec::new();
     for kind in candidates {
         let Some(tier) = parts.tiers.get(*kind) else {
@@ -214,48 +223,56 @@ pub async fn stage(
         if !held {
             continue;
         }
-        let staged = match kind {
-            TierKind::Ram => Staged {
-                dir: parts.ram.dir_of(name),
-                scratch: None,
-                tier: *kind,
-            },
-            _ => load_into_ram(parts, name, *kind, tier, clock).await?,
+        let attempt = match kind {
+            TierKind::Ram => verify_ram_copy(parts, record, name, clock).await,
+            _ => load_into_ram(parts, name, *kind, tier, clock).await,
         };
-        let files = record.files.clone();
-        let dir = staged.dir.clone();
-        let verified = clock
-            .run(verify_phase(*kind), async move {
-                blocking(move || images::verify_dir(&dir, &files))
-                    .await?
-                    .map_err(|e| AgentError::Images {
-                        name: name.to_string(),
-                        detail: format!("{kind} copy: {e}"),
-                        source: e,
-                    })
-            })
-            .await;
-        match verified {
-            Ok(()) => return Ok(staged),
-            Err(AgentError::Images { source, .. }) => {
-                tracing::warn!(checkpoint = %name, tier = %kind, error = %source, "image set damaged; trying the next tier");
-                damaged.push(format!("{kind} copy: {source}"));
-                last_damage = Some(source);
+        match attempt {
+            Ok(staged) => return Ok(staged),
+            Err(e @ (AgentError::Images { .. } | AgentError::Tier { .. })) => {
+                tracing::warn!(checkpoint = %name, tier = %kind, error = %e, "copy unusable; trying the next tier");
+                damaged.push(format!("{kind} copy: {}", damage_of(&e)));
             }
             Err(other) => return Err(other),
         }
     }
-    match last_damage {
-        Some(source) => Err(AgentError::Images {
-            name: record.name.clone(),
-            detail: format!("no intact copy left ({})", damaged.join("; ")),
-            source,
-        }),
-        None => Err(AgentError::NoCopy {
+    if damaged.is_empty() {
+        Err(AgentError::NoCopy {
             name: record.name.clone(),
             tiers: tier_list(candidates),
-        }),
+        })
+    } else {
+        Err(AgentError::Images {
+            name: record.name.clone(),
+            detail: format!("no intact copy left ({})", damaged.join("; ")),
+        })
     }
+}
+
+async fn verify_ram_copy(
+    parts: &NodeParts,
+    record: &CheckpointRecord,
+    name: &CheckpointName,
+    clock: &mut PhaseClock,
+) -> Result<Staged, AgentError> {
+    let dir = parts.ram.dir_of(name);
+    let files = record.files.clone();
+    let checked = dir.clone();
+    clock
+        .run("verify_ram", async move {
+            blocking(move || images::verify_dir(&checked, &files))
+                .await?
+                .map_err(|e: ImageError| AgentError::Images {
+                    name: name.to_string(),
+                    detail: e.to_string(),
+                })
+        })
+        .await?;
+    Ok(Staged {
+        dir,
+        scratch: None,
+        tier: TierKind::Ram,
+    })
 }
 
 async fn load_into_ram(
@@ -312,10 +329,11 @@ fn load_phase(kind: TierKind) -> &'static str {
     }
 }
 
-fn verify_phase(kind: TierKind) -> &'static str {
-    match kind {
-        TierKind::Ram => "verify_ram",
-        TierKind::Nvme => "verify_nvme",
-        TierKind::S3 => "verify_s3",
+/// What is wrong with a copy, without the checkpoint name the whole message already carries.
+fn damage_of(e: &AgentError) -> String {
+    match e {
+        AgentError::Images { detail, .. } => detail.clone(),
+        AgentError::Tier { phase, source, .. } => format!("{phase}: {source}"),
+        other => other.to_string(),
     }
 }

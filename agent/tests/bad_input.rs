@@ -80,25 +80,28 @@ fn deleted_or_corrupt_images_are_caught_before_criu() {
     assert!(workload.read().unwrap().memory_ok);
     workload.kill();
 
-    // Both copies damaged: a clear error and no process.
-    flip(pages(agent.nvme_dir("damaged")));
+    // Both copies damaged: a clear error that names each copy's problem, and no process.
+    flip(agent.largest_nvme_chunk());
     let err = agent.ctl_err(&["restore", "damaged"]);
     assert!(
         err.contains("checkpoint damaged: no intact copy left"),
         "{err}"
     );
-    assert!(err.contains("is corrupt: content differs"), "{err}");
+    assert!(
+        err.contains("ram copy: image file pages-") && err.contains("content differs"),
+        "{err}"
+    );
+    assert!(err.contains("nvme copy:") && err.contains("chunk"), "{err}");
     assert!(proc_state(workload.pid).is_none());
 
-    // Deleted image files.
-    std::fs::remove_file(pages(agent.nvme_dir("damaged"))).unwrap();
+    // A deleted manifest (the NVMe commit point) and a deleted RAM copy: nothing to restore.
+    std::fs::remove_file(agent.nvme_manifest("damaged")).unwrap();
     let err = agent.ctl_err(&["restore", "damaged", "--from", "nvme"]);
     assert!(
-        err.contains("nvme copy: image file pages-") && err.contains("is missing"),
+        err.contains("checkpoint damaged is in no tier any more (tiers: nvme)"),
         "{err}"
     );
     std::fs::remove_dir_all(agent.ram_dir("damaged")).unwrap();
-    std::fs::remove_dir_all(agent.nvme_dir("damaged")).unwrap();
     let err = agent.ctl_err(&["restore", "damaged"]);
     assert!(
         err.contains("checkpoint damaged is in no tier any more"),
@@ -236,7 +239,7 @@ fn full_nvme_tier_keeps_the_ram_copy() {
         "{err}"
     );
     assert!(
-        err.contains("store_nvme") && err.contains("No space left on device"),
+        err.contains("store_nvme") && err.contains("disk full"),
         "{err}"
     );
     workload.reap_dumped();

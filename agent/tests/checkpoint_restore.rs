@@ -198,7 +198,7 @@ fn checkpoints_survive_an_agent_restart() {
     let deleted = agent.ctl_json(&["delete", "durable"]);
     assert_eq!(deleted["removed_from"], serde_json::json!(["ram", "nvme"]));
     assert!(agent.ctl_json(&["list"]).as_array().unwrap().is_empty());
-    assert!(!agent.nvme_dir("durable").exists());
+    assert!(!agent.nvme_manifest("durable").exists());
 }
 
 #[test]

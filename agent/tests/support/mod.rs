@@ -77,8 +77,30 @@ impl TestAgent {
         self.dir.path().join("state")
     }
 
-    pub fn nvme_dir(&self, name: &str) -> PathBuf {
-        self.state_dir().join("nvme").join(name)
+    /// The NVMe tier's manifest of checkpoint `name` (its commit point).
+    pub fn nvme_manifest(&self, name: &str) -> PathBuf {
+        self.state_dir().join("nvme").join("manifests").join(name)
+    }
+
+    /// The NVMe tier's largest chunk file.
+    pub fn largest_nvme_chunk(&self) -> PathBuf {
+        fn walk(dir: &Path, out: &mut Vec<(u64, PathBuf)>) {
+            for entry in std::fs::read_dir(dir).unwrap().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else {
+                    out.push((entry.metadata().unwrap().len(), path));
+                }
+            }
+        }
+        let mut chunks = Vec::new();
+        walk(&self.state_dir().join("nvme").join("chunks"), &mut chunks);
+        chunks
+            .into_iter()
+            .max()
+            .expect("the NVMe tier holds chunks")
+            .1
     }
 
     pub fn ram_dir(&self, name: &str) -> PathBuf {
