@@ -178,7 +178,7 @@ async fn phases(
                 .map_err(|source| AgentError::Tier {
                     name: name.to_string(),
                     phase: "store_ram".into(),
-                    source,
+                    source: Box::new(source),
                 })
         })
         .await

@@ -34,6 +34,9 @@ pub enum DaemonError {
     /// libcuda.so.1 exists but cannot be used.
     #[error("{0}")]
     Cuda(#[from] kybernate_cuda::CudaError),
+    /// Connecting to S3 panicked.
+    #[error("connecting to the S3 tier failed unexpectedly")]
+    S3Connect,
     /// The catalog could not be opened.
     #[error("cannot open checkpoint records: {0}")]
     Catalog(#[from] CatalogError),
@@ -98,7 +101,11 @@ async fn serve(config: AgentConfig) -> Result<(), DaemonError> {
         ),
     ];
     if let Some(s3) = &config.s3 {
-        let tier = S3Tier::connect(s3.clone(), chunks)?;
+        // The S3 tier runs its own runtime, which must not be created inside this one.
+        let (settings, chunks) = (s3.clone(), chunks.clone());
+        let tier = std::thread::spawn(move || S3Tier::connect(settings, chunks))
+            .join()
+            .map_err(|_| DaemonError::S3Connect)??;
         tracing::info!(endpoint = %s3.endpoint, bucket = %s3.bucket, prefix = %s3.prefix, "S3 tier ready");
         actors.push((TierKind::S3, TierActor::start(Arc::new(tier), TIER_THREADS)));
     }

@@ -71,7 +71,7 @@ pub async fn demote(
         .map_err(|source| AgentError::Tier {
             name: name.to_string(),
             phase: format!("find_{to}"),
-            source,
+            source: Box::new(source),
         })?;
     if !held {
         if from == TierKind::Ram {
@@ -91,7 +91,7 @@ pub async fn demote(
         .map_err(|e| AgentError::Tier {
             name: name.to_string(),
             phase: format!("demote_{from}"),
-            source: e,
+            source: Box::new(e),
         })?;
     tracing::info!(checkpoint = %name, %from, %to, "demoted to stay within the tier budget");
     clock.succeeded();

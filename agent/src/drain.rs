@@ -51,7 +51,7 @@ pub async fn store_into(
             sent?.map_err(|source| AgentError::Tier {
                 name: name.to_string(),
                 phase: phase.into(),
-                source,
+                source: Box::new(source),
             })
         })
         .await?;

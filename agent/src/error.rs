@@ -58,7 +58,7 @@ pub enum AgentError {
         phase: String,
         /// Cause.
         #[source]
-        source: TierError,
+        source: Box<TierError>,
     },
     /// The image set is damaged in every tier that holds it.
     #[error("checkpoint {name}: {detail}")]

@@ -265,7 +265,7 @@ async fn holdings(parts: &NodeParts) -> Result<Vec<(TierKind, Vec<CheckpointName
             .map_err(|source| AgentError::Tier {
                 name: "*".into(),
                 phase: format!("list_{kind}"),
-                source,
+                source: Box::new(source),
             })?;
         all.push((*kind, names));
     }
@@ -473,7 +473,7 @@ impl Handler<Delete> for NodeAgent {
                         AgentError::Tier {
                             name: target.to_string(),
                             phase: format!("delete_{kind}"),
-                            source,
+                            source: Box::new(source),
                         }
                     })?;
                     if held {
@@ -511,7 +511,7 @@ async fn demote_over_budget(
     let tier_error = |source| AgentError::Tier {
         name: "*".into(),
         phase: format!("budget_{kind}"),
-        source,
+        source: Box::new(source),
     };
     let used = tier.send(UsedBytes).await?.map_err(tier_error)?;
     if used <= budget {

@@ -43,7 +43,7 @@ pub async fn run(
         .map_err(|source| AgentError::Tier {
             name: name.to_string(),
             phase: format!("find_{to}"),
-            source,
+            source: Box::new(source),
         })?;
     if held {
         return Ok(PrefetchOutcome {

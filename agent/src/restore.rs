@@ -218,7 +218,7 @@ pub async fn stage(
             .map_err(|source| AgentError::Tier {
                 name: record.name.clone(),
                 phase: format!("find_{kind}"),
-                source,
+                source: Box::new(source),
             })?;
         if !held {
             continue;
@@ -313,7 +313,7 @@ async fn load_into_ram(
             sent?.map_err(|source| AgentError::Tier {
                 name: name.to_string(),
                 phase: phase.into(),
-                source,
+                source: Box::new(source),
             })
         })
         .await?;

@@ -47,6 +47,7 @@ pub struct TestAgent {
     pub socket: PathBuf,
     pub metrics_port: u16,
     process: Option<Child>,
+    env: Vec<(String, String)>,
 }
 
 impl TestAgent {
@@ -56,6 +57,11 @@ impl TestAgent {
 
     /// An agent with `config` (TOML) as its config file.
     pub fn start_with_config(config: &str) -> Self {
+        Self::start_with(config, &[])
+    }
+
+    /// An agent with `config` as its config file and `env` in its environment.
+    pub fn start_with(config: &str, env: &[(&str, &str)]) -> Self {
         require_root_and_criu();
         let dir = tempfile::Builder::new()
             .prefix("kybernate-test-")
@@ -67,6 +73,10 @@ impl TestAgent {
             socket,
             metrics_port: free_port(),
             process: None,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         std::fs::write(agent.dir.path().join("agent.toml"), config).unwrap();
         agent.launch();
@@ -122,6 +132,7 @@ impl TestAgent {
             .arg(&self.socket)
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{}", self.metrics_port))
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -357,4 +368,104 @@ fn rand_suffix() -> u32 {
 /// The `pid` field of a JSON reply.
 pub fn pid_of(reply: &serde_json::Value) -> i32 {
     i32::try_from(reply["pid"].as_i64().expect("reply has a pid")).expect("pid fits i32")
+}
+
+/// A real S3 HTTP server on loopback (s3s-fs, from the data-plane benchmark binary), stopped
+/// on drop.
+pub struct S3Server {
+    pub endpoint: String,
+    pub dir: tempfile::TempDir,
+    process: Child,
+}
+
+/// Credentials and bucket the server accepts.
+pub const S3_ACCESS_KEY: &str = "AKIABENCH";
+pub const S3_SECRET_KEY: &str = "bench-secret";
+pub const S3_BUCKET: &str = "bench";
+
+impl S3Server {
+    pub fn start() -> Self {
+        let profile_dir = std::env::current_exe()
+            .unwrap()
+            .parent()
+            .and_then(Path::parent)
+            .unwrap()
+            .to_owned();
+        let binary = profile_dir.join("dataplane-bench");
+        if !binary.exists() {
+            let profile = if profile_dir.ends_with("release") {
+                "release"
+            } else {
+                "dev"
+            };
+            let status = Command::new(env!("CARGO"))
+                .args([
+                    "build",
+                    "--profile",
+                    profile,
+                    "-p",
+                    "kybernate-dataplane-bench",
+                    "--bin",
+                    "dataplane-bench",
+                ])
+                .status()
+                .expect("cargo build dataplane-bench");
+            assert!(status.success(), "building the S3 test server failed");
+        }
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let mut process = Command::new(&binary)
+            .arg("serve-s3")
+            .arg(dir.path())
+            .arg("127.0.0.1:0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the S3 server");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(process.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("ready ")
+            .unwrap_or_else(|| panic!("S3 server said {line:?}"));
+        Self {
+            endpoint: format!("http://{addr}"),
+            dir,
+            process,
+        }
+    }
+
+    /// The agent's `[s3]` config section for this server (credentials go in the environment).
+    pub fn agent_config(&self) -> String {
+        format!(
+            "[s3]\nendpoint = \"{}\"\nbucket = \"{S3_BUCKET}\"\nprefix = \"node-a\"\nforce_path_style = true\n",
+            self.endpoint
+        )
+    }
+
+    pub fn credentials() -> [(&'static str, &'static str); 2] {
+        [
+            ("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY),
+        ]
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// Polls `check` for up to a minute.
+pub fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !check() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -1,0 +1,127 @@
+//! Tiers through the real agent: S3 on a real S3 HTTP server over loopback, background drain,
+//! prefetch, and LRU demotion under a RAM budget.
+
+mod support;
+
+use serde_json::json;
+use support::{eventually, pid_of, S3Server, TestAgent, Workload};
+
+fn tiers_of(agent: &TestAgent, name: &str) -> serde_json::Value {
+    agent.ctl_json(&["inspect", name])["tiers"].clone()
+}
+
+#[test]
+fn checkpoint_to_s3_and_restore_from_s3_alone() {
+    let s3 = S3Server::start();
+    let agent = TestAgent::start_with(&s3.agent_config(), &S3Server::credentials());
+    let mut workload = Workload::start(agent.dir.path(), 32, &[]);
+    let cp = agent.ctl_json(&[
+        "checkpoint",
+        "--pid",
+        &workload.pid.to_string(),
+        "--name",
+        "far",
+        "--tier",
+        "s3",
+    ]);
+    assert_eq!(cp["tiers"], json!(["ram", "nvme", "s3"]));
+    assert!(
+        cp["phases"].as_object().unwrap().contains_key("store_s3"),
+        "{cp}"
+    );
+    workload.reap_dumped();
+    let at_dump = workload.read().unwrap();
+
+    // The node loses its local copies; S3 still has the checkpoint.
+    std::fs::remove_dir_all(agent.ram_dir("far")).unwrap();
+    std::fs::remove_file(agent.nvme_manifest("far")).unwrap();
+    assert_eq!(tiers_of(&agent, "far"), json!(["s3"]));
+    assert!(
+        !agent.log().contains(support::S3_SECRET_KEY),
+        "the secret is never logged"
+    );
+
+    let restored = agent.ctl_json(&["restore", "far"]);
+    assert_eq!(restored["source_tier"], "s3");
+    workload.restored_as(pid_of(&restored));
+    let after = workload.wait_for(|s| s.counter > at_dump.counter);
+    assert_eq!(after.epoch, at_dump.epoch);
+    assert!(workload.verify_memory().memory_ok);
+}
+
+#[test]
+fn background_drain_then_prefetch_back_to_ram() {
+    let s3 = S3Server::start();
+    let agent = TestAgent::start_with(&s3.agent_config(), &S3Server::credentials());
+    let mut workload = Workload::start(agent.dir.path(), 16, &[]);
+    let cp = agent.ctl_json(&[
+        "checkpoint",
+        "--pid",
+        &workload.pid.to_string(),
+        "--name",
+        "warm",
+        "--tier",
+        "ram",
+    ]);
+    assert_eq!(cp["tiers"], json!(["ram"]), "done as soon as RAM holds it");
+    eventually("the background drain reaches S3", || {
+        tiers_of(&agent, "warm") == json!(["ram", "nvme", "s3"])
+    });
+    workload.reap_dumped();
+
+    std::fs::remove_dir_all(agent.ram_dir("warm")).unwrap();
+    std::fs::remove_file(agent.nvme_manifest("warm")).unwrap();
+    let to_nvme = agent.ctl_json(&["prefetch", "warm", "--to", "nvme"]);
+    assert_eq!(to_nvme["from"], "s3");
+    let to_ram = agent.ctl_json(&["prefetch", "warm", "--to", "ram"]);
+    assert_eq!(to_ram["from"], "nvme");
+    assert_eq!(
+        agent.ctl_json(&["prefetch", "warm", "--to", "ram"])["from"],
+        "",
+        "already there"
+    );
+    assert_eq!(tiers_of(&agent, "warm"), json!(["ram", "nvme", "s3"]));
+
+    let restored = agent.ctl_json(&["restore", "warm"]);
+    assert_eq!(restored["source_tier"], "ram");
+    workload.restored_as(pid_of(&restored));
+    assert!(workload.verify_memory().memory_ok);
+    let err = agent.ctl_err(&["prefetch", "warm", "--to", "tape"]);
+    assert!(err.contains("unknown tier \"tape\""), "{err}");
+}
+
+#[test]
+fn ram_budget_demotes_least_recently_used_and_loses_nothing() {
+    // Each 16 MiB workload dumps to ~17 MiB; a 40 MiB budget holds two of them.
+    let agent = TestAgent::start_with_config("[tiers]\nram_budget_bytes = 41943040\n");
+    let mut epochs = Vec::new();
+    for name in ["oldest", "middle", "newest"] {
+        let mut workload = Workload::start(agent.dir.path(), 16, &[]);
+        agent.ctl_json(&[
+            "checkpoint",
+            "--pid",
+            &workload.pid.to_string(),
+            "--name",
+            name,
+            "--tier",
+            "ram",
+        ]);
+        workload.reap_dumped();
+        epochs.push((name, workload.read().unwrap().epoch, workload));
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    eventually("the oldest checkpoint leaves RAM", || {
+        tiers_of(&agent, "oldest") == json!(["nvme"])
+    });
+    assert_eq!(tiers_of(&agent, "newest"), json!(["ram", "nvme"]));
+    assert_eq!(tiers_of(&agent, "middle"), json!(["ram", "nvme"]));
+    for (name, epoch, workload) in &mut epochs {
+        let restored = agent.ctl_json(&["restore", name]);
+        workload.restored_as(pid_of(&restored));
+        assert_eq!(
+            workload.wait_for(|_| true).epoch,
+            *epoch,
+            "{name} restored intact"
+        );
+    }
+}
