@@ -64,8 +64,8 @@ fn schemas_require_fields_restrict_enums_and_carry_cel_rules() {
     let required: Vec<String> = serde_json::from_value(spec["required"].clone()).unwrap();
     assert!(required.contains(&"template".into()) && required.contains(&"schedule".into()));
     assert_eq!(
-        spec["properties"]["schedule"]["properties"]["intervalSeconds"]["minimum"],
-        60
+        spec["properties"]["schedule"]["properties"]["intervalSeconds"]["minimum"].as_f64(),
+        Some(60.0)
     );
     let rs = schema(&crd::GpuRestore::crd());
     assert_eq!(

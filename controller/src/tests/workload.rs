@@ -1,7 +1,5 @@
 use std::sync::Arc;
 
-use serde_json::json;
-
 use super::{core, node_path};
 use crate::crd::*;
 use crate::fixtures::*;
