@@ -23,6 +23,7 @@ pub mod images;
 pub mod metrics;
 pub mod node;
 pub mod node_parts;
+pub mod node_worker;
 pub mod process;
 pub mod restore;
 pub mod tiers;

@@ -15,6 +15,9 @@ use crate::error::AgentError;
 use crate::node_parts::NodeParts;
 use crate::tiers::{self, Remove, UsedBytes};
 
+mod record;
+pub use record::GpuOf;
+
 /// The node agent.
 #[derive(Debug)]
 pub struct NodeAgent {
