@@ -14,9 +14,9 @@ pub enum Error {
         namespace: String,
         /// Object name.
         name: String,
-        /// The client error.
+        /// The client error (boxed: it is large and errors are rare).
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     /// An object without a namespace reached a namespaced reconciler.
     #[error("{kind} {name} has no namespace")]
@@ -68,6 +68,6 @@ pub(crate) fn kube_err(
         kind,
         namespace,
         name,
-        source,
+        source: Box::new(source),
     }
 }

@@ -98,3 +98,32 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_reconciles_and_errors_by_kind_and_reason() {
+        let m = Metrics::new();
+        m.reconcile("GpuCheckpoint");
+        m.reconcile("GpuCheckpoint");
+        m.error("GpuRestore", "kube_get");
+        m.failure("GpuCheckpoint", "Timeout");
+        let text = m.encode();
+        assert!(
+            text.contains("kybernate_controller_reconciles_total{kind=\"GpuCheckpoint\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "kybernate_controller_errors_total{kind=\"GpuRestore\",reason=\"kube_get\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("kybernate_controller_object_failures_total{kind=\"GpuCheckpoint\",reason=\"Timeout\"} 1"),
+            "{text}"
+        );
+    }
+}

@@ -37,7 +37,7 @@ fn reason(error: &AgentError) -> &'static str {
 }
 
 enum Claim {
-    Ours(GpuCheckpoint),
+    Ours(Box<GpuCheckpoint>),
     Stale,
 }
 
@@ -96,7 +96,7 @@ impl NodeWorker {
             Err(msg) => return self.fail(api, &cp, "ProcessNotFound", msg).await,
         };
         let cp = match self.claim(api, &cp, &artifact).await? {
-            Claim::Ours(cp) => cp,
+            Claim::Ours(cp) => *cp,
             Claim::Stale => return Ok(()),
         };
         tracing::info!(object = %cp.name_any(), pid, container = %container.name, "checkpointing");
@@ -160,7 +160,7 @@ impl NodeWorker {
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
             .await
         {
-            Ok(cp) => Ok(Claim::Ours(cp)),
+            Ok(cp) => Ok(Claim::Ours(Box::new(cp))),
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(Claim::Stale),
             Err(source) => Err(self.kube_err("claim", &cp, source)),
         }
