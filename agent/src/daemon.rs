@@ -64,10 +64,16 @@ pub enum DaemonError {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(config: AgentConfig) -> Result<(), DaemonError> {
-    actix_rt::System::new().block_on(serve(config))
+    run_on_node(config, None)
 }
 
-async fn serve(config: AgentConfig) -> Result<(), DaemonError> {
+/// Runs the agent; with `node_name` also as that Kubernetes node's worker
+/// ([`crate::node_worker`]).
+pub fn run_on_node(config: AgentConfig, node_name: Option<String>) -> Result<(), DaemonError> {
+    actix_rt::System::new().block_on(serve(config, node_name))
+}
+
+async fn serve(config: AgentConfig, node_name: Option<String>) -> Result<(), DaemonError> {
     let config = Arc::new(config);
     let availability = match criu::probe(&config.criu_path) {
         Ok(version) => {
@@ -81,6 +87,7 @@ async fn serve(config: AgentConfig) -> Result<(), DaemonError> {
     };
 
     let cuda = kybernate_cuda::CudaSession::load()?;
+    let gpus = cuda.fingerprint();
     match cuda.fingerprint() {
         Some(gpus) => tracing::info!(
             driver = gpus.driver_version,
@@ -138,6 +145,9 @@ async fn serve(config: AgentConfig) -> Result<(), DaemonError> {
         events: events.clone(),
     };
     let node = NodeAgent::new(parts, catalog).start();
+    if let Some(node_name) = node_name {
+        crate::node_worker::spawn(node_name, node.clone(), gpus);
+    }
 
     let metrics_listener = tokio::net::TcpListener::bind(config.metrics_addr)
         .await

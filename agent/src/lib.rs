@@ -25,6 +25,7 @@ pub mod images;
 pub mod metrics;
 pub mod node;
 pub mod node_parts;
+pub mod node_worker;
 pub mod prefetch;
 pub mod process;
 pub mod restore;

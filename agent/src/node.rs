@@ -17,6 +17,9 @@ use crate::error::{tier_list, AgentError};
 use crate::node_parts::NodeParts;
 use crate::tiers::{self, Remove, UsedBytes};
 
+mod record;
+pub use record::GpuOf;
+
 /// The node agent.
 #[derive(Debug)]
 pub struct NodeAgent {

@@ -24,6 +24,10 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+    /// Kubernetes node name: also work as this node's worker for GpuCheckpoint objects,
+    /// with in-cluster credentials (else KUBECONFIG).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,6 +47,6 @@ fn main() -> anyhow::Result<()> {
         config.metrics_addr = addr;
     }
     config.validate()?;
-    kybernate_agent::daemon::run(config)?;
+    kybernate_agent::daemon::run_on_node(config, args.node_name)?;
     Ok(())
 }

@@ -1,0 +1,25 @@
+//! Reading one catalog record's GPU fingerprint, for the node worker's status.
+
+use actix::prelude::*;
+use kybernate_cuda::GpuFingerprint;
+use kybernate_dataplane::CheckpointName;
+
+use super::NodeAgent;
+use crate::error::AgentError;
+
+/// The GPUs checkpoint `0` ran on (`None`: a CPU-only workload).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Option<GpuFingerprint>, AgentError>")]
+pub struct GpuOf(pub String);
+
+impl Handler<GpuOf> for NodeAgent {
+    type Result = Result<Option<GpuFingerprint>, AgentError>;
+
+    fn handle(&mut self, msg: GpuOf, _: &mut Self::Context) -> Self::Result {
+        let name = CheckpointName::new(&msg.0)?;
+        self.catalog
+            .get(&name)
+            .map(|r| r.gpu.clone())
+            .ok_or_else(|| AgentError::NotFound(name.to_string()))
+    }
+}

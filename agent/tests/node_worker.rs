@@ -1,0 +1,414 @@
+//! The agent as a Kubernetes node worker, end to end: a scripted API server on loopback
+//! hands the real agent binary (`--node-name n1`, KUBECONFIG pointing at the mock) a
+//! GpuCheckpoint for a real process in its own cgroup; the agent checkpoints it with CRIU and
+//! PATCHes the status. A stale re-delivery is refused by resourceVersion and never runs
+//! twice; deleting the object deletes the stored checkpoint. Needs root and CRIU 4.x.
+
+mod support;
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Method, StatusCode, Uri};
+use serde_json::{json, Value};
+use support::{Workload, CTL};
+use tokio::sync::mpsc;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_kybernate-agent");
+const WAIT: Duration = Duration::from_secs(120);
+const CP_PATH: &str = "/apis/kybernate.io/v1alpha1/namespaces/default/gpucheckpoints/cp1";
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(fields) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let obj = target.as_object_mut().unwrap();
+            for (k, v) in fields {
+                if v.is_null() {
+                    obj.remove(k);
+                } else {
+                    merge(obj.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+/// What the scripted API server holds and saw.
+#[derive(Default)]
+struct ApiState {
+    object: Value,
+    rv: u64,
+    /// (path, body, answered status) of every PATCH.
+    patches: Vec<(String, Value, u16)>,
+    unexpected: Vec<String>,
+    watchers: Vec<mpsc::UnboundedSender<Value>>,
+}
+
+impl ApiState {
+    fn broadcast(&mut self, event: &str, object: &Value) {
+        let line = json!({"type": event, "object": object});
+        self.watchers.retain(|w| w.send(line.clone()).is_ok());
+    }
+}
+
+type Shared = Arc<Mutex<ApiState>>;
+
+async fn handle(
+    state: Shared,
+    method: Method,
+    uri: Uri,
+    body: axum::body::Bytes,
+) -> (StatusCode, Body) {
+    let path = uri.path().to_owned();
+    let query = uri.query().unwrap_or_default().to_owned();
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let reply = |code: u16, v: Value| {
+        (
+            StatusCode::from_u16(code).unwrap(),
+            Body::from(v.to_string()),
+        )
+    };
+    let mut s = state.lock().unwrap();
+    match (method.as_str(), path.as_str()) {
+        ("GET", "/apis/kybernate.io/v1alpha1/gpucheckpoints") if query.contains("watch=true") => {
+            assert!(
+                query.contains("labelSelector=kybernate.io%2Fnode%3Dn1"),
+                "{query}"
+            );
+            let (tx, rx) = mpsc::unbounded_channel::<Value>();
+            s.watchers.push(tx);
+            (StatusCode::OK, watch_body(rx))
+        }
+        ("GET", "/apis/kybernate.io/v1alpha1/gpucheckpoints") => {
+            assert!(
+                query.contains("labelSelector=kybernate.io%2Fnode%3Dn1"),
+                "{query}"
+            );
+            reply(
+                200,
+                json!({"apiVersion": "kybernate.io/v1alpha1", "kind": "GpuCheckpointList",
+                "metadata": {"resourceVersion": s.rv.to_string()}, "items": [s.object.clone()]}),
+            )
+        }
+        ("PATCH", "/api/v1/nodes/n1") => {
+            s.patches.push((path.clone(), body.clone(), 200));
+            let mut node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}});
+            merge(&mut node, &body);
+            reply(200, node)
+        }
+        ("PATCH", p) if p == CP_PATH || p == format!("{CP_PATH}/status") => {
+            let wanted = body["metadata"]["resourceVersion"]
+                .as_str()
+                .map(str::to_owned);
+            if wanted.is_some_and(|w| w != s.rv.to_string()) {
+                s.patches.push((path.clone(), body.clone(), 409));
+                return reply(
+                    409,
+                    json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                    "status": "Failure", "reason": "Conflict", "code": 409,
+                    "message": "the object has been modified"}),
+                );
+            }
+            s.patches.push((path.clone(), body.clone(), 200));
+            let mut patch = body.clone();
+            if let Some(meta) = patch.get_mut("metadata").and_then(Value::as_object_mut) {
+                meta.remove("resourceVersion");
+            }
+            let patch = if p.ends_with("/status") {
+                json!({"status": patch["status"].clone()})
+            } else {
+                patch
+            };
+            merge(&mut s.object, &patch);
+            s.rv += 1;
+            let rv = s.rv.to_string();
+            s.object["metadata"]["resourceVersion"] = json!(rv);
+            let object = s.object.clone();
+            s.broadcast("MODIFIED", &object);
+            reply(200, object)
+        }
+        ("POST", p) if p.contains("/events") => reply(201, body),
+        _ => {
+            s.unexpected.push(format!("{method} {path}?{query}"));
+            reply(
+                404,
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "NotFound", "code": 404}),
+            )
+        }
+    }
+}
+
+/// A body that yields watch events as they are queued and stays open.
+fn watch_body(rx: mpsc::UnboundedReceiver<Value>) -> Body {
+    use futures::StreamExt;
+    let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
+        .map(|event| Ok::<_, std::io::Error>(format!("{event}\n")));
+    Body::from_stream(events)
+}
+
+fn start_api(state: Shared) -> u16 {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap().port()).unwrap();
+            let app =
+                axum::Router::new().fallback(move |m: Method, u: Uri, b: axum::body::Bytes| {
+                    handle(state.clone(), m, u, b)
+                });
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    rx.recv().unwrap()
+}
+
+/// The workload in its own cgroup (v2 hierarchy), named like a container, so the agent's
+/// resolver finds it the way it finds containers.
+struct ContainerCgroup(PathBuf);
+
+impl ContainerCgroup {
+    fn enter(id: &str, pid: i32) -> Self {
+        let root = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.join("cgroup.procs").exists())
+            .expect("no cgroup v2 hierarchy at /sys/fs/cgroup/unified or /sys/fs/cgroup");
+        let dir = root.join(format!("cri-containerd-{id}.scope"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string()).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for ContainerCgroup {
+    fn drop(&mut self) {
+        // Move what is left back to the root so the directory can go.
+        let root = self.0.parent().unwrap().join("cgroup.procs");
+        for pid in std::fs::read_to_string(self.0.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+        {
+            let _ = std::fs::write(&root, pid);
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+struct AgentProcess(Child);
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) to our own child.
+        unsafe { libc::kill(i32::try_from(self.0.id()).unwrap(), libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && self.0.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_until(what: &str, state: &Shared, log: &std::path::Path, done: impl Fn(&ApiState) -> bool) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if done(&state.lock().unwrap()) {
+            return;
+        }
+        let s = state.lock().unwrap();
+        assert!(
+            Instant::now() < deadline,
+            "{what} never happened; patches: {:?}\nunexpected: {:?}\nagent log:\n{}",
+            s.patches,
+            s.unexpected,
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        drop(s);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn status_patches(s: &ApiState, phase: &str) -> Vec<Value> {
+    s.patches
+        .iter()
+        .filter(|(p, b, code)| {
+            p.ends_with("/status") && *code == 200 && b["status"]["phase"] == phase
+        })
+        .map(|(_, b, _)| b.clone())
+        .collect()
+}
+
+#[test]
+fn agent_executes_a_gpucheckpoint_for_a_real_process_once() {
+    support::require_root_and_criu();
+    let dir = tempfile::Builder::new()
+        .prefix("kybernate-worker-")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let workload = Workload::start(dir.path(), 64, &[]);
+    let container_id = format!("kybtest{:08x}", rand::random::<u32>());
+    let _cgroup = ContainerCgroup::enter(&container_id, workload.pid);
+
+    let scheduled = json!({
+        "apiVersion": "kybernate.io/v1alpha1", "kind": "GpuCheckpoint",
+        "metadata": {"name": "cp1", "namespace": "default", "uid": "uid-cp1", "resourceVersion": "5",
+                     "labels": {"kybernate.io/node": "n1"}, "finalizers": ["kybernate.io/referenced"]},
+        "spec": {"podName": "w", "storageTier": "nvme", "leaveRunning": true,
+                 "timeouts": {"dumpSeconds": 120, "overallSeconds": 600}},
+        "status": {"phase": "Scheduled", "nodeName": "n1", "podUid": "uid-w",
+                   "containers": [{"name": "w", "containerId": container_id}]},
+    });
+    let state: Shared = Arc::new(Mutex::new(ApiState {
+        object: scheduled.clone(),
+        rv: 5,
+        ..ApiState::default()
+    }));
+    let port = start_api(state.clone());
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: mock\n  cluster:\n    server: http://127.0.0.1:{port}\n\
+         users:\n- name: u\n  user:\n    token: test\ncontexts:\n- name: c\n  context:\n    cluster: mock\n    user: u\n\
+         current-context: c\n")).unwrap();
+    let socket = dir.path().join("agent.sock");
+    let log = dir.path().join("agent.log");
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut command = Command::new(AGENT);
+    command
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{metrics_port}"))
+        .args(["--node-name", "n1"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    // SAFETY: setsid() is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let _agent = AgentProcess(command.spawn().expect("start kybernate-agent"));
+
+    wait_until("the Completed status", &state, &log, |s| {
+        !status_patches(s, "Completed").is_empty()
+    });
+    let s = state.lock().unwrap();
+    let node = s
+        .patches
+        .iter()
+        .find(|(p, _, _)| p == "/api/v1/nodes/n1")
+        .expect("node labelled");
+    assert_eq!(
+        node.1["metadata"]["labels"]["kybernate.io/gpu-count"], "0",
+        "no GPU here"
+    );
+    assert_eq!(node.1["metadata"]["labels"]["kybernate.io/agent"], "ready");
+    let claim = s
+        .patches
+        .iter()
+        .find(|(p, _, _)| p == CP_PATH)
+        .expect("finalizer patch");
+    assert_eq!(
+        claim.1["metadata"]["resourceVersion"], "5",
+        "claim is guarded by the delivered version"
+    );
+    assert_eq!(
+        claim.1["metadata"]["finalizers"],
+        json!(["kybernate.io/referenced", "kybernate.io/artifacts"])
+    );
+    let checkpointing = status_patches(&s, "Checkpointing");
+    assert_eq!(checkpointing.len(), 1);
+    assert_eq!(checkpointing[0]["status"]["artifactRef"], "default_cp1");
+    let done = &status_patches(&s, "Completed")[0]["status"];
+    assert_eq!(done["artifactRef"], "default_cp1");
+    assert!(done["rawBytes"].as_u64().unwrap() > 64 << 20, "{done}");
+    assert!(done["storedBytes"].as_u64().unwrap() > 0, "{done}");
+    assert!(
+        done["tiers"].as_array().unwrap().contains(&json!("nvme")),
+        "{done}"
+    );
+    let phases: Vec<&str> = done["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
+    assert!(phases.contains(&"criu_dump"), "{phases:?}");
+    assert_eq!(done["gpu"]["count"], 0);
+    assert!(s.unexpected.is_empty(), "{:?}", s.unexpected);
+    drop(s);
+    let before = workload.read().unwrap().counter;
+    workload.wait_for(|st| st.counter > before + 3);
+
+    // A stale re-delivery of the Scheduled object: the claim conflicts, nothing runs again.
+    state.lock().unwrap().broadcast("MODIFIED", &scheduled);
+    wait_until("the stale claim's conflict", &state, &log, |s| {
+        s.patches.iter().any(|(_, _, c)| *c == 409)
+    });
+    let listed = Command::new(CTL)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--output", "json", "list"])
+        .output()
+        .unwrap();
+    let listed: Value = serde_json::from_slice(&listed.stdout).expect("list JSON");
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(1),
+        "exactly one checkpoint: {listed}"
+    );
+    assert_eq!(
+        status_patches(&state.lock().unwrap(), "Checkpointing").len(),
+        1
+    );
+
+    // Deletion: the agent removes the stored checkpoint, then its finalizer.
+    let deleting = {
+        let mut s = state.lock().unwrap();
+        s.object["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        s.object.clone()
+    };
+    state.lock().unwrap().broadcast("MODIFIED", &deleting);
+    wait_until("the artifacts finalizer removal", &state, &log, |s| {
+        s.patches.iter().any(|(p, b, c)| {
+            p == CP_PATH
+                && *c == 200
+                && b["metadata"]["finalizers"] == json!(["kybernate.io/referenced"])
+        })
+    });
+    let listed = Command::new(CTL)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--output", "json", "list"])
+        .output()
+        .unwrap();
+    let listed: Value = serde_json::from_slice(&listed.stdout).expect("list JSON");
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(0),
+        "stored checkpoint deleted: {listed}"
+    );
+}

@@ -1,0 +1,103 @@
+//! `GpuWorkload`: a pod template plus a checkpoint and restore policy.
+
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::StorageTier;
+use super::common::Condition;
+
+/// The workload and its policy.
+#[derive(CustomResource, KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "kybernate.io",
+    version = "v1alpha1",
+    kind = "GpuWorkload",
+    namespaced,
+    status = "GpuWorkloadStatus",
+    shortname = "gwl",
+    category = "kybernate",
+    printcolumn = r#"{"name":"Pod","type":"string","jsonPath":".status.podName"}"#,
+    printcolumn = r#"{"name":"Latest","type":"string","jsonPath":".status.latestCheckpoint"}"#,
+    printcolumn = r#"{"name":"Restores","type":"integer","jsonPath":".status.restores"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuWorkloadSpec {
+    /// The pod to run (runtimeClassName is forced to `kybernate`).
+    #[schemars(schema_with = "crate::crd::preserve_unknown")]
+    pub template: PodTemplateSpec,
+    /// When to checkpoint.
+    pub schedule: CheckpointSchedule,
+    /// Which checkpoints to keep.
+    #[serde(default)]
+    pub retention: Retention,
+    /// Recreate the pod from the latest completed checkpoint when it is evicted or deleted,
+    /// or its node dies.
+    #[serde(default = "yes")]
+    pub restore_on_reschedule: bool,
+    /// Tier each periodic checkpoint must reach.
+    #[serde(default)]
+    pub storage_tier: StorageTier,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Checkpoint schedule. Only a fixed interval is supported (no cron expressions yet).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointSchedule {
+    /// Seconds between checkpoints, counted from the last one's creation.
+    #[schemars(range(min = 60, max = 2592000))]
+    pub interval_seconds: u32,
+}
+
+/// How many checkpoints to keep. The latest completed one is always kept.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[x_kube(validation = Rule::new("self.keepLast >= 1").message("keepLast must keep at least one checkpoint"))]
+#[serde(rename_all = "camelCase")]
+pub struct Retention {
+    /// Keep at most this many completed checkpoints.
+    #[schemars(range(min = 1, max = 1000))]
+    pub keep_last: u32,
+    /// Delete completed checkpoints older than this (0 = no age limit).
+    #[serde(default)]
+    pub max_age_seconds: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            keep_last: 3,
+            max_age_seconds: 0,
+        }
+    }
+}
+
+/// What the workload's controller observed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuWorkloadStatus {
+    /// The current pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
+    /// The latest Completed GpuCheckpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_checkpoint: Option<String>,
+    /// When the latest periodic checkpoint was requested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scheduled_at: Option<Time>,
+    /// Pods recreated from a checkpoint so far.
+    #[serde(default)]
+    pub restores: u32,
+    /// Pods created so far (fresh or restored); names the next pod `<name>-<podsCreated>`.
+    #[serde(default)]
+    pub pods_created: u32,
+    /// Observations with reasons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

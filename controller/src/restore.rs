@@ -1,0 +1,207 @@
+//! Reconciling `GpuRestore`: create the pod that restores a completed checkpoint and track
+//! it to Running.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::ResourceExt;
+use serde_json::json;
+
+use crate::context::Context;
+use crate::crd::{
+    CheckpointPhase, Condition, GpuCheckpoint, GpuRestore, PhaseDuration, RestorePhase, NODE_LABEL,
+};
+use crate::error::{kube_err, Error};
+use crate::pod::{owner_ref, RestoredPod};
+
+const KIND: &str = "GpuRestore";
+const POLL: Duration = Duration::from_secs(5);
+
+/// Reconciles one GpuRestore.
+pub async fn reconcile(restore: Arc<GpuRestore>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconcile(KIND);
+    let name = restore.name_any();
+    let ns = restore.namespace().ok_or_else(|| Error::NoNamespace {
+        kind: KIND,
+        name: name.clone(),
+    })?;
+    if restore.phase().is_terminal() || restore.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let api: Api<GpuRestore> = Api::namespaced(ctx.client.clone(), &ns);
+    let status = restore.status.clone().unwrap_or_default();
+    match status.pod_name {
+        None => create_pod(&restore, &api, &ctx, &ns).await,
+        Some(pod_name) => track_pod(&restore, &api, &ctx, &ns, &pod_name).await,
+    }
+}
+
+async fn create_pod(
+    restore: &GpuRestore,
+    api: &Api<GpuRestore>,
+    ctx: &Context,
+    ns: &str,
+) -> Result<Action, Error> {
+    let cp_name = &restore.spec.checkpoint_name;
+    let checkpoints: Api<GpuCheckpoint> = Api::namespaced(ctx.client.clone(), ns);
+    let Some(cp) = checkpoints.get_opt(cp_name).await.map_err(kube_err(
+        "get",
+        "GpuCheckpoint",
+        ns,
+        cp_name,
+    ))?
+    else {
+        let msg = format!("GpuCheckpoint {ns}/{cp_name} does not exist");
+        return fail(restore, api, ctx, "CheckpointNotFound", msg).await;
+    };
+    match cp.phase() {
+        CheckpointPhase::Completed => {}
+        CheckpointPhase::Failed => {
+            let msg = format!("GpuCheckpoint {cp_name} failed; there is nothing to restore");
+            return fail(restore, api, ctx, "CheckpointFailed", msg).await;
+        }
+        _ => return Ok(Action::requeue(POLL)),
+    }
+    let owner = owner_ref(restore).ok_or_else(|| Error::PodBuild {
+        owner: restore.name_any(),
+        reason: "the GpuRestore has no uid yet".into(),
+    })?;
+    let pod_name = restore
+        .spec
+        .pod_name
+        .clone()
+        .unwrap_or_else(|| format!("{}-restored", restore.name_any()));
+    let pod = RestoredPod {
+        name: pod_name.clone(),
+        namespace: ns.to_owned(),
+        owner,
+        labels: BTreeMap::new(),
+        checkpoint: Some(&cp),
+        template: restore.spec.template.as_ref(),
+        node_selector: &restore.spec.node_selector,
+    };
+    let pod = match pod.build() {
+        Ok(pod) => pod,
+        Err(e) => return fail(restore, api, ctx, "PodSpecMissing", e.to_string()).await,
+    };
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    match pods.create(&PostParams::default(), &pod).await {
+        Ok(_) => {}
+        // Created by an earlier reconcile whose status write was lost: adopt it.
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => return Err(kube_err("create", "Pod", ns, &pod_name)(e)),
+    }
+    let name = restore.name_any();
+    let status = json!({"status": {
+        "phase": RestorePhase::Restoring,
+        "podName": pod_name,
+        "startedAt": ctx.now(),
+    }});
+    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
+        .await
+        .map_err(kube_err("patch", KIND, ns, &name))?;
+    ctx.event(
+        restore,
+        false,
+        "PodCreated",
+        format!("pod {pod_name} restores checkpoint {cp_name}"),
+    )
+    .await;
+    Ok(Action::requeue(POLL))
+}
+
+async fn track_pod(
+    restore: &GpuRestore,
+    api: &Api<GpuRestore>,
+    ctx: &Context,
+    ns: &str,
+    pod_name: &str,
+) -> Result<Action, Error> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let Some(pod) = pods
+        .get_opt(pod_name)
+        .await
+        .map_err(kube_err("get", "Pod", ns, pod_name))?
+    else {
+        let msg = format!("pod {pod_name} was deleted before it ran");
+        return fail(restore, api, ctx, "PodDeleted", msg).await;
+    };
+    let name = restore.name_any();
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
+    let status = restore.status.clone().unwrap_or_default();
+    let elapsed = status
+        .started_at
+        .map(|t| ctx.clock.now().as_second() - t.0.as_second())
+        .unwrap_or(0);
+    if let Some(node) = &node {
+        if restore.labels().get(NODE_LABEL) != Some(node) {
+            api.patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {NODE_LABEL: node}}})),
+            )
+            .await
+            .map_err(kube_err("patch", KIND, ns, &name))?;
+        }
+    }
+    match phase.as_deref() {
+        Some("Running") => {
+            let millis = u64::try_from(elapsed).unwrap_or(0).saturating_mul(1000);
+            let status = json!({"status": {
+                "phase": RestorePhase::Completed,
+                "nodeName": node,
+                "phases": [PhaseDuration { phase: "pod_running".into(), millis }],
+            }});
+            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
+                .await
+                .map_err(kube_err("patch", KIND, ns, &name))?;
+            ctx.event(
+                restore,
+                false,
+                "Restored",
+                format!(
+                    "pod {pod_name} runs on node {}",
+                    node.as_deref().unwrap_or("?")
+                ),
+            )
+            .await;
+            Ok(Action::await_change())
+        }
+        Some("Failed") => {
+            let msg = format!("pod {pod_name} failed while restoring");
+            fail(restore, api, ctx, "PodFailed", msg).await
+        }
+        _ if elapsed >= i64::from(restore.spec.timeout_seconds) => {
+            let msg = format!(
+                "pod {pod_name} not Running within {} s",
+                restore.spec.timeout_seconds
+            );
+            fail(restore, api, ctx, "Timeout", msg).await
+        }
+        _ => Ok(Action::requeue(POLL)),
+    }
+}
+
+async fn fail(
+    restore: &GpuRestore,
+    api: &Api<GpuRestore>,
+    ctx: &Context,
+    reason: &str,
+    message: String,
+) -> Result<Action, Error> {
+    let name = restore.name_any();
+    let ns = restore.namespace().unwrap_or_default();
+    let condition = Condition::new("Failed", reason, message.clone(), ctx.now());
+    let status = json!({"status": {"phase": RestorePhase::Failed, "conditions": [condition]}});
+    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
+        .await
+        .map_err(kube_err("patch", KIND, &ns, &name))?;
+    ctx.metrics.failure(KIND, reason);
+    ctx.event(restore, true, reason, message).await;
+    Ok(Action::await_change())
+}

@@ -1,0 +1,92 @@
+//! The committed CRDs in deploy/crds match the Rust types, and the schemas carry the
+//! validation the API server must enforce.
+
+use std::path::PathBuf;
+
+use crate::crd;
+
+fn crds_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds")
+}
+
+#[test]
+fn committed_crds_match_the_rust_types() {
+    for (file, def) in crd::all() {
+        let path = crds_dir().join(file);
+        let committed = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{} is missing ({e}); run `cargo run -p kybernate-controller --bin crdgen -- --out deploy/crds --out deploy/helm/kybernate/crds`",
+                path.display()
+            )
+        });
+        let generated = crd::render(&def).unwrap();
+        assert!(
+            committed == generated,
+            "{} drifted from the Rust types; run `cargo run -p kybernate-controller --bin crdgen -- --out deploy/crds --out deploy/helm/kybernate/crds`",
+            path.display()
+        );
+    }
+}
+
+fn schema(
+    def: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> serde_json::Value {
+    let v = serde_json::to_value(def).unwrap();
+    v["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+}
+
+#[test]
+fn schemas_require_fields_restrict_enums_and_carry_cel_rules() {
+    use kube::CustomResourceExt;
+    let cp = schema(&crd::GpuCheckpoint::crd());
+    let spec = &cp["properties"]["spec"];
+    assert_eq!(spec["required"], serde_json::json!(["podName"]));
+    assert_eq!(
+        spec["properties"]["storageTier"]["enum"],
+        serde_json::json!(["ram", "nvme", "s3"])
+    );
+    let rules = serde_json::to_string(&spec["x-kubernetes-validations"]).unwrap();
+    assert!(rules.contains("self == oldSelf"), "{rules}");
+    let status = &cp["properties"]["status"]["properties"];
+    assert_eq!(
+        status["phase"]["enum"],
+        serde_json::json!([
+            "Pending",
+            "Scheduled",
+            "Checkpointing",
+            "Draining",
+            "Completed",
+            "Failed"
+        ])
+    );
+    let wl = schema(&crd::GpuWorkload::crd());
+    let spec = &wl["properties"]["spec"];
+    let required: Vec<String> = serde_json::from_value(spec["required"].clone()).unwrap();
+    assert!(required.contains(&"template".into()) && required.contains(&"schedule".into()));
+    assert_eq!(
+        spec["properties"]["schedule"]["properties"]["intervalSeconds"]["minimum"].as_f64(),
+        Some(60.0)
+    );
+    let rs = schema(&crd::GpuRestore::crd());
+    assert_eq!(
+        rs["properties"]["spec"]["required"],
+        serde_json::json!(["checkpointName"])
+    );
+    for def in [
+        crd::GpuCheckpoint::crd(),
+        crd::GpuRestore::crd(),
+        crd::GpuWorkload::crd(),
+    ] {
+        let v = serde_json::to_value(&def).unwrap();
+        assert_eq!(v["spec"]["scope"], "Namespaced");
+        assert_eq!(v["spec"]["group"], "kybernate.io");
+        assert!(v["spec"]["versions"][0]["subresources"]["status"].is_object());
+        assert!(
+            v["spec"]["versions"][0]["additionalPrinterColumns"]
+                .as_array()
+                .unwrap()
+                .len()
+                >= 4
+        );
+    }
+}

@@ -1,0 +1,185 @@
+//! The plain manifests in deploy/: valid for the Kubernetes API (offline, with
+//! `kubernetes-validate`), and holding the properties the design promises.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+fn deploy() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// Every manifest `kubectl apply -k deploy/` applies, from the kustomization.
+fn manifest_files() -> Vec<PathBuf> {
+    let text = std::fs::read_to_string(deploy().join("kustomization.yaml")).unwrap();
+    let k: Value = serde_yaml::from_str(&text).unwrap();
+    k["resources"]
+        .as_array()
+        .expect("kustomization lists resources")
+        .iter()
+        .map(|r| deploy().join(r.as_str().unwrap()))
+        .collect()
+}
+
+fn documents(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn all_documents() -> Vec<Value> {
+    manifest_files().iter().flat_map(|p| documents(p)).collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in deploy/"))
+}
+
+#[test]
+fn every_manifest_passes_kubernetes_validate_strict() {
+    let files = manifest_files();
+    let yaml_files: Vec<PathBuf> = std::fs::read_dir(deploy())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "yaml") && !p.ends_with("kustomization.yaml")
+        })
+        .collect();
+    for f in &yaml_files {
+        assert!(
+            files.contains(f),
+            "{} is not listed in deploy/kustomization.yaml",
+            f.display()
+        );
+    }
+    let out = Command::new("kubernetes-validate")
+        .args(["--strict", "--kubernetes-version", "1.33.0"])
+        .args(&files)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("kubernetes-validate is not installed ({e}); run scripts/install-k8s-tools.sh")
+        });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "kubernetes-validate failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let passed = stdout
+        .lines()
+        .filter(|l| l.starts_with("INFO") && l.contains("passed"))
+        .count();
+    assert_eq!(
+        passed,
+        all_documents().len(),
+        "every document must be checked:\n{stdout}"
+    );
+}
+
+#[test]
+fn configmap_holds_the_agent_config_file_verbatim() {
+    let docs = all_documents();
+    let cm = find(&docs, "ConfigMap", "kybernate-agent");
+    let file = std::fs::read_to_string(deploy().join("agent-config.toml")).unwrap();
+    assert!(
+        cm["data"]["agent.toml"].as_str() == Some(file.as_str()),
+        "deploy/30-configmap.yaml differs from deploy/agent-config.toml"
+    );
+}
+
+#[test]
+fn agent_daemonset_has_host_pid_the_installer_and_only_the_needed_host_mounts() {
+    let docs = all_documents();
+    let ds = find(&docs, "DaemonSet", "kybernate-agent");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostPID"], true);
+    assert!(pod.get("hostNetwork").is_none());
+    let init = &pod["initContainers"][0];
+    assert_eq!(init["command"][0], "kybernate-installer");
+    assert_eq!(init["securityContext"]["privileged"], true);
+    assert_eq!(init["volumeMounts"][0]["mountPath"], "/host");
+    let agent = &pod["containers"][0];
+    let mounts: Vec<&str> = agent["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        mounts,
+        [
+            "/etc/kybernate",
+            "/run/containerd/containerd.sock",
+            "/run/kybernate",
+            "/var/lib/kybernate",
+            "/dev/shm"
+        ]
+    );
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert!(agent[probe].is_object(), "agent has no {probe}");
+    }
+    assert!(agent["resources"]["requests"]["memory"].is_string());
+    let args = serde_json::to_string(&agent["args"]).unwrap();
+    assert!(args.contains("--node-name=$(NODE_NAME)"), "{args}");
+}
+
+#[test]
+fn s3_credentials_come_only_from_a_secret_reference() {
+    let docs = all_documents();
+    assert!(
+        docs.iter().all(|d| d["kind"] != "Secret"),
+        "no Secret may ship in deploy/"
+    );
+    let text = serde_json::to_string(&docs).unwrap();
+    for env in docs.iter().flat_map(|d| {
+        let spec = &d["spec"]["template"]["spec"];
+        spec["containers"].as_array().cloned().unwrap_or_default()
+    }) {
+        for var in env["env"].as_array().cloned().unwrap_or_default() {
+            if var["name"].as_str().is_some_and(|n| n.starts_with("AWS_")) {
+                assert!(var.get("value").is_none(), "inline credential: {var}");
+                assert_eq!(var["valueFrom"]["secretKeyRef"]["name"], "kybernate-s3");
+            }
+        }
+    }
+    assert!(
+        !text.to_lowercase().contains("secretaccesskey\":\""),
+        "inline secret in {text}"
+    );
+}
+
+#[test]
+fn rbac_names_every_verb_and_resource() {
+    for doc in all_documents() {
+        if !matches!(doc["kind"].as_str(), Some("ClusterRole" | "Role")) {
+            continue;
+        }
+        for rule in doc["rules"].as_array().unwrap() {
+            let text = rule.to_string();
+            assert!(
+                !text.contains("\"*\""),
+                "wildcard in {}: {text}",
+                doc["metadata"]["name"]
+            );
+            assert!(
+                !text.contains("\"update\"") || doc["kind"] == "Role",
+                "{text}"
+            );
+        }
+    }
+}
+
+#[test]
+fn runtime_class_uses_the_kybernate_handler() {
+    let docs = all_documents();
+    assert_eq!(
+        find(&docs, "RuntimeClass", "kybernate")["handler"],
+        "kybernate"
+    );
+}
