@@ -22,6 +22,7 @@ pub mod grpc;
 pub mod images;
 pub mod metrics;
 pub mod node;
+pub mod node_devices;
 pub mod node_parts;
 pub mod process;
 pub mod restore;

@@ -15,6 +15,11 @@ use crate::error::AgentError;
 use crate::node_parts::NodeParts;
 use crate::tiers::{self, Remove, UsedBytes};
 
+mod container_checkpoint;
+mod container_restore;
+pub use container_checkpoint::{ContainerCheckpointBegin, ContainerCheckpointEnd};
+pub use container_restore::{ContainerRestoreEnd, ContainerRestoreStage};
+
 /// The node agent.
 #[derive(Debug)]
 pub struct NodeAgent {
@@ -22,6 +27,8 @@ pub struct NodeAgent {
     catalog: Catalog,
     workloads: HashMap<i32, Addr<ContainerActor>>,
     busy: HashSet<CheckpointName>,
+    shim_checkpoints: HashMap<CheckpointName, container_checkpoint::ShimCheckpoint>,
+    shim_restores: HashMap<CheckpointName, container_restore::ShimRestore>,
 }
 
 impl NodeAgent {
@@ -32,6 +39,8 @@ impl NodeAgent {
             catalog,
             workloads: HashMap::new(),
             busy: HashSet::new(),
+            shim_checkpoints: HashMap::new(),
+            shim_restores: HashMap::new(),
         }
     }
 

@@ -50,10 +50,11 @@ pub async fn run(
 }
 
 /// Images ready for CRIU, and the scratch copy to remove afterwards.
-struct Staged {
-    dir: PathBuf,
+#[derive(Debug)]
+pub(crate) struct Staged {
+    pub(crate) dir: PathBuf,
     scratch: Option<PathBuf>,
-    tier: TierKind,
+    pub(crate) tier: TierKind,
 }
 
 impl Drop for Staged {
@@ -161,7 +162,7 @@ async fn phases(
 }
 
 /// Finds the nearest tier with an intact copy and makes its images available in RAM.
-async fn stage(
+pub(crate) async fn stage(
     parts: &NodeParts,
     record: &CheckpointRecord,
     name: &CheckpointName,
