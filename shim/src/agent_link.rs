@@ -48,8 +48,8 @@ impl AgentLink {
             ));
         }
         let path = socket.to_owned();
-        let connect = Endpoint::from_static("http://kybernate-agent.local")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
+        let endpoint = Endpoint::from_static("http://kybernate-agent.local");
+        let connect = endpoint.connect_with_connector(tower::service_fn(move |_: Uri| {
                 let path = path.clone();
                 async move {
                     Ok::<_, std::io::Error>(TokioIo::new(

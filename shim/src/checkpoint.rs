@@ -219,9 +219,8 @@ impl TaskService {
             .map_err(|e| ShimError::io(id, format!("create {}", work.display()), e))?;
         let args = dump_args(id, options, images, work);
         let deadline = millis(self.config.timeouts.dump_ms);
-        let run = self
-            .runc
-            .run(id, &args, Default::default(), Some(&container.runc_log()));
+        let log = container.runc_log();
+        let run = self.runc.run(id, &args, Default::default(), Some(&log));
         match tokio::time::timeout(deadline, run).await {
             Err(_) => Err(ShimError::Phase {
                 id: id.to_owned(),
@@ -372,7 +371,8 @@ impl TaskService {
         args.push(id.to_owned());
         let timeouts = &self.config.timeouts;
         let deadline = millis(timeouts.restore_ms);
-        let run = self.runc.run(id, &args, stdio, Some(&container.runc_log()));
+        let log = container.runc_log();
+        let run = self.runc.run(id, &args, stdio, Some(&log));
         let restored = match tokio::time::timeout(deadline, run).await {
             Err(_) => Err(format!("runc restore took longer than {} ms", deadline.as_millis())),
             Ok(Err(e)) => Err(format!("{e}{}", criu_errors(&work.join("restore.log")))),

@@ -57,18 +57,23 @@ impl TaskService {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        let undo_mount = |result: Result<_>| {
-            if result.is_err() && mounted_rootfs {
+        let undo_mount = || {
+            if mounted_rootfs {
                 unmount(&rootfs);
             }
-            result
         };
-        let restore = undo_mount(self.restore_source(&id, &bundle, &req.checkpoint).await)?;
+        let restore = self
+            .restore_source(&id, &bundle, &req.checkpoint)
+            .await
+            .inspect_err(|_| undo_mount())?;
         let mut init = Process::new("", stdio.clone());
         if restore.is_none() {
-            let pid = undo_mount(self.runc_create(&id, &bundle, &stdio).await)?;
-            init.pid = pid.0;
-            init.io = pid.1;
+            let (pid, io) = self
+                .runc_create(&id, &bundle, &stdio)
+                .await
+                .inspect_err(|_| undo_mount())?;
+            init.pid = pid;
+            init.io = io;
         }
         let pid = init.pid;
         containers.insert(

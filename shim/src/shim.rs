@@ -21,7 +21,6 @@ use crate::service::TaskService;
 pub const RUNTIME_TYPE: &str = "io.containerd.kybernate.v1";
 
 /// One shim process.
-#[derive(Debug)]
 pub struct KybernateShim {
     exit: Arc<ExitSignal>,
     id: String,
@@ -29,6 +28,15 @@ pub struct KybernateShim {
     config: ShimConfig,
 }
 
+
+impl std::fmt::Debug for KybernateShim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KybernateShim")
+            .field("id", &self.id)
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
+}
 
 #[async_trait]
 impl Shim for KybernateShim {

@@ -70,7 +70,7 @@ impl PreparedIo {
                 UnixListener::bind(&path).map_err(|e| io_err("bind console socket", e))?;
             let handle = std::thread::spawn(move || receive_master(&listener));
             prepared.console = Some((path, handle));
-            let null = |write| {
+            let null = |write: bool| {
                 OpenOptions::new()
                     .read(!write)
                     .write(write)
