@@ -203,7 +203,7 @@ def one_run(node, ctl, mib, run):
         out[f"{tag}_freeze"], out[f"{tag}_checkpoint"] = checkpoint(node, cid, pid, ref)
         node.remove(cid)
         t0 = time.monotonic()
-        node.ctr("containers", "restore", "--live", ref)
+        node.ctr("containers", "restore", "--live", cid, ref)
         restored(node, cid)
         out[f"{tag}_restore"] = time.monotonic() - t0
         node.remove(cid)

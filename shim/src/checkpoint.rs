@@ -103,11 +103,16 @@ impl TaskService {
         let options = checkpoint_options(&id, &req)?;
         let containers = self.containers.lock().await;
         let container = containers.get(&id).ok_or_else(|| Self::not_found(&id))?;
-        if container.init.exit().is_some() || container.init.status != ProcessStatus::Running {
+        // containerd's client pauses the task around a checkpoint (to snapshot the rootfs).
+        let live = matches!(
+            container.init.status,
+            ProcessStatus::Running | ProcessStatus::Paused
+        );
+        if container.init.exit().is_some() || !live {
             return Err(ShimError::State {
                 id,
                 message: format!(
-                    "cannot checkpoint: the task is {:?}, not running",
+                    "cannot checkpoint: the task is {:?}, not running or paused",
                     container.init.status
                 )
                 .to_lowercase(),

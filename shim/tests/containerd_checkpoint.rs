@@ -74,7 +74,7 @@ fn round_trip(version: Version) {
     assert_eq!(stored.len(), 1, "the agent stored one checkpoint: {stored:?}");
 
     node.remove(id);
-    node.ctr_ok(&["containers", "restore", "--live", "kybernate/counter:ckpt"]);
+    node.ctr_ok(&["containers", "restore", "--live", id, "kybernate/counter:ckpt"]);
     node.wait_status(id, "RUNNING");
     let restored = count(&node, id);
     assert!(
