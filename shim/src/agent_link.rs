@@ -50,13 +50,11 @@ impl AgentLink {
         let path = socket.to_owned();
         let endpoint = Endpoint::from_static("http://kybernate-agent.local");
         let connect = endpoint.connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }));
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }));
         let channel = tokio::time::timeout(timeout, connect)
             .await
             .map_err(|_| unreachable(format!("no answer within {} ms", timeout.as_millis())))?

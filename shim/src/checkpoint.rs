@@ -35,12 +35,11 @@ fn phase_error(id: &str, operation: &'static str, e: AgentCallError) -> ShimErro
 /// Parses containerd's checkpoint options (defaults when absent).
 pub fn checkpoint_options(id: &str, req: &CheckpointTaskRequest) -> Result<CheckpointOptions> {
     match req.options.as_ref() {
-        Some(any) if !any.value.is_empty() => {
-            CheckpointOptions::parse_from_bytes(&any.value).map_err(|e| ShimError::Invalid {
+        Some(any) if !any.value.is_empty() => CheckpointOptions::parse_from_bytes(&any.value)
+            .map_err(|e| ShimError::Invalid {
                 id: id.to_owned(),
                 message: format!("checkpoint options ({}): {e}", any.type_url),
-            })
-        }
+            }),
         _ => Ok(CheckpointOptions::default()),
     }
 }
@@ -118,7 +117,9 @@ impl TaskService {
                 .to_lowercase(),
             });
         }
-        let reference = self.checkpoint_container(container, &options, &req.path).await?;
+        let reference = self
+            .checkpoint_container(container, &options, &req.path)
+            .await?;
         drop(containers);
         let event = TaskCheckpointed {
             container_id: id,
@@ -143,7 +144,8 @@ impl TaskService {
         let agent = AgentLink::connect(&self.config.agent_socket, millis(timeouts.agent_ms))
             .await
             .map_err(|e| phase_error(id, "checkpoint", e))?;
-        self.check_gpus(&agent, id, "checkpoint", &placement).await?;
+        self.check_gpus(&agent, id, "checkpoint", &placement)
+            .await?;
         let pids = self.container_pids(id, &container.runc_log()).await?;
 
         let begin = agent
@@ -231,7 +233,10 @@ impl TaskService {
                 id: id.to_owned(),
                 operation: "checkpoint",
                 phase: "criu_dump",
-                message: format!("runc checkpoint took longer than {} ms", deadline.as_millis()),
+                message: format!(
+                    "runc checkpoint took longer than {} ms",
+                    deadline.as_millis()
+                ),
             }),
             Ok(Err(e)) => Err(ShimError::Phase {
                 id: id.to_owned(),
@@ -261,12 +266,14 @@ impl TaskService {
             indices: devices.gpu_indices.into_iter().collect(),
             uuids: devices.gpu_uuids.into_iter().collect(),
         };
-        placement.validate(&node).map_err(|message| ShimError::Phase {
-            id: id.to_owned(),
-            operation,
-            phase: "gpu_validate",
-            message,
-        })
+        placement
+            .validate(&node)
+            .map_err(|message| ShimError::Phase {
+                id: id.to_owned(),
+                operation,
+                phase: "gpu_validate",
+                message,
+            })
     }
 
     /// Host pids of every process in the container (`runc ps`).
@@ -379,7 +386,10 @@ impl TaskService {
         let log = container.runc_log();
         let run = self.runc.run(id, &args, stdio, Some(&log));
         let restored = match tokio::time::timeout(deadline, run).await {
-            Err(_) => Err(format!("runc restore took longer than {} ms", deadline.as_millis())),
+            Err(_) => Err(format!(
+                "runc restore took longer than {} ms",
+                deadline.as_millis()
+            )),
             Ok(Err(e)) => Err(format!("{e}{}", criu_errors(&work.join("restore.log")))),
             Ok(Ok(_)) => Ok(()),
         };
@@ -480,7 +490,10 @@ mod tests {
         let args = dump_args("c", &options, Path::new("/i"), Path::new("/w"));
         assert!(!args.contains(&"--leave-running".to_owned()));
         for flag in ["--tcp-established", "--shell-job", "--empty-ns", "network"] {
-            assert!(args.contains(&flag.to_owned()), "{flag} missing from {args:?}");
+            assert!(
+                args.contains(&flag.to_owned()),
+                "{flag} missing from {args:?}"
+            );
         }
     }
 

@@ -41,8 +41,7 @@ pub fn runtime_info(runc: &std::path::Path) -> Result<Vec<u8>, String> {
             ..Default::default()
         }),
         features: MessageField::some(Any {
-            type_url: "types.containerd.io/opencontainers/runtime-spec/1/features/Features"
-                .into(),
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/features/Features".into(),
             value: features,
             ..Default::default()
         }),

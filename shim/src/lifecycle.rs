@@ -163,7 +163,12 @@ impl TaskService {
             None => {
                 let log = container.runc_log();
                 self.runc
-                    .run(id, &["start".into(), id.to_owned()], Default::default(), Some(&log))
+                    .run(
+                        id,
+                        &["start".into(), id.to_owned()],
+                        Default::default(),
+                        Some(&log),
+                    )
                     .await?;
                 container.init.pid
             }
@@ -266,20 +271,29 @@ impl TaskService {
                 id: id.to_owned(),
                 what: format!("exec {exec_id}"),
             })?;
-        if matches!(process.status, ProcessStatus::Running | ProcessStatus::Paused)
-            && process.exit().is_none()
+        if matches!(
+            process.status,
+            ProcessStatus::Running | ProcessStatus::Paused
+        ) && process.exit().is_none()
         {
             return Err(ShimError::State {
                 id: id.to_owned(),
                 message: format!(
                     "cannot delete {} while it runs; kill it first",
-                    if exec_id.is_empty() { "the task" } else { exec_id }
+                    if exec_id.is_empty() {
+                        "the task"
+                    } else {
+                        exec_id
+                    }
                 ),
             });
         }
         let pid = process.pid;
         if !exec_id.is_empty() {
-            let process = container.execs.remove(exec_id).ok_or_else(|| Self::not_found(id))?;
+            let process = container
+                .execs
+                .remove(exec_id)
+                .ok_or_else(|| Self::not_found(id))?;
             let info = process.exit().unwrap_or_else(|| ExitInfo {
                 status: 0,
                 at: crate::process::now(),

@@ -7,7 +7,10 @@ use kybernate_shim::shim::{KybernateShim, RUNTIME_TYPE};
 
 #[tokio::main]
 async fn main() {
-    if std::env::args().skip(1).any(|a| a == "-info" || a == "--info") {
+    if std::env::args()
+        .skip(1)
+        .any(|a| a == "-info" || a == "--info")
+    {
         let runc = ShimConfig::from_env().unwrap_or_default().runc;
         match kybernate_shim::info::runtime_info(&runc) {
             Ok(bytes) => {

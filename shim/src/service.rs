@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::monitor::{monitor_subscribe, Subject, Topic};
-use containerd_shim::protos::protobuf::MessageDyn;
-use containerd_shim::protos::ttrpc::context::Context;
 use containerd_shim::protos::events::task::TaskExit;
+use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::protos::ttrpc::context::Context;
 use containerd_shim::ExitSignal;
 use tokio::sync::Mutex;
 

@@ -28,7 +28,6 @@ pub struct KybernateShim {
     config: ShimConfig,
 }
 
-
 impl std::fmt::Debug for KybernateShim {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KybernateShim")

@@ -61,10 +61,8 @@ impl PreparedIo {
         };
         if paths.terminal {
             let n = SOCKETS.fetch_add(1, Ordering::Relaxed);
-            let path = std::env::temp_dir().join(format!(
-                "kybernate-console-{}-{n}.sock",
-                std::process::id()
-            ));
+            let path = std::env::temp_dir()
+                .join(format!("kybernate-console-{}-{n}.sock", std::process::id()));
             let _ = std::fs::remove_file(&path);
             let listener =
                 UnixListener::bind(&path).map_err(|e| io_err("bind console socket", e))?;
@@ -331,6 +329,9 @@ mod tests {
             ..Default::default()
         };
         let e = PreparedIo::new("c2", &paths).unwrap_err().to_string();
-        assert!(e.contains("binary:///usr/bin/logger") && e.contains("c2"), "{e}");
+        assert!(
+            e.contains("binary:///usr/bin/logger") && e.contains("c2"),
+            "{e}"
+        );
     }
 }

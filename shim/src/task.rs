@@ -128,11 +128,7 @@ impl Task for TaskService {
         Ok(Empty::new())
     }
 
-    async fn checkpoint(
-        &self,
-        _: &TtrpcContext,
-        req: CheckpointTaskRequest,
-    ) -> TtrpcResult<Empty> {
+    async fn checkpoint(&self, _: &TtrpcContext, req: CheckpointTaskRequest) -> TtrpcResult<Empty> {
         self.checkpoint_task(req).await?;
         Ok(Empty::new())
     }
@@ -194,10 +190,14 @@ impl Task for TaskService {
                 id: req.id.clone(),
                 what: format!("exec {}", req.exec_id),
             })?;
-        let console = process.io.console.as_ref().ok_or_else(|| ShimError::State {
-            id: req.id.clone(),
-            message: "the process has no terminal".into(),
-        })?;
+        let console = process
+            .io
+            .console
+            .as_ref()
+            .ok_or_else(|| ShimError::State {
+                id: req.id.clone(),
+                message: "the process has no terminal".into(),
+            })?;
         crate::stdio::resize(console, req.width, req.height)
             .map_err(|e| ShimError::io(&req.id, "resize pty", e))?;
         Ok(Empty::new())
@@ -296,16 +296,18 @@ impl TaskService {
             if container.init.status != from || container.init.exit().is_some() {
                 return Err(ShimError::State {
                     id: id.to_owned(),
-                    message: format!(
-                        "cannot {command}: the task is {:?}",
-                        container.init.status
-                    )
-                    .to_lowercase(),
+                    message: format!("cannot {command}: the task is {:?}", container.init.status)
+                        .to_lowercase(),
                 });
             }
             let log = container.runc_log();
             self.runc
-                .run(id, &[command.into(), id.to_owned()], Default::default(), Some(&log))
+                .run(
+                    id,
+                    &[command.into(), id.to_owned()],
+                    Default::default(),
+                    Some(&log),
+                )
                 .await?;
             container.init.status = to;
         }

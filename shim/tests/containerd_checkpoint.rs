@@ -23,7 +23,15 @@ fn run_counter(node: &Node, id: &str, extra: &[&str]) {
 
 fn count(node: &Node, id: &str) -> u64 {
     let exec_id = format!("read-{}", rand_suffix());
-    let out = node.ctr_ok(&["tasks", "exec", "--exec-id", &exec_id, id, "cat", "/tmp/count"]);
+    let out = node.ctr_ok(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        &exec_id,
+        id,
+        "cat",
+        "/tmp/count",
+    ]);
     out.trim()
         .parse()
         .unwrap_or_else(|_| panic!("counter of {id} reads {out:?}"))
@@ -50,7 +58,11 @@ fn wait_count(node: &Node, id: &str, at_least: u64) -> u64 {
 /// Names of the agent's checkpoints of container `id`.
 fn agent_checkpoints(node: &Node, id: &str) -> Vec<String> {
     let out = node.kybernatectl(&["--output", "json", "list"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     list.as_array()
         .unwrap()
@@ -66,15 +78,31 @@ fn round_trip(version: Version) {
     let id = "counter";
     run_counter(&node, id, &[]);
     let before = wait_count(&node, id, 40);
-    node.ctr_ok(&["containers", "checkpoint", "--task", id, "kybernate/counter:ckpt"]);
+    node.ctr_ok(&[
+        "containers",
+        "checkpoint",
+        "--task",
+        id,
+        "kybernate/counter:ckpt",
+    ]);
     // Leave-running is containerd's default: the task still counts.
     assert_eq!(node.task_status(id).as_deref(), Some("RUNNING"));
     assert!(wait_count(&node, id, before + 5) > before);
     let stored = agent_checkpoints(&node, id);
-    assert_eq!(stored.len(), 1, "the agent stored one checkpoint: {stored:?}");
+    assert_eq!(
+        stored.len(),
+        1,
+        "the agent stored one checkpoint: {stored:?}"
+    );
 
     node.remove(id);
-    node.ctr_ok(&["containers", "restore", "--live", id, "kybernate/counter:ckpt"]);
+    node.ctr_ok(&[
+        "containers",
+        "restore",
+        "--live",
+        id,
+        "kybernate/counter:ckpt",
+    ]);
     node.wait_status(id, "RUNNING");
     let restored = count(&node, id);
     assert!(
@@ -117,7 +145,10 @@ fn bad_input(version: Version) {
     node.ctr_ok(&["run", "-d", "--runtime", KYBERNATE, IMAGE, "quit", "true"]);
     node.wait_status("quit", "STOPPED");
     let out = node.ctr(&["containers", "checkpoint", "--task", "quit", "x:2"]);
-    assert!(!out.status.success(), "checkpoint of a stopped task succeeded");
+    assert!(
+        !out.status.success(),
+        "checkpoint of a stopped task succeeded"
+    );
     node.remove("quit");
 
     run_counter(&node, "gpu", &["--env", "NVIDIA_VISIBLE_DEVICES=7"]);
@@ -142,7 +173,10 @@ fn bad_input(version: Version) {
         "{text}"
     );
     assert_eq!(node.task_status("lonely").as_deref(), Some("RUNNING"));
-    assert!(wait_count(&node, "lonely", before + 5) > before, "the container stopped counting");
+    assert!(
+        wait_count(&node, "lonely", before + 5) > before,
+        "the container stopped counting"
+    );
     node.start_agent();
 
     let out = node.ctr(&[
@@ -159,25 +193,47 @@ fn bad_input(version: Version) {
         COUNTER,
     ]);
     let text = stderr(&out);
-    assert!(!out.status.success(), "a missing reference started a container");
+    assert!(
+        !out.status.success(),
+        "a missing reference started a container"
+    );
     assert!(text.contains("does-not-exist"), "{text}");
-    assert!(node.task_status("ghost").is_none(), "a task runs for a missing reference");
+    assert!(
+        node.task_status("ghost").is_none(),
+        "a task runs for a missing reference"
+    );
     let _ = node.ctr(&["containers", "rm", "ghost"]);
 
     // A corrupt image set: every stored copy damaged.
     node.ctr_ok(&["containers", "checkpoint", "--task", "lonely", "x:5"]);
-    let name = agent_checkpoints(&node, "lonely").pop().expect("a checkpoint of lonely");
+    let name = agent_checkpoints(&node, "lonely")
+        .pop()
+        .expect("a checkpoint of lonely");
     let mut damaged = 0;
     for tier in [node.ram_tier.clone(), node.dir.path().join("nvme")] {
         damaged += damage(&tier, &name);
     }
-    assert!(damaged > 0, "found no stored image file of {name} to damage");
+    assert!(
+        damaged > 0,
+        "found no stored image file of {name} to damage"
+    );
     let annotation = format!("kybernate.io/restore-from={name}");
     let out = node.ctr(&[
-        "run", "-d", "--runtime", KYBERNATE, "--annotation", &annotation, IMAGE, "broken", "true",
+        "run",
+        "-d",
+        "--runtime",
+        KYBERNATE,
+        "--annotation",
+        &annotation,
+        IMAGE,
+        "broken",
+        "true",
     ]);
     let text = stderr(&out);
-    assert!(!out.status.success(), "a corrupt checkpoint started a container");
+    assert!(
+        !out.status.success(),
+        "a corrupt checkpoint started a container"
+    );
     assert!(text.contains(&name), "{text}");
     assert!(node.task_status("broken").is_none());
 }
@@ -187,7 +243,9 @@ fn damage(tier: &std::path::Path, name: &str) -> usize {
     let mut hits = 0;
     let mut stack = vec![tier.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let path = entry.path();
             if path.is_dir() {

@@ -36,7 +36,16 @@ fn scenario(node: &Node, runtime: &str, tag: &str) -> Observed {
     let run_stdout = String::from_utf8_lossy(&run.stdout).replace("\r\n", "\n");
 
     let long = id("long");
-    node.ctr_ok(&["run", "-d", "--runtime", runtime, IMAGE, &long, "sleep", "300"]);
+    node.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        runtime,
+        IMAGE,
+        &long,
+        "sleep",
+        "300",
+    ]);
     node.wait_status(&long, "RUNNING");
     let exec = node.ctr(&[
         "tasks",
@@ -62,7 +71,15 @@ fn scenario(node: &Node, runtime: &str, tag: &str) -> Observed {
 
     let quits = id("quits");
     node.ctr_ok(&[
-        "run", "-d", "--runtime", runtime, IMAGE, &quits, "sh", "-c", "sleep 0.5; exit 7",
+        "run",
+        "-d",
+        "--runtime",
+        runtime,
+        IMAGE,
+        &quits,
+        "sh",
+        "-c",
+        "sleep 0.5; exit 7",
     ]);
     node.wait_status(&quits, "STOPPED");
     let self_exit = node.task_status(&quits);
@@ -110,7 +127,17 @@ fn containerd_21_lifecycle_matches_runc_v2() {
 
 /// The exit status containerd reports for a task that exited by itself.
 fn exit_status(node: &Node, runtime: &str, id: &str) -> String {
-    node.ctr_ok(&["run", "-d", "--runtime", runtime, IMAGE, id, "sh", "-c", "exit 42"]);
+    node.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        runtime,
+        IMAGE,
+        id,
+        "sh",
+        "-c",
+        "exit 42",
+    ]);
     node.wait_status(id, "STOPPED");
     let out = node.ctr_ok(&["tasks", "delete", id]);
     node.ctr_ok(&["containers", "rm", id]);

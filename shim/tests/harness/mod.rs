@@ -142,8 +142,8 @@ impl Node {
         let fixture = workspace()
             .join("installer/tests/fixtures")
             .join(self.version.fixture);
-        let text = fs::read_to_string(&fixture)
-            .unwrap_or_else(|e| panic!("{}: {e}", fixture.display()));
+        let text =
+            fs::read_to_string(&fixture).unwrap_or_else(|e| panic!("{}: {e}", fixture.display()));
         let mut doc: toml_edit::DocumentMut = text.parse().unwrap();
         doc["root"] = toml_edit::value(base.join("root").display().to_string());
         doc["state"] = toml_edit::value(base.join("state").display().to_string());
@@ -215,7 +215,11 @@ impl Node {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        panic!("containerd {} did not answer:\n{}", self.version.label, self.log());
+        panic!(
+            "containerd {} did not answer:\n{}",
+            self.version.label,
+            self.log()
+        );
     }
 
     /// Starts (or restarts) the agent and waits for its socket.
@@ -344,12 +348,19 @@ impl Node {
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
             .filter(|pid| {
                 fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
+                    .map(|c| {
+                        String::from_utf8_lossy(&c)
+                            .replace('\0', " ")
+                            .contains(needle)
+                    })
                     .unwrap_or(false)
             })
             .collect();
         for pid in pids {
-            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
         }
     }
 }
@@ -394,7 +405,10 @@ impl Drop for Node {
             let _ = fs::remove_dir_all(&root);
         }
         if let Some(mut child) = self.daemon.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
             for _ in 0..50 {
                 if child.try_wait().ok().flatten().is_some() {
                     break;
