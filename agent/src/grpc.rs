@@ -121,7 +121,9 @@ impl Agent for AgentService {
         &self,
         _: Request<pb::NodeDevicesRequest>,
     ) -> Result<Response<pb::NodeDevicesReply>, Status> {
-        Ok(Response::new(crate::node_devices::probe(std::path::Path::new("/dev"))))
+        Ok(Response::new(crate::node_devices::probe(
+            std::path::Path::new("/dev"),
+        )))
     }
 
     async fn container_checkpoint_begin(

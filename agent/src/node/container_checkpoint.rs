@@ -15,12 +15,12 @@ use crate::catalog::{CheckpointRecord, Phase};
 use crate::checkpoint::{blocking, store_phase};
 use crate::config::TimeoutsConfig;
 use crate::cuda::{CudaPhaseError, LockAndCheckpoint, Release};
-use kybernate_cuda::GpuFingerprint;
 use crate::error::AgentError;
 use crate::events::PhaseClock;
 use crate::images;
 use crate::node_parts::NodeParts;
 use crate::tiers::Store;
+use kybernate_cuda::GpuFingerprint;
 
 /// A container checkpoint between Begin and End.
 #[derive(Debug)]
@@ -190,7 +190,9 @@ impl Handler<ContainerCheckpointEnd> for NodeAgent {
                     .remove(&name)
                     .map(|session| (name.clone(), session))
                     .ok_or_else(|| {
-                        AgentError::NotFound(format!("{name} (no container checkpoint in progress)"))
+                        AgentError::NotFound(format!(
+                            "{name} (no container checkpoint in progress)"
+                        ))
                     })
             });
         let (name, session) = match found {
@@ -206,7 +208,9 @@ impl Handler<ContainerCheckpointEnd> for NodeAgent {
                         .await
                         .map(Some)
                 } else {
-                    roll_back(&parts, &job_name, &request.failure).await.map(|()| None)
+                    roll_back(&parts, &job_name, &request.failure)
+                        .await
+                        .map(|()| None)
                 }
             }
             .into_actor(self)
@@ -236,7 +240,11 @@ impl Handler<ContainerCheckpointEnd> for NodeAgent {
     }
 }
 
-async fn roll_back(parts: &NodeParts, name: &CheckpointName, failure: &str) -> Result<(), AgentError> {
+async fn roll_back(
+    parts: &NodeParts,
+    name: &CheckpointName,
+    failure: &str,
+) -> Result<(), AgentError> {
     tracing::warn!(checkpoint = %name, failure, "container dump failed; resuming CUDA");
     let _ = std::fs::remove_dir_all(parts.ram.partial_dir_of(name));
     parts
@@ -308,7 +316,12 @@ async fn finish(
         .await?;
     let mut stored: Vec<(TierKind, StoreReport)> = vec![(TierKind::Ram, ram_report)];
     let store_ms = parts.config.timeouts.store_ms;
-    for (kind, tier) in parts.tiers.actors.iter().filter(|(k, _)| *k != TierKind::Ram) {
+    for (kind, tier) in parts
+        .tiers
+        .actors
+        .iter()
+        .filter(|(k, _)| *k != TierKind::Ram)
+    {
         let phase = store_phase(*kind);
         let store = Store {
             name: name.clone(),
