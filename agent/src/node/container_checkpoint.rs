@@ -347,7 +347,7 @@ async fn finish(
     }
     clock.succeeded();
     tracing::info!(checkpoint = %name, container = %session.request.container_id,
-        took_ms = session.began.elapsed().as_millis() as u64, "container checkpoint stored");
+        took_ms = crate::events::millis(session.began.elapsed()), "container checkpoint stored");
     let request = session.request;
     let record = CheckpointRecord {
         name: name.to_string(),
