@@ -37,10 +37,11 @@ def target_dir():
     return os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 
 
-def build():
-    subprocess.run(["cargo", "build", "--release", "-p", "kybernate-agent", "-p",
+def build(profile):
+    flags = ["--release"] if profile == "release" else []
+    subprocess.run(["cargo", "build", *flags, "-p", "kybernate-agent", "-p",
                     "containerd-shim-kybernate-v1", "--bins"], cwd=ROOT, check=True)
-    release = os.path.join(target_dir(), "release")
+    release = os.path.join(target_dir(), "release" if profile == "release" else "debug")
     return {n: os.path.join(release, n) for n in
             ("kybernate-agent", "kybernatectl", "containerd-shim-kybernate-v1")}
 
@@ -73,16 +74,22 @@ class Node:
         os.symlink(bins["containerd-shim-kybernate-v1"], os.path.join(shim_dir, "containerd-shim-kybernate-v1"))
         self.path = f"{shim_dir}:{self.bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/sbin:/usr/local/bin"
         text = open(os.path.join(ROOT, "installer/tests/fixtures", fixture)).read()
-        head = (f'root = "{self.work}/root"\nstate = "{self.work}/state"\n')
         config = os.path.join(self.work, "containerd.toml")
-        # The fixture's own root/state/grpc address lines are replaced.
-        lines = [l for l in text.splitlines() if not l.startswith(("root =", "state ="))]
-        body = "\n".join(lines).replace('address = "/run/containerd/containerd.sock"', f'address = "{self.socket}"')
-        if self.v3:
-            body += '\n[plugins."io.containerd.nri.v1.nri"]\n  disable = true\n' if "nri.v1.nri]" not in body else ""
-        version_line = body.splitlines()[0] if body.startswith("version") else ""
-        rest = "\n".join(body.splitlines()[1:]) if version_line else body
-        open(config, "w").write(f"{version_line}\n{head}{rest}\n")
+        out, section = [], ""
+        for line in text.splitlines():
+            stripped = line.strip()
+            if stripped.startswith("["):
+                section = stripped
+            if not section and stripped.startswith("root ="):
+                line = f'root = "{self.work}/root"'
+            elif not section and stripped.startswith("state ="):
+                line = f'state = "{self.work}/state"'
+            elif section == "[grpc]" and stripped.startswith("address ="):
+                line = f'  address = "{self.socket}"'
+            elif self.v3 and section.replace("'", '"') == '[plugins."io.containerd.nri.v1.nri"]' and stripped.startswith("disable ="):
+                line = "    disable = true"
+            out.append(line)
+        open(config, "w").write("\n".join(out) + "\n")
         open(os.path.join(self.work, "shim.toml"), "w").write(
             f'runc = "/usr/bin/runc"\nrunc_root = "{self.work}/runc"\nagent_socket = "{self.agent_socket}"\n')
         open(os.path.join(self.work, "agent.toml"), "w").write(
@@ -254,11 +261,12 @@ def main():
     parser.add_argument("--mib", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--containerd", default="1.6", choices=["1.6", "2.1"])
+    parser.add_argument("--profile", default="release", choices=["release", "debug"])
     parser.add_argument("--write", help="results file to update")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_shim.py: must run as root (containerd, CRIU)")
-    bins = build()
+    bins = build(args.profile)
     node = Node(bins, args.containerd)
     runs = []
     try:
@@ -275,12 +283,13 @@ def main():
         ("restore from the RAM tier (annotation) vs stock `ctr c restore --live`",
          col("kyb_restore_ram"), col("stock_restore")),
     ]
-    command = f"python3 perf/bench_shim.py --mib {args.mib} --runs {args.runs} --containerd {args.containerd}"
+    command = (f"python3 perf/bench_shim.py --mib {args.mib} --runs {args.runs} --containerd {args.containerd}"
+               f" --profile {args.profile}")
     lines = [
         "<!-- bench_shim:start -->",
         f"### kybernate shim vs io.containerd.runc.v2, {args.mib} MiB container, containerd {args.containerd}",
         "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}, release build, "
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}, {args.profile} build, "
         f"{args.runs} runs, medians (min–max). Command: `{command}`",
         "",
         "| metric | kybernate (s) | runc.v2 (s) | ratio |",
