@@ -37,10 +37,11 @@ def target_dir():
     return os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 
 
-def build(profile):
+def build(profile, skip=False):
     flags = ["--release"] if profile == "release" else []
-    subprocess.run(["cargo", "build", *flags, "-p", "kybernate-agent", "-p",
-                    "containerd-shim-kybernate-v1", "--bins"], cwd=ROOT, check=True)
+    if not skip:
+        subprocess.run(["cargo", "build", *flags, "-p", "kybernate-agent", "-p",
+                        "containerd-shim-kybernate-v1", "--bins"], cwd=ROOT, check=True)
     release = os.path.join(target_dir(), "release" if profile == "release" else "debug")
     return {n: os.path.join(release, n) for n in
             ("kybernate-agent", "kybernatectl", "containerd-shim-kybernate-v1")}
@@ -109,15 +110,17 @@ class Node:
         self.ctr("images", "import", tar)
 
     def ctr(self, *args, check=True):
-        return subprocess.run([os.path.join(self.bin_dir, "ctr"), "--address", self.socket, "--namespace", self.ns,
-                               *args], env=dict(os.environ, PATH=self.path), capture_output=True, text=True,
-                              check=check)
+        out = subprocess.run([os.path.join(self.bin_dir, "ctr"), "--address", self.socket, "--namespace", self.ns,
+                              *args], env=dict(os.environ, PATH=self.path), capture_output=True, text=True)
+        if check and out.returncode != 0:
+            raise RuntimeError(f"ctr {' '.join(args)}: {out.stderr.strip()}")
+        return out
 
     def remove(self, cid):
         self.ctr("tasks", "kill", "-s", "SIGKILL", cid, check=False)
-        wait_until(lambda: self.ctr("tasks", "delete", cid, check=False).returncode == 0
-                   or "not found" in self.ctr("tasks", "ls", check=False).stdout or True, "task delete")
-        self.ctr("containers", "rm", cid, check=False)
+        wait_until(lambda: (out := self.ctr("tasks", "delete", cid, check=False)).returncode == 0
+                   or "not found" in out.stderr, f"{cid} deleted", step=0.05)
+        self.ctr("containers", "rm", cid)
 
     def close(self):
         for cid in self.ctr("tasks", "ls", "-q", check=False).stdout.split():
@@ -262,11 +265,12 @@ def main():
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--containerd", default="1.6", choices=["1.6", "2.1"])
     parser.add_argument("--profile", default="release", choices=["release", "debug"])
+    parser.add_argument("--no-build", action="store_true", help="use the binaries already built")
     parser.add_argument("--write", help="results file to update")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_shim.py: must run as root (containerd, CRIU)")
-    bins = build(args.profile)
+    bins = build(args.profile, args.no_build)
     node = Node(bins, args.containerd)
     runs = []
     try:
