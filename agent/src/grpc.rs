@@ -125,6 +125,47 @@ impl Agent for AgentService {
         Ok(Response::new(reply))
     }
 
+    async fn node_devices(
+        &self,
+        _: Request<pb::NodeDevicesRequest>,
+    ) -> Result<Response<pb::NodeDevicesReply>, Status> {
+        Ok(Response::new(crate::node_devices::probe(
+            std::path::Path::new("/dev"),
+        )))
+    }
+
+    async fn container_checkpoint_begin(
+        &self,
+        request: Request<pb::ContainerCheckpointBeginRequest>,
+    ) -> Result<Response<pb::ContainerCheckpointBeginReply>, Status> {
+        let msg = node::ContainerCheckpointBegin(request.into_inner());
+        Ok(Response::new(ask(&self.node, msg).await??))
+    }
+
+    async fn container_checkpoint_end(
+        &self,
+        request: Request<pb::ContainerCheckpointEndRequest>,
+    ) -> Result<Response<pb::CheckpointReply>, Status> {
+        let msg = node::ContainerCheckpointEnd(request.into_inner());
+        Ok(Response::new(ask(&self.node, msg).await??))
+    }
+
+    async fn container_restore_stage(
+        &self,
+        request: Request<pb::ContainerRestoreStageRequest>,
+    ) -> Result<Response<pb::ContainerRestoreStageReply>, Status> {
+        let msg = node::ContainerRestoreStage(request.into_inner());
+        Ok(Response::new(ask(&self.node, msg).await??))
+    }
+
+    async fn container_restore_end(
+        &self,
+        request: Request<pb::ContainerRestoreEndRequest>,
+    ) -> Result<Response<pb::ContainerRestoreEndReply>, Status> {
+        let msg = node::ContainerRestoreEnd(request.into_inner());
+        Ok(Response::new(ask(&self.node, msg).await??))
+    }
+
     type WatchEventsStream = EventStream;
 
     async fn watch_events(

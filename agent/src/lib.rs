@@ -24,6 +24,7 @@ pub mod grpc;
 pub mod images;
 pub mod metrics;
 pub mod node;
+pub mod node_devices;
 pub mod node_parts;
 pub mod node_worker;
 pub mod prefetch;

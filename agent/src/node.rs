@@ -19,6 +19,10 @@ use crate::tiers::{self, Remove, UsedBytes};
 
 mod record;
 pub use record::GpuOf;
+mod container_checkpoint;
+mod container_restore;
+pub use container_checkpoint::{ContainerCheckpointBegin, ContainerCheckpointEnd};
+pub use container_restore::{ContainerRestoreEnd, ContainerRestoreStage};
 
 /// The node agent.
 #[derive(Debug)]
@@ -34,6 +38,10 @@ pub struct NodeAgent {
     last_used: HashMap<CheckpointName, u64>,
     /// A demotion pass is running.
     demoting: bool,
+    /// Container checkpoints the shim has begun and not yet ended.
+    shim_checkpoints: HashMap<CheckpointName, container_checkpoint::ShimCheckpoint>,
+    /// Container restores the shim has staged and not yet ended.
+    shim_restores: HashMap<CheckpointName, container_restore::ShimRestore>,
 }
 
 /// How often tier budgets are re-checked besides after each operation.
@@ -61,6 +69,8 @@ impl NodeAgent {
             draining: HashSet::new(),
             last_used,
             demoting: false,
+            shim_checkpoints: HashMap::new(),
+            shim_restores: HashMap::new(),
         }
     }
 

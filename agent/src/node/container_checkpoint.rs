@@ -1,0 +1,356 @@
+//! Container checkpoints driven by the shim: the shim runs `runc checkpoint` itself, the
+//! agent does what surrounds it. Begin: CUDA lock + checkpoint of the container's processes
+//! and an image directory in the RAM tier. End: commit, digest, store into the tiers and
+//! record in the catalog — or, when the dump failed, CUDA resume and drop the partial images.
+//! Between the two the checkpoint name stays reserved, so nothing else can touch it.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use actix::prelude::*;
+use kybernate_dataplane::{CheckpointName, StoreReport, TierKind};
+use kybernate_proto::agent::v1 as pb;
+
+use super::{phases_pb, NodeAgent};
+use crate::catalog::{CheckpointRecord, Phase};
+use crate::checkpoint::blocking;
+use crate::config::TimeoutsConfig;
+use crate::cuda::{CudaPhaseError, LockAndCheckpoint, Release};
+use crate::drain;
+use crate::error::AgentError;
+use crate::events::PhaseClock;
+use crate::images;
+use crate::node_parts::NodeParts;
+use kybernate_cuda::GpuFingerprint;
+
+/// A container checkpoint between Begin and End.
+#[derive(Debug)]
+pub struct ShimCheckpoint {
+    request: pb::ContainerCheckpointBeginRequest,
+    cuda_pids: Vec<u32>,
+    fingerprint: Option<GpuFingerprint>,
+    phases: Vec<Phase>,
+    began: Instant,
+}
+
+/// Begin a shim-driven container checkpoint.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<pb::ContainerCheckpointBeginReply, AgentError>")]
+pub struct ContainerCheckpointBegin(pub pb::ContainerCheckpointBeginRequest);
+
+/// End a shim-driven container checkpoint (commit or roll back).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<pb::CheckpointReply, AgentError>")]
+pub struct ContainerCheckpointEnd(pub pb::ContainerCheckpointEndRequest);
+
+fn container_name(container_id: &str) -> Result<CheckpointName, AgentError> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let short: String = container_id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(40)
+        .collect();
+    let suffix = rand::random::<u16>();
+    Ok(CheckpointName::new(&format!("{short}-{now}-{suffix:04x}"))?)
+}
+
+impl Handler<ContainerCheckpointBegin> for NodeAgent {
+    type Result = ResponseActFuture<Self, Result<pb::ContainerCheckpointBeginReply, AgentError>>;
+
+    fn handle(&mut self, msg: ContainerCheckpointBegin, _: &mut Self::Context) -> Self::Result {
+        let request = msg.0;
+        let prepared = (|| {
+            if request.container_id.is_empty() || request.pids.is_empty() {
+                return Err(AgentError::InvalidRequest(
+                    "a container checkpoint needs the container id and its pids".into(),
+                ));
+            }
+            let name = if request.name.is_empty() {
+                container_name(&request.container_id)?
+            } else {
+                CheckpointName::new(&request.name)?
+            };
+            if self.catalog.get(&name).is_some() {
+                return Err(AgentError::AlreadyExists(name.to_string()));
+            }
+            self.reserve(&name)?;
+            Ok(name)
+        })();
+        let name = match prepared {
+            Ok(name) => name,
+            Err(e) => return Box::pin(actix::fut::ready(Err(e))),
+        };
+        let parts = self.parts.clone();
+        let job_name = name.clone();
+        let pids = request.pids.clone();
+        let lock_timeout = if request.cuda_timeout_ms > 0 {
+            Duration::from_millis(request.cuda_timeout_ms)
+        } else {
+            TimeoutsConfig::of(parts.config.timeouts.cuda_ms)
+        };
+        Box::pin(
+            async move {
+                let mut clock = PhaseClock::new(
+                    job_name.as_str(),
+                    "checkpoint",
+                    parts.events.clone(),
+                    parts.metrics.clone(),
+                );
+                let lock = LockAndCheckpoint {
+                    name: job_name.to_string(),
+                    pids,
+                    lock_timeout,
+                };
+                let held = clock
+                    .run("cuda_checkpoint", async {
+                        parts
+                            .cuda
+                            .send(lock)
+                            .await?
+                            .map_err(|source| AgentError::Cuda {
+                                name: job_name.to_string(),
+                                source,
+                            })
+                    })
+                    .await;
+                let held = match held {
+                    Ok(held) => held,
+                    Err(e) => {
+                        clock.failed("cuda_checkpoint", e.metric_label());
+                        return Err(e);
+                    }
+                };
+                let partial = parts.ram.partial_dir_of(&job_name);
+                let made = match std::fs::remove_dir_all(&partial) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => std::fs::create_dir_all(&partial),
+                };
+                if let Err(e) = made {
+                    let _ = parts.cuda.send(release(&job_name, false)).await;
+                    return Err(AgentError::Internal(format!(
+                        "cannot prepare {}: {e}",
+                        partial.display()
+                    )));
+                }
+                Ok((held, partial, clock.phases.clone()))
+            }
+            .into_actor(self)
+            .map(move |result, agent, _| {
+                let (held, partial, phases) = match result {
+                    Ok(r) => r,
+                    Err(e) => {
+                        agent.busy.remove(&name);
+                        return Err(e);
+                    }
+                };
+                let reply = pb::ContainerCheckpointBeginReply {
+                    checkpoint_ref: name.to_string(),
+                    image_dir: partial.display().to_string(),
+                    cuda_pids: held
+                        .cuda_pids
+                        .iter()
+                        .filter_map(|p| i32::try_from(*p).ok())
+                        .collect(),
+                    phases: phases_pb(&phases),
+                };
+                agent.shim_checkpoints.insert(
+                    name.clone(),
+                    ShimCheckpoint {
+                        request,
+                        cuda_pids: held.cuda_pids,
+                        fingerprint: held.fingerprint,
+                        phases,
+                        began: Instant::now(),
+                    },
+                );
+                Ok(reply)
+            }),
+        )
+    }
+}
+
+fn release(name: &CheckpointName, keep_checkpointed: bool) -> Release {
+    Release {
+        name: name.to_string(),
+        keep_checkpointed,
+    }
+}
+
+impl Handler<ContainerCheckpointEnd> for NodeAgent {
+    type Result = ResponseActFuture<Self, Result<pb::CheckpointReply, AgentError>>;
+
+    fn handle(&mut self, msg: ContainerCheckpointEnd, _: &mut Self::Context) -> Self::Result {
+        let request = msg.0;
+        let found = CheckpointName::new(&request.checkpoint_ref)
+            .map_err(AgentError::from)
+            .and_then(|name| {
+                self.shim_checkpoints
+                    .remove(&name)
+                    .map(|session| (name.clone(), session))
+                    .ok_or_else(|| {
+                        AgentError::NotFound(format!(
+                            "{name} (no container checkpoint in progress)"
+                        ))
+                    })
+            });
+        let (name, session) = match found {
+            Ok(found) => found,
+            Err(e) => return Box::pin(actix::fut::ready(Err(e))),
+        };
+        let parts = self.parts.clone();
+        let job_name = name.clone();
+        Box::pin(
+            async move {
+                if request.dumped {
+                    finish(&parts, &job_name, session, request.dump_millis)
+                        .await
+                        .map(Some)
+                } else {
+                    roll_back(&parts, &job_name, &request.failure)
+                        .await
+                        .map(|()| None)
+                }
+            }
+            .into_actor(self)
+            .map(move |result, agent, ctx| {
+                agent.busy.remove(&name);
+                agent.refresh_tier_usage(ctx);
+                let Some((record, tiers)) = result? else {
+                    return Ok(pb::CheckpointReply {
+                        checkpoint_ref: name.to_string(),
+                        cuda_done: false,
+                        criu_done: false,
+                        ..Default::default()
+                    });
+                };
+                agent.catalog.insert(name.clone(), record.clone())?;
+                Ok(pb::CheckpointReply {
+                    checkpoint_ref: record.name.clone(),
+                    phases: phases_pb(&record.phases),
+                    raw_bytes: record.raw_bytes,
+                    stored_bytes: record.stored_bytes,
+                    tiers,
+                    cuda_done: true,
+                    criu_done: true,
+                })
+            }),
+        )
+    }
+}
+
+async fn roll_back(
+    parts: &NodeParts,
+    name: &CheckpointName,
+    failure: &str,
+) -> Result<(), AgentError> {
+    tracing::warn!(checkpoint = %name, failure, "container dump failed; resuming CUDA");
+    let _ = std::fs::remove_dir_all(parts.ram.partial_dir_of(name));
+    parts
+        .cuda
+        .send(release(name, false))
+        .await?
+        .map(|_| ())
+        .map_err(|source: CudaPhaseError| AgentError::Cuda {
+            name: name.to_string(),
+            source,
+        })
+}
+
+async fn finish(
+    parts: &NodeParts,
+    name: &CheckpointName,
+    session: ShimCheckpoint,
+    dump_millis: u64,
+) -> Result<(CheckpointRecord, Vec<String>), AgentError> {
+    let mut clock = PhaseClock::new(
+        name.as_str(),
+        "checkpoint",
+        parts.events.clone(),
+        parts.metrics.clone(),
+    );
+    clock.phases = session.phases.clone();
+    clock.record("criu_dump", Duration::from_millis(dump_millis));
+    let leave_running = session.request.leave_running;
+    let cuda_error = |source: CudaPhaseError| AgentError::Cuda {
+        name: name.to_string(),
+        source,
+    };
+    let phase = if leave_running {
+        "cuda_resume"
+    } else {
+        "cuda_release"
+    };
+    clock
+        .run(phase, async {
+            parts
+                .cuda
+                .send(release(name, !leave_running))
+                .await?
+                .map_err(cuda_error)
+        })
+        .await?;
+
+    let ram = parts.ram.clone();
+    let commit_name = name.clone();
+    let ram_report = clock
+        .run("store_ram", async {
+            blocking(move || ram.commit(&commit_name))
+                .await?
+                .map_err(|source| AgentError::Tier {
+                    name: name.to_string(),
+                    phase: "store_ram".into(),
+                    source: Box::new(source),
+                })
+        })
+        .await?;
+    let image_dir = parts.ram.dir_of(name);
+    let digest_dir = image_dir.clone();
+    let files = clock
+        .run("digest", async move {
+            blocking(move || images::digest_dir(&digest_dir))
+                .await?
+                .map_err(|e| AgentError::Internal(e.to_string()))
+        })
+        .await?;
+    let mut stored: Vec<(TierKind, StoreReport)> = vec![(TierKind::Ram, ram_report)];
+    for kind in parts
+        .tiers
+        .kinds()
+        .into_iter()
+        .filter(|k| *k != TierKind::Ram)
+    {
+        let report = drain::store_into(parts, &mut clock, name, &image_dir, kind).await?;
+        stored.push((kind, report));
+    }
+    clock.succeeded();
+    tracing::info!(checkpoint = %name, container = %session.request.container_id,
+        took_ms = crate::events::millis(session.began.elapsed()), "container checkpoint stored");
+    let request = session.request;
+    let record = CheckpointRecord {
+        name: name.to_string(),
+        pid: request.pids.first().copied().unwrap_or_default(),
+        container_id: request.container_id,
+        pod_uid: request.pod_uid,
+        gpu_group: request.gpu_group,
+        gpu_seat: request.gpu_seat,
+        created_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        leave_running,
+        shell_job: false,
+        phases: clock.phases.clone(),
+        raw_bytes: ram_report.raw_bytes,
+        stored_bytes: stored.iter().skip(1).map(|(_, r)| r.stored_bytes).sum(),
+        files,
+        gpu: if session.cuda_pids.is_empty() {
+            None
+        } else {
+            session.fingerprint
+        },
+    };
+    let tiers = stored.iter().map(|(k, _)| k.as_str().to_owned()).collect();
+    Ok((record, tiers))
+}

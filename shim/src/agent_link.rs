@@ -1,0 +1,166 @@
+//! The shim's calls to the Kybernate agent over its Unix socket, each under its phase's
+//! timeout, each failure naming the phase.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use kybernate_proto::agent::v1 as pb;
+use kybernate_proto::agent::v1::agent_client::AgentClient;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// A failed agent call: which phase, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct AgentCallError {
+    /// The phase that failed (`agent_connect`, `agent_cuda`, `agent_store`, ...).
+    pub phase: &'static str,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// A connected agent.
+#[derive(Debug, Clone)]
+pub struct AgentLink {
+    client: AgentClient<Channel>,
+    socket: PathBuf,
+}
+
+fn fail(phase: &'static str, message: String) -> AgentCallError {
+    AgentCallError { phase, message }
+}
+
+impl AgentLink {
+    /// Connects to the agent at `socket` within `timeout`.
+    pub async fn connect(socket: &Path, timeout: Duration) -> Result<Self, AgentCallError> {
+        let unreachable = |why: String| {
+            fail(
+                "agent_connect",
+                format!(
+                    "cannot reach the Kybernate agent at {}: {why}",
+                    socket.display()
+                ),
+            )
+        };
+        if !socket.exists() {
+            return Err(unreachable(
+                "no such socket (is kybernate-agent running?)".into(),
+            ));
+        }
+        let path = socket.to_owned();
+        let endpoint = Endpoint::from_static("http://kybernate-agent.local");
+        let connect = endpoint.connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }));
+        let channel = tokio::time::timeout(timeout, connect)
+            .await
+            .map_err(|_| unreachable(format!("no answer within {} ms", timeout.as_millis())))?
+            .map_err(|e| unreachable(chain(&e)))?;
+        Ok(Self {
+            client: AgentClient::new(channel),
+            socket: socket.to_owned(),
+        })
+    }
+
+    async fn call<T, F>(
+        &self,
+        phase: &'static str,
+        timeout: Duration,
+        call: impl FnOnce(AgentClient<Channel>) -> F,
+    ) -> Result<T, AgentCallError>
+    where
+        F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        match tokio::time::timeout(timeout, call(self.client.clone())).await {
+            Err(_) => Err(fail(
+                phase,
+                format!(
+                    "the agent at {} did not answer within {} ms",
+                    self.socket.display(),
+                    timeout.as_millis()
+                ),
+            )),
+            Ok(Err(status)) => Err(fail(phase, status.message().to_owned())),
+            Ok(Ok(reply)) => Ok(reply.into_inner()),
+        }
+    }
+
+    /// The node's GPUs as the agent sees them.
+    pub async fn node_devices(
+        &self,
+        timeout: Duration,
+    ) -> Result<pb::NodeDevicesReply, AgentCallError> {
+        self.call("gpu_validate", timeout, |mut c| async move {
+            c.node_devices(pb::NodeDevicesRequest {}).await
+        })
+        .await
+    }
+
+    /// CUDA lock + checkpoint of the container's processes; returns the image dir.
+    pub async fn checkpoint_begin(
+        &self,
+        req: pb::ContainerCheckpointBeginRequest,
+        timeout: Duration,
+    ) -> Result<pb::ContainerCheckpointBeginReply, AgentCallError> {
+        self.call("agent_cuda", timeout, |mut c| async move {
+            c.container_checkpoint_begin(req).await
+        })
+        .await
+    }
+
+    /// Commit (dumped) or roll back (not dumped) a checkpoint begun with
+    /// [`Self::checkpoint_begin`].
+    pub async fn checkpoint_end(
+        &self,
+        req: pb::ContainerCheckpointEndRequest,
+        timeout: Duration,
+    ) -> Result<pb::CheckpointReply, AgentCallError> {
+        let phase = if req.dumped {
+            "agent_store"
+        } else {
+            "agent_rollback"
+        };
+        self.call(phase, timeout, |mut c| async move {
+            c.container_checkpoint_end(req).await
+        })
+        .await
+    }
+
+    /// Stages a stored checkpoint's images for `runc restore`.
+    pub async fn restore_stage(
+        &self,
+        req: pb::ContainerRestoreStageRequest,
+        timeout: Duration,
+    ) -> Result<pb::ContainerRestoreStageReply, AgentCallError> {
+        self.call("agent_stage", timeout, |mut c| async move {
+            c.container_restore_stage(req).await
+        })
+        .await
+    }
+
+    /// CUDA restore + unlock after `runc restore` (or cleanup when it failed).
+    pub async fn restore_end(
+        &self,
+        req: pb::ContainerRestoreEndRequest,
+        timeout: Duration,
+    ) -> Result<pb::ContainerRestoreEndReply, AgentCallError> {
+        self.call("agent_cuda_restore", timeout, |mut c| async move {
+            c.container_restore_end(req).await
+        })
+        .await
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}

@@ -1,0 +1,509 @@
+//! GPU-aware checkpoint and restore of a container. Checkpoint: GPU placement from the OCI
+//! spec, checked against the node's GPUs as the agent reports them → the agent's CUDA phase
+//! (lock + checkpoint, image dir in the RAM tier) → `runc checkpoint` → the agent commits
+//! and stores the images. Any failure rolls back (CUDA resume) and the container keeps
+//! running; the error names the failed phase. Restore: `runc restore` from containerd's
+//! checkpoint path or from images the agent staged, then the agent's CUDA restore.
+
+use std::path::{Path, PathBuf};
+
+use containerd_shim::api::CheckpointTaskRequest;
+use containerd_shim::protos::events::task::TaskCheckpointed;
+use containerd_shim::protos::protobuf::Message;
+use containerd_shim::protos::shim::oci::CheckpointOptions;
+use containerd_shim::protos::topics;
+use kybernate_proto::agent::v1 as pb;
+
+use crate::agent_link::{AgentCallError, AgentLink};
+use crate::config::millis;
+use crate::error::{Result, ShimError};
+use crate::gpu::{GpuPlacement, NodeGpus};
+use crate::process::{Container, ProcessStatus, RestoreSource};
+use crate::runc_cli::read_pid;
+use crate::service::{read_spec, TaskService};
+use crate::stdio::{PreparedIo, ProcessIo};
+
+fn phase_error(id: &str, operation: &'static str, e: AgentCallError) -> ShimError {
+    ShimError::Phase {
+        id: id.to_owned(),
+        operation,
+        phase: e.phase,
+        message: e.message,
+    }
+}
+
+/// Parses containerd's checkpoint options (defaults when absent).
+pub fn checkpoint_options(id: &str, req: &CheckpointTaskRequest) -> Result<CheckpointOptions> {
+    match req.options.as_ref() {
+        Some(any) if !any.value.is_empty() => CheckpointOptions::parse_from_bytes(&any.value)
+            .map_err(|e| ShimError::Invalid {
+                id: id.to_owned(),
+                message: format!("checkpoint options ({}): {e}", any.type_url),
+            }),
+        _ => Ok(CheckpointOptions::default()),
+    }
+}
+
+/// `runc checkpoint` arguments for `options`, writing into `images`.
+pub fn dump_args(id: &str, options: &CheckpointOptions, images: &Path, work: &Path) -> Vec<String> {
+    let mut args = vec![
+        "checkpoint".to_owned(),
+        "--image-path".to_owned(),
+        images.display().to_string(),
+        "--work-path".to_owned(),
+        work.display().to_string(),
+    ];
+    if !options.exit {
+        args.push("--leave-running".into());
+    }
+    if options.open_tcp {
+        args.push("--tcp-established".into());
+    }
+    if options.external_unix_sockets {
+        args.push("--ext-unix-sk".into());
+    }
+    if options.terminal {
+        args.push("--shell-job".into());
+    }
+    if options.file_locks {
+        args.push("--file-locks".into());
+    }
+    if !options.cgroups_mode.is_empty() {
+        args.push("--manage-cgroups-mode".into());
+        args.push(options.cgroups_mode.clone());
+    }
+    for ns in &options.empty_namespaces {
+        args.push("--empty-ns".into());
+        args.push(ns.clone());
+    }
+    args.push(id.to_owned());
+    args
+}
+
+/// The last lines of a CRIU log mentioning an error, for messages.
+pub fn criu_errors(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Error") || l.contains("error"))
+        .collect();
+    let tail = &lines[lines.len().saturating_sub(3)..];
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!(" (CRIU log {}: {})", log.display(), tail.join(" | "))
+    }
+}
+
+impl TaskService {
+    /// containerd's task Checkpoint.
+    pub async fn checkpoint_task(&self, req: CheckpointTaskRequest) -> Result<()> {
+        let id = req.id.clone();
+        let options = checkpoint_options(&id, &req)?;
+        let containers = self.containers.lock().await;
+        let container = containers.get(&id).ok_or_else(|| Self::not_found(&id))?;
+        // containerd's client pauses the task around a checkpoint (to snapshot the rootfs).
+        let live = matches!(
+            container.init.status,
+            ProcessStatus::Running | ProcessStatus::Paused
+        );
+        if container.init.exit().is_some() || !live {
+            return Err(ShimError::State {
+                id,
+                message: format!(
+                    "cannot checkpoint: the task is {:?}, not running or paused",
+                    container.init.status
+                )
+                .to_lowercase(),
+            });
+        }
+        let reference = self
+            .checkpoint_container(container, &options, &req.path)
+            .await?;
+        drop(containers);
+        let event = TaskCheckpointed {
+            container_id: id,
+            checkpoint: reference,
+            ..Default::default()
+        };
+        self.publish(topics::TASK_CHECKPOINTED_EVENT_TOPIC, Box::new(event))
+            .await;
+        Ok(())
+    }
+
+    async fn checkpoint_container(
+        &self,
+        container: &Container,
+        options: &CheckpointOptions,
+        containerd_path: &str,
+    ) -> Result<String> {
+        let id = container.id.as_str();
+        let timeouts = &self.config.timeouts;
+        let spec = read_spec(id, &container.bundle)?;
+        let placement = GpuPlacement::from_spec(&spec);
+        let agent = AgentLink::connect(&self.config.agent_socket, millis(timeouts.agent_ms))
+            .await
+            .map_err(|e| phase_error(id, "checkpoint", e))?;
+        self.check_gpus(&agent, id, "checkpoint", &placement)
+            .await?;
+        let pids = self.container_pids(id, &container.runc_log()).await?;
+
+        let begin = agent
+            .checkpoint_begin(
+                pb::ContainerCheckpointBeginRequest {
+                    name: String::new(),
+                    container_id: id.to_owned(),
+                    pod_uid: pod_uid(&spec),
+                    pids,
+                    gpu_group: placement.group(),
+                    gpu_seat: String::new(),
+                    cuda_timeout_ms: timeouts.cuda_ms,
+                    leave_running: !options.exit,
+                },
+                millis(timeouts.cuda_ms.saturating_add(timeouts.agent_ms)),
+            )
+            .await
+            .map_err(|e| phase_error(id, "checkpoint", e))?;
+        let images = PathBuf::from(&begin.image_dir);
+        let work = container.bundle.join("criu-work");
+        let started = std::time::Instant::now();
+        let dumped = self.dump(container, options, &images, &work).await;
+        let dump_millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let dumped = dumped.and_then(|()| {
+            if containerd_path.is_empty() || Path::new(containerd_path) == images {
+                Ok(())
+            } else {
+                copy_images(&images, Path::new(containerd_path)).map_err(|e| ShimError::Phase {
+                    id: id.to_owned(),
+                    operation: "checkpoint",
+                    phase: "copy_images",
+                    message: format!("copy images to {containerd_path}: {e}"),
+                })
+            }
+        });
+        let end = |dumped: bool, failure: String| pb::ContainerCheckpointEndRequest {
+            checkpoint_ref: begin.checkpoint_ref.clone(),
+            dumped,
+            failure,
+            dump_millis,
+        };
+        if let Err(e) = dumped {
+            let rollback = agent
+                .checkpoint_end(end(false, e.to_string()), millis(timeouts.agent_ms))
+                .await;
+            return Err(match rollback {
+                Ok(_) => e,
+                Err(r) => ShimError::Phase {
+                    id: id.to_owned(),
+                    operation: "checkpoint",
+                    phase: r.phase,
+                    message: format!("{e}; and the rollback failed: {}", r.message),
+                },
+            });
+        }
+        let reply = agent
+            .checkpoint_end(end(true, String::new()), millis(timeouts.agent_ms))
+            .await
+            .map_err(|e| phase_error(id, "checkpoint", e))?;
+        log::info!(
+            "checkpointed {id} as {} ({} bytes, tiers {:?})",
+            reply.checkpoint_ref,
+            reply.raw_bytes,
+            reply.tiers
+        );
+        Ok(reply.checkpoint_ref)
+    }
+
+    async fn dump(
+        &self,
+        container: &Container,
+        options: &CheckpointOptions,
+        images: &Path,
+        work: &Path,
+    ) -> Result<()> {
+        let id = container.id.as_str();
+        std::fs::create_dir_all(work)
+            .map_err(|e| ShimError::io(id, format!("create {}", work.display()), e))?;
+        let args = dump_args(id, options, images, work);
+        let deadline = millis(self.config.timeouts.dump_ms);
+        let log = container.runc_log();
+        let run = self.runc.run(id, &args, Default::default(), Some(&log));
+        match tokio::time::timeout(deadline, run).await {
+            Err(_) => Err(ShimError::Phase {
+                id: id.to_owned(),
+                operation: "checkpoint",
+                phase: "criu_dump",
+                message: format!(
+                    "runc checkpoint took longer than {} ms",
+                    deadline.as_millis()
+                ),
+            }),
+            Ok(Err(e)) => Err(ShimError::Phase {
+                id: id.to_owned(),
+                operation: "checkpoint",
+                phase: "criu_dump",
+                message: format!("{e}{}", criu_errors(&work.join("dump.log"))),
+            }),
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+
+    async fn check_gpus(
+        &self,
+        agent: &AgentLink,
+        id: &str,
+        operation: &'static str,
+        placement: &GpuPlacement,
+    ) -> Result<()> {
+        if placement.is_empty() {
+            return Ok(());
+        }
+        let devices = agent
+            .node_devices(millis(self.config.timeouts.agent_ms))
+            .await
+            .map_err(|e| phase_error(id, operation, e))?;
+        let node = NodeGpus {
+            indices: devices.gpu_indices.into_iter().collect(),
+            uuids: devices.gpu_uuids.into_iter().collect(),
+        };
+        placement
+            .validate(&node)
+            .map_err(|message| ShimError::Phase {
+                id: id.to_owned(),
+                operation,
+                phase: "gpu_validate",
+                message,
+            })
+    }
+
+    /// Host pids of every process in the container (`runc ps`).
+    pub async fn container_pids(&self, id: &str, log: &Path) -> Result<Vec<i32>> {
+        let out = self
+            .runc
+            .run(
+                id,
+                &["ps".into(), "--format".into(), "json".into(), id.to_owned()],
+                Default::default(),
+                Some(log),
+            )
+            .await?;
+        serde_json::from_str::<Option<Vec<i32>>>(out.stdout.trim())
+            .map(Option::unwrap_or_default)
+            .map_err(|e| ShimError::Runc {
+                id: id.to_owned(),
+                command: "ps".into(),
+                output: format!("unreadable output {:?}: {e}", out.stdout),
+            })
+    }
+
+    /// Create with the restore annotation: the agent stages the images (never an empty
+    /// container in their place).
+    pub async fn stage_restore(
+        &self,
+        id: &str,
+        reference: &str,
+        spec: &serde_json::Value,
+    ) -> Result<PathBuf> {
+        let timeouts = &self.config.timeouts;
+        let agent = AgentLink::connect(&self.config.agent_socket, millis(timeouts.agent_ms))
+            .await
+            .map_err(|e| phase_error(id, "restore", e))?;
+        self.check_gpus(&agent, id, "restore", &GpuPlacement::from_spec(spec))
+            .await?;
+        let staged = agent
+            .restore_stage(
+                pb::ContainerRestoreStageRequest {
+                    checkpoint_ref: reference.to_owned(),
+                    container_id: id.to_owned(),
+                    from_tier: String::new(),
+                },
+                millis(timeouts.restore_ms.saturating_add(timeouts.agent_ms)),
+            )
+            .await
+            .map_err(|e| phase_error(id, "restore", e))?;
+        Ok(PathBuf::from(staged.image_dir))
+    }
+
+    /// A staged restore that never started: the agent drops the staged images.
+    pub async fn release_staged(&self, id: &str, reference: &str) {
+        let timeout = millis(self.config.timeouts.agent_ms);
+        let released = match AgentLink::connect(&self.config.agent_socket, timeout).await {
+            Ok(agent) => agent
+                .restore_end(
+                    pb::ContainerRestoreEndRequest {
+                        checkpoint_ref: reference.to_owned(),
+                        pids: Vec::new(),
+                        restored: false,
+                    },
+                    timeout,
+                )
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = released {
+            log::warn!("container {id}: releasing staged checkpoint {reference}: {e}");
+        }
+    }
+
+    /// Start of a staged restore: `runc restore`, then (for Kybernate checkpoints) the
+    /// agent's CUDA restore + unlock.
+    pub async fn runc_restore(
+        &self,
+        container: &Container,
+        source: &RestoreSource,
+    ) -> Result<(i32, ProcessIo)> {
+        let id = container.id.as_str();
+        let (images, reference) = match source {
+            RestoreSource::Images(p) => (p.clone(), None),
+            RestoreSource::Kybernate { reference, images } => (images.clone(), Some(reference)),
+        };
+        let work = container.bundle.join("criu-work");
+        std::fs::create_dir_all(&work)
+            .map_err(|e| ShimError::io(id, format!("create {}", work.display()), e))?;
+        let pid_file = container.bundle.join("init.pid");
+        let (prepared, stdio) = PreparedIo::new(id, &container.init.stdio)?;
+        let mut args: Vec<String> = vec![
+            "restore".into(),
+            "--detach".into(),
+            "--no-subreaper".into(),
+            "--bundle".into(),
+            container.bundle.display().to_string(),
+            "--image-path".into(),
+            images.display().to_string(),
+            "--work-path".into(),
+            work.display().to_string(),
+            "--pid-file".into(),
+            pid_file.display().to_string(),
+        ];
+        if let Some(socket) = prepared.console_socket() {
+            args.push("--console-socket".into());
+            args.push(socket.display().to_string());
+        }
+        args.push(id.to_owned());
+        let timeouts = &self.config.timeouts;
+        let deadline = millis(timeouts.restore_ms);
+        let log = container.runc_log();
+        let run = self.runc.run(id, &args, stdio, Some(&log));
+        let restored = match tokio::time::timeout(deadline, run).await {
+            Err(_) => Err(format!(
+                "runc restore took longer than {} ms",
+                deadline.as_millis()
+            )),
+            Ok(Err(e)) => Err(format!("{e}{}", criu_errors(&work.join("restore.log")))),
+            Ok(Ok(_)) => Ok(()),
+        };
+        let agent = match reference {
+            Some(_) => Some(
+                AgentLink::connect(&self.config.agent_socket, millis(timeouts.agent_ms))
+                    .await
+                    .map_err(|e| phase_error(id, "restore", e))?,
+            ),
+            None => None,
+        };
+        if let Err(message) = restored {
+            prepared.abandon();
+            if let (Some(agent), Some(reference)) = (&agent, reference) {
+                let _ = agent
+                    .restore_end(
+                        pb::ContainerRestoreEndRequest {
+                            checkpoint_ref: reference.clone(),
+                            pids: Vec::new(),
+                            restored: false,
+                        },
+                        millis(timeouts.agent_ms),
+                    )
+                    .await;
+            }
+            return Err(ShimError::Phase {
+                id: id.to_owned(),
+                operation: "restore",
+                phase: "criu_restore",
+                message,
+            });
+        }
+        let io = prepared.finish()?;
+        let pid = read_pid(id, &pid_file)?;
+        if let (Some(agent), Some(reference)) = (&agent, reference) {
+            let pids = self.container_pids(id, &container.runc_log()).await?;
+            let ended = agent
+                .restore_end(
+                    pb::ContainerRestoreEndRequest {
+                        checkpoint_ref: reference.clone(),
+                        pids,
+                        restored: true,
+                    },
+                    millis(timeouts.cuda_ms.saturating_add(timeouts.agent_ms)),
+                )
+                .await;
+            if let Err(e) = ended {
+                // A task whose GPU state did not come back must not run half-restored.
+                let _ = self
+                    .runc
+                    .run(
+                        id,
+                        &["kill".into(), "--all".into(), id.to_owned(), "9".into()],
+                        Default::default(),
+                        None,
+                    )
+                    .await;
+                return Err(phase_error(id, "restore", e));
+            }
+        }
+        Ok((pid, io))
+    }
+}
+
+fn pod_uid(spec: &serde_json::Value) -> String {
+    spec.pointer("/annotations/io.kubernetes.cri.sandbox-uid")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Copies a CRIU image directory (flat) into `to`.
+fn copy_images(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dump_args_follow_containerd_options() {
+        let mut options = CheckpointOptions::default();
+        let args = dump_args("c", &options, Path::new("/i"), Path::new("/w"));
+        assert!(args.contains(&"--leave-running".to_owned()));
+        assert_eq!(args.last().unwrap(), "c");
+        options.exit = true;
+        options.open_tcp = true;
+        options.terminal = true;
+        options.empty_namespaces = vec!["network".into()];
+        let args = dump_args("c", &options, Path::new("/i"), Path::new("/w"));
+        assert!(!args.contains(&"--leave-running".to_owned()));
+        for flag in ["--tcp-established", "--shell-job", "--empty-ns", "network"] {
+            assert!(
+                args.contains(&flag.to_owned()),
+                "{flag} missing from {args:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn criu_errors_quote_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("dump.log");
+        std::fs::write(&log, "ok\n(00.1) Error (criu/x.c:1): boom\nfine\n").unwrap();
+        let text = criu_errors(&log);
+        assert!(text.contains("boom") && text.contains("dump.log"), "{text}");
+        assert_eq!(criu_errors(&dir.path().join("none")), "");
+    }
+}

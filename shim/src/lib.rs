@@ -1,0 +1,18 @@
+//! `containerd-shim-kybernate-v1`: a containerd runtime shim (task API v2) for runc
+//! containers, a drop-in for `io.containerd.runc.v2`, whose Checkpoint and restore-on-Create
+//! run the Kybernate agent's GPU phases around `runc checkpoint` / `runc restore`.
+
+pub mod agent_link;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod gpu;
+pub mod info;
+pub mod lifecycle;
+pub mod process;
+pub mod resources;
+pub mod runc_cli;
+pub mod service;
+pub mod shim;
+pub mod stdio;
+pub mod task;

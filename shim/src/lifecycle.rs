@@ -1,0 +1,495 @@
+//! Create, Start, Delete and Kill of containers and exec processes.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use containerd_shim::api::{CreateTaskRequest, Options};
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecStarted, TaskIO, TaskStart,
+};
+use containerd_shim::protos::protobuf::{Message, MessageField};
+use containerd_shim::protos::topics;
+
+use crate::error::{Result, ShimError};
+use crate::process::{Container, ExitInfo, Process, ProcessStatus, RestoreSource};
+use crate::runc_cli::read_pid;
+use crate::service::TaskService;
+use crate::stdio::{PreparedIo, StdioPaths};
+
+/// OCI annotation naming a Kybernate checkpoint to restore the container from.
+pub const RESTORE_ANNOTATION: &str = "kybernate.io/restore-from";
+
+impl TaskService {
+    /// Create: mounts the rootfs, then `runc create` (or stages a restore for Start).
+    pub async fn create_task(&self, req: CreateTaskRequest) -> Result<u32> {
+        let id = req.id.clone();
+        let bundle = PathBuf::from(&req.bundle);
+        let mut containers = self.containers.lock().await;
+        if containers.contains_key(&id) {
+            return Err(ShimError::State {
+                id,
+                message: "already exists in this shim".into(),
+            });
+        }
+        if let Some(options) = req.options.as_ref() {
+            check_options(&id, options)?;
+        }
+        let rootfs = bundle.join("rootfs");
+        let mounted_rootfs = !req.rootfs.is_empty();
+        for m in &req.rootfs {
+            std::fs::create_dir_all(&rootfs)
+                .map_err(|e| ShimError::io(&id, format!("create {}", rootfs.display()), e))?;
+            containerd_shim::mount::mount_rootfs(
+                Some(m.type_.as_str()),
+                Some(m.source.as_str()),
+                &m.options,
+                &rootfs,
+            )
+            .map_err(|e| ShimError::State {
+                id: id.clone(),
+                message: format!("mount rootfs {} at {}: {e}", m.source, rootfs.display()),
+            })?;
+        }
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let undo_mount = || {
+            if mounted_rootfs {
+                unmount(&rootfs);
+            }
+        };
+        let restore = self
+            .restore_source(&id, &bundle, &req.checkpoint)
+            .await
+            .inspect_err(|_| undo_mount())?;
+        let mut init = Process::new("", stdio.clone());
+        if restore.is_none() {
+            let (pid, io) = self
+                .runc_create(&id, &bundle, &stdio)
+                .await
+                .inspect_err(|_| undo_mount())?;
+            init.pid = pid;
+            init.io = io;
+        }
+        let pid = init.pid;
+        containers.insert(
+            id.clone(),
+            Container {
+                id: id.clone(),
+                bundle: bundle.clone(),
+                mounted_rootfs,
+                init,
+                execs: Default::default(),
+                restore,
+            },
+        );
+        drop(containers);
+        self.settle_early_exit(&id, "", pid).await;
+        let event = TaskCreate {
+            container_id: id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: MessageField::some(TaskIO {
+                stdin: req.stdin,
+                stdout: req.stdout,
+                stderr: req.stderr,
+                terminal: req.terminal,
+                ..Default::default()
+            }),
+            checkpoint: req.checkpoint,
+            pid: u32::try_from(pid).unwrap_or_default(),
+            ..Default::default()
+        };
+        self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(event))
+            .await;
+        Ok(u32::try_from(pid).unwrap_or_default())
+    }
+
+    async fn runc_create(
+        &self,
+        id: &str,
+        bundle: &Path,
+        stdio: &StdioPaths,
+    ) -> Result<(i32, crate::stdio::ProcessIo)> {
+        let pid_file = bundle.join("init.pid");
+        let (prepared, command_stdio) = PreparedIo::new(id, stdio)?;
+        let mut args: Vec<String> = vec![
+            "create".into(),
+            "--bundle".into(),
+            bundle.display().to_string(),
+            "--pid-file".into(),
+            pid_file.display().to_string(),
+        ];
+        if let Some(socket) = prepared.console_socket() {
+            args.push("--console-socket".into());
+            args.push(socket.display().to_string());
+        }
+        args.push(id.to_owned());
+        let log = bundle.join("log.json");
+        if let Err(e) = self.runc.run(id, &args, command_stdio, Some(&log)).await {
+            prepared.abandon();
+            return Err(e);
+        }
+        let io = prepared.finish()?;
+        Ok((read_pid(id, &pid_file)?, io))
+    }
+
+    /// Start: `runc start`, or `runc restore` for a staged restore; exec processes too.
+    pub async fn start_task(&self, id: &str, exec_id: &str) -> Result<u32> {
+        if !exec_id.is_empty() {
+            return self.start_exec(id, exec_id).await;
+        }
+        let mut containers = self.containers.lock().await;
+        let container = containers.get_mut(id).ok_or_else(|| Self::not_found(id))?;
+        let bundle = container.bundle.clone();
+        if container.init.status != ProcessStatus::Created {
+            return Err(ShimError::State {
+                id: id.to_owned(),
+                message: "the task was started already".into(),
+            });
+        }
+        let pid = match container.restore.clone() {
+            Some(source) => {
+                let (pid, io) = self.runc_restore(container, &source).await?;
+                container.init.pid = pid;
+                container.init.io = io;
+                container.restore = None;
+                pid
+            }
+            None => {
+                let log = container.runc_log();
+                self.runc
+                    .run(
+                        id,
+                        &["start".into(), id.to_owned()],
+                        Default::default(),
+                        Some(&log),
+                    )
+                    .await?;
+                container.init.pid
+            }
+        };
+        if container.init.exit().is_none() {
+            container.init.status = ProcessStatus::Running;
+        }
+        drop(containers);
+        self.settle_early_exit(id, "", pid).await;
+        let event = TaskStart {
+            container_id: id.to_owned(),
+            pid: u32::try_from(pid).unwrap_or_default(),
+            ..Default::default()
+        };
+        self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(event))
+            .await;
+        if let Some(cgroup) = crate::service::read_spec(id, &bundle)
+            .ok()
+            .as_ref()
+            .and_then(crate::resources::cgroup_dir)
+        {
+            self.watch_oom(id, cgroup);
+        }
+        Ok(u32::try_from(pid).unwrap_or_default())
+    }
+
+    async fn start_exec(&self, id: &str, exec_id: &str) -> Result<u32> {
+        let mut containers = self.containers.lock().await;
+        let container = containers.get_mut(id).ok_or_else(|| Self::not_found(id))?;
+        if container.init.exit().is_some() {
+            return Err(ShimError::State {
+                id: id.to_owned(),
+                message: format!("cannot start exec {exec_id}: the container has exited"),
+            });
+        }
+        let bundle = container.bundle.clone();
+        let log = container.runc_log();
+        let process = container
+            .execs
+            .get_mut(exec_id)
+            .ok_or_else(|| ShimError::NotFound {
+                id: id.to_owned(),
+                what: format!("exec {exec_id}"),
+            })?;
+        if process.status != ProcessStatus::Created {
+            return Err(ShimError::State {
+                id: id.to_owned(),
+                message: format!("exec {exec_id} was started already"),
+            });
+        }
+        let spec_file = bundle.join(format!("exec-{exec_id}.json"));
+        let pid_file = bundle.join(format!("exec-{exec_id}.pid"));
+        std::fs::write(&spec_file, process.spec.as_deref().unwrap_or_default())
+            .map_err(|e| ShimError::io(id, format!("write {}", spec_file.display()), e))?;
+        let (prepared, command_stdio) = PreparedIo::new(id, &process.stdio)?;
+        let mut args: Vec<String> = vec![
+            "exec".into(),
+            "--detach".into(),
+            "--pid-file".into(),
+            pid_file.display().to_string(),
+            "--process".into(),
+            spec_file.display().to_string(),
+        ];
+        if let Some(socket) = prepared.console_socket() {
+            args.push("--console-socket".into());
+            args.push(socket.display().to_string());
+        }
+        args.push(id.to_owned());
+        let ran = self.runc.run(id, &args, command_stdio, Some(&log)).await;
+        let _ = std::fs::remove_file(&spec_file);
+        if let Err(e) = ran {
+            prepared.abandon();
+            return Err(e);
+        }
+        process.io = prepared.finish()?;
+        let pid = read_pid(id, &pid_file)?;
+        let _ = std::fs::remove_file(&pid_file);
+        process.pid = pid;
+        process.status = ProcessStatus::Running;
+        drop(containers);
+        self.settle_early_exit(id, exec_id, pid).await;
+        let event = TaskExecStarted {
+            container_id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            pid: u32::try_from(pid).unwrap_or_default(),
+            ..Default::default()
+        };
+        self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(event))
+            .await;
+        Ok(u32::try_from(pid).unwrap_or_default())
+    }
+
+    /// Delete: removes an exited (or never started) process; for init, the container.
+    pub async fn delete_task(&self, id: &str, exec_id: &str) -> Result<(u32, ExitInfo)> {
+        let mut containers = self.containers.lock().await;
+        let container = containers.get_mut(id).ok_or_else(|| Self::not_found(id))?;
+        let process = container
+            .process(exec_id)
+            .ok_or_else(|| ShimError::NotFound {
+                id: id.to_owned(),
+                what: format!("exec {exec_id}"),
+            })?;
+        if matches!(
+            process.status,
+            ProcessStatus::Running | ProcessStatus::Paused
+        ) && process.exit().is_none()
+        {
+            return Err(ShimError::State {
+                id: id.to_owned(),
+                message: format!(
+                    "cannot delete {} while it runs; kill it first",
+                    if exec_id.is_empty() {
+                        "the task"
+                    } else {
+                        exec_id
+                    }
+                ),
+            });
+        }
+        let pid = process.pid;
+        if !exec_id.is_empty() {
+            let process = container
+                .execs
+                .remove(exec_id)
+                .ok_or_else(|| Self::not_found(id))?;
+            let info = process.exit().unwrap_or_else(|| ExitInfo {
+                status: 0,
+                at: crate::process::now(),
+            });
+            return Ok((u32::try_from(pid).unwrap_or_default(), info));
+        }
+        let log = container.runc_log();
+        let mut exited = container.init.exited.subscribe();
+        if container.restore.is_none() {
+            self.runc
+                .run(
+                    id,
+                    &["delete".into(), "--force".into(), id.to_owned()],
+                    Default::default(),
+                    Some(&log),
+                )
+                .await?;
+        }
+        let never_started = container.init.status == ProcessStatus::Created;
+        drop(containers);
+        if never_started && pid > 0 {
+            // runc delete killed the waiting `runc init`; its exit arrives from the reaper.
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                exited.wait_for(Option::is_some),
+            )
+            .await;
+        }
+        let mut containers = self.containers.lock().await;
+        let container = containers.remove(id).ok_or_else(|| Self::not_found(id))?;
+        drop(containers);
+        if container.mounted_rootfs {
+            unmount(&container.bundle.join("rootfs"));
+        }
+        if let Some(RestoreSource::Kybernate { reference, .. }) = &container.restore {
+            self.release_staged(id, reference).await;
+        }
+        let info = container.init.exit().unwrap_or_else(|| ExitInfo {
+            status: 0,
+            at: crate::process::now(),
+        });
+        let event = TaskDelete {
+            container_id: id.to_owned(),
+            pid: u32::try_from(pid).unwrap_or_default(),
+            exit_status: info.status,
+            exited_at: MessageField::some(info.at.clone()),
+            id: id.to_owned(),
+            ..Default::default()
+        };
+        self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(event))
+            .await;
+        Ok((u32::try_from(pid).unwrap_or_default(), info))
+    }
+
+    /// Kill: signals the init process (`runc kill`, all processes with `all`) or an exec.
+    pub async fn kill_task(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        let containers = self.containers.lock().await;
+        let container = containers.get(id).ok_or_else(|| Self::not_found(id))?;
+        let process = container
+            .process(exec_id)
+            .ok_or_else(|| ShimError::NotFound {
+                id: id.to_owned(),
+                what: format!("exec {exec_id}"),
+            })?;
+        if process.exit().is_some() && !all {
+            return Err(ShimError::NotFound {
+                id: id.to_owned(),
+                what: "process (it has already finished)".into(),
+            });
+        }
+        if !exec_id.is_empty() {
+            let signal = i32::try_from(signal).map_err(|_| ShimError::Invalid {
+                id: id.to_owned(),
+                message: format!("signal {signal} is out of range"),
+            })?;
+            // SAFETY: kill(2) with a pid we started and a signal number; no memory involved.
+            let rc = unsafe { libc::kill(process.pid, signal) };
+            if rc != 0 {
+                return Err(ShimError::io(
+                    id,
+                    format!("signal exec {exec_id}"),
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            return Ok(());
+        }
+        if container.restore.is_some() {
+            return Err(ShimError::State {
+                id: id.to_owned(),
+                message: "the task is not started (a restore is staged)".into(),
+            });
+        }
+        let log = container.runc_log();
+        let mut args: Vec<String> = vec!["kill".into()];
+        if all {
+            args.push("--all".into());
+        }
+        args.push(id.to_owned());
+        args.push(signal.to_string());
+        self.runc
+            .run(id, &args, Default::default(), Some(&log))
+            .await?;
+        Ok(())
+    }
+}
+
+/// Refuses runc options this shim cannot honour instead of ignoring them.
+fn check_options(
+    id: &str,
+    options: &containerd_shim::protos::protobuf::well_known_types::any::Any,
+) -> Result<()> {
+    if options.value.is_empty() || !options.type_url.ends_with("containerd.runc.v1.Options") {
+        return Ok(());
+    }
+    let parsed = Options::parse_from_bytes(&options.value).map_err(|e| ShimError::Invalid {
+        id: id.to_owned(),
+        message: format!("runtime options: {e}"),
+    })?;
+    if parsed.systemd_cgroup {
+        return Err(ShimError::Invalid {
+            id: id.to_owned(),
+            message: "SystemdCgroup = true is not supported by the kybernate shim yet".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Lazily unmounts `target`; errors are logged (the path may not be mounted).
+pub fn unmount(target: &Path) {
+    let Ok(path) = CString::new(target.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: `path` is a valid NUL-terminated string for the duration of the call.
+    let rc = unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+    if rc != 0 {
+        log::debug!(
+            "umount {}: {}",
+            target.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+impl TaskService {
+    async fn restore_source(
+        &self,
+        id: &str,
+        bundle: &Path,
+        checkpoint: &str,
+    ) -> Result<Option<RestoreSource>> {
+        if !checkpoint.is_empty() {
+            let path = PathBuf::from(checkpoint);
+            if !path.join("inventory.img").is_file() {
+                return Err(ShimError::Phase {
+                    id: id.to_owned(),
+                    operation: "restore",
+                    phase: "validate",
+                    message: format!(
+                        "checkpoint {} holds no CRIU images (inventory.img missing)",
+                        path.display()
+                    ),
+                });
+            }
+            return Ok(Some(RestoreSource::Images(path)));
+        }
+        let spec = crate::service::read_spec(id, bundle)?;
+        let reference = spec
+            .pointer("/annotations")
+            .and_then(|a| a.get(RESTORE_ANNOTATION))
+            .and_then(|r| r.as_str())
+            .map(str::to_owned);
+        match reference {
+            None => Ok(None),
+            Some(reference) => {
+                let images = self.stage_restore(id, &reference, &spec).await?;
+                Ok(Some(RestoreSource::Kybernate { reference, images }))
+            }
+        }
+    }
+}
+
+/// The process state containerd's API reports.
+pub fn status_of(process: &Process) -> containerd_shim::api::Status {
+    use containerd_shim::api::Status;
+    match process.status {
+        ProcessStatus::Created => Status::CREATED,
+        ProcessStatus::Running => Status::RUNNING,
+        ProcessStatus::Paused => Status::PAUSED,
+        ProcessStatus::Stopped => Status::STOPPED,
+    }
+}
+
+/// Container accessor used by several operations.
+pub fn container_of<'a>(
+    containers: &'a std::collections::HashMap<String, Container>,
+    id: &str,
+) -> Result<&'a Container> {
+    containers.get(id).ok_or_else(|| TaskService::not_found(id))
+}

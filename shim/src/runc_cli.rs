@@ -1,0 +1,210 @@
+//! Runs the runc binary. The shim is a subreaper whose SIGCHLD handler reaps every child,
+//! so runc's exit status comes from the shim library's exit monitor, not from `wait`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use containerd_shim::monitor::{monitor_subscribe, monitor_unsubscribe, Subject, Topic};
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+
+use crate::error::{Result, ShimError};
+
+/// Standard streams handed to a runc command (and through it to the container process).
+#[derive(Debug, Default)]
+pub struct CommandStdio {
+    /// The container's stdin.
+    pub stdin: Option<std::fs::File>,
+    /// The container's stdout.
+    pub stdout: Option<std::fs::File>,
+    /// The container's stderr.
+    pub stderr: Option<std::fs::File>,
+}
+
+/// The runc binary with its global flags.
+#[derive(Debug, Clone)]
+pub struct RuncCli {
+    /// Path or name of the runc binary.
+    pub binary: PathBuf,
+    /// runc's state root (`--root`).
+    pub root: PathBuf,
+}
+
+/// What a finished runc command printed.
+#[derive(Debug)]
+pub struct RuncOutput {
+    /// Exit code.
+    pub code: i32,
+    /// Standard output (empty when stdout went to the container).
+    pub stdout: String,
+    /// Standard error (empty when stderr went to the container).
+    pub stderr: String,
+}
+
+impl RuncCli {
+    /// Runs `runc --root ROOT ARGS...` for container `id`; fails with runc's error text when
+    /// it exits non-zero. `log` is runc's `--log` file, read for the message when stderr went
+    /// to the container.
+    pub async fn run(
+        &self,
+        id: &str,
+        args: &[String],
+        stdio: CommandStdio,
+        log: Option<&Path>,
+    ) -> Result<RuncOutput> {
+        let command_name = args.first().cloned().unwrap_or_default();
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--root").arg(&self.root);
+        if let Some(log) = log {
+            cmd.arg("--log").arg(log).arg("--log-format").arg("json");
+        }
+        cmd.args(args).env_remove("NOTIFY_SOCKET");
+        let (capture_out, capture_err) = (stdio.stdout.is_none(), stdio.stderr.is_none());
+        cmd.stdin(stdio.stdin.map_or_else(Stdio::null, Stdio::from));
+        cmd.stdout(stdio.stdout.map_or_else(Stdio::piped, Stdio::from));
+        cmd.stderr(stdio.stderr.map_or_else(Stdio::piped, Stdio::from));
+        let output = execute(cmd, capture_out, capture_err)
+            .await
+            .map_err(|e| ShimError::io(id, format!("run {}", self.binary.display()), e))?;
+        if output.code != 0 {
+            let mut text = output.stderr.trim().to_owned();
+            if let Some(log) = log {
+                let logged = last_log_error(log);
+                if !logged.is_empty() {
+                    text = if text.is_empty() {
+                        logged
+                    } else {
+                        format!("{text}; {logged}")
+                    };
+                }
+            }
+            if text.is_empty() {
+                text = format!("exit code {}", output.code);
+            }
+            return Err(ShimError::Runc {
+                id: id.to_owned(),
+                command: command_name,
+                output: text,
+            });
+        }
+        Ok(output)
+    }
+}
+
+/// Spawns `cmd` and waits for its exit through the shim's exit monitor.
+pub async fn execute(
+    mut cmd: Command,
+    capture_out: bool,
+    capture_err: bool,
+) -> std::io::Result<RuncOutput> {
+    let subscription = monitor_subscribe(Topic::Pid)
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let sub_id = subscription.id;
+    let mut rx = subscription.rx;
+    let spawned = cmd.spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            let _ = monitor_unsubscribe(sub_id).await;
+            return Err(e);
+        }
+    };
+    let pid = child
+        .id()
+        .and_then(|p| i32::try_from(p).ok())
+        .unwrap_or_default();
+    let mut out_pipe = child.stdout.take();
+    let mut err_pipe = child.stderr.take();
+    drop(cmd);
+    let read_out = async {
+        let mut text = String::new();
+        if let (true, Some(p)) = (capture_out, out_pipe.as_mut()) {
+            let _ = p.read_to_string(&mut text).await;
+        }
+        text
+    };
+    let read_err = async {
+        let mut text = String::new();
+        if let (true, Some(p)) = (capture_err, err_pipe.as_mut()) {
+            let _ = p.read_to_string(&mut text).await;
+        }
+        text
+    };
+    let wait = async {
+        while let Some(event) = rx.recv().await {
+            if matches!(event.subject, Subject::Pid(p) if p == pid) {
+                return event.exit_code;
+            }
+        }
+        -1
+    };
+    let (stdout, stderr, code) = tokio::join!(read_out, read_err, wait);
+    let _ = monitor_unsubscribe(sub_id).await;
+    // Reaped already by the shim's reaper; keep tokio from tracking it.
+    drop(child);
+    Ok(RuncOutput {
+        code,
+        stdout,
+        stderr,
+    })
+}
+
+/// The last `"level":"error"` message in a runc JSON log, or its last line.
+pub fn last_log_error(log: &Path) -> String {
+    let Ok(text) = std::fs::read_to_string(log) else {
+        return String::new();
+    };
+    let mut last = String::new();
+    for line in text.lines() {
+        if let Ok(value) = serde_json::from_str::<serde_json::Value>(line) {
+            if value.get("level").and_then(|l| l.as_str()) == Some("error") {
+                if let Some(msg) = value.get("msg").and_then(|m| m.as_str()) {
+                    last = msg.to_owned();
+                }
+            }
+        } else if !line.trim().is_empty() {
+            last = line.trim().to_owned();
+        }
+    }
+    last
+}
+
+/// Reads a pid file written by runc.
+pub fn read_pid(id: &str, path: &Path) -> Result<i32> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ShimError::io(id, format!("read pid file {}", path.display()), e))?;
+    text.trim().parse().map_err(|_| ShimError::Invalid {
+        id: id.to_owned(),
+        message: format!("pid file {} holds {:?}", path.display(), text.trim()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_log_error_takes_the_last_error_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log.json");
+        std::fs::write(
+            &log,
+            "{\"level\":\"error\",\"msg\":\"first\"}\n{\"level\":\"info\",\"msg\":\"x\"}\n{\"level\":\"error\",\"msg\":\"container_linux.go: no such file\"}\n",
+        )
+        .unwrap();
+        assert_eq!(last_log_error(&log), "container_linux.go: no such file");
+        assert_eq!(last_log_error(&dir.path().join("missing")), "");
+    }
+
+    #[test]
+    fn read_pid_refuses_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pid");
+        std::fs::write(&file, "123\n").unwrap();
+        assert_eq!(read_pid("c", &file).unwrap(), 123);
+        std::fs::write(&file, "abc").unwrap();
+        let e = read_pid("c", &file).unwrap_err().to_string();
+        assert!(e.contains("abc") && e.contains("container c"), "{e}");
+    }
+}

@@ -1,0 +1,105 @@
+//! The shim process: `start` (spawn the long-lived shim), `delete` (clean up after a crashed
+//! shim) and serving the task service.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use containerd_shim::asynchronous::publisher::RemotePublisher;
+use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
+use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::util::write_str_to_file;
+use containerd_shim::{api::DeleteResponse, Config, Error, Flags, StartOpts};
+
+use crate::config::ShimConfig;
+use crate::lifecycle::unmount;
+use crate::process::now;
+use crate::runc_cli::RuncCli;
+use crate::service::TaskService;
+
+/// containerd's runtime type for this shim.
+pub const RUNTIME_TYPE: &str = "io.containerd.kybernate.v1";
+
+/// One shim process.
+pub struct KybernateShim {
+    exit: Arc<ExitSignal>,
+    id: String,
+    namespace: String,
+    config: ShimConfig,
+}
+
+impl std::fmt::Debug for KybernateShim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KybernateShim")
+            .field("id", &self.id)
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl Shim for KybernateShim {
+    type T = TaskService;
+
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        let config = ShimConfig::from_env().unwrap_or_else(|e| {
+            log::error!("{e}; using the defaults");
+            ShimConfig::default()
+        });
+        KybernateShim {
+            exit: Arc::new(ExitSignal::default()),
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+            config,
+        }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
+        let grouping = opts.id.clone();
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        write_str_to_file("address", &address).await?;
+        Ok(address)
+    }
+
+    async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
+        let runc = RuncCli {
+            binary: self.config.runc.clone(),
+            root: self.config.runc_root.join(&self.namespace),
+        };
+        let bundle = std::env::current_dir().map_err(|e| Error::Other(e.to_string()))?;
+        let log = bundle.join("log.json");
+        if let Err(e) = runc
+            .run(
+                &self.id,
+                &["delete".into(), "--force".into(), self.id.clone()],
+                Default::default(),
+                Some(&log),
+            )
+            .await
+        {
+            log::warn!("cleanup of {}: {e}", self.id);
+        }
+        unmount(&bundle.join("rootfs"));
+        let _ = std::fs::remove_dir_all(Path::new(&bundle).join("criu-work"));
+        Ok(DeleteResponse {
+            pid: 0,
+            exit_status: 137,
+            exited_at: MessageField::some(now()),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
+        TaskService::new(
+            &self.namespace,
+            self.config.clone(),
+            publisher,
+            self.exit.clone(),
+        )
+        .await
+    }
+}

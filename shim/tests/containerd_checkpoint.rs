@@ -1,0 +1,279 @@
+//! Stateful round trips and bad input on real containerd 1.6 and 2.1 through the
+//! `kybernate` shim and a real agent: checkpoint with `ctr c checkpoint --task`, restore with
+//! `ctr c restore --live` and with the `kybernate.io/restore-from` annotation; the state
+//! (a counter in the container's memory and /tmp) continues. Refusals name the problem and
+//! leave the container running.
+
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::{containerd_16, containerd_21, Node, Version, IMAGE, KYBERNATE};
+
+/// A shell loop counting in memory; it writes the count to /tmp/count every 50 ms.
+const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done";
+
+fn run_counter(node: &Node, id: &str, extra: &[&str]) {
+    let mut args = vec!["run", "-d", "--runtime", KYBERNATE];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[IMAGE, id, "sh", "-c", COUNTER]);
+    node.ctr_ok(&args);
+    node.wait_status(id, "RUNNING");
+}
+
+fn count(node: &Node, id: &str) -> u64 {
+    let exec_id = format!("read-{}", rand_suffix());
+    let out = node.ctr_ok(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        &exec_id,
+        id,
+        "cat",
+        "/tmp/count",
+    ]);
+    out.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("counter of {id} reads {out:?}"))
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn wait_count(node: &Node, id: &str, at_least: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = count(node, id);
+        if n >= at_least || Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Names of the agent's checkpoints of container `id`.
+fn agent_checkpoints(node: &Node, id: &str) -> Vec<String> {
+    let out = node.kybernatectl(&["--output", "json", "list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .filter(|n| n.starts_with(&format!("{id}-")))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn round_trip(version: Version) {
+    let node = Node::start(version);
+    let id = "counter";
+    run_counter(&node, id, &[]);
+    let before = wait_count(&node, id, 40);
+    node.ctr_ok(&[
+        "containers",
+        "checkpoint",
+        "--task",
+        id,
+        "kybernate/counter:ckpt",
+    ]);
+    // Leave-running is containerd's default: the task still counts.
+    assert_eq!(node.task_status(id).as_deref(), Some("RUNNING"));
+    assert!(wait_count(&node, id, before + 5) > before);
+    let stored = agent_checkpoints(&node, id);
+    assert_eq!(
+        stored.len(),
+        1,
+        "the agent stored one checkpoint: {stored:?}"
+    );
+
+    node.remove(id);
+    node.ctr_ok(&[
+        "containers",
+        "restore",
+        "--live",
+        id,
+        "kybernate/counter:ckpt",
+    ]);
+    node.wait_status(id, "RUNNING");
+    let restored = count(&node, id);
+    assert!(
+        restored >= before,
+        "ctr restore: the counter restarted ({restored} < {before})"
+    );
+    node.remove(id);
+
+    let annotation = format!("kybernate.io/restore-from={}", stored[0]);
+    run_counter(&node, "from-annotation", &["--annotation", &annotation]);
+    let restored = count(&node, "from-annotation");
+    assert!(
+        restored >= before,
+        "annotation restore: the counter restarted ({restored} < {before})"
+    );
+    node.remove("from-annotation");
+}
+
+#[test]
+fn containerd_16_round_trip_keeps_state() {
+    round_trip(containerd_16());
+}
+
+#[test]
+fn containerd_21_round_trip_keeps_state() {
+    round_trip(containerd_21());
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn bad_input(version: Version) {
+    let mut node = Node::start(version);
+
+    let out = node.ctr(&["containers", "checkpoint", "--task", "no-such", "x:1"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
+
+    node.ctr_ok(&["run", "-d", "--runtime", KYBERNATE, IMAGE, "quit", "true"]);
+    node.wait_status("quit", "STOPPED");
+    let out = node.ctr(&["containers", "checkpoint", "--task", "quit", "x:2"]);
+    assert!(
+        !out.status.success(),
+        "checkpoint of a stopped task succeeded"
+    );
+    node.remove("quit");
+
+    run_counter(&node, "gpu", &["--env", "NVIDIA_VISIBLE_DEVICES=7"]);
+    let out = node.ctr(&["containers", "checkpoint", "--task", "gpu", "x:3"]);
+    let text = stderr(&out);
+    assert!(!out.status.success());
+    assert!(
+        text.contains("gpu_validate") && text.contains("GPU 7"),
+        "{text}"
+    );
+    assert_eq!(node.task_status("gpu").as_deref(), Some("RUNNING"));
+    node.remove("gpu");
+
+    run_counter(&node, "lonely", &[]);
+    let before = wait_count(&node, "lonely", 5);
+    node.stop_agent();
+    let out = node.ctr(&["containers", "checkpoint", "--task", "lonely", "x:4"]);
+    let text = stderr(&out);
+    assert!(!out.status.success());
+    assert!(
+        text.contains("agent_connect") && text.contains("cannot reach the Kybernate agent"),
+        "{text}"
+    );
+    assert_eq!(node.task_status("lonely").as_deref(), Some("RUNNING"));
+    assert!(
+        wait_count(&node, "lonely", before + 5) > before,
+        "the container stopped counting"
+    );
+    node.start_agent();
+
+    let out = node.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        KYBERNATE,
+        "--annotation",
+        "kybernate.io/restore-from=does-not-exist",
+        IMAGE,
+        "ghost",
+        "sh",
+        "-c",
+        COUNTER,
+    ]);
+    let text = stderr(&out);
+    assert!(
+        !out.status.success(),
+        "a missing reference started a container"
+    );
+    assert!(text.contains("does-not-exist"), "{text}");
+    assert!(
+        node.task_status("ghost").is_none(),
+        "a task runs for a missing reference"
+    );
+    let _ = node.ctr(&["containers", "rm", "ghost"]);
+
+    // A corrupt image set: every stored copy damaged.
+    node.ctr_ok(&["containers", "checkpoint", "--task", "lonely", "x:5"]);
+    let name = agent_checkpoints(&node, "lonely")
+        .pop()
+        .expect("a checkpoint of lonely");
+    let mut damaged = 0;
+    for tier in [node.ram_tier.clone(), node.dir.path().join("nvme")] {
+        damaged += damage(&tier, &name);
+    }
+    assert!(
+        damaged > 0,
+        "found no stored image file of {name} to damage"
+    );
+    let annotation = format!("kybernate.io/restore-from={name}");
+    let out = node.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        KYBERNATE,
+        "--annotation",
+        &annotation,
+        IMAGE,
+        "broken",
+        "true",
+    ]);
+    let text = stderr(&out);
+    assert!(
+        !out.status.success(),
+        "a corrupt checkpoint started a container"
+    );
+    assert!(text.contains(&name), "{text}");
+    assert!(node.task_status("broken").is_none());
+}
+
+/// Flips bytes in every stored file of checkpoint `name` under a tier dir; returns how many.
+fn damage(tier: &std::path::Path, name: &str) -> usize {
+    let mut hits = 0;
+    let mut stack = vec![tier.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.display().to_string().contains(name)
+                && path.extension().is_some_and(|e| e == "img")
+            {
+                let mut bytes = std::fs::read(&path).unwrap();
+                if bytes.is_empty() {
+                    continue;
+                }
+                for b in bytes.iter_mut().take(64) {
+                    *b ^= 0xff;
+                }
+                std::fs::write(&path, bytes).unwrap();
+                hits += 1;
+            }
+        }
+    }
+    hits
+}
+
+#[test]
+fn containerd_16_bad_input_is_refused_clearly() {
+    bad_input(containerd_16());
+}
+
+#[test]
+fn containerd_21_bad_input_is_refused_clearly() {
+    bad_input(containerd_21());
+}
