@@ -84,3 +84,4 @@ log "criu: $("$BIN_DIR/criu" --version | head -1)"
 
 bash "$(dirname "$0")/install-containerd.sh"
 bash "$(dirname "$0")/install-dataplane-deps.sh"
+bash "$(dirname "$0")/install-k8s-tools.sh"

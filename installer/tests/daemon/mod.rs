@@ -100,7 +100,7 @@ impl PrivateContainerd {
             .arg("--host-root")
             .arg(self.host.root())
             .arg("--shim-source")
-            .arg(self.version.tool("containerd-shim-runc-v2"))
+            .arg(kybernate_shim())
             .arg("--no-restart")
             .args(extra)
             .output()
@@ -296,4 +296,34 @@ pub fn busybox_image(dir: &Path) -> PathBuf {
         .unwrap();
     assert!(status.success(), "{} failed", script.display());
     out
+}
+
+/// The workspace's own shim binary, built next to the installer (built on demand when a
+/// single-package test run did not build it).
+pub fn kybernate_shim() -> std::path::PathBuf {
+    let shim = std::path::Path::new(env!("CARGO_BIN_EXE_kybernate-installer"))
+        .with_file_name("containerd-shim-kybernate-v1");
+    if !shim.exists() {
+        let dir = shim.parent().unwrap();
+        let profile = if dir.ends_with("release") {
+            "release"
+        } else {
+            "dev"
+        };
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--profile",
+                profile,
+                "-p",
+                "containerd-shim-kybernate-v1",
+            ])
+            .status()
+            .expect("cargo build the shim");
+        assert!(
+            status.success(),
+            "building containerd-shim-kybernate-v1 failed"
+        );
+    }
+    shim
 }
