@@ -355,7 +355,8 @@ fn install_restarts_containerd_when_the_running_one_lacks_the_runtime_and_waits_
 
 /// What kubelet relies on: a pod sandbox run through CRI with runtime handler `kybernate`
 /// uses the installed runtime, and of the pod's annotations exactly the `kybernate.io/*`
-/// ones reach the OCI spec (restore reads `kybernate.io/restore-from` from there).
+/// ones reach the OCI spec (restore reads `kybernate.io/restore-from` from there; a neutral
+/// `kybernate.io/*` key is used here, since the real shim would act on `restore-from`).
 fn cri_passes_kybernate_annotations(version: Version) {
     let mut ctd = PrivateContainerd::new(version);
     let mut doc: toml_edit::DocumentMut = fs::read_to_string(&ctd.config).unwrap().parse().unwrap();
@@ -389,7 +390,7 @@ fn cri_passes_kybernate_annotations(version: Version) {
 
     let annotations = [
         (
-            "kybernate.io/restore-from".to_string(),
+            "kybernate.io/checkpoint-policy".to_string(),
             "ckpt-42".to_string(),
         ),
         ("example.com/not-passed".to_string(), "x".to_string()),
@@ -439,7 +440,7 @@ fn cri_passes_kybernate_annotations(version: Version) {
     );
     let spec_annotations = &info["Spec"]["annotations"];
     assert_eq!(
-        spec_annotations["kybernate.io/restore-from"], "ckpt-42",
+        spec_annotations["kybernate.io/checkpoint-policy"], "ckpt-42",
         "{spec_annotations}"
     );
     assert!(
