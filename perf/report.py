@@ -58,7 +58,7 @@ def nice_max(v):
 
 def svg_open(name, title, series_count):
     return [f'<svg class="chart" data-chart="{esc(name)}" data-series-count="{series_count}" width="{W}" '
-            f'height="{H}" viewBox="0 0 {W} {H}" xmlns="http://www.w3.org/2000/svg" role="img">',
+            f'height="{H}" data-plot-width="{W - M["r"] + 10}" viewBox="0 0 {W} {H}" role="img">',
             f'<text x="{M["l"]}" y="22" class="title">{esc(title)}</text>']
 
 
@@ -135,7 +135,7 @@ def throughput(benchmarks, colours):
     height = M["t"] + 30 * 2 * len(rows) + 30
     top = nice_max(max(max(r[1], r[2]) for r in rows))
     out = [f'<svg class="chart" data-chart="throughput" data-series-count="2" width="{W}" height="{height}" '
-           f'viewBox="0 0 {W} {height}" xmlns="http://www.w3.org/2000/svg" role="img">',
+           f'data-plot-width="{W}" viewBox="0 0 {W} {height}" role="img">',
            f'<text x="20" y="22" class="title">{esc(title)}</text>']
     left, right = 400, W - 150
     for i in range(6):

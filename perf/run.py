@@ -33,10 +33,10 @@ EXPECTED = [
 REQUIRED_KEYS = ("name", "title", "command", "comparisons")
 
 
-def discover():
+def discover(bench_dir=HERE):
     """[(name, path, description)] for every expected benchmark, path None when absent,
-    then any other perf/bench_*.py."""
-    files = sorted(glob.glob(os.path.join(HERE, "bench_*.py")))
+    then any other bench_*.py in `bench_dir` (perf/)."""
+    files = sorted(glob.glob(os.path.join(bench_dir, "bench_*.py")))
     out, used = [], set()
     for name, prefix, description in EXPECTED:
         matches = [f for f in files if os.path.basename(f).startswith(prefix)]
@@ -58,7 +58,8 @@ def run_one(name, path, args):
     log_path = os.path.join(args.out, f"bench_{name}.log")
     if os.path.exists(out_json):
         os.remove(out_json)
-    cmd = [sys.executable, os.path.relpath(path, ROOT), "--json", out_json] + (["--quick"] if args.quick else [])
+    shown = os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
+    cmd = [sys.executable, shown, "--json", out_json] + (["--quick"] if args.quick else [])
     print(f"== {name}: {' '.join(cmd)}", flush=True)
     started = time.monotonic()
     with open(log_path, "w") as log:
@@ -133,6 +134,7 @@ def main():
     parser.add_argument("--no-results", action="store_true", help="leave perf/RESULTS.md alone")
     parser.add_argument("--report", help="HTML report path (default OUT/report.html)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per benchmark")
+    parser.add_argument("--bench-dir", default=HERE, help=argparse.SUPPRESS)
     parser.add_argument("-v", "--verbose", action="store_true", help="echo every benchmark's output")
     args = parser.parse_args()
     args.out = os.path.abspath(args.out)
@@ -141,7 +143,7 @@ def main():
                                                                     os.path.join(HERE, "RESULTS.md")))
     only = set(args.only.split(",")) if args.only else None
 
-    found = discover()
+    found = discover(os.path.abspath(args.bench_dir))
     if only:
         unknown = only - {n for n, _, _ in found}
         if unknown:
@@ -152,7 +154,7 @@ def main():
         if only and name not in only:
             continue
         if path is None:
-            print(f"== {name}: not present (no perf/{dict((n, p) for n, p, _ in EXPECTED)[name]}*.py)")
+            print(f"== {name}: not present (no {dict((n, p) for n, p, _ in EXPECTED)[name]}*.py)")
             benchmarks[name] = {"status": "not present", "description": description}
             continue
         benchmarks[name] = run_one(name, path, args)
