@@ -44,12 +44,15 @@ def require_root():
 
 def machine():
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cores": os.cpu_count(), "memory_gib": round(mem), "kernel": platform.release()}
+    # The 1-minute load average says how busy the machine was (shared machines are noisy).
+    return {"cores": os.cpu_count(), "memory_gib": round(mem), "kernel": platform.release(),
+            "load": round(os.getloadavg()[0], 1)}
 
 
 def machine_text(m=None):
     m = m or machine()
-    return f"{m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}"
+    load = f", load average {m['load']}" if "load" in m else ""
+    return f"{m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}{load}"
 
 
 def now_utc():

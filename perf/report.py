@@ -16,6 +16,11 @@ import argparse
 import html
 import json
 import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchkit import machine_text  # noqa: E402
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
            "#bcbd22", "#7f7f7f", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"]
@@ -164,10 +169,10 @@ def scaling_lines(doc, colours):
     for op in ("checkpoint", "restore"):
         for p in {p for s in doc["sizes"] for p in s[op]}:
             pts = [(s["mib"], s[op][p]["median"]) for s in doc["sizes"] if p in s[op]]
-            if max(v for _, v in pts) >= 0.002:
+            if max(v for _, v in pts) >= 0.005:
                 series[f"{op}: {p}"] = (op, p, pts)
     if not series:
-        return empty("scaling", title, "every phase took under 2 ms")
+        return empty("scaling", title, "every phase took under 5 ms")
     names = sorted(series, key=lambda n: (series[n][0], phase_key(series[n][1])))
     xs = [s["mib"] for s in doc["sizes"]]
     x0, x1 = math.log2(min(xs)), math.log2(max(xs))
@@ -292,8 +297,7 @@ def render(results):
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>Kybernate benchmarks {esc(results['date'])}</title>", f"<style>{STYLE}</style></head><body>",
         "<h1>Kybernate benchmarks</h1>",
-        f'<div class="meta">{esc(results["date"])} · {m["cores"]} cores, {m["memory_gib"]} GiB, Linux '
-        f'{esc(m["kernel"])} · <code>{esc(results["command"])}</code>'
+        f'<div class="meta">{esc(results["date"])} · {esc(machine_text(m))} · <code>{esc(results["command"])}</code>'
         + (f" · not present: {esc(', '.join(absent))}" if absent else "") + "</div>",
         stacked("checkpoint-phases", "Checkpoint: phase breakdown per process size (median ms)",
                 phase_bars(b, "checkpoint"), colours),
