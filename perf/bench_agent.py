@@ -7,80 +7,21 @@ Freeze time is CRIU's dump wall time (the agent reports it as its `criu_dump` ph
 around the same CRIU invocation). Several runs; medians and spread are reported.
 
 Usage (root): python3 perf/bench_agent.py [--mib 1024] [--runs 5] [--write perf/RESULTS.md]
+              [--json OUT] [--quick]   (perf/README.md: the harness convention)
 """
 
 import argparse
 import json
 import os
-import platform
 import shutil
-import signal
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CRIU_OPTS = ["--tcp-established", "--file-locks", "--ext-unix-sk", "--link-remap"]
-
-
-def target_dir():
-    return os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-
-
-def build():
-    subprocess.run(["cargo", "build", "--release", "-p", "kybernate-agent", "--bins"], cwd=ROOT, check=True)
-    release = os.path.join(target_dir(), "release")
-    return os.path.join(release, "kybernate-agent"), os.path.join(release, "kybernatectl")
-
-
-def read_status(path):
-    try:
-        with open(path) as f:
-            fields = dict(kv.split("=", 1) for kv in f.read().split() if "=" in kv)
-        return fields
-    except (OSError, ValueError):
-        return None
-
-
-def wait_until(predicate, what, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise RuntimeError(f"timed out waiting for {what}")
-
-
-def start_workload(ctl, mib, status):
-    if os.path.exists(status):
-        os.remove(status)
-    proc = subprocess.Popen([ctl, "workload", "--mib", str(mib), "--status", status],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_until(lambda: (s := read_status(status)) and int(s["counter"]) >= 3, "workload start")
-    return proc
-
-
-def pid_gone(pid):
-    return not os.path.exists(f"/proc/{pid}")
-
-
-def continued(status, counter_at_dump, epoch):
-    s = wait_until(lambda: (s := read_status(status)) and int(s["counter"]) > counter_at_dump + 3 and s,
-                   "restored workload progress")
-    if s["epoch"] != epoch:
-        raise RuntimeError("restored workload has a new epoch: it was restarted, not restored")
-
-
-def kill(pid):
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    wait_until(lambda: pid_gone(pid), f"PID {pid} to exit")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchkit import (CRIU_OPTS, Agent, binaries, comparison, continued, kill, machine_text,  # noqa: E402
+                      now_utc, pid_gone, read_status, require_root, start_workload, stats, update_section,
+                      wait_until, write_json)
 
 
 def bare_criu(ctl, mib, work):
@@ -112,26 +53,22 @@ def bare_criu(ctl, mib, work):
     return freeze, restore
 
 
-def through_agent(ctl, socket, mib, work, run):
+def through_agent(agent, ctl, mib, work, run):
     status = os.path.join(work, "agent-status")
     proc = start_workload(ctl, mib, status)
     name = f"bench-{run}"
     t0 = time.monotonic()
-    out = subprocess.run([ctl, "--socket", socket, "--output", "json", "checkpoint", "--pid", str(proc.pid),
-                          "--name", name], check=True, capture_output=True, text=True).stdout
+    reply = agent.ctl("checkpoint", "--pid", str(proc.pid), "--name", name)
     checkpoint_total = time.monotonic() - t0
-    reply = json.loads(out)
     proc.wait()
     at_dump = read_status(status)
     wait_until(lambda: pid_gone(proc.pid), "dumped PID to be released")
     t0 = time.monotonic()
-    out = subprocess.run([ctl, "--socket", socket, "--output", "json", "restore", name, "--from", "ram"],
-                         check=True, capture_output=True, text=True).stdout
+    restored = agent.ctl("restore", name, "--from", "ram")
     restore = time.monotonic() - t0
-    restored = json.loads(out)
     continued(status, int(at_dump["counter"]), at_dump["epoch"])
     kill(restored["pid"])
-    subprocess.run([ctl, "--socket", socket, "delete", name], check=True, capture_output=True)
+    agent.ctl("delete", name)
     return {
         "freeze": reply["phases"]["criu_dump"] / 1000.0,
         "checkpoint_total": checkpoint_total,
@@ -143,97 +80,86 @@ def through_agent(ctl, socket, mib, work, run):
     }
 
 
-def med(values):
-    return statistics.median(values)
-
-
-def spread(values):
-    return f"{min(values):.3f}–{max(values):.3f}"
-
-
-def machine():
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores, {mem:.0f} GiB, Linux {platform.release()}"
-
-
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--write", help="results file to update")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 64 MiB, 1 run")
+    parser.add_argument("--write", help="results file whose bench_agent section to update")
+    parser.add_argument("--json", help="write the results here (perf/README.md: the harness convention)")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("bench_agent.py: must run as root (CRIU)")
-    agent_bin, ctl = build()
-    work = tempfile.mkdtemp(prefix="kybernate-bench-", dir="/dev/shm")
-    socket = os.path.join(work, "agent.sock")
-    log = open(os.path.join(work, "agent.log"), "w")
-    agent = subprocess.Popen([agent_bin, "--state-dir", os.path.join(work, "state"), "--socket", socket,
-                              "--metrics-addr", "127.0.0.1:0"], stderr=log)
-    try:
-        wait_until(lambda: os.path.exists(socket), "agent socket")
-        bare, ours = [], []
+    if args.quick:
+        args.mib, args.runs = 64, 1
+    require_root()
+    agent_bin, ctl, build = binaries()
+    bare, ours = [], []
+    # Both tiers on tmpfs (the state dir is in /dev/shm), as in the first measurements.
+    with Agent(agent_bin, ctl) as agent:
+        work = agent.work
         for run in range(args.runs):
             bare.append(bare_criu(ctl, args.mib, work))
-            ours.append(through_agent(ctl, socket, args.mib, work, run))
+            ours.append(through_agent(agent, ctl, args.mib, work, run))
             print(f"run {run + 1}: bare freeze {bare[-1][0]:.3f}s restore {bare[-1][1]:.3f}s | "
                   f"agent freeze {ours[-1]['freeze']:.3f}s restore {ours[-1]['restore']:.3f}s", flush=True)
-    finally:
-        agent.send_signal(signal.SIGTERM)
-        agent.wait(timeout=30)
-        shutil.rmtree(work, ignore_errors=True)
 
     bare_freeze = [b[0] for b in bare]
     bare_restore = [b[1] for b in bare]
-    freeze = [o["freeze"] for o in ours]
-    total = [o["checkpoint_total"] for o in ours]
-    restore = [o["restore"] for o in ours]
-    restore_criu = [o["restore_criu"] for o in ours]
+    raw = ours[0]["raw_bytes"]
+    dump_cmd = "criu dump -t PID -D DIR " + " ".join(CRIU_OPTS)
+    restore_cmd = "criu restore -D DIR --restore-detached " + " ".join(CRIU_OPTS)
     rows = [
-        ("freeze (CRIU dump)", freeze, bare_freeze),
-        ("checkpoint until stored on NVMe", total, bare_freeze),
-        ("restore from RAM tier (end to end)", restore, bare_restore),
-        ("restore: CRIU restore phase only", restore_criu, bare_restore),
+        comparison("freeze (CRIU dump)", "agent", [o["freeze"] for o in ours], "bare CRIU", bare_freeze, raw,
+                   dump_cmd),
+        comparison("checkpoint until stored on NVMe", "agent", [o["checkpoint_total"] for o in ours], "bare CRIU",
+                   bare_freeze, raw, dump_cmd),
+        comparison("restore from RAM tier (end to end)", "agent", [o["restore"] for o in ours], "bare CRIU",
+                   bare_restore, raw, restore_cmd),
+        comparison("restore: CRIU restore phase only", "agent", [o["restore_criu"] for o in ours], "bare CRIU",
+                   bare_restore, raw, restore_cmd),
     ]
-    command = f"python3 perf/bench_agent.py --mib {args.mib} --runs {args.runs}"
+    command = f"python3 perf/bench_agent.py --mib {args.mib} --runs {args.runs}" + (" --quick" if args.quick else "")
+    date = now_utc()
     lines = [
         "<!-- bench_agent:start -->",
         f"### Agent vs bare CRIU, {args.mib} MiB process",
         "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}, "
-        f"release build, {args.runs} runs, medians (min–max). Command: `{command}`",
+        f"Measured {date} on {machine_text()}, {build} build, {args.runs} runs, medians (min–max). "
+        f"Command: `{command}`",
         "",
         "| metric | agent (s) | bare CRIU (s) | ratio |",
         "| --- | --- | --- | --- |",
     ]
-    for label, agent_values, base in rows:
-        lines.append(f"| {label} | {med(agent_values):.3f} ({spread(agent_values)}) | "
-                     f"{med(base):.3f} ({spread(base)}) | {med(agent_values) / med(base):.2f}× |")
+    for row in rows:
+        a, b = row["ours"], row["baseline"]
+        lines.append(f"| {row['metric']} | {a['median']:.3f} ({a['min']:.3f}–{a['max']:.3f}) | "
+                     f"{b['median']:.3f} ({b['min']:.3f}–{b['max']:.3f}) | {row['ratio']:.2f}× |")
     phases = ours[len(ours) // 2]["phases"]
     restore_phases = ours[len(ours) // 2]["restore_phases"]
     lines += [
         "",
         f"Checkpoint phases (one run, ms): {json.dumps(phases)}; restore phases: {json.dumps(restore_phases)}; "
-        f"image size {ours[0]['raw_bytes'] / 2**20:.0f} MiB.",
+        f"image size {raw / 2**20:.0f} MiB.",
         "<!-- bench_agent:end -->",
     ]
     report = "\n".join(lines)
     print(report)
     if args.write:
         update_section(args.write, report, "bench_agent")
-
-
-def update_section(path, report, key):
-    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    text = open(path).read() if os.path.exists(path) else "# Kybernate performance results\n"
-    if start in text and end in text:
-        before, rest = text.split(start, 1)
-        after = rest.split(end, 1)[1]
-        text = before + report + after
-    else:
-        text = text.rstrip("\n") + "\n\n" + report + "\n"
-    with open(path, "w") as f:
-        f.write(text)
+    if args.json:
+        write_json(args.json, {
+            "name": "agent",
+            "title": f"Agent vs bare CRIU, {args.mib} MiB process",
+            "command": command,
+            "date": date,
+            "runs": args.runs,
+            "build": build,
+            "comparisons": rows,
+            "phases": {"checkpoint": {k: stats([o["phases"].get(k, 0) / 1000.0 for o in ours]) for k in phases},
+                       "restore": {k: stats([o["restore_phases"].get(k, 0) / 1000.0 for o in ours])
+                                   for k in restore_phases}},
+            "markdown": report,
+            "section": "bench_agent",
+        })
 
 
 if __name__ == "__main__":
