@@ -210,9 +210,9 @@ fn bad_input(version: Version) {
         .pop()
         .expect("a checkpoint of lonely");
     let mut damaged = 0;
-    for tier in [node.ram_tier.clone(), node.dir.path().join("nvme")] {
-        damaged += damage(&tier, &name);
-    }
+    damaged += damage(&node.ram_tier, &name, false);
+    // The NVMe tier is a content-addressed chunk store: damage every chunk.
+    damaged += damage(&node.dir.path().join("nvme").join("chunks"), &name, true);
     assert!(
         damaged > 0,
         "found no stored image file of {name} to damage"
@@ -239,7 +239,7 @@ fn bad_input(version: Version) {
 }
 
 /// Flips bytes in every stored file of checkpoint `name` under a tier dir; returns how many.
-fn damage(tier: &std::path::Path, name: &str) -> usize {
+fn damage(tier: &std::path::Path, name: &str, every_file: bool) -> usize {
     let mut hits = 0;
     let mut stack = vec![tier.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -250,8 +250,9 @@ fn damage(tier: &std::path::Path, name: &str) -> usize {
             let path = entry.path();
             if path.is_dir() {
                 stack.push(path);
-            } else if path.display().to_string().contains(name)
-                && path.extension().is_some_and(|e| e == "img")
+            } else if every_file
+                || (path.display().to_string().contains(name)
+                    && path.extension().is_some_and(|e| e == "img"))
             {
                 let mut bytes = std::fs::read(&path).unwrap();
                 if bytes.is_empty() {

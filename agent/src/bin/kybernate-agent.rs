@@ -32,6 +32,9 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The S3 client and the Kubernetes client both link rustls, with different crypto
+    // back-ends; one process-wide provider must be chosen before either connects.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     kybernate_agent::init_logging(args.log_json);
     let mut config = match &args.config {
         Some(path) => AgentConfig::from_file(path)?,
