@@ -22,6 +22,18 @@ fn run_counter(node: &Node, id: &str, extra: &[&str]) {
 }
 
 fn count(node: &Node, id: &str) -> u64 {
+    // The counter file is rewritten by `sh` every tick; a read can land between truncate and
+    // write, so a few empty reads are retried before the test gives up.
+    for _ in 0..50 {
+        if let Some(n) = read_count(node, id) {
+            return n;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("counter of {id} never became readable")
+}
+
+fn read_count(node: &Node, id: &str) -> Option<u64> {
     let exec_id = format!("read-{}", rand_suffix());
     let out = node.ctr_ok(&[
         "tasks",
@@ -32,9 +44,7 @@ fn count(node: &Node, id: &str) -> u64 {
         "cat",
         "/tmp/count",
     ]);
-    out.trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("counter of {id} reads {out:?}"))
+    out.trim().parse().ok()
 }
 
 fn rand_suffix() -> u128 {
