@@ -70,34 +70,59 @@ const POLICY: WaitPolicy = WaitPolicy {
     interval: Duration::ZERO,
 };
 
-fn command_for(flavour: Flavour, host: &HostRoot) -> Vec<String> {
+/// What one restart did: its result and everything the fakes saw, in order.
+struct Outcome {
+    result: kybernate_installer::Result<u32>,
+    log: Vec<String>,
+}
+
+/// Restarts `flavour`'s containerd through the fake init system (whose command fails when
+/// `fail`) and waits on a containerd answering `script` at `socket`.
+fn restart_with(
+    flavour: Flavour,
+    host: &HostRoot,
+    script: &[ProbeOutcome],
+    socket: &str,
+    expect_listed: bool,
+    fail: bool,
+) -> Outcome {
     let events = Events::default();
     let probe = ScriptedContainerd {
         events: &events,
-        script: RefCell::new(
-            [ProbeOutcome::Answering {
-                runtime_listed: true,
-            }]
-            .into(),
-        ),
+        script: RefCell::new(script.iter().cloned().collect()),
     };
     let restart = restart_for(flavour, host);
-    restart_and_wait(
+    let result = restart_and_wait(
         restart.as_ref(),
         &FakeInit {
             events: &events,
-            fail: false,
+            fail,
         },
         &probe,
-        Path::new("/s"),
-        true,
+        Path::new(socket),
+        expect_listed,
         POLICY,
-    )
-    .unwrap();
-    let log = events.0.borrow();
-    log.iter()
+    );
+    Outcome {
+        result,
+        log: events.0.into_inner(),
+    }
+}
+
+const LISTED: ProbeOutcome = ProbeOutcome::Answering {
+    runtime_listed: true,
+};
+const NOT_LISTED: ProbeOutcome = ProbeOutcome::Answering {
+    runtime_listed: false,
+};
+
+fn command_for(flavour: Flavour, host: &HostRoot) -> Vec<String> {
+    let outcome = restart_with(flavour, host, &[LISTED], "/s", true, false);
+    outcome.result.unwrap();
+    outcome
+        .log
+        .into_iter()
         .filter(|e| e.starts_with("run "))
-        .cloned()
         .collect()
 }
 
@@ -144,38 +169,16 @@ fn agent_nodes_restart_the_agent_unit() {
 
 #[test]
 fn waits_until_containerd_answers_and_lists_the_runtime() {
-    let events = Events::default();
-    let probe = ScriptedContainerd {
-        events: &events,
-        script: RefCell::new(
-            [
-                ProbeOutcome::Unreachable("connect: no such file".into()),
-                ProbeOutcome::Unreachable("connect: connection refused".into()),
-                ProbeOutcome::Answering {
-                    runtime_listed: false,
-                },
-                ProbeOutcome::Answering {
-                    runtime_listed: true,
-                },
-            ]
-            .into(),
-        ),
-    };
-    let restart = restart_for(Flavour::Vanilla, &HostRoot::new("/"));
-    let probes = restart_and_wait(
-        restart.as_ref(),
-        &FakeInit {
-            events: &events,
-            fail: false,
-        },
-        &probe,
-        Path::new("/s"),
-        true,
-        POLICY,
-    )
-    .unwrap();
-    assert_eq!(probes, 4);
-    let log = events.0.borrow();
+    let script = [
+        ProbeOutcome::Unreachable("connect: no such file".into()),
+        ProbeOutcome::Unreachable("connect: connection refused".into()),
+        NOT_LISTED,
+        LISTED,
+    ];
+    let root = HostRoot::new("/");
+    let outcome = restart_with(Flavour::Vanilla, &root, &script, "/s", true, false);
+    assert_eq!(outcome.result.unwrap(), 4);
+    let log = outcome.log;
     assert_eq!(
         log[0], "run systemctl restart containerd",
         "restart comes before the first probe"
@@ -186,37 +189,22 @@ fn waits_until_containerd_answers_and_lists_the_runtime() {
 
 #[test]
 fn reports_when_containerd_never_lists_the_runtime() {
-    let events = Events::default();
-    let probe = ScriptedContainerd {
-        events: &events,
-        script: RefCell::new(
-            [ProbeOutcome::Answering {
-                runtime_listed: false,
-            }]
-            .into(),
-        ),
-    };
-    let restart = restart_for(Flavour::MicroK8s, &HostRoot::new("/"));
-    let err = restart_and_wait(
-        restart.as_ref(),
-        &FakeInit {
-            events: &events,
-            fail: false,
-        },
-        &probe,
-        Path::new("/run/c.sock"),
+    let root = HostRoot::new("/");
+    let outcome = restart_with(
+        Flavour::MicroK8s,
+        &root,
+        &[NOT_LISTED],
+        "/run/c.sock",
         true,
-        POLICY,
-    )
-    .unwrap_err();
+        false,
+    );
     assert_eq!(
-        err.to_string(),
+        outcome.result.unwrap_err().to_string(),
         "containerd at /run/c.sock answers but does not list runtime kybernate after 5 checks"
     );
     assert_eq!(
-        events
-            .0
-            .borrow()
+        outcome
+            .log
             .iter()
             .filter(|e| e.starts_with("probe"))
             .count(),
@@ -226,29 +214,12 @@ fn reports_when_containerd_never_lists_the_runtime() {
 
 #[test]
 fn reports_when_containerd_does_not_come_back() {
-    let events = Events::default();
-    let probe = ScriptedContainerd {
-        events: &events,
-        script: RefCell::new(
-            [ProbeOutcome::Unreachable(
-                "connect: connection refused".into(),
-            )]
-            .into(),
-        ),
-    };
-    let restart = restart_for(Flavour::K3s, &HostRoot::new("/"));
-    let err = restart_and_wait(
-        restart.as_ref(),
-        &FakeInit {
-            events: &events,
-            fail: false,
-        },
-        &probe,
-        Path::new("/run/k.sock"),
-        true,
-        POLICY,
-    )
-    .unwrap_err();
+    let script = [ProbeOutcome::Unreachable(
+        "connect: connection refused".into(),
+    )];
+    let root = HostRoot::new("/");
+    let outcome = restart_with(Flavour::K3s, &root, &script, "/run/k.sock", true, false);
+    let err = outcome.result.unwrap_err();
     assert!(
         err.to_string()
             .contains("did not answer (connect: connection refused)"),
@@ -258,66 +229,22 @@ fn reports_when_containerd_does_not_come_back() {
 
 #[test]
 fn after_uninstall_it_waits_until_the_runtime_is_gone() {
-    let events = Events::default();
-    let probe = ScriptedContainerd {
-        events: &events,
-        script: RefCell::new(
-            [
-                ProbeOutcome::Answering {
-                    runtime_listed: true,
-                },
-                ProbeOutcome::Answering {
-                    runtime_listed: false,
-                },
-            ]
-            .into(),
-        ),
-    };
-    let restart = restart_for(Flavour::Vanilla, &HostRoot::new("/"));
-    let probes = restart_and_wait(
-        restart.as_ref(),
-        &FakeInit {
-            events: &events,
-            fail: false,
-        },
-        &probe,
-        Path::new("/s"),
+    let root = HostRoot::new("/");
+    let outcome = restart_with(
+        Flavour::Vanilla,
+        &root,
+        &[LISTED, NOT_LISTED],
+        "/s",
         false,
-        POLICY,
-    )
-    .unwrap();
-    assert_eq!(probes, 2);
+        false,
+    );
+    assert_eq!(outcome.result.unwrap(), 2);
 }
 
 #[test]
 fn a_failing_restart_command_is_reported_without_probing() {
-    let events = Events::default();
-    let probe = ScriptedContainerd {
-        events: &events,
-        script: RefCell::new(
-            [ProbeOutcome::Answering {
-                runtime_listed: true,
-            }]
-            .into(),
-        ),
-    };
-    let restart = restart_for(Flavour::Vanilla, &HostRoot::new("/"));
-    let err = restart_and_wait(
-        restart.as_ref(),
-        &FakeInit {
-            events: &events,
-            fail: true,
-        },
-        &probe,
-        Path::new("/s"),
-        true,
-        POLICY,
-    )
-    .unwrap_err();
-    assert_eq!(err.to_string(), "restarting containerd with `systemctl restart containerd` failed: exit status: 5: Unit not found");
-    assert_eq!(
-        events.0.borrow().len(),
-        1,
-        "no probe after a failed restart"
-    );
+    let root = HostRoot::new("/");
+    let outcome = restart_with(Flavour::Vanilla, &root, &[LISTED], "/s", true, true);
+    assert_eq!(outcome.result.unwrap_err().to_string(), "restarting containerd with `systemctl restart containerd` failed: exit status: 5: Unit not found");
+    assert_eq!(outcome.log.len(), 1, "no probe after a failed restart");
 }
