@@ -47,10 +47,12 @@ rm -rf "$WORK/agent" "$WORK/controller"
 mkdir -p "$WORK/agent/bin" "$WORK/controller/bin"
 for b in "${agent_bins[@]}"; do strip -o "$WORK/agent/bin/$b" "$BIN_DIR/$b"; done
 strip -o "$WORK/controller/bin/kybernate-controller" "$BIN_DIR/kybernate-controller"
-# CRIU's private prefix without documentation.
+# CRIU's private prefix: criu and the libraries it loads, without the other tools that
+# share the prefix, documentation or gconv modules.
 cp -a "$CRIU_PREFIX" "$WORK/agent/criu"
-rm -rf "$WORK/agent/criu/usr/share/doc" "$WORK/agent/criu/usr/share/man" "$WORK/agent/criu/usr/share/locale" \
-  "$WORK/agent/criu/usr/share/lintian" "$WORK/agent/criu/usr/share/bug"
+c=$WORK/agent/criu
+find "$c/usr/sbin" -mindepth 1 ! -name criu -exec rm -rf {} +
+rm -rf "$c/usr/bin" "$c/usr/share" "$c/usr/lib/x86_64-linux-gnu/gconv" "$c/usr/lib/x86_64-linux-gnu/compel"
 cp deploy/images/criu-wrapper.sh "$WORK/agent/criu-wrapper.sh"
 
 build() {

@@ -79,9 +79,9 @@ pub fn run_on_node(config: AgentConfig, node_name: Option<String>) -> Result<(),
 async fn serve(config: AgentConfig, node_name: Option<String>) -> Result<(), DaemonError> {
     let config = Arc::new(config);
     let proc_root = Path::new("/proc");
-    if crate::host_mounts::in_container_with_host_pids(proc_root) {
+    if let Some(host) = crate::host_mounts::host_process(proc_root) {
         crate::host_mounts::check(
-            &proc_root.join("1/root"),
+            &proc_root.join(host.to_string()).join("root"),
             &crate::host_mounts::required(&config),
         )?;
         tracing::info!(

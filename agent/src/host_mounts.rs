@@ -52,18 +52,35 @@ pub fn required(config: &AgentConfig) -> Vec<(&'static str, PathBuf)> {
     dirs
 }
 
-/// Whether this process has a mount namespace of its own while seeing the host's PID 1
-/// (a container with hostPID). Elsewhere there is nothing to check.
-pub fn in_container_with_host_pids(proc_root: &Path) -> bool {
-    let ns = |pid: &str| std::fs::read_link(proc_root.join(pid).join("ns/mnt")).ok();
-    match (ns("1"), ns("self")) {
-        (Some(init), Some(own)) => init != own,
-        _ => false,
+/// In a container that shares the host's PIDs (the DaemonSet's hostPID), the nearest
+/// ancestor in another mount namespace: the container runtime's shim, which runs in the
+/// host's namespaces. `None` outside a container, or when the container has its own PIDs
+/// (the chain then ends at the container's PID 1). PID 1 itself is not used: some hosts
+/// hide its namespaces even from root.
+pub fn host_process(proc_root: &Path) -> Option<u32> {
+    let mnt = |pid: &str| std::fs::read_link(proc_root.join(pid).join("ns/mnt")).ok();
+    let own = mnt("self")?;
+    let mut pid = parent_of(proc_root, "self")?;
+    while pid > 1 {
+        let name = pid.to_string();
+        match mnt(&name) {
+            Some(ns) if ns != own => return Some(pid),
+            _ => pid = parent_of(proc_root, &name)?,
+        }
     }
+    None
+}
+
+fn parent_of(proc_root: &Path, pid: &str) -> Option<u32> {
+    let status = std::fs::read_to_string(proc_root.join(pid).join("status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Creates each directory and checks that `host_root` (the host's `/`, seen through
-/// `/proc/1/root`) has the very same directory at the same path.
+/// `/proc/<host process>/root`) has the very same directory at the same path.
 pub fn check(host_root: &Path, dirs: &[(&'static str, PathBuf)]) -> Result<(), HostMountError> {
     for (role, path) in dirs {
         let unreadable = |message: String| HostMountError::Unreadable {
@@ -127,10 +144,10 @@ mod tests {
     }
 
     #[test]
-    fn outside_a_container_nothing_is_checked() {
-        // The test runs in the same mount namespace as this proc root's PID 1 only when the
-        // proc root is the caller's own; a proc root without PID 1 is never a container.
+    fn outside_a_container_there_is_no_host_process() {
+        // The test and its ancestors share one mount namespace.
+        assert_eq!(host_process(Path::new("/proc")), None);
         let empty = tempfile::tempdir().unwrap();
-        assert!(!in_container_with_host_pids(empty.path()));
+        assert_eq!(host_process(empty.path()), None);
     }
 }

@@ -286,8 +286,6 @@ fn agent_image_checkpoints_and_restores_a_host_process_as_the_daemonset_runs_it(
         },
         "containerd lists the kybernate runtime after the installer ran"
     );
-    // containerd was restarted: import the image again in case of a fresh content store.
-    node.ctr_ok(&["images", "import", archive.to_str().unwrap()]);
 
     // The agent container, as the DaemonSet starts it.
     let agent = pod.container("agent");

@@ -294,7 +294,8 @@ pub fn ctr_run_flags(
     }
     if pod.host_pid {
         flags.push("--with-ns".to_string());
-        flags.push("pid:/proc/1/ns/pid".to_string());
+        // The test's own PID namespace is the host's (PID 1's may be unreadable).
+        flags.push(format!("pid:/proc/{}/ns/pid", std::process::id()));
     }
     for mount in &container.mounts {
         if Some(mount.name.as_str()) == skip {
