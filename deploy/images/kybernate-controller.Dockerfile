@@ -7,9 +7,10 @@ ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim
 FROM ${BASE_IMAGE} AS base
 
 RUN mkdir -p /runtime/etc /runtime/lib/x86_64-linux-gnu /runtime/lib64 /runtime/tmp \
- && cp -a /lib/x86_64-linux-gnu/libc.so.6 /lib/x86_64-linux-gnu/libm.so.6 \
-          /lib/x86_64-linux-gnu/libgcc_s.so.1 /runtime/lib/x86_64-linux-gnu/ \
- && cp -a /lib64/ld-linux-x86-64.so.2 /runtime/lib64/ \
+ && cp -L /lib/x86_64-linux-gnu/libc.so.6 /lib/x86_64-linux-gnu/libm.so.6 \
+          /lib/x86_64-linux-gnu/libgcc_s.so.1 /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 \
+          /runtime/lib/x86_64-linux-gnu/ \
+ && ln -s /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 /runtime/lib64/ld-linux-x86-64.so.2 \
  && echo 'nonroot:x:65532:65532:nonroot:/nonexistent:/usr/sbin/nologin' >/runtime/etc/passwd \
  && echo 'nonroot:x:65532:' >/runtime/etc/group \
  && chmod 1777 /runtime/tmp

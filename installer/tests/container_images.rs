@@ -465,25 +465,48 @@ fn controller_image_runs_read_only_as_non_root_and_fails_cleanly_without_an_api_
             .map(|w| w.as_str().unwrap().to_string())
             .collect()
     };
-    let mut args = vec![
-        "run".to_string(),
-        "--rm".into(),
-        "--read-only".into(),
-        built.name("kybernate-controller"),
-        format!("controller-{}", std::process::id()),
+    // No credentials at all, then a kubeconfig naming an API server nobody listens on.
+    let kubeconfig = node.host.dir.path().join("kubeconfig");
+    fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\ncurrent-context: none\n\
+         clusters: [{name: none, cluster: {server: 'https://127.0.0.1:1', insecure-skip-tls-verify: true}}]\n\
+         contexts: [{name: none, context: {cluster: none, user: none}}]\n\
+         users: [{name: none, user: {token: not-a-secret}}]\n",
+    )
+    .unwrap();
+    let unreachable = [
+        "--mount".to_string(),
+        format!(
+            "type=bind,src={},dst=/etc/kubeconfig,options=rbind:ro",
+            kubeconfig.display()
+        ),
+        "--env".into(),
+        "KUBECONFIG=/etc/kubeconfig".into(),
     ];
-    args.extend(words("command"));
-    args.extend(words("args"));
-    let out = node.ctr(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let all = text(&out);
-    assert!(
-        !out.status.success(),
-        "the controller cannot run without an API server: {all}"
-    );
-    let errors: Vec<&str> = all.lines().filter(|l| l.starts_with("Error")).collect();
-    assert_eq!(errors.len(), 1, "one error line: {all}");
-    assert!(
-        errors[0].contains("Kubernetes") || errors[0].contains("kubeconfig"),
-        "the line says what is missing: {all}"
-    );
+    for (case, extra, expected) in [
+        ("no credentials", &[][..], "in-cluster"),
+        ("unreachable API server", &unreachable[..], "127.0.0.1:1"),
+    ] {
+        let mut args = vec!["run".to_string(), "--rm".into(), "--read-only".into()];
+        args.extend(extra.iter().cloned());
+        args.extend([
+            built.name("kybernate-controller"),
+            format!("controller-{}", std::process::id()),
+        ]);
+        args.extend(words("command"));
+        args.extend(words("args"));
+        let out = node.ctr(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let all = text(&out);
+        assert!(!out.status.success(), "{case}: the controller cannot run: {all}");
+        let plain: Vec<&str> = all
+            .lines()
+            .filter(|l| l.starts_with("Error") || l.contains("panicked"))
+            .collect();
+        assert_eq!(plain.len(), 1, "{case}: one error line, no panic: {all}");
+        assert!(
+            plain[0].contains(expected),
+            "{case}: the line names {expected}: {all}"
+        );
+    }
 }

@@ -64,7 +64,7 @@ impl BuiltImages {
                 "{tool} is missing: run scripts/install-image-tools.sh as root"
             );
         }
-        let work = tempfile::tempdir_in(workspace().join("target")).expect("temp dir");
+        let work = tempfile::tempdir().expect("temp dir");
         let tag = format!("ci-test-{}", std::process::id());
         let out = Command::new("bash")
             .arg(workspace().join("scripts/build-images.sh"))
