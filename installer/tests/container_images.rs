@@ -246,14 +246,18 @@ fn agent_image_checkpoints_and_restores_a_host_process_as_the_daemonset_runs_it(
     node.ctr_ok(&["images", "import", archive.to_str().unwrap()]);
     let config_dir = node.host.dir.path().join("configmap");
     let dirs = HostDirs::new(&config_dir);
-    let resolve = |m: &PodMount| volume_on_test_host(&node, &config_dir, m);
 
     // The init container: the DaemonSet's installer command against the temp host root;
     // the test restarts its private containerd itself.
     let init = pod.init_container("installer");
     assert!(pod.host_pid && init.privileged, "{pod:?}");
     let mut args = vec!["run".to_string(), "--rm".into()];
-    args.extend(ctr_run_flags(&pod, init, resolve, None));
+    args.extend(ctr_run_flags(
+        &pod,
+        init,
+        |m| volume_on_test_host(&node, &config_dir, m),
+        None,
+    ));
     args.extend([image.clone(), format!("installer-{}", std::process::id())]);
     args.extend(expand(&init.command, "ci-node"));
     args.extend(expand(&init.args, "ci-node"));
@@ -288,6 +292,7 @@ fn agent_image_checkpoints_and_restores_a_host_process_as_the_daemonset_runs_it(
     );
 
     // The agent container, as the DaemonSet starts it.
+    let resolve = |m: &PodMount| volume_on_test_host(&node, &config_dir, m);
     let agent = pod.container("agent");
     let agent_id = format!("agent-{}", std::process::id());
     let agent_log = node.host.dir.path().join("agent.log");
@@ -498,7 +503,10 @@ fn controller_image_runs_read_only_as_non_root_and_fails_cleanly_without_an_api_
         args.extend(words("args"));
         let out = node.ctr(&args.iter().map(String::as_str).collect::<Vec<_>>());
         let all = text(&out);
-        assert!(!out.status.success(), "{case}: the controller cannot run: {all}");
+        assert!(
+            !out.status.success(),
+            "{case}: the controller cannot run: {all}"
+        );
         let plain: Vec<&str> = all
             .lines()
             .filter(|l| l.starts_with("Error") || l.contains("panicked"))
