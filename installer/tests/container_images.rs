@@ -491,7 +491,11 @@ fn controller_image_runs_read_only_as_non_root_and_fails_cleanly_without_an_api_
     ];
     for (case, extra, expected) in [
         ("no credentials", &[][..], "in-cluster"),
-        ("unreachable API server", &unreachable[..], "127.0.0.1:1"),
+        (
+            "unreachable API server",
+            &unreachable[..],
+            "leader election",
+        ),
     ] {
         let mut args = vec!["run".to_string(), "--rm".into(), "--read-only".into()];
         args.extend(extra.iter().cloned());
