@@ -60,6 +60,9 @@ pub enum DaemonError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    /// In a container, a directory the agent shares with the host is not a host mount.
+    #[error(transparent)]
+    HostMount(#[from] crate::host_mounts::HostMountError),
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -75,6 +78,16 @@ pub fn run_on_node(config: AgentConfig, node_name: Option<String>) -> Result<(),
 
 async fn serve(config: AgentConfig, node_name: Option<String>) -> Result<(), DaemonError> {
     let config = Arc::new(config);
+    let proc_root = Path::new("/proc");
+    if let Some(host) = crate::host_mounts::host_process(proc_root) {
+        crate::host_mounts::check(
+            &proc_root.join(host.to_string()).join("root"),
+            &crate::host_mounts::required(&config),
+        )?;
+        tracing::info!(
+            "in a container with the host's PIDs: state, tiers and socket are host mounts"
+        );
+    }
     let availability = match criu::probe(&config.criu_path) {
         Ok(version) => {
             tracing::info!(%version, "found CRIU");

@@ -21,6 +21,7 @@ pub mod drain;
 pub mod error;
 pub mod events;
 pub mod grpc;
+pub mod host_mounts;
 pub mod images;
 pub mod metrics;
 pub mod node;

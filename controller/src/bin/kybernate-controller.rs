@@ -19,8 +19,11 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() {
     let args = Args::parse();
+    // kube's TLS and the workspace's S3 client enable different rustls crypto back-ends; one
+    // process-wide provider must be chosen before the client connects.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KYBERNATE_LOG")
@@ -28,11 +31,15 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    run(RunConfig {
+    let outcome = run(RunConfig {
         metrics_addr: args.metrics_addr,
         lease_namespace: args.lease_namespace,
         identity: args.identity,
     })
-    .await?;
-    Ok(())
+    .await;
+    // One line: the error already names its cause.
+    if let Err(error) = outcome {
+        eprintln!("Error: {error}");
+        std::process::exit(1);
+    }
 }
