@@ -25,7 +25,7 @@ from benchkit import ROOT, comparison, machine_text, now_utc, require_root, targ
 ROW = re.compile(r"^\| (.+?) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9]+) \| (\S+) \| `(.*)` \|$")
 # (metric, ours step, baseline label, baseline step); every row moves the whole image.
 COMPARISONS = [
-    ("drain to NVMe vs pzstd | dd", "1 drain: kybernate → NVMe", "pzstd -1 -p 2 | dd oflag=direct",
+    ("drain to NVMe vs pzstd piped to dd", "1 drain: kybernate → NVMe", "pzstd -1 -p 2 | dd oflag=direct",
      "1 drain: pzstd -1 -p 2 | dd oflag=direct"),
     ("drain to NVMe vs raw dd", "1 drain: kybernate → NVMe", "dd oflag=direct", "1 drain: dd oflag=direct (raw)"),
     ("restore from NVMe vs pzstd -d", "2 restore: kybernate NVMe → tmpfs", "pzstd -d -p 2",
@@ -36,13 +36,14 @@ COMPARISONS = [
 
 
 def suite_binary():
+    """(path, how it was built)."""
     path = os.environ.get("DATAPLANE_BENCH_BIN")
     if path:
         if not os.access(path, os.X_OK):
             raise SystemExit(f"DATAPLANE_BENCH_BIN={path} is missing or not executable")
-        return path
+        return path, "prebuilt (DATAPLANE_BENCH_BIN)"
     subprocess.run(["cargo", "build", "--release", "-p", "kybernate-dataplane-bench"], cwd=ROOT, check=True)
-    return os.path.join(target_dir(), "release", "dataplane-bench")
+    return os.path.join(target_dir(), "release", "dataplane-bench"), "release"
 
 
 def parse(table):
@@ -69,7 +70,7 @@ def main():
     for tool in ("pzstd", "s5cmd"):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is not on PATH: run scripts/install-dataplane-deps.sh")
-    exe = suite_binary()
+    exe, build = suite_binary()
     suite = [exe, "suite", "--size-mib", str(args.size_mib), "--runs", str(args.runs)]
     print("running: " + " ".join(suite), flush=True)
     out = subprocess.run(suite, cwd=ROOT, capture_output=True, text=True)
@@ -95,7 +96,7 @@ def main():
         "<!-- bench_dataplane:start -->",
         f"### Data plane suite through the harness, {args.size_mib} MiB image",
         "",
-        f"Measured {date} on {machine_text()}, release build, {args.runs} runs, median wall time per step "
+        f"Measured {date} on {machine_text()}, {build} build, {args.runs} runs, median wall time per step "
         f"(the suite reports medians only). Command: `{command}` "
         f"(runs `dataplane-bench suite --size-mib {args.size_mib} --runs {args.runs}`).",
         "",
@@ -109,6 +110,7 @@ def main():
             "command": command,
             "date": date,
             "runs": args.runs,
+            "build": build,
             "comparisons": rows,
             "steps": steps,
             "markdown": report,
