@@ -191,8 +191,8 @@ def scaling_lines(doc, colours):
     for e in range(y0, y1 + 1):
         y = py(10 ** e)
         out.append(f'<line x1="{M["l"]}" x2="{W - M["r"]}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
-        out.append(f'<text x="{M["l"] - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{10 ** e * 1000:g} ms'
-                   f'</text>')
+        tick = f"{10 ** e * 1000:g} ms" if e < 0 else f"{10 ** e:g} s"
+        out.append(f'<text x="{M["l"] - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{tick}</text>')
     for mib in xs:
         out.append(f'<text x="{px(mib):.1f}" y="{H - M["b"] + 18}" text-anchor="middle" class="tick">'
                    f'{mib} MiB</text>')

@@ -117,7 +117,8 @@ def summary_markdown(results, rows):
              f"Run {results['date']} on {machine_text(results['machine'])}. Command: `{results['command']}`. "
              "Ratios are ours / baseline, both measured in this run (below 1 = faster than the baseline).", "",
              "| benchmark | metric | ours (s) | baseline (s) | ratio |", "| --- | --- | --- | --- | --- |"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    # A cell may name a shell pipeline; an unescaped "|" would split the Markdown row.
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
     lines += ["", "Exact commands:", ""]
     for name, doc in results["benchmarks"].items():
         lines.append(f"- {name}: " + (f"`{doc['command']}`" if doc["status"] == "ok" else doc["status"]))

@@ -142,6 +142,14 @@ async fn serve(config: AgentConfig, node_name: Option<String>) -> Result<(), Dae
     );
 
     let metrics = Metrics::new();
+    for kind in tiers.kinds() {
+        // RAM keeps CRIU's files as they are; the slower tiers store compressed chunks.
+        metrics.tier_present(kind.as_str(), kind != TierKind::Ram);
+    }
+    metrics.tier_budget(TierKind::Ram.as_str(), config.ram_budget());
+    if let Some(budget) = config.tiers.nvme_budget_bytes {
+        metrics.tier_budget(TierKind::Nvme.as_str(), budget);
+    }
     let (events, _) = tokio::sync::broadcast::channel(EVENT_BUFFER);
     let parts = NodeParts {
         criu: CriuRunner::new(

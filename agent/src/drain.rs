@@ -55,9 +55,7 @@ pub async fn store_into(
             })
         })
         .await?;
-    parts
-        .metrics
-        .stored(0, &[(kind.as_str(), report.stored_bytes)]);
+    parts.metrics.drained(kind.as_str(), &report);
     Ok(report)
 }
 

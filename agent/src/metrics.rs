@@ -3,6 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kybernate_dataplane::StoreReport;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -59,6 +60,10 @@ pub struct Metrics {
     stored_bytes: Family<TierLabels, Counter>,
     loaded_bytes: Family<TierLabels, Counter>,
     tier_used_bytes: Family<TierLabels, Gauge>,
+    tier_budget_bytes: Family<TierLabels, Gauge>,
+    compression_input_bytes: Family<TierLabels, Counter>,
+    compression_output_bytes: Family<TierLabels, Counter>,
+    dedup_saved_bytes: Family<TierLabels, Counter>,
 }
 
 fn phase_histogram() -> Histogram {
@@ -78,6 +83,10 @@ impl Metrics {
             stored_bytes: Family::default(),
             loaded_bytes: Family::default(),
             tier_used_bytes: Family::default(),
+            tier_budget_bytes: Family::default(),
+            compression_input_bytes: Family::default(),
+            compression_output_bytes: Family::default(),
+            dedup_saved_bytes: Family::default(),
             registry: Mutex::new(Registry::default()),
         };
         registry.register(
@@ -114,6 +123,26 @@ impl Metrics {
             "tier_used_bytes",
             "Bytes each tier currently holds",
             metrics.tier_used_bytes.clone(),
+        );
+        registry.register(
+            "tier_budget_bytes",
+            "Bytes each tier may hold before checkpoints are demoted (from the config)",
+            metrics.tier_budget_bytes.clone(),
+        );
+        registry.register(
+            "compression_input_bytes",
+            "Raw bytes of the chunks each tier compressed (neither zero nor already held)",
+            metrics.compression_input_bytes.clone(),
+        );
+        registry.register(
+            "compression_output_bytes",
+            "Bytes those chunks took in each tier once compressed",
+            metrics.compression_output_bytes.clone(),
+        );
+        registry.register(
+            "dedup_saved_bytes",
+            "Raw bytes each tier did not store again because it already held the chunks",
+            metrics.dedup_saved_bytes.clone(),
         );
         *metrics.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         Arc::new(metrics)
@@ -163,6 +192,47 @@ impl Metrics {
         }
     }
 
+    /// Records what one store into `tier` added: its bytes, what it compressed into what, and
+    /// what content addressing saved. Tiers that keep files as they are report no compression.
+    pub fn drained(&self, tier: &str, report: &StoreReport) {
+        let labels = TierLabels { tier: tier.into() };
+        self.stored_bytes
+            .get_or_create(&labels)
+            .inc_by(report.stored_bytes);
+        self.dedup_saved_bytes
+            .get_or_create(&labels)
+            .inc_by(report.dedup_bytes);
+        if report.compression_input_bytes > 0 || report.compression_output_bytes > 0 {
+            self.compression_input_bytes
+                .get_or_create(&labels)
+                .inc_by(report.compression_input_bytes);
+            self.compression_output_bytes
+                .get_or_create(&labels)
+                .inc_by(report.compression_output_bytes);
+        }
+    }
+
+    /// Creates the byte counters of `tier` at 0 (the compression counters only when the tier
+    /// `compresses`), so that the first store or load into it is an increase Prometheus sees:
+    /// a series born at its first value has no rate.
+    pub fn tier_present(&self, tier: &str, compresses: bool) {
+        let labels = TierLabels { tier: tier.into() };
+        let mut families = vec![
+            &self.stored_bytes,
+            &self.loaded_bytes,
+            &self.dedup_saved_bytes,
+        ];
+        if compresses {
+            families.extend([
+                &self.compression_input_bytes,
+                &self.compression_output_bytes,
+            ]);
+        }
+        for family in families {
+            drop(family.get_or_create(&labels));
+        }
+    }
+
     /// Records bytes a restore read from `tier`.
     pub fn loaded(&self, tier: &str, bytes: u64) {
         self.loaded_bytes
@@ -173,6 +243,13 @@ impl Metrics {
     /// Sets the current occupancy of `tier`.
     pub fn tier_used(&self, tier: &str, bytes: u64) {
         self.tier_used_bytes
+            .get_or_create(&TierLabels { tier: tier.into() })
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the budget of `tier`, from the config at start and again on every reload.
+    pub fn tier_budget(&self, tier: &str, bytes: u64) {
+        self.tier_budget_bytes
             .get_or_create(&TierLabels { tier: tier.into() })
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
@@ -225,15 +302,39 @@ mod tests {
         m.failure("restore", "verify", "corrupt");
         m.stored(100, &[("ram", 100), ("nvme", 40)]);
         m.tier_used("nvme", 40);
+        m.tier_budget("ram", 1 << 30);
+        m.tier_present("s3", true);
+        m.tier_present("ram", false);
+        m.drained(
+            "nvme",
+            &StoreReport {
+                raw_bytes: 100,
+                stored_bytes: 12,
+                compression_input_bytes: 50,
+                compression_output_bytes: 12,
+                dedup_bytes: 20,
+                zero_bytes: 30,
+            },
+        );
         let text = m.encode();
         for needle in [
             "kybernate_phase_duration_seconds_count{operation=\"checkpoint\",phase=\"criu_dump\"} 1",
             "kybernate_failures_total{operation=\"restore\",phase=\"verify\",reason=\"corrupt\"} 1",
-            "kybernate_tier_stored_bytes_total{tier=\"nvme\"} 40",
+            "kybernate_tier_stored_bytes_total{tier=\"nvme\"} 52",
+            "kybernate_compression_input_bytes_total{tier=\"nvme\"} 50",
+            "kybernate_compression_output_bytes_total{tier=\"nvme\"} 12",
+            "kybernate_dedup_saved_bytes_total{tier=\"nvme\"} 20",
+            "kybernate_tier_budget_bytes{tier=\"ram\"} 1073741824",
+            "kybernate_compression_input_bytes_total{tier=\"s3\"} 0",
+            "kybernate_tier_loaded_bytes_total{tier=\"ram\"} 0",
             "kybernate_checkpoint_raw_bytes_total 100",
             "kybernate_tier_used_bytes{tier=\"nvme\"} 40",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
+        assert!(
+            !text.contains("kybernate_compression_input_bytes_total{tier=\"ram\"}"),
+            "a tier that does not compress got a compression series:\n{text}"
+        );
     }
 }

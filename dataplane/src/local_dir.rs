@@ -66,6 +66,7 @@ impl LocalDirTier {
         Ok(StoreReport {
             raw_bytes: bytes,
             stored_bytes: bytes,
+            ..StoreReport::default()
         })
     }
 
@@ -90,7 +91,7 @@ impl Tier for LocalDirTier {
             let bytes = dir_bytes(&dir).map_err(|e| self.io("measure", &dir, e))?;
             return Ok(StoreReport {
                 raw_bytes: bytes,
-                stored_bytes: 0,
+                ..StoreReport::default()
             });
         }
         let partial = self.partial_dir_of(name);

@@ -143,7 +143,7 @@ impl NvmeTier {
             return Ok((
                 StoreReport {
                     raw_bytes: raw,
-                    stored_bytes: 0,
+                    ..StoreReport::default()
                 },
                 DrainStats {
                     raw_bytes: raw,
@@ -178,13 +178,7 @@ impl NvmeTier {
             Ok(stats)
         });
         match committed {
-            Ok(stats) => Ok((
-                StoreReport {
-                    raw_bytes: stats.raw_bytes,
-                    stored_bytes: stats.new_stored_bytes,
-                },
-                stats,
-            )),
+            Ok(stats) => Ok((StoreReport::from(&stats), stats)),
             Err(e) => {
                 // Nothing references the chunks this store added (stores are serialised), so
                 // they go; the source image set was only read and is untouched.

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::path::Path;
 
-use crate::{CheckpointName, TierError};
+use crate::{CheckpointName, DrainStats, TierError};
 
 /// The storage tiers, nearest (fastest to restore from) first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -50,6 +50,34 @@ pub struct StoreReport {
     pub raw_bytes: u64,
     /// Bytes this store added to the tier.
     pub stored_bytes: u64,
+    /// Raw bytes of the chunks this store compressed: neither zero nor already held by the
+    /// tier. 0 for a tier that keeps files as they are (RAM). With
+    /// `compression_output_bytes`, the compression ratio the agent exports per tier.
+    pub compression_input_bytes: u64,
+    /// Bytes those chunks took once compressed (what the store wrote for them).
+    pub compression_output_bytes: u64,
+    /// Raw bytes of chunks the tier already held, so this store did not write them again:
+    /// what content addressing saved.
+    pub dedup_bytes: u64,
+    /// Raw bytes of zero chunks, recorded in the manifest and never stored.
+    pub zero_bytes: u64,
+}
+
+impl From<&DrainStats> for StoreReport {
+    /// The report of a store that ran the chunk pipeline.
+    fn from(stats: &DrainStats) -> Self {
+        Self {
+            raw_bytes: stats.raw_bytes,
+            stored_bytes: stats.new_stored_bytes,
+            compression_input_bytes: stats
+                .raw_bytes
+                .saturating_sub(stats.zero_bytes)
+                .saturating_sub(stats.dedup_bytes),
+            compression_output_bytes: stats.new_stored_bytes,
+            dedup_bytes: stats.dedup_bytes,
+            zero_bytes: stats.zero_bytes,
+        }
+    }
 }
 
 /// What loading an image set produced.
@@ -85,4 +113,27 @@ pub trait Tier: Send + Sync + fmt::Debug {
 
     /// Bytes the tier currently uses.
     fn used_bytes(&self) -> Result<u64, TierError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pipeline_store_reports_compression_dedup_and_zero_bytes() {
+        let stats = DrainStats {
+            raw_bytes: 100,
+            zero_bytes: 30,
+            dedup_bytes: 20,
+            new_stored_bytes: 10,
+            ..DrainStats::default()
+        };
+        let report = StoreReport::from(&stats);
+        assert_eq!(report.raw_bytes, 100);
+        assert_eq!(report.stored_bytes, 10);
+        assert_eq!(report.compression_input_bytes, 50);
+        assert_eq!(report.compression_output_bytes, 10);
+        assert_eq!(report.dedup_bytes, 20);
+        assert_eq!(report.zero_bytes, 30);
+    }
 }

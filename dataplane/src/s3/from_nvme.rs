@@ -102,13 +102,7 @@ impl S3Tier {
         upload.finish()?;
         source.files = files;
         self.commit(source, &index)?;
-        Ok((
-            StoreReport {
-                raw_bytes: stats.raw_bytes,
-                stored_bytes: stats.new_stored_bytes,
-            },
-            stats,
-        ))
+        Ok((StoreReport::from(&stats), stats))
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -44,13 +44,7 @@ impl S3Tier {
         };
         upload.finish()?;
         self.commit(manifest, &index)?;
-        Ok((
-            StoreReport {
-                raw_bytes: stats.raw_bytes,
-                stored_bytes: stats.new_stored_bytes,
-            },
-            stats,
-        ))
+        Ok((StoreReport::from(&stats), stats))
     }
 
     /// Renumbers the global pack ids of `manifest` into its own compact pack table and writes
@@ -101,7 +95,7 @@ impl S3Tier {
         let raw = self.manifest(name)?.raw_bytes();
         let report = StoreReport {
             raw_bytes: raw,
-            stored_bytes: 0,
+            ..StoreReport::default()
         };
         let stats = DrainStats {
             raw_bytes: raw,
