@@ -118,7 +118,8 @@ class Node:
 
     def ctr(self, *args, check=True):
         out = subprocess.run([os.path.join(self.bin_dir, "ctr"), "--address", self.socket, "--namespace", self.ns,
-                              *args], env=dict(os.environ, PATH=self.path), capture_output=True, text=True)
+                              *args], env=dict(os.environ, PATH=self.path), capture_output=True, text=True,
+                             timeout=None if check else 60)
         if check and out.returncode != 0:
             raise RuntimeError(f"ctr {' '.join(args)}: {out.stderr.strip()}")
         return out
@@ -130,17 +131,26 @@ class Node:
         self.ctr("containers", "rm", cid)
 
     def close(self):
-        for cid in self.ctr("tasks", "ls", "-q", check=False).stdout.split():
-            self.ctr("tasks", "kill", "-a", "-s", "SIGKILL", cid, check=False)
-            self.ctr("tasks", "delete", "-f", cid, check=False)
-        for cid in self.ctr("containers", "ls", "-q", check=False).stdout.split():
-            self.ctr("containers", "rm", cid, check=False)
+        try:
+            self.remove_all()
+        except subprocess.TimeoutExpired as e:
+            print(f"cleanup: {e}; killing the daemon", flush=True)
         for proc in (self.daemon, self.agent):
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        self.release()
+
+    def remove_all(self):
+        for cid in self.ctr("tasks", "ls", "-q", check=False).stdout.split():
+            self.ctr("tasks", "kill", "-a", "-s", "SIGKILL", cid, check=False)
+            self.ctr("tasks", "delete", "-f", cid, check=False)
+        for cid in self.ctr("containers", "ls", "-q", check=False).stdout.split():
+            self.ctr("containers", "rm", cid, check=False)
+
+    def release(self):
         subprocess.run(["pkill", "-KILL", "-f", self.socket], check=False)
         shutil.rmtree(self.ram, ignore_errors=True)
         subprocess.run(["umount", "-R", "-l", self.work], stderr=subprocess.DEVNULL, check=False)
