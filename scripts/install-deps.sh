@@ -2,7 +2,8 @@
 # Installs what Kybernate needs on a Debian 12 machine, idempotently, as root.
 #
 # - bookworm packages: iptables (CRIU's network lock), zstd/pzstd (benchmark baselines),
-#   protobuf headers are not needed (protox compiles .proto files in pure Rust);
+#   protobuf-compiler (protoc: the containerd-client crate generates containerd's API in its
+#   build.rs; our own proto/ crate uses protox);
 # - CRIU 4.2.1 from Debian sid, unpacked with the trixie C library it needs into a private
 #   prefix (bookworm's glibc 2.36 is too old and must not be upgraded), with a wrapper script
 #   on PATH that starts it through that prefix's loader;
@@ -19,7 +20,7 @@ log() { echo "install-deps: $*" >&2; }
 
 [ "$(id -u)" = 0 ] || { log "must run as root"; exit 1; }
 
-bookworm_packages=(iptables zstd ca-certificates busybox-static util-linux)
+bookworm_packages=(iptables zstd ca-certificates busybox-static util-linux protobuf-compiler)
 missing=()
 for p in "${bookworm_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

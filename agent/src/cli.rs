@@ -38,11 +38,22 @@ pub enum OutputFormat {
 /// The sub-commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Checkpoint a process tree.
+    /// Checkpoint a process tree (`--pid`) or a container (`--container`, through containerd
+    /// and the kybernate shim).
     Checkpoint {
         /// Root PID of the tree.
+        #[arg(
+            long,
+            required_unless_present = "container",
+            conflicts_with = "container"
+        )]
+        pid: Option<i32>,
+        /// containerd id of a container running under the kybernate runtime.
         #[arg(long)]
-        pid: i32,
+        container: Option<String>,
+        /// containerd namespace of `--container` (`k8s.io` for Kubernetes pods).
+        #[arg(long, requires = "container", default_value = "default")]
+        namespace: String,
         /// Name of the checkpoint (generated when omitted).
         #[arg(long)]
         name: Option<String>,
@@ -145,6 +156,8 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Checkpoint {
             pid,
+            container,
+            namespace,
             name,
             leave_running,
             timeout_ms,
@@ -153,7 +166,13 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             let reply = agent
                 .checkpoint(pb::CheckpointRequest {
                     name: name.unwrap_or_default(),
-                    pid,
+                    pid: pid.unwrap_or_default(),
+                    containerd_namespace: if container.is_some() {
+                        namespace
+                    } else {
+                        String::new()
+                    },
+                    container_id: container.unwrap_or_default(),
                     leave_running,
                     timeout_ms: timeout_ms.unwrap_or(0),
                     tier: tier.unwrap_or_default(),

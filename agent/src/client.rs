@@ -25,9 +25,18 @@ pub async fn connect(socket: &Path) -> Result<AgentClient<Channel>, ConnectError
     if !socket.exists() {
         return Err(fail("no such socket (is kybernate-agent running?)".into()));
     }
+    let channel = unix_channel(socket)
+        .await
+        .map_err(|e| fail(source_chain(&e)))?;
+    Ok(AgentClient::new(channel))
+}
+
+/// A gRPC channel whose every connection goes to Unix socket `socket` (the agent's or
+/// containerd's).
+pub async fn unix_channel(socket: &Path) -> Result<Channel, tonic::transport::Error> {
     let path = socket.to_owned();
     // The URI is required by the API but unused: every connection goes to the socket.
-    let channel = Endpoint::from_static("http://kybernate-agent.local")
+    Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
             async move {
@@ -35,8 +44,6 @@ pub async fn connect(socket: &Path) -> Result<AgentClient<Channel>, ConnectError
             }
         }))
         .await
-        .map_err(|e| fail(source_chain(&e)))?;
-    Ok(AgentClient::new(channel))
 }
 
 /// An error and its causes, joined, for messages.

@@ -29,6 +29,9 @@ pub struct AgentConfig {
     pub metrics_addr: SocketAddr,
     /// The CRIU binary (4.2 or newer), looked up on PATH when not absolute.
     pub criu_path: PathBuf,
+    /// containerd's API socket: container checkpoints go through containerd to the
+    /// container's kybernate shim.
+    pub containerd_socket: PathBuf,
     /// Storage tiers.
     pub tiers: TiersConfig,
     /// Per-phase timeouts.
@@ -118,6 +121,7 @@ impl Default for AgentConfig {
             allowed_uids: Vec::new(),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
             criu_path: PathBuf::from("criu"),
+            containerd_socket: PathBuf::from(crate::containerd::DEFAULT_CONTAINERD_SOCKET),
             tiers: TiersConfig::default(),
             timeouts: TimeoutsConfig::default(),
             dataplane: DataplaneConfig::default(),

@@ -111,6 +111,10 @@ pub enum AgentError {
         /// The deadline.
         millis: u64,
     },
+    /// containerd (or the container's shim behind it) refused or failed a container
+    /// checkpoint; the shim rolled back, so the container keeps running.
+    #[error(transparent)]
+    Containerd(#[from] crate::containerd::ContainerdError),
     /// The agent is shutting down or an internal channel broke.
     #[error("agent internal error: {0}")]
     Internal(String),
@@ -134,6 +138,12 @@ impl AgentError {
             AgentError::PidInUse { .. } => "pid_in_use",
             AgentError::Catalog(_) => "catalog",
             AgentError::Timeout { .. } => "timeout",
+            AgentError::Containerd(e) => match e.code {
+                tonic::Code::NotFound => "not_found",
+                tonic::Code::Unavailable => "containerd_unavailable",
+                tonic::Code::FailedPrecondition => "invalid_target",
+                _ => "containerd",
+            },
             AgentError::Internal(_) => "internal",
         }
     }
@@ -166,6 +176,14 @@ impl From<AgentError> for tonic::Status {
             | AgentError::Criu { .. }
             | AgentError::Tier { .. }
             | AgentError::Catalog(_) => tonic::Status::aborted(message),
+            AgentError::Containerd(e) => match e.code {
+                tonic::Code::NotFound
+                | tonic::Code::FailedPrecondition
+                | tonic::Code::InvalidArgument
+                | tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded => tonic::Status::new(e.code, message),
+                _ => tonic::Status::aborted(message),
+            },
             AgentError::Internal(_) => tonic::Status::internal(message),
         }
     }

@@ -13,6 +13,7 @@ pub mod client;
 pub mod command;
 pub mod config;
 pub mod container;
+pub mod containerd;
 pub mod criu;
 pub mod cuda;
 pub mod daemon;

@@ -21,6 +21,7 @@ mod record;
 pub use record::GpuOf;
 mod container_checkpoint;
 mod container_restore;
+mod containerd_checkpoint;
 pub use container_checkpoint::{ContainerCheckpointBegin, ContainerCheckpointEnd};
 pub use container_restore::{ContainerRestoreEnd, ContainerRestoreStage};
 
@@ -42,6 +43,9 @@ pub struct NodeAgent {
     shim_checkpoints: HashMap<CheckpointName, container_checkpoint::ShimCheckpoint>,
     /// Container restores the shim has staged and not yet ended.
     shim_restores: HashMap<CheckpointName, container_restore::ShimRestore>,
+    /// Containers this agent asked containerd to checkpoint, with the name their shim's
+    /// ContainerCheckpointBegin is to use.
+    awaited_containers: HashMap<String, CheckpointName>,
 }
 
 /// How often tier budgets are re-checked besides after each operation.
@@ -71,6 +75,7 @@ impl NodeAgent {
             demoting: false,
             shim_checkpoints: HashMap::new(),
             shim_restores: HashMap::new(),
+            awaited_containers: HashMap::new(),
         }
     }
 
@@ -131,13 +136,6 @@ impl NodeAgent {
     }
 
     fn checkpoint_job(&self, req: pb::CheckpointRequest) -> Result<CheckpointJob, AgentError> {
-        if !req.container_id.is_empty() {
-            return Err(AgentError::InvalidRequest(format!(
-                "container {} must be checkpointed through containerd and the kybernate shim; \
-                 this call takes the PID of a bare process tree",
-                req.container_id
-            )));
-        }
         let until = match req.tier.as_str() {
             "" => TierKind::Nvme,
             tier => TierKind::parse(tier).ok_or_else(|| {
@@ -302,6 +300,9 @@ impl Handler<Checkpoint> for NodeAgent {
     type Result = ResponseActFuture<Self, Result<pb::CheckpointReply, AgentError>>;
 
     fn handle(&mut self, msg: Checkpoint, _: &mut Self::Context) -> Self::Result {
+        if !msg.0.container_id.is_empty() {
+            return self.checkpoint_through_containerd(msg.0);
+        }
         let prepared = self
             .checkpoint_job(msg.0)
             .and_then(|job| self.reserve(&job.name).map(|()| job));

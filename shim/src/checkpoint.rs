@@ -227,24 +227,66 @@ impl TaskService {
         let args = dump_args(id, options, images, work);
         let deadline = millis(self.config.timeouts.dump_ms);
         let log = container.runc_log();
-        let run = self.runc.run(id, &args, Default::default(), Some(&log));
-        match tokio::time::timeout(deadline, run).await {
-            Err(_) => Err(ShimError::Phase {
-                id: id.to_owned(),
-                operation: "checkpoint",
-                phase: "criu_dump",
-                message: format!(
-                    "runc checkpoint took longer than {} ms",
-                    deadline.as_millis()
-                ),
-            }),
-            Ok(Err(e)) => Err(ShimError::Phase {
+        let was_paused = container.init.status == ProcessStatus::Paused;
+        let run = self
+            .runc
+            .run_within(id, &args, Default::default(), Some(&log), Some(deadline))
+            .await;
+        match run {
+            Err(e @ ShimError::Timeout { .. }) => {
+                let thawed = if was_paused {
+                    String::from("; the task stays paused as it was")
+                } else {
+                    self.thaw_after_killed_dump(id, &log).await
+                };
+                Err(ShimError::Phase {
+                    id: id.to_owned(),
+                    operation: "checkpoint",
+                    phase: "criu_dump",
+                    message: format!("{e}{thawed}"),
+                })
+            }
+            Err(e) => Err(ShimError::Phase {
                 id: id.to_owned(),
                 operation: "checkpoint",
                 phase: "criu_dump",
                 message: format!("{e}{}", criu_errors(&work.join("dump.log"))),
             }),
-            Ok(Ok(_)) => Ok(()),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    /// CRIU freezes the container's cgroup while it dumps; killed mid-dump it leaves the
+    /// cgroup frozen, so the container is resumed here (it was running before the dump).
+    async fn thaw_after_killed_dump(&self, id: &str, log: &Path) -> String {
+        let state = self
+            .runc
+            .run(
+                id,
+                &["state".into(), id.to_owned()],
+                Default::default(),
+                None,
+            )
+            .await;
+        let paused = state.is_ok_and(|out| {
+            serde_json::from_str::<serde_json::Value>(&out.stdout)
+                .is_ok_and(|v| v["status"] == "paused")
+        });
+        if !paused {
+            return "; the container kept running".into();
+        }
+        match self
+            .runc
+            .run(
+                id,
+                &["resume".into(), id.to_owned()],
+                Default::default(),
+                Some(log),
+            )
+            .await
+        {
+            Ok(_) => "; the container was resumed and keeps running".into(),
+            Err(e) => format!("; resuming the container failed: {e}"),
         }
     }
 

@@ -40,6 +40,16 @@ pub enum ShimError {
         /// runc's stderr or log.
         output: String,
     },
+    /// A runc command ran past its deadline; it was killed with its process group.
+    #[error("container {id}: runc {command} took longer than {millis} ms and was killed")]
+    Timeout {
+        /// Container id.
+        id: String,
+        /// The runc sub-command.
+        command: String,
+        /// The deadline.
+        millis: u64,
+    },
     /// A checkpoint or restore phase failed; the container was left as it was.
     #[error("container {id}: {operation} failed in phase {phase}: {message}")]
     Phase {
@@ -80,6 +90,7 @@ impl ShimError {
             Self::NotFound { .. } => Code::NOT_FOUND,
             Self::State { .. } => Code::FAILED_PRECONDITION,
             Self::Invalid { .. } => Code::INVALID_ARGUMENT,
+            Self::Timeout { .. } => Code::DEADLINE_EXCEEDED,
             Self::Runc { .. } | Self::Phase { .. } | Self::Io { .. } => Code::UNKNOWN,
         }
     }

@@ -415,7 +415,11 @@ fn check_options(
     if parsed.systemd_cgroup {
         return Err(ShimError::Invalid {
             id: id.to_owned(),
-            message: "SystemdCgroup = true is not supported by the kybernate shim yet".into(),
+            message: "runtime option SystemdCgroup = true is refused: the kybernate shim runs \
+                      runc with cgroupfs cgroups (its stats, OOM events and CRIU \
+                      checkpoint/restore address the cgroup by path); set SystemdCgroup = false \
+                      in the kybernate runtime's options (plugins...runtimes.kybernate.options)"
+                .into(),
         });
     }
     Ok(())
@@ -492,4 +496,32 @@ pub fn container_of<'a>(
     id: &str,
 ) -> Result<&'a Container> {
     containers.get(id).ok_or_else(|| TaskService::not_found(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use containerd_shim::protos::protobuf::well_known_types::any::Any;
+
+    fn runc_options(options: &Options) -> Any {
+        let mut any = Any::new();
+        any.type_url = "containerd.runc.v1.Options".into();
+        any.value = options.write_to_bytes().unwrap();
+        any
+    }
+
+    #[test]
+    fn systemd_cgroup_is_refused_by_name() {
+        let mut options = Options::new();
+        options.systemd_cgroup = true;
+        let e = check_options("c1", &runc_options(&options))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("SystemdCgroup = true") && e.contains("container c1"),
+            "{e}"
+        );
+        options.systemd_cgroup = false;
+        check_options("c1", &runc_options(&options)).unwrap();
+    }
 }

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::Duration;
 
 use containerd_shim::monitor::{monitor_subscribe, monitor_unsubscribe, Subject, Topic};
 use tokio::io::AsyncReadExt;
@@ -39,6 +40,8 @@ pub struct RuncOutput {
     pub stdout: String,
     /// Standard error (empty when stderr went to the container).
     pub stderr: String,
+    /// The command ran past its deadline and was killed with its process group.
+    pub timed_out: bool,
 }
 
 impl RuncCli {
@@ -52,6 +55,21 @@ impl RuncCli {
         stdio: CommandStdio,
         log: Option<&Path>,
     ) -> Result<RuncOutput> {
+        self.run_within(id, args, stdio, log, None).await
+    }
+
+    /// [`RuncCli::run`] with a deadline: runc runs in its own process group, and when the
+    /// deadline passes the whole group (runc and the CRIU it started) is killed, so nothing
+    /// keeps working on the container after the caller gave up. Fails with
+    /// [`ShimError::Timeout`] then.
+    pub async fn run_within(
+        &self,
+        id: &str,
+        args: &[String],
+        stdio: CommandStdio,
+        log: Option<&Path>,
+        deadline: Option<Duration>,
+    ) -> Result<RuncOutput> {
         let command_name = args.first().cloned().unwrap_or_default();
         let mut cmd = Command::new(&self.binary);
         cmd.arg("--root").arg(&self.root);
@@ -63,9 +81,19 @@ impl RuncCli {
         cmd.stdin(stdio.stdin.map_or_else(Stdio::null, Stdio::from));
         cmd.stdout(stdio.stdout.map_or_else(Stdio::piped, Stdio::from));
         cmd.stderr(stdio.stderr.map_or_else(Stdio::piped, Stdio::from));
-        let output = execute(cmd, capture_out, capture_err)
+        if deadline.is_some() {
+            cmd.process_group(0);
+        }
+        let output = execute(cmd, capture_out, capture_err, deadline)
             .await
             .map_err(|e| ShimError::io(id, format!("run {}", self.binary.display()), e))?;
+        if let (true, Some(deadline)) = (output.timed_out, deadline) {
+            return Err(ShimError::Timeout {
+                id: id.to_owned(),
+                command: command_name,
+                millis: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
+            });
+        }
         if output.code != 0 {
             let mut text = output.stderr.trim().to_owned();
             if let Some(log) = log {
@@ -91,11 +119,13 @@ impl RuncCli {
     }
 }
 
-/// Spawns `cmd` and waits for its exit through the shim's exit monitor.
+/// Spawns `cmd` and waits for its exit through the shim's exit monitor. Past `deadline`
+/// the process group led by `cmd` is killed (the caller put it in a group of its own).
 pub async fn execute(
     mut cmd: Command,
     capture_out: bool,
     capture_err: bool,
+    deadline: Option<Duration>,
 ) -> std::io::Result<RuncOutput> {
     let subscription = monitor_subscribe(Topic::Pid)
         .await
@@ -131,7 +161,7 @@ pub async fn execute(
         }
         text
     };
-    let wait = async {
+    let exit = async {
         while let Some(event) = rx.recv().await {
             if matches!(event.subject, Subject::Pid(p) if p == pid) {
                 return event.exit_code;
@@ -139,7 +169,26 @@ pub async fn execute(
         }
         -1
     };
-    let (stdout, stderr, code) = tokio::join!(read_out, read_err, wait);
+    let wait = async {
+        let Some(deadline) = deadline else {
+            return (exit.await, false);
+        };
+        tokio::pin!(exit);
+        match tokio::time::timeout(deadline, &mut exit).await {
+            Ok(code) => (code, false),
+            Err(_) => {
+                if pid > 0 {
+                    // SAFETY: kill(2) with a negative pid signals the process group `pid`
+                    // leads; it touches no memory of ours.
+                    unsafe {
+                        libc::kill(-pid, libc::SIGKILL);
+                    }
+                }
+                (exit.await, true)
+            }
+        }
+    };
+    let (stdout, stderr, (code, timed_out)) = tokio::join!(read_out, read_err, wait);
     let _ = monitor_unsubscribe(sub_id).await;
     // Reaped already by the shim's reaper; keep tokio from tracking it.
     drop(child);
@@ -147,6 +196,7 @@ pub async fn execute(
         code,
         stdout,
         stderr,
+        timed_out,
     })
 }
 

@@ -12,11 +12,23 @@ use harness::{containerd_16, containerd_21, Node, Version, IMAGE, KYBERNATE};
 
 /// A shell loop counting in memory; it writes the count to /tmp/count every 50 ms.
 const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done";
+/// The same counter writing into the container's /dev/shm, a tmpfs CRIU dumps with the
+/// images: a restore into a fresh rootfs finds the file even when the dump caught it open.
+const SHM_COUNTER: &str =
+    "i=0; while true; do i=$((i+1)); echo $i > /dev/shm/count; sleep 0.05; done";
+
+/// Containers whose id starts with this run [`SHM_COUNTER`].
+const SHM: &str = "shm-";
 
 fn run_counter(node: &Node, id: &str, extra: &[&str]) {
     let mut args = vec!["run", "-d", "--runtime", KYBERNATE];
     args.extend_from_slice(extra);
-    args.extend_from_slice(&[IMAGE, id, "sh", "-c", COUNTER]);
+    let script = if id.starts_with(SHM) {
+        SHM_COUNTER
+    } else {
+        COUNTER
+    };
+    args.extend_from_slice(&[IMAGE, id, "sh", "-c", script]);
     node.ctr_ok(&args);
     node.wait_status(id, "RUNNING");
 }
@@ -42,7 +54,11 @@ fn read_count(node: &Node, id: &str) -> Option<u64> {
         &exec_id,
         id,
         "cat",
-        "/tmp/count",
+        if id.starts_with(SHM) {
+            "/dev/shm/count"
+        } else {
+            "/tmp/count"
+        },
     ]);
     out.trim().parse().ok()
 }
@@ -83,6 +99,21 @@ fn agent_checkpoints(node: &Node, id: &str) -> Vec<String> {
         .collect()
 }
 
+/// `kybernatectl checkpoint --container`: agent -> containerd -> shim -> agent.
+fn ctl_checkpoint(node: &Node, id: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "--output",
+        "json",
+        "checkpoint",
+        "--container",
+        id,
+        "--namespace",
+        &node.namespace,
+    ];
+    args.extend_from_slice(extra);
+    node.kybernatectl(&args)
+}
+
 fn round_trip(version: Version) {
     let node = Node::start(version);
     let id = "counter";
@@ -102,8 +133,33 @@ fn round_trip(version: Version) {
     assert_eq!(
         stored.len(),
         1,
-        "the agent stored one checkpoint: {stored:?}"
+        "the agent stored one checkpoint for ctr: {stored:?}"
     );
+    // The same path through the agent: kybernatectl -> containerd -> shim -> agent.
+    // (A container of its own: containerd 1.6 refuses a second checkpoint of an unchanged
+    // container while the first one's spec blob is in its content store.)
+    let via = "shm-via-agent";
+    run_counter(&node, via, &[]);
+    let early = wait_count(&node, via, 20);
+    let out = ctl_checkpoint(&node, via, &["--leave-running"]);
+    assert!(
+        out.status.success(),
+        "kybernatectl checkpoint --container failed: {}\nagent log:\n{}",
+        stderr(&out),
+        node.agent_log()
+    );
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let through_agent = reply["name"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no checkpoint name in {reply}"))
+        .to_owned();
+    assert!(
+        agent_checkpoints(&node, via) == vec![through_agent.clone()],
+        "the agent stored the checkpoint it reported"
+    );
+    assert_eq!(node.task_status(via).as_deref(), Some("RUNNING"));
+    assert!(wait_count(&node, via, early + 5) > early);
+    node.remove(via);
 
     node.remove(id);
     node.ctr_ok(&[
@@ -129,6 +185,16 @@ fn round_trip(version: Version) {
         "annotation restore: the counter restarted ({restored} < {before})"
     );
     node.remove("from-annotation");
+
+    // The checkpoint taken through kybernatectl restores too, and continues from its count.
+    let annotation = format!("kybernate.io/restore-from={through_agent}");
+    run_counter(&node, "shm-from-ctl", &["--annotation", &annotation]);
+    let restored = count(&node, "shm-from-ctl");
+    assert!(
+        restored >= early,
+        "kybernatectl checkpoint: the counter did not continue ({restored}, taken at {early})"
+    );
+    node.remove("shm-from-ctl");
 }
 
 #[test]
@@ -159,7 +225,23 @@ fn bad_input(version: Version) {
         !out.status.success(),
         "checkpoint of a stopped task succeeded"
     );
+    let out = ctl_checkpoint(&node, "quit", &[]);
+    let text = stderr(&out);
+    assert!(
+        !out.status.success(),
+        "kybernatectl checkpointed a stopped task"
+    );
+    assert!(text.contains("quit"), "{text}");
     node.remove("quit");
+    let out = ctl_checkpoint(&node, "no-such", &[]);
+    let text = stderr(&out);
+    assert!(!out.status.success());
+    assert!(
+        text.contains("no-such") && text.contains("not found"),
+        "{text}"
+    );
+
+    dump_past_deadline(&node);
 
     run_counter(&node, "gpu", &["--env", "NVIDIA_VISIBLE_DEVICES=7"]);
     let out = node.ctr(&["containers", "checkpoint", "--task", "gpu", "x:3"]);
@@ -246,6 +328,43 @@ fn bad_input(version: Version) {
     );
     assert!(text.contains(&name), "{text}");
     assert!(node.task_status("broken").is_none());
+}
+
+/// A dump past the shim's deadline (1 ms, so it always passes): runc and its CRIU are
+/// killed, the agent rolls back, nothing is stored and the container keeps running.
+fn dump_past_deadline(node: &Node) {
+    let shim_toml = node.dir.path().join("shim.toml");
+    let normal = std::fs::read_to_string(&shim_toml).unwrap();
+    // Each container gets its own shim, which reads the file when it starts.
+    std::fs::write(&shim_toml, format!("{normal}[timeouts]\ndump_ms = 1\n")).unwrap();
+    run_counter(node, "slow", &[]);
+    std::fs::write(&shim_toml, normal).unwrap();
+    let before = wait_count(node, "slow", 5);
+    let out = ctl_checkpoint(node, "slow", &["--leave-running"]);
+    let text = stderr(&out);
+    assert!(!out.status.success(), "a dump past its deadline succeeded");
+    assert!(
+        text.contains("criu_dump") && text.contains("longer than 1 ms"),
+        "{text}"
+    );
+    assert_eq!(node.task_status("slow").as_deref(), Some("RUNNING"));
+    assert!(
+        wait_count(node, "slow", before + 5) > before,
+        "the container stopped counting after the killed dump"
+    );
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("checkpoint") && c.contains(&node.runc_root.display().to_string()))
+        .collect();
+    assert!(left.is_empty(), "runc checkpoint still runs: {left:?}");
+    assert!(
+        agent_checkpoints(node, "slow").is_empty(),
+        "a timed-out dump was stored"
+    );
+    node.remove("slow");
 }
 
 /// Flips bytes in every stored file of checkpoint `name` under a tier dir; returns how many.

@@ -42,7 +42,8 @@ pub struct ContainerCheckpointBegin(pub pb::ContainerCheckpointBeginRequest);
 #[rtype(result = "Result<pb::CheckpointReply, AgentError>")]
 pub struct ContainerCheckpointEnd(pub pb::ContainerCheckpointEndRequest);
 
-fn container_name(container_id: &str) -> Result<CheckpointName, AgentError> {
+/// A fresh checkpoint name for a container.
+pub(super) fn container_name(container_id: &str) -> Result<CheckpointName, AgentError> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -67,7 +68,11 @@ impl Handler<ContainerCheckpointBegin> for NodeAgent {
                     "a container checkpoint needs the container id and its pids".into(),
                 ));
             }
-            let name = if request.name.is_empty() {
+            let awaited = self.awaited_containers.get(&request.container_id);
+            let name = if let (true, Some(awaited)) = (request.name.is_empty(), awaited) {
+                // This agent asked containerd for the checkpoint and promised its caller a name.
+                awaited.clone()
+            } else if request.name.is_empty() {
                 container_name(&request.container_id)?
             } else {
                 CheckpointName::new(&request.name)?

@@ -172,9 +172,11 @@ impl Node {
         fs::write(
             base.join("agent.toml"),
             format!(
-                "socket = \"{}\"\nstate_dir = \"{}\"\nmetrics_addr = \"127.0.0.1:0\"\n\
+                "socket = \"{}\"\ncontainerd_socket = \"{}\"\nstate_dir = \"{}\"\n\
+                 metrics_addr = \"127.0.0.1:0\"\n\
                  [tiers]\nram_path = \"{}\"\nnvme_path = \"{}\"\n",
                 self.agent_socket.display(),
+                self.socket.display(),
                 base.join("agent-state").display(),
                 self.ram_tier.display(),
                 base.join("nvme").display()

@@ -1,0 +1,125 @@
+//! A container checkpoint asked of this agent (`kybernatectl checkpoint --container`, the
+//! node worker): the agent asks containerd, containerd asks the container's kybernate shim,
+//! and the shim calls back into this agent (ContainerCheckpointBegin/End). The outer call
+//! waits in a spawned future, never in the actor's mailbox, so the node agent keeps
+//! answering the shim's inner calls meanwhile.
+
+use std::time::Duration;
+
+use actix::prelude::*;
+use kybernate_dataplane::{CheckpointName, TierKind};
+use kybernate_proto::agent::v1 as pb;
+
+use super::container_checkpoint::container_name;
+use super::{held_by, holdings, phases_pb, NodeAgent};
+use crate::containerd::{self, DEFAULT_NAMESPACE};
+use crate::error::AgentError;
+
+impl NodeAgent {
+    fn container_job(
+        &self,
+        req: &pb::CheckpointRequest,
+    ) -> Result<(CheckpointName, String), AgentError> {
+        if req.pid != 0 {
+            return Err(AgentError::InvalidRequest(format!(
+                "give either a PID ({}) or a container ({}), not both",
+                req.pid, req.container_id
+            )));
+        }
+        if !req.tier.is_empty() && TierKind::parse(&req.tier).is_none() {
+            return Err(AgentError::InvalidRequest(format!(
+                "unknown tier {:?}: use ram, nvme or s3",
+                req.tier
+            )));
+        }
+        let name = if req.name.is_empty() {
+            container_name(&req.container_id)?
+        } else {
+            CheckpointName::new(&req.name)?
+        };
+        if self.catalog.get(&name).is_some() {
+            return Err(AgentError::AlreadyExists(name.to_string()));
+        }
+        if self.busy.contains(&name) {
+            return Err(AgentError::Busy(name.to_string()));
+        }
+        if let Some(other) = self.awaited_containers.get(&req.container_id) {
+            return Err(AgentError::Busy(format!(
+                "{other} (container {} is being checkpointed already)",
+                req.container_id
+            )));
+        }
+        let namespace = if req.containerd_namespace.is_empty() {
+            DEFAULT_NAMESPACE.to_owned()
+        } else {
+            req.containerd_namespace.clone()
+        };
+        Ok((name, namespace))
+    }
+
+    /// Checkpoints container `req.container_id` through containerd and its shim.
+    pub(super) fn checkpoint_through_containerd(
+        &mut self,
+        req: pb::CheckpointRequest,
+    ) -> ResponseActFuture<Self, Result<pb::CheckpointReply, AgentError>> {
+        let (name, namespace) = match self.container_job(&req) {
+            Ok(job) => job,
+            Err(e) => return Box::pin(actix::fut::ready(Err(e))),
+        };
+        let container = req.container_id;
+        self.awaited_containers
+            .insert(container.clone(), name.clone());
+        let timeouts = &self.parts.config.timeouts;
+        let timeout = if req.timeout_ms > 0 {
+            Duration::from_millis(req.timeout_ms)
+        } else {
+            Duration::from_millis(
+                timeouts
+                    .cuda_ms
+                    .saturating_mul(2)
+                    .saturating_add(timeouts.dump_ms)
+                    .saturating_add(timeouts.store_ms),
+            )
+        };
+        let socket = self.parts.config.containerd_socket.clone();
+        let parts = self.parts.clone();
+        let asked = container.clone();
+        Box::pin(
+            async move {
+                containerd::checkpoint_task(
+                    &socket,
+                    &namespace,
+                    &asked,
+                    req.leave_running,
+                    timeout,
+                )
+                .await?;
+                holdings(&parts).await
+            }
+            .into_actor(self)
+            .map(move |result, agent, ctx| {
+                agent.awaited_containers.remove(&container);
+                let holdings = result?;
+                let record = agent.catalog.get(&name).cloned().ok_or_else(|| {
+                    AgentError::InvalidRequest(format!(
+                        "containerd checkpointed container {container}, but its shim never \
+                         reported to this agent: the container does not run under the \
+                         kybernate runtime (io.containerd.kybernate.v1), or its shim uses \
+                         another agent socket"
+                    ))
+                })?;
+                agent.last_used.insert(name.clone(), record.created_unix);
+                agent.enforce_budgets(ctx);
+                Ok(pb::CheckpointReply {
+                    checkpoint_ref: record.name.clone(),
+                    phases: phases_pb(&record.phases),
+                    raw_bytes: record.raw_bytes,
+                    stored_bytes: record.stored_bytes,
+                    tiers: held_by(&holdings, name.as_str()),
+                    cuda_done: true,
+                    criu_done: true,
+                })
+            }),
+        )
+    }
+}
