@@ -12,7 +12,7 @@ use crate::cuda::{CudaPhaseError, LockAndCheckpoint, Release};
 use crate::drain;
 use crate::error::{tier_list, AgentError};
 use crate::events::PhaseClock;
-use crate::images;
+use crate::images::{self, ImageFile};
 use crate::node_parts::NodeParts;
 use crate::process;
 
@@ -169,37 +169,14 @@ async fn phases(
         clock.record("cuda_unlock", timings.unlock);
     }
 
-    let ram = parts.ram.clone();
-    let commit_name = name.clone();
-    let ram_report = clock
-        .run("store_ram", async {
-            blocking(move || ram.commit(&commit_name))
-                .await?
-                .map_err(|source| AgentError::Tier {
-                    name: name.to_string(),
-                    phase: "store_ram".into(),
-                    source: Box::new(source),
-                })
-        })
-        .await
-        .map_err(|e| ("store_ram", e))?;
-
+    let (ram_report, files) = commit_and_digest(parts, clock, &name).await?;
     let image_dir = parts.ram.dir_of(&name);
-    let digest_dir = image_dir.clone();
-    let files = clock
-        .run("digest", async move {
-            blocking(move || images::digest_dir(&digest_dir))
-                .await?
-                .map_err(|e| AgentError::Internal(e.to_string()))
-        })
-        .await
-        .map_err(|e| ("digest", e))?;
 
     let mut stored: Vec<(TierKind, StoreReport)> = vec![(TierKind::Ram, ram_report)];
     let mut store_failure = None;
     let (foreground, _background) = drain::split_tiers(parts, job.until);
     for kind in foreground {
-        match drain::store_into(parts, clock, &name, &image_dir, kind).await {
+        match drain::store_into(parts, clock, &name, &image_dir, &files, kind).await {
             Ok(report) => stored.push((kind, report)),
             Err(e) => {
                 store_failure = Some((drain::store_phase(kind), e));
@@ -247,6 +224,42 @@ async fn phases(
             },
         )),
     }
+}
+
+/// What every checkpoint (a process here, a container through the shim) does once CRIU has
+/// written its images: commit them as the RAM tier's copy (phase `store_ram`), then take their
+/// chunk digests (phase `digest`), the one pass that hashes the images. The digests verify the
+/// RAM copy before a restore and are the chunk addresses when it drains into slower tiers.
+pub async fn commit_and_digest(
+    parts: &NodeParts,
+    clock: &mut PhaseClock,
+    name: &CheckpointName,
+) -> Result<(StoreReport, Vec<ImageFile>), (&'static str, AgentError)> {
+    let ram = parts.ram.clone();
+    let commit_name = name.clone();
+    let ram_report = clock
+        .run("store_ram", async {
+            blocking(move || ram.commit(&commit_name))
+                .await?
+                .map_err(|source| AgentError::Tier {
+                    name: name.to_string(),
+                    phase: "store_ram".into(),
+                    source: Box::new(source),
+                })
+        })
+        .await
+        .map_err(|e| ("store_ram", e))?;
+    let dir = parts.ram.dir_of(name);
+    let config = parts.config.dataplane.chunk_config();
+    let files = clock
+        .run("digest", async move {
+            blocking(move || images::digest_dir(&dir, &config))
+                .await?
+                .map_err(|e| AgentError::Internal(e.to_string()))
+        })
+        .await
+        .map_err(|e| ("digest", e))?;
+    Ok((ram_report, files))
 }
 
 fn remove_if_present(dir: &std::path::Path) -> std::io::Result<()> {

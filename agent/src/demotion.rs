@@ -75,10 +75,11 @@ pub async fn demote(
         })?;
     if !held {
         if from == TierKind::Ram {
-            drain::store_into(parts, &mut clock, &name, &parts.ram.dir_of(&name), to).await?;
+            let dir = parts.ram.dir_of(&name);
+            drain::store_into(parts, &mut clock, &name, &dir, &record.files, to).await?;
         } else {
             let staged = restore::stage(parts, record, &name, &[from], &mut clock).await?;
-            drain::store_into(parts, &mut clock, &name, &staged.dir, to).await?;
+            drain::store_into(parts, &mut clock, &name, &staged.dir, &record.files, to).await?;
         }
     }
     let source = parts

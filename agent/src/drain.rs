@@ -8,6 +8,7 @@ use kybernate_dataplane::{CheckpointName, StoreReport, TierKind};
 use crate::config::TimeoutsConfig;
 use crate::error::AgentError;
 use crate::events::PhaseClock;
+use crate::images::{self, ImageFile};
 use crate::node_parts::NodeParts;
 use crate::tiers::Store;
 
@@ -21,11 +22,14 @@ pub fn store_phase(kind: TierKind) -> &'static str {
 }
 
 /// Stores the image set in `image_dir` into tier `kind`, as phase `store_<kind>` of `clock`.
+/// `files` are the checkpoint's chunk digests; when they were taken with the chunk size the
+/// tiers use, the tier takes its chunk addresses from them instead of hashing again.
 pub async fn store_into(
     parts: &NodeParts,
     clock: &mut PhaseClock,
     name: &CheckpointName,
     image_dir: &Path,
+    files: &[ImageFile],
     kind: TierKind,
 ) -> Result<StoreReport, AgentError> {
     let phase = store_phase(kind);
@@ -34,9 +38,14 @@ pub async fn store_into(
             "this agent has no {kind} tier"
         )));
     };
+    let chunk_size = parts.config.dataplane.chunk_config().chunk_size;
+    let digest = images::to_digest(files)
+        .ok()
+        .filter(|d| d.chunk_size == chunk_size && !d.files.is_empty());
     let store = Store {
         name: name.clone(),
         image_dir: image_dir.to_owned(),
+        digest,
     };
     let millis = parts.config.timeouts.store_ms;
     let report = clock
@@ -78,6 +87,7 @@ pub async fn drain_in_background(
     parts: NodeParts,
     name: CheckpointName,
     image_dir: PathBuf,
+    files: Vec<ImageFile>,
     kinds: Vec<TierKind>,
 ) {
     let mut clock = PhaseClock::new(
@@ -87,7 +97,7 @@ pub async fn drain_in_background(
         parts.metrics.clone(),
     );
     for kind in kinds {
-        if let Err(e) = store_into(&parts, &mut clock, &name, &image_dir, kind).await {
+        if let Err(e) = store_into(&parts, &mut clock, &name, &image_dir, &files, kind).await {
             tracing::error!(checkpoint = %name, tier = %kind, error = %e, "background drain failed; the nearer copies stay");
             clock.failed(store_phase(kind), e.metric_label());
             return;

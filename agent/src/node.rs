@@ -183,7 +183,13 @@ impl NodeAgent {
     }
 
     /// Drains a fresh checkpoint into the tiers slower than `until` in the background.
-    fn drain_later(&mut self, ctx: &mut Context<Self>, name: &CheckpointName, until: TierKind) {
+    fn drain_later(
+        &mut self,
+        ctx: &mut Context<Self>,
+        name: &CheckpointName,
+        files: Vec<crate::images::ImageFile>,
+        until: TierKind,
+    ) {
         let (_, background) = drain::split_tiers(&self.parts, until);
         if background.is_empty() {
             return;
@@ -192,13 +198,19 @@ impl NodeAgent {
         let done = name.clone();
         let image_dir = self.parts.ram.dir_of(name);
         ctx.spawn(
-            drain::drain_in_background(self.parts.clone(), name.clone(), image_dir, background)
-                .into_actor(self)
-                .map(move |(), agent, ctx| {
-                    agent.draining.remove(&done);
-                    agent.refresh_tier_usage(ctx);
-                    agent.enforce_budgets(ctx);
-                }),
+            drain::drain_in_background(
+                self.parts.clone(),
+                name.clone(),
+                image_dir,
+                files,
+                background,
+            )
+            .into_actor(self)
+            .map(move |(), agent, ctx| {
+                agent.draining.remove(&done);
+                agent.refresh_tier_usage(ctx);
+                agent.enforce_budgets(ctx);
+            }),
         );
     }
 
@@ -330,7 +342,7 @@ impl Handler<Checkpoint> for NodeAgent {
                 let (record, holdings) = result?;
                 agent.catalog.insert(name.clone(), record.clone())?;
                 agent.last_used.insert(name.clone(), record.created_unix);
-                agent.drain_later(ctx, &name, until);
+                agent.drain_later(ctx, &name, record.files.clone(), until);
                 agent.enforce_budgets(ctx);
                 Ok(pb::CheckpointReply {
                     checkpoint_ref: record.name.clone(),

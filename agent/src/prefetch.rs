@@ -69,7 +69,8 @@ pub async fn run(
         match to {
             TierKind::Ram => staged.keep_in_ram(&parts, &name)?,
             _ => {
-                drain::store_into(&parts, &mut clock, &name, &staged.dir, to).await?;
+                drain::store_into(&parts, &mut clock, &name, &staged.dir, &record.files, to)
+                    .await?;
             }
         }
         Ok::<_, AgentError>(from)

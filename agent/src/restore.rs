@@ -258,9 +258,10 @@ async fn verify_ram_copy(
     let dir = parts.ram.dir_of(name);
     let files = record.files.clone();
     let checked = dir.clone();
+    let workers = parts.config.dataplane.chunk_config().worker_count();
     clock
         .run("verify_ram", async move {
-            blocking(move || images::verify_dir(&checked, &files))
+            blocking(move || images::verify_dir(&checked, &files, workers))
                 .await?
                 .map_err(|e: ImageError| AgentError::Images {
                     name: name.to_string(),

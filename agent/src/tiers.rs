@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use actix::prelude::*;
-use kybernate_dataplane::{CheckpointName, LoadReport, StoreReport, Tier, TierError, TierKind};
+use kybernate_dataplane::{
+    CheckpointName, ImageDigest, LoadReport, StoreReport, Tier, TierError, TierKind,
+};
 
 /// The actor serving one tier.
 #[derive(Debug)]
@@ -32,6 +34,8 @@ pub struct Store {
     pub name: CheckpointName,
     /// Where its images are now.
     pub image_dir: PathBuf,
+    /// Their chunk hashes from the checkpoint's one hashing pass, when they fit this tier.
+    pub digest: Option<ImageDigest>,
 }
 
 /// Write the image set of `name` into `dest`.
@@ -67,7 +71,10 @@ pub struct UsedBytes;
 impl Handler<Store> for TierActor {
     type Result = Result<StoreReport, TierError>;
     fn handle(&mut self, msg: Store, _: &mut Self::Context) -> Self::Result {
-        self.tier.store(&msg.name, &msg.image_dir)
+        match &msg.digest {
+            Some(digest) => self.tier.store_digested(&msg.name, &msg.image_dir, digest),
+            None => self.tier.store(&msg.name, &msg.image_dir),
+        }
     }
 }
 

@@ -221,12 +221,32 @@ fn watch_streams_phase_progress() {
         "watched",
     ]);
     workload.reap_dumped();
+    // The reply can overtake the last event on its way to the watcher: read until the
+    // checkpoint's last phase has arrived (or the stream ends), then stop the watcher.
+    let stdout = watcher.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut events: Vec<serde_json::Value> = Vec::new();
+    while let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(30)) {
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let last = event["name"] == "watched"
+            && event["status"] == "finished"
+            && event["phase"] == "store_nvme";
+        events.push(event);
+        if last {
+            break;
+        }
+    }
     watcher.kill().unwrap();
-    let out = watcher.wait_with_output().unwrap();
-    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let _ = watcher.wait();
     let finished: Vec<&str> = events
         .iter()
         .filter(|e| e["status"] == "finished" && e["name"] == "watched")

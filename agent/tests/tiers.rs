@@ -125,3 +125,51 @@ fn ram_budget_demotes_least_recently_used_and_loses_nothing() {
         );
     }
 }
+
+#[test]
+fn nvme_budget_demotes_least_recently_used_to_s3_and_each_still_restores() {
+    // Each 16 MiB workload holds random (incompressible) memory, so its chunks take ~17 MiB on
+    // NVMe; a 24 MiB budget holds one of them.
+    let s3 = S3Server::start();
+    let config = format!(
+        "{}[tiers]\nnvme_budget_bytes = 25165824\n",
+        s3.agent_config()
+    );
+    let agent = TestAgent::start_with(&config, &S3Server::credentials());
+    let mut epochs = Vec::new();
+    for name in ["older", "newer"] {
+        let mut workload = Workload::start(agent.dir.path(), 16, &[]);
+        agent.ctl_json(&[
+            "checkpoint",
+            "--pid",
+            &workload.pid.to_string(),
+            "--name",
+            name,
+            "--tier",
+            "nvme",
+        ]);
+        workload.reap_dumped();
+        epochs.push((name, workload.read().unwrap().epoch, workload));
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    eventually("the older checkpoint leaves NVMe for S3", || {
+        tiers_of(&agent, "older") == json!(["ram", "s3"])
+    });
+    eventually("the newer checkpoint reaches S3 and stays on NVMe", || {
+        tiers_of(&agent, "newer") == json!(["ram", "nvme", "s3"])
+    });
+
+    // Without their RAM copies, the demoted checkpoint restores from S3 and the other from NVMe.
+    for (name, _, _) in &epochs {
+        std::fs::remove_dir_all(agent.ram_dir(name)).unwrap();
+    }
+    assert_eq!(tiers_of(&agent, "older"), json!(["s3"]));
+    for ((name, epoch, workload), tier) in epochs.iter_mut().zip(["s3", "nvme"]) {
+        let restored = agent.ctl_json(&["restore", name]);
+        assert_eq!(restored["source_tier"], tier, "{name}");
+        workload.restored_as(pid_of(&restored));
+        let state = workload.wait_for(|_| true);
+        assert_eq!(state.epoch, *epoch, "{name} restored intact");
+        assert!(workload.verify_memory().memory_ok, "{name} memory intact");
+    }
+}

@@ -18,6 +18,27 @@ pub const MAX_CHUNK_SIZE: usize = 256 << 20;
 pub struct ChunkHash(pub [u8; 32]);
 
 impl ChunkHash {
+    /// Stands for an all-zero chunk, which is recorded and never hashed or stored.
+    pub const ZERO: ChunkHash = ChunkHash([0; 32]);
+
+    /// Parses [`ChunkHash::to_hex`].
+    pub fn from_hex(hex: &str) -> Option<Self> {
+        let bytes = hex.as_bytes();
+        if bytes.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (o, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+            let digit = |c: u8| {
+                char::from(c)
+                    .to_digit(16)
+                    .and_then(|d| u8::try_from(d).ok())
+            };
+            *o = digit(pair[0])? << 4 | digit(pair[1])?;
+        }
+        Some(Self(out))
+    }
+
     /// Hashes raw chunk bytes.
     pub fn of(data: &[u8]) -> Self {
         Self(*blake3::hash(data).as_bytes())
@@ -93,6 +114,11 @@ pub struct ChunkConfig {
     pub workers: usize,
     /// A compressed chunk is kept only if it is at most this many percent of the raw size.
     pub max_compressed_percent: u8,
+    /// Store new chunks raw while the destination's writer has too little queued to stay busy
+    /// during a compression (the device is faster than zstd on the available cores), and
+    /// compress them while it is backed up. `false` compresses every chunk that shrinks enough.
+    /// Either way each chunk is an independent, verifiable unit; only the stored size differs.
+    pub adaptive: bool,
 }
 
 impl Default for ChunkConfig {
@@ -102,6 +128,7 @@ impl Default for ChunkConfig {
             zstd_level: 1,
             workers: 0,
             max_compressed_percent: 95,
+            adaptive: true,
         }
     }
 }
@@ -149,24 +176,58 @@ pub fn is_zero(data: &[u8]) -> bool {
     all_words && words.remainder().iter().all(|&b| b == 0)
 }
 
+/// Length of each sample compressed before a whole chunk.
+const SAMPLE_LEN: usize = 16 << 10;
+/// Samples taken, spread over the chunk.
+const SAMPLES: usize = 4;
+
 /// Encodes one non-zero chunk into `out` (at least `raw.len()` bytes long) with a reused
 /// compressor; returns the encoding and the number of bytes written to `out`.
+///
+/// A large chunk is first judged by compressing a few small samples spread over it (about 1%
+/// of the work): if they do not shrink by the configured margin, the chunk is stored raw
+/// without compressing it whole (real bf16 weights, already compressed data).
 pub(crate) fn encode_into(
     raw: &[u8],
     config: &ChunkConfig,
     compressor: &mut zstd::bulk::Compressor<'_>,
     out: &mut [u8],
 ) -> (ChunkEncoding, usize) {
+    if raw.len() >= SAMPLES * SAMPLE_LEN * 8 && !samples_shrink(raw, config, compressor, out) {
+        return store_raw(raw, out);
+    }
     let limit = config.compressed_limit(raw.len()).min(out.len());
     // A destination smaller than the limit makes zstd fail fast on data that would not
     // shrink enough; such chunks are stored raw.
     match compressor.compress_to_buffer(raw, &mut out[..limit]) {
         Ok(n) if n < raw.len() => (ChunkEncoding::Zstd, n),
-        _ => {
-            out[..raw.len()].copy_from_slice(raw);
-            (ChunkEncoding::Raw, raw.len())
+        _ => store_raw(raw, out),
+    }
+}
+
+/// Copies a chunk as is into `out`.
+pub(crate) fn store_raw(raw: &[u8], out: &mut [u8]) -> (ChunkEncoding, usize) {
+    out[..raw.len()].copy_from_slice(raw);
+    (ChunkEncoding::Raw, raw.len())
+}
+
+/// Whether samples of `raw` compress to within the configured margin; `scratch` is reused.
+fn samples_shrink(
+    raw: &[u8],
+    config: &ChunkConfig,
+    compressor: &mut zstd::bulk::Compressor<'_>,
+    scratch: &mut [u8],
+) -> bool {
+    let stride = raw.len() / SAMPLES;
+    let mut packed = 0usize;
+    for i in 0..SAMPLES {
+        let sample = &raw[i * stride..i * stride + SAMPLE_LEN];
+        match compressor.compress_to_buffer(sample, &mut scratch[..SAMPLE_LEN]) {
+            Ok(n) => packed += n,
+            Err(_) => packed += SAMPLE_LEN,
         }
     }
+    packed <= config.compressed_limit(SAMPLES * SAMPLE_LEN)
 }
 
 /// Why a stored chunk does not decode to the bytes its hash names.
@@ -227,7 +288,12 @@ pub(crate) fn decode_into(
             }
         }
     }
-    let actual = ChunkHash::of(dest);
+    verify(dest, expected)
+}
+
+/// Checks that `raw` hashes to `expected`.
+pub(crate) fn verify(raw: &[u8], expected: &ChunkHash) -> Result<(), ChunkDecodeError> {
+    let actual = ChunkHash::of(raw);
     if actual != *expected {
         return Err(ChunkDecodeError::Hash {
             expected: *expected,
@@ -240,6 +306,14 @@ pub(crate) fn decode_into(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_round_trips_and_rejects_junk() {
+        let h = ChunkHash::of(b"chunk");
+        assert_eq!(ChunkHash::from_hex(&h.to_hex()), Some(h));
+        assert_eq!(ChunkHash::from_hex("ab"), None);
+        assert_eq!(ChunkHash::from_hex(&"g".repeat(64)), None);
+    }
 
     #[test]
     fn zero_detection_sees_a_single_set_byte_anywhere() {
@@ -275,6 +349,35 @@ mod tests {
             decode_into(enc, &out[..n], &ChunkHash::of(data), &mut d, &mut back).unwrap();
             assert_eq!(&back, data);
         }
+    }
+
+    #[test]
+    fn samples_send_an_incompressible_chunk_raw_and_keep_a_compressible_one() {
+        let config = ChunkConfig::default();
+        let mut c = zstd::bulk::Compressor::new(1).unwrap();
+        let len = 1 << 20;
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let noise: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()[3]
+            })
+            .collect();
+        let text: Vec<u8> = (0..len).map(|i| b"kybernate "[i % 10]).collect();
+        let mut out = vec![0u8; len];
+        assert!(!samples_shrink(&noise, &config, &mut c, &mut out));
+        assert_eq!(
+            encode_into(&noise, &config, &mut c, &mut out).0,
+            ChunkEncoding::Raw
+        );
+        assert_eq!(&out[..len], &noise[..]);
+        assert!(samples_shrink(&text, &config, &mut c, &mut out));
+        assert_eq!(
+            encode_into(&text, &config, &mut c, &mut out).0,
+            ChunkEncoding::Zstd
+        );
     }
 
     #[test]

@@ -50,14 +50,6 @@ pub enum TierError {
         /// The server's or client's message, never containing credentials.
         detail: String,
     },
-    /// Every tier that held the checkpoint failed to produce a good copy.
-    #[error("no tier holds a good copy of checkpoint {name}: {failures}")]
-    NoGoodCopy {
-        /// The checkpoint.
-        name: CheckpointName,
-        /// Each tier's error, nearest first.
-        failures: String,
-    },
     /// The tier's configuration cannot work.
     #[error("{tier} tier: invalid configuration: {detail}")]
     Config {
@@ -77,7 +69,6 @@ impl TierError {
             TierError::Corrupt { .. } => "corrupt",
             TierError::Remote { .. } => "remote",
             TierError::Config { .. } => "config",
-            TierError::NoGoodCopy { .. } => "no_good_copy",
         }
     }
 }

@@ -6,11 +6,11 @@
 
 mod buffer;
 mod chunk;
+mod digest;
 mod error;
 mod local_dir;
 mod manifest;
 mod name;
-mod nearest;
 mod nvme;
 mod pipeline;
 mod restore;
@@ -20,6 +20,7 @@ mod uring;
 
 pub use buffer::{AlignedBuf, BufferPool, PooledBuf};
 pub use chunk::{ChunkConfig, ChunkEncoding, ChunkHash, DEFAULT_CHUNK_SIZE};
+pub use digest::{digest_image_set, verify_image_set, DigestMismatch, FileDigest, ImageDigest};
 pub use error::TierError;
 pub use local_dir::LocalDirTier;
 pub use manifest::{
@@ -27,7 +28,6 @@ pub use manifest::{
     MANIFEST_VERSION, MAX_MANIFEST_BYTES,
 };
 pub use name::{CheckpointName, InvalidName};
-pub use nearest::{load_nearest, NearestLoad};
 pub use nvme::NvmeTier;
 pub use pipeline::DrainStats;
 pub use s3::{S3Config, S3Tier, Secret, MAX_PARTS, MIN_PART_SIZE};

@@ -10,17 +10,20 @@
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::buffer::{AlignedBuf, BufferPool, PooledBuf};
-use crate::chunk::{ChunkConfig, ChunkEncoding, ChunkHash};
+use crate::chunk::{ChunkConfig, ChunkEncoding, ChunkHash, IO_ALIGN};
 use crate::manifest::{CheckpointManifest, ChunkLocation, ChunkRef, MAX_MANIFEST_BYTES};
-use crate::pipeline::{drain_image_set, ChunkIndex, ChunkWriter, DrainStats, StoredChunk};
+use crate::pipeline::{
+    drain_image_set, ChunkIndex, ChunkWriter, DrainStats, StoredChunk, WriteBacklog,
+};
 use crate::restore::{restore_image_set, ChunkFetch};
 use crate::uring::{UringWriter, WriteJob};
-use crate::{CheckpointName, LoadReport, StoreReport, Tier, TierError, TierKind};
+use crate::{CheckpointName, ImageDigest, LoadReport, StoreReport, Tier, TierError, TierKind};
 
 const TIER: TierKind = TierKind::Nvme;
 
@@ -137,6 +140,15 @@ impl NvmeTier {
         name: &CheckpointName,
         image_dir: &Path,
     ) -> Result<(StoreReport, DrainStats), TierError> {
+        self.store_known(name, image_dir, None)
+    }
+
+    fn store_known(
+        &self,
+        name: &CheckpointName,
+        image_dir: &Path,
+        known: Option<&ImageDigest>,
+    ) -> Result<(StoreReport, DrainStats), TierError> {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         if let Ok(m) = self.manifest(name) {
             let raw = m.raw_bytes();
@@ -160,6 +172,7 @@ impl NvmeTier {
             TIER,
             name,
             image_dir,
+            known,
             &self.config,
             &self.pool,
             self,
@@ -330,6 +343,77 @@ impl ChunkWriter for NvmeChunkWriter<'_> {
             location: ChunkLocation::Store,
         })
     }
+
+    fn backlog(&self) -> Option<std::sync::Arc<WriteBacklog>> {
+        self.uring.as_ref().map(UringWriter::backlog)
+    }
+}
+
+impl NvmeTier {
+    /// Opens the stored bytes of `chunk`, checking their length against the manifest.
+    fn open_chunk(
+        &self,
+        manifest: &CheckpointManifest,
+        file: &str,
+        index: usize,
+        chunk: &ChunkRef,
+    ) -> Result<(File, PathBuf), TierError> {
+        let path = self.chunk_path(&chunk.hash);
+        let corrupt = |what: String| TierError::Corrupt {
+            tier: TIER,
+            name: manifest.name.clone(),
+            detail: format!("file {file} chunk {index} ({}): {what}", chunk.hash),
+        };
+        // Uncached: the chunk is read once, straight into its aligned destination, which
+        // saves the page cache's copy and memory.
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .or_else(|_| File::open(&path))
+            .map_err(|e| corrupt(format!("chunk file {}: {e}", path.display())))?;
+        let actual = f.metadata().map_err(|e| io("stat chunk", &path, e))?.len();
+        if actual != u64::from(chunk.stored_len) {
+            return Err(corrupt(format!(
+                "chunk file {} has {actual} bytes, the manifest says {}",
+                path.display(),
+                chunk.stored_len
+            )));
+        }
+        Ok((f, path))
+    }
+}
+
+/// Reads the `len` bytes of a chunk file into the start of `dest`. `dest` may be longer: with
+/// O_DIRECT the read asks for whole 4 KiB blocks when `dest` has room and the kernel stops at
+/// the end of the file; anything short is finished with ordinary reads.
+fn read_chunk(f: &File, path: &Path, dest: &mut [u8], len: usize) -> Result<(), TierError> {
+    use std::os::unix::fs::FileExt;
+    let padded = len.div_ceil(IO_ALIGN) * IO_ALIGN;
+    let ask = if padded <= dest.len() { padded } else { len };
+    let mut got = match f.read_at(&mut dest[..ask], 0) {
+        Ok(n) => n.min(len),
+        // O_DIRECT refuses unaligned requests (EINVAL); fall through to ordinary reads.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => 0,
+        Err(e) => return Err(io("read chunk", path, e)),
+    };
+    if got < len {
+        let plain = File::open(path).map_err(|e| io("open chunk", path, e))?;
+        while got < len {
+            let n = plain
+                .read_at(&mut dest[got..len], u64::try_from(got).expect("fits"))
+                .map_err(|e| io("read chunk", path, e))?;
+            if n == 0 {
+                return Err(io(
+                    "read chunk",
+                    path,
+                    io::Error::new(io::ErrorKind::UnexpectedEof, "chunk file ended early"),
+                ));
+            }
+            got += n;
+        }
+    }
+    Ok(())
 }
 
 impl ChunkFetch for NvmeTier {
@@ -341,31 +425,39 @@ impl ChunkFetch for NvmeTier {
         chunk: &ChunkRef,
         buf: &mut AlignedBuf,
     ) -> Result<(), TierError> {
-        let path = self.chunk_path(&chunk.hash);
-        let corrupt = |what: String| TierError::Corrupt {
-            tier: TIER,
-            name: manifest.name.clone(),
-            detail: format!("file {file} chunk {index} ({}): {what}", chunk.hash),
-        };
-        let mut f = File::open(&path)
-            .map_err(|e| corrupt(format!("chunk file {}: {e}", path.display())))?;
         let len = usize::try_from(chunk.stored_len).expect("u32 fits usize");
-        let actual = f.metadata().map_err(|e| io("stat chunk", &path, e))?.len();
-        if actual != u64::from(chunk.stored_len) {
-            return Err(corrupt(format!(
-                "chunk file {} has {actual} bytes, the manifest says {len}",
-                path.display()
-            )));
-        }
         if len > buf.capacity() {
-            return Err(corrupt(format!(
-                "stored length {len} exceeds the chunk size"
-            )));
+            return Err(TierError::Corrupt {
+                tier: TIER,
+                name: manifest.name.clone(),
+                detail: format!(
+                    "file {file} chunk {index} ({}): stored length {len} exceeds the chunk size",
+                    chunk.hash
+                ),
+            });
         }
-        f.read_exact(&mut buf.spare_mut()[..len])
-            .map_err(|e| io("read chunk", &path, e))?;
+        let (f, path) = self.open_chunk(manifest, file, index, chunk)?;
+        read_chunk(&f, &path, buf.spare_mut(), len)?;
         buf.set_len(len);
         Ok(())
+    }
+
+    fn fetch_raw_into(
+        &self,
+        manifest: &CheckpointManifest,
+        file: &str,
+        index: usize,
+        chunk: &ChunkRef,
+        dest: &mut [u8],
+    ) -> Result<bool, TierError> {
+        let len = usize::try_from(chunk.stored_len).expect("u32 fits usize");
+        if len != dest.len() {
+            // The general path reports the mismatch.
+            return Ok(false);
+        }
+        let (f, path) = self.open_chunk(manifest, file, index, chunk)?;
+        read_chunk(&f, &path, dest, len)?;
+        Ok(true)
     }
 }
 
@@ -376,6 +468,16 @@ impl Tier for NvmeTier {
 
     fn store(&self, name: &CheckpointName, image_dir: &Path) -> Result<StoreReport, TierError> {
         self.store_with_stats(name, image_dir)
+            .map(|(report, _)| report)
+    }
+
+    fn store_digested(
+        &self,
+        name: &CheckpointName,
+        image_dir: &Path,
+        digest: &ImageDigest,
+    ) -> Result<StoreReport, TierError> {
+        self.store_known(name, image_dir, Some(digest))
             .map(|(report, _)| report)
     }
 

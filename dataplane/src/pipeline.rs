@@ -11,13 +11,15 @@ use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 
 use memmap2::Mmap;
 
 use crate::buffer::{BufferPool, PooledBuf};
-use crate::chunk::{encode_into, is_zero, ChunkConfig, ChunkEncoding, ChunkHash};
+use crate::chunk::{encode_into, is_zero, store_raw, ChunkConfig, ChunkEncoding, ChunkHash};
+use crate::digest::ImageDigest;
 use crate::manifest::{CheckpointManifest, ChunkLocation, ChunkRef, FileEntry};
 use crate::{CheckpointName, TierError, TierKind};
 
@@ -42,6 +44,35 @@ pub(crate) trait ChunkWriter {
         encoding: ChunkEncoding,
         data: PooledBuf,
     ) -> Result<StoredChunk, TierError>;
+
+    /// The writer's queue of accepted but unfinished bytes, when it has one; with
+    /// [`ChunkConfig::adaptive`] the workers compress only while it is long.
+    fn backlog(&self) -> Option<Arc<WriteBacklog>> {
+        None
+    }
+}
+
+/// Bytes a writer has accepted and not yet made durable.
+#[derive(Debug, Default)]
+pub(crate) struct WriteBacklog {
+    queued: AtomicU64,
+}
+
+impl WriteBacklog {
+    /// `bytes` were handed to the writer.
+    pub fn add(&self, bytes: u64) {
+        self.queued.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// `bytes` handed over earlier are finished (written or failed).
+    pub fn done(&self, bytes: u64) {
+        self.queued.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes queued now.
+    pub fn queued(&self) -> u64 {
+        self.queued.load(Ordering::Relaxed)
+    }
 }
 
 /// What one pass of the pipeline did.
@@ -59,17 +90,20 @@ pub struct DrainStats {
     pub new_chunks: u64,
 }
 
-struct SourceFile {
-    name: String,
-    mode: u32,
-    size: u64,
-    map: Option<Mmap>,
+/// One memory-mapped file of an image set.
+pub(crate) struct SourceFile {
+    pub name: String,
+    pub mode: u32,
+    pub size: u64,
+    pub map: Option<Mmap>,
 }
 
 struct Job<'a> {
     file: usize,
     index: usize,
     data: &'a [u8],
+    /// The chunk's hash from the checkpoint's digest, when there is one.
+    known: Option<ChunkHash>,
 }
 
 enum Outcome {
@@ -95,7 +129,8 @@ fn io_err(tier: TierKind, op: &'static str, path: &Path, source: std::io::Error)
     }
 }
 
-fn open_sources(tier: TierKind, dir: &Path) -> Result<Vec<SourceFile>, TierError> {
+/// Maps every file of the flat image directory `dir`, sorted by name.
+pub(crate) fn open_sources(tier: TierKind, dir: &Path) -> Result<Vec<SourceFile>, TierError> {
     let mut files = Vec::new();
     for entry in fs::read_dir(dir).map_err(|e| io_err(tier, "read image directory", dir, e))? {
         let entry = entry.map_err(|e| io_err(tier, "read image directory", dir, e))?;
@@ -149,7 +184,10 @@ fn work(
     config: &ChunkConfig,
     pool: &BufferPool,
     index: &dyn ChunkIndex,
+    backlog: Option<&WriteBacklog>,
 ) {
+    // Enough queued work to keep the device busy while every worker compresses one chunk.
+    let busy_at = u64::try_from(2 * config.worker_count() * config.chunk_size).unwrap_or(u64::MAX);
     let mut compressor = match zstd::bulk::Compressor::new(config.zstd_level) {
         Ok(c) => c,
         Err(e) => {
@@ -169,16 +207,24 @@ fn work(
             }
         };
         let raw_len = u32::try_from(job.data.len()).expect("chunk size is capped below 4 GiB");
-        let result = if is_zero(job.data) {
-            Ok((ChunkHash([0; 32]), Outcome::Zero))
+        let zero = job
+            .known
+            .map_or_else(|| is_zero(job.data), |h| h == ChunkHash::ZERO);
+        let result = if zero {
+            Ok((ChunkHash::ZERO, Outcome::Zero))
         } else {
-            let hash = ChunkHash::of(job.data);
+            let hash = job.known.unwrap_or_else(|| ChunkHash::of(job.data));
             match index.lookup(&hash, raw_len) {
                 Ok(Some(stored)) => Ok((hash, Outcome::Known(stored))),
                 Ok(None) => {
                     let mut buf = pool.take();
-                    let (encoding, n) =
-                        encode_into(job.data, config, &mut compressor, buf.spare_mut());
+                    let compress =
+                        !config.adaptive || backlog.is_none_or(|b| b.queued() >= busy_at);
+                    let (encoding, n) = if compress {
+                        encode_into(job.data, config, &mut compressor, buf.spare_mut())
+                    } else {
+                        store_raw(job.data, buf.spare_mut())
+                    };
                     buf.set_len(n);
                     Ok((hash, Outcome::New(encoding, buf)))
                 }
@@ -198,12 +244,61 @@ fn work(
     }
 }
 
+/// The digest's hashes per source file and chunk, after checking that it describes `sources`.
+fn known_hashes<'d>(
+    tier: TierKind,
+    name: &CheckpointName,
+    digest: &'d ImageDigest,
+    sources: &[SourceFile],
+    chunk_size: usize,
+) -> Result<Vec<&'d [ChunkHash]>, TierError> {
+    let changed = |detail: String| TierError::Corrupt {
+        tier,
+        name: name.clone(),
+        detail: format!("the image set no longer matches its digest: {detail}"),
+    };
+    if digest.chunk_size != chunk_size {
+        return Err(TierError::Config {
+            tier,
+            detail: format!(
+                "digest taken with {} byte chunks, the tier stores {chunk_size} byte chunks",
+                digest.chunk_size
+            ),
+        });
+    }
+    let names = |v: Vec<&str>| v.join(", ");
+    if digest.files.len() != sources.len() {
+        return Err(changed(format!(
+            "files [{}], digest [{}]",
+            names(sources.iter().map(|s| s.name.as_str()).collect()),
+            names(digest.files.iter().map(|f| f.name.as_str()).collect())
+        )));
+    }
+    sources
+        .iter()
+        .zip(&digest.files)
+        .map(|(src, want)| {
+            let chunks = usize::try_from(src.size.div_ceil(chunk_size as u64)).expect("fits");
+            if src.name != want.name || src.size != want.size || want.chunks.len() != chunks {
+                return Err(changed(format!(
+                    "file {} ({} bytes) against {} ({} bytes)",
+                    src.name, src.size, want.name, want.size
+                )));
+            }
+            Ok(want.chunks.as_slice())
+        })
+        .collect()
+}
+
 /// Cuts the image set in `image_dir` into chunks and hands the new ones to `writer`; returns
-/// the manifest (with [`ChunkLocation`]s from the writer) and what was done.
+/// the manifest (with [`ChunkLocation`]s from the writer) and what was done. With `known`, the
+/// hashes taken right after the dump are used instead of hashing every chunk again.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn drain_image_set(
     tier: TierKind,
     name: &CheckpointName,
     image_dir: &Path,
+    known: Option<&ImageDigest>,
     config: &ChunkConfig,
     pool: &BufferPool,
     index: &dyn ChunkIndex,
@@ -214,6 +309,11 @@ pub(crate) fn drain_image_set(
         .map_err(|detail| TierError::Config { tier, detail })?;
     let sources = open_sources(tier, image_dir)?;
     let chunk_size = config.chunk_size;
+    let known = match known {
+        Some(digest) => Some(known_hashes(tier, name, digest, &sources, chunk_size)?),
+        None => None,
+    };
+    let known = known.as_ref();
     let mut slots: Vec<Vec<Option<ChunkRef>>> = sources
         .iter()
         .map(|f| {
@@ -222,6 +322,7 @@ pub(crate) fn drain_image_set(
         })
         .collect();
     let workers = config.worker_count();
+    let backlog = writer.backlog();
     let mut stats = DrainStats::default();
     let mut written: HashMap<ChunkHash, StoredChunk> = HashMap::new();
 
@@ -235,7 +336,14 @@ pub(crate) fn drain_image_set(
             for (file, src) in sources.iter().enumerate() {
                 let Some(map) = &src.map else { continue };
                 for (index, data) in map.chunks(chunk_size).enumerate() {
-                    if job_tx.send(Job { file, index, data }).is_err() {
+                    let known = known.map(|k| k[file][index]);
+                    let job = Job {
+                        file,
+                        index,
+                        data,
+                        known,
+                    };
+                    if job_tx.send(job).is_err() {
                         return;
                     }
                 }
@@ -244,7 +352,8 @@ pub(crate) fn drain_image_set(
         for _ in 0..workers {
             let done_tx = done_tx.clone();
             let job_rx = Arc::clone(&job_rx);
-            s.spawn(move || work(tier, &job_rx, &done_tx, config, pool, index));
+            let backlog = backlog.as_deref();
+            s.spawn(move || work(tier, &job_rx, &done_tx, config, pool, index, backlog));
         }
         drop(done_tx);
         drop(job_rx);
@@ -318,4 +427,94 @@ pub(crate) fn drain_image_set(
         files,
     };
     Ok((manifest, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keeps new chunks in memory and reports a fixed backlog.
+    struct Recorder {
+        backlog: Arc<WriteBacklog>,
+        encodings: Vec<ChunkEncoding>,
+    }
+
+    impl ChunkWriter for Recorder {
+        fn put(
+            &mut self,
+            _hash: ChunkHash,
+            encoding: ChunkEncoding,
+            data: PooledBuf,
+        ) -> Result<StoredChunk, TierError> {
+            self.encodings.push(encoding);
+            Ok(StoredChunk {
+                encoding,
+                stored_len: u32::try_from(data.as_slice().len()).unwrap(),
+                location: ChunkLocation::Store,
+            })
+        }
+
+        fn backlog(&self) -> Option<Arc<WriteBacklog>> {
+            Some(Arc::clone(&self.backlog))
+        }
+    }
+
+    struct Empty;
+
+    impl ChunkIndex for Empty {
+        fn lookup(&self, _: &ChunkHash, _: u32) -> Result<Option<StoredChunk>, TierError> {
+            Ok(None)
+        }
+    }
+
+    fn drain_with_backlog(queued: u64, adaptive: bool) -> Vec<ChunkEncoding> {
+        let dir = tempfile::tempdir().unwrap();
+        let text: Vec<u8> = (0..4 * 65536u32)
+            .map(|i| b"heap page 16 byt"[(i % 16) as usize])
+            .collect();
+        fs::write(dir.path().join("pages-1.img"), &text).unwrap();
+        let config = ChunkConfig {
+            chunk_size: 65536,
+            workers: 2,
+            adaptive,
+            ..ChunkConfig::default()
+        };
+        let backlog = Arc::new(WriteBacklog::default());
+        backlog.add(queued);
+        let mut writer = Recorder {
+            backlog,
+            encodings: Vec::new(),
+        };
+        let pool = BufferPool::new(config.chunk_size, 8);
+        let name = CheckpointName::new("cp").unwrap();
+        let (manifest, _) = drain_image_set(
+            TierKind::Nvme,
+            &name,
+            dir.path(),
+            None,
+            &config,
+            &pool,
+            &Empty,
+            &mut writer,
+        )
+        .unwrap();
+        let encodings: Vec<_> = manifest.files[0]
+            .chunks
+            .iter()
+            .map(|c| c.encoding)
+            .collect();
+        assert_eq!(encodings.len(), 4);
+        writer.encodings
+    }
+
+    #[test]
+    fn adaptive_drain_stores_raw_while_the_writer_idles_and_compresses_while_it_is_busy() {
+        // The same chunks are one compressible pattern; only the writer's backlog differs.
+        assert_eq!(drain_with_backlog(0, true), vec![ChunkEncoding::Raw]);
+        assert_eq!(
+            drain_with_backlog(u64::MAX / 2, true),
+            vec![ChunkEncoding::Zstd]
+        );
+        assert_eq!(drain_with_backlog(0, false), vec![ChunkEncoding::Zstd]);
+    }
 }

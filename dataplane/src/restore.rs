@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use memmap2::MmapMut;
 
 use crate::buffer::{AlignedBuf, BufferPool};
-use crate::chunk::{decode_into, ChunkEncoding};
+use crate::chunk::{decode_into, verify, ChunkEncoding};
 use crate::manifest::{CheckpointManifest, ChunkRef};
 use crate::{LoadReport, TierError, TierKind};
 
@@ -31,6 +31,19 @@ pub(crate) trait ChunkFetch: Sync {
         chunk: &ChunkRef,
         buf: &mut AlignedBuf,
     ) -> Result<(), TierError>;
+
+    /// Reads a raw chunk's stored bytes straight into `dest`, its place in the restored file,
+    /// saving a copy; returns `false` when this tier cannot, and [`ChunkFetch::fetch`] is used.
+    fn fetch_raw_into(
+        &self,
+        _manifest: &CheckpointManifest,
+        _file: &str,
+        _index: usize,
+        _chunk: &ChunkRef,
+        _dest: &mut [u8],
+    ) -> Result<bool, TierError> {
+        Ok(false)
+    }
 }
 
 struct Job<'a> {
@@ -120,26 +133,39 @@ fn restore_inner(
                         Err(_) => return,
                     };
                     populate_for_write(job.dest);
-                    let mut buf = pool.take();
-                    let result = fetch
-                        .fetch(manifest, job.file, job.index, job.chunk, &mut buf)
-                        .and_then(|()| {
-                            decode_into(
-                                job.chunk.encoding,
-                                buf.as_slice(),
-                                &job.chunk.hash,
-                                &mut decompressor,
-                                job.dest,
-                            )
-                            .map_err(|e| TierError::Corrupt {
-                                tier,
-                                name: manifest.name.clone(),
-                                detail: format!(
-                                    "file {} chunk {} ({}): {e}",
-                                    job.file, job.index, job.chunk.hash
-                                ),
-                            })
-                        });
+                    let corrupt = |e: crate::chunk::ChunkDecodeError| TierError::Corrupt {
+                        tier,
+                        name: manifest.name.clone(),
+                        detail: format!(
+                            "file {} chunk {} ({}): {e}",
+                            job.file, job.index, job.chunk.hash
+                        ),
+                    };
+                    let direct = job.chunk.encoding == ChunkEncoding::Raw;
+                    let result = match direct
+                        .then(|| {
+                            fetch.fetch_raw_into(manifest, job.file, job.index, job.chunk, job.dest)
+                        })
+                        .transpose()
+                    {
+                        Ok(Some(true)) => verify(job.dest, &job.chunk.hash).map_err(corrupt),
+                        Ok(_) => {
+                            let mut buf = pool.take();
+                            fetch
+                                .fetch(manifest, job.file, job.index, job.chunk, &mut buf)
+                                .and_then(|()| {
+                                    decode_into(
+                                        job.chunk.encoding,
+                                        buf.as_slice(),
+                                        &job.chunk.hash,
+                                        &mut decompressor,
+                                        job.dest,
+                                    )
+                                    .map_err(corrupt)
+                                })
+                        }
+                        Err(e) => Err(e),
+                    };
                     if let Err(e) = result {
                         record(first_error, e);
                         return;

@@ -11,12 +11,14 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use io_uring::{opcode, types, IoUring};
 
 use crate::buffer::PooledBuf;
 use crate::chunk::IO_ALIGN;
+use crate::pipeline::WriteBacklog;
 use crate::{TierError, TierKind};
 
 /// Writes kept in flight on the ring.
@@ -44,6 +46,7 @@ struct InFlight {
 /// Handle to the writer thread of one store.
 pub(crate) struct UringWriter {
     tx: Option<SyncSender<WriteJob>>,
+    backlog: Arc<WriteBacklog>,
     thread: Option<JoinHandle<WriterOutcome>>,
 }
 
@@ -65,9 +68,11 @@ impl UringWriter {
             }
         })?;
         let (tx, rx) = sync_channel(RING_DEPTH);
+        let backlog = Arc::new(WriteBacklog::default());
+        let finished = Arc::clone(&backlog);
         let thread = std::thread::Builder::new()
             .name("kyb-nvme-uring".into())
-            .spawn(move || run(ring, rx))
+            .spawn(move || run(ring, rx, &finished))
             .map_err(|e| TierError::Io {
                 tier: TierKind::Nvme,
                 op: "spawn io_uring writer",
@@ -76,6 +81,7 @@ impl UringWriter {
             })?;
         Ok(Self {
             tx: Some(tx),
+            backlog,
             thread: Some(thread),
         })
     }
@@ -83,7 +89,16 @@ impl UringWriter {
     /// Queues a chunk; fails only if the writer already stopped on an error (which
     /// [`UringWriter::finish`] then reports).
     pub fn submit(&self, job: WriteJob) -> Result<(), ()> {
-        self.tx.as_ref().ok_or(())?.send(job).map_err(|_| ())
+        let len = u64::try_from(job.data.as_slice().len()).expect("fits");
+        self.backlog.add(len);
+        self.tx.as_ref().ok_or(())?.send(job).map_err(|_| {
+            self.backlog.done(len);
+        })
+    }
+
+    /// Bytes submitted and not yet durable (or failed).
+    pub fn backlog(&self) -> Arc<WriteBacklog> {
+        Arc::clone(&self.backlog)
     }
 
     /// Waits until every queued chunk is durable or the writer failed.
@@ -135,7 +150,7 @@ fn open_direct(path: &PathBuf) -> io::Result<File> {
     }
 }
 
-fn run(mut ring: IoUring, rx: Receiver<WriteJob>) -> WriterOutcome {
+fn run(mut ring: IoUring, rx: Receiver<WriteJob>, backlog: &WriteBacklog) -> WriterOutcome {
     let mut slots: Vec<Option<InFlight>> = (0..RING_DEPTH).map(|_| None).collect();
     let mut in_flight = 0usize;
     let mut written = Vec::new();
@@ -224,6 +239,7 @@ fn run(mut ring: IoUring, rx: Receiver<WriteJob>) -> WriterOutcome {
             .collect();
         for (slot, res) in completions {
             let mut op = slots[slot].take().expect("completion for a live slot");
+            let len = u64::try_from(op.job.data.as_slice().len()).expect("fits");
             let step = match op.stage {
                 Stage::Write if res < 0 => Err(io::Error::from_raw_os_error(-res)),
                 Stage::Write if usize::try_from(res).ok() != Some(op.padded) => {
@@ -252,9 +268,11 @@ fn run(mut ring: IoUring, rx: Receiver<WriteJob>) -> WriterOutcome {
                 Ok(true) => {
                     let _ = fs::remove_file(&op.job.tmp_path);
                     in_flight -= 1;
+                    backlog.done(len);
                 }
                 Ok(false) => {
                     in_flight -= 1;
+                    backlog.done(len);
                     match fs::rename(&op.job.tmp_path, &op.job.final_path) {
                         Ok(()) => written.push(op.job.final_path),
                         Err(e) => {
@@ -265,6 +283,7 @@ fn run(mut ring: IoUring, rx: Receiver<WriteJob>) -> WriterOutcome {
                 }
                 Err(e) => {
                     in_flight -= 1;
+                    backlog.done(len);
                     let _ = fs::remove_file(&op.job.tmp_path);
                     error.get_or_insert(fail("write chunk file", &op.job.tmp_path, e));
                 }

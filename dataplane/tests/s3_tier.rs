@@ -9,8 +9,8 @@ use std::sync::atomic::Ordering;
 use common::s3_server::{PartFault, S3Server, ACCESS_KEY, BUCKET, SECRET_KEY};
 use common::{new_dir, read_dir_files, write_file, Fill};
 use kybernate_dataplane::{
-    load_nearest, CheckpointName, ChunkConfig, ChunkLocation, NvmeTier, S3Config, S3Tier, Secret,
-    Tier, TierError, MIN_PART_SIZE,
+    CheckpointName, ChunkConfig, ChunkLocation, NvmeTier, S3Config, S3Tier, Secret, Tier,
+    TierError, MIN_PART_SIZE,
 };
 
 const MIB: usize = 1 << 20;
@@ -290,7 +290,7 @@ fn corrupt_pack_and_deleted_manifest_fall_back_or_fail_clearly() {
     );
     assert_eq!(fs::read_dir(&dest).unwrap().count(), 0);
 
-    // Nearest first: a bad NVMe copy falls back to the (repaired) S3 copy.
+    // A bad NVMe copy fails cleanly; the (repaired) S3 copy loads into the same directory.
     fs::write(&pack_path, &good).unwrap();
     let chunk = nvme.manifest(&name("cp")).unwrap().files[1].chunks[8].hash;
     let chunk_path = nvme.chunk_path(&chunk);
@@ -301,9 +301,10 @@ fn corrupt_pack_and_deleted_manifest_fall_back_or_fail_clearly() {
         .unwrap()
         .set_len(len - 1)
         .unwrap();
-    let got = load_nearest(&[&nvme, &tier], &name("cp"), &dest).unwrap();
-    assert_eq!(got.tier, kybernate_dataplane::TierKind::S3);
-    assert_eq!(got.skipped.len(), 1);
+    let err = nvme.load(&name("cp"), &dest).unwrap_err();
+    assert!(matches!(err, TierError::Corrupt { .. }), "{err}");
+    assert_eq!(fs::read_dir(&dest).unwrap().count(), 0);
+    tier.load(&name("cp"), &dest).unwrap();
     assert_eq!(read_dir_files(&dest), read_dir_files(&src));
 
     // A truncated pack is a clear error, not a short file.

@@ -12,13 +12,12 @@ use kybernate_proto::agent::v1 as pb;
 
 use super::{phases_pb, NodeAgent};
 use crate::catalog::{CheckpointRecord, Phase};
-use crate::checkpoint::blocking;
+use crate::checkpoint::commit_and_digest;
 use crate::config::TimeoutsConfig;
 use crate::cuda::{CudaPhaseError, LockAndCheckpoint, Release};
 use crate::drain;
 use crate::error::AgentError;
 use crate::events::PhaseClock;
-use crate::images;
 use crate::node_parts::NodeParts;
 use kybernate_cuda::GpuFingerprint;
 
@@ -297,28 +296,10 @@ async fn finish(
         })
         .await?;
 
-    let ram = parts.ram.clone();
-    let commit_name = name.clone();
-    let ram_report = clock
-        .run("store_ram", async {
-            blocking(move || ram.commit(&commit_name))
-                .await?
-                .map_err(|source| AgentError::Tier {
-                    name: name.to_string(),
-                    phase: "store_ram".into(),
-                    source: Box::new(source),
-                })
-        })
-        .await?;
+    let (ram_report, files) = commit_and_digest(parts, &mut clock, name)
+        .await
+        .map_err(|(_, e)| e)?;
     let image_dir = parts.ram.dir_of(name);
-    let digest_dir = image_dir.clone();
-    let files = clock
-        .run("digest", async move {
-            blocking(move || images::digest_dir(&digest_dir))
-                .await?
-                .map_err(|e| AgentError::Internal(e.to_string()))
-        })
-        .await?;
     let mut stored: Vec<(TierKind, StoreReport)> = vec![(TierKind::Ram, ram_report)];
     for kind in parts
         .tiers
@@ -326,7 +307,7 @@ async fn finish(
         .into_iter()
         .filter(|k| *k != TierKind::Ram)
     {
-        let report = drain::store_into(parts, &mut clock, name, &image_dir, kind).await?;
+        let report = drain::store_into(parts, &mut clock, name, &image_dir, &files, kind).await?;
         stored.push((kind, report));
     }
     clock.succeeded();

@@ -91,6 +91,16 @@ impl Tier for S3Tier {
         self.store_with_stats(name, image_dir).map(|(r, _)| r)
     }
 
+    fn store_digested(
+        &self,
+        name: &CheckpointName,
+        image_dir: &Path,
+        digest: &crate::ImageDigest,
+    ) -> Result<StoreReport, TierError> {
+        self.store_known(name, image_dir, Some(digest))
+            .map(|(r, _)| r)
+    }
+
     fn load(&self, name: &CheckpointName, dest: &Path) -> Result<LoadReport, TierError> {
         let manifest = self.manifest(name)?;
         restore_image_set(

@@ -9,6 +9,16 @@ impl S3Tier {
         name: &CheckpointName,
         image_dir: &Path,
     ) -> Result<(StoreReport, DrainStats), TierError> {
+        self.store_known(name, image_dir, None)
+    }
+
+    /// [`S3Tier::store_with_stats`] with the checkpoint's chunk hashes, when known.
+    pub(super) fn store_known(
+        &self,
+        name: &CheckpointName,
+        image_dir: &Path,
+        known: Option<&crate::ImageDigest>,
+    ) -> Result<(StoreReport, DrainStats), TierError> {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(held) = self.begin_store(name)? {
             return Ok(held);
@@ -33,6 +43,7 @@ impl S3Tier {
             TIER,
             name,
             image_dir,
+            known,
             &self.chunk,
             &self.pool,
             &index,
