@@ -160,10 +160,11 @@ impl NodeWorker {
 
 /// `existing` with `condition` replacing any of its type (a merge patch replaces lists).
 fn with_condition(existing: &[Condition], condition: Condition) -> Vec<Condition> {
-    existing
+    let mut all: Vec<Condition> = existing
         .iter()
         .filter(|c| c.type_ != condition.type_)
         .cloned()
-        .chain(std::iter::once(condition))
-        .collect()
+        .collect();
+    all.push(condition);
+    all
 }
