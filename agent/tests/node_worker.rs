@@ -101,6 +101,10 @@ async fn handle(
             (StatusCode::OK, watch_body(rx))
         }
         ("GET", "/apis/kybernate.io/v1alpha1/gpucheckpoints") => {
+            let items: Vec<Value> = [s.object.clone()]
+                .into_iter()
+                .filter(|o| !o.is_null())
+                .collect();
             assert!(
                 query.contains("labelSelector=kybernate.io%2Fnode%3Dn1"),
                 "{query}"
@@ -108,8 +112,7 @@ async fn handle(
             reply(
                 200,
                 json!({"apiVersion": "kybernate.io/v1alpha1", "kind": "GpuCheckpointList",
-                "metadata": {"resourceVersion": s.rv.to_string()},
-                "items": [s.object.clone()].into_iter().filter(|o| !o.is_null()).collect::<Vec<_>>()}),
+                "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}),
             )
         }
         ("GET", "/apis/kybernate.io/v1alpha1/gpurestores") => {
