@@ -1,25 +1,41 @@
 #!/usr/bin/env bash
-# Installs the offline Kubernetes manifest validator the controller's tests use:
-# kubernetes-validate (PyPI; ships the API schemas up to Kubernetes 1.37). Idempotent.
+# Installs the offline Kubernetes tools the controller's tests use, both from PyPI:
+# kubernetes-validate (ships the API schemas up to Kubernetes 1.37) and helm-python-sdk
+# (Helm v4's own Go SDK as a shared library, to render the chart the way `helm template`
+# does; Helm itself is not packaged for Debian 12). Idempotent.
 set -euo pipefail
 
 log() { echo "install-k8s-tools: $*" >&2; }
 
+pip_install() {
+  local PIP
+  PIP=$(command -v pip3 || command -v pip || true)
+  if [ -z "$PIP" ]; then
+    log "pip is missing; installing python3-pip from Debian"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
+    PIP=$(command -v pip3)
+  fi
+  # Debian's own Python refuses system-wide pip installs unless told otherwise.
+  "$PIP" install --quiet "$@" 2>/dev/null \
+    || "$PIP" install --quiet --break-system-packages "$@"
+  hash -r
+}
+
 if command -v kubernetes-validate >/dev/null 2>&1; then
   log "kubernetes-validate $(kubernetes-validate --version 2>&1) already installed"
-  exit 0
+else
+  pip_install 'kubernetes-validate>=1.37,<2'
+  command -v kubernetes-validate >/dev/null 2>&1 || {
+    log "kubernetes-validate was installed but is not on PATH"; exit 1; }
+  log "installed kubernetes-validate $(kubernetes-validate --version 2>&1)"
 fi
-PIP=$(command -v pip3 || command -v pip || true)
-if [ -z "$PIP" ]; then
-  log "pip is missing; installing python3-pip from Debian"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
-  PIP=$(command -v pip3)
+
+if python3 -c 'import helm_python' >/dev/null 2>&1; then
+  log "helm-python-sdk already installed"
+else
+  pip_install 'helm-python-sdk==0.2.2'
+  python3 -c 'import helm_python as h; print(h.helm_sdk_version())' >/dev/null || {
+    log "helm-python-sdk was installed but does not import"; exit 1; }
+  log "installed helm-python-sdk (Helm SDK $(python3 -c 'import helm_python as h; print(h.helm_sdk_version())'))"
 fi
-# Debian's own Python refuses system-wide pip installs unless told otherwise.
-"$PIP" install --quiet 'kubernetes-validate>=1.37,<2' 2>/dev/null \
-  || "$PIP" install --quiet --break-system-packages 'kubernetes-validate>=1.37,<2'
-hash -r
-command -v kubernetes-validate >/dev/null 2>&1 || {
-  log "kubernetes-validate was installed but is not on PATH"; exit 1; }
-log "installed kubernetes-validate $(kubernetes-validate --version 2>&1)"

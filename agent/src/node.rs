@@ -18,7 +18,7 @@ use crate::node_parts::NodeParts;
 use crate::tiers::{self, Remove, UsedBytes};
 
 mod record;
-pub use record::GpuOf;
+pub use record::{GpuOf, SubscribeEvents};
 mod container_checkpoint;
 mod container_restore;
 mod containerd_checkpoint;

@@ -2,7 +2,9 @@
 //! hands the real agent binary (`--node-name n1`, KUBECONFIG pointing at the mock) a
 //! GpuCheckpoint for a real process in its own cgroup; the agent checkpoints it with CRIU and
 //! PATCHes the status. A stale re-delivery is refused by resourceVersion and never runs
-//! twice; deleting the object deletes the stored checkpoint. Needs root and CRIU 4.x.
+//! twice; deleting the object deletes the stored checkpoint. A GpuRestore for a real
+//! checkpoint is staged into RAM by a real prefetch, and one for an unknown checkpoint fails
+//! naming it. Needs root and CRIU 4.x.
 
 mod support;
 
@@ -21,6 +23,7 @@ use tokio::sync::mpsc;
 const AGENT: &str = env!("CARGO_BIN_EXE_kybernate-agent");
 const WAIT: Duration = Duration::from_secs(120);
 const CP_PATH: &str = "/apis/kybernate.io/v1alpha1/namespaces/default/gpucheckpoints/cp1";
+const RESTORES: &str = "/apis/kybernate.io/v1alpha1/namespaces/default/gpurestores/";
 
 /// RFC 7386 JSON merge patch.
 fn merge(target: &mut Value, patch: &Value) {
@@ -51,12 +54,21 @@ struct ApiState {
     patches: Vec<(String, Value, u16)>,
     unexpected: Vec<String>,
     watchers: Vec<mpsc::UnboundedSender<Value>>,
+    /// GpuRestores by name, and the watches of them.
+    restores: std::collections::BTreeMap<String, Value>,
+    restore_watchers: Vec<mpsc::UnboundedSender<Value>>,
 }
 
 impl ApiState {
     fn broadcast(&mut self, event: &str, object: &Value) {
         let line = json!({"type": event, "object": object});
         self.watchers.retain(|w| w.send(line.clone()).is_ok());
+    }
+
+    fn broadcast_restore(&mut self, event: &str, object: &Value) {
+        let line = json!({"type": event, "object": object});
+        self.restore_watchers
+            .retain(|w| w.send(line.clone()).is_ok());
     }
 }
 
@@ -89,6 +101,10 @@ async fn handle(
             (StatusCode::OK, watch_body(rx))
         }
         ("GET", "/apis/kybernate.io/v1alpha1/gpucheckpoints") => {
+            let items: Vec<Value> = [s.object.clone()]
+                .into_iter()
+                .filter(|o| !o.is_null())
+                .collect();
             assert!(
                 query.contains("labelSelector=kybernate.io%2Fnode%3Dn1"),
                 "{query}"
@@ -96,8 +112,37 @@ async fn handle(
             reply(
                 200,
                 json!({"apiVersion": "kybernate.io/v1alpha1", "kind": "GpuCheckpointList",
-                "metadata": {"resourceVersion": s.rv.to_string()}, "items": [s.object.clone()]}),
+                "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}),
             )
+        }
+        ("GET", "/apis/kybernate.io/v1alpha1/gpurestores") => {
+            assert!(
+                query.contains("labelSelector=kybernate.io%2Fnode%3Dn1"),
+                "{query}"
+            );
+            if query.contains("watch=true") {
+                let (tx, rx) = mpsc::unbounded_channel::<Value>();
+                s.restore_watchers.push(tx);
+                return (StatusCode::OK, watch_body(rx));
+            }
+            let items: Vec<Value> = s.restores.values().cloned().collect();
+            reply(
+                200,
+                json!({"apiVersion": "kybernate.io/v1alpha1", "kind": "GpuRestoreList",
+                "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}),
+            )
+        }
+        ("PATCH", p) if p.starts_with(RESTORES) && p.ends_with("/status") => {
+            let name = p[RESTORES.len()..].trim_end_matches("/status").to_owned();
+            s.patches.push((path.clone(), body.clone(), 200));
+            s.rv += 1;
+            let rv = s.rv.to_string();
+            let mut object = s.restores.get(&name).cloned().unwrap_or(Value::Null);
+            merge(&mut object, &json!({"status": body["status"].clone()}));
+            object["metadata"]["resourceVersion"] = json!(rv);
+            s.restores.insert(name, object.clone());
+            s.broadcast_restore("MODIFIED", &object);
+            reply(200, object)
         }
         ("PATCH", "/api/v1/nodes/n1") => {
             s.patches.push((path.clone(), body.clone(), 200));
@@ -222,6 +267,46 @@ impl Drop for AgentProcess {
     }
 }
 
+/// The real agent binary for node n1, pointed at a scripted API server over `state`.
+fn start_agent(dir: &std::path::Path, state: Shared) -> (AgentProcess, PathBuf, PathBuf) {
+    let port = start_api(state.clone());
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: mock\n  cluster:\n    server: http://127.0.0.1:{port}\n\
+         users:\n- name: u\n  user:\n    token: test\ncontexts:\n- name: c\n  context:\n    cluster: mock\n    user: u\n\
+         current-context: c\n")).unwrap();
+    let socket = dir.join("agent.sock");
+    let log = dir.join("agent.log");
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut command = Command::new(AGENT);
+    command
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{metrics_port}"))
+        .args(["--node-name", "n1"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    // SAFETY: setsid() is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let agent = AgentProcess(command.spawn().expect("start kybernate-agent"));
+    (agent, socket, log)
+}
+
 fn wait_until(what: &str, state: &Shared, log: &std::path::Path, done: impl Fn(&ApiState) -> bool) {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -276,41 +361,7 @@ fn agent_executes_a_gpucheckpoint_for_a_real_process_once() {
         rv: 5,
         ..ApiState::default()
     }));
-    let port = start_api(state.clone());
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: mock\n  cluster:\n    server: http://127.0.0.1:{port}\n\
-         users:\n- name: u\n  user:\n    token: test\ncontexts:\n- name: c\n  context:\n    cluster: mock\n    user: u\n\
-         current-context: c\n")).unwrap();
-    let socket = dir.path().join("agent.sock");
-    let log = dir.path().join("agent.log");
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut command = Command::new(AGENT);
-    command
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--metrics-addr")
-        .arg(format!("127.0.0.1:{metrics_port}"))
-        .args(["--node-name", "n1"])
-        .env("KUBECONFIG", &kubeconfig)
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
-    // SAFETY: setsid() is async-signal-safe.
-    unsafe {
-        command.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let _agent = AgentProcess(command.spawn().expect("start kybernate-agent"));
+    let (_agent, socket, log) = start_agent(dir.path(), state.clone());
 
     wait_until("the Completed status", &state, &log, |s| {
         !status_patches(s, "Completed").is_empty()
@@ -342,6 +393,23 @@ fn agent_executes_a_gpucheckpoint_for_a_real_process_once() {
     let checkpointing = status_patches(&s, "Checkpointing");
     assert_eq!(checkpointing.len(), 1);
     assert_eq!(checkpointing[0]["status"]["artifactRef"], "default_cp1");
+    // Checkpointing → Draining (dump done, storing into nvme) → Completed.
+    let order: Vec<&str> = s
+        .patches
+        .iter()
+        .filter(|(p, _, c)| p.ends_with("/status") && *c == 200)
+        .filter_map(|(_, b, _)| b["status"]["phase"].as_str())
+        .collect();
+    assert_eq!(order, ["Checkpointing", "Draining", "Completed"]);
+    let draining = &status_patches(&s, "Draining")[0]["status"]["conditions"][0];
+    assert_eq!(draining["type"], "Draining");
+    assert!(
+        draining["message"]
+            .as_str()
+            .unwrap()
+            .contains("storing into nvme on node n1"),
+        "{draining}"
+    );
     let done = &status_patches(&s, "Completed")[0]["status"];
     assert_eq!(done["artifactRef"], "default_cp1");
     assert!(done["rawBytes"].as_u64().unwrap() > 64 << 20, "{done}");
@@ -411,4 +479,134 @@ fn agent_executes_a_gpucheckpoint_for_a_real_process_once() {
         Some(0),
         "stored checkpoint deleted: {listed}"
     );
+}
+
+fn restore_object(name: &str, artifact: &str) -> Value {
+    json!({
+        "apiVersion": "kybernate.io/v1alpha1", "kind": "GpuRestore",
+        "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}"),
+                     "resourceVersion": "3", "labels": {"kybernate.io/node": "n1"}},
+        "spec": {"checkpointName": artifact.trim_start_matches("default_")},
+        "status": {"phase": "Restoring", "podName": format!("{name}-restored"), "artifactRef": artifact},
+    })
+}
+
+fn restore_patches(s: &ApiState, name: &str) -> Vec<Value> {
+    let path = format!("{RESTORES}{name}/status");
+    s.patches
+        .iter()
+        .filter(|(p, _, c)| *p == path && *c == 200)
+        .map(|(_, b, _)| b["status"].clone())
+        .collect()
+}
+
+fn deliver_restore(state: &Shared, object: Value) {
+    let mut s = state.lock().unwrap();
+    let name = object["metadata"]["name"].as_str().unwrap().to_owned();
+    s.restores.insert(name, object.clone());
+    s.broadcast_restore("ADDED", &object);
+}
+
+#[test]
+fn agent_stages_a_gpurestore_from_a_real_checkpoint_and_names_an_unknown_one() {
+    support::require_root_and_criu();
+    let dir = tempfile::Builder::new()
+        .prefix("kybernate-stage-")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let state: Shared = Arc::new(Mutex::new(ApiState::default()));
+    let (_agent, socket, log) = start_agent(dir.path(), state.clone());
+    let ctl = |args: &[&str]| -> Value {
+        let out = Command::new(CTL)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--output", "json"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("kybernatectl JSON")
+    };
+    wait_until("the agent's GpuRestore watch", &state, &log, |s| {
+        !s.restore_watchers.is_empty()
+    });
+
+    // A real checkpoint on this node, stored in RAM and NVMe; then RAM loses its copy.
+    let mut workload = Workload::start(dir.path(), 16, &[]);
+    let pid = workload.pid.to_string();
+    let cp = ctl(&[
+        "checkpoint",
+        "--pid",
+        &pid,
+        "--name",
+        "default_cp9",
+        "--tier",
+        "nvme",
+    ]);
+    assert_eq!(cp["tiers"], json!(["ram", "nvme"]), "{cp}");
+    workload.reap_dumped();
+    std::fs::remove_dir_all(dir.path().join("state/ram/default_cp9")).unwrap();
+    assert_eq!(ctl(&["inspect", "default_cp9"])["tiers"], json!(["nvme"]));
+
+    let r1 = restore_object("r1", "default_cp9");
+    deliver_restore(&state, r1.clone());
+    wait_until("the Staged status", &state, &log, |s| {
+        !restore_patches(s, "r1").is_empty()
+    });
+    let staged = restore_patches(&state.lock().unwrap(), "r1")[0].clone();
+    assert_eq!(staged["staging"]["nodeName"], "n1", "{staged}");
+    assert_eq!(staged["staging"]["tier"], "ram", "{staged}");
+    assert_eq!(staged["staging"]["fromTier"], "nvme", "{staged}");
+    assert!(
+        !staged["staging"]["phases"].as_array().unwrap().is_empty(),
+        "{staged}"
+    );
+    let condition = &staged["conditions"][0];
+    assert_eq!(condition["type"], "Staged");
+    assert_eq!(condition["status"], "True");
+    assert_eq!(condition["reason"], "Prefetched");
+    assert!(
+        condition["message"]
+            .as_str()
+            .unwrap()
+            .contains("default_cp9"),
+        "{condition}"
+    );
+    assert!(
+        staged.get("phase").is_none(),
+        "the controller owns the phase: {staged}"
+    );
+    assert_eq!(
+        ctl(&["inspect", "default_cp9"])["tiers"],
+        json!(["ram", "nvme"])
+    );
+
+    // The staged object comes back (our own write): nothing more happens. Then a
+    // GpuRestore of a checkpoint this node never stored: Failed, naming it. The watch is
+    // handled in order, so r2's answer comes after anything r1 would have caused.
+    let staged_r1 = state.lock().unwrap().restores["r1"].clone();
+    state
+        .lock()
+        .unwrap()
+        .broadcast_restore("MODIFIED", &staged_r1);
+    deliver_restore(&state, restore_object("r2", "default_missing"));
+    wait_until("the Failed status of r2", &state, &log, |s| {
+        !restore_patches(s, "r2").is_empty()
+    });
+    let s = state.lock().unwrap();
+    assert_eq!(restore_patches(&s, "r1").len(), 1, "r1 staged once");
+    let failed = &restore_patches(&s, "r2")[0];
+    assert_eq!(failed["phase"], "Failed", "{failed}");
+    assert_eq!(failed["conditions"][0]["type"], "Failed");
+    assert_eq!(failed["conditions"][0]["reason"], "CheckpointNotFound");
+    let message = failed["conditions"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("default_missing") && message.contains("node n1"),
+        "{message}"
+    );
+    assert!(s.unexpected.is_empty(), "{:?}", s.unexpected);
 }

@@ -71,6 +71,7 @@ impl GpuCheckpoint {
         cp.metadata.creation_timestamp = Some(ago(created_ago));
         let status = cp.status.get_or_insert_with(Default::default);
         status.artifact_ref = Some(format!("default-{name}"));
+        status.tiers = vec!["ram".into(), "nvme".into(), "s3".into()];
         status.captured_pod_spec = Some(pod_spec());
         status.gpu = Some(GpuFingerprintStatus {
             driver_version: 12080,
@@ -115,7 +116,8 @@ impl GpuWorkload {
                     spec: Some(pod_spec()),
                 },
                 schedule: CheckpointSchedule {
-                    interval_seconds: 600,
+                    interval_seconds: Some(600),
+                    cron: None,
                 },
                 retention: Retention {
                     keep_last,

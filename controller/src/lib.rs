@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod pod;
 pub mod restore;
 pub mod run;
+pub mod schedule;
 pub mod workload;
 
 #[cfg(test)]

@@ -10,8 +10,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
 use crate::crd::{
-    GpuCheckpoint, GpuFingerprintStatus, GPU_COUNT_LABEL, GPU_DRIVER_LABEL, GPU_MODEL_LABEL,
-    RESTORE_FROM_ANNOTATION, RUNTIME_CLASS,
+    GpuCheckpoint, GpuFingerprintStatus, StorageTier, GPU_COUNT_LABEL, GPU_DRIVER_LABEL,
+    GPU_MODEL_LABEL, RESTORE_FROM_ANNOTATION, RUNTIME_CLASS,
 };
 use crate::error::Error;
 
@@ -133,4 +133,13 @@ pub fn gpu_requirements(gpu: &GpuFingerprintStatus) -> Vec<NodeSelectorRequireme
 /// An owner reference that makes the owner's deletion remove the pod.
 pub fn owner_ref<K: kube::Resource<DynamicType = ()>>(owner: &K) -> Option<OwnerReference> {
     owner.controller_owner_ref(&())
+}
+
+/// The node whose local tiers hold the only copies of `cp` (no S3 copy), if any.
+pub fn local_node(cp: &GpuCheckpoint) -> Option<String> {
+    let status = cp.status.as_ref()?;
+    if status.tiers.iter().any(|t| t == StorageTier::S3.as_str()) {
+        return None;
+    }
+    status.node_name.clone()
 }

@@ -13,10 +13,11 @@ use serde_json::json;
 
 use crate::context::Context;
 use crate::crd::{
-    CheckpointPhase, Condition, GpuCheckpoint, GpuRestore, PhaseDuration, RestorePhase, NODE_LABEL,
+    CheckpointPhase, Condition, GpuCheckpoint, GpuRestore, PhaseDuration, RestorePhase,
+    HOSTNAME_LABEL, NODE_LABEL,
 };
 use crate::error::{kube_err, Error};
-use crate::pod::{owner_ref, RestoredPod};
+use crate::pod::{local_node, owner_ref, RestoredPod};
 
 const KIND: &str = "GpuRestore";
 const POLL: Duration = Duration::from_secs(5);
@@ -75,6 +76,15 @@ async fn create_pod(
         .pod_name
         .clone()
         .unwrap_or_else(|| format!("{}-restored", restore.name_any()));
+    // A checkpoint held only in node-local tiers can be restored only on its node: pin the
+    // pod there, and hand the restore to that node's agent now so it stages the checkpoint
+    // while the pod is still being scheduled.
+    let pinned = local_node(&cp);
+    let mut node_selector = restore.spec.node_selector.clone();
+    if let Some(node) = &pinned {
+        node_selector.insert(HOSTNAME_LABEL.into(), node.clone());
+        label_node(restore, api, ns, node).await?;
+    }
     let pod = RestoredPod {
         name: pod_name.clone(),
         namespace: ns.to_owned(),
@@ -82,7 +92,7 @@ async fn create_pod(
         labels: BTreeMap::new(),
         checkpoint: Some(&cp),
         template: restore.spec.template.as_ref(),
-        node_selector: &restore.spec.node_selector,
+        node_selector: &node_selector,
     };
     let pod = match pod.build() {
         Ok(pod) => pod,
@@ -100,6 +110,7 @@ async fn create_pod(
         "phase": RestorePhase::Restoring,
         "podName": pod_name,
         "startedAt": ctx.now(),
+        "artifactRef": cp.status.as_ref().and_then(|s| s.artifact_ref.clone()),
     }});
     api.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
         .await
@@ -139,15 +150,7 @@ async fn track_pod(
         .map(|t| ctx.clock.now().as_second() - t.0.as_second())
         .unwrap_or(0);
     if let Some(node) = &node {
-        if restore.labels().get(NODE_LABEL) != Some(node) {
-            api.patch(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"labels": {NODE_LABEL: node}}})),
-            )
-            .await
-            .map_err(kube_err("patch", KIND, ns, &name))?;
-        }
+        label_node(restore, api, ns, node).await?;
     }
     match phase.as_deref() {
         Some("Running") => {
@@ -185,6 +188,27 @@ async fn track_pod(
         }
         _ => Ok(Action::requeue(POLL)),
     }
+}
+
+/// Hands the restore to `node`'s agent (it watches objects with its node label).
+async fn label_node(
+    restore: &GpuRestore,
+    api: &Api<GpuRestore>,
+    ns: &str,
+    node: &str,
+) -> Result<(), Error> {
+    if restore.labels().get(NODE_LABEL).map(String::as_str) == Some(node) {
+        return Ok(());
+    }
+    let name = restore.name_any();
+    api.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {NODE_LABEL: node}}})),
+    )
+    .await
+    .map_err(kube_err("patch", KIND, ns, &name))?;
+    Ok(())
 }
 
 async fn fail(

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::ResourceExt;
@@ -14,11 +16,12 @@ use serde_json::json;
 
 use crate::context::Context;
 use crate::crd::{
-    CheckpointPhase, CheckpointTimeouts, GpuCheckpoint, GpuCheckpointSpec, GpuWorkload,
-    WORKLOAD_LABEL,
+    CheckpointPhase, CheckpointTimeouts, Condition, GpuCheckpoint, GpuCheckpointSpec, GpuWorkload,
+    GpuWorkloadStatus, HOSTNAME_LABEL, SCHEDULE_INVALID_CONDITION, WORKLOAD_LABEL,
 };
 use crate::error::{kube_err, Error};
-use crate::pod::{owner_ref, RestoredPod};
+use crate::pod::{local_node, owner_ref, RestoredPod};
+use crate::schedule::{Schedule, ScheduleError};
 
 const KIND: &str = "GpuWorkload";
 const POLL: Duration = Duration::from_secs(30);
@@ -80,10 +83,17 @@ pub async fn reconcile(wl: Arc<GpuWorkload>, ctx: Arc<Context>) -> Result<Action
         }
     }
     let now = ctx.clock.now();
+    let schedule = Schedule::parse(&wl.spec.schedule);
+    report_schedule(&wl, &ctx, &mut status, schedule.as_ref().err()).await;
     match alive {
         None => {
             let restore_from = latest.filter(|_| wl.spec.restore_on_reschedule);
             let pod_name = format!("{name}-{}", status.pods_created);
+            let pinned: BTreeMap<String, String> = restore_from
+                .and_then(local_node)
+                .map(|node| (HOSTNAME_LABEL.to_owned(), node))
+                .into_iter()
+                .collect();
             let pod = RestoredPod {
                 name: pod_name.clone(),
                 namespace: ns.clone(),
@@ -94,7 +104,7 @@ pub async fn reconcile(wl: Arc<GpuWorkload>, ctx: Arc<Context>) -> Result<Action
                 labels: BTreeMap::from([(WORKLOAD_LABEL.to_owned(), name.clone())]),
                 checkpoint: restore_from,
                 template: Some(&wl.spec.template),
-                node_selector: &BTreeMap::new(),
+                node_selector: &pinned,
             }
             .build()?;
             match pods_api.create(&PostParams::default(), &pod).await {
@@ -122,13 +132,15 @@ pub async fn reconcile(wl: Arc<GpuWorkload>, ctx: Arc<Context>) -> Result<Action
             status.pod_name = Some(pod.name_any());
             let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
             let in_flight = checkpoints.iter().any(|c| !c.phase().is_terminal());
-            let interval = i64::from(wl.spec.schedule.interval_seconds);
-            let due = status
-                .last_scheduled_at
-                .as_ref()
-                .is_none_or(|t| now.as_second() - t.0.as_second() >= interval);
-            if running && !in_flight && due {
-                let cp_name = format!("{name}-{}", now.as_second());
+            let last = last_checkpoint(status.last_scheduled_at.as_ref(), &checkpoints);
+            let due = match &schedule {
+                Ok(schedule) => due_at(schedule, last, wl.creation_timestamp(), now),
+                Err(_) => None,
+            };
+            if let (true, false, Some(fire)) = (running, in_flight, due) {
+                // Named after the run it serves: a re-delivered, stale object computes
+                // the same name and gets a conflict instead of a second checkpoint.
+                let cp_name = format!("{name}-{}", fire.as_second());
                 let cp = GpuCheckpoint {
                     metadata: ObjectMeta {
                         name: Some(cp_name.clone()),
@@ -177,14 +189,72 @@ pub async fn reconcile(wl: Arc<GpuWorkload>, ctx: Arc<Context>) -> Result<Action
         .await;
     }
     let api: Api<GpuWorkload> = Api::namespaced(ctx.client.clone(), &ns);
-    api.patch_status(
-        &name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": status})),
-    )
-    .await
-    .map_err(kube_err("patch", KIND, &ns, &name))?;
+    let mut patch = json!({"status": status});
+    // An empty list is left out when serialized; a merge patch must say it explicitly.
+    patch["status"]["conditions"] = json!(status.conditions);
+    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .map_err(kube_err("patch", KIND, &ns, &name))?;
     Ok(Action::requeue(POLL))
+}
+
+/// The time of the last periodic checkpoint: the later of what the status recorded and
+/// the newest checkpoint object (the status may be stale on a re-delivery).
+fn last_checkpoint(recorded: Option<&Time>, newest_first: &[GpuCheckpoint]) -> Option<Timestamp> {
+    let newest = newest_first
+        .first()
+        .and_then(|c| c.creation_timestamp())
+        .map(|t| t.0);
+    recorded.map(|t| t.0).into_iter().chain(newest).max()
+}
+
+/// The run that is due at `now`, if any. Without any checkpoint yet, an interval schedule
+/// runs at once and a cron schedule at its first match after the workload's creation.
+pub fn due_at(
+    schedule: &Schedule,
+    last: Option<Timestamp>,
+    created: Option<Time>,
+    now: Timestamp,
+) -> Option<Timestamp> {
+    let fire = match (schedule, last) {
+        (_, Some(last)) => schedule.next_after(last)?,
+        (Schedule::Interval(_), None) => now,
+        (Schedule::Cron(_), None) => schedule.next_after(created.map_or(now, |t| t.0))?,
+    };
+    (fire <= now).then_some(fire)
+}
+
+/// Keeps the `ScheduleInvalid` condition in step with the schedule, with a Warning event
+/// when it first appears.
+async fn report_schedule(
+    wl: &GpuWorkload,
+    ctx: &Context,
+    status: &mut GpuWorkloadStatus,
+    error: Option<&ScheduleError>,
+) {
+    let had = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == SCHEDULE_INVALID_CONDITION);
+    status
+        .conditions
+        .retain(|c| c.type_ != SCHEDULE_INVALID_CONDITION);
+    let Some(error) = error else { return };
+    let reason = match error {
+        ScheduleError::InvalidCron { .. } => "InvalidCron",
+        ScheduleError::Missing => "NoSchedule",
+    };
+    let message = format!("{error}; no periodic checkpoints are taken until it is fixed");
+    status.conditions.push(Condition::new(
+        SCHEDULE_INVALID_CONDITION,
+        reason,
+        message.clone(),
+        ctx.now(),
+    ));
+    if !had {
+        ctx.metrics.failure(KIND, reason);
+        ctx.event(wl, true, reason, message).await;
+    }
 }
 
 /// Completed checkpoints (newest first) beyond `keepLast` or older than `maxAgeSeconds`.

@@ -1,7 +1,10 @@
 //! The Helm chart renders, with its default values, the same objects as the plain
 //! manifests (except the Namespace, which `helm install --create-namespace` makes).
 //!
-//! Helm is not packaged for Debian 12, so the templates are rendered here by a renderer for
+//! Helm is not packaged for Debian 12. The chart is rendered twice: by Helm's own template
+//! engine (Helm v4's Go SDK, shipped as a shared library in the PyPI package
+//! `helm-python-sdk`, installed by scripts/install-k8s-tools.sh and driven by
+//! `tests/helm_render.py`), and by an in-repo renderer for
 //! exactly the subset of the template language the chart uses: `{{ .Values.a.b }}`,
 //! `{{ .Release.Namespace }}`, `{{- .Values.x | nindent N }}` and
 //! `{{- toYaml .Values.x | nindent N }}`, with `{{-`/`-}}` whitespace trimming. Any other
@@ -124,6 +127,37 @@ fn key(v: &Value) -> String {
     )
 }
 
+/// The objects of deploy/*.yaml except the Namespace (`helm install --create-namespace`).
+fn plain_manifests() -> BTreeMap<String, Value> {
+    let mut plain = BTreeMap::new();
+    for entry in std::fs::read_dir(deploy()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") && !path.ends_with("kustomization.yaml") {
+            for doc in docs(&std::fs::read_to_string(&path).unwrap()) {
+                if doc["kind"] != "Namespace" {
+                    plain.insert(key(&doc), doc);
+                }
+            }
+        }
+    }
+    plain
+}
+
+fn assert_same_objects(rendered: &BTreeMap<String, Value>, by: &str) {
+    let plain = plain_manifests();
+    assert_eq!(
+        rendered.keys().collect::<Vec<_>>(),
+        plain.keys().collect::<Vec<_>>(),
+        "the chart ({by}) and deploy/ hold different objects"
+    );
+    for (k, doc) in &plain {
+        assert_eq!(
+            &rendered[k], doc,
+            "{k} differs between the chart ({by}) and deploy/"
+        );
+    }
+}
+
 #[test]
 fn chart_defaults_render_the_plain_manifests() {
     let values: Value =
@@ -137,28 +171,37 @@ fn chart_defaults_render_the_plain_manifests() {
             rendered.insert(key(&doc), doc);
         }
     }
-    let mut plain = BTreeMap::new();
-    for entry in std::fs::read_dir(deploy()).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "yaml") && !path.ends_with("kustomization.yaml") {
-            for doc in docs(&std::fs::read_to_string(&path).unwrap()) {
-                if doc["kind"] != "Namespace" {
-                    plain.insert(key(&doc), doc);
-                }
-            }
+    assert_same_objects(&rendered, "in-repo renderer");
+}
+
+#[test]
+fn helm_itself_renders_the_chart_defaults_as_the_plain_manifests() {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/helm_render.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(chart())
+        .args(["kybernate", NAMESPACE])
+        .output()
+        .expect("python3 is needed to drive Helm's template engine");
+    assert!(
+        out.status.success(),
+        "Helm render failed (is helm-python-sdk installed? run scripts/install-k8s-tools.sh): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply: Value = serde_json::from_slice(&out.stdout).expect("helm_render.py JSON");
+    assert!(
+        reply["helm"].as_str().unwrap().starts_with("v4."),
+        "{}",
+        reply["helm"]
+    );
+    let mut rendered = BTreeMap::new();
+    for (template, text) in reply["manifests"].as_object().unwrap() {
+        for doc in docs(text.as_str().unwrap()) {
+            let previous = rendered.insert(key(&doc), doc);
+            assert!(previous.is_none(), "{template} repeats an object");
         }
     }
-    assert_eq!(
-        rendered.keys().collect::<Vec<_>>(),
-        plain.keys().collect::<Vec<_>>(),
-        "the chart and deploy/ hold different objects"
-    );
-    for (k, doc) in &plain {
-        assert_eq!(
-            &rendered[k], doc,
-            "{k} differs between the chart and deploy/"
-        );
-    }
+    assert_same_objects(&rendered, "helm");
 }
 
 #[test]

@@ -183,3 +183,47 @@ fn runtime_class_uses_the_kybernate_handler() {
         "kybernate"
     );
 }
+
+/// Whether `role` grants `verb` on `resource` of `group`.
+fn grants(role: &Value, group: &str, resource: &str, verb: &str) -> bool {
+    role["rules"].as_array().unwrap().iter().any(|rule| {
+        let has = |field: &str, want: &str| {
+            rule[field]
+                .as_array()
+                .is_some_and(|v| v.iter().any(|x| x == want))
+        };
+        has("apiGroups", group) && has("resources", resource) && has("verbs", verb)
+    })
+}
+
+#[test]
+fn agent_role_covers_exactly_what_the_node_worker_does() {
+    let docs = all_documents();
+    let role = find(&docs, "ClusterRole", "kybernate-agent");
+    for (group, resource, verb) in [
+        ("kybernate.io", "gpucheckpoints", "list"),
+        ("kybernate.io", "gpucheckpoints", "watch"),
+        ("kybernate.io", "gpucheckpoints", "patch"),
+        ("kybernate.io", "gpucheckpoints/status", "patch"),
+        ("kybernate.io", "gpurestores", "list"),
+        ("kybernate.io", "gpurestores", "watch"),
+        ("kybernate.io", "gpurestores/status", "patch"),
+        ("", "nodes", "patch"),
+    ] {
+        assert!(
+            grants(role, group, resource, verb),
+            "the agent needs {verb} on {group}/{resource}"
+        );
+    }
+    for (group, resource, verb) in [
+        ("kybernate.io", "gpurestores", "patch"),
+        ("kybernate.io", "gpucheckpoints", "delete"),
+        ("", "pods", "create"),
+        ("", "secrets", "get"),
+    ] {
+        assert!(
+            !grants(role, group, resource, verb),
+            "the agent must not {verb} {group}/{resource}"
+        );
+    }
+}

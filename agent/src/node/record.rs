@@ -23,3 +23,17 @@ impl Handler<GpuOf> for NodeAgent {
             .ok_or_else(|| AgentError::NotFound(name.to_string()))
     }
 }
+
+/// A receiver of the agent's phase events (what `WatchEvents` streams), for the node
+/// worker to follow a checkpoint's progress from dump to drain.
+#[derive(Debug, Message)]
+#[rtype(result = "tokio::sync::broadcast::Receiver<kybernate_proto::agent::v1::Event>")]
+pub struct SubscribeEvents;
+
+impl Handler<SubscribeEvents> for NodeAgent {
+    type Result = MessageResult<SubscribeEvents>;
+
+    fn handle(&mut self, _: SubscribeEvents, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.parts.events.subscribe())
+    }
+}

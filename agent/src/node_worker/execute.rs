@@ -11,14 +11,14 @@ use serde_json::{json, Value};
 use super::node_labels::fingerprint_status;
 use super::{NodeWorker, WorkerError};
 use crate::error::AgentError;
-use crate::node::{Checkpoint, Delete, GpuOf, Inspect};
+use crate::node::{Delete, GpuOf, Inspect};
 
 /// The agent's checkpoint name for object `namespace/name` (`_` never occurs in either).
 pub fn artifact_name(namespace: &str, name: &str) -> String {
     format!("{namespace}_{name}")
 }
 
-fn now() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
+pub(super) fn now() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
     k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now())
 }
 
@@ -108,7 +108,7 @@ impl NodeWorker {
             leave_running: cp.spec.leave_running,
             ..pb::CheckpointRequest::default()
         };
-        match self.agent.send(Checkpoint(request)).await? {
+        match self.checkpoint_with_progress(api, &cp, request).await? {
             Ok(reply) => {
                 let info = pb::CheckpointInfo {
                     checkpoint_ref: reply.checkpoint_ref,

@@ -1,6 +1,7 @@
 //! The agent as a Kubernetes node worker: it labels its Node with the GPU fingerprint,
-//! watches the `GpuCheckpoint` objects the controller labelled `kybernate.io/node=<node>`,
-//! executes them through the same [`NodeAgent`] messages as the CLI and writes their status.
+//! watches the `GpuCheckpoint` and `GpuRestore` objects the controller labelled
+//! `kybernate.io/node=<node>`, executes them through the same [`NodeAgent`] messages as the
+//! CLI (checkpoint; prefetch to stage a restore) and writes their status.
 //!
 //! Level-triggered and idempotent: an object is claimed by a status write guarded by the
 //! resourceVersion it was delivered with, so a re-delivered (stale) object gets a conflict
@@ -10,6 +11,8 @@
 mod execute;
 mod node_labels;
 mod processes;
+mod progress;
+mod stage;
 
 use std::sync::Arc;
 
@@ -17,13 +20,15 @@ use actix::Addr;
 use futures::StreamExt;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
-use kybernate_controller::crd::{GpuCheckpoint, NODE_LABEL};
+use kybernate_controller::crd::{GpuCheckpoint, GpuRestore, NODE_LABEL};
 use kybernate_cuda::GpuFingerprint;
+use kybernate_dataplane::TierKind;
 
 use crate::node::NodeAgent;
 
 pub use node_labels::node_labels;
 pub use processes::{CgroupResolver, ProcessResolver};
+pub use progress::DRAINING_CONDITION;
 
 /// The node worker could not do its job.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +57,7 @@ pub struct NodeWorker {
     agent: Addr<NodeAgent>,
     processes: Arc<dyn ProcessResolver>,
     gpus: Option<GpuFingerprint>,
+    staging_tier: TierKind,
 }
 
 impl std::fmt::Debug for NodeWorker {
@@ -60,12 +66,14 @@ impl std::fmt::Debug for NodeWorker {
             .field("node_name", &self.node_name)
             .field("processes", &self.processes)
             .field("gpus", &self.gpus)
+            .field("staging_tier", &self.staging_tier)
             .finish()
     }
 }
 
 impl NodeWorker {
-    /// A worker for `node_name` talking to the API through `client`.
+    /// A worker for `node_name` talking to the API through `client`; it stages restores
+    /// into RAM unless told otherwise ([`NodeWorker::with_staging_tier`]).
     pub fn new(
         client: Client,
         node_name: String,
@@ -79,18 +87,34 @@ impl NodeWorker {
             agent,
             processes,
             gpus,
+            staging_tier: TierKind::Ram,
         }
     }
 
-    /// Labels the node, then executes objects until the watch ends (it does not on its
-    /// own: errors are retried with backoff).
+    /// The tier a restore's checkpoint is prefetched into before its pod starts (`ram` or
+    /// `nvme`; the prefetch refuses `s3`).
+    pub fn with_staging_tier(mut self, tier: TierKind) -> Self {
+        self.staging_tier = tier;
+        self
+    }
+
+    /// Labels the node, then executes checkpoints and stages restores until the watches
+    /// end (they do not on their own: errors are retried with backoff).
     pub async fn run(self) {
         if let Err(error) = self.label_node().await {
             tracing::error!(%error, node = %self.node_name, "cannot label the node with its GPU fingerprint");
         }
+        // Separate loops: a long checkpoint does not hold up staging a restore.
+        futures::join!(self.watch_checkpoints(), self.watch_restores());
+    }
+
+    fn selector(&self) -> watcher::Config {
+        watcher::Config::default().labels(&format!("{NODE_LABEL}={}", self.node_name))
+    }
+
+    async fn watch_checkpoints(&self) {
         let api: Api<GpuCheckpoint> = Api::all(self.client.clone());
-        let config = watcher::Config::default().labels(&format!("{NODE_LABEL}={}", self.node_name));
-        let mut objects = watcher(api, config)
+        let mut objects = watcher(api, self.selector())
             .default_backoff()
             .applied_objects()
             .boxed();
@@ -103,6 +127,25 @@ impl NodeWorker {
                     }
                 }
                 Err(error) => tracing::warn!(%error, "watch of GpuCheckpoints interrupted"),
+            }
+        }
+    }
+
+    async fn watch_restores(&self) {
+        let api: Api<GpuRestore> = Api::all(self.client.clone());
+        let mut objects = watcher(api, self.selector())
+            .default_backoff()
+            .applied_objects()
+            .boxed();
+        tracing::info!(node = %self.node_name, "watching GpuRestores for this node");
+        while let Some(item) = objects.next().await {
+            match item {
+                Ok(restore) => {
+                    if let Err(error) = self.stage(restore).await {
+                        tracing::warn!(%error, "GpuRestore not staged; retried on its next change");
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "watch of GpuRestores interrupted"),
             }
         }
     }

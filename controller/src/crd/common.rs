@@ -71,6 +71,8 @@ pub const GPU_DRIVER_LABEL: &str = "kybernate.io/gpu-driver";
 pub const GPU_COUNT_LABEL: &str = "kybernate.io/gpu-count";
 /// Label naming the node whose agent executes an object.
 pub const NODE_LABEL: &str = "kybernate.io/node";
+/// The well-known node label with the node's name, to pin a pod to one node.
+pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
 /// Label naming the GpuWorkload that owns a pod or checkpoint.
 pub const WORKLOAD_LABEL: &str = "kybernate.io/workload";
 /// Pod annotation the shim reads to restore instead of start.

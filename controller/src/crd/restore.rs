@@ -89,6 +89,13 @@ pub struct GpuRestoreStatus {
     /// When the pod was created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Time>,
+    /// The agent's name of the stored checkpoint (the pod's `restore-from`), so the node's
+    /// agent knows what to stage without reading the GpuCheckpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_ref: Option<String>,
+    /// What the node's agent did to have the checkpoint near when the pod starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staging: Option<RestoreStaging>,
     /// Durations per phase (`pod_running`: creation to Running).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub phases: Vec<PhaseDuration>,
@@ -96,6 +103,26 @@ pub struct GpuRestoreStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
+
+/// The agent's preparation of a restore: the checkpoint copied into a near tier ahead of
+/// the pod's start, written by the agent of the labelled node (condition `Staged`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreStaging {
+    /// The node whose agent staged it.
+    pub node_name: String,
+    /// The tier that now holds the checkpoint (`ram` or `nvme`).
+    pub tier: String,
+    /// Where the copy came from; absent when the tier held it already.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_tier: Option<String>,
+    /// Durations of the staging phases (`load_s3`, `verify_ram`, `store_nvme`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<PhaseDuration>,
+}
+
+/// Condition type the agent sets once the checkpoint is staged on the restore's node.
+pub const STAGED_CONDITION: &str = "Staged";
 
 impl GpuRestore {
     /// The status phase, Pending without a status.

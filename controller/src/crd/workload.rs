@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::StorageTier;
 use super::common::Condition;
 
+/// Condition type set on a GpuWorkload whose `spec.schedule.cron` does not parse.
+pub const SCHEDULE_INVALID_CONDITION: &str = "ScheduleInvalid";
+
 /// The workload and its policy.
 #[derive(CustomResource, KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[kube(
@@ -47,13 +50,23 @@ fn yes() -> bool {
     true
 }
 
-/// Checkpoint schedule. Only a fixed interval is supported (no cron expressions yet).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// Checkpoint schedule: a fixed interval or a cron expression, exactly one of them. The
+/// schema cannot parse cron, so the controller validates it and reports an invalid one
+/// with the condition `ScheduleInvalid`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[x_kube(validation = Rule::new("has(self.intervalSeconds) != has(self.cron)").message("set exactly one of intervalSeconds and cron"))]
 #[serde(rename_all = "camelCase")]
 pub struct CheckpointSchedule {
     /// Seconds between checkpoints, counted from the last one's creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 60, max = 2592000))]
-    pub interval_seconds: u32,
+    pub interval_seconds: Option<u32>,
+    /// Five-field cron expression in UTC (`minute hour day-of-month month day-of-week`,
+    /// e.g. `0 */6 * * *`); the next checkpoint is the first time it matches after the
+    /// last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.size() > 0 && self.size() <= 128").message("cron must be a cron expression of at most 128 characters"))]
+    pub cron: Option<String>,
 }
 
 /// How many checkpoints to keep. The latest completed one is always kept.

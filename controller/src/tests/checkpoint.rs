@@ -304,3 +304,17 @@ async fn finalizer_cleanup_leaves_the_agent_finalizer_to_a_live_agent() {
         json!([ARTIFACTS_FINALIZER])
     );
 }
+
+#[tokio::test]
+async fn draining_is_watched_like_checkpointing_and_times_out_naming_it() {
+    let cp = GpuCheckpoint::test("cp1").in_phase(CheckpointPhase::Draining, "n1", 600);
+    let scenario = Scenario::default().ok("GET", &node_path("n1"), json(&node("n1")));
+    let (result, seen) = run_on(cp, scenario).await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(30)));
+    assert!(seen.bodies.len() == 1 && seen.events.is_empty());
+
+    let cp = GpuCheckpoint::test("cp1").in_phase(CheckpointPhase::Draining, "n1", 1800);
+    let scenario = Scenario::default().ok("GET", &node_path("n1"), json(&node("n1")));
+    let msg = assert_fails_with(cp, scenario, "Timeout").await;
+    assert!(msg.contains("phase Draining"), "{msg}");
+}

@@ -4,6 +4,7 @@ mod checkpoint;
 mod crdgen;
 mod lease;
 mod restore;
+mod schedule;
 mod workload;
 
 /// Path of a namespaced custom object in `default`.

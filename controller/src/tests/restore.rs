@@ -149,3 +149,58 @@ async fn deleted_pod_fails_the_restore() {
         "PodDeleted"
     );
 }
+
+#[tokio::test]
+async fn node_local_checkpoint_pins_the_pod_and_hands_the_restore_to_that_agent() {
+    let restore = GpuRestore::test("r1", "cp1");
+    let mut cp = GpuCheckpoint::completed("cp1", 100);
+    cp.status.as_mut().unwrap().tiers = vec!["ram".into(), "nvme".into()];
+    let scenario = Scenario::default()
+        .ok("GET", &kyb("gpucheckpoints", "cp1"), json(&cp))
+        .ok("PATCH", &kyb("gpurestores", "r1"), json(&restore))
+        .step("POST", "/api/v1/namespaces/default/pods", |body| {
+            (201, body.clone())
+        })
+        .ok(
+            "PATCH",
+            &(kyb("gpurestores", "r1") + "/status"),
+            json(&restore),
+        );
+    let (result, seen) = scenario
+        .run(now(), |ctx| reconcile(Arc::new(restore), ctx))
+        .await;
+    result.unwrap();
+    assert_eq!(
+        seen.bodies[1]["metadata"]["labels"][NODE_LABEL], "n1",
+        "labelled before the pod exists, so the agent stages while it is scheduled"
+    );
+    let pod = &seen.bodies[2];
+    assert_eq!(pod["spec"]["nodeSelector"][HOSTNAME_LABEL], "n1");
+    let status = &seen.bodies[3]["status"];
+    assert_eq!(status["artifactRef"], "default-cp1");
+    assert_eq!(status["phase"], "Restoring");
+}
+
+#[tokio::test]
+async fn checkpoint_in_s3_is_labelled_only_once_the_pod_is_bound() {
+    let restore = GpuRestore::test("r1", "cp1");
+    let scenario = Scenario::default()
+        .ok(
+            "GET",
+            &kyb("gpucheckpoints", "cp1"),
+            json(&GpuCheckpoint::completed("cp1", 100)),
+        )
+        .step("POST", "/api/v1/namespaces/default/pods", |body| {
+            (201, body.clone())
+        })
+        .ok(
+            "PATCH",
+            &(kyb("gpurestores", "r1") + "/status"),
+            json(&restore),
+        );
+    let (_, seen) = scenario
+        .run(now(), |ctx| reconcile(Arc::new(restore), ctx))
+        .await;
+    assert!(seen.bodies[1]["spec"].get("nodeSelector").is_none());
+    assert_eq!(seen.bodies[2]["status"]["artifactRef"], "default-cp1");
+}
