@@ -46,6 +46,13 @@ pub struct OperationLabels {
     pub result: String,
 }
 
+/// Labels of a config reload.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// "applied" or "rejected".
+    pub result: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Every metric the agent exports.
@@ -59,6 +66,8 @@ pub struct Metrics {
     stored_bytes: Family<TierLabels, Counter>,
     loaded_bytes: Family<TierLabels, Counter>,
     tier_used_bytes: Family<TierLabels, Gauge>,
+    tier_budget_bytes: Family<TierLabels, Gauge>,
+    config_reloads: Family<ReloadLabels, Counter>,
 }
 
 fn phase_histogram() -> Histogram {
@@ -78,6 +87,8 @@ impl Metrics {
             stored_bytes: Family::default(),
             loaded_bytes: Family::default(),
             tier_used_bytes: Family::default(),
+            tier_budget_bytes: Family::default(),
+            config_reloads: Family::default(),
             registry: Mutex::new(Registry::default()),
         };
         registry.register(
@@ -114,6 +125,16 @@ impl Metrics {
             "tier_used_bytes",
             "Bytes each tier currently holds",
             metrics.tier_used_bytes.clone(),
+        );
+        registry.register(
+            "tier_budget_bytes",
+            "Bytes each tier may hold before demotion (0: no limit)",
+            metrics.tier_budget_bytes.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Changes of the config file, applied or rejected",
+            metrics.config_reloads.clone(),
         );
         *metrics.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         Arc::new(metrics)
@@ -177,6 +198,22 @@ impl Metrics {
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
+    /// Sets the budget of `tier` (0: no limit).
+    pub fn tier_budget(&self, tier: &str, bytes: u64) {
+        self.tier_budget_bytes
+            .get_or_create(&TierLabels { tier: tier.into() })
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a change of the config file: `result` is "applied" or "rejected".
+    pub fn config_reload(&self, result: &str) {
+        self.config_reloads
+            .get_or_create(&ReloadLabels {
+                result: result.into(),
+            })
+            .inc();
+    }
+
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -225,6 +262,8 @@ mod tests {
         m.failure("restore", "verify", "corrupt");
         m.stored(100, &[("ram", 100), ("nvme", 40)]);
         m.tier_used("nvme", 40);
+        m.tier_budget("ram", 1024);
+        m.config_reload("rejected");
         let text = m.encode();
         for needle in [
             "kybernate_phase_duration_seconds_count{operation=\"checkpoint\",phase=\"criu_dump\"} 1",
@@ -232,6 +271,8 @@ mod tests {
             "kybernate_tier_stored_bytes_total{tier=\"nvme\"} 40",
             "kybernate_checkpoint_raw_bytes_total 100",
             "kybernate_tier_used_bytes{tier=\"nvme\"} 40",
+            "kybernate_tier_budget_bytes{tier=\"ram\"} 1024",
+            "kybernate_config_reloads_total{result=\"rejected\"} 1",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
