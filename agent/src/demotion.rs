@@ -178,10 +178,10 @@ mod tests {
             ..limits(1000, 1000)
         };
         assert_eq!(names(plan(120, &aged, all.clone())), ["old"]);
-        // Aged copies count towards getting under the watermark.
+        // Aged copies count towards getting under the watermarks.
         let both = Limits {
             max_age_secs: 60,
-            ..limits(90, 70)
+            ..limits(75, 40)
         };
         assert_eq!(names(plan(120, &both, all)), ["old", "mid"]);
     }
