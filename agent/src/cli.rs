@@ -101,6 +101,27 @@ pub enum Command {
         /// Only this checkpoint's events.
         name: Option<String>,
     },
+    /// Keep a checkpoint in a tier (copied there first): never demoted, counted in the budget.
+    Pin {
+        /// The checkpoint.
+        name: String,
+        /// ram or nvme.
+        #[arg(long, default_value = "ram")]
+        tier: String,
+    },
+    /// Remove a checkpoint's pin.
+    Unpin {
+        /// The checkpoint.
+        name: String,
+    },
+    /// The agent's configuration.
+    Config {
+        /// What to do with it.
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Occupancy of every tier against its budget and watermarks.
+    Tiers,
     /// Run the local demo: checkpoint a stateful process, kill it, restore it from NVMe.
     Demo {
         /// MiB of memory the demo workload holds.
@@ -123,6 +144,13 @@ pub enum Command {
         #[arg(long)]
         journal: Option<PathBuf>,
     },
+}
+
+/// `kybernatectl config` sub-commands.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// The effective config and where each value came from (default, file, flag).
+    Show,
 }
 
 /// Runs the CLI; the error is printed by `main` as one line.
@@ -287,6 +315,10 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        command @ (Command::Pin { .. }
+        | Command::Unpin { .. }
+        | Command::Config { .. }
+        | Command::Tiers) => crate::cli_policy::run(&mut agent, command, json).await?,
         Command::Demo { .. } | Command::Workload { .. } => unreachable!("handled above"),
     }
     Ok(())

@@ -8,6 +8,9 @@ use std::time::Duration;
 use kybernate_dataplane::{ChunkConfig, S3Config, Secret};
 use serde::{Deserialize, Serialize};
 
+mod policy;
+pub use policy::{PolicyConfig, TierPolicy};
+
 /// Default agent socket.
 pub const DEFAULT_SOCKET: &str = "/run/kybernate/agent.sock";
 /// Default state directory (checkpoint records, logs, the NVMe tier).
@@ -38,6 +41,8 @@ pub struct AgentConfig {
     pub timeouts: TimeoutsConfig,
     /// How images are chunked and compressed on their way to NVMe and S3.
     pub dataplane: DataplaneConfig,
+    /// What the agent keeps close (reloaded live).
+    pub policy: PolicyConfig,
     /// The S3 tier; absent means no S3 tier. Credentials never come from this file but from
     /// the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`),
     /// which a Kubernetes Secret fills.
@@ -95,6 +100,11 @@ pub struct TiersConfig {
     /// Bytes the NVMe tier may hold before checkpoints are demoted to S3 (only with an S3
     /// tier: the last copy is never dropped). Default: no limit.
     pub nvme_budget_bytes: Option<u64>,
+    /// Watermarks and age limit of the RAM tier (`[tiers.ram]`).
+    pub ram: TierPolicy,
+    /// Watermarks and age limit of the NVMe tier (`[tiers.nvme]`; applied only with an S3
+    /// tier to demote into).
+    pub nvme: TierPolicy,
 }
 
 /// Timeouts, in milliseconds, for each phase of a checkpoint or restore.
@@ -125,6 +135,7 @@ impl Default for AgentConfig {
             tiers: TiersConfig::default(),
             timeouts: TimeoutsConfig::default(),
             dataplane: DataplaneConfig::default(),
+            policy: PolicyConfig::default(),
             s3: None,
         }
     }
@@ -155,13 +166,16 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid TOML for this schema.
-    #[error("invalid config file {}: {source}", path.display())]
+    #[error("invalid config file {} line {line} (`{text}`): {message}", path.display())]
     Parse {
         /// The config file.
         path: PathBuf,
-        /// What is wrong, with line and key.
-        #[source]
-        source: Box<toml::de::Error>,
+        /// Line of the problem, from 1.
+        line: usize,
+        /// That line, which names the key.
+        text: String,
+        /// What is wrong.
+        message: String,
     },
     /// A value is out of range.
     #[error("invalid config: {key}: {problem}")]
@@ -180,10 +194,12 @@ impl AgentConfig {
             path: path.to_owned(),
             source,
         })?;
-        let mut config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source: Box::new(source),
-        })?;
+        Self::from_text(path, &text)
+    }
+
+    /// Parses and validates the text of the config file at `path`.
+    pub fn from_text(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let mut config: Self = toml::from_str(text).map_err(|e| parse_error(path, text, &e))?;
         if let Some(s3) = &mut config.s3 {
             if !s3.secret_access_key.expose().is_empty() || s3.session_token.is_some() {
                 return Err(ConfigError::Invalid {
@@ -229,12 +245,20 @@ impl AgentConfig {
                 problem: e.to_string(),
             })?;
         }
-        if self.tiers.ram_budget_bytes == Some(0) {
-            return Err(ConfigError::Invalid {
-                key: "tiers.ram_budget_bytes",
-                problem: "must be greater than 0".into(),
-            });
+        for (key, budget) in [
+            ("tiers.ram_budget_bytes", self.tiers.ram_budget_bytes),
+            ("tiers.nvme_budget_bytes", self.tiers.nvme_budget_bytes),
+        ] {
+            if budget == Some(0) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    problem: "must be greater than 0".into(),
+                });
+            }
         }
+        self.tiers.ram.validate("tiers.ram")?;
+        self.tiers.nvme.validate("tiers.nvme")?;
+        self.policy.validate()?;
         for (key, path) in [("socket", &self.socket), ("state_dir", &self.state_dir)] {
             if !path.is_absolute() {
                 return Err(ConfigError::Invalid {
@@ -278,6 +302,20 @@ impl AgentConfig {
     /// Directory of CRIU's logs.
     pub fn logs_dir(&self) -> PathBuf {
         self.state_dir.join("logs")
+    }
+}
+
+/// A TOML error as one line naming the line (and so the key) it is about.
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let at = e.span().map_or(0, |span| span.start.min(text.len()));
+    let line = text
+        .get(..at)
+        .map_or(0, |before| before.matches('\n').count());
+    ConfigError::Parse {
+        path: path.to_owned(),
+        line: line + 1,
+        text: text.lines().nth(line).unwrap_or_default().trim().to_owned(),
+        message: e.message().replace('\n', " "),
     }
 }
 
@@ -383,6 +421,32 @@ mod tests {
             err,
             "invalid config: timeouts.dump_ms: must be greater than 0"
         );
+
+        std::fs::write(
+            &path,
+            "[timeouts]\ncuda_ms = 1\n[tiers]\nram_budget_bytes = -5\n",
+        )
+        .unwrap();
+        let err = AgentConfig::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("line 4 (`ram_budget_bytes = -5`)") && !err.contains('\n'),
+            "{err}"
+        );
+
+        std::fs::write(&path, "[tiers.tape]\nmax_age_secs = 1\n").unwrap();
+        let err = AgentConfig::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("unknown field `tape`"), "{err}");
+
+        std::fs::write(&path, "[tiers.ram]\nhigh_watermark_percent = 150\n").unwrap();
+        let err = AgentConfig::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("tiers.ram.high_watermark_percent: 150% is above the budget"),
+            "{err}"
+        );
+
+        std::fs::write(&path, "[tiers]\nnvme_budget_bytes = 0\n").unwrap();
+        let err = AgentConfig::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("tiers.nvme_budget_bytes"), "{err}");
 
         let err = AgentConfig::from_file(&dir.path().join("none.toml"))
             .unwrap_err()

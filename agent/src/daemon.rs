@@ -20,6 +20,7 @@ use crate::grpc::{authorise, AgentService};
 use crate::metrics::{self, Metrics};
 use crate::node::NodeAgent;
 use crate::node_parts::NodeParts;
+use crate::reload::{self, ConfigSource, LoadedConfig};
 use crate::tiers::{TierActor, Tiers};
 
 /// Threads serving each tier.
@@ -57,6 +58,9 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// The config file's directory could not be watched.
+    #[error("cannot watch the config file for changes: {0}")]
+    Watch(#[source] std::io::Error),
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
@@ -73,11 +77,25 @@ pub fn run(config: AgentConfig) -> Result<(), DaemonError> {
 /// Runs the agent; with `node_name` also as that Kubernetes node's worker
 /// ([`crate::node_worker`]).
 pub fn run_on_node(config: AgentConfig, node_name: Option<String>) -> Result<(), DaemonError> {
-    actix_rt::System::new().block_on(serve(config, node_name))
+    actix_rt::System::new().block_on(serve(Arc::new(config), node_name, None))
 }
 
-async fn serve(config: AgentConfig, node_name: Option<String>) -> Result<(), DaemonError> {
-    let config = Arc::new(config);
+/// Runs the agent on the config `loaded` from `source`, reloading it live whenever the
+/// config file changes ([`crate::reload`]); with `node_name` also as that node's worker.
+pub fn run_watched(
+    source: ConfigSource,
+    loaded: LoadedConfig,
+    node_name: Option<String>,
+) -> Result<(), DaemonError> {
+    let config = loaded.config.clone();
+    actix_rt::System::new().block_on(serve(config, node_name, Some((source, loaded))))
+}
+
+async fn serve(
+    config: Arc<AgentConfig>,
+    node_name: Option<String>,
+    source: Option<(ConfigSource, LoadedConfig)>,
+) -> Result<(), DaemonError> {
     let proc_root = Path::new("/proc");
     if let Some(host) = crate::host_mounts::host_process(proc_root) {
         crate::host_mounts::check(
@@ -166,6 +184,11 @@ async fn serve(config: AgentConfig, node_name: Option<String>) -> Result<(), Dae
         events: events.clone(),
     };
     let node = NodeAgent::new(parts, catalog).start();
+    if let Some((source, loaded)) = source {
+        let text = loaded.text.clone();
+        node.do_send(crate::node::ConfigLoaded(loaded));
+        reload::watch(source, text, node.clone(), metrics.clone()).map_err(DaemonError::Watch)?;
+    }
     if let Some(node_name) = node_name {
         crate::node_worker::spawn(node_name, node.clone(), gpus);
     }

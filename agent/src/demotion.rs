@@ -23,17 +23,42 @@ pub struct Candidate {
     pub last_used: u64,
 }
 
-/// Which checkpoints leave a tier holding `used` bytes against `budget`: least recently used
-/// first, until the rest fits.
-pub fn plan(used: u64, budget: u64, mut candidates: Vec<Candidate>) -> Vec<CheckpointName> {
-    if used <= budget {
-        return Vec::new();
-    }
+/// When a tier's copies must move on, in bytes and seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Demotion starts when the tier holds more than this.
+    pub high: u64,
+    /// and goes on until it holds at most this.
+    pub low: u64,
+    /// Copies unused for longer than this move on regardless; 0 = no limit.
+    pub max_age_secs: u64,
+    /// The current time (Unix seconds).
+    pub now: u64,
+}
+
+/// Which checkpoints leave a tier holding `used` bytes: first every copy older than the age
+/// limit, then, when the tier is still above its high watermark, the least recently used
+/// until it is at or below the low watermark. `candidates` are the copies that may move
+/// (pinned ones are left out by the caller but counted in `used`).
+pub fn plan(used: u64, limits: &Limits, mut candidates: Vec<Candidate>) -> Vec<CheckpointName> {
     candidates.sort_by(|a, b| a.last_used.cmp(&b.last_used).then(a.name.cmp(&b.name)));
     let mut remaining = used;
     let mut out = Vec::new();
+    let mut rest = Vec::new();
     for c in candidates {
-        if remaining <= budget {
+        let age = limits.now.saturating_sub(c.last_used);
+        if limits.max_age_secs > 0 && age > limits.max_age_secs {
+            remaining = remaining.saturating_sub(c.bytes);
+            out.push(c.name);
+        } else {
+            rest.push(c);
+        }
+    }
+    if remaining <= limits.high {
+        return out;
+    }
+    for c in rest {
+        if remaining <= limits.low {
             break;
         }
         remaining = remaining.saturating_sub(c.bytes);
@@ -111,17 +136,54 @@ mod tests {
         }
     }
 
+    fn names(list: Vec<CheckpointName>) -> Vec<String> {
+        list.iter().map(|n| n.to_string()).collect()
+    }
+
+    fn limits(high: u64, low: u64) -> Limits {
+        Limits {
+            high,
+            low,
+            max_age_secs: 0,
+            now: 100,
+        }
+    }
+
     #[test]
-    fn evicts_least_recently_used_until_within_budget() {
+    fn evicts_least_recently_used_until_below_the_low_watermark() {
         let all = vec![c("new", 40, 30), c("old", 40, 10), c("mid", 40, 20)];
-        assert!(plan(120, 120, all.clone()).is_empty());
-        let names: Vec<String> = plan(120, 50, all.clone())
-            .iter()
-            .map(|n| n.to_string())
-            .collect();
-        assert_eq!(names, ["old", "mid"]);
-        let names: Vec<String> = plan(120, 100, all).iter().map(|n| n.to_string()).collect();
-        assert_eq!(names, ["old"]);
-        assert_eq!(plan(100, 10, vec![]), Vec::<CheckpointName>::new());
+        assert!(plan(120, &limits(120, 120), all.clone()).is_empty());
+        assert_eq!(
+            names(plan(120, &limits(50, 50), all.clone())),
+            ["old", "mid"]
+        );
+        assert_eq!(names(plan(120, &limits(100, 100), all.clone())), ["old"]);
+        // Above the high watermark, demotion goes on down to the low one.
+        assert_eq!(
+            names(plan(120, &limits(100, 60), all.clone())),
+            ["old", "mid"]
+        );
+        // Between the watermarks nothing moves.
+        assert!(plan(90, &limits(100, 60), all).is_empty());
+        assert_eq!(
+            plan(100, &limits(10, 10), vec![]),
+            Vec::<CheckpointName>::new()
+        );
+    }
+
+    #[test]
+    fn copies_past_the_age_limit_move_regardless_of_the_budget() {
+        let all = vec![c("new", 40, 95), c("old", 40, 10), c("mid", 40, 50)];
+        let aged = Limits {
+            max_age_secs: 60,
+            ..limits(1000, 1000)
+        };
+        assert_eq!(names(plan(120, &aged, all.clone())), ["old"]);
+        // Aged copies count towards getting under the watermarks.
+        let both = Limits {
+            max_age_secs: 60,
+            ..limits(75, 40)
+        };
+        assert_eq!(names(plan(120, &both, all)), ["old", "mid"]);
     }
 }

@@ -166,6 +166,36 @@ impl Agent for AgentService {
         Ok(Response::new(ask(&self.node, msg).await??))
     }
 
+    async fn pin(
+        &self,
+        request: Request<pb::PinRequest>,
+    ) -> Result<Response<pb::PinReply>, Status> {
+        let reply = ask(&self.node, node::Pin(request.into_inner())).await??;
+        Ok(Response::new(reply))
+    }
+
+    async fn unpin(
+        &self,
+        request: Request<pb::UnpinRequest>,
+    ) -> Result<Response<pb::UnpinReply>, Status> {
+        let reply = ask(&self.node, node::Unpin(request.into_inner())).await??;
+        Ok(Response::new(reply))
+    }
+
+    async fn config_show(
+        &self,
+        _: Request<pb::ConfigShowRequest>,
+    ) -> Result<Response<pb::ConfigShowReply>, Status> {
+        Ok(Response::new(ask(&self.node, node::ConfigShow).await?))
+    }
+
+    async fn tier_status(
+        &self,
+        _: Request<pb::TierStatusRequest>,
+    ) -> Result<Response<pb::TierStatusReply>, Status> {
+        Ok(Response::new(ask(&self.node, node::TierStatus).await??))
+    }
+
     type WatchEventsStream = EventStream;
 
     async fn watch_events(

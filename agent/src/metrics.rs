@@ -47,6 +47,13 @@ pub struct OperationLabels {
     pub result: String,
 }
 
+/// Labels of a config reload.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// "applied" or "rejected".
+    pub result: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Every metric the agent exports.
@@ -64,6 +71,7 @@ pub struct Metrics {
     compression_input_bytes: Family<TierLabels, Counter>,
     compression_output_bytes: Family<TierLabels, Counter>,
     dedup_saved_bytes: Family<TierLabels, Counter>,
+    config_reloads: Family<ReloadLabels, Counter>,
 }
 
 fn phase_histogram() -> Histogram {
@@ -87,6 +95,7 @@ impl Metrics {
             compression_input_bytes: Family::default(),
             compression_output_bytes: Family::default(),
             dedup_saved_bytes: Family::default(),
+            config_reloads: Family::default(),
             registry: Mutex::new(Registry::default()),
         };
         registry.register(
@@ -143,6 +152,11 @@ impl Metrics {
             "dedup_saved_bytes",
             "Raw bytes each tier did not store again because it already held the chunks",
             metrics.dedup_saved_bytes.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Changes of the config file, applied or rejected",
+            metrics.config_reloads.clone(),
         );
         *metrics.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         Arc::new(metrics)
@@ -254,6 +268,15 @@ impl Metrics {
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
+    /// Counts a change of the config file: `result` is "applied" or "rejected".
+    pub fn config_reload(&self, result: &str) {
+        self.config_reloads
+            .get_or_create(&ReloadLabels {
+                result: result.into(),
+            })
+            .inc();
+    }
+
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -316,6 +339,7 @@ mod tests {
                 zero_bytes: 30,
             },
         );
+        m.config_reload("rejected");
         let text = m.encode();
         for needle in [
             "kybernate_phase_duration_seconds_count{operation=\"checkpoint\",phase=\"criu_dump\"} 1",
@@ -329,6 +353,7 @@ mod tests {
             "kybernate_tier_loaded_bytes_total{tier=\"ram\"} 0",
             "kybernate_checkpoint_raw_bytes_total 100",
             "kybernate_tier_used_bytes{tier=\"nvme\"} 40",
+            "kybernate_config_reloads_total{result=\"rejected\"} 1",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -11,10 +11,11 @@ use kybernate_proto::agent::v1 as pb;
 use crate::catalog::{Catalog, CheckpointRecord, Phase};
 use crate::checkpoint::CheckpointJob;
 use crate::container::{ContainerActor, GetState, RunCheckpoint, RunRestore};
-use crate::demotion::{self, Candidate};
+use crate::demotion::{self, Candidate, Limits};
 use crate::drain;
 use crate::error::{tier_list, AgentError};
 use crate::node_parts::NodeParts;
+use crate::pins::Pins;
 use crate::tiers::{self, Remove, UsedBytes};
 
 mod record;
@@ -22,8 +23,10 @@ pub use record::{GpuOf, SubscribeEvents};
 mod container_checkpoint;
 mod container_restore;
 mod containerd_checkpoint;
+mod policy;
 pub use container_checkpoint::{ContainerCheckpointBegin, ContainerCheckpointEnd};
 pub use container_restore::{ContainerRestoreEnd, ContainerRestoreStage};
+pub use policy::{ApplyConfig, ConfigLoaded, ConfigRejected, ConfigShow, Pin, TierStatus, Unpin};
 
 /// The node agent.
 #[derive(Debug)]
@@ -39,6 +42,12 @@ pub struct NodeAgent {
     last_used: HashMap<CheckpointName, u64>,
     /// A demotion pass is running.
     demoting: bool,
+    /// Budgets changed during the running pass: check again when it ends.
+    demote_again: bool,
+    /// Checkpoints kept in a tier on request.
+    pins: Pins,
+    /// Where the config came from and how its reloads went.
+    config_view: policy::ConfigView,
     /// Container checkpoints the shim has begun and not yet ended.
     shim_checkpoints: HashMap<CheckpointName, container_checkpoint::ShimCheckpoint>,
     /// Container restores the shim has staged and not yet ended.
@@ -65,6 +74,11 @@ impl NodeAgent {
             .all()
             .filter_map(|r| Some((CheckpointName::new(&r.name).ok()?, r.created_unix)))
             .collect();
+        let pins_file = parts.config.state_dir.join("pins.json");
+        let pins = Pins::open(&pins_file).unwrap_or_else(|problem| {
+            tracing::error!(%problem, "pins are not in effect until the file is fixed");
+            Pins::empty(&pins_file)
+        });
         Self {
             parts,
             catalog,
@@ -73,23 +87,27 @@ impl NodeAgent {
             draining: HashSet::new(),
             last_used,
             demoting: false,
+            demote_again: false,
+            pins,
+            config_view: policy::ConfigView::default(),
             shim_checkpoints: HashMap::new(),
             shim_restores: HashMap::new(),
             awaited_containers: HashMap::new(),
         }
     }
 
-    /// Demotes least recently used checkpoints out of every tier over its budget.
+    /// Demotes copies out of every tier over its high watermark or past its age limit.
     fn enforce_budgets(&mut self, ctx: &mut Context<Self>) {
         if self.demoting {
+            self.demote_again = true;
             return;
         }
-        let mut budgets = vec![(TierKind::Ram, self.parts.config.ram_budget())];
-        if let (Some(budget), Some(_)) = (
-            self.parts.config.tiers.nvme_budget_bytes,
-            self.parts.tiers.get(TierKind::S3),
-        ) {
-            budgets.push((TierKind::Nvme, budget));
+        let now = now_unix();
+        let mut passes = Vec::new();
+        for kind in [TierKind::Ram, TierKind::Nvme] {
+            if let Some(limits) = policy::limits(&self.parts, kind, now) {
+                passes.push((kind, limits, self.exempt(kind)));
+            }
         }
         let records: Vec<CheckpointRecord> = self
             .catalog
@@ -105,8 +123,8 @@ impl NodeAgent {
         self.demoting = true;
         ctx.spawn(
             async move {
-                for (kind, budget) in budgets {
-                    if let Err(e) = demote_over_budget(&parts, kind, budget, &records, &last_used).await {
+                for (kind, limits, exempt) in passes {
+                    if let Err(e) = demote_over_budget(&parts, kind, &limits, &records, &last_used, &exempt).await {
                         tracing::error!(tier = %kind, error = %e, "demotion stopped; the copies stay where they are");
                     }
                 }
@@ -115,6 +133,9 @@ impl NodeAgent {
             .map(|(), agent, ctx| {
                 agent.demoting = false;
                 agent.refresh_tier_usage(ctx);
+                if std::mem::take(&mut agent.demote_again) {
+                    agent.enforce_budgets(ctx);
+                }
             }),
         );
     }
@@ -233,6 +254,7 @@ impl Actor for NodeAgent {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        policy::publish_budgets(&self.parts);
         self.refresh_tier_usage(ctx);
         ctx.run_interval(BUDGET_CHECK_INTERVAL, |agent, ctx| {
             agent.enforce_budgets(ctx)
@@ -513,6 +535,9 @@ impl Handler<Delete> for NodeAgent {
                 agent.busy.remove(&name);
                 agent.refresh_tier_usage(ctx);
                 let removed = result?;
+                if let Err(problem) = agent.pins.unpin(&name) {
+                    tracing::error!(checkpoint = %name, %problem, "could not drop the pin of a deleted checkpoint");
+                }
                 let known = agent.catalog.remove(&name)?;
                 if !known && removed.is_empty() {
                     return Err(AgentError::NotFound(name.to_string()));
@@ -523,13 +548,14 @@ impl Handler<Delete> for NodeAgent {
     }
 }
 
-/// Demotes the least recently used checkpoints of tier `kind` until it fits `budget`.
+/// Demotes the copies of tier `kind` that [`demotion::plan`] picks; `exempt` ones stay.
 async fn demote_over_budget(
     parts: &NodeParts,
     kind: TierKind,
-    budget: u64,
+    limits: &Limits,
     records: &[CheckpointRecord],
     last_used: &HashMap<CheckpointName, u64>,
+    exempt: &HashSet<CheckpointName>,
 ) -> Result<(), AgentError> {
     let Some(tier) = parts.tiers.get(kind) else {
         return Ok(());
@@ -540,7 +566,7 @@ async fn demote_over_budget(
         source: Box::new(source),
     };
     let used = tier.send(UsedBytes).await?.map_err(tier_error)?;
-    if used <= budget {
+    if used <= limits.high && limits.max_age_secs == 0 {
         return Ok(());
     }
     let held = tier.send(tiers::List).await?.map_err(tier_error)?;
@@ -548,14 +574,14 @@ async fn demote_over_budget(
         .iter()
         .filter_map(|r| {
             let name = CheckpointName::new(&r.name).ok()?;
-            held.contains(&name).then(|| Candidate {
+            (held.contains(&name) && !exempt.contains(&name)).then(|| Candidate {
                 bytes: r.raw_bytes,
                 last_used: last_used.get(&name).copied().unwrap_or(r.created_unix),
                 name,
             })
         })
         .collect();
-    for name in demotion::plan(used, budget, candidates) {
+    for name in demotion::plan(used, limits, candidates) {
         let Some(record) = records.iter().find(|r| r.name == name.as_str()) else {
             continue;
         };

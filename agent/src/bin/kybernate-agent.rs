@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use kybernate_agent::config::AgentConfig;
+use kybernate_agent::reload::ConfigSource;
 
 /// Kybernate node agent: checkpoints and restores GPU workloads on this node.
 #[derive(Debug, Parser)]
@@ -36,20 +36,13 @@ fn main() -> anyhow::Result<()> {
     // back-ends; one process-wide provider must be chosen before either connects.
     let _ = rustls::crypto::ring::default_provider().install_default();
     kybernate_agent::init_logging(args.log_json);
-    let mut config = match &args.config {
-        Some(path) => AgentConfig::from_file(path)?,
-        None => AgentConfig::default(),
+    let source = ConfigSource {
+        path: args.config,
+        socket: args.socket,
+        state_dir: args.state_dir,
+        metrics_addr: args.metrics_addr,
     };
-    if let Some(socket) = args.socket {
-        config.socket = socket;
-    }
-    if let Some(dir) = args.state_dir {
-        config.state_dir = dir;
-    }
-    if let Some(addr) = args.metrics_addr {
-        config.metrics_addr = addr;
-    }
-    config.validate()?;
-    kybernate_agent::daemon::run_on_node(config, args.node_name)?;
+    let loaded = source.load()?;
+    kybernate_agent::daemon::run_watched(source, loaded, args.node_name)?;
     Ok(())
 }
