@@ -190,7 +190,12 @@ async fn serve(
         reload::watch(source, text, node.clone(), metrics.clone()).map_err(DaemonError::Watch)?;
     }
     if let Some(node_name) = node_name {
-        crate::node_worker::spawn(node_name, node.clone(), gpus);
+        crate::node_worker::spawn(
+            node_name,
+            node.clone(),
+            gpus,
+            config.policy.restore_prefetch_tier(),
+        );
     }
 
     let metrics_listener = tokio::net::TcpListener::bind(config.metrics_addr)

@@ -174,12 +174,18 @@ impl NodeWorker {
 
 /// Starts the worker for `node_name` on the current actix system, with the cluster
 /// credentials kube finds (in-cluster service account, else KUBECONFIG).
-pub fn spawn(node_name: String, agent: Addr<NodeAgent>, gpus: Option<GpuFingerprint>) {
+pub fn spawn(
+    node_name: String,
+    agent: Addr<NodeAgent>,
+    gpus: Option<GpuFingerprint>,
+    staging_tier: TierKind,
+) {
     actix_rt::spawn(async move {
         match Client::try_default().await {
             Ok(client) => {
                 let processes = Arc::new(CgroupResolver::default());
                 NodeWorker::new(client, node_name, agent, processes, gpus)
+                    .with_staging_tier(staging_tier)
                     .run()
                     .await
             }
