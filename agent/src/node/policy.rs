@@ -100,7 +100,7 @@ fn newest_per_workload<'a>(
     by_workload
         .into_values()
         .flat_map(|mut list| {
-            list.sort_by(|a, b| b.created_unix.cmp(&a.created_unix));
+            list.sort_by_key(|b| std::cmp::Reverse(b.created_unix));
             list.into_iter()
                 .take(keep)
                 .filter_map(|r| CheckpointName::new(&r.name).ok())
