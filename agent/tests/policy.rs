@@ -253,7 +253,7 @@ fn kubelet_symlink_swap_is_picked_up() {
     std::fs::create_dir(dir.join("..2026_11_22_b")).unwrap();
     std::fs::write(
         dir.join("..2026_11_22_b/agent.toml"),
-        "[tiers]\nram_budget_bytes = 419430400\n[policy]\nrestore_prefetch_tier = \"ram\"\n",
+        "[tiers]\nram_budget_bytes = 419430400\n[policy]\nrestore_prefetch_tier = \"nvme\"\n",
     )
     .unwrap();
     swap_symlink(dir, "..data", "..2026_11_22_b");
@@ -263,7 +263,7 @@ fn kubelet_symlink_swap_is_picked_up() {
     });
     assert_eq!(
         config_value(&agent, "policy.restore_prefetch_tier"),
-        json!({"value": "\"ram\"", "source": "file", "pending": ""})
+        json!({"value": "\"nvme\"", "source": "file", "pending": ""})
     );
     assert!(metric_has(
         &agent,

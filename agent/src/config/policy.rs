@@ -96,7 +96,7 @@ impl Default for PolicyConfig {
     fn default() -> Self {
         Self {
             nvme_keep_recent: 1,
-            restore_prefetch_tier: TierKind::Nvme.as_str().into(),
+            restore_prefetch_tier: TierKind::Ram.as_str().into(),
         }
     }
 }
@@ -118,7 +118,7 @@ impl PolicyConfig {
 
     /// The tier announced restores are prefetched into (validated: RAM or NVMe).
     pub fn restore_prefetch_tier(&self) -> TierKind {
-        TierKind::parse(&self.restore_prefetch_tier).unwrap_or(TierKind::Nvme)
+        TierKind::parse(&self.restore_prefetch_tier).unwrap_or(TierKind::Ram)
     }
 }
 
@@ -155,7 +155,7 @@ mod tests {
     fn prefetch_tier_is_ram_or_nvme() {
         assert_eq!(
             PolicyConfig::default().restore_prefetch_tier(),
-            TierKind::Nvme
+            TierKind::Ram
         );
         let s3 = PolicyConfig {
             restore_prefetch_tier: "s3".into(),
