@@ -132,7 +132,7 @@ fn nvme_budget_demotes_least_recently_used_to_s3_and_each_still_restores() {
     // NVMe; a 24 MiB budget holds one of them.
     let s3 = S3Server::start();
     let config = format!(
-        "{}[tiers]\nnvme_budget_bytes = 25165824\n",
+        "{}[tiers]\nnvme_budget_bytes = 25165824\n[policy]\nnvme_keep_recent = 0\n",
         s3.agent_config()
     );
     let agent = TestAgent::start_with(&config, &S3Server::credentials());

@@ -18,7 +18,7 @@ LABEL org.opencontainers.image.title="kybernate-agent" \
       org.opencontainers.image.source="https://example.invalid/kybernate"
 
 RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iptables \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iptables ca-certificates \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log
 

@@ -6,6 +6,12 @@
 ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim
 FROM ${BASE_IMAGE} AS base
 
+# The Kubernetes client's TLS stack loads the system's CA bundle at start and refuses to run
+# without one, so the image carries Debian's.
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ca-certificates \
+ && mkdir -p /runtime/etc/ssl/certs \
+ && cp -L /etc/ssl/certs/ca-certificates.crt /runtime/etc/ssl/certs/ca-certificates.crt
 RUN mkdir -p /runtime/etc /runtime/lib/x86_64-linux-gnu /runtime/lib64 /runtime/tmp \
  && cp -L /lib/x86_64-linux-gnu/libc.so.6 /lib/x86_64-linux-gnu/libm.so.6 \
           /lib/x86_64-linux-gnu/libgcc_s.so.1 /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 \
