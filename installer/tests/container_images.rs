@@ -67,7 +67,9 @@ impl Drop for HostDirs {
 }
 
 /// A shell on the host keeping a counter in memory and publishing `epoch counter` to a
-/// file; a restarted process would show a new epoch and count from 1 again.
+/// file; a restarted process would show a new epoch and count from 1 again. It forks nothing
+/// while it runs (it waits by timing out on a FIFO), so the checkpoint holds one process and
+/// no short-lived child whose PID could still be taken when the restore needs it.
 struct HostWorkload {
     child: Option<Child>,
     pid: i32,
@@ -77,13 +79,17 @@ struct HostWorkload {
 impl HostWorkload {
     fn start(dir: &Path) -> Self {
         let file = dir.join("counter");
+        let fifo = dir.join("tick");
+        let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success(), "mkfifo {}", fifo.display());
         let script = format!(
-            "e=$$-$(date +%s%N); i=0; while :; do i=$((i+1)); echo \"$e $i\" > {f}.tmp; \
-             mv {f}.tmp {f}; sleep 0.05; done",
-            f = file.display()
+            "e=$$-$RANDOM$RANDOM; i=0; while :; do i=$((i+1)); echo \"$e $i\" > {f}; \
+             read -t 0.05 <> {t} || :; done",
+            f = file.display(),
+            t = fifo.display()
         );
         let child = Command::new("setsid")
-            .args(["sh", "-c", &script])
+            .args(["bash", "-c", &script])
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
