@@ -272,6 +272,19 @@ fn generated_name(pid: i32) -> CheckpointName {
         .unwrap_or_else(|_| unreachable!("generated names only use valid characters"))
 }
 
+/// The reply to a checkpoint that completed: `record` as stored, held by `tiers`.
+fn completed_reply(record: &CheckpointRecord, tiers: Vec<String>) -> pb::CheckpointReply {
+    pb::CheckpointReply {
+        checkpoint_ref: record.name.clone(),
+        phases: phases_pb(&record.phases),
+        raw_bytes: record.raw_bytes,
+        stored_bytes: record.stored_bytes,
+        tiers,
+        cuda_done: true,
+        criu_done: true,
+    }
+}
+
 fn phases_pb(phases: &[Phase]) -> Vec<pb::PhaseDuration> {
     phases
         .iter()
@@ -366,15 +379,7 @@ impl Handler<Checkpoint> for NodeAgent {
                 agent.last_used.insert(name.clone(), record.created_unix);
                 agent.drain_later(ctx, &name, record.files.clone(), until);
                 agent.enforce_budgets(ctx);
-                Ok(pb::CheckpointReply {
-                    checkpoint_ref: record.name.clone(),
-                    phases: phases_pb(&record.phases),
-                    raw_bytes: record.raw_bytes,
-                    stored_bytes: record.stored_bytes,
-                    tiers: held_by(&holdings, name.as_str()),
-                    cuda_done: true,
-                    criu_done: true,
-                })
+                Ok(completed_reply(&record, held_by(&holdings, name.as_str())))
             }),
         )
     }

@@ -10,7 +10,7 @@ use actix::prelude::*;
 use kybernate_dataplane::{CheckpointName, StoreReport, TierKind};
 use kybernate_proto::agent::v1 as pb;
 
-use super::{phases_pb, NodeAgent};
+use super::{completed_reply, phases_pb, NodeAgent};
 use crate::catalog::{CheckpointRecord, Phase};
 use crate::checkpoint::commit_and_digest;
 use crate::config::TimeoutsConfig;
@@ -230,15 +230,7 @@ impl Handler<ContainerCheckpointEnd> for NodeAgent {
                     });
                 };
                 agent.catalog.insert(name.clone(), record.clone())?;
-                Ok(pb::CheckpointReply {
-                    checkpoint_ref: record.name.clone(),
-                    phases: phases_pb(&record.phases),
-                    raw_bytes: record.raw_bytes,
-                    stored_bytes: record.stored_bytes,
-                    tiers,
-                    cuda_done: true,
-                    criu_done: true,
-                })
+                Ok(completed_reply(&record, tiers))
             }),
         )
     }

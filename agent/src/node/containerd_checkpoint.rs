@@ -11,7 +11,7 @@ use kybernate_dataplane::{CheckpointName, TierKind};
 use kybernate_proto::agent::v1 as pb;
 
 use super::container_checkpoint::container_name;
-use super::{held_by, holdings, phases_pb, NodeAgent};
+use super::{completed_reply, held_by, holdings, NodeAgent};
 use crate::containerd::{self, DEFAULT_NAMESPACE};
 use crate::error::AgentError;
 
@@ -110,15 +110,7 @@ impl NodeAgent {
                 })?;
                 agent.last_used.insert(name.clone(), record.created_unix);
                 agent.enforce_budgets(ctx);
-                Ok(pb::CheckpointReply {
-                    checkpoint_ref: record.name.clone(),
-                    phases: phases_pb(&record.phases),
-                    raw_bytes: record.raw_bytes,
-                    stored_bytes: record.stored_bytes,
-                    tiers: held_by(&holdings, name.as_str()),
-                    cuda_done: true,
-                    criu_done: true,
-                })
+                Ok(completed_reply(&record, held_by(&holdings, name.as_str())))
             }),
         )
     }
