@@ -5,7 +5,8 @@ style and script, no network.
 Charts (each an <svg class="chart" data-chart=NAME>; every drawn value is an element with
 class "datum" carrying data-series, data-label and data-value, so tests can check that the
 chart drew the run's data):
-- checkpoint-phases / restore-phases: a stacked bar per process size, one segment per phase;
+- checkpoint-phases / restore-phases: a stacked bar per process size, one segment per phase
+  (at least MIN_SEGMENT_PX high, so a phase of a few milliseconds stays visible);
 - throughput: GB/s of ours against each baseline, for every comparison that moved bytes;
 - scaling: each phase's median time against process size (log-log), with the fitted GB/s.
 
@@ -91,6 +92,9 @@ def y_axis(out, top, unit, fmt="{:g}"):
                f'text-anchor="middle">{esc(unit)}</text>')
 
 
+MIN_SEGMENT_PX = 3
+
+
 def stacked(name, title, bars, colours):
     """bars: [(label, {phase: seconds})]."""
     phases = sorted({p for _, ph in bars for p, v in ph.items() if v > 0}, key=phase_key)
@@ -110,7 +114,9 @@ def stacked(name, title, bars, colours):
             v = phs.get(p, 0.0)
             if v <= 0:
                 continue
-            h = ph_ * v * 1000 / top
+            # A phase of a few milliseconds would be a sliver thinner than a pixel that the
+            # browser blends into its neighbours; it is drawn MIN_SEGMENT_PX high instead.
+            h = max(ph_ * v * 1000 / top, MIN_SEGMENT_PX)
             base -= h
             total += v
             out.append(f'<rect class="datum" data-series="{esc(p)}" data-label="{esc(label)}" data-value="{v:.6f}" '
@@ -266,6 +272,7 @@ STYLE = """
 body { font: 14px/1.4 sans-serif; margin: 20px; color: #222; background: #fff; width: 1140px; }
 h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 24px 0 8px; }
 .meta { color: #555; margin-bottom: 12px; }
+rect.datum { shape-rendering: crispEdges; }
 svg.chart { display: block; margin: 10px 0 18px; border: 1px solid #ddd; background: #fff; }
 .title { font-size: 15px; font-weight: bold; fill: #222; } .tick { font-size: 12px; fill: #444; }
 .legend { font-size: 12px; fill: #222; } .axis { font-size: 12px; fill: #444; }

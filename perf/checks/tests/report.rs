@@ -63,6 +63,37 @@ fn report_of_a_quick_run_draws_every_chart_with_the_run_data() {
     let text = support::assert_success("perf/check_report.py", &checked);
     assert!(text.contains("every chart drew the run's data"), "{text}");
     assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
+
+    // The same run with one phase four thousand times shorter than the bars it sits in: it
+    // must still show in the screenshot (sub-pixel segments used to vanish into their
+    // neighbours, which failed this check on a real run).
+    let mut skewed = results;
+    for size in skewed["benchmarks"]["scaling"]["sizes"]
+        .as_array_mut()
+        .unwrap()
+    {
+        size["checkpoint"]["criu_dump"]["median"] = serde_json::json!(2.0);
+        size["checkpoint"]["digest"]["median"] = serde_json::json!(0.0005);
+    }
+    let skewed_results = out.path().join("skewed.json");
+    std::fs::write(&skewed_results, skewed.to_string()).unwrap();
+    let skewed_report = out.path().join("skewed.html");
+    support::assert_success(
+        "perf/report.py",
+        &support::python(&[
+            "perf/report.py",
+            skewed_results.to_str().unwrap(),
+            "-o",
+            skewed_report.to_str().unwrap(),
+        ]),
+    );
+    let checked = check(
+        &skewed_results,
+        &skewed_report,
+        &out.path().join("skewed.png"),
+    );
+    let text = support::assert_success("perf/check_report.py on a 0.5 ms phase", &checked);
+    assert!(text.contains("every chart drew the run's data"), "{text}");
 }
 
 #[test]
