@@ -31,4 +31,4 @@ pub use name::{CheckpointName, InvalidName};
 pub use nvme::NvmeTier;
 pub use pipeline::DrainStats;
 pub use s3::{S3Config, S3Tier, Secret, MAX_PARTS, MIN_PART_SIZE};
-pub use tier::{LoadReport, StoreReport, Tier, TierKind};
+pub use tier::{LoadReport, StoreReport, Tier, TierKind, MAX_RECORD_BYTES};

@@ -125,7 +125,25 @@ pub trait Tier: Send + Sync + fmt::Debug {
 
     /// Bytes the tier currently uses.
     fn used_bytes(&self) -> Result<u64, TierError>;
+
+    /// Keeps `record`, the agent's own description of checkpoint `name` (opaque to the data
+    /// plane, at most [`MAX_RECORD_BYTES`]), so that another node sharing this tier can restore
+    /// the checkpoint without having taken it. Only a tier other nodes read needs it: a
+    /// node-local tier keeps nothing, because the node's own catalog already has the record.
+    fn put_record(&self, name: &CheckpointName, record: &[u8]) -> Result<(), TierError> {
+        let _ = (name, record);
+        Ok(())
+    }
+
+    /// The record [`Tier::put_record`] kept for `name`, if the tier keeps records and has one.
+    fn get_record(&self, name: &CheckpointName) -> Result<Option<Vec<u8>>, TierError> {
+        let _ = name;
+        Ok(None)
+    }
 }
+
+/// Largest checkpoint record a tier keeps or hands back; anything bigger is not one of ours.
+pub const MAX_RECORD_BYTES: u64 = 16 << 20;
 
 #[cfg(test)]
 mod tests {

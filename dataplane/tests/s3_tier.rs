@@ -364,3 +364,38 @@ fn demotion_from_nvme_uploads_verified_chunks_without_the_ram_copy() {
     assert!(!tier_b.contains(&name("cp")).unwrap());
     assert!(server.leftover_upload_files().is_empty());
 }
+
+#[test]
+fn records_are_shared_between_nodes_and_leave_with_the_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = S3Server::start(&tmp.path().join("s3"));
+    let node_a = S3Tier::connect(s3_config(&server), chunk_config()).unwrap();
+    let node_b = S3Tier::connect(s3_config(&server), chunk_config()).unwrap();
+    let src = new_dir(tmp.path(), "src");
+    image(&src, 5);
+    node_a.store(&name("moved"), &src).unwrap();
+    node_a
+        .put_record(&name("moved"), br#"{"name":"moved"}"#)
+        .unwrap();
+
+    assert_eq!(
+        node_b.get_record(&name("moved")).unwrap().as_deref(),
+        Some(&br#"{"name":"moved"}"#[..])
+    );
+    assert_eq!(node_b.get_record(&name("never")).unwrap(), None);
+    // Records are not checkpoints: the listing stays the manifests'.
+    assert_eq!(node_b.list().unwrap(), vec![name("moved")]);
+
+    let too_big = vec![b' '; usize::try_from(kybernate_dataplane::MAX_RECORD_BYTES).unwrap() + 1];
+    let err = node_a.put_record(&name("big"), &too_big).unwrap_err();
+    assert!(err.to_string().contains("larger than"), "{err}");
+
+    assert!(node_b.remove(&name("moved")).unwrap());
+    assert_eq!(node_a.get_record(&name("moved")).unwrap(), None);
+    assert_eq!(node_a.used_bytes().unwrap(), 0);
+
+    // A local tier keeps no records: the node's catalog has them.
+    let nvme = NvmeTier::open(tmp.path().join("nvme"), chunk_config()).unwrap();
+    nvme.put_record(&name("moved"), b"{}").unwrap();
+    assert_eq!(nvme.get_record(&name("moved")).unwrap(), None);
+}

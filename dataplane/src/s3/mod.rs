@@ -1,11 +1,13 @@
 //! The S3 tier: each checkpoint is a manifest object plus, for its new chunks, one pack object
 //! written as one multipart upload. Chunks already held in any pack under the prefix (from
 //! earlier checkpoints, or other nodes' replicas of the same model) are referenced, not
-//! uploaded again. Restores fetch chunks with parallel ranged GETs.
+//! uploaded again. Restores fetch chunks with parallel ranged GETs. Beside them the bucket
+//! keeps the agent's record of each checkpoint, for restores on other nodes.
 
 mod config;
 mod from_nvme;
 mod objects;
+mod records;
 mod request;
 mod store;
 mod upload;

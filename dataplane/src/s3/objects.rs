@@ -133,6 +133,8 @@ impl Tier for S3Tier {
 
     fn remove(&self, name: &CheckpointName) -> Result<bool, TierError> {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        // The record goes too: without a copy, no other node can restore the checkpoint.
+        self.delete_record(name)?;
         if !self.contains(name)? {
             return Ok(false);
         }
@@ -177,6 +179,14 @@ impl Tier for S3Tier {
             .collect();
         names.sort();
         Ok(names)
+    }
+
+    fn put_record(&self, name: &CheckpointName, record: &[u8]) -> Result<(), TierError> {
+        self.write_record(name, record)
+    }
+
+    fn get_record(&self, name: &CheckpointName) -> Result<Option<Vec<u8>>, TierError> {
+        self.read_record(name)
     }
 
     fn used_bytes(&self) -> Result<u64, TierError> {

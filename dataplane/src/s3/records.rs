@@ -1,0 +1,88 @@
+//! The agent's checkpoint records kept beside the checkpoints in the bucket
+//! (`<prefix>records/<checkpoint>.json`), so a node that never took a checkpoint can restore it.
+
+use super::*;
+use crate::MAX_RECORD_BYTES;
+
+impl S3Tier {
+    /// Object key of the record of `name`.
+    pub fn record_key(&self, name: &CheckpointName) -> String {
+        format!("{}records/{name}.json", self.prefix)
+    }
+
+    pub(super) fn write_record(
+        &self,
+        name: &CheckpointName,
+        record: &[u8],
+    ) -> Result<(), TierError> {
+        let key = self.record_key(name);
+        if u64::try_from(record.len()).map_or(true, |l| l > MAX_RECORD_BYTES) {
+            return Err(TierError::Corrupt {
+                tier: TIER,
+                name: name.clone(),
+                detail: format!(
+                    "record of {} bytes is larger than {MAX_RECORD_BYTES}",
+                    record.len()
+                ),
+            });
+        }
+        self.rt
+            .block_on(retrying(&self.config, "put record", || {
+                self.client
+                    .put_object()
+                    .bucket(&self.config.bucket)
+                    .key(&key)
+                    .content_type("application/json")
+                    .body(ByteStream::from(record.to_vec()))
+                    .send()
+            }))
+            .map(|_| ())
+            .map_err(|(e, n)| remote("put record", &key, &e, n))
+    }
+
+    pub(super) fn read_record(&self, name: &CheckpointName) -> Result<Option<Vec<u8>>, TierError> {
+        let key = self.record_key(name);
+        let out = self.rt.block_on(retrying(&self.config, "get record", || {
+            self.client
+                .get_object()
+                .bucket(&self.config.bucket)
+                .key(&key)
+                .send()
+        }));
+        let out = match out {
+            Ok(out) => out,
+            Err((e, _)) if status(&e) == Some(404) => return Ok(None),
+            Err((e, n)) => return Err(remote("get record", &key, &e, n)),
+        };
+        let corrupt = |detail: String| TierError::Corrupt {
+            tier: TIER,
+            name: name.clone(),
+            detail: format!("record {key}: {detail}"),
+        };
+        let len = out.content_length().unwrap_or(0);
+        if u64::try_from(len).map_or(true, |l| l > MAX_RECORD_BYTES) {
+            return Err(corrupt(format!("size {len} is out of bounds")));
+        }
+        let body = self
+            .rt
+            .block_on(out.body.collect())
+            .map_err(|e| corrupt(format!("reading the body failed: {e}")))?
+            .into_bytes();
+        Ok(Some(body.to_vec()))
+    }
+
+    /// Deletes the record of `name`; a missing one is no error.
+    pub(super) fn delete_record(&self, name: &CheckpointName) -> Result<(), TierError> {
+        let key = self.record_key(name);
+        self.rt
+            .block_on(retrying(&self.config, "delete record", || {
+                self.client
+                    .delete_object()
+                    .bucket(&self.config.bucket)
+                    .key(&key)
+                    .send()
+            }))
+            .map(|_| ())
+            .map_err(|(e, n)| remote("delete", &key, &e, n))
+    }
+}
