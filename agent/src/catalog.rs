@@ -7,13 +7,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use kybernate_cuda::GpuFingerprint;
-use kybernate_dataplane::CheckpointName;
+use kybernate_dataplane::{CheckpointName, TierKind, MAX_RECORD_BYTES};
 use serde::{Deserialize, Serialize};
 
 use crate::images::ImageFile;
-
-/// Largest record file the agent reads; anything bigger is not one of ours.
-const MAX_RECORD_BYTES: u64 = 16 << 20;
 
 /// Duration of one phase.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +76,16 @@ pub enum CatalogError {
     Corrupt {
         /// The record file.
         path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The record a shared tier keeps for a checkpoint is not valid.
+    #[error("the record of checkpoint {name} in the {tier} tier is corrupt: {detail}")]
+    SharedCorrupt {
+        /// Tier that keeps it.
+        tier: TierKind,
+        /// Checkpoint it should describe.
+        name: String,
         /// What is wrong.
         detail: String,
     },
@@ -189,15 +196,32 @@ fn read_record(path: &Path) -> Result<(CheckpointName, CheckpointRecord), Catalo
         path: path.to_owned(),
         source,
     })?;
-    let record: CheckpointRecord =
-        serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-    let name = CheckpointName::new(&record.name).map_err(|e| corrupt(e.to_string()))?;
+    let (name, record) = decode(&bytes).map_err(corrupt)?;
     let stem = path
         .file_stem()
         .and_then(|s| s.to_str())
         .unwrap_or_default();
     if stem != name.as_str() {
         return Err(corrupt(format!("it names checkpoint {name}")));
+    }
+    Ok((name, record))
+}
+
+/// Reads a record that came from outside the state directory: the JSON must parse, name a
+/// valid checkpoint and only name image files that are one path component.
+pub fn decode(bytes: &[u8]) -> Result<(CheckpointName, CheckpointRecord), String> {
+    let record: CheckpointRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let name = CheckpointName::new(&record.name).map_err(|e| e.to_string())?;
+    if record.pid <= 0 {
+        return Err(format!("pid {} is not a process", record.pid));
+    }
+    if let Some(bad) = record.files.iter().find(|f| {
+        f.name.is_empty() || f.name == "." || f.name == ".." || f.name.contains(['/', '\0'])
+    }) {
+        return Err(format!(
+            "image file name {:?} is not one path component",
+            bad.name
+        ));
     }
     Ok((name, record))
 }

@@ -35,6 +35,7 @@ pub mod prefetch;
 pub mod process;
 pub mod reload;
 pub mod restore;
+pub mod shared_records;
 pub mod tiers;
 pub mod workload;
 

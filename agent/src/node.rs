@@ -24,6 +24,7 @@ mod container_checkpoint;
 mod container_restore;
 mod containerd_checkpoint;
 mod policy;
+mod shared;
 pub use container_checkpoint::{ContainerCheckpointBegin, ContainerCheckpointEnd};
 pub use container_restore::{ContainerRestoreEnd, ContainerRestoreStage};
 pub use policy::{ApplyConfig, ConfigLoaded, ConfigRejected, ConfigShow, Pin, TierStatus, Unpin};
@@ -372,10 +373,10 @@ impl Handler<Checkpoint> for NodeAgent {
                 agent.busy.remove(&name);
                 agent.refresh_tier_usage(ctx);
                 if let Err(AgentError::HeldPartially { record, .. }) = &result {
-                    agent.catalog.insert(name.clone(), (**record).clone())?;
+                    agent.keep_record(ctx, &name, record)?;
                 }
                 let (record, holdings) = result?;
-                agent.catalog.insert(name.clone(), record.clone())?;
+                agent.keep_record(ctx, &name, &record)?;
                 agent.last_used.insert(name.clone(), record.created_unix);
                 agent.drain_later(ctx, &name, record.files.clone(), until);
                 agent.enforce_budgets(ctx);
@@ -393,7 +394,10 @@ pub struct Restore(pub pb::RestoreRequest);
 impl Handler<Restore> for NodeAgent {
     type Result = ResponseActFuture<Self, Result<pb::RestoreReply, AgentError>>;
 
-    fn handle(&mut self, msg: Restore, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Restore, ctx: &mut Self::Context) -> Self::Result {
+        if let Some(name) = self.unknown_but_shared(&msg.0.checkpoint_ref) {
+            return self.adopt_then(name, msg, ctx);
+        }
         let from = match msg.0.from_tier.as_str() {
             "" => Ok(None),
             tier => TierKind::parse(tier).map(Some).ok_or_else(|| {
@@ -475,7 +479,10 @@ pub struct Inspect(pub String);
 impl Handler<Inspect> for NodeAgent {
     type Result = ResponseActFuture<Self, Result<pb::CheckpointInfo, AgentError>>;
 
-    fn handle(&mut self, msg: Inspect, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Inspect, ctx: &mut Self::Context) -> Self::Result {
+        if let Some(name) = self.unknown_but_shared(&msg.0) {
+            return self.adopt_then(name, msg, ctx);
+        }
         let record = match self.record(&msg.0) {
             Ok((_, record)) => record,
             Err(e) => return Box::pin(actix::fut::ready(Err(e))),
@@ -603,7 +610,10 @@ pub struct Prefetch(pub pb::PrefetchRequest);
 impl Handler<Prefetch> for NodeAgent {
     type Result = ResponseActFuture<Self, Result<pb::PrefetchReply, AgentError>>;
 
-    fn handle(&mut self, msg: Prefetch, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Prefetch, ctx: &mut Self::Context) -> Self::Result {
+        if let Some(name) = self.unknown_but_shared(&msg.0.checkpoint_ref) {
+            return self.adopt_then(name, msg, ctx);
+        }
         let prepared = TierKind::parse(&msg.0.to_tier)
             .ok_or_else(|| {
                 AgentError::InvalidRequest(format!(

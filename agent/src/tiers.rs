@@ -68,6 +68,21 @@ pub struct List;
 #[rtype(result = "Result<u64, TierError>")]
 pub struct UsedBytes;
 
+/// Keep the agent's record of a checkpoint with the tier (see [`Tier::put_record`]).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), TierError>")]
+pub struct PutRecord {
+    /// Checkpoint the record describes.
+    pub name: CheckpointName,
+    /// The record, serialised.
+    pub record: Vec<u8>,
+}
+
+/// The record the tier keeps for a checkpoint, if any.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Option<Vec<u8>>, TierError>")]
+pub struct GetRecord(pub CheckpointName);
+
 impl Handler<Store> for TierActor {
     type Result = Result<StoreReport, TierError>;
     fn handle(&mut self, msg: Store, _: &mut Self::Context) -> Self::Result {
@@ -110,6 +125,20 @@ impl Handler<UsedBytes> for TierActor {
     type Result = Result<u64, TierError>;
     fn handle(&mut self, _: UsedBytes, _: &mut Self::Context) -> Self::Result {
         self.tier.used_bytes()
+    }
+}
+
+impl Handler<PutRecord> for TierActor {
+    type Result = Result<(), TierError>;
+    fn handle(&mut self, msg: PutRecord, _: &mut Self::Context) -> Self::Result {
+        self.tier.put_record(&msg.name, &msg.record)
+    }
+}
+
+impl Handler<GetRecord> for TierActor {
+    type Result = Result<Option<Vec<u8>>, TierError>;
+    fn handle(&mut self, msg: GetRecord, _: &mut Self::Context) -> Self::Result {
+        self.tier.get_record(&msg.0)
     }
 }
 

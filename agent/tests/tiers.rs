@@ -173,3 +173,85 @@ fn nvme_budget_demotes_least_recently_used_to_s3_and_each_still_restores() {
         assert!(workload.verify_memory().memory_ok, "{name} memory intact");
     }
 }
+
+#[test]
+fn a_checkpoint_taken_on_one_node_restores_on_another_through_s3() {
+    let s3 = S3Server::start();
+    let node_a = TestAgent::start_with(&s3.agent_config(), &S3Server::credentials());
+    let node_b = TestAgent::start_with(&s3.agent_config(), &S3Server::credentials());
+    let shared_record = |name: &str| {
+        s3.dir
+            .path()
+            .join(format!("{}/node-a/records/{name}.json", support::S3_BUCKET))
+    };
+
+    let mut workload = Workload::start(node_a.dir.path(), 16, &[]);
+    node_a.ctl_json(&[
+        "checkpoint",
+        "--pid",
+        &workload.pid.to_string(),
+        "--name",
+        "moved",
+        "--tier",
+        "s3",
+    ]);
+    workload.reap_dumped();
+    let at_dump = workload.read().unwrap();
+    eventually("node A shares the record", || {
+        shared_record("moved").exists()
+    });
+
+    // Node B never took it: it adopts the record from S3 and restores from the S3 copy.
+    assert_eq!(node_b.ctl_json(&["list"]), json!([]));
+    let restored = node_b.ctl_json(&["restore", "moved"]);
+    assert_eq!(restored["source_tier"], "s3");
+    assert_eq!(tiers_of(&node_b, "moved"), json!(["s3"]));
+    workload.restored_as(pid_of(&restored));
+    let after = workload.wait_for(|s| s.counter > at_dump.counter);
+    assert_eq!(after.epoch, at_dump.epoch);
+    assert!(workload.verify_memory().memory_ok);
+    workload.kill();
+
+    // A name no node has taken is not found anywhere.
+    let err = node_b.ctl_err(&["restore", "nowhere"]);
+    assert!(err.contains("no checkpoint named nowhere"), "{err}");
+
+    // A damaged shared record is refused by name, and node B keeps serving.
+    let mut second = Workload::start(node_a.dir.path(), 8, &[]);
+    node_a.ctl_json(&[
+        "checkpoint",
+        "--pid",
+        &second.pid.to_string(),
+        "--name",
+        "spoiled",
+        "--tier",
+        "s3",
+    ]);
+    second.reap_dumped();
+    eventually("node A shares the second record", || {
+        shared_record("spoiled").exists()
+    });
+    std::fs::write(
+        shared_record("spoiled"),
+        b"{\"name\": \"spoiled\", \"pid\": ",
+    )
+    .unwrap();
+    let err = node_b.ctl_err(&["restore", "spoiled"]);
+    assert!(
+        err.contains("record of checkpoint spoiled in the s3 tier is corrupt"),
+        "{err}"
+    );
+    node_b.assert_serving();
+
+    // Deleting on node B removes the shared copy and its record; node A keeps its own copies.
+    let out = node_b.ctl(&["delete", "moved"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!shared_record("moved").exists());
+    let err = node_b.ctl_err(&["inspect", "moved"]);
+    assert!(err.contains("no checkpoint named moved"), "{err}");
+    assert_eq!(tiers_of(&node_a, "moved"), json!(["ram", "nvme"]));
+}

@@ -229,7 +229,7 @@ impl Handler<ContainerCheckpointEnd> for NodeAgent {
                         ..Default::default()
                     });
                 };
-                agent.catalog.insert(name.clone(), record.clone())?;
+                agent.keep_record(ctx, &name, &record)?;
                 Ok(completed_reply(&record, tiers))
             }),
         )

@@ -34,7 +34,10 @@ pub struct ContainerRestoreEnd(pub pb::ContainerRestoreEndRequest);
 impl Handler<ContainerRestoreStage> for NodeAgent {
     type Result = ResponseActFuture<Self, Result<pb::ContainerRestoreStageReply, AgentError>>;
 
-    fn handle(&mut self, msg: ContainerRestoreStage, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: ContainerRestoreStage, ctx: &mut Self::Context) -> Self::Result {
+        if let Some(name) = self.unknown_but_shared(&msg.0.checkpoint_ref) {
+            return self.adopt_then(name, msg, ctx);
+        }
         let request = msg.0;
         let from = match request.from_tier.as_str() {
             "" => Ok(None),

@@ -325,7 +325,10 @@ pub struct Pin(pub pb::PinRequest);
 
 impl Handler<Pin> for NodeAgent {
     type Result = ResponseActFuture<Self, Result<pb::PinReply, AgentError>>;
-    fn handle(&mut self, msg: Pin, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Pin, ctx: &mut Self::Context) -> Self::Result {
+        if let Some(name) = self.unknown_but_shared(&msg.0.checkpoint_ref) {
+            return self.adopt_then(name, msg, ctx);
+        }
         let prepared = match TierKind::parse(&msg.0.tier) {
             Some(tier @ (TierKind::Ram | TierKind::Nvme)) => Ok(tier),
             _ => Err(AgentError::InvalidRequest(format!(
