@@ -188,43 +188,55 @@ impl S3Tier {
     /// Reads and validates the manifest of `name`.
     pub fn manifest(&self, name: &CheckpointName) -> Result<CheckpointManifest, TierError> {
         let key = self.manifest_key(name);
-        let out = self.rt.block_on(retrying(&self.config, "get manifest", || {
-            self.client
-                .get_object()
-                .bucket(&self.config.bucket)
-                .key(&key)
-                .send()
-        }));
-        let out = match out {
-            Ok(out) => out,
-            Err((e, _)) if status(&e) == Some(404) => {
-                return Err(TierError::NotFound {
-                    tier: TIER,
-                    name: name.clone(),
-                })
-            }
-            Err((e, n)) => return Err(remote("get manifest", &key, &e, n)),
-        };
         let corrupt = |detail: String| TierError::Corrupt {
             tier: TIER,
             name: name.clone(),
             detail: format!("manifest {key}: {detail}"),
         };
-        let len = out.content_length().unwrap_or(0);
-        if u64::try_from(len).map_or(true, |l| l > MAX_MANIFEST_BYTES + 64) {
-            return Err(corrupt(format!("size {len} is out of bounds")));
-        }
         let body = self
-            .rt
-            .block_on(out.body.collect())
-            .map_err(|e| corrupt(format!("reading the body failed: {e}")))?
-            .into_bytes();
+            .get_small("get manifest", &key, MAX_MANIFEST_BYTES + 64, corrupt)?
+            .ok_or_else(|| TierError::NotFound {
+                tier: TIER,
+                name: name.clone(),
+            })?;
         let manifest =
             CheckpointManifest::read_from(&body[..]).map_err(|e| corrupt(e.to_string()))?;
         if &manifest.name != name {
             return Err(corrupt(format!("names checkpoint {}", manifest.name)));
         }
         Ok(manifest)
+    }
+
+    /// The body of the small object `key` (a manifest or a record), `None` when it does not
+    /// exist. A body over `max` bytes or cut short is reported through `corrupt`.
+    fn get_small(
+        &self,
+        op: &str,
+        key: &str,
+        max: u64,
+        corrupt: impl Fn(String) -> TierError,
+    ) -> Result<Option<bytes::Bytes>, TierError> {
+        let out = self.rt.block_on(retrying(&self.config, op, || {
+            self.client
+                .get_object()
+                .bucket(&self.config.bucket)
+                .key(key)
+                .send()
+        }));
+        let out = match out {
+            Ok(out) => out,
+            Err((e, _)) if status(&e) == Some(404) => return Ok(None),
+            Err((e, n)) => return Err(remote(op, key, &e, n)),
+        };
+        let len = out.content_length().unwrap_or(0);
+        if u64::try_from(len).map_or(true, |l| l > max) {
+            return Err(corrupt(format!("size {len} is out of bounds")));
+        }
+        let body = self
+            .rt
+            .block_on(out.body.collect())
+            .map_err(|e| corrupt(format!("reading the body failed: {e}")))?;
+        Ok(Some(body.into_bytes()))
     }
 
     fn list_keys(&self, prefix: &str) -> Result<Vec<(String, i64, i64)>, TierError> {

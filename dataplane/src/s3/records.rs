@@ -42,33 +42,13 @@ impl S3Tier {
 
     pub(super) fn read_record(&self, name: &CheckpointName) -> Result<Option<Vec<u8>>, TierError> {
         let key = self.record_key(name);
-        let out = self.rt.block_on(retrying(&self.config, "get record", || {
-            self.client
-                .get_object()
-                .bucket(&self.config.bucket)
-                .key(&key)
-                .send()
-        }));
-        let out = match out {
-            Ok(out) => out,
-            Err((e, _)) if status(&e) == Some(404) => return Ok(None),
-            Err((e, n)) => return Err(remote("get record", &key, &e, n)),
-        };
         let corrupt = |detail: String| TierError::Corrupt {
             tier: TIER,
             name: name.clone(),
             detail: format!("record {key}: {detail}"),
         };
-        let len = out.content_length().unwrap_or(0);
-        if u64::try_from(len).map_or(true, |l| l > MAX_RECORD_BYTES) {
-            return Err(corrupt(format!("size {len} is out of bounds")));
-        }
-        let body = self
-            .rt
-            .block_on(out.body.collect())
-            .map_err(|e| corrupt(format!("reading the body failed: {e}")))?
-            .into_bytes();
-        Ok(Some(body.to_vec()))
+        let body = self.get_small("get record", &key, MAX_RECORD_BYTES, corrupt)?;
+        Ok(body.map(|b| b.to_vec()))
     }
 
     /// Deletes the record of `name`; a missing one is no error.
