@@ -212,8 +212,8 @@ fn read_record(path: &Path) -> Result<(CheckpointName, CheckpointRecord), Catalo
 pub fn decode(bytes: &[u8]) -> Result<(CheckpointName, CheckpointRecord), String> {
     let record: CheckpointRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     let name = CheckpointName::new(&record.name).map_err(|e| e.to_string())?;
-    if record.pid <= 0 {
-        return Err(format!("pid {} is not a process", record.pid));
+    if record.pid < 0 {
+        return Err(format!("pid {} is not a process id", record.pid));
     }
     if let Some(bad) = record.files.iter().find(|f| {
         f.name.is_empty() || f.name == "." || f.name == ".." || f.name.contains(['/', '\0'])
@@ -279,5 +279,35 @@ mod tests {
         let (mut catalog, _) = Catalog::open(dir.path()).unwrap();
         assert!(catalog.remove(&name).unwrap());
         assert!(!catalog.remove(&name).unwrap());
+    }
+
+    #[test]
+    fn records_from_outside_must_name_a_checkpoint_and_plain_image_files() {
+        let mut good = record("cp1");
+        good.files = vec![ImageFile {
+            name: "pages-1.img".into(),
+            size: 1,
+            chunk_size: 0,
+            chunks: vec![],
+        }];
+        let bytes = serde_json::to_vec(&good).unwrap();
+        assert_eq!(
+            decode(&bytes).unwrap(),
+            (CheckpointName::new("cp1").unwrap(), good.clone())
+        );
+
+        let mut escaping = good.clone();
+        escaping.files[0].name = "../../etc/passwd".into();
+        let err = decode(&serde_json::to_vec(&escaping).unwrap()).unwrap_err();
+        assert!(err.contains("not one path component"), "{err}");
+
+        let mut negative = good.clone();
+        negative.pid = -1;
+        assert!(decode(&serde_json::to_vec(&negative).unwrap()).is_err());
+
+        let mut bad_name = good;
+        bad_name.name = "a/b".into();
+        assert!(decode(&serde_json::to_vec(&bad_name).unwrap()).is_err());
+        assert!(decode(b"{not json").is_err());
     }
 }
