@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kybernate_dataplane::{CheckpointName, StoreReport, TierKind};
 
+use crate::bandwidth::Urgency;
 use crate::catalog::CheckpointRecord;
 use crate::config::TimeoutsConfig;
 use crate::criu::Dump;
@@ -176,7 +177,16 @@ async fn phases(
     let mut store_failure = None;
     let (foreground, _background) = drain::split_tiers(parts, job.until);
     for kind in foreground {
-        match drain::store_into(parts, clock, &name, &image_dir, &files, kind).await {
+        let store = drain::store_into(
+            parts,
+            clock,
+            &name,
+            &image_dir,
+            &files,
+            kind,
+            Urgency::Foreground,
+        );
+        match store.await {
             Ok(report) => stored.push((kind, report)),
             Err(e) => {
                 store_failure = Some((drain::store_phase(kind), e));

@@ -8,7 +8,9 @@ use std::time::Duration;
 use kybernate_dataplane::{ChunkConfig, S3Config, Secret};
 use serde::{Deserialize, Serialize};
 
+mod bandwidth;
 mod policy;
+pub use bandwidth::BandwidthConfig;
 pub use policy::{PolicyConfig, TierPolicy};
 
 /// Default agent socket.
@@ -43,6 +45,8 @@ pub struct AgentConfig {
     pub dataplane: DataplaneConfig,
     /// What the agent keeps close (reloaded live).
     pub policy: PolicyConfig,
+    /// Byte-rate limits of the agent's transfers (reloaded live).
+    pub bandwidth: BandwidthConfig,
     /// The S3 tier; absent means no S3 tier. Credentials never come from this file but from
     /// the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`),
     /// which a Kubernetes Secret fills.
@@ -136,6 +140,7 @@ impl Default for AgentConfig {
             timeouts: TimeoutsConfig::default(),
             dataplane: DataplaneConfig::default(),
             policy: PolicyConfig::default(),
+            bandwidth: BandwidthConfig::default(),
             s3: None,
         }
     }
@@ -259,6 +264,7 @@ impl AgentConfig {
         self.tiers.ram.validate("tiers.ram")?;
         self.tiers.nvme.validate("tiers.nvme")?;
         self.policy.validate()?;
+        self.bandwidth.validate()?;
         for (key, path) in [("socket", &self.socket), ("state_dir", &self.state_dir)] {
             if !path.is_absolute() {
                 return Err(ConfigError::Invalid {

@@ -10,6 +10,7 @@ use kybernate_proto::agent::v1::agent_server::AgentServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
+use crate::bandwidth::Bandwidth;
 use crate::catalog::{Catalog, CatalogError};
 use crate::command::TokioCommandRunner;
 use crate::config::AgentConfig;
@@ -182,6 +183,7 @@ async fn serve(
         config: config.clone(),
         metrics: metrics.clone(),
         events: events.clone(),
+        bandwidth: Arc::new(Bandwidth::new(&config.bandwidth, metrics.clone())),
     };
     let node = NodeAgent::new(parts, catalog).start();
     if let Some((source, loaded)) = source {

@@ -4,6 +4,7 @@
 
 use kybernate_dataplane::{CheckpointName, TierKind};
 
+use crate::bandwidth::Urgency;
 use crate::catalog::CheckpointRecord;
 use crate::drain;
 use crate::error::AgentError;
@@ -101,10 +102,36 @@ pub async fn demote(
     if !held {
         if from == TierKind::Ram {
             let dir = parts.ram.dir_of(&name);
-            drain::store_into(parts, &mut clock, &name, &dir, &record.files, to).await?;
+            drain::store_into(
+                parts,
+                &mut clock,
+                &name,
+                &dir,
+                &record.files,
+                to,
+                Urgency::Background,
+            )
+            .await?;
         } else {
-            let staged = restore::stage(parts, record, &name, &[from], &mut clock).await?;
-            drain::store_into(parts, &mut clock, &name, &staged.dir, &record.files, to).await?;
+            let staged = restore::stage(
+                parts,
+                record,
+                &name,
+                &[from],
+                &mut clock,
+                Urgency::Background,
+            )
+            .await?;
+            drain::store_into(
+                parts,
+                &mut clock,
+                &name,
+                &staged.dir,
+                &record.files,
+                to,
+                Urgency::Background,
+            )
+            .await?;
         }
     }
     let source = parts

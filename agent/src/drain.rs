@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use kybernate_dataplane::{CheckpointName, StoreReport, TierKind};
 
+use crate::bandwidth::Urgency;
 use crate::config::TimeoutsConfig;
 use crate::error::AgentError;
 use crate::events::PhaseClock;
@@ -21,9 +22,10 @@ pub fn store_phase(kind: TierKind) -> &'static str {
     }
 }
 
-/// Stores the image set in `image_dir` into tier `kind`, as phase `store_<kind>` of `clock`.
-/// `files` are the checkpoint's chunk digests; when they were taken with the chunk size the
-/// tiers use, the tier takes its chunk addresses from them instead of hashing again.
+/// Stores the image set in `image_dir` into tier `kind`, as phase `store_<kind>` of `clock`,
+/// under the bandwidth limits of `urgency`. `files` are the checkpoint's chunk digests; when
+/// they were taken with the chunk size the tiers use, the tier takes its chunk addresses from
+/// them instead of hashing again.
 pub async fn store_into(
     parts: &NodeParts,
     clock: &mut PhaseClock,
@@ -31,6 +33,7 @@ pub async fn store_into(
     image_dir: &Path,
     files: &[ImageFile],
     kind: TierKind,
+    urgency: Urgency,
 ) -> Result<StoreReport, AgentError> {
     let phase = store_phase(kind);
     let Some(tier) = parts.tiers.get(kind) else {
@@ -46,6 +49,7 @@ pub async fn store_into(
         name: name.clone(),
         image_dir: image_dir.to_owned(),
         digest,
+        pacing: parts.bandwidth.pacing(urgency),
     };
     let millis = parts.config.timeouts.store_ms;
     let report = clock
@@ -97,7 +101,16 @@ pub async fn drain_in_background(
         parts.metrics.clone(),
     );
     for kind in kinds {
-        if let Err(e) = store_into(&parts, &mut clock, &name, &image_dir, &files, kind).await {
+        let stored = store_into(
+            &parts,
+            &mut clock,
+            &name,
+            &image_dir,
+            &files,
+            kind,
+            Urgency::Background,
+        );
+        if let Err(e) = stored.await {
             tracing::error!(checkpoint = %name, tier = %kind, error = %e, "background drain failed; the nearer copies stay");
             clock.failed(store_phase(kind), e.metric_label());
             return;

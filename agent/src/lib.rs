@@ -5,6 +5,7 @@
 //! [`cuda::CudaSession`] and one [`tiers::TierActor`] per storage tier. The gRPC API
 //! ([`grpc`]) is served on a Unix socket; `kybernatectl` ([`cli`]) is its client.
 
+pub mod bandwidth;
 pub mod catalog;
 pub mod checkpoint;
 pub mod cli;

@@ -54,7 +54,15 @@ pub struct ReloadLabels {
     pub result: String,
 }
 
+/// Labels of a byte-rate limit.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// "s3_upload", "s3_download" or "nvme_write".
+    pub limit: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+type SecondsCounter = Counter<f64, std::sync::atomic::AtomicU64>;
 
 /// Every metric the agent exports.
 #[derive(Debug)]
@@ -72,6 +80,8 @@ pub struct Metrics {
     compression_output_bytes: Family<TierLabels, Counter>,
     dedup_saved_bytes: Family<TierLabels, Counter>,
     config_reloads: Family<ReloadLabels, Counter>,
+    bandwidth_limit: Family<LimitLabels, Gauge>,
+    throttled_seconds: Family<LimitLabels, SecondsCounter>,
 }
 
 fn phase_histogram() -> Histogram {
@@ -96,6 +106,8 @@ impl Metrics {
             compression_output_bytes: Family::default(),
             dedup_saved_bytes: Family::default(),
             config_reloads: Family::default(),
+            bandwidth_limit: Family::default(),
+            throttled_seconds: Family::default(),
             registry: Mutex::new(Registry::default()),
         };
         registry.register(
@@ -157,6 +169,16 @@ impl Metrics {
             "config_reloads",
             "Changes of the config file, applied or rejected",
             metrics.config_reloads.clone(),
+        );
+        registry.register(
+            "bandwidth_limit_bytes_per_second",
+            "Byte-rate limit of background transfers, 0 for none (from the config)",
+            metrics.bandwidth_limit.clone(),
+        );
+        registry.register(
+            "throttled_seconds",
+            "Time transfers waited for their byte-rate limit",
+            metrics.throttled_seconds.clone(),
         );
         *metrics.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         Arc::new(metrics)
@@ -266,6 +288,24 @@ impl Metrics {
         self.tier_budget_bytes
             .get_or_create(&TierLabels { tier: tier.into() })
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the configured byte rate of `limit` (0: none).
+    pub fn bandwidth_limit(&self, limit: &str, bytes_per_sec: u64) {
+        self.bandwidth_limit
+            .get_or_create(&LimitLabels {
+                limit: limit.into(),
+            })
+            .set(i64::try_from(bytes_per_sec).unwrap_or(i64::MAX));
+    }
+
+    /// Adds a wait a transfer spent on the byte-rate limit `limit`.
+    pub fn throttled(&self, limit: &str, waited: Duration) {
+        self.throttled_seconds
+            .get_or_create(&LimitLabels {
+                limit: limit.into(),
+            })
+            .inc_by(waited.as_secs_f64());
     }
 
     /// Counts a change of the config file: `result` is "applied" or "rejected".

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use actix::Addr;
 use kybernate_dataplane::LocalDirTier;
 
+use crate::bandwidth::Bandwidth;
 use crate::config::AgentConfig;
 use crate::criu::CriuRunner;
 use crate::cuda::CudaActor;
@@ -29,4 +30,6 @@ pub struct NodeParts {
     pub metrics: Arc<Metrics>,
     /// Progress events.
     pub events: EventBus,
+    /// The byte-rate limits in force (replaced on reload).
+    pub bandwidth: Arc<Bandwidth>,
 }

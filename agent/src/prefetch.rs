@@ -3,6 +3,7 @@
 
 use kybernate_dataplane::{CheckpointName, TierKind};
 
+use crate::bandwidth::Urgency;
 use crate::catalog::{CheckpointRecord, Phase};
 use crate::drain;
 use crate::error::AgentError;
@@ -64,13 +65,29 @@ pub async fn run(
         .filter(|k| *k > to)
         .collect();
     let result = async {
-        let staged = restore::stage(&parts, &record, &name, &slower, &mut clock).await?;
+        let staged = restore::stage(
+            &parts,
+            &record,
+            &name,
+            &slower,
+            &mut clock,
+            Urgency::Background,
+        )
+        .await?;
         let from = staged.tier;
         match to {
             TierKind::Ram => staged.keep_in_ram(&parts, &name)?,
             _ => {
-                drain::store_into(&parts, &mut clock, &name, &staged.dir, &record.files, to)
-                    .await?;
+                drain::store_into(
+                    &parts,
+                    &mut clock,
+                    &name,
+                    &staged.dir,
+                    &record.files,
+                    to,
+                    Urgency::Background,
+                )
+                .await?;
             }
         }
         Ok::<_, AgentError>(from)

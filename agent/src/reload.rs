@@ -124,6 +124,7 @@ pub fn is_live_key(key: &str) -> bool {
         || key.starts_with("tiers.ram.")
         || key.starts_with("tiers.nvme.")
         || key.starts_with("policy.")
+        || key.starts_with("bandwidth.")
 }
 
 /// Keys whose value differs between `running` and `new` but only takes effect at a restart.
@@ -153,6 +154,7 @@ pub fn apply_live(running: &AgentConfig, new: &AgentConfig) -> AgentConfig {
     merged.tiers.ram = new.tiers.ram.clone();
     merged.tiers.nvme = new.tiers.nvme.clone();
     merged.policy = new.policy.clone();
+    merged.bandwidth = new.bandwidth.clone();
     merged
 }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use kybernate_dataplane::{CheckpointName, TierKind};
 
+use crate::bandwidth::Urgency;
 use crate::catalog::{CheckpointRecord, Phase};
 use crate::checkpoint::blocking;
 use crate::config::TimeoutsConfig;
@@ -122,9 +123,16 @@ async fn phases(
         Some(kind) => vec![kind],
         None => parts.tiers.kinds(),
     };
-    let staged = stage(parts, record, &name, &candidates, clock)
-        .await
-        .map_err(|e| ("stage", e))?;
+    let staged = stage(
+        parts,
+        record,
+        &name,
+        &candidates,
+        clock,
+        Urgency::Foreground,
+    )
+    .await
+    .map_err(|e| ("stage", e))?;
     let timeouts = &parts.config.timeouts;
 
     let pid_wait = TimeoutsConfig::of(timeouts.pid_release_ms);
@@ -199,13 +207,14 @@ async fn phases(
 /// Finds the first of `candidates` (nearest first) with an intact copy and makes its images
 /// available in RAM. A RAM copy is checked against the checkpoint's file digests; NVMe and S3
 /// copies are verified chunk by chunk by the data plane as they load. A damaged copy is
-/// reported and the next tier is tried.
+/// reported and the next tier is tried. Loads run under the bandwidth limits of `urgency`.
 pub async fn stage(
     parts: &NodeParts,
     record: &CheckpointRecord,
     name: &CheckpointName,
     candidates: &[TierKind],
     clock: &mut PhaseClock,
+    urgency: Urgency,
 ) -> Result<Staged, AgentError> {
     let mut damaged = Vec::new();
     for kind in candidates {
@@ -225,7 +234,7 @@ pub async fn stage(
         }
         let attempt = match kind {
             TierKind::Ram => verify_ram_copy(parts, record, name, clock).await,
-            _ => load_into_ram(parts, name, *kind, tier, clock).await,
+            _ => load_into_ram(parts, name, *kind, tier, clock, urgency).await,
         };
         match attempt {
             Ok(staged) => return Ok(staged),
@@ -282,6 +291,7 @@ async fn load_into_ram(
     kind: TierKind,
     tier: &actix::Addr<crate::tiers::TierActor>,
     clock: &mut PhaseClock,
+    urgency: Urgency,
 ) -> Result<Staged, AgentError> {
     let scratch = parts.ram.root().join(format!(
         ".partial-restore-{name}-{:08x}",
@@ -303,6 +313,7 @@ async fn load_into_ram(
                 tier.send(Load {
                     name: name.clone(),
                     dest: scratch.clone(),
+                    pacing: parts.bandwidth.pacing(urgency),
                 }),
             )
             .await

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use kybernate_dataplane::{
-    CheckpointName, ImageDigest, LoadReport, StoreReport, Tier, TierError, TierKind,
+    CheckpointName, ImageDigest, LoadReport, Pacing, StoreReport, Tier, TierError, TierKind,
 };
 
 /// The actor serving one tier.
@@ -36,6 +36,8 @@ pub struct Store {
     pub image_dir: PathBuf,
     /// Their chunk hashes from the checkpoint's one hashing pass, when they fit this tier.
     pub digest: Option<ImageDigest>,
+    /// The byte-rate limits the store runs under.
+    pub pacing: Pacing,
 }
 
 /// Write the image set of `name` into `dest`.
@@ -46,6 +48,8 @@ pub struct Load {
     pub name: CheckpointName,
     /// Existing empty directory.
     pub dest: PathBuf,
+    /// The byte-rate limits the load runs under.
+    pub pacing: Pacing,
 }
 
 /// Whether the tier holds `name`.
@@ -86,17 +90,15 @@ pub struct GetRecord(pub CheckpointName);
 impl Handler<Store> for TierActor {
     type Result = Result<StoreReport, TierError>;
     fn handle(&mut self, msg: Store, _: &mut Self::Context) -> Self::Result {
-        match &msg.digest {
-            Some(digest) => self.tier.store_digested(&msg.name, &msg.image_dir, digest),
-            None => self.tier.store(&msg.name, &msg.image_dir),
-        }
+        self.tier
+            .store_paced(&msg.name, &msg.image_dir, msg.digest.as_ref(), &msg.pacing)
     }
 }
 
 impl Handler<Load> for TierActor {
     type Result = Result<LoadReport, TierError>;
     fn handle(&mut self, msg: Load, _: &mut Self::Context) -> Self::Result {
-        self.tier.load(&msg.name, &msg.dest)
+        self.tier.load_paced(&msg.name, &msg.dest, &msg.pacing)
     }
 }
 

@@ -1,12 +1,14 @@
 //! The tier policy through the real agent: live reload of the config file (also by a
-//! kubelet-style symlink swap), invalid edits, pins, and demotion when a budget is lowered.
+//! kubelet-style symlink swap), invalid edits, pins, demotion when a budget is lowered, and
+//! bandwidth limits on a real S3 server.
 
 mod support;
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{eventually, pid_of, TestAgent, Workload};
+use support::{eventually, pid_of, S3Server, TestAgent, Workload};
 
 const MIB: u64 = 1 << 20;
 
@@ -272,4 +274,88 @@ fn kubelet_symlink_swap_is_picked_up() {
     let text = agent.ctl(&["tiers"]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("400.0 MiB"), "{text}");
+}
+
+/// The value of the metric series `series` (name and labels), 0 when the agent has none.
+fn metric_value(agent: &TestAgent, series: &str) -> f64 {
+    agent
+        .metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Bytes of the pack objects the S3 server holds.
+fn pack_bytes(s3: &S3Server) -> u64 {
+    let dir = s3.dir.path().join(support::S3_BUCKET).join("node-a/packs");
+    std::fs::read_dir(dir)
+        .map(|entries| entries.flatten().map(|e| e.metadata().unwrap().len()).sum())
+        .unwrap_or(0)
+}
+
+#[test]
+fn an_s3_upload_limit_holds_within_15_percent_over_a_10_s_background_drain() {
+    const LIMIT: u64 = 4_000_000;
+    const THROTTLED: &str = "kybernate_throttled_seconds_total{limit=\"s3_upload\"}";
+    let s3 = S3Server::start();
+    let config = format!(
+        "{}\n[bandwidth]\ns3_upload_bytes_per_sec = {LIMIT}\n",
+        s3.agent_config()
+    );
+    let agent = TestAgent::start_with(&config, &S3Server::credentials());
+    assert_eq!(
+        config_value(&agent, "bandwidth.s3_upload_bytes_per_sec"),
+        json!({"value": LIMIT.to_string(), "source": "file", "pending": ""})
+    );
+    assert!(metric_has(
+        &agent,
+        &format!("kybernate_bandwidth_limit_bytes_per_second{{limit=\"s3_upload\"}} {LIMIT}")
+    ));
+
+    // A checkpoint that asked for S3 waits for its upload: foreground work is not limited.
+    let urgent = Workload::start(agent.dir.path(), 8, &[]);
+    checkpoint(&agent, &urgent, "urgent", "s3");
+    assert_eq!(metric_value(&agent, THROTTLED), 0.0);
+
+    // 40 MiB of incompressible memory, done at NVMe, then drained to S3 in the background.
+    let workload = Workload::start(agent.dir.path(), 40, &[]);
+    let before = pack_bytes(&s3);
+    checkpoint(&agent, &workload, "background", "nvme");
+    let started = Instant::now();
+    let manifest = s3
+        .dir
+        .path()
+        .join(support::S3_BUCKET)
+        .join("node-a/manifests/background");
+    while !manifest.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "the background drain never reached S3: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = started.elapsed().as_secs_f64();
+    let uploaded = pack_bytes(&s3) - before;
+    let rate = uploaded as f64 / took;
+    let limit = LIMIT as f64;
+    println!("{uploaded} bytes in {took:.2} s = {rate:.0} B/s against a limit of {LIMIT} B/s");
+    assert!(
+        took >= 8.0,
+        "{uploaded} bytes took {took:.2} s: the drain must last about 10 s to judge the limit"
+    );
+    assert!(
+        (rate - limit).abs() <= 0.15 * limit,
+        "{uploaded} bytes in {took:.2} s = {rate:.0} B/s, limit {LIMIT} B/s (±15%)"
+    );
+    assert!(metric_value(&agent, THROTTLED) > 0.0);
+
+    // A live edit lifts the limit for new work.
+    std::fs::write(config_path(&agent), s3.agent_config()).unwrap();
+    eventually("the agent applies the edit", || {
+        metric_has(
+            &agent,
+            "kybernate_bandwidth_limit_bytes_per_second{limit=\"s3_upload\"} 0",
+        )
+    });
 }

@@ -15,6 +15,7 @@ mod nvme;
 mod pipeline;
 mod restore;
 mod s3;
+mod throttle;
 mod tier;
 mod uring;
 
@@ -31,4 +32,5 @@ pub use name::{CheckpointName, InvalidName};
 pub use nvme::NvmeTier;
 pub use pipeline::DrainStats;
 pub use s3::{S3Config, S3Tier, Secret, MAX_PARTS, MIN_PART_SIZE};
+pub use throttle::{ByteRate, Pacing, WaitHook};
 pub use tier::{LoadReport, StoreReport, Tier, TierKind, MAX_RECORD_BYTES};

@@ -13,7 +13,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::buffer::{AlignedBuf, BufferPool, PooledBuf};
 use crate::chunk::{ChunkConfig, ChunkEncoding, ChunkHash, IO_ALIGN};
@@ -23,7 +23,10 @@ use crate::pipeline::{
 };
 use crate::restore::{restore_image_set, ChunkFetch};
 use crate::uring::{UringWriter, WriteJob};
-use crate::{CheckpointName, ImageDigest, LoadReport, StoreReport, Tier, TierError, TierKind};
+use crate::{
+    ByteRate, CheckpointName, ImageDigest, LoadReport, Pacing, StoreReport, Tier, TierError,
+    TierKind,
+};
 
 const TIER: TierKind = TierKind::Nvme;
 
@@ -140,7 +143,7 @@ impl NvmeTier {
         name: &CheckpointName,
         image_dir: &Path,
     ) -> Result<(StoreReport, DrainStats), TierError> {
-        self.store_known(name, image_dir, None)
+        self.store_known(name, image_dir, None, None)
     }
 
     fn store_known(
@@ -148,6 +151,7 @@ impl NvmeTier {
         name: &CheckpointName,
         image_dir: &Path,
         known: Option<&ImageDigest>,
+        write_rate: Option<Arc<ByteRate>>,
     ) -> Result<(StoreReport, DrainStats), TierError> {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         if let Ok(m) = self.manifest(name) {
@@ -167,6 +171,7 @@ impl NvmeTier {
             tier: self,
             uring: Some(UringWriter::start()?),
             dirs: HashSet::new(),
+            write_rate,
         };
         let drained = drain_image_set(
             TIER,
@@ -293,6 +298,8 @@ struct NvmeChunkWriter<'a> {
     tier: &'a NvmeTier,
     uring: Option<UringWriter>,
     dirs: HashSet<PathBuf>,
+    /// The background write limit, when one applies to this store.
+    write_rate: Option<Arc<ByteRate>>,
 }
 
 impl ChunkWriter for NvmeChunkWriter<'_> {
@@ -318,6 +325,9 @@ impl ChunkWriter for NvmeChunkWriter<'_> {
             std::process::id()
         ));
         let stored_len = u32::try_from(data.as_slice().len()).expect("chunk below 4 GiB");
+        if let Some(rate) = &self.write_rate {
+            rate.pace_blocking(u64::from(stored_len));
+        }
         let job = WriteJob {
             tmp_path,
             final_path,
@@ -345,6 +355,10 @@ impl ChunkWriter for NvmeChunkWriter<'_> {
     }
 
     fn backlog(&self) -> Option<std::sync::Arc<WriteBacklog>> {
+        // Under a write limit the disk is the bottleneck by design: compress every chunk.
+        if self.write_rate.is_some() {
+            return None;
+        }
         self.uring.as_ref().map(UringWriter::backlog)
     }
 }
@@ -477,7 +491,18 @@ impl Tier for NvmeTier {
         image_dir: &Path,
         digest: &ImageDigest,
     ) -> Result<StoreReport, TierError> {
-        self.store_known(name, image_dir, Some(digest))
+        self.store_known(name, image_dir, Some(digest), None)
+            .map(|(report, _)| report)
+    }
+
+    fn store_paced(
+        &self,
+        name: &CheckpointName,
+        image_dir: &Path,
+        digest: Option<&ImageDigest>,
+        pacing: &Pacing,
+    ) -> Result<StoreReport, TierError> {
+        self.store_known(name, image_dir, digest, pacing.disk_write.clone())
             .map(|(report, _)| report)
     }
 

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::path::Path;
 
-use crate::{CheckpointName, DrainStats, ImageDigest, TierError};
+use crate::{CheckpointName, DrainStats, ImageDigest, Pacing, TierError};
 
 /// The storage tiers, nearest (fastest to restore from) first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -111,8 +111,36 @@ pub trait Tier: Send + Sync + fmt::Debug {
         self.store(name, image_dir)
     }
 
+    /// [`Tier::store_digested`] (or [`Tier::store`] without digests) under the byte-rate
+    /// limits of `pacing`. A tier honours the limits that cover the disk or network it writes
+    /// to; one that moves no bytes a limit covers (RAM) ignores them.
+    fn store_paced(
+        &self,
+        name: &CheckpointName,
+        image_dir: &Path,
+        digest: Option<&ImageDigest>,
+        pacing: &Pacing,
+    ) -> Result<StoreReport, TierError> {
+        let _ = pacing;
+        match digest {
+            Some(digest) => self.store_digested(name, image_dir, digest),
+            None => self.store(name, image_dir),
+        }
+    }
+
     /// Writes the image set of `name` into `dest`, an existing empty directory.
     fn load(&self, name: &CheckpointName, dest: &Path) -> Result<LoadReport, TierError>;
+
+    /// [`Tier::load`] under the byte-rate limits of `pacing` (see [`Tier::store_paced`]).
+    fn load_paced(
+        &self,
+        name: &CheckpointName,
+        dest: &Path,
+        pacing: &Pacing,
+    ) -> Result<LoadReport, TierError> {
+        let _ = pacing;
+        self.load(name, dest)
+    }
 
     /// Whether the tier holds a complete copy of `name`.
     fn contains(&self, name: &CheckpointName) -> Result<bool, TierError>;

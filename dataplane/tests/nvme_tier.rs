@@ -8,7 +8,8 @@ use std::process::Command;
 
 use common::{new_dir, read_dir_files, write_file, Fill};
 use kybernate_dataplane::{
-    CheckpointName, ChunkConfig, ChunkEncoding, LocalDirTier, NvmeTier, Tier, TierError, TierKind,
+    ByteRate, CheckpointName, ChunkConfig, ChunkEncoding, LocalDirTier, NvmeTier, Pacing, Tier,
+    TierError, TierKind,
 };
 use proptest::prelude::*;
 
@@ -329,4 +330,38 @@ fn bad_config_and_bad_source_are_named() {
     let err = tier.store(&name("cp"), &src).unwrap_err();
     assert!(err.to_string().contains("not a regular file"), "{err}");
     assert!(!tier.contains(&name("cp")).unwrap());
+}
+
+#[test]
+fn a_paced_store_waits_for_its_write_limit_and_stores_the_same_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = new_dir(tmp.path(), "src");
+    sample_image(&src, 21);
+    let image_bytes: u64 = read_dir_files(&src).values().map(|d| d.len() as u64).sum();
+
+    let waits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = waits.clone();
+    // A limit of a quarter of the image per second, so the writes must wait.
+    let rate = ByteRate::new(image_bytes / 4)
+        .unwrap()
+        .unwrap()
+        .with_wait_hook(std::sync::Arc::new(move |_| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+    let pacing = Pacing {
+        disk_write: Some(std::sync::Arc::new(rate)),
+        ..Pacing::default()
+    };
+    let tier = NvmeTier::open(tmp.path().join("nvme"), config(65536)).unwrap();
+    let report = tier
+        .store_paced(&name("paced"), &src, None, &pacing)
+        .unwrap();
+    assert!(report.stored_bytes > 0);
+    assert!(
+        waits.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the writer never waited for its limit"
+    );
+    let dest = new_dir(tmp.path(), "dest");
+    tier.load(&name("paced"), &dest).unwrap();
+    assert_eq!(read_dir_files(&dest), read_dir_files(&src));
 }

@@ -11,6 +11,7 @@ use kybernate_dataplane::{CheckpointName, StoreReport, TierKind};
 use kybernate_proto::agent::v1 as pb;
 
 use super::{completed_reply, phases_pb, NodeAgent};
+use crate::bandwidth::Urgency;
 use crate::catalog::{CheckpointRecord, Phase};
 use crate::checkpoint::commit_and_digest;
 use crate::config::TimeoutsConfig;
@@ -299,7 +300,16 @@ async fn finish(
         .into_iter()
         .filter(|k| *k != TierKind::Ram)
     {
-        let report = drain::store_into(parts, &mut clock, name, &image_dir, &files, kind).await?;
+        let report = drain::store_into(
+            parts,
+            &mut clock,
+            name,
+            &image_dir,
+            &files,
+            kind,
+            Urgency::Foreground,
+        )
+        .await?;
         stored.push((kind, report));
     }
     clock.succeeded();

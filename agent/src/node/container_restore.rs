@@ -8,6 +8,7 @@ use kybernate_dataplane::{CheckpointName, TierKind};
 use kybernate_proto::agent::v1 as pb;
 
 use super::{phases_pb, NodeAgent};
+use crate::bandwidth::Urgency;
 use crate::catalog::CheckpointRecord;
 use crate::cuda::{CheckRestore, RestoreAndUnlock};
 use crate::error::AgentError;
@@ -86,7 +87,15 @@ impl Handler<ContainerRestoreStage> for NodeAgent {
                     }
                 }
                 let candidates = from.map_or_else(|| parts.tiers.kinds(), |kind| vec![kind]);
-                match stage(&parts, &record, &job_name, &candidates, &mut clock).await {
+                let staged = stage(
+                    &parts,
+                    &record,
+                    &job_name,
+                    &candidates,
+                    &mut clock,
+                    Urgency::Foreground,
+                );
+                match staged.await {
                     Ok(staged) => Ok((record, staged, clock.phases.clone())),
                     Err(e) => {
                         clock.failed("stage", e.metric_label());

@@ -173,6 +173,7 @@ impl Handler<ApplyConfig> for NodeAgent {
             "config reloaded; budgets re-evaluated"
         );
         publish_budgets(&self.parts);
+        self.parts.bandwidth.apply(&self.parts.config.bandwidth);
         self.enforce_budgets(ctx);
     }
 }

@@ -43,6 +43,7 @@ impl S3Tier {
             format!("{}{pack_rel}", self.prefix),
             pack_id,
             part_pool,
+            None,
         );
         let chunk_size = usize::try_from(source.chunk_size).expect("u32 fits usize");
         let buffers = BufferPool::new(chunk_size, 2);

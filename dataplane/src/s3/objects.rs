@@ -82,6 +82,28 @@ impl ChunkFetch for S3Tier {
     }
 }
 
+/// The tier's ranged GETs, each waiting for the download limit first when one applies.
+struct PacedFetch<'a> {
+    tier: &'a S3Tier,
+    rate: Option<&'a crate::ByteRate>,
+}
+
+impl ChunkFetch for PacedFetch<'_> {
+    fn fetch(
+        &self,
+        manifest: &CheckpointManifest,
+        file: &str,
+        index: usize,
+        chunk: &ChunkRef,
+        buf: &mut AlignedBuf,
+    ) -> Result<(), TierError> {
+        if let Some(rate) = self.rate {
+            rate.pace_blocking(u64::from(chunk.stored_len));
+        }
+        self.tier.fetch(manifest, file, index, chunk, buf)
+    }
+}
+
 impl Tier for S3Tier {
     fn kind(&self) -> TierKind {
         TIER
@@ -97,17 +119,41 @@ impl Tier for S3Tier {
         image_dir: &Path,
         digest: &crate::ImageDigest,
     ) -> Result<StoreReport, TierError> {
-        self.store_known(name, image_dir, Some(digest))
+        self.store_known(name, image_dir, Some(digest), None)
+            .map(|(r, _)| r)
+    }
+
+    fn store_paced(
+        &self,
+        name: &CheckpointName,
+        image_dir: &Path,
+        digest: Option<&crate::ImageDigest>,
+        pacing: &crate::Pacing,
+    ) -> Result<StoreReport, TierError> {
+        self.store_known(name, image_dir, digest, pacing.upload.clone())
             .map(|(r, _)| r)
     }
 
     fn load(&self, name: &CheckpointName, dest: &Path) -> Result<LoadReport, TierError> {
+        self.load_paced(name, dest, &crate::Pacing::default())
+    }
+
+    fn load_paced(
+        &self,
+        name: &CheckpointName,
+        dest: &Path,
+        pacing: &crate::Pacing,
+    ) -> Result<LoadReport, TierError> {
         let manifest = self.manifest(name)?;
+        let fetch = PacedFetch {
+            tier: self,
+            rate: pacing.download.as_deref(),
+        };
         restore_image_set(
             TIER,
             &manifest,
             dest,
-            self,
+            &fetch,
             &self.pool,
             self.config.fetch_concurrency,
         )

@@ -9,7 +9,7 @@ impl S3Tier {
         name: &CheckpointName,
         image_dir: &Path,
     ) -> Result<(StoreReport, DrainStats), TierError> {
-        self.store_known(name, image_dir, None)
+        self.store_known(name, image_dir, None, None)
     }
 
     /// [`S3Tier::store_with_stats`] with the checkpoint's chunk hashes, when known.
@@ -18,6 +18,7 @@ impl S3Tier {
         name: &CheckpointName,
         image_dir: &Path,
         known: Option<&crate::ImageDigest>,
+        upload_rate: Option<std::sync::Arc<crate::ByteRate>>,
     ) -> Result<(StoreReport, DrainStats), TierError> {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(held) = self.begin_store(name)? {
@@ -38,6 +39,7 @@ impl S3Tier {
             format!("{}{pack_rel}", self.prefix),
             pack_id,
             part_pool,
+            upload_rate,
         );
         let drained = drain_image_set(
             TIER,

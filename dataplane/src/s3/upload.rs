@@ -6,6 +6,8 @@
 //! flat. Each part is retried with backoff; if one fails for good the upload is aborted, so no
 //! orphaned parts remain (or, if the server is gone, the abort is retried on the next store).
 
+use std::sync::Arc;
+
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use tokio::task::JoinHandle;
@@ -16,7 +18,7 @@ use crate::buffer::{BufferPool, PooledBuf};
 use crate::chunk::{ChunkEncoding, ChunkHash};
 use crate::manifest::ChunkLocation;
 use crate::pipeline::{ChunkWriter, StoredChunk};
-use crate::{TierError, TierKind};
+use crate::{ByteRate, TierError, TierKind};
 
 /// Writer of the pack object of one store.
 pub(crate) struct PackUpload<'a> {
@@ -31,10 +33,18 @@ pub(crate) struct PackUpload<'a> {
     offset: u64,
     tasks: Vec<JoinHandle<Result<CompletedPart, TierError>>>,
     parts: Vec<CompletedPart>,
+    /// The upload limit, when one applies to this store.
+    rate: Option<Arc<ByteRate>>,
 }
 
 impl<'a> PackUpload<'a> {
-    pub fn new(tier: &'a S3Tier, key: String, pack_id: u32, part_pool: BufferPool) -> Self {
+    pub fn new(
+        tier: &'a S3Tier,
+        key: String,
+        pack_id: u32,
+        part_pool: BufferPool,
+        rate: Option<Arc<ByteRate>>,
+    ) -> Self {
         Self {
             tier,
             key,
@@ -46,6 +56,7 @@ impl<'a> PackUpload<'a> {
             offset: 0,
             tasks: Vec::new(),
             parts: Vec::new(),
+            rate,
         }
     }
 
@@ -102,8 +113,12 @@ impl<'a> PackUpload<'a> {
         let bytes = buf.into_bytes();
         let t = self.tier;
         let (client, config, key) = (t.client.clone(), t.config.clone(), self.key.clone());
+        let rate = self.rate.clone();
         self.tasks.push(t.rt.spawn(async move {
             let len = i64::try_from(bytes.len()).expect("part fits i64");
+            if let Some(rate) = rate {
+                rate.pace(u64::try_from(len).expect("non-negative")).await;
+            }
             let out = retrying(&config, "upload part", || {
                 client
                     .upload_part()
