@@ -192,12 +192,7 @@ async fn serve(
         reload::watch(source, text, node.clone(), metrics.clone()).map_err(DaemonError::Watch)?;
     }
     if let Some(node_name) = node_name {
-        crate::node_worker::spawn(
-            node_name,
-            node.clone(),
-            gpus,
-            config.policy.restore_prefetch_tier(),
-        );
+        crate::node_worker::spawn(node_name, node.clone(), gpus);
     }
 
     let metrics_listener = tokio::net::TcpListener::bind(config.metrics_addr)

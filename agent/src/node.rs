@@ -19,7 +19,7 @@ use crate::pins::Pins;
 use crate::tiers::{self, Remove, UsedBytes};
 
 mod record;
-pub use record::{GpuOf, SubscribeEvents};
+pub use record::{GpuOf, RestorePrefetchTier, SubscribeEvents};
 mod container_checkpoint;
 mod container_restore;
 mod containerd_checkpoint;

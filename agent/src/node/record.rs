@@ -1,8 +1,9 @@
-//! Reading one catalog record's GPU fingerprint, for the node worker's status.
+//! What the node worker asks the node agent: a catalog record's GPU fingerprint, the live
+//! restore prefetch tier, and the phase events.
 
 use actix::prelude::*;
 use kybernate_cuda::GpuFingerprint;
-use kybernate_dataplane::CheckpointName;
+use kybernate_dataplane::{CheckpointName, TierKind};
 
 use super::NodeAgent;
 use crate::error::AgentError;
@@ -21,6 +22,20 @@ impl Handler<GpuOf> for NodeAgent {
             .get(&name)
             .map(|r| r.gpu.clone())
             .ok_or_else(|| AgentError::NotFound(name.to_string()))
+    }
+}
+
+/// The tier announced restores are prefetched into, from the config running now (it is
+/// reloaded live).
+#[derive(Debug, Message)]
+#[rtype(result = "TierKind")]
+pub struct RestorePrefetchTier;
+
+impl Handler<RestorePrefetchTier> for NodeAgent {
+    type Result = MessageResult<RestorePrefetchTier>;
+
+    fn handle(&mut self, _: RestorePrefetchTier, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.parts.config.policy.restore_prefetch_tier())
     }
 }
 

@@ -22,7 +22,6 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 use kybernate_controller::crd::{GpuCheckpoint, GpuRestore, NODE_LABEL};
 use kybernate_cuda::GpuFingerprint;
-use kybernate_dataplane::TierKind;
 
 use crate::node::NodeAgent;
 
@@ -57,7 +56,6 @@ pub struct NodeWorker {
     agent: Addr<NodeAgent>,
     processes: Arc<dyn ProcessResolver>,
     gpus: Option<GpuFingerprint>,
-    staging_tier: TierKind,
 }
 
 impl std::fmt::Debug for NodeWorker {
@@ -66,14 +64,13 @@ impl std::fmt::Debug for NodeWorker {
             .field("node_name", &self.node_name)
             .field("processes", &self.processes)
             .field("gpus", &self.gpus)
-            .field("staging_tier", &self.staging_tier)
             .finish()
     }
 }
 
 impl NodeWorker {
-    /// A worker for `node_name` talking to the API through `client`; it stages restores
-    /// into RAM unless told otherwise ([`NodeWorker::with_staging_tier`]).
+    /// A worker for `node_name` talking to the API through `client`; it stages restores into
+    /// the agent's `policy.restore_prefetch_tier` as configured at the time.
     pub fn new(
         client: Client,
         node_name: String,
@@ -87,15 +84,7 @@ impl NodeWorker {
             agent,
             processes,
             gpus,
-            staging_tier: TierKind::Ram,
         }
-    }
-
-    /// The tier a restore's checkpoint is prefetched into before its pod starts (`ram` or
-    /// `nvme`; the prefetch refuses `s3`).
-    pub fn with_staging_tier(mut self, tier: TierKind) -> Self {
-        self.staging_tier = tier;
-        self
     }
 
     /// Labels the node, then executes checkpoints and stages restores until the watches
@@ -174,18 +163,12 @@ impl NodeWorker {
 
 /// Starts the worker for `node_name` on the current actix system, with the cluster
 /// credentials kube finds (in-cluster service account, else KUBECONFIG).
-pub fn spawn(
-    node_name: String,
-    agent: Addr<NodeAgent>,
-    gpus: Option<GpuFingerprint>,
-    staging_tier: TierKind,
-) {
+pub fn spawn(node_name: String, agent: Addr<NodeAgent>, gpus: Option<GpuFingerprint>) {
     actix_rt::spawn(async move {
         match Client::try_default().await {
             Ok(client) => {
                 let processes = Arc::new(CgroupResolver::default());
                 NodeWorker::new(client, node_name, agent, processes, gpus)
-                    .with_staging_tier(staging_tier)
                     .run()
                     .await
             }

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use super::execute::{artifact_name, now};
 use super::{NodeWorker, WorkerError};
 use crate::error::AgentError;
-use crate::node::Prefetch;
+use crate::node::{Prefetch, RestorePrefetchTier};
 
 /// How long to wait between tries while the checkpoint is busy (still being written or
 /// drained), and how many tries before reporting it.
@@ -48,7 +48,7 @@ impl NodeWorker {
             .artifact_ref
             .clone()
             .unwrap_or_else(|| artifact_name(&ns, &restore.spec.checkpoint_name));
-        let tier = self.staging_tier.as_str();
+        let tier = self.agent.send(RestorePrefetchTier).await?.as_str();
         tracing::info!(object = %restore.name_any(), %artifact, tier, "staging a restore");
         let request = pb::PrefetchRequest {
             checkpoint_ref: artifact.clone(),
