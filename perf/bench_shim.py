@@ -7,7 +7,7 @@ libraries into the busybox test image) and runs a heartbeat loop. Each run:
 - kybernate, its own flow: `kybernatectl checkpoint --container --leave-running` (agent ->
   containerd task API -> kybernate shim -> agent), kill, restore from the agent's RAM tier
   through the `kybernate.io/restore-from` annotation;
-- kybernate, stock's flow: `ctr c checkpoint --task` through the kybernate runtime.
+- kybernate, stock's flow: the same `ctr` commands through the kybernate runtime.
 The restored workload must continue (same epoch, counter past the dump) or the run fails.
 
 Freeze time is the longest gap of the in-container heartbeat (a counter bumped every 10 ms,
@@ -167,27 +167,34 @@ def task_pid(node, cid):
 
 def heartbeat(pid):
     try:
-        return open(f"/proc/{pid}/root/tmp/hb").read().strip()
+        return open(f"/proc/{pid}/root/dev/shm/hb").read().strip()
     except OSError:
         return None
 
 
 def workload_mounts(ctl):
+    # Bind sources must be real directories: on a merged-/usr host /lib and /lib64 are
+    # symlinks, and CRIU's mount-v2 restore cannot move_mount an external bind mount whose
+    # source is a symlink ("Failed to move_mount from /lib ...: Invalid argument"), which
+    # runc reports as "criu failed: type NOTIFY errno 0".
     mounts = []
     for d in ("/lib", "/lib64", "/usr/lib"):
         if os.path.exists(d):
-            mounts += ["--mount", f"type=bind,src={d},dst={d},options=rbind:ro"]
+            mounts += ["--mount", f"type=bind,src={os.path.realpath(d)},dst={d},options=rbind:ro"]
     return mounts + ["--mount", f"type=bind,src={ctl},dst=/kybernatectl,options=rbind:ro"]
 
 
 def run_workload(node, runtime, cid, ctl, mib, extra=()):
     mounts = workload_mounts(ctl)
-    script = (f"/kybernatectl workload --mib {mib} --status /tmp/status & "
-              "i=0; while :; do i=$((i+1)); echo $i > /tmp/hb; sleep 0.01; done")
+    # Status and heartbeat live in the container's /dev/shm, a tmpfs CRIU dumps with the
+    # process: neither checkpoint carries the writable layer (ctr without --rw, Kybernate
+    # never), and the workload holds its status file open, which CRIU must reopen.
+    script = (f"/kybernatectl workload --mib {mib} --status /dev/shm/status & "
+              "i=0; while :; do i=$((i+1)); echo $i > /dev/shm/hb; sleep 0.01; done")
     node.ctr("run", "-d", "--runtime", runtime, *mounts, *extra, IMAGE, cid, "sh", "-c", script)
     pid = wait_until(lambda: task_pid(node, cid), f"{cid} running")
-    wait_until(lambda: (s := open(f"/proc/{pid}/root/tmp/status").read() if os.path.exists(
-        f"/proc/{pid}/root/tmp/status") else "") and "counter=" in s and int(
+    wait_until(lambda: (s := open(f"/proc/{pid}/root/dev/shm/status").read() if os.path.exists(
+        f"/proc/{pid}/root/dev/shm/status") else "") and "counter=" in s and int(
         s.split("counter=")[1].split()[0]) >= 3, f"{cid} workload filled", timeout=300)
     return pid
 
@@ -206,7 +213,7 @@ def longest_gap(pid, done):
 
 
 def status_of(pid):
-    return benchkit.read_status(f"/proc/{pid}/root/tmp/status")
+    return benchkit.read_status(f"/proc/{pid}/root/dev/shm/status")
 
 
 def timed_freeze(pid, action):
