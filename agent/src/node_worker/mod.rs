@@ -10,11 +10,8 @@
 
 mod execute;
 mod node_labels;
-mod processes;
 mod progress;
 mod stage;
-
-use std::sync::Arc;
 
 use actix::Addr;
 use futures::StreamExt;
@@ -27,7 +24,6 @@ use kybernate_dataplane::TierKind;
 use crate::node::NodeAgent;
 
 pub use node_labels::node_labels;
-pub use processes::{CgroupResolver, ProcessResolver};
 pub use progress::DRAINING_CONDITION;
 
 /// The node worker could not do its job.
@@ -55,7 +51,6 @@ pub struct NodeWorker {
     client: Client,
     node_name: String,
     agent: Addr<NodeAgent>,
-    processes: Arc<dyn ProcessResolver>,
     gpus: Option<GpuFingerprint>,
     staging_tier: TierKind,
 }
@@ -64,7 +59,6 @@ impl std::fmt::Debug for NodeWorker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NodeWorker")
             .field("node_name", &self.node_name)
-            .field("processes", &self.processes)
             .field("gpus", &self.gpus)
             .field("staging_tier", &self.staging_tier)
             .finish()
@@ -78,14 +72,12 @@ impl NodeWorker {
         client: Client,
         node_name: String,
         agent: Addr<NodeAgent>,
-        processes: Arc<dyn ProcessResolver>,
         gpus: Option<GpuFingerprint>,
     ) -> Self {
         Self {
             client,
             node_name,
             agent,
-            processes,
             gpus,
             staging_tier: TierKind::Ram,
         }
@@ -183,8 +175,7 @@ pub fn spawn(
     actix_rt::spawn(async move {
         match Client::try_default().await {
             Ok(client) => {
-                let processes = Arc::new(CgroupResolver::default());
-                NodeWorker::new(client, node_name, agent, processes, gpus)
+                NodeWorker::new(client, node_name, agent, gpus)
                     .with_staging_tier(staging_tier)
                     .run()
                     .await
