@@ -103,18 +103,26 @@ class Node:
         open(os.path.join(self.work, "agent.toml"), "w").write(
             f'socket = "{self.agent_socket}"\ncontainerd_socket = "{self.socket}"\nstate_dir = "{self.work}/agent-state"\nmetrics_addr = "127.0.0.1:0"\n'
             f'[tiers]\nram_path = "{self.ram}"\nnvme_path = "{self.work}/nvme"\n')
-        env = dict(os.environ, PATH=self.path, KYBERNATE_SHIM_CONFIG=os.path.join(self.work, "shim.toml"))
-        self.agent = subprocess.Popen([bins["kybernate-agent"], "--config", os.path.join(self.work, "agent.toml")],
-                                      env=env, stdout=subprocess.DEVNULL,
-                                      stderr=open(os.path.join(self.work, "agent.log"), "w"))
-        wait_until(lambda: os.path.exists(self.agent_socket), "agent socket")
-        self.daemon = subprocess.Popen([os.path.join(self.bin_dir, "containerd"), "--config", config], env=env,
-                                       stdout=subprocess.DEVNULL,
-                                       stderr=open(os.path.join(self.work, "containerd.log"), "w"))
-        wait_until(lambda: self.ctr("version", check=False).returncode == 0, "containerd", step=0.2)
-        tar = os.path.join(self.work, "busybox.tar")
-        subprocess.run(["bash", os.path.join(ROOT, "scripts/make-busybox-oci.sh"), tar, IMAGE], check=True)
-        self.ctr("images", "import", tar)
+        # containerd leaves each task checkpoint's work dir (1 GiB here) under XDG_RUNTIME_DIR,
+        # else /tmp: keep them in the work dir, which close() removes.
+        env = dict(os.environ, PATH=self.path, KYBERNATE_SHIM_CONFIG=os.path.join(self.work, "shim.toml"),
+                   XDG_RUNTIME_DIR=self.work)
+        self.agent = self.daemon = None
+        try:
+            self.agent = subprocess.Popen([bins["kybernate-agent"], "--config", os.path.join(self.work, "agent.toml")],
+                                          env=env, stdout=subprocess.DEVNULL,
+                                          stderr=open(os.path.join(self.work, "agent.log"), "w"))
+            wait_until(lambda: os.path.exists(self.agent_socket), "agent socket")
+            self.daemon = subprocess.Popen([os.path.join(self.bin_dir, "containerd"), "--config", config], env=env,
+                                           stdout=subprocess.DEVNULL,
+                                           stderr=open(os.path.join(self.work, "containerd.log"), "w"))
+            wait_until(lambda: self.ctr("version", check=False).returncode == 0, "containerd", step=0.2)
+            tar = os.path.join(self.work, "busybox.tar")
+            subprocess.run(["bash", os.path.join(ROOT, "scripts/make-busybox-oci.sh"), tar, IMAGE], check=True)
+            self.ctr("images", "import", tar)
+        except BaseException:
+            self.close()
+            raise
 
     def ctr(self, *args, check=True):
         out = subprocess.run([os.path.join(self.bin_dir, "ctr"), "--address", self.socket, "--namespace", self.ns,
@@ -132,10 +140,13 @@ class Node:
 
     def close(self):
         try:
-            self.remove_all()
+            if self.daemon is not None:
+                self.remove_all()
         except subprocess.TimeoutExpired as e:
             print(f"cleanup: {e}; killing the daemon", flush=True)
         for proc in (self.daemon, self.agent):
+            if proc is None:
+                continue
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=20)
@@ -153,7 +164,12 @@ class Node:
     def release(self):
         subprocess.run(["pkill", "-KILL", "-f", self.socket], check=False)
         shutil.rmtree(self.ram, ignore_errors=True)
-        subprocess.run(["umount", "-R", "-l", self.work], stderr=subprocess.DEVNULL, check=False)
+        # Whatever is still mounted below the work dir (a task containerd could not delete
+        # leaves its rootfs mounted), deepest first.
+        points = [line.split()[4] for line in open("/proc/self/mountinfo")
+                  if line.split()[4].startswith(self.work + "/")]
+        for point in sorted(points, key=len, reverse=True):
+            subprocess.run(["umount", "-l", point], stderr=subprocess.DEVNULL, check=False)
         shutil.rmtree(self.work, ignore_errors=True)
 
 

@@ -99,6 +99,9 @@ impl Containerd {
             .arg(dir.join("containerd.toml"))
             .env("PATH", &path_env)
             .env("KYBERNATE_SHIM_CONFIG", dir.join("shim.toml"))
+            // containerd leaves each task checkpoint's work dir under XDG_RUNTIME_DIR (else
+            // /tmp): keep them inside this fixture's dir.
+            .env("XDG_RUNTIME_DIR", &dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
