@@ -7,7 +7,7 @@ libraries into the busybox test image) and runs a heartbeat loop. Each run:
 - kybernate, its own flow: `kybernatectl checkpoint --container --leave-running` (agent ->
   containerd task API -> kybernate shim -> agent), kill, restore from the agent's RAM tier
   through the `kybernate.io/restore-from` annotation;
-- kybernate, stock's flow: `ctr c checkpoint --task` through the kybernate runtime.
+- kybernate, stock's flow: the same `ctr` commands through the kybernate runtime.
 The restored workload must continue (same epoch, counter past the dump) or the run fails.
 
 Freeze time is the longest gap of the in-container heartbeat (a counter bumped every 10 ms,
@@ -103,18 +103,26 @@ class Node:
         open(os.path.join(self.work, "agent.toml"), "w").write(
             f'socket = "{self.agent_socket}"\ncontainerd_socket = "{self.socket}"\nstate_dir = "{self.work}/agent-state"\nmetrics_addr = "127.0.0.1:0"\n'
             f'[tiers]\nram_path = "{self.ram}"\nnvme_path = "{self.work}/nvme"\n')
-        env = dict(os.environ, PATH=self.path, KYBERNATE_SHIM_CONFIG=os.path.join(self.work, "shim.toml"))
-        self.agent = subprocess.Popen([bins["kybernate-agent"], "--config", os.path.join(self.work, "agent.toml")],
-                                      env=env, stdout=subprocess.DEVNULL,
-                                      stderr=open(os.path.join(self.work, "agent.log"), "w"))
-        wait_until(lambda: os.path.exists(self.agent_socket), "agent socket")
-        self.daemon = subprocess.Popen([os.path.join(self.bin_dir, "containerd"), "--config", config], env=env,
-                                       stdout=subprocess.DEVNULL,
-                                       stderr=open(os.path.join(self.work, "containerd.log"), "w"))
-        wait_until(lambda: self.ctr("version", check=False).returncode == 0, "containerd", step=0.2)
-        tar = os.path.join(self.work, "busybox.tar")
-        subprocess.run(["bash", os.path.join(ROOT, "scripts/make-busybox-oci.sh"), tar, IMAGE], check=True)
-        self.ctr("images", "import", tar)
+        # containerd leaves each task checkpoint's work dir (1 GiB here) under XDG_RUNTIME_DIR,
+        # else /tmp: keep them in the work dir, which close() removes.
+        env = dict(os.environ, PATH=self.path, KYBERNATE_SHIM_CONFIG=os.path.join(self.work, "shim.toml"),
+                   XDG_RUNTIME_DIR=self.work)
+        self.agent = self.daemon = None
+        try:
+            self.agent = subprocess.Popen([bins["kybernate-agent"], "--config", os.path.join(self.work, "agent.toml")],
+                                          env=env, stdout=subprocess.DEVNULL,
+                                          stderr=open(os.path.join(self.work, "agent.log"), "w"))
+            wait_until(lambda: os.path.exists(self.agent_socket), "agent socket")
+            self.daemon = subprocess.Popen([os.path.join(self.bin_dir, "containerd"), "--config", config], env=env,
+                                           stdout=subprocess.DEVNULL,
+                                           stderr=open(os.path.join(self.work, "containerd.log"), "w"))
+            wait_until(lambda: self.ctr("version", check=False).returncode == 0, "containerd", step=0.2)
+            tar = os.path.join(self.work, "busybox.tar")
+            subprocess.run(["bash", os.path.join(ROOT, "scripts/make-busybox-oci.sh"), tar, IMAGE], check=True)
+            self.ctr("images", "import", tar)
+        except BaseException:
+            self.close()
+            raise
 
     def ctr(self, *args, check=True):
         out = subprocess.run([os.path.join(self.bin_dir, "ctr"), "--address", self.socket, "--namespace", self.ns,
@@ -132,10 +140,13 @@ class Node:
 
     def close(self):
         try:
-            self.remove_all()
+            if self.daemon is not None:
+                self.remove_all()
         except subprocess.TimeoutExpired as e:
             print(f"cleanup: {e}; killing the daemon", flush=True)
         for proc in (self.daemon, self.agent):
+            if proc is None:
+                continue
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=20)
@@ -153,7 +164,12 @@ class Node:
     def release(self):
         subprocess.run(["pkill", "-KILL", "-f", self.socket], check=False)
         shutil.rmtree(self.ram, ignore_errors=True)
-        subprocess.run(["umount", "-R", "-l", self.work], stderr=subprocess.DEVNULL, check=False)
+        # Whatever is still mounted below the work dir (a task containerd could not delete
+        # leaves its rootfs mounted), deepest first.
+        points = [line.split()[4] for line in open("/proc/self/mountinfo")
+                  if line.split()[4].startswith(self.work + "/")]
+        for point in sorted(points, key=len, reverse=True):
+            subprocess.run(["umount", "-l", point], stderr=subprocess.DEVNULL, check=False)
         shutil.rmtree(self.work, ignore_errors=True)
 
 
@@ -167,27 +183,34 @@ def task_pid(node, cid):
 
 def heartbeat(pid):
     try:
-        return open(f"/proc/{pid}/root/tmp/hb").read().strip()
+        return open(f"/proc/{pid}/root/dev/shm/hb").read().strip()
     except OSError:
         return None
 
 
 def workload_mounts(ctl):
+    # Bind sources must be real directories: on a merged-/usr host /lib and /lib64 are
+    # symlinks, and CRIU's mount-v2 restore cannot move_mount an external bind mount whose
+    # source is a symlink ("Failed to move_mount from /lib ...: Invalid argument"), which
+    # runc reports as "criu failed: type NOTIFY errno 0".
     mounts = []
     for d in ("/lib", "/lib64", "/usr/lib"):
         if os.path.exists(d):
-            mounts += ["--mount", f"type=bind,src={d},dst={d},options=rbind:ro"]
+            mounts += ["--mount", f"type=bind,src={os.path.realpath(d)},dst={d},options=rbind:ro"]
     return mounts + ["--mount", f"type=bind,src={ctl},dst=/kybernatectl,options=rbind:ro"]
 
 
 def run_workload(node, runtime, cid, ctl, mib, extra=()):
     mounts = workload_mounts(ctl)
-    script = (f"/kybernatectl workload --mib {mib} --status /tmp/status & "
-              "i=0; while :; do i=$((i+1)); echo $i > /tmp/hb; sleep 0.01; done")
+    # Status and heartbeat live in the container's /dev/shm, a tmpfs CRIU dumps with the
+    # process: neither checkpoint carries the writable layer (ctr without --rw, Kybernate
+    # never), and the workload holds its status file open, which CRIU must reopen.
+    script = (f"/kybernatectl workload --mib {mib} --status /dev/shm/status & "
+              "i=0; while :; do i=$((i+1)); echo $i > /dev/shm/hb; sleep 0.01; done")
     node.ctr("run", "-d", "--runtime", runtime, *mounts, *extra, IMAGE, cid, "sh", "-c", script)
     pid = wait_until(lambda: task_pid(node, cid), f"{cid} running")
-    wait_until(lambda: (s := open(f"/proc/{pid}/root/tmp/status").read() if os.path.exists(
-        f"/proc/{pid}/root/tmp/status") else "") and "counter=" in s and int(
+    wait_until(lambda: (s := open(f"/proc/{pid}/root/dev/shm/status").read() if os.path.exists(
+        f"/proc/{pid}/root/dev/shm/status") else "") and "counter=" in s and int(
         s.split("counter=")[1].split()[0]) >= 3, f"{cid} workload filled", timeout=300)
     return pid
 
@@ -206,7 +229,7 @@ def longest_gap(pid, done):
 
 
 def status_of(pid):
-    return benchkit.read_status(f"/proc/{pid}/root/tmp/status")
+    return benchkit.read_status(f"/proc/{pid}/root/dev/shm/status")
 
 
 def timed_freeze(pid, action):

@@ -120,6 +120,10 @@ async fn serve(
 
     let cuda = kybernate_cuda::CudaSession::load()?;
     let gpus = cuda.fingerprint();
+    let gpu_uuids: Vec<String> = gpus
+        .iter()
+        .flat_map(|g| g.devices.iter().map(|d| d.uuid.to_string()))
+        .collect();
     match cuda.fingerprint() {
         Some(gpus) => tracing::info!(
             driver = gpus.driver_version,
@@ -211,9 +215,10 @@ async fn serve(
     let listener = bind_socket(&config.socket)?;
     tracing::info!(socket = %config.socket.display(), metrics = %metrics_addr, "agent serving");
     let allowed = Arc::new(config.allowed_uids.clone());
-    let service = AgentServer::with_interceptor(AgentService::new(node, events), move |req| {
-        authorise(&allowed, &req).map(|()| req)
-    });
+    let service = AgentServer::with_interceptor(
+        AgentService::new(node, events).with_gpu_uuids(gpu_uuids),
+        move |req| authorise(&allowed, &req).map(|()| req),
+    );
     let served = tonic::transport::Server::builder()
         .add_service(service)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())

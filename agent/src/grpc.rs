@@ -21,12 +21,25 @@ use crate::node::{self, NodeAgent};
 pub struct AgentService {
     node: Addr<NodeAgent>,
     events: EventBus,
+    gpu_uuids: Arc<Vec<String>>,
 }
 
 impl AgentService {
     /// A service in front of `node`.
     pub fn new(node: Addr<NodeAgent>, events: EventBus) -> Self {
-        Self { node, events }
+        Self {
+            node,
+            events,
+            gpu_uuids: Arc::new(Vec::new()),
+        }
+    }
+
+    /// The UUIDs of the GPUs the CUDA driver enumerates, reported to the shim with the
+    /// device nodes: device plugins name a container's GPUs by UUID in
+    /// `NVIDIA_VISIBLE_DEVICES`.
+    pub fn with_gpu_uuids(mut self, uuids: Vec<String>) -> Self {
+        self.gpu_uuids = Arc::new(uuids);
+        self
     }
 }
 
@@ -129,9 +142,9 @@ impl Agent for AgentService {
         &self,
         _: Request<pb::NodeDevicesRequest>,
     ) -> Result<Response<pb::NodeDevicesReply>, Status> {
-        Ok(Response::new(crate::node_devices::probe(
-            std::path::Path::new("/dev"),
-        )))
+        let mut reply = crate::node_devices::probe(std::path::Path::new("/dev"));
+        reply.gpu_uuids = self.gpu_uuids.as_ref().clone();
+        Ok(Response::new(reply))
     }
 
     async fn container_checkpoint_begin(

@@ -1,11 +1,15 @@
 //! The agent as a Kubernetes node worker, end to end: a scripted API server on loopback
 //! hands the real agent binary (`--node-name n1`, KUBECONFIG pointing at the mock) a
-//! GpuCheckpoint for a real process in its own cgroup; the agent checkpoints it with CRIU and
-//! PATCHes the status. A stale re-delivery is refused by resourceVersion and never runs
+//! GpuCheckpoint for a container running in a private containerd (namespace `k8s.io`) under
+//! the kybernate shim; the agent checkpoints it through containerd's task API and the shim
+//! (as `kybernatectl checkpoint --container` does) and PATCHes the status. A stale re-delivery is refused by resourceVersion and never runs
 //! twice; deleting the object deletes the stored checkpoint. A GpuRestore for a real
 //! checkpoint is staged into RAM by a real prefetch, and one for an unknown checkpoint fails
-//! naming it. Needs root and CRIU 4.x.
+//! naming it. Needs root, CRIU 4.x, containerd 1.6 and the shim built
+//! (`cargo build -p containerd-shim-kybernate-v1`).
 
+#[path = "support/containerd.rs"]
+mod containerd;
 mod support;
 
 use std::os::unix::process::CommandExt;
@@ -16,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Method, StatusCode, Uri};
+use containerd::Containerd;
+use kybernate_agent::workload::Status;
 use serde_json::{json, Value};
 use support::{Workload, CTL};
 use tokio::sync::mpsc;
@@ -220,38 +226,6 @@ fn start_api(state: Shared) -> u16 {
     rx.recv().unwrap()
 }
 
-/// The workload in its own cgroup (v2 hierarchy), named like a container, so the agent's
-/// resolver finds it the way it finds containers.
-struct ContainerCgroup(PathBuf);
-
-impl ContainerCgroup {
-    fn enter(id: &str, pid: i32) -> Self {
-        let root = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
-            .into_iter()
-            .map(PathBuf::from)
-            .find(|p| p.join("cgroup.procs").exists())
-            .expect("no cgroup v2 hierarchy at /sys/fs/cgroup/unified or /sys/fs/cgroup");
-        let dir = root.join(format!("cri-containerd-{id}.scope"));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("cgroup.procs"), pid.to_string()).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for ContainerCgroup {
-    fn drop(&mut self) {
-        // Move what is left back to the root so the directory can go.
-        let root = self.0.parent().unwrap().join("cgroup.procs");
-        for pid in std::fs::read_to_string(self.0.join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-        {
-            let _ = std::fs::write(&root, pid);
-        }
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 struct AgentProcess(Child);
 
 impl Drop for AgentProcess {
@@ -268,7 +242,11 @@ impl Drop for AgentProcess {
 }
 
 /// The real agent binary for node n1, pointed at a scripted API server over `state`.
-fn start_agent(dir: &std::path::Path, state: Shared) -> (AgentProcess, PathBuf, PathBuf) {
+fn start_agent(
+    dir: &std::path::Path,
+    state: Shared,
+    containerd_socket: Option<&std::path::Path>,
+) -> (AgentProcess, PathBuf, PathBuf) {
     let port = start_api(state.clone());
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(&kubeconfig, format!(
@@ -290,7 +268,17 @@ fn start_agent(dir: &std::path::Path, state: Shared) -> (AgentProcess, PathBuf, 
         .arg(&socket)
         .arg("--metrics-addr")
         .arg(format!("127.0.0.1:{metrics_port}"))
-        .args(["--node-name", "n1"])
+        .args(["--node-name", "n1"]);
+    if let Some(containerd) = containerd_socket {
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!("containerd_socket = \"{}\"\n", containerd.display()),
+        )
+        .unwrap();
+        command.arg("--config").arg(config);
+    }
+    command
         .env("KUBECONFIG", &kubeconfig)
         .env_remove("KUBERNETES_SERVICE_HOST")
         .stdin(Stdio::null())
@@ -326,6 +314,24 @@ fn wait_until(what: &str, state: &Shared, log: &std::path::Path, done: impl Fn(&
     }
 }
 
+/// Waits until the workload's status file satisfies `ready`.
+fn wait_status(path: &std::path::Path, ready: impl Fn(&Status) -> bool) -> Status {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(status) = Status::read(path) {
+            if ready(&status) {
+                return status;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the workload made no progress: {:?}",
+            Status::read(path)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn status_patches(s: &ApiState, phase: &str) -> Vec<Value> {
     s.patches
         .iter()
@@ -337,15 +343,20 @@ fn status_patches(s: &ApiState, phase: &str) -> Vec<Value> {
 }
 
 #[test]
-fn agent_executes_a_gpucheckpoint_for_a_real_process_once() {
+fn agent_executes_a_gpucheckpoint_for_a_real_container_once() {
     support::require_root_and_criu();
     let dir = tempfile::Builder::new()
         .prefix("kybernate-worker-")
         .tempdir_in("/dev/shm")
         .unwrap();
-    let workload = Workload::start(dir.path(), 64, &[]);
+    // The pod's container: the workload under the kybernate runtime in containerd's k8s.io
+    // namespace, which the worker checkpoints through containerd and the shim.
+    let containerd = Containerd::start(dir.path(), &dir.path().join("agent.sock"));
+    let status = dir.path().join("status").join("workload");
+    std::fs::create_dir_all(status.parent().unwrap()).unwrap();
     let container_id = format!("kybtest{:08x}", rand::random::<u32>());
-    let _cgroup = ContainerCgroup::enter(&container_id, workload.pid);
+    containerd.run_workload(&container_id, std::path::Path::new(CTL), 64, &status);
+    wait_status(&status, |st| st.counter >= 5);
 
     let scheduled = json!({
         "apiVersion": "kybernate.io/v1alpha1", "kind": "GpuCheckpoint",
@@ -361,7 +372,7 @@ fn agent_executes_a_gpucheckpoint_for_a_real_process_once() {
         rv: 5,
         ..ApiState::default()
     }));
-    let (_agent, socket, log) = start_agent(dir.path(), state.clone());
+    let (_agent, socket, log) = start_agent(dir.path(), state.clone(), Some(&containerd.socket));
 
     wait_until("the Completed status", &state, &log, |s| {
         !status_patches(s, "Completed").is_empty()
@@ -428,8 +439,8 @@ fn agent_executes_a_gpucheckpoint_for_a_real_process_once() {
     assert_eq!(done["gpu"]["count"], 0);
     assert!(s.unexpected.is_empty(), "{:?}", s.unexpected);
     drop(s);
-    let before = workload.read().unwrap().counter;
-    workload.wait_for(|st| st.counter > before + 3);
+    let before = Status::read(&status).unwrap().counter;
+    wait_status(&status, |st| st.counter > before + 3);
 
     // A stale re-delivery of the Scheduled object: the claim conflicts, nothing runs again.
     state.lock().unwrap().broadcast("MODIFIED", &scheduled);
@@ -515,7 +526,7 @@ fn agent_stages_a_gpurestore_from_a_real_checkpoint_and_names_an_unknown_one() {
         .tempdir_in("/dev/shm")
         .unwrap();
     let state: Shared = Arc::new(Mutex::new(ApiState::default()));
-    let (_agent, socket, log) = start_agent(dir.path(), state.clone());
+    let (_agent, socket, log) = start_agent(dir.path(), state.clone(), None);
     let ctl = |args: &[&str]| -> Value {
         let out = Command::new(CTL)
             .arg("--socket")

@@ -19,8 +19,8 @@ pub const POD_ANNOTATIONS: &[&str] = &["kybernate.io/*"];
 /// so that a kybernate container runs like a runc one (cgroup driver above all).
 /// Only options set to something other than their zero value are copied: an empty options
 /// table lets CRI pass no options at all, which every shim accepts. (CRI hands a runtime type
-/// other than runc's a `runtimeoptions.v1.Options`, not runc's options; the copies document
-/// the node's settings in the config and reach the shim only through its own reading.)
+/// other than runc's a `runtimeoptions.v1.Options`, not runc's options; containerd 2.x puts
+/// the table into its `ConfigBody`, where the shim reads `SystemdCgroup` and `BinaryName`.)
 pub const COPIED_OPTIONS: &[&str] = &[
     "SystemdCgroup",
     "BinaryName",

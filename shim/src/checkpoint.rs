@@ -19,7 +19,7 @@ use crate::config::millis;
 use crate::error::{Result, ShimError};
 use crate::gpu::{GpuPlacement, NodeGpus};
 use crate::process::{Container, ProcessStatus, RestoreSource};
-use crate::runc_cli::read_pid;
+use crate::runc_cli::{read_pid, RuncCli};
 use crate::service::{read_spec, TaskService};
 use crate::stdio::{PreparedIo, ProcessIo};
 
@@ -146,7 +146,7 @@ impl TaskService {
             .map_err(|e| phase_error(id, "checkpoint", e))?;
         self.check_gpus(&agent, id, "checkpoint", &placement)
             .await?;
-        let pids = self.container_pids(id, &container.runc_log()).await?;
+        let pids = Self::container_pids(&container.runc, id, &container.runc_log()).await?;
 
         let begin = agent
             .checkpoint_begin(
@@ -228,7 +228,7 @@ impl TaskService {
         let deadline = millis(self.config.timeouts.dump_ms);
         let log = container.runc_log();
         let was_paused = container.init.status == ProcessStatus::Paused;
-        let run = self
+        let run = container
             .runc
             .run_within(id, &args, Default::default(), Some(&log), Some(deadline))
             .await;
@@ -237,7 +237,7 @@ impl TaskService {
                 let thawed = if was_paused {
                     String::from("; the task stays paused as it was")
                 } else {
-                    self.thaw_after_killed_dump(id, &log).await
+                    Self::thaw_after_killed_dump(&container.runc, id, &log).await
                 };
                 Err(ShimError::Phase {
                     id: id.to_owned(),
@@ -258,9 +258,8 @@ impl TaskService {
 
     /// CRIU freezes the container's cgroup while it dumps; killed mid-dump it leaves the
     /// cgroup frozen, so the container is resumed here (it was running before the dump).
-    async fn thaw_after_killed_dump(&self, id: &str, log: &Path) -> String {
-        let state = self
-            .runc
+    async fn thaw_after_killed_dump(runc: &RuncCli, id: &str, log: &Path) -> String {
+        let state = runc
             .run(
                 id,
                 &["state".into(), id.to_owned()],
@@ -275,8 +274,7 @@ impl TaskService {
         if !paused {
             return "; the container kept running".into();
         }
-        match self
-            .runc
+        match runc
             .run(
                 id,
                 &["resume".into(), id.to_owned()],
@@ -319,9 +317,8 @@ impl TaskService {
     }
 
     /// Host pids of every process in the container (`runc ps`).
-    pub async fn container_pids(&self, id: &str, log: &Path) -> Result<Vec<i32>> {
-        let out = self
-            .runc
+    pub async fn container_pids(runc: &RuncCli, id: &str, log: &Path) -> Result<Vec<i32>> {
+        let out = runc
             .run(
                 id,
                 &["ps".into(), "--format".into(), "json".into(), id.to_owned()],
@@ -426,7 +423,7 @@ impl TaskService {
         let timeouts = &self.config.timeouts;
         let deadline = millis(timeouts.restore_ms);
         let log = container.runc_log();
-        let run = self.runc.run(id, &args, stdio, Some(&log));
+        let run = container.runc.run(id, &args, stdio, Some(&log));
         let restored = match tokio::time::timeout(deadline, run).await {
             Err(_) => Err(format!(
                 "runc restore took longer than {} ms",
@@ -467,7 +464,7 @@ impl TaskService {
         let io = prepared.finish()?;
         let pid = read_pid(id, &pid_file)?;
         if let (Some(agent), Some(reference)) = (&agent, reference) {
-            let pids = self.container_pids(id, &container.runc_log()).await?;
+            let pids = Self::container_pids(&container.runc, id, &container.runc_log()).await?;
             let ended = agent
                 .restore_end(
                     pb::ContainerRestoreEndRequest {
@@ -480,7 +477,7 @@ impl TaskService {
                 .await;
             if let Err(e) = ended {
                 // A task whose GPU state did not come back must not run half-restored.
-                let _ = self
+                let _ = container
                     .runc
                     .run(
                         id,

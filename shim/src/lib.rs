@@ -12,6 +12,7 @@ pub mod lifecycle;
 pub mod process;
 pub mod resources;
 pub mod runc_cli;
+pub mod runtime_options;
 pub mod service;
 pub mod shim;
 pub mod stdio;

@@ -4,16 +4,17 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use containerd_shim::api::{CreateTaskRequest, Options};
+use containerd_shim::api::CreateTaskRequest;
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecStarted, TaskIO, TaskStart,
 };
-use containerd_shim::protos::protobuf::{Message, MessageField};
+use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::topics;
 
 use crate::error::{Result, ShimError};
 use crate::process::{Container, ExitInfo, Process, ProcessStatus, RestoreSource};
-use crate::runc_cli::read_pid;
+use crate::runc_cli::{read_pid, RuncCli};
+use crate::runtime_options::RuncOptions;
 use crate::service::TaskService;
 use crate::stdio::{PreparedIo, StdioPaths};
 
@@ -32,9 +33,13 @@ impl TaskService {
                 message: "already exists in this shim".into(),
             });
         }
-        if let Some(options) = req.options.as_ref() {
-            check_options(&id, options)?;
+        let options = match req.options.as_ref() {
+            Some(any) => RuncOptions::from_any(&id, any)?,
+            None => RuncOptions::default(),
         }
+        .with_spec(&crate::service::read_spec(&id, &bundle)?);
+        let runc = self.runc.for_container(&options);
+        options.save(&id, &bundle)?;
         let rootfs = bundle.join("rootfs");
         let mounted_rootfs = !req.rootfs.is_empty();
         for m in &req.rootfs {
@@ -69,7 +74,7 @@ impl TaskService {
         let mut init = Process::new("", stdio.clone());
         if restore.is_none() {
             let (pid, io) = self
-                .runc_create(&id, &bundle, &stdio)
+                .runc_create(&runc, &id, &bundle, &stdio)
                 .await
                 .inspect_err(|_| undo_mount())?;
             init.pid = pid;
@@ -85,6 +90,7 @@ impl TaskService {
                 init,
                 execs: Default::default(),
                 restore,
+                runc,
             },
         );
         drop(containers);
@@ -111,6 +117,7 @@ impl TaskService {
 
     async fn runc_create(
         &self,
+        runc: &RuncCli,
         id: &str,
         bundle: &Path,
         stdio: &StdioPaths,
@@ -130,7 +137,7 @@ impl TaskService {
         }
         args.push(id.to_owned());
         let log = bundle.join("log.json");
-        if let Err(e) = self.runc.run(id, &args, command_stdio, Some(&log)).await {
+        if let Err(e) = runc.run(id, &args, command_stdio, Some(&log)).await {
             prepared.abandon();
             return Err(e);
         }
@@ -162,7 +169,8 @@ impl TaskService {
             }
             None => {
                 let log = container.runc_log();
-                self.runc
+                container
+                    .runc
                     .run(
                         id,
                         &["start".into(), id.to_owned()],
@@ -185,11 +193,15 @@ impl TaskService {
         };
         self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(event))
             .await;
-        if let Some(cgroup) = crate::service::read_spec(id, &bundle)
+        let cgroup = crate::service::read_spec(id, &bundle)
             .ok()
             .as_ref()
             .and_then(crate::resources::cgroup_dir)
-        {
+            .or_else(|| {
+                let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+                crate::resources::cgroup_of_process(&text)
+            });
+        if let Some(cgroup) = cgroup {
             self.watch_oom(id, cgroup);
         }
         Ok(u32::try_from(pid).unwrap_or_default())
@@ -206,6 +218,7 @@ impl TaskService {
         }
         let bundle = container.bundle.clone();
         let log = container.runc_log();
+        let runc = container.runc.clone();
         let process = container
             .execs
             .get_mut(exec_id)
@@ -237,7 +250,7 @@ impl TaskService {
             args.push(socket.display().to_string());
         }
         args.push(id.to_owned());
-        let ran = self.runc.run(id, &args, command_stdio, Some(&log)).await;
+        let ran = runc.run(id, &args, command_stdio, Some(&log)).await;
         let _ = std::fs::remove_file(&spec_file);
         if let Err(e) = ran {
             prepared.abandon();
@@ -303,7 +316,8 @@ impl TaskService {
         let log = container.runc_log();
         let mut exited = container.init.exited.subscribe();
         if container.restore.is_none() {
-            self.runc
+            container
+                .runc
                 .run(
                     id,
                     &["delete".into(), "--force".into(), id.to_owned()],
@@ -393,36 +407,12 @@ impl TaskService {
         }
         args.push(id.to_owned());
         args.push(signal.to_string());
-        self.runc
+        container
+            .runc
             .run(id, &args, Default::default(), Some(&log))
             .await?;
         Ok(())
     }
-}
-
-/// Refuses runc options this shim cannot honour instead of ignoring them.
-fn check_options(
-    id: &str,
-    options: &containerd_shim::protos::protobuf::well_known_types::any::Any,
-) -> Result<()> {
-    if options.value.is_empty() || !options.type_url.ends_with("containerd.runc.v1.Options") {
-        return Ok(());
-    }
-    let parsed = Options::parse_from_bytes(&options.value).map_err(|e| ShimError::Invalid {
-        id: id.to_owned(),
-        message: format!("runtime options: {e}"),
-    })?;
-    if parsed.systemd_cgroup {
-        return Err(ShimError::Invalid {
-            id: id.to_owned(),
-            message: "runtime option SystemdCgroup = true is refused: the kybernate shim runs \
-                      runc with cgroupfs cgroups (its stats, OOM events and CRIU \
-                      checkpoint/restore address the cgroup by path); set SystemdCgroup = false \
-                      in the kybernate runtime's options (plugins...runtimes.kybernate.options)"
-                .into(),
-        });
-    }
-    Ok(())
 }
 
 /// Lazily unmounts `target`; errors are logged (the path may not be mounted).
@@ -496,32 +486,4 @@ pub fn container_of<'a>(
     id: &str,
 ) -> Result<&'a Container> {
     containers.get(id).ok_or_else(|| TaskService::not_found(id))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use containerd_shim::protos::protobuf::well_known_types::any::Any;
-
-    fn runc_options(options: &Options) -> Any {
-        let mut any = Any::new();
-        any.type_url = "containerd.runc.v1.Options".into();
-        any.value = options.write_to_bytes().unwrap();
-        any
-    }
-
-    #[test]
-    fn systemd_cgroup_is_refused_by_name() {
-        let mut options = Options::new();
-        options.systemd_cgroup = true;
-        let e = check_options("c1", &runc_options(&options))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("SystemdCgroup = true") && e.contains("container c1"),
-            "{e}"
-        );
-        options.systemd_cgroup = false;
-        check_options("c1", &runc_options(&options)).unwrap();
-    }
 }

@@ -115,6 +115,8 @@ pub struct Container {
     pub execs: HashMap<String, Process>,
     /// Set when Start must restore instead of starting fresh.
     pub restore: Option<RestoreSource>,
+    /// runc with this container's global flags (from its runtime options).
+    pub runc: crate::runc_cli::RuncCli,
 }
 
 impl Container {

@@ -56,18 +56,29 @@ pub fn cgroup_dir(spec: &serde_json::Value) -> Option<PathBuf> {
     Some(Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/')))
 }
 
+/// The cgroup v2 directory a `/proc/PID/cgroup` file names (its `0::` line). With the
+/// systemd driver the spec's `slice:prefix:name` is no path, so the shim asks the kernel
+/// where runc put the init process.
+pub fn cgroup_of_process(proc_cgroup: &str) -> Option<PathBuf> {
+    let path = proc_cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))?
+        .trim();
+    if !path.starts_with('/') {
+        return None;
+    }
+    Some(Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/')))
+}
+
 impl TaskService {
     /// Stats: cgroup v2 metrics of the container.
     pub async fn stats_of(&self, id: &str) -> Result<Any> {
-        let log = {
+        let (runc, log) = {
             let containers = self.containers.lock().await;
-            containers
-                .get(id)
-                .ok_or_else(|| Self::not_found(id))?
-                .runc_log()
+            let c = containers.get(id).ok_or_else(|| Self::not_found(id))?;
+            (c.runc.clone(), c.runc_log())
         };
-        let out = self
-            .runc
+        let out = runc
             .run(
                 id,
                 &["events".into(), "--stats".into(), id.to_owned()],
@@ -92,10 +103,10 @@ impl TaskService {
     /// Update: new resource limits through `runc update --resources`.
     pub async fn update_resources(&self, req: &UpdateTaskRequest) -> Result<()> {
         let id = req.id.as_str();
-        let (bundle, log) = {
+        let (runc, bundle, log) = {
             let containers = self.containers.lock().await;
             let c = containers.get(id).ok_or_else(|| Self::not_found(id))?;
-            (c.bundle.clone(), c.runc_log())
+            (c.runc.clone(), c.bundle.clone(), c.runc_log())
         };
         let resources = req.resources.as_ref().ok_or_else(|| ShimError::Invalid {
             id: id.to_owned(),
@@ -110,8 +121,7 @@ impl TaskService {
         let file = bundle.join("update-resources.json");
         std::fs::write(&file, &resources.value)
             .map_err(|e| ShimError::io(id, format!("write {}", file.display()), e))?;
-        let ran = self
-            .runc
+        let ran = runc
             .run(
                 id,
                 &[
@@ -191,5 +201,13 @@ mod tests {
         );
         let systemd = json!({"linux": {"cgroupsPath": "kubepods.slice:cri:abc"}});
         assert!(cgroup_dir(&systemd).is_none());
+        assert_eq!(
+            cgroup_of_process("0::/kubepods.slice/kubepods-pod1.slice/cri-containerd-abc.scope\n")
+                .unwrap(),
+            PathBuf::from(
+                "/sys/fs/cgroup/kubepods.slice/kubepods-pod1.slice/cri-containerd-abc.scope"
+            )
+        );
+        assert!(cgroup_of_process("12:memory:/x\n").is_none());
     }
 }

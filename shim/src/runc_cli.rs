@@ -29,6 +29,9 @@ pub struct RuncCli {
     pub binary: PathBuf,
     /// runc's state root (`--root`).
     pub root: PathBuf,
+    /// `--systemd-cgroup`: the container's cgroup is managed through systemd (runtime
+    /// option `SystemdCgroup = true`), for every command, as containerd's runc shim does.
+    pub systemd_cgroup: bool,
 }
 
 /// What a finished runc command printed.
@@ -45,6 +48,35 @@ pub struct RuncOutput {
 }
 
 impl RuncCli {
+    /// The runc a container created with `options` uses (its binary and cgroup driver).
+    pub fn for_container(&self, options: &crate::runtime_options::RuncOptions) -> Self {
+        Self {
+            binary: options
+                .binary_name
+                .as_ref()
+                .map_or_else(|| self.binary.clone(), PathBuf::from),
+            systemd_cgroup: options.systemd_cgroup,
+            ..self.clone()
+        }
+    }
+
+    /// The global flags before every sub-command.
+    pub fn global_args(&self, log: Option<&Path>) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = vec!["--root".into(), self.root.clone().into()];
+        if let Some(log) = log {
+            args.extend([
+                "--log".into(),
+                log.into(),
+                "--log-format".into(),
+                "json".into(),
+            ]);
+        }
+        if self.systemd_cgroup {
+            args.push("--systemd-cgroup".into());
+        }
+        args
+    }
+
     /// Runs `runc --root ROOT ARGS...` for container `id`; fails with runc's error text when
     /// it exits non-zero. `log` is runc's `--log` file, read for the message when stderr went
     /// to the container.
@@ -72,10 +104,7 @@ impl RuncCli {
     ) -> Result<RuncOutput> {
         let command_name = args.first().cloned().unwrap_or_default();
         let mut cmd = Command::new(&self.binary);
-        cmd.arg("--root").arg(&self.root);
-        if let Some(log) = log {
-            cmd.arg("--log").arg(log).arg("--log-format").arg("json");
-        }
+        cmd.args(self.global_args(log));
         cmd.args(args).env_remove("NOTIFY_SOCKET");
         let (capture_out, capture_err) = (stdio.stdout.is_none(), stdio.stderr.is_none());
         cmd.stdin(stdio.stdin.map_or_else(Stdio::null, Stdio::from));
@@ -108,6 +137,13 @@ impl RuncCli {
             }
             if text.is_empty() {
                 text = format!("exit code {}", output.code);
+            }
+            if self.systemd_cgroup {
+                text.push_str(
+                    " (runc ran with --systemd-cgroup because the runtime option \
+                     SystemdCgroup = true or a cgroupsPath of the form slice:prefix:name asks \
+                     for systemd's cgroup driver; systemd must be the host's init)",
+                );
             }
             return Err(ShimError::Runc {
                 id: id.to_owned(),
@@ -245,6 +281,42 @@ mod tests {
         .unwrap();
         assert_eq!(last_log_error(&log), "container_linux.go: no such file");
         assert_eq!(last_log_error(&dir.path().join("missing")), "");
+    }
+
+    #[test]
+    fn systemd_cgroup_is_a_global_flag_before_the_command() {
+        let runc = RuncCli {
+            binary: "runc".into(),
+            root: "/run/r".into(),
+            systemd_cgroup: false,
+        };
+        let plain: Vec<String> = runc
+            .global_args(Some(Path::new("/b/log.json")))
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            plain,
+            [
+                "--root",
+                "/run/r",
+                "--log",
+                "/b/log.json",
+                "--log-format",
+                "json"
+            ]
+        );
+        let systemd = runc.for_container(&crate::runtime_options::RuncOptions {
+            systemd_cgroup: true,
+            binary_name: Some("/opt/wrapper".into()),
+        });
+        assert_eq!(systemd.binary, PathBuf::from("/opt/wrapper"));
+        let args = systemd.global_args(None);
+        assert_eq!(
+            args.last().map(|a| a.to_string_lossy().into_owned()),
+            Some("--systemd-cgroup".to_owned())
+        );
+        assert_eq!(systemd.root, runc.root);
     }
 
     #[test]

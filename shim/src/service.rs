@@ -59,6 +59,7 @@ impl TaskService {
         let runc = RuncCli {
             binary: config.runc.clone(),
             root: config.runc_root.join(namespace),
+            systemd_cgroup: false,
         };
         let service = Self {
             namespace: namespace.to_owned(),

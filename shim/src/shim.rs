@@ -15,6 +15,7 @@ use crate::config::ShimConfig;
 use crate::lifecycle::unmount;
 use crate::process::now;
 use crate::runc_cli::RuncCli;
+use crate::runtime_options::RuncOptions;
 use crate::service::TaskService;
 
 /// containerd's runtime type for this shim.
@@ -62,11 +63,13 @@ impl Shim for KybernateShim {
     }
 
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
+        let bundle = std::env::current_dir().map_err(|e| Error::Other(e.to_string()))?;
         let runc = RuncCli {
             binary: self.config.runc.clone(),
             root: self.config.runc_root.join(&self.namespace),
-        };
-        let bundle = std::env::current_dir().map_err(|e| Error::Other(e.to_string()))?;
+            systemd_cgroup: false,
+        }
+        .for_container(&RuncOptions::load(&bundle));
         let log = bundle.join("log.json");
         if let Err(e) = runc
             .run(

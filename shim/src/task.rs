@@ -82,7 +82,7 @@ impl Task for TaskService {
     }
 
     async fn pids(&self, _: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
-        let (log, execs) = {
+        let (runc, log, execs) = {
             let containers = self.containers.lock().await;
             let container = container_of(&containers, &req.id)?;
             let execs: Vec<(i32, String)> = container
@@ -90,9 +90,9 @@ impl Task for TaskService {
                 .iter()
                 .map(|(id, p)| (p.pid, id.clone()))
                 .collect();
-            (container.runc_log(), execs)
+            (container.runc.clone(), container.runc_log(), execs)
         };
-        let pids = self.container_pids(&req.id, &log).await?;
+        let pids = Self::container_pids(&runc, &req.id, &log).await?;
         let processes = pids
             .into_iter()
             .map(|pid| {
@@ -301,7 +301,8 @@ impl TaskService {
                 });
             }
             let log = container.runc_log();
-            self.runc
+            container
+                .runc
                 .run(
                     id,
                     &[command.into(), id.to_owned()],

@@ -13,6 +13,9 @@ use super::{NodeWorker, WorkerError};
 use crate::error::AgentError;
 use crate::node::{Delete, GpuOf, Inspect};
 
+/// containerd namespace of the CRI plugin, where the kubelet's pods run.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+
 /// The agent's checkpoint name for object `namespace/name` (`_` never occurs in either).
 pub fn artifact_name(namespace: &str, name: &str) -> String {
     format!("{namespace}_{name}")
@@ -91,18 +94,18 @@ impl NodeWorker {
                 return self.fail(api, &cp, "MultipleContainers", msg).await;
             }
         };
-        let pid = match self.processes.init_pid(&container.container_id) {
-            Ok(pid) => pid,
-            Err(msg) => return self.fail(api, &cp, "ProcessNotFound", msg).await,
-        };
         let cp = match self.claim(api, &cp, &artifact).await? {
             Claim::Ours(cp) => *cp,
             Claim::Stale => return Ok(()),
         };
-        tracing::info!(object = %cp.name_any(), pid, container = %container.name, "checkpointing");
+        tracing::info!(object = %cp.name_any(), container = %container.name,
+            id = %container.container_id, "checkpointing");
+        // The same path as `kybernatectl checkpoint --container`: containerd's task API, the
+        // kybernate shim, and back to this agent for the CUDA phases and the images.
         let request = pb::CheckpointRequest {
             name: artifact.clone(),
-            pid,
+            container_id: container.container_id.clone(),
+            containerd_namespace: CRI_NAMESPACE.into(),
             pod_uid: status.pod_uid.clone().unwrap_or_default(),
             timeout_ms: u64::from(cp.spec.timeouts.dump_seconds) * 1000,
             leave_running: cp.spec.leave_running,

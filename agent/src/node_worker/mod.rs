@@ -10,11 +10,8 @@
 
 mod execute;
 mod node_labels;
-mod processes;
 mod progress;
 mod stage;
-
-use std::sync::Arc;
 
 use actix::Addr;
 use futures::StreamExt;
@@ -26,7 +23,6 @@ use kybernate_cuda::GpuFingerprint;
 use crate::node::NodeAgent;
 
 pub use node_labels::node_labels;
-pub use processes::{CgroupResolver, ProcessResolver};
 pub use progress::DRAINING_CONDITION;
 
 /// The node worker could not do its job.
@@ -54,7 +50,6 @@ pub struct NodeWorker {
     client: Client,
     node_name: String,
     agent: Addr<NodeAgent>,
-    processes: Arc<dyn ProcessResolver>,
     gpus: Option<GpuFingerprint>,
 }
 
@@ -62,7 +57,6 @@ impl std::fmt::Debug for NodeWorker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NodeWorker")
             .field("node_name", &self.node_name)
-            .field("processes", &self.processes)
             .field("gpus", &self.gpus)
             .finish()
     }
@@ -75,14 +69,12 @@ impl NodeWorker {
         client: Client,
         node_name: String,
         agent: Addr<NodeAgent>,
-        processes: Arc<dyn ProcessResolver>,
         gpus: Option<GpuFingerprint>,
     ) -> Self {
         Self {
             client,
             node_name,
             agent,
-            processes,
             gpus,
         }
     }
@@ -166,12 +158,7 @@ impl NodeWorker {
 pub fn spawn(node_name: String, agent: Addr<NodeAgent>, gpus: Option<GpuFingerprint>) {
     actix_rt::spawn(async move {
         match Client::try_default().await {
-            Ok(client) => {
-                let processes = Arc::new(CgroupResolver::default());
-                NodeWorker::new(client, node_name, agent, processes, gpus)
-                    .run()
-                    .await
-            }
+            Ok(client) => NodeWorker::new(client, node_name, agent, gpus).run().await,
             Err(error) => tracing::error!(
                 %error,
                 "no Kubernetes credentials; the node worker does not run (the local socket still serves)"

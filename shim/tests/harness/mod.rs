@@ -201,6 +201,9 @@ impl Node {
             .arg(self.dir.path().join("containerd.toml"))
             .env("PATH", self.path_env())
             .env("KYBERNATE_SHIM_CONFIG", self.dir.path().join("shim.toml"))
+            // containerd makes each task checkpoint's work dir under XDG_RUNTIME_DIR (else
+            // /tmp) and leaves it there: keep them inside this node's dir.
+            .env("XDG_RUNTIME_DIR", self.dir.path())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

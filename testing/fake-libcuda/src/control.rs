@@ -10,7 +10,7 @@ use crate::codes::{INVALID_VALUE, NOT_FOUND, OPERATING_SYSTEM, TIMEOUT};
 use crate::device;
 use crate::node;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant};
@@ -29,28 +29,41 @@ fn ctl_dir(pid: u32) -> Option<PathBuf> {
 pub fn serve() {
     static STARTED: Once = Once::new();
     STARTED.call_once(|| {
-        let Some(dir) = ctl_dir(std::process::id()) else {
+        if node::dir().is_none() {
             return;
-        };
+        }
         let spawned = std::thread::Builder::new()
             .name("fake-cuda-ctl".into())
-            .spawn(move || control_loop(&dir));
+            .spawn(control_loop);
         if let Err(e) = spawned {
             eprintln!("fake libcuda: cannot start control thread: {e}");
         }
     });
 }
 
-fn control_loop(dir: &Path) {
-    // SAFETY: gettid has no preconditions.
-    let tid = unsafe { libc::gettid() };
-    if fs::create_dir_all(dir).is_err() || fs::write(dir.join("tid"), tid.to_string()).is_err() {
-        eprintln!("fake libcuda: cannot create control dir {}", dir.display());
-        return;
-    }
-    let request = dir.join("request");
+/// Serves `ctl/<host pid>/`. The host pid is looked up on every turn: a container restored
+/// by CRIU keeps its pids inside its namespace but gets new ones on the host.
+fn control_loop() {
+    let mut serving: Option<(PathBuf, i32)> = None;
     loop {
         std::thread::sleep(POLL);
+        let Some(dir) = ctl_dir(node::own_pid()) else {
+            continue;
+        };
+        if serving.as_ref().is_none_or(|(d, _)| *d != dir) {
+            let tid = node::own_tid();
+            if fs::create_dir_all(&dir).is_err()
+                || fs::write(dir.join("tid"), tid.to_string()).is_err()
+            {
+                eprintln!("fake libcuda: cannot create control dir {}", dir.display());
+                continue;
+            }
+            serving = Some((dir, tid));
+        }
+        let Some((dir, tid)) = serving.clone() else {
+            continue;
+        };
+        let request = dir.join("request");
         let Ok(text) = fs::read_to_string(&request) else {
             continue;
         };
@@ -71,7 +84,7 @@ fn control_loop(dir: &Path) {
 
 fn handle(op: &str, arg: &str, tid: i32) -> (i32, i64) {
     match op {
-        "state" => match node::fault("state", std::process::id()) {
+        "state" => match node::fault("state", node::own_pid()) {
             Some(node::Fault::Fail(code)) => (code, 0),
             _ => (0, device::state() as i64),
         },
@@ -125,9 +138,13 @@ fn call_inner(pid: u32, op: &str, arg: &str) -> (i32, i64) {
     let Some(dir) = ctl_dir(pid) else {
         return (NOT_FOUND, 0);
     };
-    let alive = fs::read_to_string(dir.join("tid"))
-        .ok()
-        .is_some_and(|tid| Path::new(&format!("/proc/{pid}/task/{}", tid.trim())).exists());
+    let alive = fs::read_to_string(dir.join("tid")).ok().is_some_and(|tid| {
+        node::proc_root()
+            .join(pid.to_string())
+            .join("task")
+            .join(tid.trim())
+            .exists()
+    });
     if !alive {
         return (NOT_FOUND, 0);
     }

@@ -61,7 +61,7 @@ pub fn byte_len(len: usize) -> u64 {
 }
 
 fn own_pid() -> u32 {
-    std::process::id()
+    node::own_pid()
 }
 
 fn own_start() -> u64 {

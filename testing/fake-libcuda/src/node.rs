@@ -9,6 +9,12 @@
 //! - `vram/<uuid>/<pid>-<starttime>.bin`: the device memory of one process;
 //! - `ctl/<pid>/`: the control channel of one CUDA process (see `control`);
 //! - `calls.log`: every checkpoint-API call made by a caller, with its result.
+//!
+//! Processes are named by their pids in the host's pid namespace, the ones the agent sees.
+//! A process in a container (its own pid namespace) finds its host pid through the host's
+//! procfs mounted into the container at the path `KYBERNATE_FAKE_CUDA_HOST_PROC` names:
+//! that procfs resolves `self` in the host's namespace. A container restored by CRIU gets
+//! new host pids, so the fake asks again on every use.
 
 use std::fs;
 use std::io::Write;
@@ -17,6 +23,39 @@ use std::path::PathBuf;
 /// The environment variable naming the node directory.
 pub const DIR_ENV: &str = "KYBERNATE_FAKE_CUDA_DIR";
 const DEFAULT_DRIVER_VERSION: i32 = 13000;
+
+/// The environment variable naming the host's procfs inside a container.
+pub const HOST_PROC_ENV: &str = "KYBERNATE_FAKE_CUDA_HOST_PROC";
+
+/// The procfs whose pids name processes on this node: the host's.
+pub fn proc_root() -> PathBuf {
+    std::env::var_os(HOST_PROC_ENV).map_or_else(|| PathBuf::from("/proc"), PathBuf::from)
+}
+
+/// This process's pid in the host's pid namespace.
+pub fn own_pid() -> u32 {
+    if std::env::var_os(HOST_PROC_ENV).is_none() {
+        return std::process::id();
+    }
+    fs::read_link(proc_root().join("self"))
+        .ok()
+        .and_then(|p| p.to_str()?.parse().ok())
+        .unwrap_or_else(std::process::id)
+}
+
+/// The calling thread's id in the host's pid namespace.
+pub fn own_tid() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    let local = unsafe { libc::gettid() };
+    if std::env::var_os(HOST_PROC_ENV).is_none() {
+        return local;
+    }
+    // `thread-self` reads `<pid>/task/<tid>`.
+    fs::read_link(proc_root().join("thread-self"))
+        .ok()
+        .and_then(|p| p.file_name()?.to_str()?.parse().ok())
+        .unwrap_or(local)
+}
 
 /// One simulated GPU.
 #[derive(Clone, Debug)]
@@ -140,7 +179,7 @@ pub fn format_uuid(uuid: &[u8; 16]) -> String {
 /// Start time (clock ticks since boot) of a process: with the pid it identifies one
 /// incarnation, so a process restored by CRIU is a new incarnation of the same pid.
 pub fn start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = fs::read_to_string(proc_root().join(pid.to_string()).join("stat")).ok()?;
     let after_comm = &stat[stat.rfind(')')? + 2..];
     after_comm.split_whitespace().nth(19)?.parse().ok()
 }

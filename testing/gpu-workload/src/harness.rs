@@ -76,8 +76,15 @@ fn build_artifacts() -> PathBuf {
     lib
 }
 
-/// The workload binary built by [`build_artifacts`].
-fn workload_binary() -> PathBuf {
+/// The fake driver's shared object built by [`on_node`] (for mounting into a container).
+pub fn fake_driver() -> PathBuf {
+    let lib = target_dir().join("libkybernate_fake_libcuda.so");
+    assert!(lib.exists(), "fake driver not found at {}", lib.display());
+    lib
+}
+
+/// The workload binary built by [`on_node`].
+pub fn workload_binary() -> PathBuf {
     let bin = target_dir().join("gpu-workload");
     assert!(bin.exists(), "gpu-workload not found at {}", bin.display());
     bin
@@ -202,6 +209,31 @@ pub struct Progress {
     pub status: String,
 }
 
+/// Progress of every workload process that reported into `state_dir`, by pid (as the
+/// process knows it: inside a container, its pid there).
+pub fn read_progress(state_dir: &Path) -> Vec<(u32, Progress)> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(state_dir).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_suffix(".state").and_then(|p| p.parse().ok()) else {
+            continue;
+        };
+        let text = fs::read_to_string(entry.path()).unwrap_or_default();
+        let mut p = Progress::default();
+        for line in text.lines() {
+            match line.split_once('=') {
+                Some(("iterations", v)) => p.iterations = v.parse().unwrap_or(0),
+                Some(("sweeps", v)) => p.sweeps = v.parse().unwrap_or(0),
+                Some(("status", v)) => p.status = v.to_string(),
+                _ => {}
+            }
+        }
+        out.push((pid, p));
+    }
+    out.sort_by_key(|(pid, _)| *pid);
+    out
+}
+
 /// The test GPU workload: `children + 1` processes, each holding `mib` MiB.
 /// Killed (the whole tree) on drop.
 #[derive(Debug)]
@@ -281,26 +313,7 @@ impl Workload {
 
     /// Progress of every process that has reported, by pid.
     pub fn all_progress(&self) -> Vec<(u32, Progress)> {
-        let mut out = Vec::new();
-        for entry in fs::read_dir(&self.state_dir).unwrap().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name.strip_suffix(".state").and_then(|p| p.parse().ok()) else {
-                continue;
-            };
-            let text = fs::read_to_string(entry.path()).unwrap_or_default();
-            let mut p = Progress::default();
-            for line in text.lines() {
-                match line.split_once('=') {
-                    Some(("iterations", v)) => p.iterations = v.parse().unwrap_or(0),
-                    Some(("sweeps", v)) => p.sweeps = v.parse().unwrap_or(0),
-                    Some(("status", v)) => p.status = v.to_string(),
-                    _ => {}
-                }
-            }
-            out.push((pid, p));
-        }
-        out.sort_by_key(|(pid, _)| *pid);
-        out
+        read_progress(&self.state_dir)
     }
 
     /// Waits (up to a minute, a guard against hangs) until `done` holds.

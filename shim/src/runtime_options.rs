@@ -1,0 +1,307 @@
+//! The runc options a container's runtime options ask for, in whichever form containerd
+//! delivers them: runc's own `containerd.runc.v1.Options` (a client that sends them), or the
+//! generic `runtimeoptions.v1.Options` that CRI sends for a runtime type other than runc's,
+//! carrying the runtime's TOML `options` table (`ConfigBody`) or a file naming it
+//! (`ConfigPath`, `ctr run --runtime-config-path`). The installer copies the node's runc
+//! options (`SystemdCgroup` above all) into the `kybernate` runtime's table, so the shim must
+//! read them from there to run containers as runc would. The other copied options (`Root`,
+//! `NoPivotRoot`, `NoNewKeyring`, `ShimCgroup`, `IoUid`, `IoGid`) are not honoured yet.
+
+use std::path::{Path, PathBuf};
+
+use containerd_shim::api::Options;
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::{CodedInputStream, Message};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, ShimError};
+
+/// File in the bundle recording the options of a created container, so the `delete`
+/// subcommand (cleanup after a crashed shim) runs runc the way Create did.
+pub const OPTIONS_FILE: &str = "kybernate-runc-options.json";
+
+/// The runc options this shim honours.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuncOptions {
+    /// `SystemdCgroup = true`: runc manages the container's cgroup through systemd
+    /// (`runc --systemd-cgroup`), as the kubelet's systemd cgroup driver requires; the
+    /// spec's `cgroupsPath` is then `slice:prefix:name`.
+    pub systemd_cgroup: bool,
+    /// `BinaryName`: a runc-compatible binary to run instead of the configured runc (e.g.
+    /// `nvidia-container-runtime` on GPU nodes, which wraps runc); `None` keeps the shim's.
+    #[serde(default)]
+    pub binary_name: Option<String>,
+}
+
+/// The fields of `runtimeoptions.v1.Options` (containerd's `pkg/runtimeoptions`).
+#[derive(Debug, Default)]
+struct GenericOptions {
+    config_path: String,
+    config_body: Vec<u8>,
+}
+
+impl RuncOptions {
+    /// Reads the options containerd sent with Create; unknown option types give the
+    /// defaults (runc's own defaults), malformed ones an error naming what is wrong.
+    pub fn from_any(id: &str, any: &Any) -> Result<Self> {
+        let invalid = |message: String| ShimError::Invalid {
+            id: id.to_owned(),
+            message,
+        };
+        if any.type_url.ends_with("containerd.runc.v1.Options") {
+            let parsed = Options::parse_from_bytes(&any.value)
+                .map_err(|e| invalid(format!("runtime options ({}): {e}", any.type_url)))?;
+            return Ok(Self {
+                systemd_cgroup: parsed.systemd_cgroup,
+                binary_name: Some(parsed.binary_name).filter(|b| !b.is_empty()),
+            });
+        }
+        if !any.type_url.ends_with("runtimeoptions.v1.Options") {
+            return Ok(Self::default());
+        }
+        let generic = GenericOptions::decode(&any.value)
+            .map_err(|e| invalid(format!("runtime options ({}): {e}", any.type_url)))?;
+        if !generic.config_body.is_empty() {
+            let text = String::from_utf8(generic.config_body).map_err(|_| {
+                invalid("the runtime's options table (ConfigBody) is not UTF-8".into())
+            })?;
+            return Self::from_toml(&text)
+                .map_err(|e| invalid(format!("the runtime's options table (ConfigBody): {e}")));
+        }
+        if !generic.config_path.is_empty() {
+            let path = PathBuf::from(&generic.config_path);
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                ShimError::io(
+                    id,
+                    format!("read runtime options (ConfigPath) {}", path.display()),
+                    e,
+                )
+            })?;
+            return Self::from_toml(&text)
+                .map_err(|e| invalid(format!("runtime options {}: {e}", path.display())));
+        }
+        Ok(Self::default())
+    }
+
+    /// Reads the runc keys of a runtime's TOML options table; other keys are left to runc's
+    /// defaults. A key of the wrong type is refused rather than ignored.
+    pub fn from_toml(text: &str) -> std::result::Result<Self, String> {
+        let table: toml::Table = text.parse().map_err(|e| format!("not TOML: {e}"))?;
+        let systemd_cgroup = match table.get("SystemdCgroup") {
+            None => false,
+            Some(toml::Value::Boolean(b)) => *b,
+            Some(other) => {
+                return Err(format!(
+                    "SystemdCgroup must be true or false, found {other}"
+                ))
+            }
+        };
+        let binary_name = match table.get("BinaryName") {
+            None => None,
+            Some(toml::Value::String(s)) => Some(s.clone()).filter(|b| !b.is_empty()),
+            Some(other) => return Err(format!("BinaryName must be a string, found {other}")),
+        };
+        Ok(Self {
+            systemd_cgroup,
+            binary_name,
+        })
+    }
+
+    /// The kubelet's systemd cgroup driver gives containers a `cgroupsPath` of the form
+    /// `NAME.slice:prefix:name`. containerd 1.x's CRI does not pass a runtime's options table
+    /// to a shim other than runc's, so the spec is the one place such a node tells the shim;
+    /// runc's cgroupfs driver would take that string for a directory outside the pod's cgroup.
+    pub fn with_spec(mut self, spec: &serde_json::Value) -> Self {
+        let path = spec
+            .pointer("/linux/cgroupsPath")
+            .and_then(|p| p.as_str())
+            .unwrap_or_default();
+        let parts: Vec<&str> = path.split(':').collect();
+        if parts.len() == 3 && parts[0].ends_with(".slice") {
+            self.systemd_cgroup = true;
+        }
+        self
+    }
+
+    /// Records the options in `bundle` for the `delete` subcommand.
+    pub fn save(&self, id: &str, bundle: &Path) -> Result<()> {
+        let path = bundle.join(OPTIONS_FILE);
+        let json = serde_json::to_vec(self).map_err(|e| ShimError::Invalid {
+            id: id.to_owned(),
+            message: format!("encode runtime options: {e}"),
+        })?;
+        std::fs::write(&path, json)
+            .map_err(|e| ShimError::io(id, format!("write {}", path.display()), e))
+    }
+
+    /// The options recorded in `bundle`; runc's defaults when Create never wrote them.
+    pub fn load(bundle: &Path) -> Self {
+        std::fs::read(bundle.join(OPTIONS_FILE))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+}
+
+impl GenericOptions {
+    /// Decodes the three-field message by hand: the protos crate does not ship it.
+    fn decode(bytes: &[u8]) -> std::result::Result<Self, String> {
+        let mut input = CodedInputStream::from_bytes(bytes);
+        let mut out = Self::default();
+        loop {
+            let tag = input.read_raw_tag_or_eof().map_err(|e| e.to_string())?;
+            let Some(tag) = tag else {
+                return Ok(out);
+            };
+            match tag {
+                // 1: type_url (string), 2: config_path (string), 3: config_body (bytes)
+                0x0a => {
+                    input.read_string().map_err(|e| e.to_string())?;
+                }
+                0x12 => out.config_path = input.read_string().map_err(|e| e.to_string())?,
+                0x1a => out.config_body = input.read_bytes().map_err(|e| e.to_string())?,
+                other => {
+                    let wire = containerd_shim::protos::protobuf::rt::WireType::new(other & 7)
+                        .ok_or_else(|| format!("bad wire type in tag {other}"))?;
+                    input
+                        .skip_field(wire)
+                        .map_err(|e| format!("field tag {other}: {e}"))?;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generic(path: &str, body: &[u8]) -> Any {
+        let mut value = Vec::new();
+        let mut field = |tag: u8, bytes: &[u8]| {
+            value.push(tag);
+            value.push(u8::try_from(bytes.len()).unwrap());
+            value.extend_from_slice(bytes);
+        };
+        field(0x0a, b"runtimeoptions.v1.Options");
+        if !path.is_empty() {
+            field(0x12, path.as_bytes());
+        }
+        if !body.is_empty() {
+            field(0x1a, body);
+        }
+        Any {
+            type_url: "runtimeoptions.v1.Options".into(),
+            value,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn runc_options_carry_systemd_cgroup() {
+        let mut options = Options::new();
+        options.systemd_cgroup = true;
+        let any = Any {
+            type_url: "containerd.runc.v1.Options".into(),
+            value: options.write_to_bytes().unwrap(),
+            ..Default::default()
+        };
+        assert!(RuncOptions::from_any("c1", &any).unwrap().systemd_cgroup);
+        options.systemd_cgroup = false;
+        let any = Any {
+            value: options.write_to_bytes().unwrap(),
+            ..any
+        };
+        assert!(!RuncOptions::from_any("c1", &any).unwrap().systemd_cgroup);
+    }
+
+    #[test]
+    fn cri_config_body_is_the_runtime_options_table() {
+        let body = b"BinaryName = \"runc\"\nSystemdCgroup = true\n";
+        let options = RuncOptions::from_any("c1", &generic("", body)).unwrap();
+        assert!(options.systemd_cgroup);
+        assert_eq!(options.binary_name.as_deref(), Some("runc"));
+        let options = RuncOptions::from_any("c1", &generic("", b"NoPivotRoot = true\n")).unwrap();
+        assert!(!options.systemd_cgroup);
+    }
+
+    #[test]
+    fn config_path_is_read_and_a_missing_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kybernate.toml");
+        std::fs::write(&file, "SystemdCgroup = true\n").unwrap();
+        let options = RuncOptions::from_any("c1", &generic(file.to_str().unwrap(), b"")).unwrap();
+        assert!(options.systemd_cgroup);
+        let missing = dir.path().join("missing.toml");
+        let e = RuncOptions::from_any("c1", &generic(missing.to_str().unwrap(), b""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("missing.toml") && e.contains("container c1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_malformed_systemd_cgroup_is_refused_by_name() {
+        let e = RuncOptions::from_any("c1", &generic("", b"SystemdCgroup = \"yes\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("SystemdCgroup") && e.contains("ConfigBody"),
+            "{e}"
+        );
+        let e = RuncOptions::from_any("c1", &generic("", b"SystemdCgroup = \n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not TOML"), "{e}");
+        let e = RuncOptions::from_any("c1", &generic("", b"BinaryName = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("BinaryName"), "{e}");
+    }
+
+    #[test]
+    fn unknown_option_types_and_empty_options_are_runc_defaults() {
+        let any = Any {
+            type_url: "example.com/other.Options".into(),
+            value: vec![1, 2, 3],
+            ..Default::default()
+        };
+        assert_eq!(
+            RuncOptions::from_any("c1", &any).unwrap(),
+            RuncOptions::default()
+        );
+        assert_eq!(
+            RuncOptions::from_any("c1", &generic("", b"")).unwrap(),
+            RuncOptions::default()
+        );
+    }
+
+    #[test]
+    fn a_systemd_cgroups_path_selects_the_systemd_driver() {
+        let spec = |path: &str| serde_json::json!({"linux": {"cgroupsPath": path}});
+        let from = |path: &str| RuncOptions::default().with_spec(&spec(path)).systemd_cgroup;
+        assert!(from("kubepods-besteffort-pod1.slice:cri-containerd:abc"));
+        assert!(!from("/kubepods/besteffort/pod1/abc"));
+        assert!(!from("/default/c1"));
+        assert!(!from("a:b"));
+        assert!(
+            !RuncOptions::default()
+                .with_spec(&serde_json::json!({}))
+                .systemd_cgroup
+        );
+    }
+
+    #[test]
+    fn options_saved_in_the_bundle_are_loaded_back() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(RuncOptions::load(dir.path()), RuncOptions::default());
+        let options = RuncOptions {
+            systemd_cgroup: true,
+            binary_name: Some("/usr/bin/nvidia-container-runtime".into()),
+        };
+        options.save("c1", dir.path()).unwrap();
+        assert_eq!(RuncOptions::load(dir.path()), options);
+    }
+}
