@@ -269,15 +269,12 @@ fn start_agent(
         .arg("--metrics-addr")
         .arg(format!("127.0.0.1:{metrics_port}"))
         .args(["--node-name", "n1"]);
-    if let Some(containerd) = containerd_socket {
-        let config = dir.join("agent.toml");
-        std::fs::write(
-            &config,
-            format!("containerd_socket = \"{}\"\n", containerd.display()),
-        )
-        .unwrap();
-        command.arg("--config").arg(config);
-    }
+    let config = dir.join("agent.toml");
+    let containerd = containerd_socket
+        .map(|socket| format!("containerd_socket = \"{}\"\n", socket.display()))
+        .unwrap_or_default();
+    std::fs::write(&config, containerd).unwrap();
+    command.arg("--config").arg(config);
     command
         .env("KUBECONFIG", &kubeconfig)
         .env_remove("KUBERNETES_SERVICE_HOST")
@@ -620,4 +617,29 @@ fn agent_stages_a_gpurestore_from_a_real_checkpoint_and_names_an_unknown_one() {
         "{message}"
     );
     assert!(s.unexpected.is_empty(), "{:?}", s.unexpected);
+    drop(s);
+
+    // The prefetch tier is reloaded live: the next restore is staged into NVMe.
+    std::fs::write(
+        dir.path().join("agent.toml"),
+        "[policy]\nrestore_prefetch_tier = \"nvme\"\n",
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while ctl(&["config", "show"])["values"]["policy.restore_prefetch_tier"]["value"] != "\"nvme\""
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the edit was never applied: {}\n{}",
+            ctl(&["config", "show"]),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    deliver_restore(&state, restore_object("r3", "default_cp9"));
+    wait_until("the Staged status of r3", &state, &log, |s| {
+        !restore_patches(s, "r3").is_empty()
+    });
+    let staged = restore_patches(&state.lock().unwrap(), "r3")[0].clone();
+    assert_eq!(staged["staging"]["tier"], "nvme", "{staged}");
 }
