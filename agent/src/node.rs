@@ -27,7 +27,10 @@ mod policy;
 mod shared;
 pub use container_checkpoint::{ContainerCheckpointBegin, ContainerCheckpointEnd};
 pub use container_restore::{ContainerRestoreEnd, ContainerRestoreStage};
-pub use policy::{ApplyConfig, ConfigLoaded, ConfigRejected, ConfigShow, Pin, TierStatus, Unpin};
+pub use policy::{
+    ApplyConfig, ConfigLoaded, ConfigRejected, ConfigShow, Pin, SubscribeConfigRejections,
+    TierStatus, Unpin,
+};
 
 /// The node agent.
 #[derive(Debug)]
@@ -56,6 +59,8 @@ pub struct NodeAgent {
     /// Containers this agent asked containerd to checkpoint, with the name their shim's
     /// ContainerCheckpointBegin is to use.
     awaited_containers: HashMap<String, CheckpointName>,
+    /// Rejected config changes, for the node worker to report as Kubernetes Events.
+    config_rejections: tokio::sync::broadcast::Sender<String>,
 }
 
 /// How often tier budgets are re-checked besides after each operation.
@@ -94,6 +99,7 @@ impl NodeAgent {
             shim_checkpoints: HashMap::new(),
             shim_restores: HashMap::new(),
             awaited_containers: HashMap::new(),
+            config_rejections: tokio::sync::broadcast::channel(16).0,
         }
     }
 

@@ -59,6 +59,8 @@ struct ApiState {
     /// (path, body, answered status) of every PATCH.
     patches: Vec<(String, Value, u16)>,
     unexpected: Vec<String>,
+    /// (path, body) of every Event posted.
+    events: Vec<(String, Value)>,
     watchers: Vec<mpsc::UnboundedSender<Value>>,
     /// GpuRestores by name, and the watches of them.
     restores: std::collections::BTreeMap<String, Value>,
@@ -187,7 +189,10 @@ async fn handle(
             s.broadcast("MODIFIED", &object);
             reply(200, object)
         }
-        ("POST", p) if p.contains("/events") => reply(201, body),
+        ("POST", p) if p.contains("/events") => {
+            s.events.push((p.to_owned(), body.clone()));
+            reply(201, body)
+        }
         _ => {
             s.unexpected.push(format!("{method} {path}?{query}"));
             reply(
@@ -642,4 +647,34 @@ fn agent_stages_a_gpurestore_from_a_real_checkpoint_and_names_an_unknown_one() {
     });
     let staged = restore_patches(&state.lock().unwrap(), "r3")[0].clone();
     assert_eq!(staged["staging"]["tier"], "nvme", "{staged}");
+
+    // A rejected edit becomes a Warning Event on the Node naming the key and the problem.
+    std::fs::write(
+        dir.path().join("agent.toml"),
+        "[tiers]\nram_budget_bytes = -5\n",
+    )
+    .unwrap();
+    wait_until("the ConfigRejected event", &state, &log, |s| {
+        s.events
+            .iter()
+            .any(|(_, e)| e["reason"] == "ConfigRejected")
+    });
+    let s = state.lock().unwrap();
+    let (path, event) = s
+        .events
+        .iter()
+        .find(|(_, e)| e["reason"] == "ConfigRejected")
+        .unwrap();
+    assert!(path.starts_with("/apis/events.k8s.io/v1/"), "{path}");
+    assert_eq!(event["type"], "Warning", "{event}");
+    assert_eq!(event["regarding"]["kind"], "Node", "{event}");
+    assert_eq!(event["regarding"]["name"], "n1", "{event}");
+    let note = event["note"].as_str().unwrap();
+    assert!(note.contains("ram_budget_bytes"), "{note}");
+    drop(s);
+    assert_eq!(
+        ctl(&["config", "show"])["values"]["policy.restore_prefetch_tier"]["value"],
+        "\"nvme\"",
+        "the agent keeps the previous config"
+    );
 }

@@ -209,6 +209,7 @@ fn agent_role_covers_exactly_what_the_node_worker_does() {
         ("kybernate.io", "gpurestores", "watch"),
         ("kybernate.io", "gpurestores/status", "patch"),
         ("", "nodes", "patch"),
+        ("events.k8s.io", "events", "create"),
     ] {
         assert!(
             grants(role, group, resource, verb),

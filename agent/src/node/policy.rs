@@ -187,7 +187,22 @@ impl Handler<ConfigRejected> for NodeAgent {
     type Result = ();
     fn handle(&mut self, msg: ConfigRejected, _: &mut Self::Context) {
         self.config_view.rejected += 1;
+        // No subscriber (no node worker) is fine: the log and the metric already tell.
+        let _ = self.config_rejections.send(msg.0.clone());
         self.config_view.last_error = msg.0;
+    }
+}
+
+/// A receiver of every rejected config change (the problem, naming the key), for the node
+/// worker to report as Events.
+#[derive(Debug, Message)]
+#[rtype(result = "tokio::sync::broadcast::Receiver<String>")]
+pub struct SubscribeConfigRejections;
+
+impl Handler<SubscribeConfigRejections> for NodeAgent {
+    type Result = MessageResult<SubscribeConfigRejections>;
+    fn handle(&mut self, _: SubscribeConfigRejections, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.config_rejections.subscribe())
     }
 }
 

@@ -8,6 +8,7 @@
 //! and never runs twice; an object whose checkpoint already exists in the catalog is only
 //! reported.
 
+mod config_events;
 mod execute;
 mod node_labels;
 mod progress;
@@ -86,7 +87,11 @@ impl NodeWorker {
             tracing::error!(%error, node = %self.node_name, "cannot label the node with its GPU fingerprint");
         }
         // Separate loops: a long checkpoint does not hold up staging a restore.
-        futures::join!(self.watch_checkpoints(), self.watch_restores());
+        futures::join!(
+            self.watch_checkpoints(),
+            self.watch_restores(),
+            self.report_config_rejections()
+        );
     }
 
     fn selector(&self) -> watcher::Config {
