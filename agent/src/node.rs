@@ -20,17 +20,18 @@ use crate::tiers::{self, Remove, UsedBytes};
 
 mod record;
 pub use record::{GpuOf, RestorePrefetchTier, SubscribeEvents};
+mod config_reload;
 mod container_checkpoint;
 mod container_restore;
 mod containerd_checkpoint;
 mod policy;
 mod shared;
+pub use config_reload::{
+    ApplyConfig, ConfigLoaded, ConfigRejected, ConfigShow, SubscribeConfigRejections,
+};
 pub use container_checkpoint::{ContainerCheckpointBegin, ContainerCheckpointEnd};
 pub use container_restore::{ContainerRestoreEnd, ContainerRestoreStage};
-pub use policy::{
-    ApplyConfig, ConfigLoaded, ConfigRejected, ConfigShow, Pin, SubscribeConfigRejections,
-    TierStatus, Unpin,
-};
+pub use policy::{Pin, TierStatus, Unpin};
 
 /// The node agent.
 #[derive(Debug)]
@@ -51,7 +52,7 @@ pub struct NodeAgent {
     /// Checkpoints kept in a tier on request.
     pins: Pins,
     /// Where the config came from and how its reloads went.
-    config_view: policy::ConfigView,
+    config_view: config_reload::ConfigView,
     /// Container checkpoints the shim has begun and not yet ended.
     shim_checkpoints: HashMap<CheckpointName, container_checkpoint::ShimCheckpoint>,
     /// Container restores the shim has staged and not yet ended.
@@ -95,7 +96,7 @@ impl NodeAgent {
             demoting: false,
             demote_again: false,
             pins,
-            config_view: policy::ConfigView::default(),
+            config_view: config_reload::ConfigView::default(),
             shim_checkpoints: HashMap::new(),
             shim_restores: HashMap::new(),
             awaited_containers: HashMap::new(),
