@@ -485,16 +485,6 @@ impl Tier for NvmeTier {
             .map(|(report, _)| report)
     }
 
-    fn store_digested(
-        &self,
-        name: &CheckpointName,
-        image_dir: &Path,
-        digest: &ImageDigest,
-    ) -> Result<StoreReport, TierError> {
-        self.store_known(name, image_dir, Some(digest), None)
-            .map(|(report, _)| report)
-    }
-
     fn store_paced(
         &self,
         name: &CheckpointName,

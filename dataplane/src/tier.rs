@@ -99,21 +99,10 @@ pub trait Tier: Send + Sync + fmt::Debug {
     /// storing a name the tier already holds is an error-free no-op returning the held size.
     fn store(&self, name: &CheckpointName, image_dir: &Path) -> Result<StoreReport, TierError>;
 
-    /// Like [`Tier::store`], with the chunk hashes taken once right after the dump, so a
-    /// chunked tier does not hash every byte again. Tiers that keep plain files ignore them.
-    fn store_digested(
-        &self,
-        name: &CheckpointName,
-        image_dir: &Path,
-        digest: &ImageDigest,
-    ) -> Result<StoreReport, TierError> {
-        let _ = digest;
-        self.store(name, image_dir)
-    }
-
-    /// [`Tier::store_digested`] (or [`Tier::store`] without digests) under the byte-rate
-    /// limits of `pacing`. A tier honours the limits that cover the disk or network it writes
-    /// to; one that moves no bytes a limit covers (RAM) ignores them.
+    /// [`Tier::store`] as the agent runs it: with the chunk hashes taken once right after the
+    /// dump (`digest`), so a chunked tier does not hash every byte again, and under the
+    /// byte-rate limits of `pacing`, which a tier honours for the disk or network it writes
+    /// to. A tier that keeps plain files in memory (RAM) needs neither.
     fn store_paced(
         &self,
         name: &CheckpointName,
@@ -121,11 +110,8 @@ pub trait Tier: Send + Sync + fmt::Debug {
         digest: Option<&ImageDigest>,
         pacing: &Pacing,
     ) -> Result<StoreReport, TierError> {
-        let _ = pacing;
-        match digest {
-            Some(digest) => self.store_digested(name, image_dir, digest),
-            None => self.store(name, image_dir),
-        }
+        let _ = (digest, pacing);
+        self.store(name, image_dir)
     }
 
     /// Writes the image set of `name` into `dest`, an existing empty directory.

@@ -113,16 +113,6 @@ impl Tier for S3Tier {
         self.store_with_stats(name, image_dir).map(|(r, _)| r)
     }
 
-    fn store_digested(
-        &self,
-        name: &CheckpointName,
-        image_dir: &Path,
-        digest: &crate::ImageDigest,
-    ) -> Result<StoreReport, TierError> {
-        self.store_known(name, image_dir, Some(digest), None)
-            .map(|(r, _)| r)
-    }
-
     fn store_paced(
         &self,
         name: &CheckpointName,
