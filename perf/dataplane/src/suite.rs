@@ -128,6 +128,17 @@ fn ours(exe: &Path, args: &[&Path]) -> Command {
     c
 }
 
+/// Directories removed on drop.
+struct Scratch([PathBuf; 2]);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+}
+
 /// Runs everything and returns the Markdown report.
 pub fn run_suite(cfg: &SuiteConfig) -> Result<String> {
     let exe = std::env::current_exe()?;
@@ -136,6 +147,8 @@ pub fn run_suite(cfg: &SuiteConfig) -> Result<String> {
         let _ = fs::remove_dir_all(d);
         fs::create_dir_all(d)?;
     }
+    // Two image sets in RAM and several GiB on disk: gone when the suite ends, however it ends.
+    let _scratch = Scratch([ram.clone(), disk.clone()]);
     let (img_a, img_b) = (ram.join("img-a"), ram.join("img-b"));
     let size = cfg.size_mib << 20;
     // In child processes, so this process stays small: a forked child's peak RSS counts
