@@ -5,7 +5,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kybernate_dataplane::{CheckpointName, StoreReport, TierKind};
 
-use crate::bandwidth::Urgency;
 use crate::catalog::CheckpointRecord;
 use crate::config::TimeoutsConfig;
 use crate::criu::Dump;
@@ -171,30 +170,8 @@ async fn phases(
     }
 
     let (ram_report, files) = commit_and_digest(parts, clock, &name).await?;
-    let image_dir = parts.ram.dir_of(&name);
-
-    let mut stored: Vec<(TierKind, StoreReport)> = vec![(TierKind::Ram, ram_report)];
-    let mut store_failure = None;
-    let (foreground, _background) = drain::split_tiers(parts, job.until);
-    for kind in foreground {
-        let store = drain::store_into(
-            parts,
-            clock,
-            &name,
-            &image_dir,
-            &files,
-            kind,
-            Urgency::Foreground,
-        );
-        match store.await {
-            Ok(report) => stored.push((kind, report)),
-            Err(e) => {
-                store_failure = Some((drain::store_phase(kind), e));
-                break;
-            }
-        }
-    }
-
+    let foreground =
+        drain::store_foreground(parts, clock, &name, &files, ram_report, job.until).await;
     parts
         .metrics
         .stored(ram_report.raw_bytes, &[("ram", ram_report.stored_bytes)]);
@@ -213,7 +190,7 @@ async fn phases(
         shell_job,
         phases: clock.phases.clone(),
         raw_bytes: ram_report.raw_bytes,
-        stored_bytes: stored.iter().skip(1).map(|(_, r)| r.stored_bytes).sum(),
+        stored_bytes: foreground.stored_bytes(),
         files,
         gpu: if cuda.cuda_pids.is_empty() {
             None
@@ -221,14 +198,15 @@ async fn phases(
             cuda.fingerprint
         },
     };
-    match store_failure {
+    let held = tier_list(&foreground.kinds());
+    match foreground.failure {
         None => Ok(record),
         // The dump succeeded, so the images are the workload's state (in stop mode its only
         // state): keep the checkpoint with the tiers that hold it and report what failed.
         Some((phase, source)) => Err((
             phase,
             AgentError::HeldPartially {
-                tiers: tier_list(&stored.iter().map(|(k, _)| *k).collect::<Vec<_>>()),
+                tiers: held,
                 record: Box::new(record),
                 source: Box::new(source),
             },

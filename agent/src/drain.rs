@@ -72,6 +72,69 @@ pub async fn store_into(
     Ok(report)
 }
 
+/// What storing a fresh checkpoint into its foreground tiers gave: a report per tier that
+/// holds it (RAM first), and the first failure with its phase, after which nothing more was
+/// tried.
+#[derive(Debug)]
+pub struct Foreground {
+    /// Tiers that hold the checkpoint, with what each stored.
+    pub stored: Vec<(TierKind, StoreReport)>,
+    /// The phase that failed and why.
+    pub failure: Option<(&'static str, AgentError)>,
+}
+
+impl Foreground {
+    /// Bytes the tiers past RAM hold.
+    pub fn stored_bytes(&self) -> u64 {
+        self.stored
+            .iter()
+            .filter(|(k, _)| *k != TierKind::Ram)
+            .map(|(_, r)| r.stored_bytes)
+            .sum()
+    }
+
+    /// The tiers that hold the checkpoint.
+    pub fn kinds(&self) -> Vec<TierKind> {
+        self.stored.iter().map(|(k, _)| *k).collect()
+    }
+}
+
+/// Stores a checkpoint committed to RAM (`ram`) into every tier up to and including `until`,
+/// in order, as the caller waits (so under the foreground bandwidth rules).
+pub async fn store_foreground(
+    parts: &NodeParts,
+    clock: &mut PhaseClock,
+    name: &CheckpointName,
+    files: &[ImageFile],
+    ram: StoreReport,
+    until: TierKind,
+) -> Foreground {
+    let image_dir = parts.ram.dir_of(name);
+    let mut done = Foreground {
+        stored: vec![(TierKind::Ram, ram)],
+        failure: None,
+    };
+    for kind in split_tiers(parts, until).0 {
+        let stored = store_into(
+            parts,
+            clock,
+            name,
+            &image_dir,
+            files,
+            kind,
+            Urgency::Foreground,
+        );
+        match stored.await {
+            Ok(report) => done.stored.push((kind, report)),
+            Err(e) => {
+                done.failure = Some((store_phase(kind), e));
+                break;
+            }
+        }
+    }
+    done
+}
+
 /// The tiers a checkpoint drains into after RAM, split into those before "done" (up to and
 /// including `until`) and those drained in the background.
 pub fn split_tiers(parts: &NodeParts, until: TierKind) -> (Vec<TierKind>, Vec<TierKind>) {

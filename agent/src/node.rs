@@ -59,7 +59,7 @@ pub struct NodeAgent {
     shim_restores: HashMap<CheckpointName, container_restore::ShimRestore>,
     /// Containers this agent asked containerd to checkpoint, with the name their shim's
     /// ContainerCheckpointBegin is to use.
-    awaited_containers: HashMap<String, CheckpointName>,
+    awaited_containers: HashMap<String, containerd_checkpoint::AwaitedCheckpoint>,
     /// Rejected config changes, for the node worker to report as Kubernetes Events.
     config_rejections: tokio::sync::broadcast::Sender<String>,
 }
@@ -164,8 +164,10 @@ impl NodeAgent {
         Ok(())
     }
 
-    fn checkpoint_job(&self, req: pb::CheckpointRequest) -> Result<CheckpointJob, AgentError> {
-        let until = match req.tier.as_str() {
+    /// The slowest tier a checkpoint asks for (`tier`, NVMe when empty); it must be one of
+    /// this agent's.
+    fn requested_tier(&self, tier: &str) -> Result<TierKind, AgentError> {
+        let until = match tier {
             "" => TierKind::Nvme,
             tier => TierKind::parse(tier).ok_or_else(|| {
                 AgentError::InvalidRequest(format!("unknown tier {tier:?}: use ram, nvme or s3"))
@@ -177,6 +179,11 @@ impl NodeAgent {
                 tier_list(&self.parts.tiers.kinds())
             )));
         }
+        Ok(until)
+    }
+
+    fn checkpoint_job(&self, req: pb::CheckpointRequest) -> Result<CheckpointJob, AgentError> {
+        let until = self.requested_tier(&req.tier)?;
         let name = if req.name.is_empty() {
             generated_name(req.pid)
         } else {

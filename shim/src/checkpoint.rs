@@ -169,17 +169,12 @@ impl TaskService {
         let started = std::time::Instant::now();
         let dumped = self.dump(container, options, &images, &work).await;
         let dump_millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let dumped = dumped.and_then(|()| {
-            if containerd_path.is_empty() || Path::new(containerd_path) == images {
-                Ok(())
-            } else {
-                copy_images(&images, Path::new(containerd_path)).map_err(|e| ShimError::Phase {
-                    id: id.to_owned(),
-                    operation: "checkpoint",
-                    phase: "copy_images",
-                    message: format!("copy images to {containerd_path}: {e}"),
-                })
-            }
+        // containerd (`ctr`, the CRI) wants the images in its own directory too, and holds the
+        // task paused until this call returns: the copy runs while the agent commits its RAM
+        // copy, reading through handles opened before the agent moves the directory.
+        let copy = dumped.and_then(|()| {
+            ImageCopy::open(&images, containerd_path)
+                .map_err(|e| copy_error(id, containerd_path, &e.to_string()))
         });
         let end = |dumped: bool, failure: String| pb::ContainerCheckpointEndRequest {
             checkpoint_ref: begin.checkpoint_ref.clone(),
@@ -187,24 +182,43 @@ impl TaskService {
             failure,
             dump_millis,
         };
-        if let Err(e) = dumped {
-            let rollback = agent
-                .checkpoint_end(end(false, e.to_string()), millis(timeouts.agent_ms))
-                .await;
-            return Err(match rollback {
-                Ok(_) => e,
-                Err(r) => ShimError::Phase {
-                    id: id.to_owned(),
-                    operation: "checkpoint",
-                    phase: r.phase,
-                    message: format!("{e}; and the rollback failed: {}", r.message),
-                },
-            });
-        }
+        let copy = match copy {
+            Ok(copy) => copy,
+            Err(e) => {
+                let rollback = agent
+                    .checkpoint_end(end(false, e.to_string()), millis(timeouts.agent_ms))
+                    .await;
+                return Err(match rollback {
+                    Ok(_) => e,
+                    Err(r) => ShimError::Phase {
+                        id: id.to_owned(),
+                        operation: "checkpoint",
+                        phase: r.phase,
+                        message: format!("{e}; and the rollback failed: {}", r.message),
+                    },
+                });
+            }
+        };
+        let copying = tokio::task::spawn_blocking(move || copy.run());
         let reply = agent
             .checkpoint_end(end(true, String::new()), millis(timeouts.agent_ms))
             .await
-            .map_err(|e| phase_error(id, "checkpoint", e))?;
+            .map_err(|e| phase_error(id, "checkpoint", e));
+        let copied = copying
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|copied| copied);
+        let reply = match (reply, copied) {
+            (Ok(reply), Ok(())) => reply,
+            (Err(e), _) => return Err(e),
+            (Ok(reply), Err(e)) => {
+                let kept = format!(
+                    "{e}; the agent keeps the checkpoint as {}",
+                    reply.checkpoint_ref
+                );
+                return Err(copy_error(id, containerd_path, &kept));
+            }
+        };
         log::info!(
             "checkpointed {id} as {} ({} bytes, tiers {:?})",
             reply.checkpoint_ref,
@@ -500,16 +514,50 @@ fn pod_uid(spec: &serde_json::Value) -> String {
         .to_owned()
 }
 
-/// Copies a CRIU image directory (flat) into `to`.
-fn copy_images(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        if entry.file_type()?.is_file() {
-            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
-        }
+fn copy_error(id: &str, to: &str, e: &str) -> ShimError {
+    ShimError::Phase {
+        id: id.to_owned(),
+        operation: "checkpoint",
+        phase: "copy_images",
+        message: format!("copy images to {to}: {e}"),
     }
-    Ok(())
+}
+
+/// A copy of a flat CRIU image directory into containerd's checkpoint directory, holding the
+/// source files open so that it can run while the agent moves the directory.
+struct ImageCopy {
+    files: Vec<(std::ffi::OsString, std::fs::File)>,
+    to: PathBuf,
+}
+
+impl ImageCopy {
+    /// Opens every image in `from`; nothing to copy when containerd gave no directory or the
+    /// same one.
+    fn open(from: &Path, to: &str) -> std::io::Result<Self> {
+        let to = PathBuf::from(to);
+        let mut files = Vec::new();
+        if !to.as_os_str().is_empty() && to != from {
+            for entry in std::fs::read_dir(from)? {
+                let entry = entry?;
+                if entry.file_type()?.is_file() {
+                    files.push((entry.file_name(), std::fs::File::open(entry.path())?));
+                }
+            }
+        }
+        Ok(Self { files, to })
+    }
+
+    fn run(self) -> std::io::Result<()> {
+        if self.files.is_empty() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.to)?;
+        for (name, mut file) in self.files {
+            let mut copy = std::fs::File::create(self.to.join(name))?;
+            std::io::copy(&mut file, &mut copy)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -99,6 +99,38 @@ fn agent_checkpoints(node: &Node, id: &str) -> Vec<String> {
         .collect()
 }
 
+/// Tiers that hold checkpoint `name`, as the agent lists them.
+fn tiers_of(node: &Node, name: &str) -> Vec<String> {
+    let out = node.kybernatectl(&["--output", "json", "list"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .map(|c| {
+            c["tiers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|t| t.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until the agent's background drain has put checkpoint `name` on NVMe.
+fn wait_drained(node: &Node, name: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !tiers_of(node, name).iter().any(|t| t == "nvme") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} never drained to NVMe; agent log:\n{}",
+            node.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// `kybernatectl checkpoint --container`: agent -> containerd -> shim -> agent.
 fn ctl_checkpoint(node: &Node, id: &str, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
@@ -135,6 +167,10 @@ fn round_trip(version: Version) {
         1,
         "the agent stored one checkpoint for ctr: {stored:?}"
     );
+    // containerd holds the task paused until its checkpoint call returns, so the shim's
+    // checkpoint answers once the RAM copy is committed; NVMe follows in the background.
+    assert!(tiers_of(&node, &stored[0]).contains(&"ram".to_owned()));
+    wait_drained(&node, &stored[0]);
     // The same path through the agent: kybernatectl -> containerd -> shim -> agent.
     // (A container of its own: containerd 1.6 refuses a second checkpoint of an unchanged
     // container while the first one's spec blob is in its content store.)
@@ -153,6 +189,12 @@ fn round_trip(version: Version) {
         .as_str()
         .unwrap_or_else(|| panic!("no checkpoint name in {reply}"))
         .to_owned();
+    // kybernatectl waits for the tier it asked for (NVMe by default).
+    assert_eq!(
+        reply["tiers"],
+        serde_json::json!(["ram", "nvme"]),
+        "{reply}"
+    );
     assert!(
         agent_checkpoints(&node, via) == vec![through_agent.clone()],
         "the agent stored the checkpoint it reported"
@@ -301,6 +343,7 @@ fn bad_input(version: Version) {
     let name = agent_checkpoints(&node, "lonely")
         .pop()
         .expect("a checkpoint of lonely");
+    wait_drained(&node, &name);
     let mut damaged = 0;
     damaged += damage(&node.ram_tier, &name, false);
     // The NVMe tier is a content-addressed chunk store: damage every chunk.

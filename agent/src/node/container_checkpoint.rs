@@ -1,23 +1,25 @@
 //! Container checkpoints driven by the shim: the shim runs `runc checkpoint` itself, the
 //! agent does what surrounds it. Begin: CUDA lock + checkpoint of the container's processes
-//! and an image directory in the RAM tier. End: commit, digest, store into the tiers and
-//! record in the catalog — or, when the dump failed, CUDA resume and drop the partial images.
-//! Between the two the checkpoint name stays reserved, so nothing else can touch it.
+//! and an image directory in the RAM tier. End: commit and digest into the RAM tier, store
+//! into the tiers up to the one the checkpoint asked for, record it in the catalog and drain
+//! the slower tiers in the background — or, when the dump failed, CUDA resume and drop the
+//! partial images. Between the two the checkpoint name stays reserved, so nothing else can
+//! touch it. A checkpoint containerd asked for on its own (`ctr`, the CRI) asks for RAM:
+//! containerd keeps the task paused until End replies, and it stores its own copy.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
-use kybernate_dataplane::{CheckpointName, StoreReport, TierKind};
+use kybernate_dataplane::{CheckpointName, TierKind};
 use kybernate_proto::agent::v1 as pb;
 
 use super::{completed_reply, phases_pb, NodeAgent};
-use crate::bandwidth::Urgency;
 use crate::catalog::{CheckpointRecord, Phase};
 use crate::checkpoint::commit_and_digest;
 use crate::config::TimeoutsConfig;
 use crate::cuda::{CudaPhaseError, LockAndCheckpoint, Release};
 use crate::drain;
-use crate::error::AgentError;
+use crate::error::{tier_list, AgentError};
 use crate::events::PhaseClock;
 use crate::node_parts::NodeParts;
 use kybernate_cuda::GpuFingerprint;
@@ -30,6 +32,8 @@ pub struct ShimCheckpoint {
     fingerprint: Option<GpuFingerprint>,
     phases: Vec<Phase>,
     began: Instant,
+    /// The slowest tier stored into before End replies.
+    until: TierKind,
 }
 
 /// Begin a shim-driven container checkpoint.
@@ -69,21 +73,19 @@ impl Handler<ContainerCheckpointBegin> for NodeAgent {
                 ));
             }
             let awaited = self.awaited_containers.get(&request.container_id);
-            let name = if let (true, Some(awaited)) = (request.name.is_empty(), awaited) {
+            let (name, until) = match (request.name.is_empty(), awaited) {
                 // This agent asked containerd for the checkpoint and promised its caller a name.
-                awaited.clone()
-            } else if request.name.is_empty() {
-                container_name(&request.container_id)?
-            } else {
-                CheckpointName::new(&request.name)?
+                (true, Some(awaited)) => (awaited.name.clone(), awaited.until),
+                (true, None) => (container_name(&request.container_id)?, TierKind::Ram),
+                (false, _) => (CheckpointName::new(&request.name)?, TierKind::Ram),
             };
             if self.catalog.get(&name).is_some() {
                 return Err(AgentError::AlreadyExists(name.to_string()));
             }
             self.reserve(&name)?;
-            Ok(name)
+            Ok((name, until))
         })();
-        let name = match prepared {
+        let (name, until) = match prepared {
             Ok(name) => name,
             Err(e) => return Box::pin(actix::fut::ready(Err(e))),
         };
@@ -168,6 +170,7 @@ impl Handler<ContainerCheckpointBegin> for NodeAgent {
                         fingerprint: held.fingerprint,
                         phases,
                         began: Instant::now(),
+                        until,
                     },
                 );
                 Ok(reply)
@@ -206,6 +209,7 @@ impl Handler<ContainerCheckpointEnd> for NodeAgent {
         };
         let parts = self.parts.clone();
         let job_name = name.clone();
+        let until = session.until;
         Box::pin(
             async move {
                 if request.dumped {
@@ -222,6 +226,9 @@ impl Handler<ContainerCheckpointEnd> for NodeAgent {
             .map(move |result, agent, ctx| {
                 agent.busy.remove(&name);
                 agent.refresh_tier_usage(ctx);
+                if let Err(AgentError::HeldPartially { record, .. }) = &result {
+                    agent.keep_record(ctx, &name, record)?;
+                }
                 let Some((record, tiers)) = result? else {
                     return Ok(pb::CheckpointReply {
                         checkpoint_ref: name.to_string(),
@@ -231,6 +238,9 @@ impl Handler<ContainerCheckpointEnd> for NodeAgent {
                     });
                 };
                 agent.keep_record(ctx, &name, &record)?;
+                agent.last_used.insert(name.clone(), record.created_unix);
+                agent.drain_later(ctx, &name, record.files.clone(), until);
+                agent.enforce_budgets(ctx);
                 Ok(completed_reply(&record, tiers))
             }),
         )
@@ -279,7 +289,7 @@ async fn finish(
     } else {
         "cuda_release"
     };
-    clock
+    let released = clock
         .run(phase, async {
             parts
                 .cuda
@@ -287,32 +297,23 @@ async fn finish(
                 .await?
                 .map_err(cuda_error)
         })
-        .await?;
-
-    let (ram_report, files) = commit_and_digest(parts, &mut clock, name)
-        .await
-        .map_err(|(_, e)| e)?;
-    let image_dir = parts.ram.dir_of(name);
-    let mut stored: Vec<(TierKind, StoreReport)> = vec![(TierKind::Ram, ram_report)];
-    for kind in parts
-        .tiers
-        .kinds()
-        .into_iter()
-        .filter(|k| *k != TierKind::Ram)
-    {
-        let report = drain::store_into(
-            parts,
-            &mut clock,
-            name,
-            &image_dir,
-            &files,
-            kind,
-            Urgency::Foreground,
-        )
-        .await?;
-        stored.push((kind, report));
+        .await;
+    if let Err(e) = released {
+        clock.failed(phase, e.metric_label());
+        return Err(e);
     }
-    clock.succeeded();
+    let (ram_report, files) = match commit_and_digest(parts, &mut clock, name).await {
+        Ok(committed) => committed,
+        Err((phase, e)) => {
+            clock.failed(phase, e.metric_label());
+            return Err(e);
+        }
+    };
+    let foreground =
+        drain::store_foreground(parts, &mut clock, name, &files, ram_report, session.until).await;
+    parts
+        .metrics
+        .stored(ram_report.raw_bytes, &[("ram", ram_report.stored_bytes)]);
     tracing::info!(checkpoint = %name, container = %session.request.container_id,
         took_ms = crate::events::millis(session.began.elapsed()), "container checkpoint stored");
     let request = session.request;
@@ -331,7 +332,7 @@ async fn finish(
         shell_job: false,
         phases: clock.phases.clone(),
         raw_bytes: ram_report.raw_bytes,
-        stored_bytes: stored.iter().skip(1).map(|(_, r)| r.stored_bytes).sum(),
+        stored_bytes: foreground.stored_bytes(),
         files,
         gpu: if session.cuda_pids.is_empty() {
             None
@@ -339,6 +340,26 @@ async fn finish(
             session.fingerprint
         },
     };
-    let tiers = stored.iter().map(|(k, _)| k.as_str().to_owned()).collect();
-    Ok((record, tiers))
+    let held = tier_list(&foreground.kinds());
+    match foreground.failure {
+        None => {
+            clock.succeeded();
+            let tiers = foreground
+                .kinds()
+                .iter()
+                .map(|k| k.as_str().to_owned())
+                .collect();
+            Ok((record, tiers))
+        }
+        // The images are the container's state (its only state when it exited): keep the
+        // checkpoint in the tiers that hold it and report what failed.
+        Some((phase, source)) => {
+            clock.failed(phase, source.metric_label());
+            Err(AgentError::HeldPartially {
+                tiers: held,
+                record: Box::new(record),
+                source: Box::new(source),
+            })
+        }
+    }
 }

@@ -15,23 +15,27 @@ use super::{completed_reply, held_by, holdings, NodeAgent};
 use crate::containerd::{self, DEFAULT_NAMESPACE};
 use crate::error::AgentError;
 
+/// A container checkpoint this agent asked containerd for, awaited from its shim.
+#[derive(Debug, Clone)]
+pub(super) struct AwaitedCheckpoint {
+    /// The name promised to the caller.
+    pub name: CheckpointName,
+    /// The slowest tier the caller waits for.
+    pub until: TierKind,
+}
+
 impl NodeAgent {
     fn container_job(
         &self,
         req: &pb::CheckpointRequest,
-    ) -> Result<(CheckpointName, String), AgentError> {
+    ) -> Result<(AwaitedCheckpoint, String), AgentError> {
         if req.pid != 0 {
             return Err(AgentError::InvalidRequest(format!(
                 "give either a PID ({}) or a container ({}), not both",
                 req.pid, req.container_id
             )));
         }
-        if !req.tier.is_empty() && TierKind::parse(&req.tier).is_none() {
-            return Err(AgentError::InvalidRequest(format!(
-                "unknown tier {:?}: use ram, nvme or s3",
-                req.tier
-            )));
-        }
+        let until = self.requested_tier(&req.tier)?;
         let name = if req.name.is_empty() {
             container_name(&req.container_id)?
         } else {
@@ -45,8 +49,8 @@ impl NodeAgent {
         }
         if let Some(other) = self.awaited_containers.get(&req.container_id) {
             return Err(AgentError::Busy(format!(
-                "{other} (container {} is being checkpointed already)",
-                req.container_id
+                "{} (container {} is being checkpointed already)",
+                other.name, req.container_id
             )));
         }
         let namespace = if req.containerd_namespace.is_empty() {
@@ -54,7 +58,7 @@ impl NodeAgent {
         } else {
             req.containerd_namespace.clone()
         };
-        Ok((name, namespace))
+        Ok((AwaitedCheckpoint { name, until }, namespace))
     }
 
     /// Checkpoints container `req.container_id` through containerd and its shim.
@@ -62,13 +66,13 @@ impl NodeAgent {
         &mut self,
         req: pb::CheckpointRequest,
     ) -> ResponseActFuture<Self, Result<pb::CheckpointReply, AgentError>> {
-        let (name, namespace) = match self.container_job(&req) {
+        let (awaited, namespace) = match self.container_job(&req) {
             Ok(job) => job,
             Err(e) => return Box::pin(actix::fut::ready(Err(e))),
         };
+        let name = awaited.name.clone();
         let container = req.container_id;
-        self.awaited_containers
-            .insert(container.clone(), name.clone());
+        self.awaited_containers.insert(container.clone(), awaited);
         let timeouts = &self.parts.config.timeouts;
         let timeout = if req.timeout_ms > 0 {
             Duration::from_millis(req.timeout_ms)
@@ -97,7 +101,7 @@ impl NodeAgent {
                 holdings(&parts).await
             }
             .into_actor(self)
-            .map(move |result, agent, ctx| {
+            .map(move |result, agent, _| {
                 agent.awaited_containers.remove(&container);
                 let holdings = result?;
                 let record = agent.catalog.get(&name).cloned().ok_or_else(|| {
@@ -108,8 +112,6 @@ impl NodeAgent {
                          another agent socket"
                     ))
                 })?;
-                agent.last_used.insert(name.clone(), record.created_unix);
-                agent.enforce_budgets(ctx);
                 Ok(completed_reply(&record, held_by(&holdings, name.as_str())))
             }),
         )
