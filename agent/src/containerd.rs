@@ -37,23 +37,30 @@ pub struct ContainerdError {
 }
 
 /// runc's checkpoint options as containerd's task API carries them (type
-/// `containerd.runc.v1.CheckpointOptions`); only the field the agent sets.
+/// `containerd.runc.v1.CheckpointOptions`); only the fields the agent sets.
 #[derive(Clone, PartialEq, prost::Message)]
 struct RuncCheckpointOptions {
     /// Stop the container after the dump instead of leaving it running.
     #[prost(bool, tag = "1")]
     exit: bool,
+    /// Where the shim is to write the images. containerd hands it to the shim as the
+    /// checkpoint path and, given one, writes no checkpoint image of its own into its content
+    /// store (a second copy of every byte that the agent does not use).
+    #[prost(string, tag = "8")]
+    image_path: String,
 }
 
 const RUNC_CHECKPOINT_OPTIONS: &str = "containerd.runc.v1.CheckpointOptions";
 
-/// Asks containerd at `socket` to checkpoint task `container` in `namespace`; the task
-/// keeps running when `leave_running`. Returns once the shim finished (its agent calls
+/// Asks containerd at `socket` to checkpoint task `container` in `namespace` into
+/// `image_dir` (the RAM tier's directory for the checkpoint, where the kybernate shim dumps
+/// anyway); the task keeps running when `leave_running`. Returns once the shim finished (its agent calls
 /// included), or with containerd's error, after at most `timeout`.
 pub async fn checkpoint_task(
     socket: &Path,
     namespace: &str,
     container: &str,
+    image_dir: &Path,
     leave_running: bool,
     timeout: Duration,
 ) -> Result<(), ContainerdError> {
@@ -82,6 +89,7 @@ pub async fn checkpoint_task(
     })?;
     let options = RuncCheckpointOptions {
         exit: !leave_running,
+        image_path: image_dir.display().to_string(),
     };
     let mut request = tonic::Request::new(CheckpointTaskRequest {
         container_id: container.to_owned(),
@@ -107,20 +115,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn options_encode_exit_as_field_one() {
-        let bytes = prost::Message::encode_to_vec(&RuncCheckpointOptions { exit: true });
+    fn options_encode_exit_as_field_one_and_the_image_path_as_field_eight() {
+        let options = |exit, image_path: &str| RuncCheckpointOptions {
+            exit,
+            image_path: image_path.into(),
+        };
+        let bytes = prost::Message::encode_to_vec(&options(true, ""));
         assert_eq!(bytes, vec![0x08, 0x01]);
-        let bytes = prost::Message::encode_to_vec(&RuncCheckpointOptions { exit: false });
+        let bytes = prost::Message::encode_to_vec(&options(false, ""));
         assert!(bytes.is_empty());
+        let bytes = prost::Message::encode_to_vec(&options(false, "/i"));
+        assert_eq!(bytes, vec![0x42, 0x02, b'/', b'i']);
     }
 
     #[tokio::test]
     async fn a_missing_socket_names_itself() {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("containerd.sock");
-        let err = checkpoint_task(&socket, "ns", "c1", true, Duration::from_secs(1))
-            .await
-            .unwrap_err();
+        let err = checkpoint_task(
+            &socket,
+            "ns",
+            "c1",
+            Path::new("/i"),
+            true,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(err.code, tonic::Code::Unavailable);
         let text = err.to_string();
         assert!(

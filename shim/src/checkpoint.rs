@@ -118,7 +118,7 @@ impl TaskService {
             });
         }
         let reference = self
-            .checkpoint_container(container, &options, &req.path)
+            .checkpoint_container(container, &options, images_wanted_at(&options, &req.path))
             .await?;
         drop(containers);
         let event = TaskCheckpointed {
@@ -504,6 +504,18 @@ impl TaskService {
             }
         }
         Ok((pid, io))
+    }
+}
+
+/// Where the caller wants the images besides the agent's tiers. An `image_path` in the
+/// options wins, as with runc's shim: containerd then hands over a directory of its own that
+/// it archives into its content store, and that stays empty. The agent names its RAM-tier
+/// directory this way, so a checkpoint it asked for is neither copied nor archived.
+fn images_wanted_at<'a>(options: &'a CheckpointOptions, containerd_path: &'a str) -> &'a str {
+    if options.image_path.is_empty() {
+        containerd_path
+    } else {
+        &options.image_path
     }
 }
 

@@ -177,6 +177,7 @@ fn round_trip(version: Version) {
     let via = "shm-via-agent";
     run_counter(&node, via, &[]);
     let early = wait_count(&node, via, 20);
+    let content_before = node.ctr_ok(&["content", "ls", "-q"]);
     let out = ctl_checkpoint(&node, via, &["--leave-running"]);
     assert!(
         out.status.success(),
@@ -195,6 +196,25 @@ fn round_trip(version: Version) {
         serde_json::json!(["ram", "nvme"]),
         "{reply}"
     );
+    // The agent named its RAM tier as the image path, so the shim left containerd's own
+    // checkpoint directory empty: containerd archived nothing of the container's memory.
+    let raw_bytes = reply["raw_bytes"].as_u64().unwrap();
+    let blobs = node
+        .dir
+        .path()
+        .join("root/io.containerd.content.v1.content/blobs/sha256");
+    for digest in node.ctr_ok(&["content", "ls", "-q"]).lines() {
+        if content_before.lines().any(|d| d == digest) {
+            continue;
+        }
+        let hex = digest.trim_start_matches("sha256:");
+        let size = std::fs::metadata(blobs.join(hex)).map_or(0, |m| m.len());
+        assert!(
+            size < raw_bytes / 4,
+            "containerd stored {size} bytes ({digest}) for a kybernatectl checkpoint of \
+             {raw_bytes} bytes"
+        );
+    }
     assert!(
         agent_checkpoints(&node, via) == vec![through_agent.clone()],
         "the agent stored the checkpoint it reported"
@@ -249,6 +269,22 @@ fn containerd_21_round_trip_keeps_state() {
     round_trip(containerd_21());
 }
 
+/// Names of everything under `dir`, two levels deep.
+fn walkdir_names(dir: &std::path::Path) -> Vec<String> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        names.push(entry.file_name().to_string_lossy().into_owned());
+        for inner in std::fs::read_dir(entry.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            names.push(inner.file_name().to_string_lossy().into_owned());
+        }
+    }
+    names
+}
+
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -282,6 +318,35 @@ fn bad_input(version: Version) {
         text.contains("no-such") && text.contains("not found"),
         "{text}"
     );
+
+    // A container under another runtime: its shim never reports to the agent, which says
+    // so and keeps nothing of what that shim dumped.
+    node.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        "io.containerd.runc.v2",
+        IMAGE,
+        "stock",
+        "sh",
+        "-c",
+        COUNTER,
+    ]);
+    node.wait_status("stock", "RUNNING");
+    let out = ctl_checkpoint(&node, "stock", &["--leave-running", "--name", "stock-ckpt"]);
+    let text = stderr(&out);
+    assert!(
+        !out.status.success(),
+        "a runc.v2 container was checkpointed"
+    );
+    assert!(text.contains("kybernate runtime"), "{text}");
+    assert_eq!(node.task_status("stock").as_deref(), Some("RUNNING"));
+    let left = walkdir_names(&node.ram_tier);
+    assert!(
+        !left.iter().any(|n| n.contains("stock-ckpt")),
+        "the runc.v2 dump stayed in the RAM tier: {left:?}"
+    );
+    node.remove("stock");
 
     dump_past_deadline(&node);
 

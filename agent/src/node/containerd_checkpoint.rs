@@ -88,12 +88,16 @@ impl NodeAgent {
         let socket = self.parts.config.containerd_socket.clone();
         let parts = self.parts.clone();
         let asked = container.clone();
+        // The shim dumps into the RAM tier; naming that directory keeps containerd from
+        // writing a checkpoint image of its own.
+        let image_dir = self.parts.ram.partial_dir_of(&name);
         Box::pin(
             async move {
                 containerd::checkpoint_task(
                     &socket,
                     &namespace,
                     &asked,
+                    &image_dir,
                     req.leave_running,
                     timeout,
                 )
@@ -103,8 +107,14 @@ impl NodeAgent {
             .into_actor(self)
             .map(move |result, agent, _| {
                 agent.awaited_containers.remove(&container);
+                let record = agent.catalog.get(&name).cloned();
+                if record.is_none() && !agent.shim_checkpoints.contains_key(&name) {
+                    // Nothing of this checkpoint is kept or in progress: drop what a shim
+                    // dumped (another runtime's shim dumps without telling this agent).
+                    let _ = std::fs::remove_dir_all(agent.parts.ram.partial_dir_of(&name));
+                }
                 let holdings = result?;
-                let record = agent.catalog.get(&name).cloned().ok_or_else(|| {
+                let record = record.ok_or_else(|| {
                     AgentError::InvalidRequest(format!(
                         "containerd checkpointed container {container}, but its shim never \
                          reported to this agent: the container does not run under the \
