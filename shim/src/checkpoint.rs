@@ -1,9 +1,12 @@
 //! GPU-aware checkpoint and restore of a container. Checkpoint: GPU placement from the OCI
 //! spec, checked against the node's GPUs as the agent reports them → the agent's CUDA phase
 //! (lock + checkpoint, image dir in the RAM tier) → `runc checkpoint` → the agent commits
-//! and stores the images. Any failure rolls back (CUDA resume) and the container keeps
-//! running; the error names the failed phase. Restore: `runc restore` from containerd's
-//! checkpoint path or from images the agent staged, then the agent's CUDA restore.
+//! and stores the images. When containerd wants the images in a directory of its own (`ctr`,
+//! the CRI), CRIU dumps there and the images reach the agent after the call returns (see
+//! [`crate::handoff`]). Any failure up to the dump rolls back (CUDA resume) and the container
+//! keeps running; the error names the failed phase. Restore: `runc restore` from
+//! containerd's checkpoint path or from images the agent staged, then the agent's CUDA
+//! restore.
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +21,7 @@ use crate::agent_link::{AgentCallError, AgentLink};
 use crate::config::millis;
 use crate::error::{Result, ShimError};
 use crate::gpu::{GpuPlacement, NodeGpus};
+use crate::handoff::ImageCopy;
 use crate::process::{Container, ProcessStatus, RestoreSource};
 use crate::runc_cli::{read_pid, RuncCli};
 use crate::service::{read_spec, TaskService};
@@ -135,7 +139,7 @@ impl TaskService {
         &self,
         container: &Container,
         options: &CheckpointOptions,
-        containerd_path: &str,
+        wanted_at: &str,
     ) -> Result<String> {
         let id = container.id.as_str();
         let timeouts = &self.config.timeouts;
@@ -165,25 +169,39 @@ impl TaskService {
             .await
             .map_err(|e| phase_error(id, "checkpoint", e))?;
         let images = PathBuf::from(&begin.image_dir);
+        let containerd_dir = (!wanted_at.is_empty() && Path::new(wanted_at) != images)
+            .then(|| PathBuf::from(wanted_at));
         let work = container.bundle.join("criu-work");
         let started = std::time::Instant::now();
-        let dumped = self.dump(container, options, &images, &work).await;
+        let dumped = self
+            .dump(
+                container,
+                options,
+                containerd_dir.as_deref().unwrap_or(&images),
+                &work,
+            )
+            .await;
         let dump_millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        // containerd (`ctr`, the CRI) wants the images in its own directory too, and holds the
-        // task paused until this call returns: the copy runs while the agent commits its RAM
-        // copy, reading through handles opened before the agent moves the directory.
-        let copy = dumped.and_then(|()| {
-            ImageCopy::open(&images, containerd_path)
-                .map_err(|e| copy_error(id, containerd_path, &e.to_string()))
-        });
         let end = |dumped: bool, failure: String| pb::ContainerCheckpointEndRequest {
             checkpoint_ref: begin.checkpoint_ref.clone(),
             dumped,
             failure,
             dump_millis,
         };
-        let copy = match copy {
-            Ok(copy) => copy,
+        let handoff = dumped.and_then(|()| {
+            containerd_dir
+                .as_deref()
+                .map(|dir| ImageCopy::open(dir, &images))
+                .transpose()
+                .map_err(|e| ShimError::Phase {
+                    id: id.to_owned(),
+                    operation: "checkpoint",
+                    phase: "open_images",
+                    message: format!("open the images in {wanted_at}: {e}"),
+                })
+        });
+        let handoff = match handoff {
+            Ok(handoff) => handoff,
             Err(e) => {
                 let rollback = agent
                     .checkpoint_end(end(false, e.to_string()), millis(timeouts.agent_ms))
@@ -199,26 +217,23 @@ impl TaskService {
                 });
             }
         };
-        let copying = tokio::task::spawn_blocking(move || copy.run());
+        if let Some(copy) = handoff {
+            let request = end(true, String::new());
+            self.handoffs
+                .start(
+                    id.to_owned(),
+                    agent,
+                    copy,
+                    request,
+                    millis(timeouts.agent_ms),
+                )
+                .await;
+            return Ok(begin.checkpoint_ref);
+        }
         let reply = agent
             .checkpoint_end(end(true, String::new()), millis(timeouts.agent_ms))
             .await
-            .map_err(|e| phase_error(id, "checkpoint", e));
-        let copied = copying
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|copied| copied);
-        let reply = match (reply, copied) {
-            (Ok(reply), Ok(())) => reply,
-            (Err(e), _) => return Err(e),
-            (Ok(reply), Err(e)) => {
-                let kept = format!(
-                    "{e}; the agent keeps the checkpoint as {}",
-                    reply.checkpoint_ref
-                );
-                return Err(copy_error(id, containerd_path, &kept));
-            }
-        };
+            .map_err(|e| phase_error(id, "checkpoint", e))?;
         log::info!(
             "checkpointed {id} as {} ({} bytes, tiers {:?})",
             reply.checkpoint_ref,
@@ -524,52 +539,6 @@ fn pod_uid(spec: &serde_json::Value) -> String {
         .and_then(|v| v.as_str())
         .unwrap_or_default()
         .to_owned()
-}
-
-fn copy_error(id: &str, to: &str, e: &str) -> ShimError {
-    ShimError::Phase {
-        id: id.to_owned(),
-        operation: "checkpoint",
-        phase: "copy_images",
-        message: format!("copy images to {to}: {e}"),
-    }
-}
-
-/// A copy of a flat CRIU image directory into containerd's checkpoint directory, holding the
-/// source files open so that it can run while the agent moves the directory.
-struct ImageCopy {
-    files: Vec<(std::ffi::OsString, std::fs::File)>,
-    to: PathBuf,
-}
-
-impl ImageCopy {
-    /// Opens every image in `from`; nothing to copy when containerd gave no directory or the
-    /// same one.
-    fn open(from: &Path, to: &str) -> std::io::Result<Self> {
-        let to = PathBuf::from(to);
-        let mut files = Vec::new();
-        if !to.as_os_str().is_empty() && to != from {
-            for entry in std::fs::read_dir(from)? {
-                let entry = entry?;
-                if entry.file_type()?.is_file() {
-                    files.push((entry.file_name(), std::fs::File::open(entry.path())?));
-                }
-            }
-        }
-        Ok(Self { files, to })
-    }
-
-    fn run(self) -> std::io::Result<()> {
-        if self.files.is_empty() {
-            return Ok(());
-        }
-        std::fs::create_dir_all(&self.to)?;
-        for (name, mut file) in self.files {
-            let mut copy = std::fs::File::create(self.to.join(name))?;
-            std::io::copy(&mut file, &mut copy)?;
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

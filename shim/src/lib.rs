@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod gpu;
+pub mod handoff;
 pub mod info;
 pub mod lifecycle;
 pub mod process;

@@ -15,8 +15,9 @@ use containerd_shim::protos::ttrpc::context::Context;
 use containerd_shim::ExitSignal;
 use tokio::sync::Mutex;
 
-use crate::config::ShimConfig;
+use crate::config::{millis, ShimConfig};
 use crate::error::{Result, ShimError};
+use crate::handoff::Handoffs;
 use crate::process::Container;
 use crate::runc_cli::RuncCli;
 
@@ -37,6 +38,8 @@ pub struct TaskService {
     unclaimed: Arc<std::sync::Mutex<VecDeque<(i32, i32)>>>,
     publisher: Arc<RemotePublisher>,
     exit_signal: Arc<ExitSignal>,
+    /// Checkpoints whose images still go to the agent after containerd's call returned.
+    pub handoffs: Arc<Handoffs>,
 }
 
 impl std::fmt::Debug for TaskService {
@@ -69,6 +72,7 @@ impl TaskService {
             unclaimed: Arc::new(std::sync::Mutex::new(VecDeque::new())),
             publisher: Arc::new(publisher),
             exit_signal,
+            handoffs: Arc::new(Handoffs::default()),
         };
         service.watch_exits().await;
         service
@@ -144,9 +148,13 @@ impl TaskService {
         }
     }
 
-    /// Ends the shim once it serves no container.
+    /// Ends the shim once it serves no container, after its checkpoint handoffs ended.
     pub async fn shutdown_if_idle(&self, now: bool) {
         if now || self.containers.lock().await.is_empty() {
+            let timeouts = &self.config.timeouts;
+            self.handoffs
+                .finish(millis(timeouts.agent_ms.saturating_add(timeouts.dump_ms)))
+                .await;
             self.exit_signal.signal();
         }
     }

@@ -99,6 +99,23 @@ fn agent_checkpoints(node: &Node, id: &str) -> Vec<String> {
         .collect()
 }
 
+/// The one checkpoint of container `id` the agent keeps. After `ctr c checkpoint` it arrives
+/// shortly after containerd's call: the shim hands the images over in the background.
+fn wait_checkpoint(node: &Node, id: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stored = agent_checkpoints(node, id);
+        match stored.as_slice() {
+            [one] => return one.clone(),
+            [] if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => panic!(
+                "expected one checkpoint of {id} in the agent, found {stored:?}; agent log:\n{}",
+                node.agent_log()
+            ),
+        }
+    }
+}
+
 /// Tiers that hold checkpoint `name`, as the agent lists them.
 fn tiers_of(node: &Node, name: &str) -> Vec<String> {
     let out = node.kybernatectl(&["--output", "json", "list"]);
@@ -120,10 +137,10 @@ fn tiers_of(node: &Node, name: &str) -> Vec<String> {
 
 /// Waits until the agent's background drain has put checkpoint `name` on NVMe.
 fn wait_drained(node: &Node, name: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while !tiers_of(node, name).iter().any(|t| t == "nvme") {
         assert!(
-            std::time::Instant::now() < deadline,
+            Instant::now() < deadline,
             "{name} never drained to NVMe; agent log:\n{}",
             node.agent_log()
         );
@@ -161,16 +178,11 @@ fn round_trip(version: Version) {
     // Leave-running is containerd's default: the task still counts.
     assert_eq!(node.task_status(id).as_deref(), Some("RUNNING"));
     assert!(wait_count(&node, id, before + 5) > before);
-    let stored = agent_checkpoints(&node, id);
-    assert_eq!(
-        stored.len(),
-        1,
-        "the agent stored one checkpoint for ctr: {stored:?}"
-    );
-    // containerd holds the task paused until its checkpoint call returns, so the shim's
-    // checkpoint answers once the RAM copy is committed; NVMe follows in the background.
-    assert!(tiers_of(&node, &stored[0]).contains(&"ram".to_owned()));
-    wait_drained(&node, &stored[0]);
+    let stored = wait_checkpoint(&node, id);
+    // containerd holds the task paused until its checkpoint call returns, so the agent gets
+    // the images after that call and commits them to RAM; NVMe follows in the background.
+    assert!(tiers_of(&node, &stored).contains(&"ram".to_owned()));
+    wait_drained(&node, &stored);
     // The same path through the agent: kybernatectl -> containerd -> shim -> agent.
     // (A container of its own: containerd 1.6 refuses a second checkpoint of an unchanged
     // container while the first one's spec blob is in its content store.)
@@ -239,7 +251,7 @@ fn round_trip(version: Version) {
     );
     node.remove(id);
 
-    let annotation = format!("kybernate.io/restore-from={}", stored[0]);
+    let annotation = format!("kybernate.io/restore-from={stored}");
     run_counter(&node, "from-annotation", &["--annotation", &annotation]);
     let restored = count(&node, "from-annotation");
     assert!(
@@ -405,9 +417,7 @@ fn bad_input(version: Version) {
 
     // A corrupt image set: every stored copy damaged.
     node.ctr_ok(&["containers", "checkpoint", "--task", "lonely", "x:5"]);
-    let name = agent_checkpoints(&node, "lonely")
-        .pop()
-        .expect("a checkpoint of lonely");
+    let name = wait_checkpoint(&node, "lonely");
     wait_drained(&node, &name);
     let mut damaged = 0;
     damaged += damage(&node.ram_tier, &name, false);
