@@ -21,7 +21,7 @@ use crate::agent_link::{AgentCallError, AgentLink};
 use crate::config::millis;
 use crate::error::{Result, ShimError};
 use crate::gpu::{GpuPlacement, NodeGpus};
-use crate::handoff::ImageCopy;
+use crate::handoff::{Handoff, ImageCopy};
 use crate::process::{Container, ProcessStatus, RestoreSource};
 use crate::runc_cli::{read_pid, RuncCli};
 use crate::service::{read_spec, TaskService};
@@ -187,6 +187,7 @@ impl TaskService {
             dumped,
             failure,
             dump_millis,
+            images_follow: false,
         };
         let handoff = dumped.and_then(|()| {
             containerd_dir
@@ -218,15 +219,25 @@ impl TaskService {
             }
         };
         if let Some(copy) = handoff {
-            let request = end(true, String::new());
+            // The GPUs come back now; the images follow once containerd resumed the task.
+            let images_follow = pb::ContainerCheckpointEndRequest {
+                images_follow: true,
+                ..end(true, String::new())
+            };
+            agent
+                .checkpoint_end(images_follow, millis(timeouts.agent_ms))
+                .await
+                .map_err(|e| phase_error(id, "checkpoint", e))?;
             self.handoffs
-                .start(
-                    id.to_owned(),
+                .start(Handoff {
+                    containers: self.containers.clone(),
+                    id: id.to_owned(),
+                    wait: millis(timeouts.handoff_wait_ms),
                     agent,
                     copy,
-                    request,
-                    millis(timeouts.agent_ms),
-                )
+                    end: end(true, String::new()),
+                    timeout: millis(timeouts.agent_ms),
+                })
                 .await;
             return Ok(begin.checkpoint_ref);
         }

@@ -36,6 +36,9 @@ pub struct PhaseTimeouts {
     pub dump_ms: u64,
     /// `runc restore`.
     pub restore_ms: u64,
+    /// How long a checkpoint's handoff to the agent waits for containerd to resume the task
+    /// (containerd archives its own copy meanwhile) before it copies the images anyway.
+    pub handoff_wait_ms: u64,
 }
 
 impl Default for PhaseTimeouts {
@@ -45,6 +48,7 @@ impl Default for PhaseTimeouts {
             cuda_ms: 120_000,
             dump_ms: 600_000,
             restore_ms: 600_000,
+            handoff_wait_ms: 120_000,
         }
     }
 }

@@ -1,19 +1,30 @@
 //! Handing a checkpoint's images to the agent after containerd's call has returned.
 //! containerd (`ctr`, the CRI) wants the images in a directory of its own, which it archives
 //! into its content store after the shim's Checkpoint returns, holding the task paused all
-//! the while. So CRIU dumps straight into that directory, exactly as runc's shim does, and
-//! the images reach the agent's RAM tier in the background: copied through handles opened
-//! before Checkpoint returns (containerd deletes its directory when it is done), then
-//! committed with ContainerCheckpointEnd. The shim does not exit before its handoffs end.
+//! the while. So CRIU dumps straight into that directory, exactly as runc's shim does; a first
+//! ContainerCheckpointEnd (`images_follow`) gives the GPUs back at once, and the images reach
+//! the agent's RAM tier once containerd has resumed the task, so that the copy does not slow
+//! containerd's archive down: copied through handles opened before Checkpoint returned
+//! (containerd deletes its directory when it is done), then committed with a second
+//! ContainerCheckpointEnd. The shim does not exit before its handoffs end.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use kybernate_proto::agent::v1 as pb;
 use tokio::sync::Mutex;
 use tokio::task::JoinSet;
 
 use crate::agent_link::AgentLink;
+use crate::process::{Container, ProcessStatus};
+
+/// How often a handoff looks whether containerd has resumed the task.
+const RESUME_POLL: Duration = Duration::from_millis(20);
+
+/// Containers by id, as the task service keeps them.
+pub type Containers = Arc<Mutex<HashMap<String, Container>>>;
 
 /// Copies of a flat CRIU image directory, holding every source file open.
 #[derive(Debug)]
@@ -49,6 +60,25 @@ impl ImageCopy {
     }
 }
 
+/// One checkpoint's images on their way to the agent.
+#[derive(Debug)]
+pub struct Handoff {
+    /// The task service's containers, to see when containerd resumes the task.
+    pub containers: Containers,
+    /// The container.
+    pub id: String,
+    /// At most this long to wait for the resume.
+    pub wait: Duration,
+    /// The agent.
+    pub agent: AgentLink,
+    /// The opened images.
+    pub copy: ImageCopy,
+    /// The End committing the images.
+    pub end: pb::ContainerCheckpointEndRequest,
+    /// Deadline of that End.
+    pub timeout: Duration,
+}
+
 /// Handoffs still running, awaited before the shim exits.
 #[derive(Debug, Default)]
 pub struct Handoffs {
@@ -56,18 +86,21 @@ pub struct Handoffs {
 }
 
 impl Handoffs {
-    /// Copies `copy` into the agent's directory, then ends the checkpoint: committed when
-    /// the copy succeeded, rolled back (CUDA resumed, partial images dropped) when not.
-    /// Either way containerd's own copy of the checkpoint stands.
-    pub async fn start(
-        &self,
-        id: String,
-        agent: AgentLink,
-        copy: ImageCopy,
-        end: pb::ContainerCheckpointEndRequest,
-        timeout: Duration,
-    ) {
+    /// Once the container is no longer paused (or after `handoff.wait`), copies the images
+    /// into the agent's directory and ends the checkpoint: committed when the copy succeeded,
+    /// dropped when not. Either way containerd's own copy of the checkpoint stands.
+    pub async fn start(&self, handoff: Handoff) {
+        let Handoff {
+            containers,
+            id,
+            wait,
+            agent,
+            copy,
+            end,
+            timeout,
+        } = handoff;
         let task = async move {
+            wait_until_resumed(&containers, &id, wait).await;
             let copied = tokio::task::spawn_blocking(move || copy.run())
                 .await
                 .map_err(std::io::Error::other)
@@ -90,7 +123,7 @@ impl Handoffs {
                 ),
                 (Ok(_), Err(e)) => log::error!(
                     "container {id}: containerd holds the checkpoint, but the agent's copy \
-                     {reference} failed and was rolled back: {e}"
+                     {reference} failed and was dropped: {e}"
                 ),
                 (Err(e), _) => log::error!(
                     "container {id}: containerd holds the checkpoint, but the agent could not \
@@ -104,6 +137,7 @@ impl Handoffs {
     }
 
     /// Waits for every running handoff, at most `limit`.
+    /// (A handoff of a task that stays paused waits its own `wait` first.)
     pub async fn finish(&self, limit: Duration) {
         let mut running = self.running.lock().await;
         let all = async { while running.join_next().await.is_some() {} };
@@ -114,5 +148,21 @@ impl Handoffs {
                 limit.as_millis()
             );
         }
+    }
+}
+
+/// Returns once container `id` is gone or not paused, or after `wait`.
+async fn wait_until_resumed(containers: &Containers, id: &str, wait: Duration) {
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        let paused = containers
+            .lock()
+            .await
+            .get(id)
+            .is_some_and(|c| c.init.status == ProcessStatus::Paused);
+        if !paused {
+            return;
+        }
+        tokio::time::sleep(RESUME_POLL).await;
     }
 }

@@ -34,6 +34,8 @@ pub struct ShimCheckpoint {
     began: Instant,
     /// The slowest tier stored into before End replies.
     until: TierKind,
+    /// CUDA was released by an End whose images followed later.
+    cuda_released: bool,
 }
 
 /// Begin a shim-driven container checkpoint.
@@ -171,6 +173,7 @@ impl Handler<ContainerCheckpointBegin> for NodeAgent {
                         phases,
                         began: Instant::now(),
                         until,
+                        cuda_released: false,
                     },
                 );
                 Ok(reply)
@@ -207,6 +210,9 @@ impl Handler<ContainerCheckpointEnd> for NodeAgent {
             Ok(found) => found,
             Err(e) => return Box::pin(actix::fut::ready(Err(e))),
         };
+        if request.dumped && request.images_follow {
+            return self.release_before_images(name, session, request.dump_millis);
+        }
         let parts = self.parts.clone();
         let job_name = name.clone();
         let until = session.until;
@@ -217,7 +223,7 @@ impl Handler<ContainerCheckpointEnd> for NodeAgent {
                         .await
                         .map(Some)
                 } else {
-                    roll_back(&parts, &job_name, &request.failure)
+                    roll_back(&parts, &job_name, &request.failure, session.cuda_released)
                         .await
                         .map(|()| None)
                 }
@@ -247,13 +253,102 @@ impl Handler<ContainerCheckpointEnd> for NodeAgent {
     }
 }
 
+impl NodeAgent {
+    /// The first of two Ends (`images_follow`): the dump is done, so CUDA is released now;
+    /// the checkpoint stays open and reserved until the images are in the RAM tier.
+    fn release_before_images(
+        &mut self,
+        name: CheckpointName,
+        mut session: ShimCheckpoint,
+        dump_millis: u64,
+    ) -> ResponseActFuture<Self, Result<pb::CheckpointReply, AgentError>> {
+        let parts = self.parts.clone();
+        let job_name = name.clone();
+        let phases = session.phases.clone();
+        let leave_running = session.request.leave_running;
+        Box::pin(
+            async move {
+                let mut clock = PhaseClock::new(
+                    job_name.as_str(),
+                    "checkpoint",
+                    parts.events.clone(),
+                    parts.metrics.clone(),
+                );
+                clock.phases = phases;
+                clock.record("criu_dump", Duration::from_millis(dump_millis));
+                match release_cuda(&parts, &mut clock, &job_name, leave_running).await {
+                    Ok(()) => Ok(clock.phases),
+                    Err((phase, e)) => {
+                        clock.failed(phase, e.metric_label());
+                        let _ = std::fs::remove_dir_all(parts.ram.partial_dir_of(&job_name));
+                        Err(e)
+                    }
+                }
+            }
+            .into_actor(self)
+            .map(move |result, agent, _| match result {
+                Ok(phases) => {
+                    let reply = pb::CheckpointReply {
+                        checkpoint_ref: name.to_string(),
+                        phases: phases_pb(&phases),
+                        cuda_done: true,
+                        criu_done: true,
+                        ..Default::default()
+                    };
+                    session.phases = phases;
+                    session.cuda_released = true;
+                    agent.shim_checkpoints.insert(name, session);
+                    Ok(reply)
+                }
+                Err(e) => {
+                    agent.busy.remove(&name);
+                    Err(e)
+                }
+            }),
+        )
+    }
+}
+
+/// Gives the container's GPUs back after its dump: CUDA resume (leave-running) or release.
+async fn release_cuda(
+    parts: &NodeParts,
+    clock: &mut PhaseClock,
+    name: &CheckpointName,
+    leave_running: bool,
+) -> Result<(), (&'static str, AgentError)> {
+    let phase = if leave_running {
+        "cuda_resume"
+    } else {
+        "cuda_release"
+    };
+    clock
+        .run(phase, async {
+            parts
+                .cuda
+                .send(release(name, !leave_running))
+                .await?
+                .map_err(|source| AgentError::Cuda {
+                    name: name.to_string(),
+                    source,
+                })
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| (phase, e))
+}
+
 async fn roll_back(
     parts: &NodeParts,
     name: &CheckpointName,
     failure: &str,
+    cuda_released: bool,
 ) -> Result<(), AgentError> {
-    tracing::warn!(checkpoint = %name, failure, "container dump failed; resuming CUDA");
     let _ = std::fs::remove_dir_all(parts.ram.partial_dir_of(name));
+    if cuda_released {
+        tracing::warn!(checkpoint = %name, failure, "container images never arrived; dropped");
+        return Ok(());
+    }
+    tracing::warn!(checkpoint = %name, failure, "container dump failed; resuming CUDA");
     parts
         .cuda
         .send(release(name, false))
@@ -278,29 +373,13 @@ async fn finish(
         parts.metrics.clone(),
     );
     clock.phases = session.phases.clone();
-    clock.record("criu_dump", Duration::from_millis(dump_millis));
     let leave_running = session.request.leave_running;
-    let cuda_error = |source: CudaPhaseError| AgentError::Cuda {
-        name: name.to_string(),
-        source,
-    };
-    let phase = if leave_running {
-        "cuda_resume"
-    } else {
-        "cuda_release"
-    };
-    let released = clock
-        .run(phase, async {
-            parts
-                .cuda
-                .send(release(name, !leave_running))
-                .await?
-                .map_err(cuda_error)
-        })
-        .await;
-    if let Err(e) = released {
-        clock.failed(phase, e.metric_label());
-        return Err(e);
+    if !session.cuda_released {
+        clock.record("criu_dump", Duration::from_millis(dump_millis));
+        if let Err((phase, e)) = release_cuda(parts, &mut clock, name, leave_running).await {
+            clock.failed(phase, e.metric_label());
+            return Err(e);
+        }
     }
     let (ram_report, files) = match commit_and_digest(parts, &mut clock, name).await {
         Ok(committed) => committed,
