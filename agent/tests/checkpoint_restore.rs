@@ -264,3 +264,121 @@ fn watch_streams_phase_progress() {
         ]
     );
 }
+
+/// The shim's two-step End for `ctr` and CRI checkpoints: the first (`images_follow`) gives
+/// the GPUs back and keeps the name reserved, the second commits the images that arrived in
+/// the meantime; or, when they never arrive, drops the checkpoint and frees the name.
+#[test]
+fn a_container_checkpoint_whose_images_follow_commits_them_later_or_drops_it() {
+    use kybernate_agent::client::connect;
+    use kybernate_proto::agent::v1 as pb;
+
+    let agent = TestAgent::start();
+    let mut sleeper = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .unwrap();
+    let pid = i32::try_from(sleeper.id()).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let listed = |name: &str| {
+        agent
+            .ctl_json(&["list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == name)
+    };
+    runtime.block_on(async {
+        let mut client = connect(&agent.socket).await.unwrap();
+        let begin = |name: &str| pb::ContainerCheckpointBeginRequest {
+            name: name.to_owned(),
+            container_id: "c1".into(),
+            pids: vec![pid],
+            leave_running: true,
+            ..Default::default()
+        };
+        let end =
+            |name: &str, dumped: bool, images_follow: bool| pb::ContainerCheckpointEndRequest {
+                checkpoint_ref: name.to_owned(),
+                dumped,
+                failure: if dumped {
+                    String::new()
+                } else {
+                    "copy failed".into()
+                },
+                dump_millis: 7,
+                images_follow,
+            };
+
+        let images = client
+            .container_checkpoint_begin(begin("follow"))
+            .await
+            .unwrap()
+            .into_inner()
+            .image_dir;
+        let first = client
+            .container_checkpoint_end(end("follow", true, true))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(first.cuda_done && first.raw_bytes == 0, "{first:?}");
+        assert!(!listed("follow"), "listed before its images arrived");
+        let again = client.container_checkpoint_begin(begin("follow")).await;
+        assert!(again.is_err(), "the name was free between the two Ends");
+        std::fs::write(
+            std::path::Path::new(&images).join("pages-1.img"),
+            vec![7u8; 1 << 20],
+        )
+        .unwrap();
+        let second = client
+            .container_checkpoint_end(end("follow", true, false))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(second.raw_bytes, 1 << 20, "{second:?}");
+        assert_eq!(second.tiers, vec!["ram".to_owned()], "{second:?}");
+        assert!(listed("follow"));
+
+        let images = client
+            .container_checkpoint_begin(begin("never"))
+            .await
+            .unwrap()
+            .into_inner()
+            .image_dir;
+        client
+            .container_checkpoint_end(end("never", true, true))
+            .await
+            .unwrap();
+        client
+            .container_checkpoint_end(end("never", false, false))
+            .await
+            .unwrap();
+        assert!(!listed("never"));
+        assert!(!std::path::Path::new(&images).exists(), "{images} stayed");
+        // The name is free again.
+        client
+            .container_checkpoint_begin(begin("never"))
+            .await
+            .unwrap();
+        client
+            .container_checkpoint_end(end("never", false, false))
+            .await
+            .unwrap();
+    });
+    // The drain to NVMe follows in the background.
+    support::eventually("follow drained to NVMe", || {
+        agent
+            .ctl_json(&["list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| {
+                c["name"] == "follow" && c["tiers"].as_array().unwrap().iter().any(|t| t == "nvme")
+            })
+    });
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
