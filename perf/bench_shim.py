@@ -13,6 +13,9 @@ The restored workload must continue (same epoch, counter past the dump) or the r
 Freeze time is the longest gap of the in-container heartbeat (a counter bumped every 10 ms,
 read from the host every 2 ms) while the checkpoint runs: it is what the workload feels.
 Restore time is from the restore command until the restored workload's counter moves again.
+Before each timed step, dirty pages are synced and, after a checkpoint through `ctr`, the
+agent's background work (the shim's handoff of the images, the drain to NVMe) has ended,
+so no step pays for an earlier one.
 
 `ctr` pauses the task around the whole checkpoint call (containerd's client does), so the
 stock freeze is that call; kybernatectl asks containerd's task API directly and does not pause.
@@ -280,7 +283,14 @@ def stock_round(node, bin_ctl, mib, run, runtime=STOCK, tag="stock"):
     at_dump = status_of(pid)
     out["freeze"], out["checkpoint"] = timed_freeze(
         pid, lambda: node.ctr("containers", "checkpoint", "--task", cid, ref))
+    if runtime == OURS:
+        # The shim hands the images to the agent once ctr resumed the task, and the agent
+        # drains them to NVMe: let that finish, so the restore below is timed on its own.
+        wait_until(lambda: any(c["name"].startswith(f"{cid}-") and "nvme" in c["tiers"]
+                               for c in ctl(node, bin_ctl, "list") or []),
+                   f"{cid}'s checkpoint on NVMe", step=0.1)
     node.remove(cid)
+    os.sync()
     t0 = time.monotonic()
     node.ctr("containers", "restore", "--live", cid, ref)
     out["restore"] = restored(node, cid, at_dump) - t0
@@ -303,6 +313,7 @@ def kybernate_round(node, bin_ctl, mib, run):
         node, bin_ctl, "checkpoint", "--container", cid, "--namespace", node.ns,
         "--leave-running", "--name", name))
     node.remove(cid)
+    os.sync()
     t0 = time.monotonic()
     node.ctr("run", "-d", "--runtime", OURS, "--annotation", f"kybernate.io/restore-from={name}",
              *workload_mounts(bin_ctl), IMAGE, f"ram-{run}", "sh", "-c", "exit 3")
