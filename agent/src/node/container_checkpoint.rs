@@ -4,8 +4,10 @@
 //! into the tiers up to the one the checkpoint asked for, record it in the catalog and drain
 //! the slower tiers in the background — or, when the dump failed, CUDA resume and drop the
 //! partial images. Between the two the checkpoint name stays reserved, so nothing else can
-//! touch it. A checkpoint containerd asked for on its own (`ctr`, the CRI) asks for RAM:
-//! containerd keeps the task paused until End replies, and it stores its own copy.
+//! touch it. A checkpoint containerd asked for on its own (`ctr`, the CRI) asks for RAM, as
+//! containerd stores its own copy; its shim dumps into containerd's directory and ends in two
+//! steps: `images_follow` releases CUDA at once, and a second End brings the images once
+//! containerd has resumed the task.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
