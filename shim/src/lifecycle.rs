@@ -193,16 +193,13 @@ impl TaskService {
         };
         self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(event))
             .await;
-        let cgroup = crate::service::read_spec(id, &bundle)
-            .ok()
-            .as_ref()
-            .and_then(crate::resources::cgroup_dir)
-            .or_else(|| {
-                let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-                crate::resources::cgroup_of_process(&text)
-            });
-        if let Some(cgroup) = cgroup {
-            self.watch_oom(id, cgroup);
+        let spec = crate::service::read_spec(id, &bundle).ok();
+        let proc_cgroup =
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        let unified = crate::resources::unified_cgroups();
+        match crate::resources::oom_counter_file(spec.as_ref(), &proc_cgroup, unified) {
+            Some(counter) => self.watch_oom(id, counter),
+            None => log::warn!("container {id}: its cgroup is unknown, so no OOM events"),
         }
         Ok(u32::try_from(pid).unwrap_or_default())
     }

@@ -1,5 +1,6 @@
 //! Stats, Update and OOM events: the container's cgroup as runc and the kernel report it.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -38,36 +39,54 @@ pub fn metrics_from_runc(stats: &serde_json::Value) -> Metrics {
     }
 }
 
-/// The OOM-kill counter in a cgroup v2 `memory.events` file.
-pub fn oom_kills(memory_events: &str) -> u64 {
-    memory_events
+/// The OOM-kill counter in a cgroup v2 `memory.events` or cgroup v1 `memory.oom_control`
+/// file (both have an `oom_kill N` line).
+pub fn oom_kills(counter: &str) -> u64 {
+    counter
         .lines()
         .find_map(|l| l.strip_prefix("oom_kill "))
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
 }
 
-/// The container's cgroup v2 directory (cgroupfs driver), from its spec.
-pub fn cgroup_dir(spec: &serde_json::Value) -> Option<PathBuf> {
-    let path = spec.pointer("/linux/cgroupsPath")?.as_str()?;
-    if path.contains(':') || !path.starts_with('/') {
-        return None;
-    }
-    Some(Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/')))
+/// Whether the host runs cgroup v2 alone (else v1 or hybrid, where the memory controller
+/// has its own v1 hierarchy).
+pub fn unified_cgroups() -> bool {
+    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
 }
 
-/// The cgroup v2 directory a `/proc/PID/cgroup` file names (its `0::` line). With the
-/// systemd driver the spec's `slice:prefix:name` is no path, so the shim asks the kernel
-/// where runc put the init process.
-pub fn cgroup_of_process(proc_cgroup: &str) -> Option<PathBuf> {
-    let path = proc_cgroup
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))?
-        .trim();
-    if !path.starts_with('/') {
-        return None;
-    }
-    Some(Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/')))
+/// The file counting the container's OOM kills. Its cgroup comes from the spec (cgroupfs
+/// driver, an absolute path) or else from `proc_cgroup`, the init's `/proc/PID/cgroup` (with
+/// the systemd driver the spec's `slice:prefix:name` is no path, so the shim asks the kernel
+/// where runc put the process).
+pub fn oom_counter_file(
+    spec: Option<&serde_json::Value>,
+    proc_cgroup: &str,
+    unified: bool,
+) -> Option<PathBuf> {
+    let from_spec = spec
+        .and_then(|s| s.pointer("/linux/cgroupsPath")?.as_str())
+        .filter(|p| p.starts_with('/') && !p.contains(':'));
+    let from_kernel = || {
+        proc_cgroup.lines().find_map(|line| {
+            let mut fields = line.splitn(3, ':');
+            let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+            let ours = if unified {
+                controllers.is_empty()
+            } else {
+                controllers.split(',').any(|c| c == "memory")
+            };
+            (ours && path.starts_with('/')).then_some(path.trim())
+        })
+    };
+    let path = from_spec.or_else(from_kernel)?.trim_start_matches('/');
+    Some(if unified {
+        Path::new("/sys/fs/cgroup").join(path).join("memory.events")
+    } else {
+        Path::new("/sys/fs/cgroup/memory")
+            .join(path)
+            .join("memory.oom_control")
+    })
 }
 
 impl TaskService {
@@ -139,35 +158,73 @@ impl TaskService {
     }
 
     /// Publishes TaskOOM whenever the container's cgroup records an OOM kill, until its init
-    /// process exits.
-    pub fn watch_oom(&self, id: &str, cgroup: PathBuf) {
+    /// process exits. The cgroup is the container's own and new, so every kill it counts is
+    /// one of this container's; the exit watcher also looks just before it reports the init's
+    /// exit, so that an OOM kill reaches containerd before the exit it caused, as with runc's
+    /// shim.
+    pub fn watch_oom(&self, id: &str, counter: PathBuf) {
         let service = self.clone();
         let id = id.to_owned();
-        let events = cgroup.join("memory.events");
+        self.ooms.watch(&id, counter);
         tokio::spawn(async move {
-            let mut seen = oom_kills(&std::fs::read_to_string(&events).unwrap_or_default());
             loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(OOM_POLL).await;
                 let alive = {
                     let containers = service.containers.lock().await;
                     containers.get(&id).is_some_and(|c| c.init.exit().is_none())
                 };
-                let now = oom_kills(&std::fs::read_to_string(&events).unwrap_or_default());
-                if now > seen {
-                    seen = now;
-                    let event = TaskOOM {
-                        container_id: id.clone(),
-                        ..Default::default()
-                    };
-                    service
-                        .publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(event))
-                        .await;
-                }
+                service.publish_ooms(&id).await;
                 if !alive {
+                    service.ooms.forget(&id);
                     break;
                 }
             }
         });
+    }
+
+    /// Publishes TaskOOM when container `id`'s cgroup counts OOM kills not reported yet.
+    pub async fn publish_ooms(&self, id: &str) {
+        if self.ooms.new_kills(id) {
+            let event = TaskOOM {
+                container_id: id.to_owned(),
+                ..Default::default()
+            };
+            self.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(event))
+                .await;
+        }
+    }
+}
+
+/// How often a container's OOM kills are looked at.
+const OOM_POLL: Duration = Duration::from_millis(200);
+
+/// Each running container's OOM-kill counter file and the kills reported so far.
+#[derive(Debug, Default)]
+pub struct OomWatches(std::sync::Mutex<HashMap<String, (PathBuf, u64)>>);
+
+impl OomWatches {
+    fn watch(&self, id: &str, counter: PathBuf) {
+        self.lock().insert(id.to_owned(), (counter, 0));
+    }
+
+    fn forget(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    /// Whether the count grew since the last look (which it records).
+    fn new_kills(&self, id: &str) -> bool {
+        let mut watches = self.lock();
+        let Some((events, seen)) = watches.get_mut(id) else {
+            return false;
+        };
+        let now = oom_kills(&std::fs::read_to_string(events).unwrap_or_default());
+        let grew = now > *seen;
+        *seen = now.max(*seen);
+        grew
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (PathBuf, u64)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -191,23 +248,36 @@ mod tests {
     }
 
     #[test]
-    fn oom_kill_counter_and_cgroup_path() {
+    fn oom_kill_counter_and_its_file_on_cgroup_v1_and_v2() {
         assert_eq!(oom_kills("low 0\nhigh 0\nmax 2\noom 1\noom_kill 4\n"), 4);
+        assert_eq!(
+            oom_kills("oom_kill_disable 0\nunder_oom 0\noom_kill 1\n"),
+            1
+        );
         assert_eq!(oom_kills(""), 0);
         let spec = json!({"linux": {"cgroupsPath": "/default/c1"}});
         assert_eq!(
-            cgroup_dir(&spec).unwrap(),
-            PathBuf::from("/sys/fs/cgroup/default/c1")
+            oom_counter_file(Some(&spec), "", true).unwrap(),
+            PathBuf::from("/sys/fs/cgroup/default/c1/memory.events")
+        );
+        assert_eq!(
+            oom_counter_file(Some(&spec), "", false).unwrap(),
+            PathBuf::from("/sys/fs/cgroup/memory/default/c1/memory.oom_control")
         );
         let systemd = json!({"linux": {"cgroupsPath": "kubepods.slice:cri:abc"}});
-        assert!(cgroup_dir(&systemd).is_none());
+        let v2 = "0::/kubepods.slice/kubepods-pod1.slice/cri-containerd-abc.scope\n";
         assert_eq!(
-            cgroup_of_process("0::/kubepods.slice/kubepods-pod1.slice/cri-containerd-abc.scope\n")
-                .unwrap(),
+            oom_counter_file(Some(&systemd), v2, true).unwrap(),
             PathBuf::from(
-                "/sys/fs/cgroup/kubepods.slice/kubepods-pod1.slice/cri-containerd-abc.scope"
+                "/sys/fs/cgroup/kubepods.slice/kubepods-pod1.slice/cri-containerd-abc.scope/memory.events"
             )
         );
-        assert!(cgroup_of_process("12:memory:/x\n").is_none());
+        let v1 = "12:pids:/p\n4:cpu,cpuacct:/c\n7:memory:/kubepods.slice/abc.scope\n0::/u\n";
+        assert_eq!(
+            oom_counter_file(Some(&systemd), v1, false).unwrap(),
+            PathBuf::from("/sys/fs/cgroup/memory/kubepods.slice/abc.scope/memory.oom_control")
+        );
+        assert!(oom_counter_file(Some(&systemd), "12:pids:/x\n", false).is_none());
+        assert!(oom_counter_file(None, "12:memory:/x\n", true).is_none());
     }
 }

@@ -19,6 +19,7 @@ use crate::config::{millis, ShimConfig};
 use crate::error::{Result, ShimError};
 use crate::handoff::Handoffs;
 use crate::process::Container;
+use crate::resources::OomWatches;
 use crate::runc_cli::RuncCli;
 
 /// Exits of pids no process claimed yet (a process can exit before runc's pid file is read).
@@ -40,6 +41,8 @@ pub struct TaskService {
     exit_signal: Arc<ExitSignal>,
     /// Checkpoints whose images still go to the agent after containerd's call returned.
     pub handoffs: Arc<Handoffs>,
+    /// OOM kills per container, as reported.
+    pub ooms: Arc<OomWatches>,
 }
 
 impl std::fmt::Debug for TaskService {
@@ -73,6 +76,7 @@ impl TaskService {
             publisher: Arc::new(publisher),
             exit_signal,
             handoffs: Arc::new(Handoffs::default()),
+            ooms: Arc::new(OomWatches::default()),
         };
         service.watch_exits().await;
         service
@@ -103,7 +107,12 @@ impl TaskService {
             claim(&mut containers, pid, code)
         };
         match event {
-            Some(event) => self.publish(TOPIC_EXIT, Box::new(event)).await,
+            Some(event) => {
+                if event.id == event.container_id {
+                    self.publish_ooms(&event.container_id).await;
+                }
+                self.publish(TOPIC_EXIT, Box::new(event)).await
+            }
             None => {
                 let mut unclaimed = self.unclaimed.lock().unwrap_or_else(|p| p.into_inner());
                 unclaimed.push_back((pid, code));
