@@ -167,7 +167,14 @@ impl TaskService {
         let images = PathBuf::from(&begin.image_dir);
         let work = container.bundle.join("criu-work");
         let started = std::time::Instant::now();
-        let dumped = self.dump(container, options, &images, &work).await;
+        let dumped = self
+            .dump_with_rootfs_diff(
+                container,
+                options,
+                &images,
+                self.dump(container, options, &images, &work),
+            )
+            .await;
         let dump_millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let dumped = dumped.and_then(|()| {
             if containerd_path.is_empty() || Path::new(containerd_path) == images {
@@ -505,7 +512,7 @@ fn copy_images(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;
-        if entry.file_type()?.is_file() {
+        if entry.file_type()?.is_file() && !crate::rootfs_diff::is_diff_file(&entry.file_name()) {
             std::fs::copy(entry.path(), to.join(entry.file_name()))?;
         }
     }
