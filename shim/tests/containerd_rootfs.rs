@@ -72,16 +72,7 @@ fn rootfs_round_trip(version: Version) {
     ]);
     node.wait_status(id, "RUNNING");
     let early = wait_lines(&node, id, 10);
-    let out = node.kybernatectl(&[
-        "--output",
-        "json",
-        "checkpoint",
-        "--container",
-        id,
-        "--namespace",
-        &node.namespace,
-        "--leave-running",
-    ]);
+    let out = node.ctl_checkpoint(id, &["--leave-running"]);
     assert!(
         out.status.success(),
         "kybernatectl checkpoint --container failed: {}\ncontainerd log:\n{}",
