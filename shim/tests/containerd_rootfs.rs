@@ -2,7 +2,8 @@
 //! a workload appends to a file in its rootfs that it keeps open and deletes a file of the
 //! image; `kybernatectl checkpoint --container --leave-running`; kill; a new container
 //! created with `kybernate.io/restore-from` has the file with its content (and keeps
-//! appending where it was), and the deleted file stays deleted.
+//! appending where it was), and the deleted file stays deleted. A container on the native
+//! snapshotter (no overlay) checkpoints without a diff and the shim logs why.
 
 mod harness;
 
@@ -128,6 +129,37 @@ fn rootfs_round_trip(version: Version) {
         "the image's /etc/passwd is gone after the restore"
     );
     node.remove(restored);
+
+    // A rootfs that is no overlay (the native snapshotter's bind mount): the checkpoint
+    // still works, carries no diff, and the shim says why.
+    let native = "native";
+    node.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        KYBERNATE,
+        "--snapshotter",
+        "native",
+        IMAGE,
+        native,
+        "sleep",
+        "1000",
+    ]);
+    node.wait_status(native, "RUNNING");
+    let out = node.ctl_checkpoint(native, &["--leave-running"]);
+    assert!(
+        out.status.success(),
+        "checkpoint of a native-snapshotter container failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = node.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("container native: the rootfs")
+                && l.contains("not an overlay with an upper dir")),
+        "no log line about the missing rootfs diff:\n{log}"
+    );
+    node.remove(native);
 }
 
 #[test]
