@@ -174,11 +174,16 @@ impl TaskService {
         let work = container.bundle.join("criu-work");
         let started = std::time::Instant::now();
         let dumped = self
-            .dump(
+            .dump_with_rootfs_diff(
                 container,
                 options,
-                containerd_dir.as_deref().unwrap_or(&images),
-                &work,
+                &images,
+                self.dump(
+                    container,
+                    options,
+                    containerd_dir.as_deref().unwrap_or(&images),
+                    &work,
+                ),
             )
             .await;
         let dump_millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);

@@ -12,6 +12,7 @@ pub mod info;
 pub mod lifecycle;
 pub mod process;
 pub mod resources;
+pub mod rootfs_diff;
 pub mod runc_cli;
 pub mod runtime_options;
 pub mod service;

@@ -460,6 +460,8 @@ impl TaskService {
             None => Ok(None),
             Some(reference) => {
                 let images = self.stage_restore(id, &reference, &spec).await?;
+                self.apply_rootfs_diff(id, &reference, &images, bundle)
+                    .await?;
                 Ok(Some(RestoreSource::Kybernate { reference, images }))
             }
         }

@@ -148,21 +148,6 @@ fn wait_drained(node: &Node, name: &str) {
     }
 }
 
-/// `kybernatectl checkpoint --container`: agent -> containerd -> shim -> agent.
-fn ctl_checkpoint(node: &Node, id: &str, extra: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "--output",
-        "json",
-        "checkpoint",
-        "--container",
-        id,
-        "--namespace",
-        &node.namespace,
-    ];
-    args.extend_from_slice(extra);
-    node.kybernatectl(&args)
-}
-
 fn round_trip(version: Version) {
     let node = Node::start(version);
     let id = "counter";
@@ -190,7 +175,7 @@ fn round_trip(version: Version) {
     run_counter(&node, via, &[]);
     let early = wait_count(&node, via, 20);
     let content_before = node.ctr_ok(&["content", "ls", "-q"]);
-    let out = ctl_checkpoint(&node, via, &["--leave-running"]);
+    let out = node.ctl_checkpoint(via, &["--leave-running"]);
     assert!(
         out.status.success(),
         "kybernatectl checkpoint --container failed: {}\nagent log:\n{}",
@@ -315,7 +300,7 @@ fn bad_input(version: Version) {
         !out.status.success(),
         "checkpoint of a stopped task succeeded"
     );
-    let out = ctl_checkpoint(&node, "quit", &[]);
+    let out = node.ctl_checkpoint("quit", &[]);
     let text = stderr(&out);
     assert!(
         !out.status.success(),
@@ -323,7 +308,7 @@ fn bad_input(version: Version) {
     );
     assert!(text.contains("quit"), "{text}");
     node.remove("quit");
-    let out = ctl_checkpoint(&node, "no-such", &[]);
+    let out = node.ctl_checkpoint("no-such", &[]);
     let text = stderr(&out);
     assert!(!out.status.success());
     assert!(
@@ -345,7 +330,7 @@ fn bad_input(version: Version) {
         COUNTER,
     ]);
     node.wait_status("stock", "RUNNING");
-    let out = ctl_checkpoint(&node, "stock", &["--leave-running", "--name", "stock-ckpt"]);
+    let out = node.ctl_checkpoint("stock", &["--leave-running", "--name", "stock-ckpt"]);
     let text = stderr(&out);
     assert!(
         !out.status.success(),
@@ -458,7 +443,7 @@ fn dump_past_deadline(node: &Node) {
     run_counter(node, "slow", &[]);
     std::fs::write(&shim_toml, normal).unwrap();
     let before = wait_count(node, "slow", 5);
-    let out = ctl_checkpoint(node, "slow", &["--leave-running"]);
+    let out = node.ctl_checkpoint("slow", &["--leave-running"]);
     let text = stderr(&out);
     assert!(!out.status.success(), "a dump past its deadline succeeded");
     assert!(

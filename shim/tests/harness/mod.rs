@@ -308,6 +308,22 @@ impl Node {
             .unwrap()
     }
 
+    /// `kybernatectl checkpoint --container` in this node's namespace: agent -> containerd
+    /// -> shim -> agent.
+    pub fn ctl_checkpoint(&self, id: &str, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "--output",
+            "json",
+            "checkpoint",
+            "--container",
+            id,
+            "--namespace",
+            &self.namespace,
+        ];
+        args.extend_from_slice(extra);
+        self.kybernatectl(&args)
+    }
+
     /// The task's status column in `ctr tasks ls` (RUNNING, PAUSED, STOPPED, ...).
     pub fn task_status(&self, id: &str) -> Option<String> {
         let out = self.ctr_ok(&["tasks", "ls"]);
