@@ -18,7 +18,9 @@ agent's background work (the shim's handoff of the images, the drain to NVMe) ha
 so no step pays for an earlier one.
 
 `ctr` pauses the task around the whole checkpoint call (containerd's client does), so the
-stock freeze is that call; kybernatectl asks containerd's task API directly and does not pause.
+stock freeze is that call, containerd's archive of the images included; kybernatectl asks
+containerd's task API directly, and the kybernate shim pauses the task only around the dump
+and the rootfs diff.
 
 Usage (root): python3 perf/bench_shim.py [--json OUT] [--quick] [--mib 1024] [--runs 3]
               [--containerd 1.6|2.1] [--profile release|debug] [--no-build] [--write perf/RESULTS.md]
@@ -389,7 +391,7 @@ def main():
         f"Measured {benchkit.now_utc()} on {benchkit.machine_text()}, {args.profile} build, "
         f"{args.runs} runs, medians (min–max). Command: `{command}`. Targets: freeze ≤ 1.1×, "
         "restore from RAM ≤ 1.0×. `ctr` pauses the task for its whole checkpoint call; "
-        "kybernatectl does not.",
+        "kybernatectl's flow pauses it around the dump and the rootfs diff only.",
         "",
         "| metric | kybernate (s) | runc.v2 (s) | ratio |",
         "| --- | --- | --- | --- |",
