@@ -460,6 +460,7 @@ impl TaskService {
             "--pid-file".into(),
             pid_file.display().to_string(),
         ];
+        args.extend(container.runc.create_flags(true));
         if let Some(socket) = prepared.console_socket() {
             args.push("--console-socket".into());
             args.push(socket.display().to_string());

@@ -39,6 +39,7 @@ impl TaskService {
         }
         .with_spec(&crate::service::read_spec(&id, &bundle)?);
         let runc = self.runc.for_container(&options);
+        options.check(&id, &runc.root)?;
         options.save(&id, &bundle)?;
         let rootfs = bundle.join("rootfs");
         let mounted_rootfs = !req.rootfs.is_empty();
@@ -131,6 +132,7 @@ impl TaskService {
             "--pid-file".into(),
             pid_file.display().to_string(),
         ];
+        args.extend(runc.create_flags(false));
         if let Some(socket) = prepared.console_socket() {
             args.push("--console-socket".into());
             args.push(socket.display().to_string());

@@ -32,6 +32,12 @@ pub struct RuncCli {
     /// `--systemd-cgroup`: the container's cgroup is managed through systemd (runtime
     /// option `SystemdCgroup = true`), for every command, as containerd's runc shim does.
     pub systemd_cgroup: bool,
+    /// `--criu`: the CRIU binary (runtime option `CriuPath`); runc's default when `None`.
+    pub criu: Option<PathBuf>,
+    /// `--no-pivot` on create and restore (runtime option `NoPivotRoot`).
+    pub no_pivot: bool,
+    /// `--no-new-keyring` on create (runtime option `NoNewKeyring`).
+    pub no_new_keyring: bool,
 }
 
 /// What a finished runc command printed.
@@ -48,16 +54,38 @@ pub struct RuncOutput {
 }
 
 impl RuncCli {
-    /// The runc a container created with `options` uses (its binary and cgroup driver).
+    /// The runc a container created with `options` uses: its binary, state root (a `Root`
+    /// option replaces the shim's, keeping the namespace below it), cgroup driver, CRIU and
+    /// create flags.
     pub fn for_container(&self, options: &crate::runtime_options::RuncOptions) -> Self {
+        let root = match (&options.root, self.root.file_name()) {
+            (Some(root), Some(namespace)) => Path::new(root).join(namespace),
+            _ => self.root.clone(),
+        };
         Self {
             binary: options
                 .binary_name
                 .as_ref()
                 .map_or_else(|| self.binary.clone(), PathBuf::from),
+            root,
             systemd_cgroup: options.systemd_cgroup,
-            ..self.clone()
+            criu: options.criu_path.as_ref().map(PathBuf::from),
+            no_pivot: options.no_pivot_root,
+            no_new_keyring: options.no_new_keyring,
         }
+    }
+
+    /// The flags `runc create` (`restore: false`) or `runc restore` takes from the runtime
+    /// options.
+    pub fn create_flags(&self, restore: bool) -> Vec<String> {
+        let mut flags = Vec::new();
+        if self.no_pivot {
+            flags.push("--no-pivot".to_owned());
+        }
+        if self.no_new_keyring && !restore {
+            flags.push("--no-new-keyring".to_owned());
+        }
+        flags
     }
 
     /// The global flags before every sub-command.
@@ -73,6 +101,9 @@ impl RuncCli {
         }
         if self.systemd_cgroup {
             args.push("--systemd-cgroup".into());
+        }
+        if let Some(criu) = &self.criu {
+            args.extend(["--criu".into(), criu.into()]);
         }
         args
     }
@@ -289,6 +320,9 @@ mod tests {
             binary: "runc".into(),
             root: "/run/r".into(),
             systemd_cgroup: false,
+            criu: None,
+            no_pivot: false,
+            no_new_keyring: false,
         };
         let plain: Vec<String> = runc
             .global_args(Some(Path::new("/b/log.json")))
@@ -309,6 +343,7 @@ mod tests {
         let systemd = runc.for_container(&crate::runtime_options::RuncOptions {
             systemd_cgroup: true,
             binary_name: Some("/opt/wrapper".into()),
+            ..Default::default()
         });
         assert_eq!(systemd.binary, PathBuf::from("/opt/wrapper"));
         let args = systemd.global_args(None);
@@ -317,6 +352,46 @@ mod tests {
             Some("--systemd-cgroup".to_owned())
         );
         assert_eq!(systemd.root, runc.root);
+        assert!(systemd.create_flags(false).is_empty());
+    }
+
+    #[test]
+    fn root_criu_and_create_flags_follow_the_runtime_options() {
+        let runc = RuncCli {
+            binary: "runc".into(),
+            root: "/run/kybernate/runc/k8s.io".into(),
+            systemd_cgroup: false,
+            criu: None,
+            no_pivot: false,
+            no_new_keyring: false,
+        };
+        let custom = runc.for_container(&crate::runtime_options::RuncOptions {
+            root: Some("/var/run/other".into()),
+            criu_path: Some("/opt/criu/bin/criu".into()),
+            no_pivot_root: true,
+            no_new_keyring: true,
+            ..Default::default()
+        });
+        assert_eq!(custom.root, PathBuf::from("/var/run/other/k8s.io"));
+        let args: Vec<String> = custom
+            .global_args(None)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "--root",
+                "/var/run/other/k8s.io",
+                "--criu",
+                "/opt/criu/bin/criu"
+            ]
+        );
+        assert_eq!(
+            custom.create_flags(false),
+            ["--no-pivot", "--no-new-keyring"]
+        );
+        assert_eq!(custom.create_flags(true), ["--no-pivot"]);
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! carrying the runtime's TOML `options` table (`ConfigBody`) or a file naming it
 //! (`ConfigPath`, `ctr run --runtime-config-path`). The installer copies the node's runc
 //! options (`SystemdCgroup` above all) into the `kybernate` runtime's table, so the shim must
-//! read them from there to run containers as runc would. The other copied options (`Root`,
-//! `NoPivotRoot`, `NoNewKeyring`, `ShimCgroup`, `IoUid`, `IoGid`) are not honoured yet.
+//! read them from there to run containers as runc would: `SystemdCgroup`, `BinaryName`,
+//! `Root`, `NoPivotRoot`, `NoNewKeyring` and `CriuPath`. `ShimCgroup`, `IoUid` and `IoGid`
+//! are not honoured yet.
 
 use std::path::{Path, PathBuf};
 
@@ -31,6 +32,20 @@ pub struct RuncOptions {
     /// `nvidia-container-runtime` on GPU nodes, which wraps runc); `None` keeps the shim's.
     #[serde(default)]
     pub binary_name: Option<String>,
+    /// `Root`: runc's state root instead of the shim's; the namespace is appended, as
+    /// runc's shim does.
+    #[serde(default)]
+    pub root: Option<String>,
+    /// `NoPivotRoot`: `runc create/restore --no-pivot` (rootfs on a ramdisk).
+    #[serde(default)]
+    pub no_pivot_root: bool,
+    /// `NoNewKeyring`: `runc create --no-new-keyring` (the container shares the session
+    /// keyring).
+    #[serde(default)]
+    pub no_new_keyring: bool,
+    /// `CriuPath`: the CRIU binary runc runs for checkpoint and restore (`runc --criu`).
+    #[serde(default)]
+    pub criu_path: Option<String>,
 }
 
 /// The fields of `runtimeoptions.v1.Options` (containerd's `pkg/runtimeoptions`).
@@ -51,9 +66,15 @@ impl RuncOptions {
         if any.type_url.ends_with("containerd.runc.v1.Options") {
             let parsed = Options::parse_from_bytes(&any.value)
                 .map_err(|e| invalid(format!("runtime options ({}): {e}", any.type_url)))?;
+            let set = |s: String| Some(s).filter(|s| !s.is_empty());
             return Ok(Self {
                 systemd_cgroup: parsed.systemd_cgroup,
-                binary_name: Some(parsed.binary_name).filter(|b| !b.is_empty()),
+                binary_name: set(parsed.binary_name),
+                root: set(parsed.root),
+                no_pivot_root: parsed.no_pivot_root,
+                no_new_keyring: parsed.no_new_keyring,
+                // This form of the options no longer carries CriuPath (its field is retired).
+                criu_path: None,
             });
         }
         if !any.type_url.ends_with("runtimeoptions.v1.Options") {
@@ -87,24 +108,53 @@ impl RuncOptions {
     /// defaults. A key of the wrong type is refused rather than ignored.
     pub fn from_toml(text: &str) -> std::result::Result<Self, String> {
         let table: toml::Table = text.parse().map_err(|e| format!("not TOML: {e}"))?;
-        let systemd_cgroup = match table.get("SystemdCgroup") {
-            None => false,
-            Some(toml::Value::Boolean(b)) => *b,
-            Some(other) => {
-                return Err(format!(
-                    "SystemdCgroup must be true or false, found {other}"
-                ))
-            }
+        let flag = |key: &str| match table.get(key) {
+            None => Ok(false),
+            Some(toml::Value::Boolean(b)) => Ok(*b),
+            Some(other) => Err(format!("{key} must be true or false, found {other}")),
         };
-        let binary_name = match table.get("BinaryName") {
-            None => None,
-            Some(toml::Value::String(s)) => Some(s.clone()).filter(|b| !b.is_empty()),
-            Some(other) => return Err(format!("BinaryName must be a string, found {other}")),
+        let text = |key: &str| match table.get(key) {
+            None => Ok(None),
+            Some(toml::Value::String(s)) => Ok(Some(s.clone()).filter(|s| !s.is_empty())),
+            Some(other) => Err(format!("{key} must be a string, found {other}")),
         };
         Ok(Self {
-            systemd_cgroup,
-            binary_name,
+            systemd_cgroup: flag("SystemdCgroup")?,
+            binary_name: text("BinaryName")?,
+            root: text("Root")?,
+            no_pivot_root: flag("NoPivotRoot")?,
+            no_new_keyring: flag("NoNewKeyring")?,
+            criu_path: text("CriuPath")?,
         })
+    }
+
+    /// Checks what Create can check before runc runs: `Root` can be created, `CriuPath` is
+    /// an executable file. The error names the option and its value.
+    pub fn check(&self, id: &str, runc_root: &Path) -> Result<()> {
+        let invalid = |message: String| ShimError::Invalid {
+            id: id.to_owned(),
+            message,
+        };
+        if let Some(root) = &self.root {
+            std::fs::create_dir_all(runc_root)
+                .map_err(|e| invalid(format!("runtime option Root = {root:?}: {e}")))?;
+        }
+        if let Some(criu) = &self.criu_path {
+            let executable = std::fs::metadata(criu).map(|m| {
+                m.is_file()
+                    && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
+            });
+            match executable {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(invalid(format!(
+                        "runtime option CriuPath = {criu:?}: not an executable file"
+                    )))
+                }
+                Err(e) => return Err(invalid(format!("runtime option CriuPath = {criu:?}: {e}"))),
+            }
+        }
+        Ok(())
     }
 
     /// The kubelet's systemd cgroup driver gives containers a `cgroupsPath` of the form
@@ -300,8 +350,80 @@ mod tests {
         let options = RuncOptions {
             systemd_cgroup: true,
             binary_name: Some("/usr/bin/nvidia-container-runtime".into()),
+            root: Some("/run/other".into()),
+            no_pivot_root: true,
+            no_new_keyring: true,
+            criu_path: Some("/opt/criu".into()),
         };
         options.save("c1", dir.path()).unwrap();
         assert_eq!(RuncOptions::load(dir.path()), options);
+    }
+
+    #[test]
+    fn every_honoured_option_is_read_from_both_forms() {
+        let body = b"SystemdCgroup = false\nBinaryName = \"/b\"\nRoot = \"/r\"\nNoPivotRoot = true\nNoNewKeyring = true\nCriuPath = \"/c\"\nIoUid = 0\n";
+        let table = RuncOptions::from_any("c1", &generic("", body)).unwrap();
+        assert_eq!(
+            table,
+            RuncOptions {
+                systemd_cgroup: false,
+                binary_name: Some("/b".into()),
+                root: Some("/r".into()),
+                no_pivot_root: true,
+                no_new_keyring: true,
+                criu_path: Some("/c".into()),
+            }
+        );
+        let runc = Options {
+            no_pivot_root: true,
+            no_new_keyring: true,
+            root: "/r".into(),
+            binary_name: "/b".into(),
+            ..Default::default()
+        };
+        let any = Any {
+            type_url: "containerd.runc.v1.Options".into(),
+            value: runc.write_to_bytes().unwrap(),
+            ..Default::default()
+        };
+        assert_eq!(
+            RuncOptions::from_any("c1", &any).unwrap(),
+            RuncOptions {
+                criu_path: None,
+                ..table
+            }
+        );
+        let e = RuncOptions::from_toml("NoPivotRoot = \"yes\"\n").unwrap_err();
+        assert!(e.contains("NoPivotRoot"), "{e}");
+        let e = RuncOptions::from_toml("Root = 1\n").unwrap_err();
+        assert!(e.contains("Root"), "{e}");
+    }
+
+    #[test]
+    fn a_root_that_cannot_be_made_or_a_criu_that_cannot_run_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        let options = RuncOptions {
+            root: Some(file.join("r").display().to_string()),
+            ..Default::default()
+        };
+        let e = options
+            .check("c1", &file.join("r").join("ns"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Root") && e.contains("container c1"), "{e}");
+        for criu in [file.clone(), dir.path().join("missing")] {
+            let options = RuncOptions {
+                criu_path: Some(criu.display().to_string()),
+                ..Default::default()
+            };
+            let e = options.check("c1", dir.path()).unwrap_err().to_string();
+            assert!(
+                e.contains("CriuPath") && e.contains(&criu.display().to_string()),
+                "{e}"
+            );
+        }
+        assert!(RuncOptions::default().check("c1", dir.path()).is_ok());
     }
 }

@@ -66,6 +66,9 @@ impl TaskService {
             binary: config.runc.clone(),
             root: config.runc_root.join(namespace),
             systemd_cgroup: false,
+            criu: None,
+            no_pivot: false,
+            no_new_keyring: false,
         };
         let service = Self {
             namespace: namespace.to_owned(),

@@ -68,6 +68,9 @@ impl Shim for KybernateShim {
             binary: self.config.runc.clone(),
             root: self.config.runc_root.join(&self.namespace),
             systemd_cgroup: false,
+            criu: None,
+            no_pivot: false,
+            no_new_keyring: false,
         }
         .for_container(&RuncOptions::load(&bundle));
         let log = bundle.join("log.json");

@@ -1,5 +1,7 @@
-//! `SystemdCgroup` in the `kybernate` runtime's options reaches runc as `--systemd-cgroup`,
-//! and `BinaryName` replaces the runc binary, through real containerd 1.6 and 2.1. The options travel as containerd's generic runtime
+//! The `kybernate` runtime's runc options reach runc through real containerd 1.6 and 2.1:
+//! `SystemdCgroup` as `--systemd-cgroup`, `BinaryName` as the binary run, `Root` as runc's
+//! state root, `NoPivotRoot` and `NoNewKeyring` as create flags, `CriuPath` as `--criu`; a
+//! `CriuPath` that cannot run fails Create by name. The options travel as containerd's generic runtime
 //! options (`runtimeoptions.v1.Options`), as CRI sends the installer's copied table; here
 //! `ctr run --runtime-config-path` sends them as a file.
 //!
@@ -12,6 +14,16 @@ mod harness;
 use std::path::Path;
 
 use harness::{containerd_16, containerd_21, Node, Version, IMAGE, KYBERNATE};
+
+/// `name` as found on PATH.
+fn which(name: &str) -> std::path::PathBuf {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} is not on PATH"))
+}
 
 fn systemd_is_init() -> bool {
     Path::new("/run/systemd/system").is_dir()
@@ -37,11 +49,16 @@ fn systemd_option_reaches_runc(version: Version) {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
+    let root = node.dir.path().join("other-runc-root");
+    let criu = which("criu");
     std::fs::write(
         &plain,
         format!(
-            "SystemdCgroup = false\nBinaryName = \"{}\"\n",
-            wrapper.display()
+            "SystemdCgroup = false\nBinaryName = \"{}\"\nRoot = \"{}\"\nNoPivotRoot = true\n\
+             NoNewKeyring = true\nCriuPath = \"{}\"\n",
+            wrapper.display(),
+            root.display(),
+            criu.display()
         ),
     )
     .unwrap();
@@ -60,8 +77,55 @@ fn systemd_option_reaches_runc(version: Version) {
         "300",
     ]);
     node.wait_status("plain", "RUNNING");
+    let state = root.join(&node.namespace).join("plain").join("state.json");
+    assert!(
+        state.is_file(),
+        "runc's state is not under Root: {} is missing",
+        state.display()
+    );
     node.remove("plain");
     let recorded = std::fs::read_to_string(&calls).unwrap_or_default();
+    let create = recorded
+        .lines()
+        .find(|l| l.split_whitespace().any(|w| w == "create"))
+        .unwrap_or_else(|| panic!("no runc create recorded: {recorded}"));
+    let root_flag = format!("--root {}/{}", root.display(), node.namespace);
+    let criu_flag = format!("--criu {}", criu.display());
+    for flag in ["--no-pivot", "--no-new-keyring", &root_flag, &criu_flag] {
+        assert!(
+            create.contains(flag),
+            "{flag} missing from runc create: {create}"
+        );
+    }
+    assert!(
+        !root.join(&node.namespace).join("plain").exists(),
+        "runc's state under Root stayed after delete"
+    );
+
+    let broken = node.dir.path().join("broken.toml");
+    std::fs::write(&broken, "CriuPath = \"/nonexistent/criu\"\n").unwrap();
+    let out = node.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        KYBERNATE,
+        "--runtime-config-path",
+        broken.to_str().unwrap(),
+        IMAGE,
+        "broken",
+        "true",
+    ]);
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "a CriuPath that does not exist was accepted"
+    );
+    assert!(
+        text.contains("CriuPath") && text.contains("/nonexistent/criu"),
+        "the refusal does not name the option: {text}"
+    );
+    assert!(node.task_status("broken").is_none());
+    let _ = node.ctr(&["containers", "rm", "broken"]);
     for command in ["create", "start", "kill", "delete"] {
         assert!(
             recorded
@@ -142,11 +206,11 @@ fn systemd_option_reaches_runc(version: Version) {
 }
 
 #[test]
-fn containerd_16_systemd_cgroup_option_reaches_runc() {
+fn containerd_16_runtime_options_reach_runc() {
     systemd_option_reaches_runc(containerd_16());
 }
 
 #[test]
-fn containerd_21_systemd_cgroup_option_reaches_runc() {
+fn containerd_21_runtime_options_reach_runc() {
     systemd_option_reaches_runc(containerd_21());
 }
