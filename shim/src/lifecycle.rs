@@ -40,6 +40,15 @@ impl TaskService {
         .with_spec(&crate::service::read_spec(&id, &bundle)?);
         let runc = self.runc.for_container(&options);
         options.check(&id, &runc.root)?;
+        if let Some(cgroup) = &options.shim_cgroup {
+            let unified = crate::resources::unified_cgroups();
+            crate::resources::join_cgroup(cgroup, std::process::id(), unified).map_err(|e| {
+                ShimError::Invalid {
+                    id: id.clone(),
+                    message: format!("runtime option ShimCgroup = {cgroup:?}: {e}"),
+                }
+            })?;
+        }
         options.save(&id, &bundle)?;
         let rootfs = bundle.join("rootfs");
         let mounted_rootfs = !req.rootfs.is_empty();
@@ -62,6 +71,7 @@ impl TaskService {
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
             terminal: req.terminal,
+            owner: options.io_owner,
         };
         let undo_mount = || {
             if mounted_rootfs {

@@ -55,6 +55,32 @@ pub fn unified_cgroups() -> bool {
     Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
 }
 
+/// Moves process `pid` into `cgroup` (a path below the cgroup root, runtime option
+/// `ShimCgroup`): on cgroup v2 its one directory, on v1 the directory in every hierarchy
+/// that has it. A cgroup found nowhere is an error naming it.
+pub fn join_cgroup(cgroup: &str, pid: u32, unified: bool) -> std::io::Result<()> {
+    let relative = cgroup.trim_start_matches('/');
+    let dirs: Vec<PathBuf> = if unified {
+        vec![Path::new("/sys/fs/cgroup").join(relative)]
+    } else {
+        std::fs::read_dir("/sys/fs/cgroup")?
+            .filter_map(|e| Some(e.ok()?.path().join(relative)))
+            .collect()
+    };
+    let mut joined = 0;
+    for dir in dirs.iter().filter(|d| d.join("cgroup.procs").is_file()) {
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
+        joined += 1;
+    }
+    if joined == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no cgroup {cgroup} under /sys/fs/cgroup"),
+        ));
+    }
+    Ok(())
+}
+
 /// The file counting the container's OOM kills. Its cgroup comes from the spec (cgroupfs
 /// driver, an absolute path) or else from `proc_cgroup`, the init's `/proc/PID/cgroup` (with
 /// the systemd driver the spec's `slice:prefix:name` is no path, so the shim asks the kernel

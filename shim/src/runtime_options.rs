@@ -46,6 +46,14 @@ pub struct RuncOptions {
     /// `CriuPath`: the CRIU binary runc runs for checkpoint and restore (`runc --criu`).
     #[serde(default)]
     pub criu_path: Option<String>,
+    /// `ShimCgroup`: the cgroup the shim process joins (so that its memory and CPU count
+    /// against the pod, as with runc's shim).
+    #[serde(default)]
+    pub shim_cgroup: Option<String>,
+    /// `IoUid` / `IoGid`: owner of the container's ends of its stdio pipes, for a process
+    /// that runs as another user (0/0, root, when unset).
+    #[serde(default)]
+    pub io_owner: Option<(u32, u32)>,
 }
 
 /// The fields of `runtimeoptions.v1.Options` (containerd's `pkg/runtimeoptions`).
@@ -75,6 +83,8 @@ impl RuncOptions {
                 no_new_keyring: parsed.no_new_keyring,
                 // This form of the options no longer carries CriuPath (its field is retired).
                 criu_path: None,
+                shim_cgroup: set(parsed.shim_cgroup),
+                io_owner: owner(parsed.io_uid, parsed.io_gid),
             });
         }
         if !any.type_url.ends_with("runtimeoptions.v1.Options") {
@@ -118,7 +128,15 @@ impl RuncOptions {
             Some(toml::Value::String(s)) => Ok(Some(s.clone()).filter(|s| !s.is_empty())),
             Some(other) => Err(format!("{key} must be a string, found {other}")),
         };
+        let id = |key: &str| match table.get(key) {
+            None => Ok(0),
+            Some(toml::Value::Integer(n)) => u32::try_from(*n)
+                .map_err(|_| format!("{key} must be a uid/gid from 0 to 4294967295, found {n}")),
+            Some(other) => Err(format!("{key} must be a number, found {other}")),
+        };
         Ok(Self {
+            shim_cgroup: text("ShimCgroup")?,
+            io_owner: owner(id("IoUid")?, id("IoGid")?),
             systemd_cgroup: flag("SystemdCgroup")?,
             binary_name: text("BinaryName")?,
             root: text("Root")?,
@@ -191,6 +209,11 @@ impl RuncOptions {
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default()
     }
+}
+
+/// The stdio owner `IoUid`/`IoGid` ask for; none when both are root's.
+fn owner(uid: u32, gid: u32) -> Option<(u32, u32)> {
+    (uid != 0 || gid != 0).then_some((uid, gid))
 }
 
 impl GenericOptions {
@@ -354,6 +377,8 @@ mod tests {
             no_pivot_root: true,
             no_new_keyring: true,
             criu_path: Some("/opt/criu".into()),
+            shim_cgroup: Some("/kubepods/pod1".into()),
+            io_owner: Some((1000, 1001)),
         };
         options.save("c1", dir.path()).unwrap();
         assert_eq!(RuncOptions::load(dir.path()), options);
@@ -361,7 +386,8 @@ mod tests {
 
     #[test]
     fn every_honoured_option_is_read_from_both_forms() {
-        let body = b"SystemdCgroup = false\nBinaryName = \"/b\"\nRoot = \"/r\"\nNoPivotRoot = true\nNoNewKeyring = true\nCriuPath = \"/c\"\nIoUid = 0\n";
+        // Under 128 bytes: the test's message encoder writes one-byte lengths.
+        let body = b"BinaryName = \"/b\"\nRoot = \"/r\"\nNoPivotRoot = true\nNoNewKeyring = true\nCriuPath = \"/c\"\nShimCgroup = \"/s\"\nIoUid = 7\nIoGid = 8\n";
         let table = RuncOptions::from_any("c1", &generic("", body)).unwrap();
         assert_eq!(
             table,
@@ -372,6 +398,8 @@ mod tests {
                 no_pivot_root: true,
                 no_new_keyring: true,
                 criu_path: Some("/c".into()),
+                shim_cgroup: Some("/s".into()),
+                io_owner: Some((7, 8)),
             }
         );
         let runc = Options {
@@ -379,6 +407,9 @@ mod tests {
             no_new_keyring: true,
             root: "/r".into(),
             binary_name: "/b".into(),
+            shim_cgroup: "/s".into(),
+            io_uid: 7,
+            io_gid: 8,
             ..Default::default()
         };
         let any = Any {
@@ -397,6 +428,12 @@ mod tests {
         assert!(e.contains("NoPivotRoot"), "{e}");
         let e = RuncOptions::from_toml("Root = 1\n").unwrap_err();
         assert!(e.contains("Root"), "{e}");
+        let e = RuncOptions::from_toml("IoUid = -1\n").unwrap_err();
+        assert!(e.contains("IoUid"), "{e}");
+        assert_eq!(
+            RuncOptions::from_toml("IoUid = 0\n").unwrap().io_owner,
+            None
+        );
     }
 
     #[test]

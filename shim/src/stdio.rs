@@ -26,6 +26,9 @@ pub struct StdioPaths {
     pub stderr: String,
     /// Allocate a pty.
     pub terminal: bool,
+    /// Owner (uid, gid) of the process's ends of its pipes (runtime options `IoUid` and
+    /// `IoGid`); root's when `None`.
+    pub owner: Option<(u32, u32)>,
 }
 
 /// The shim's end of a process's streams, kept for CloseIO and ResizePty.
@@ -86,14 +89,15 @@ impl PreparedIo {
             File::open("/dev/null").map_err(|e| io_err("open /dev/null", e))?
         } else {
             let (r, w) = pipe().map_err(|e| io_err("create stdin pipe", e))?;
+            own(&r, paths.owner).map_err(|e| io_err("chown stdin pipe (IoUid/IoGid)", e))?;
             *lock(&prepared.io.stdin) = Some(w);
             let target = prepared.io.stdin.clone();
             let fifo = paths.stdin.clone();
             std::thread::spawn(move || copy_stdin(&fifo, &target));
             r
         };
-        let stdout = output_end(id, &paths.stdout)?;
-        let stderr = output_end(id, &paths.stderr)?;
+        let stdout = output_end(id, &paths.stdout, paths.owner)?;
+        let stderr = output_end(id, &paths.stderr, paths.owner)?;
         Ok((
             prepared,
             CommandStdio {
@@ -155,6 +159,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Gives a pipe end to `owner` (IoUid/IoGid), so a container process running as that user
+/// can reopen it through /proc/self/fd.
+fn own(end: &File, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    let Some((uid, gid)) = owner else {
+        return Ok(());
+    };
+    // SAFETY: `end` is an open descriptor for the duration of the call.
+    let rc = unsafe { libc::fchown(end.as_raw_fd(), uid, gid) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn pipe() -> std::io::Result<(File, File)> {
     let mut fds = [0; 2];
     // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
@@ -167,7 +186,7 @@ fn pipe() -> std::io::Result<(File, File)> {
 }
 
 /// The container-side write end for an output stream; a thread copies into `target`.
-fn output_end(id: &str, target: &str) -> Result<File> {
+fn output_end(id: &str, target: &str, owner: Option<(u32, u32)>) -> Result<File> {
     if target.is_empty() {
         return OpenOptions::new()
             .write(true)
@@ -181,6 +200,7 @@ fn output_end(id: &str, target: &str) -> Result<File> {
         });
     }
     let (r, w) = pipe().map_err(|e| ShimError::io(id, "create output pipe", e))?;
+    own(&w, owner).map_err(|e| ShimError::io(id, "chown output pipe (IoUid/IoGid)", e))?;
     let target = target.to_owned();
     std::thread::spawn(move || copy_output(r, &target));
     Ok(w)

@@ -166,6 +166,7 @@ impl Task for TaskService {
                     stdout: req.stdout.clone(),
                     stderr: req.stderr.clone(),
                     terminal: req.terminal,
+                    owner: container.init.stdio.owner,
                 },
             );
             process.spec = req.spec.as_ref().map(|any| any.value.clone());

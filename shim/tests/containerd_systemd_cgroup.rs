@@ -1,7 +1,9 @@
 //! The `kybernate` runtime's runc options reach runc through real containerd 1.6 and 2.1:
 //! `SystemdCgroup` as `--systemd-cgroup`, `BinaryName` as the binary run, `Root` as runc's
-//! state root, `NoPivotRoot` and `NoNewKeyring` as create flags, `CriuPath` as `--criu`; a
-//! `CriuPath` that cannot run fails Create by name. The options travel as containerd's generic runtime
+//! state root, `NoPivotRoot` and `NoNewKeyring` as create flags, `CriuPath` as `--criu`,
+//! `ShimCgroup` as the shim's cgroup, `IoUid`/`IoGid` as the owner of the container's stdio
+//! pipes; a `CriuPath` that cannot run or a `ShimCgroup` that does not exist fails Create by
+//! name. The options travel as containerd's generic runtime
 //! options (`runtimeoptions.v1.Options`), as CRI sends the installer's copied table; here
 //! `ctr run --runtime-config-path` sends them as a file.
 //!
@@ -14,6 +16,76 @@ mod harness;
 use std::path::Path;
 
 use harness::{containerd_16, containerd_21, Node, Version, IMAGE, KYBERNATE};
+
+/// A cgroup made for the test in every hierarchy (cgroup v1) or the one tree (v2), removed
+/// on drop.
+struct TestCgroup {
+    name: String,
+    dirs: Vec<std::path::PathBuf>,
+}
+
+impl TestCgroup {
+    fn new(name: &str) -> Self {
+        let root = Path::new("/sys/fs/cgroup");
+        let hierarchies: Vec<std::path::PathBuf> = if root.join("cgroup.controllers").is_file() {
+            vec![root.to_owned()]
+        } else {
+            std::fs::read_dir(root)
+                .unwrap()
+                .filter_map(|e| Some(e.ok()?.path()))
+                .filter(|p| p.join("cgroup.procs").is_file())
+                .collect()
+        };
+        let dirs: Vec<_> = hierarchies.iter().map(|h| h.join(name)).collect();
+        for dir in &dirs {
+            std::fs::create_dir_all(dir).unwrap();
+            // A v1 cpuset cgroup takes no process until it has CPUs and memory nodes.
+            for file in ["cpuset.cpus", "cpuset.mems"] {
+                if let Ok(parent) = std::fs::read_to_string(dir.parent().unwrap().join(file)) {
+                    std::fs::write(dir.join(file), parent.trim()).unwrap();
+                }
+            }
+        }
+        Self {
+            name: name.to_owned(),
+            dirs,
+        }
+    }
+
+    fn members(&self) -> Vec<String> {
+        self.dirs
+            .iter()
+            .flat_map(|d| {
+                std::fs::read_to_string(d.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for dir in &self.dirs {
+            // A shim still inside (a failed test) goes back to the root cgroup first.
+            let root = dir.parent().unwrap().join("cgroup.procs");
+            for pid in std::fs::read_to_string(dir.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+            {
+                let _ = std::fs::write(&root, pid);
+            }
+            for _ in 0..50 {
+                if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    }
+}
 
 /// `name` as found on PATH.
 fn which(name: &str) -> std::path::PathBuf {
@@ -51,14 +123,17 @@ fn systemd_option_reaches_runc(version: Version) {
     .unwrap();
     let root = node.dir.path().join("other-runc-root");
     let criu = which("criu");
+    let shim_cgroup = TestCgroup::new(&format!("kybernate-shim-test-{}", node.namespace));
     std::fs::write(
         &plain,
         format!(
             "SystemdCgroup = false\nBinaryName = \"{}\"\nRoot = \"{}\"\nNoPivotRoot = true\n\
-             NoNewKeyring = true\nCriuPath = \"{}\"\n",
+             NoNewKeyring = true\nCriuPath = \"{}\"\nShimCgroup = \"/{}\"\nIoUid = 4321\n\
+             IoGid = 4322\n",
             wrapper.display(),
             root.display(),
-            criu.display()
+            criu.display(),
+            shim_cgroup.name
         ),
     )
     .unwrap();
@@ -82,6 +157,28 @@ fn systemd_option_reaches_runc(version: Version) {
         state.is_file(),
         "runc's state is not under Root: {} is missing",
         state.display()
+    );
+    let init = node
+        .ctr_ok(&["tasks", "ls"])
+        .lines()
+        .find_map(|l| l.strip_prefix("plain "))
+        .and_then(|rest| rest.split_whitespace().next()?.parse::<u32>().ok())
+        .expect("the pid of plain");
+    // runc's init gives its stdio to the process's user (root here) and keeps the group, so
+    // IoGid is what stays visible.
+    let stdout = std::fs::metadata(format!("/proc/{init}/fd/1")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::gid(&stdout),
+        4322,
+        "the container's stdout pipe does not belong to IoGid"
+    );
+    let shims = shim_cgroup.members();
+    assert!(
+        shims.iter().any(
+            |pid| std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.contains("containerd-shim-kybernate-v1"))
+        ),
+        "the shim is not in ShimCgroup: members {shims:?}"
     );
     node.remove("plain");
     let recorded = std::fs::read_to_string(&calls).unwrap_or_default();
@@ -125,6 +222,28 @@ fn systemd_option_reaches_runc(version: Version) {
         "the refusal does not name the option: {text}"
     );
     assert!(node.task_status("broken").is_none());
+    let _ = node.ctr(&["containers", "rm", "broken"]);
+    std::fs::write(&broken, "ShimCgroup = \"/kybernate-no-such-cgroup\"\n").unwrap();
+    let out = node.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        KYBERNATE,
+        "--runtime-config-path",
+        broken.to_str().unwrap(),
+        IMAGE,
+        "broken",
+        "true",
+    ]);
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "a ShimCgroup that does not exist was accepted"
+    );
+    assert!(
+        text.contains("ShimCgroup") && text.contains("kybernate-no-such-cgroup"),
+        "the refusal does not name the option: {text}"
+    );
     let _ = node.ctr(&["containers", "rm", "broken"]);
     for command in ["create", "start", "kill", "delete"] {
         assert!(
