@@ -84,6 +84,16 @@ pub fn dump_args(id: &str, options: &CheckpointOptions, images: &Path, work: &Pa
     args
 }
 
+/// CRIU's work directory (its logs) for a dump: the client's `work_path` (`ctr c checkpoint
+/// --work-path`), as with runc's shim, else one in the bundle.
+pub fn dump_work_dir(options: &CheckpointOptions, bundle: &Path) -> PathBuf {
+    if options.work_path.is_empty() {
+        bundle.join("criu-work")
+    } else {
+        PathBuf::from(&options.work_path)
+    }
+}
+
 /// The last lines of a CRIU log mentioning an error, for messages.
 pub fn criu_errors(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -171,7 +181,7 @@ impl TaskService {
         let images = PathBuf::from(&begin.image_dir);
         let containerd_dir = (!wanted_at.is_empty() && Path::new(wanted_at) != images)
             .then(|| PathBuf::from(wanted_at));
-        let work = container.bundle.join("criu-work");
+        let work = dump_work_dir(options, &container.bundle);
         let started = std::time::Instant::now();
         let dumped = self
             .dump_with_rootfs_diff(
@@ -580,6 +590,20 @@ mod tests {
                 "{flag} missing from {args:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_clients_work_path_replaces_the_bundles() {
+        let mut options = CheckpointOptions::default();
+        assert_eq!(
+            dump_work_dir(&options, Path::new("/b")),
+            PathBuf::from("/b/criu-work")
+        );
+        options.work_path = "/logs/here".into();
+        assert_eq!(
+            dump_work_dir(&options, Path::new("/b")),
+            PathBuf::from("/logs/here")
+        );
     }
 
     #[test]
