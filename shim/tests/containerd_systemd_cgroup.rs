@@ -87,6 +87,32 @@ impl Drop for TestCgroup {
     }
 }
 
+/// A container whose runtime option `key` is `value` (which cannot work) fails Create with
+/// an error naming both, and leaves no task.
+fn refused_by_name(node: &Node, key: &str, value: &str) {
+    let config = node.dir.path().join("broken.toml");
+    std::fs::write(&config, format!("{key} = \"{value}\"\n")).unwrap();
+    let out = node.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        KYBERNATE,
+        "--runtime-config-path",
+        config.to_str().unwrap(),
+        IMAGE,
+        "broken",
+        "true",
+    ]);
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{key} = {value:?} was accepted");
+    assert!(
+        text.contains(key) && text.contains(value),
+        "the refusal does not name {key} and its value: {text}"
+    );
+    assert!(node.task_status("broken").is_none());
+    let _ = node.ctr(&["containers", "rm", "broken"]);
+}
+
 /// `name` as found on PATH.
 fn which(name: &str) -> std::path::PathBuf {
     std::env::var("PATH")
@@ -199,52 +225,8 @@ fn systemd_option_reaches_runc(version: Version) {
         "runc's state under Root stayed after delete"
     );
 
-    let broken = node.dir.path().join("broken.toml");
-    std::fs::write(&broken, "CriuPath = \"/nonexistent/criu\"\n").unwrap();
-    let out = node.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        KYBERNATE,
-        "--runtime-config-path",
-        broken.to_str().unwrap(),
-        IMAGE,
-        "broken",
-        "true",
-    ]);
-    let text = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !out.status.success(),
-        "a CriuPath that does not exist was accepted"
-    );
-    assert!(
-        text.contains("CriuPath") && text.contains("/nonexistent/criu"),
-        "the refusal does not name the option: {text}"
-    );
-    assert!(node.task_status("broken").is_none());
-    let _ = node.ctr(&["containers", "rm", "broken"]);
-    std::fs::write(&broken, "ShimCgroup = \"/kybernate-no-such-cgroup\"\n").unwrap();
-    let out = node.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        KYBERNATE,
-        "--runtime-config-path",
-        broken.to_str().unwrap(),
-        IMAGE,
-        "broken",
-        "true",
-    ]);
-    let text = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !out.status.success(),
-        "a ShimCgroup that does not exist was accepted"
-    );
-    assert!(
-        text.contains("ShimCgroup") && text.contains("kybernate-no-such-cgroup"),
-        "the refusal does not name the option: {text}"
-    );
-    let _ = node.ctr(&["containers", "rm", "broken"]);
+    refused_by_name(&node, "CriuPath", "/nonexistent/criu");
+    refused_by_name(&node, "ShimCgroup", "/kybernate-no-such-cgroup");
     for command in ["create", "start", "kill", "delete"] {
         assert!(
             recorded
