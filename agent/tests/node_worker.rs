@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Method, StatusCode, Uri};
-use containerd::Containerd;
+use containerd::{Containerd, Release};
 use kybernate_agent::workload::Status;
 use serde_json::{json, Value};
 use support::{Workload, CTL};
@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_kybernate-agent");
 const WAIT: Duration = Duration::from_secs(120);
+const CHECKPOINTS: &str = "/apis/kybernate.io/v1alpha1/namespaces/default/gpucheckpoints/";
 const CP_PATH: &str = "/apis/kybernate.io/v1alpha1/namespaces/default/gpucheckpoints/cp1";
 const RESTORES: &str = "/apis/kybernate.io/v1alpha1/namespaces/default/gpurestores/";
 
@@ -54,7 +55,8 @@ fn merge(target: &mut Value, patch: &Value) {
 /// What the scripted API server holds and saw.
 #[derive(Default)]
 struct ApiState {
-    object: Value,
+    /// GpuCheckpoints by name.
+    checkpoints: std::collections::BTreeMap<String, Value>,
     rv: u64,
     /// (path, body, answered status) of every PATCH.
     patches: Vec<(String, Value, u16)>,
@@ -109,10 +111,7 @@ async fn handle(
             (StatusCode::OK, watch_body(rx))
         }
         ("GET", "/apis/kybernate.io/v1alpha1/gpucheckpoints") => {
-            let items: Vec<Value> = [s.object.clone()]
-                .into_iter()
-                .filter(|o| !o.is_null())
-                .collect();
+            let items: Vec<Value> = s.checkpoints.values().cloned().collect();
             assert!(
                 query.contains("labelSelector=kybernate.io%2Fnode%3Dn1"),
                 "{query}"
@@ -158,11 +157,22 @@ async fn handle(
             merge(&mut node, &body);
             reply(200, node)
         }
-        ("PATCH", p) if p == CP_PATH || p == format!("{CP_PATH}/status") => {
+        ("PATCH", p) if p.starts_with(CHECKPOINTS) => {
+            let name = p[CHECKPOINTS.len()..]
+                .trim_end_matches("/status")
+                .to_owned();
+            let Some(mut object) = s.checkpoints.get(&name).cloned() else {
+                s.unexpected.push(format!("{method} {path}?{query}"));
+                return reply(
+                    404,
+                    json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                    "status": "Failure", "reason": "NotFound", "code": 404}),
+                );
+            };
             let wanted = body["metadata"]["resourceVersion"]
                 .as_str()
                 .map(str::to_owned);
-            if wanted.is_some_and(|w| w != s.rv.to_string()) {
+            if wanted.is_some_and(|w| object["metadata"]["resourceVersion"] != w) {
                 s.patches.push((path.clone(), body.clone(), 409));
                 return reply(
                     409,
@@ -181,11 +191,11 @@ async fn handle(
             } else {
                 patch
             };
-            merge(&mut s.object, &patch);
+            merge(&mut object, &patch);
             s.rv += 1;
             let rv = s.rv.to_string();
-            s.object["metadata"]["resourceVersion"] = json!(rv);
-            let object = s.object.clone();
+            object["metadata"]["resourceVersion"] = json!(rv);
+            s.checkpoints.insert(name, object.clone());
             s.broadcast("MODIFIED", &object);
             reply(200, object)
         }
@@ -344,6 +354,21 @@ fn status_patches(s: &ApiState, phase: &str) -> Vec<Value> {
         .collect()
 }
 
+/// A GpuCheckpoint of container `container_id` (pod `w`), as the controller hands it to
+/// node n1: labelled, claimed by nobody yet, into NVMe, leaving the pod running.
+fn scheduled_checkpoint(name: &str, container_id: &str) -> Value {
+    json!({
+        "apiVersion": "kybernate.io/v1alpha1", "kind": "GpuCheckpoint",
+        "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}"),
+                     "resourceVersion": "5", "labels": {"kybernate.io/node": "n1"},
+                     "finalizers": ["kybernate.io/referenced"]},
+        "spec": {"podName": "w", "storageTier": "nvme", "leaveRunning": true,
+                 "timeouts": {"dumpSeconds": 120, "overallSeconds": 600}},
+        "status": {"phase": "Scheduled", "nodeName": "n1", "podUid": "uid-w",
+                   "containers": [{"name": "w", "containerId": container_id}]},
+    })
+}
+
 #[test]
 fn agent_executes_a_gpucheckpoint_for_a_real_container_once() {
     support::require_root_and_criu();
@@ -360,17 +385,9 @@ fn agent_executes_a_gpucheckpoint_for_a_real_container_once() {
     containerd.run_workload(&container_id, std::path::Path::new(CTL), 64, &status);
     wait_status(&status, |st| st.counter >= 5);
 
-    let scheduled = json!({
-        "apiVersion": "kybernate.io/v1alpha1", "kind": "GpuCheckpoint",
-        "metadata": {"name": "cp1", "namespace": "default", "uid": "uid-cp1", "resourceVersion": "5",
-                     "labels": {"kybernate.io/node": "n1"}, "finalizers": ["kybernate.io/referenced"]},
-        "spec": {"podName": "w", "storageTier": "nvme", "leaveRunning": true,
-                 "timeouts": {"dumpSeconds": 120, "overallSeconds": 600}},
-        "status": {"phase": "Scheduled", "nodeName": "n1", "podUid": "uid-w",
-                   "containers": [{"name": "w", "containerId": container_id}]},
-    });
+    let scheduled = scheduled_checkpoint("cp1", &container_id);
     let state: Shared = Arc::new(Mutex::new(ApiState {
-        object: scheduled.clone(),
+        checkpoints: [("cp1".to_owned(), scheduled.clone())].into(),
         rv: 5,
         ..ApiState::default()
     }));
@@ -469,8 +486,9 @@ fn agent_executes_a_gpucheckpoint_for_a_real_container_once() {
     // Deletion: the agent removes the stored checkpoint, then its finalizer.
     let deleting = {
         let mut s = state.lock().unwrap();
-        s.object["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
-        s.object.clone()
+        let object = s.checkpoints.get_mut("cp1").unwrap();
+        object["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        object.clone()
     };
     state.lock().unwrap().broadcast("MODIFIED", &deleting);
     wait_until("the artifacts finalizer removal", &state, &log, |s| {
@@ -677,4 +695,120 @@ fn agent_stages_a_gpurestore_from_a_real_checkpoint_and_names_an_unknown_one() {
         "\"nvme\"",
         "the agent keeps the previous config"
     );
+}
+
+/// Names of the GpuCheckpoints whose status the agent set to `phase`.
+fn objects_in_phase(s: &ApiState, phase: &str) -> std::collections::BTreeSet<String> {
+    s.patches
+        .iter()
+        .filter(|(p, b, code)| {
+            p.ends_with("/status") && *code == 200 && b["status"]["phase"] == phase
+        })
+        .filter_map(|(p, _, _)| {
+            p.strip_prefix(CHECKPOINTS)
+                .map(|n| n.trim_end_matches("/status").to_owned())
+        })
+        .collect()
+}
+
+/// Five GpuCheckpoints of five containers, handed to the node worker at once: each goes
+/// through containerd's task API and the shim, one after the other. containerd 1.6 archives
+/// the same empty checkpoint directory for each and refuses a blob it holds already, so
+/// before the agent judged by its own record only the first one completed. All five must
+/// complete, and each must restore: a new container created with the restore annotation
+/// continues the checkpointed workload (same epoch, memory intact, counting on).
+fn five_gpucheckpoints_in_a_row(release: Release) {
+    support::require_root_and_criu();
+    let dir = tempfile::Builder::new()
+        .prefix("kybernate-row-")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let containerd = Containerd::start_release(dir.path(), &dir.path().join("agent.sock"), release);
+    let status_dir = dir.path().join("status");
+    std::fs::create_dir_all(&status_dir).unwrap();
+    let containers: Vec<(String, PathBuf)> = (1..=5)
+        .map(|i| {
+            let id = format!("kybrow{i}x{:08x}", rand::random::<u32>());
+            let status = status_dir.join(format!("w{i}"));
+            containerd.run_workload(&id, std::path::Path::new(CTL), 16, &status);
+            (id, status)
+        })
+        .collect();
+    let mut checkpoints = std::collections::BTreeMap::new();
+    for (i, (id, status)) in containers.iter().enumerate() {
+        wait_status(status, |st| st.counter >= 5);
+        let name = format!("cp{}", i + 1);
+        checkpoints.insert(name.clone(), scheduled_checkpoint(&name, id));
+    }
+    let state: Shared = Arc::new(Mutex::new(ApiState {
+        checkpoints,
+        rv: 5,
+        ..ApiState::default()
+    }));
+    let (_agent, socket, log) = start_agent(dir.path(), state.clone(), Some(&containerd.socket));
+    wait_until("five Completed or Failed statuses", &state, &log, |s| {
+        objects_in_phase(s, "Completed").len() + objects_in_phase(s, "Failed").len() == 5
+    });
+    {
+        let s = state.lock().unwrap();
+        let failed: Vec<&Value> = s
+            .patches
+            .iter()
+            .filter(|(_, b, _)| b["status"]["phase"] == "Failed")
+            .map(|(_, b, _)| b)
+            .collect();
+        assert!(failed.is_empty(), "checkpoints failed: {failed:?}");
+        assert_eq!(objects_in_phase(&s, "Completed").len(), 5);
+        assert!(s.unexpected.is_empty(), "{:?}", s.unexpected);
+    }
+    let listed = Command::new(CTL)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--output", "json", "list"])
+        .output()
+        .unwrap();
+    let listed: Value = serde_json::from_slice(&listed.stdout).expect("list JSON");
+    assert_eq!(listed.as_array().map(Vec::len), Some(5), "{listed}");
+
+    let epochs: Vec<u64> = containers
+        .iter()
+        .map(|(_, status)| Status::read(status).unwrap().epoch)
+        .collect();
+    for (id, status) in &containers {
+        containerd.remove(id);
+        // Blank the status (same size: CRIU checks the size of files it restores), so
+        // only the restored process can fill it again.
+        std::fs::write(status, [b' '; kybernate_agent::workload::STATUS_BYTES]).unwrap();
+    }
+    for (i, ((id, status), epoch)) in containers.iter().zip(epochs).enumerate() {
+        let restored = format!("{id}r");
+        containerd.run_restored_workload(
+            &restored,
+            std::path::Path::new(CTL),
+            status,
+            &format!("default_cp{}", i + 1),
+        );
+        let first = wait_status(status, |st| st.counter > 0);
+        assert_eq!(
+            first.epoch,
+            epoch,
+            "cp{} restored another workload (a restart?)",
+            i + 1
+        );
+        containerd.ctr_ok(&["tasks", "kill", "-s", "SIGUSR1", &restored]);
+        let checked = wait_status(status, |st| st.verified > first.verified);
+        assert!(checked.memory_ok, "cp{}: memory not intact", i + 1);
+        wait_status(status, |st| st.counter > checked.counter + 3);
+        containerd.remove(&restored);
+    }
+}
+
+#[test]
+fn containerd_16_node_worker_checkpoints_five_containers_in_a_row() {
+    five_gpucheckpoints_in_a_row(Release::V16);
+}
+
+#[test]
+fn containerd_21_node_worker_checkpoints_five_containers_in_a_row() {
+    five_gpucheckpoints_in_a_row(Release::V21);
 }

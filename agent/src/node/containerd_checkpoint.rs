@@ -12,7 +12,8 @@ use kybernate_proto::agent::v1 as pb;
 
 use super::container_checkpoint::container_name;
 use super::{completed_reply, held_by, holdings, NodeAgent};
-use crate::containerd::{self, DEFAULT_NAMESPACE};
+use crate::catalog::CheckpointRecord;
+use crate::containerd::{self, ContainerdError, DEFAULT_NAMESPACE};
 use crate::error::AgentError;
 
 /// A container checkpoint this agent asked containerd for, awaited from its shim.
@@ -93,7 +94,7 @@ impl NodeAgent {
         let image_dir = self.parts.ram.partial_dir_of(&name);
         Box::pin(
             async move {
-                containerd::checkpoint_task(
+                let asked_containerd = containerd::checkpoint_task(
                     &socket,
                     &namespace,
                     &asked,
@@ -101,11 +102,11 @@ impl NodeAgent {
                     req.leave_running,
                     timeout,
                 )
-                .await?;
-                holdings(&parts).await
+                .await;
+                (asked_containerd, holdings(&parts).await)
             }
             .into_actor(self)
-            .map(move |result, agent, _| {
+            .map(move |(asked_containerd, holdings), agent, _| {
                 agent.awaited_containers.remove(&container);
                 let record = agent.catalog.get(&name).cloned();
                 if record.is_none() && !agent.shim_checkpoints.contains_key(&name) {
@@ -113,17 +114,106 @@ impl NodeAgent {
                     // dumped (another runtime's shim dumps without telling this agent).
                     let _ = std::fs::remove_dir_all(agent.parts.ram.partial_dir_of(&name));
                 }
-                let holdings = result?;
-                let record = record.ok_or_else(|| {
-                    AgentError::InvalidRequest(format!(
-                        "containerd checkpointed container {container}, but its shim never \
-                         reported to this agent: the container does not run under the \
-                         kybernate runtime (io.containerd.kybernate.v1), or its shim uses \
-                         another agent socket"
-                    ))
-                })?;
-                Ok(completed_reply(&record, held_by(&holdings, name.as_str())))
+                let record = judge_containerd_reply(asked_containerd, record, &container)?;
+                Ok(completed_reply(&record, held_by(&holdings?, name.as_str())))
             }),
         )
+    }
+}
+
+/// Whether a checkpoint that this agent asked containerd for succeeded. The agent's own
+/// record decides, not containerd's reply: the record exists once the container's shim has
+/// dumped and this agent has committed the images (the name was free when the request came,
+/// so a record under it is this request's).
+///
+/// After the shim returns, containerd 1.6 and 1.7 still archive their own checkpoint
+/// directory into the content store. A Kybernate checkpoint never uses that copy, and the
+/// directory is empty when the agent named `image_path`, so every archive is the same
+/// empty tar. Their tasks service refuses a blob that already exists, so from the second
+/// checkpoint on the call fails with "content sha256:…: already exists", and the same
+/// happens to the container's spec blob when one container is checkpointed twice; only
+/// containerd's garbage collector, removing the first blobs in between, ever let it pass.
+/// Making the archive unique per checkpoint would not cover the spec blob, so the agent
+/// judges by its record instead: once committed, the checkpoint stands (in stop mode it is
+/// the workload's only copy, and reporting it failed would invite a retry that finds the
+/// name taken), and containerd's failure afterwards is logged as a warning.
+fn judge_containerd_reply(
+    asked: Result<(), ContainerdError>,
+    record: Option<CheckpointRecord>,
+    container: &str,
+) -> Result<CheckpointRecord, AgentError> {
+    match (asked, record) {
+        (Ok(()), Some(record)) => Ok(record),
+        (Err(e), Some(record)) => {
+            tracing::warn!(
+                checkpoint = %record.name,
+                error = %e,
+                "containerd failed after the shim's checkpoint was committed (containerd's own \
+                 copy of its checkpoint directory, which Kybernate does not use); the \
+                 checkpoint is complete"
+            );
+            Ok(record)
+        }
+        (Err(e), None) => Err(e.into()),
+        (Ok(()), None) => Err(AgentError::InvalidRequest(format!(
+            "containerd checkpointed container {container}, but its shim never reported to \
+             this agent: the container does not run under the kybernate runtime \
+             (io.containerd.kybernate.v1), or its shim uses another agent socket"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> CheckpointRecord {
+        CheckpointRecord {
+            name: "c1-ckpt".into(),
+            pid: 42,
+            container_id: "c1".into(),
+            pod_uid: String::new(),
+            gpu_group: String::new(),
+            gpu_seat: String::new(),
+            created_unix: 0,
+            leave_running: true,
+            shell_job: false,
+            phases: Vec::new(),
+            raw_bytes: 0,
+            stored_bytes: 0,
+            files: Vec::new(),
+            gpu: None,
+        }
+    }
+
+    fn already_exists() -> ContainerdError {
+        ContainerdError {
+            socket: "/run/containerd/containerd.sock".into(),
+            container: "c1".into(),
+            namespace: "k8s.io".into(),
+            code: tonic::Code::AlreadyExists,
+            message: "content sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef: already exists".into(),
+        }
+    }
+
+    #[test]
+    fn a_committed_checkpoint_stands_whatever_containerd_archives_afterwards() {
+        let judged = judge_containerd_reply(Err(already_exists()), Some(record()), "c1");
+        assert_eq!(judged.unwrap(), record());
+        assert_eq!(
+            judge_containerd_reply(Ok(()), Some(record()), "c1").unwrap(),
+            record()
+        );
+    }
+
+    #[test]
+    fn without_a_record_containerd_decides_or_the_shim_is_named() {
+        let err = judge_containerd_reply(Err(already_exists()), None, "c1").unwrap_err();
+        assert!(err.to_string().contains("already exists"), "{err}");
+        let err = judge_containerd_reply(Ok(()), None, "c1").unwrap_err();
+        assert!(
+            err.to_string().contains("never reported to this agent"),
+            "{err}"
+        );
     }
 }

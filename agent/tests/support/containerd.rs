@@ -1,5 +1,5 @@
-//! A private containerd 1.6 (its own root, state and socket) whose `kybernate` runtime is the
-//! shim built from this workspace, with the busybox test image imported into namespace
+//! A private containerd (1.6 from bookworm or 2.1 from sid; its own root, state and socket)
+//! whose `kybernate` runtime is the shim built from this workspace, with the busybox test image imported into namespace
 //! `k8s.io`, where the kubelet's pods run. Everything it started (containers, shims, the
 //! daemon) is stopped and removed on drop, also when the test fails.
 
@@ -32,9 +32,40 @@ fn shim_binary() -> PathBuf {
     path
 }
 
+/// Which containerd to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(dead_code)]
+pub enum Release {
+    /// Bookworm's containerd 1.6, in /usr/bin.
+    V16,
+    /// containerd 2.1 from sid, in the private prefix `scripts/install-containerd.sh` made.
+    V21,
+}
+
+impl Release {
+    fn bin_dir(self) -> PathBuf {
+        match self {
+            Release::V16 => PathBuf::from("/usr/bin"),
+            Release::V21 => Path::new(
+                &std::env::var("KYBERNATE_CONTAINERD2_PREFIX")
+                    .unwrap_or_else(|_| "/opt/kybernate/containerd2".into()),
+            )
+            .join("usr/bin"),
+        }
+    }
+
+    fn fixture(self) -> &'static str {
+        match self {
+            Release::V16 => "containerd-1.6-default.toml",
+            Release::V21 => "containerd-2.1-default.toml",
+        }
+    }
+}
+
 /// containerd with the kybernate shim, calling back the agent at `agent_socket`.
 pub struct Containerd {
     dir: PathBuf,
+    bin_dir: PathBuf,
     pub socket: PathBuf,
     runc_root: PathBuf,
     path_env: String,
@@ -42,12 +73,23 @@ pub struct Containerd {
 }
 
 impl Containerd {
-    /// Starts containerd under `dir` and imports [`IMAGE`].
+    /// Starts containerd 1.6 under `dir` and imports [`IMAGE`].
     pub fn start(dir: &Path, agent_socket: &Path) -> Self {
-        for tool in ["/usr/bin/containerd", "/usr/bin/ctr", "/usr/bin/runc"] {
+        Self::start_release(dir, agent_socket, Release::V16)
+    }
+
+    /// Starts containerd `release` under `dir` and imports [`IMAGE`].
+    pub fn start_release(dir: &Path, agent_socket: &Path, release: Release) -> Self {
+        let bin_dir = release.bin_dir();
+        for tool in [
+            bin_dir.join("containerd"),
+            bin_dir.join("ctr"),
+            PathBuf::from("/usr/bin/runc"),
+        ] {
             assert!(
-                Path::new(tool).is_file(),
-                "{tool} is missing; run scripts/install-containerd.sh as root"
+                tool.is_file(),
+                "{} is missing; run scripts/install-containerd.sh as root",
+                tool.display()
             );
         }
         let dir = dir.join("containerd");
@@ -57,7 +99,9 @@ impl Containerd {
             .unwrap();
         let socket = dir.join("containerd.sock");
         let runc_root = dir.join("runc");
-        let fixture = workspace().join("installer/tests/fixtures/containerd-1.6-default.toml");
+        let fixture = workspace()
+            .join("installer/tests/fixtures")
+            .join(release.fixture());
         let text = std::fs::read_to_string(&fixture)
             .unwrap_or_else(|e| panic!("{}: {e}", fixture.display()));
         let mut section = String::new();
@@ -74,6 +118,10 @@ impl Containerd {
                     format!("state = \"{}\"", dir.join("state").display())
                 } else if section == "[grpc]" && trimmed.starts_with("address =") {
                     format!("  address = \"{}\"", socket.display())
+                } else if section.contains("io.containerd.nri.v1.nri")
+                    && trimmed.starts_with("disable =")
+                {
+                    "    disable = true".to_owned()
                 } else {
                     line.to_owned()
                 }
@@ -90,11 +138,12 @@ impl Containerd {
         )
         .unwrap();
         let path_env = format!(
-            "{}:/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/sbin:/usr/local/bin",
-            bin.display()
+            "{}:{}:/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/sbin:/usr/local/bin",
+            bin.display(),
+            bin_dir.display()
         );
         let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let daemon = Command::new("/usr/bin/containerd")
+        let daemon = Command::new(bin_dir.join("containerd"))
             .arg("--config")
             .arg(dir.join("containerd.toml"))
             .env("PATH", &path_env)
@@ -109,6 +158,7 @@ impl Containerd {
             .expect("start containerd");
         let mut containerd = Self {
             dir,
+            bin_dir,
             socket,
             runc_root,
             path_env,
@@ -144,7 +194,7 @@ impl Containerd {
     }
 
     pub fn ctr(&self, args: &[&str]) -> Output {
-        Command::new("/usr/bin/ctr")
+        Command::new(self.bin_dir.join("ctr"))
             .arg("--address")
             .arg(&self.socket)
             .args(["--namespace", NAMESPACE])
@@ -165,10 +215,37 @@ impl Containerd {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Kills and removes task and container `id`.
+    #[allow(dead_code)]
+    pub fn remove(&self, id: &str) {
+        let _ = self.ctr(&["tasks", "kill", "-a", "-s", "SIGKILL", id]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = self.ctr(&["tasks", "delete", id]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            if out.status.success() || err.contains("not found") || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.ctr_ok(&["containers", "rm", id]);
+    }
+
     /// Runs `kybernatectl workload --mib MIB --status STATUS` as container `id` under the
     /// kybernate runtime; the host's libraries, kybernatectl and the status file's directory
     /// are bind-mounted in (directories, never symlinks: CRIU restores bind mounts by path).
     pub fn run_workload(&self, id: &str, ctl: &Path, mib: usize, status: &Path) {
+        self.run_workload_with(id, ctl, mib, status, &[]);
+    }
+
+    /// The same container restored from checkpoint `name` through the shim's annotation.
+    #[allow(dead_code)]
+    pub fn run_restored_workload(&self, id: &str, ctl: &Path, status: &Path, name: &str) {
+        let annotation = format!("kybernate.io/restore-from={name}");
+        self.run_workload_with(id, ctl, 0, status, &["--annotation", &annotation]);
+    }
+
+    fn run_workload_with(&self, id: &str, ctl: &Path, mib: usize, status: &Path, extra: &[&str]) {
         let status_dir = status.parent().unwrap();
         let mounts = [
             ("/usr/lib".into(), "/lib".into()),
@@ -189,6 +266,7 @@ impl Containerd {
         for m in &mounts {
             args.extend(["--mount", m.as_str()]);
         }
+        args.extend_from_slice(extra);
         args.extend([
             IMAGE,
             id,
