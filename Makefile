@@ -1,4 +1,4 @@
-# Build, package and deploy Kybernate. Run as root on Debian 12 (scripts/install-deps.sh
+# Build, package and deploy Kybernate. Run as root on Debian 12 (scripts/install-test-deps.sh
 # installs what is needed, including buildah and the local bookworm slim base image).
 #
 #   make build                 release binaries in $(CARGO_TARGET_DIR)/release

@@ -11,7 +11,8 @@ set -euo pipefail
 
 IMAGE=${BASE_IMAGE:-docker.io/library/debian:bookworm-slim}
 CACHE=${KYBERNATE_BASE_CACHE:-/var/cache/kybernate/debian-bookworm-minbase.tar}
-MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+
+source "$(dirname "$0")/apt-mirror.sh"
 
 log() { echo "build-base-image: $*" >&2; }
 
@@ -28,6 +29,7 @@ fi
 if [ ! -s "$CACHE" ]; then
   work=$(mktemp -d /var/tmp/kybernate-base.XXXXXX)
   trap 'rm -rf "$work"' EXIT
+  MIRROR=$(debian_mirror)
   log "debootstrap --variant=minbase bookworm from $MIRROR"
   debootstrap --variant=minbase bookworm "$work/rootfs" "$MIRROR" >"$work/debootstrap.log" 2>&1 \
     || { tail -20 "$work/debootstrap.log" >&2; log "debootstrap failed"; exit 1; }

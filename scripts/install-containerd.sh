@@ -19,6 +19,8 @@ set -euo pipefail
 PREFIX=${KYBERNATE_CONTAINERD2_PREFIX:-/opt/kybernate/containerd2}
 APT_STATE=$PREFIX/apt
 
+source "$(dirname "$0")/apt-mirror.sh"
+
 log() { echo "install-containerd: $*" >&2; }
 
 [ "$(id -u)" = 0 ] || { log "must run as root"; exit 1; }
@@ -50,8 +52,9 @@ private_apt() {
 if ! containerd2_works; then
   log "fetching containerd 2.x from Debian sid into $PREFIX"
   mkdir -p "$APT_STATE/lists/partial" "$APT_STATE/archives/partial" "$APT_STATE/debs"
+  MIRROR=$(debian_mirror)
   cat >"$APT_STATE/sources.list" <<SOURCES
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian sid main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR sid main
 SOURCES
   private_apt update -qq
   (

@@ -1,26 +1,26 @@
 #!/usr/bin/env bash
-# Installs what Kybernate needs on a Debian 12 machine, idempotently, as root.
+# Installs what the agent and the demo need on a Debian 12 machine, idempotently, as root.
+# The test command adds what only the tests use (scripts/install-test-deps.sh).
 #
-# - bookworm packages: iptables (CRIU's network lock), zstd/pzstd (benchmark baselines),
-#   protobuf-compiler (protoc: the containerd-client crate generates containerd's API in its
-#   build.rs; our own proto/ crate uses protox);
+# - bookworm packages: iptables (CRIU's network lock), protobuf-compiler (protoc: the
+#   containerd-client crate generates containerd's API in its build.rs; our own proto/ crate
+#   uses protox);
 # - CRIU 4.2.1 from Debian sid, unpacked with the trixie C library it needs into a private
 #   prefix (bookworm's glibc 2.36 is too old and must not be upgraded), with a wrapper script
 #   on PATH that starts it through that prefix's loader;
-# - containerd 1.6 + runc 1.1 (bookworm) and containerd 2.1 (sid, private prefix), through
-#   scripts/install-containerd.sh. runc stays bookworm's: a loader-wrapped runc cannot
-#   re-exec itself for `runc init`.
 set -euo pipefail
 
 PREFIX=${KYBERNATE_DEPS_PREFIX:-/opt/kybernate/deps}
 BIN_DIR=${KYBERNATE_BIN_DIR:-/usr/local/bin}
 APT_STATE=$PREFIX/apt
 
+source "$(dirname "$0")/apt-mirror.sh"
+
 log() { echo "install-deps: $*" >&2; }
 
 [ "$(id -u)" = 0 ] || { log "must run as root"; exit 1; }
 
-bookworm_packages=(iptables zstd ca-certificates busybox-static util-linux protobuf-compiler)
+bookworm_packages=(iptables ca-certificates util-linux protobuf-compiler)
 missing=()
 for p in "${bookworm_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -55,9 +55,10 @@ fi
 if ! criu_works; then
   log "fetching CRIU 4.2 from Debian sid into $PREFIX"
   mkdir -p "$APT_STATE/lists/partial" "$APT_STATE/archives/partial" "$APT_STATE/debs"
+  MIRROR=$(debian_mirror)
   cat >"$APT_STATE/sources.list" <<SOURCES
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian sid main
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR sid main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR trixie main
 SOURCES
   private_apt update -qq
   (
@@ -83,8 +84,3 @@ fi
 criu_works || { log "CRIU 4.2+ is not usable after install: $("$BIN_DIR/criu" --version 2>&1 | head -1)"; exit 1; }
 log "criu: $("$BIN_DIR/criu" --version | head -1)"
 
-bash "$(dirname "$0")/install-containerd.sh"
-bash "$(dirname "$0")/install-dataplane-deps.sh"
-bash "$(dirname "$0")/install-k8s-tools.sh"
-bash "$(dirname "$0")/install-image-tools.sh"
-bash "$(dirname "$0")/install-perf-tools.sh"

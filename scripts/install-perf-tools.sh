@@ -2,7 +2,7 @@
 # Installs the tools perf/ checks need, idempotently, as root on Debian 12:
 # - prometheus: the dashboard test scrapes a real agent and evaluates every panel's PromQL;
 # - chromium: the report test renders perf/'s HTML report headless and screenshots it.
-# Called from scripts/install-deps.sh.
+# Called from scripts/install-test-deps.sh.
 set -euo pipefail
 
 log() { echo "install-perf-tools: $*" >&2; }

@@ -66,10 +66,16 @@ impl Drop for HostDirs {
     }
 }
 
-/// A shell on the host keeping a counter in memory and publishing `epoch counter` to a
-/// file; a restarted process would show a new epoch and count from 1 again. It forks nothing
-/// while it runs (it waits by timing out on a FIFO), so the checkpoint holds one process and
-/// no short-lived child whose PID could still be taken when the restore needs it.
+/// A shell on the host keeping a counter in memory and appending `epoch counter` lines to a
+/// file it holds open; a restarted process would show a new epoch and count from 1 again. It
+/// forks nothing while it runs (it waits by timing out on a FIFO), so the checkpoint holds one
+/// process and no short-lived child whose PID could still be taken when the restore needs it.
+///
+/// Each line is one `write(2)` to an `O_APPEND` descriptor, so every state of the file a dump
+/// can catch holds the last complete line. An earlier version rewrote the file with
+/// `echo ... > file`: the shell's open(O_TRUNC) and its write are separate system calls, and a
+/// stop-mode dump that froze the shell between them, then killed it, left the file empty
+/// (the test then read no state right after the checkpoint).
 struct HostWorkload {
     child: Option<Child>,
     pid: i32,
@@ -83,8 +89,8 @@ impl HostWorkload {
         let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
         assert!(made.success(), "mkfifo {}", fifo.display());
         let script = format!(
-            "e=$$-$RANDOM$RANDOM; i=0; while :; do i=$((i+1)); echo \"$e $i\" > {f}; \
-             read -t 0.05 <> {t} || :; done",
+            "e=$$-$RANDOM$RANDOM; i=0; exec 3>>{f}; while :; do i=$((i+1)); \
+             echo \"$e $i\" >&3; read -t 0.05 <> {t} || :; done",
             f = file.display(),
             t = fifo.display()
         );
@@ -106,9 +112,11 @@ impl HostWorkload {
         workload
     }
 
+    /// The last complete line: the state the workload published last.
     fn read(&self) -> Option<(String, u64)> {
         let text = fs::read_to_string(&self.file).ok()?;
-        let (epoch, n) = text.trim().split_once(' ')?;
+        let complete = &text[..=text.rfind('\n')?];
+        let (epoch, n) = complete.lines().last()?.split_once(' ')?;
         Some((epoch.to_string(), n.parse().ok()?))
     }
 
