@@ -15,6 +15,7 @@ use crate::cuda::{CheckRestore, CudaPhaseError, RestoreAndUnlock};
 use crate::error::{tier_list, AgentError};
 use crate::events::PhaseClock;
 use crate::images::{self, ImageError};
+use crate::journal::Transition;
 use crate::node_parts::NodeParts;
 use crate::process;
 use crate::tiers::{Contains, Load};
@@ -159,20 +160,48 @@ async fn phases(
         timeout: TimeoutsConfig::of(timeouts.restore_ms),
     };
     let _ = std::fs::create_dir_all(parts.config.logs_dir());
-    let restored = clock
-        .run("criu_restore", async {
-            parts
-                .criu
-                .send(restore)
-                .await?
-                .map_err(|source| AgentError::Criu {
-                    name: record.name.clone(),
-                    source,
-                    resumed: false,
+    // Whatever holds the PID from here on was put there by this restore.
+    let since_ticks = process::uptime_ticks();
+    parts.journal.note(
+        &record.name,
+        Transition::RestoreStarted {
+            pid: record.pid,
+            since_ticks,
+        },
+    );
+    let restored = match crate::checkpoint::failpoint("restore.before_criu") {
+        Err(e) => Err(e),
+        Ok(()) => {
+            clock
+                .run("criu_restore", async {
+                    parts
+                        .criu
+                        .send(restore)
+                        .await?
+                        .map_err(|source| AgentError::Criu {
+                            name: record.name.clone(),
+                            source,
+                            resumed: false,
+                        })
                 })
-        })
-        .await
-        .map_err(|e| ("criu_restore", e))?;
+                .await
+        }
+    };
+    let restored = match restored {
+        Ok(restored) => restored,
+        Err(e) => {
+            // A failed or killed CRIU can leave a process that never runs on the PID (the
+            // restorer waiting on a futex); it would hold the PID against every retry.
+            if process::kill_started_since(record.pid, since_ticks, pid_wait).await {
+                tracing::warn!(checkpoint = %record.name, pid = record.pid, "killed what the failed restore left on the PID");
+            }
+            parts
+                .journal
+                .note(&record.name, Transition::RestoreEnded { ok: false });
+            return Err(("criu_restore", e));
+        }
+    };
+    crate::checkpoint::failpoint("restore.after_criu").map_err(|e| ("criu_restore", e))?;
 
     let tree = process::tree(restored.pid);
     let unlock = RestoreAndUnlock {
@@ -193,9 +222,15 @@ async fn phases(
             // A process whose GPU state did not come back must not run half-restored; the
             // checkpoint stays, so the restore can be retried.
             process::kill_tree(&tree);
+            parts
+                .journal
+                .note(&record.name, Transition::RestoreEnded { ok: false });
             return Err(("cuda_restore", e));
         }
     }
+    parts
+        .journal
+        .note(&record.name, Transition::RestoreEnded { ok: true });
 
     Ok(RestoreOutcome {
         pid: restored.pid,
@@ -293,10 +328,7 @@ async fn load_into_ram(
     clock: &mut PhaseClock,
     urgency: Urgency,
 ) -> Result<Staged, AgentError> {
-    let scratch = parts.ram.root().join(format!(
-        ".partial-restore-{name}-{:08x}",
-        rand::random::<u32>()
-    ));
+    let scratch = parts.ram.staging_dir_of(name, rand::random::<u32>());
     std::fs::create_dir_all(&scratch)
         .map_err(|e| AgentError::Internal(format!("cannot create {}: {e}", scratch.display())))?;
     let staged = Staged {
