@@ -5,11 +5,15 @@
 pub mod agent_link;
 pub mod checkpoint;
 pub mod config;
+pub mod containers;
 pub mod error;
+pub mod events;
 pub mod gpu;
+pub mod grouping;
 pub mod handoff;
 pub mod info;
 pub mod lifecycle;
+pub mod oom;
 pub mod process;
 pub mod resources;
 pub mod rootfs_diff;
@@ -19,3 +23,8 @@ pub mod service;
 pub mod shim;
 pub mod stdio;
 pub mod task;
+
+#[cfg(test)]
+mod fakes;
+#[cfg(test)]
+mod rollback_tests;
