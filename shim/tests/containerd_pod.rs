@@ -32,10 +32,19 @@ fn pids_matching(needles: &[&str]) -> Vec<i32> {
 }
 
 /// Runs container `id` of pod `sandbox` (`kind`: "sandbox" or "container"), detached.
-fn run_in_pod(node: &Node, runtime: &str, sandbox: &str, kind: &str, id: &str, script: &str) {
+/// `extra` are more `ctr run` flags (mounts).
+fn run_in_pod(
+    node: &Node,
+    runtime: &str,
+    sandbox: &str,
+    kind: &str,
+    id: &str,
+    script: &str,
+    extra: &[String],
+) {
     let group = format!("io.kubernetes.cri.sandbox-id={sandbox}");
     let kind = format!("io.kubernetes.cri.container-type={kind}");
-    node.ctr_ok(&[
+    let mut args: Vec<&str> = vec![
         "run",
         "-d",
         "--runtime",
@@ -44,28 +53,100 @@ fn run_in_pod(node: &Node, runtime: &str, sandbox: &str, kind: &str, id: &str, s
         &group,
         "--annotation",
         &kind,
-        IMAGE,
-        id,
-        "sh",
-        "-c",
-        script,
-    ]);
+    ];
+    args.extend(extra.iter().map(String::as_str));
+    args.extend([IMAGE, id, "sh", "-c", script]);
+    node.ctr_ok(&args);
     node.wait_status(id, "RUNNING");
 }
 
-/// Starts a pause container and two app containers of one pod; returns the app ids.
-fn start_pod(node: &Node, runtime: &str, tag: &str, app_script: &str) -> (String, String) {
+/// Starts a pause container and two app containers of one pod; returns the app ids. The
+/// first app runs `app_script` with `app_extra` flags.
+fn start_pod(
+    node: &Node,
+    runtime: &str,
+    tag: &str,
+    app_script: &str,
+    app_extra: &[String],
+) -> (String, String) {
     let sandbox = format!("{tag}-pause");
-    run_in_pod(node, runtime, &sandbox, "sandbox", &sandbox, "sleep 1000");
+    run_in_pod(
+        node,
+        runtime,
+        &sandbox,
+        "sandbox",
+        &sandbox,
+        "sleep 1000",
+        &[],
+    );
     let apps = (format!("{tag}-app1"), format!("{tag}-app2"));
-    run_in_pod(node, runtime, &sandbox, "container", &apps.0, app_script);
-    run_in_pod(node, runtime, &sandbox, "container", &apps.1, "sleep 1000");
+    run_in_pod(
+        node,
+        runtime,
+        &sandbox,
+        "container",
+        &apps.0,
+        app_script,
+        app_extra,
+    );
+    run_in_pod(
+        node,
+        runtime,
+        &sandbox,
+        "container",
+        &apps.1,
+        "sleep 1000",
+        &[],
+    );
     (apps.0, apps.1)
+}
+
+/// Bind mounts that let the busybox image run the workspace's `kybernatectl` (its sample
+/// workload holds N MiB of patterned memory): the binary and the host's libraries (real
+/// directories: CRIU cannot restore an external bind mount whose source is a symlink).
+fn workload_mounts() -> Vec<String> {
+    let mut mounts = Vec::new();
+    for dir in ["/lib", "/lib64", "/usr/lib"] {
+        if let Ok(real) = std::fs::canonicalize(dir) {
+            mounts.push("--mount".to_owned());
+            mounts.push(format!(
+                "type=bind,src={},dst={dir},options=rbind:ro",
+                real.display()
+            ));
+        }
+    }
+    mounts.push("--mount".to_owned());
+    mounts.push(format!(
+        "type=bind,src={},dst=/kybernatectl,options=rbind:ro",
+        harness::workspace_bin("kybernatectl").display()
+    ));
+    mounts
 }
 
 /// The shim processes of `binary` serving this node's namespace.
 fn shims(node: &Node, binary: &str) -> Vec<i32> {
     pids_matching(&[binary, "-namespace", &node.namespace])
+}
+
+/// The host pid of task `id` (`ctr tasks ls`).
+fn task_pid(node: &Node, id: &str) -> i32 {
+    node.ctr_ok(&["tasks", "ls"])
+        .lines()
+        .find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.first() == Some(&id)).then(|| cols.get(1)?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("task {id} is not listed"))
+}
+
+/// Resident memory of `pid` in MiB.
+fn resident_mib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib / 1024)
 }
 
 /// Lines of `ctr events` as they arrive.
@@ -95,7 +176,12 @@ fn event_at(events: &mpsc::Receiver<(Instant, String)>, topic: &str, id: &str) -
     let deadline = Instant::now() + PROMPT;
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
         match events.recv_timeout(left) {
-            Ok((at, line)) if line.contains(topic) && line.contains(id) => return Some(at),
+            // The init's exit, not an exec's: its `id` is the container's.
+            Ok((at, line))
+                if line.contains(topic) && line.contains(&format!("\"id\":\"{id}\"")) =>
+            {
+                return Some(at)
+            }
             Ok(_) => {}
             Err(_) => return None,
         }
@@ -109,7 +195,7 @@ fn one_shim_per_pod(version: Version) {
         (RUNC_V2, "containerd-shim-runc-v2", "stock"),
         (KYBERNATE, "containerd-shim-kybernate-v1", "kyb"),
     ] {
-        let (app1, app2) = start_pod(&node, runtime, tag, "sleep 1000");
+        let (app1, app2) = start_pod(&node, runtime, tag, "sleep 1000", &[]);
         let serving = shims(&node, binary);
         assert_eq!(
             serving.len(),
@@ -148,32 +234,28 @@ fn one_shim_per_pod(version: Version) {
 
 fn prompt_while_a_neighbour_checkpoints(version: Version) {
     let node = Node::start(version);
-    // app1 holds 1 GiB in a shell variable.
+    // app1's init is the sample workload holding 1 GiB.
     let (app1, app2) = start_pod(
         &node,
         KYBERNATE,
         "busy",
-        "a=$(head -c 1073741824 /dev/zero | tr '\\0' x); touch /filled; sleep 1000",
+        "exec /kybernatectl workload --mib 1024 --status /dev/shm/status",
+        &workload_mounts(),
     );
+    let pid = task_pid(&node, &app1);
     let filled = Instant::now() + Duration::from_secs(120);
-    while node
-        .ctr(&[
-            "tasks",
-            "exec",
-            "--exec-id",
-            "probe",
-            &app1,
-            "test",
-            "-e",
-            "/filled",
-        ])
-        .status
-        .code()
-        != Some(0)
+    while !std::fs::read_to_string(format!("/proc/{pid}/root/dev/shm/status"))
+        .unwrap_or_default()
+        .contains("counter=")
     {
         assert!(Instant::now() < filled, "{app1} never filled its 1 GiB");
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(100));
     }
+    let resident = resident_mib(pid);
+    assert!(
+        resident >= 1024,
+        "{app1} holds {resident} MiB, not the 1 GiB the test checkpoints"
+    );
     let (mut watcher, events) = watch_events(&node);
     let checkpoint = std::thread::scope(|scope| {
         let running = scope.spawn(|| {
@@ -217,6 +299,12 @@ fn prompt_while_a_neighbour_checkpoints(version: Version) {
     let _ = watcher.kill();
     let _ = watcher.wait();
     let (asked, exec_done, exited, checkpoint_done, out) = checkpoint;
+    eprintln!(
+        "after the dump began: exec done in {:?}, exit event at {:?}, checkpoint done at {:?}",
+        exec_done - asked,
+        exited.map(|at| at - asked),
+        checkpoint_done - asked
+    );
     assert!(
         out.status.success(),
         "checkpoint of {app1} failed: {}{}",
