@@ -4,11 +4,12 @@
 //! `memory.oom_control` (the kernel signals it on every OOM in the cgroup), as runc's shim
 //! does.
 
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -130,6 +131,48 @@ impl OomNotifier {
                 return Ok(());
             }
         }
+    }
+}
+
+/// The OOM-kill counter in a cgroup v2 `memory.events` or cgroup v1 `memory.oom_control`
+/// file (both have an `oom_kill N` line).
+pub fn oom_kills(counter: &str) -> u64 {
+    counter
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Each running container's OOM-kill counter file and the kills reported so far.
+#[derive(Debug, Default)]
+pub struct OomWatches(std::sync::Mutex<HashMap<String, (PathBuf, u64)>>);
+
+impl OomWatches {
+    /// Starts counting container `id`'s kills in `counter`.
+    pub fn watch(&self, id: &str, counter: PathBuf) {
+        self.lock().insert(id.to_owned(), (counter, 0));
+    }
+
+    /// Stops counting container `id`'s kills.
+    pub fn forget(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    /// Whether the count grew since the last look (which it records).
+    pub fn new_kills(&self, id: &str) -> bool {
+        let mut watches = self.lock();
+        let Some((events, seen)) = watches.get_mut(id) else {
+            return false;
+        };
+        let now = oom_kills(&std::fs::read_to_string(events).unwrap_or_default());
+        let grew = now > *seen;
+        *seen = now.max(*seen);
+        grew
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (PathBuf, u64)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -1,6 +1,5 @@
 //! Stats, Update and OOM events: the container's cgroup as runc and the kernel report it.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use containerd_shim::api::UpdateTaskRequest;
@@ -36,16 +35,6 @@ pub fn metrics_from_runc(stats: &serde_json::Value) -> Metrics {
         }),
         ..Default::default()
     }
-}
-
-/// The OOM-kill counter in a cgroup v2 `memory.events` or cgroup v1 `memory.oom_control`
-/// file (both have an `oom_kill N` line).
-pub fn oom_kills(counter: &str) -> u64 {
-    counter
-        .lines()
-        .find_map(|l| l.strip_prefix("oom_kill "))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// Whether the host runs cgroup v2 alone (else v1 or hybrid, where the memory controller
@@ -226,39 +215,10 @@ impl TaskService {
     }
 }
 
-/// Each running container's OOM-kill counter file and the kills reported so far.
-#[derive(Debug, Default)]
-pub struct OomWatches(std::sync::Mutex<HashMap<String, (PathBuf, u64)>>);
-
-impl OomWatches {
-    fn watch(&self, id: &str, counter: PathBuf) {
-        self.lock().insert(id.to_owned(), (counter, 0));
-    }
-
-    fn forget(&self, id: &str) {
-        self.lock().remove(id);
-    }
-
-    /// Whether the count grew since the last look (which it records).
-    fn new_kills(&self, id: &str) -> bool {
-        let mut watches = self.lock();
-        let Some((events, seen)) = watches.get_mut(id) else {
-            return false;
-        };
-        let now = oom_kills(&std::fs::read_to_string(events).unwrap_or_default());
-        let grew = now > *seen;
-        *seen = now.max(*seen);
-        grew
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (PathBuf, u64)>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oom::oom_kills;
     use serde_json::json;
 
     #[test]

@@ -18,8 +18,8 @@ use crate::containers::ContainerTable;
 use crate::error::{Result, ShimError};
 use crate::events::{ContainerdEvents, EventQueue};
 use crate::handoff::Handoffs;
+use crate::oom::OomWatches;
 use crate::process::exit_event;
-use crate::resources::OomWatches;
 use crate::runc_cli::RuncCli;
 
 /// Exits of pids no process claimed yet (a process can exit before runc's pid file is read).
