@@ -90,9 +90,11 @@ pub struct CudaSession {
 
 impl CudaSession {
     /// Loads and initialises `libcuda.so.1`; CPU-only (with a log line) when the node
-    /// has no driver or no GPU. Custom storage is used when the driver offers it.
+    /// has no driver or no GPU. Checkpoints take the classic path, as with
+    /// `custom_storage = "off"`: callers that store VRAM images use
+    /// [`CudaSession::load_with`].
     pub fn load() -> Result<CudaSession, CudaError> {
-        CudaSession::load_with(CustomStorageSetting::Auto)
+        CudaSession::load_with(CustomStorageSetting::Off)
     }
 
     /// [`CudaSession::load`] with the `[cuda] custom_storage` setting: probes the
