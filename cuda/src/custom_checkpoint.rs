@@ -26,7 +26,7 @@ impl Default for CustomCheckpointOptions {
     fn default() -> Self {
         CustomCheckpointOptions {
             lock_timeout: Duration::from_secs(10),
-            chunk_size: 8 * 1024 * 1024,
+            chunk_size: 16 * 1024 * 1024,
         }
     }
 }

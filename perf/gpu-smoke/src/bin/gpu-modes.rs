@@ -1,5 +1,6 @@
 //! `gpu-modes <dir> <runs> <root-pid>...`: classic against custom-storage CUDA
 //! checkpoints of the running processes, end to end to the disk holding `dir`.
+//! `CHUNK_MIB` (default 16) sets the custom-storage copy chunk.
 
 use anyhow::{Context, Result};
 use kybernate_cuda::CheckpointMode;
@@ -18,7 +19,7 @@ fn main() -> Result<()> {
         roots,
         dir,
         runs,
-        chunk: 8 * 1024 * 1024,
+        chunk: chunk_mib()? * 1024 * 1024,
     })?;
     let classic = median_gbps(&samples, CheckpointMode::Classic);
     let custom = median_gbps(&samples, CheckpointMode::CustomStorage);
@@ -28,4 +29,11 @@ fn main() -> Result<()> {
         custom / classic
     );
     Ok(())
+}
+
+fn chunk_mib() -> Result<u64> {
+    match std::env::var("CHUNK_MIB") {
+        Ok(v) => v.parse().context("CHUNK_MIB"),
+        Err(_) => Ok(16),
+    }
 }
