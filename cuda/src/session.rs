@@ -162,14 +162,30 @@ impl CudaSession {
     }
 
     /// What to record about the GPUs of `pids` before a checkpoint in `mode`: call it
-    /// while their memory is still on the GPUs. `None` on a CPU-only node.
+    /// while their memory is still on the GPUs. Only the GPUs they hold memory on are
+    /// recorded (all GPUs when the usage is unknown), so a restore needs only those.
+    /// `None` on a CPU-only node.
     pub fn record(&self, pids: &[u32], mode: CheckpointMode) -> Option<RecordedGpu> {
         let driver = self.driver.as_ref()?;
+        let mut fingerprint = self.fingerprint()?;
+        let mut used = driver.gpu_usage(pids).unwrap_or_default();
+        if used.len() == fingerprint.devices.len() && used.iter().any(|&u| u > 0) {
+            let (devices, usage): (Vec<_>, Vec<_>) = fingerprint
+                .devices
+                .into_iter()
+                .zip(used)
+                .filter(|(_, u)| *u > 0)
+                .unzip();
+            fingerprint.devices = devices;
+            used = usage;
+        } else {
+            used.clear();
+        }
         Some(RecordedGpu {
-            fingerprint: self.fingerprint()?,
+            fingerprint,
             driver_release: driver.driver_release(),
             mode,
-            used: driver.gpu_usage(pids).unwrap_or_default(),
+            used,
         })
     }
 

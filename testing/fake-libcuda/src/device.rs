@@ -128,8 +128,8 @@ pub fn devices() -> Result<Vec<Device>, i32> {
     Ok(node::devices())
 }
 
-/// `cuDevicePrimaryCtxRetain`: binds this process to a device and makes it a CUDA
-/// process (its control channel starts).
+/// `cuDevicePrimaryCtxRetain`: binds this process to a device (the first one it asks
+/// for) and makes it a CUDA process (its control channel starts).
 pub fn retain_context(ordinal: i32) -> i32 {
     let devices = match devices() {
         Ok(d) => d,
@@ -139,13 +139,12 @@ pub fn retain_context(ordinal: i32) -> i32 {
         return INVALID_DEVICE;
     };
     let mut g = gpu();
-    match g.device {
-        Some(current) if current != device.uuid => return INVALID_DEVICE,
-        Some(_) => {}
-        None => {
-            g.device = Some(device.uuid);
-            g.incarnation = own_start();
-        }
+    // A process's allocations live on the device of its first context (the fake's one
+    // simplification); contexts on further devices are granted, as the driver does, and
+    // serve the custom-storage mappings of a caller.
+    if g.device.is_none() {
+        g.device = Some(device.uuid);
+        g.incarnation = own_start();
     }
     drop(g);
     crate::control::serve();

@@ -582,3 +582,50 @@ fn gate_refuses_each_failing_fact_and_locks_nothing() {
         },
     );
 }
+
+#[test]
+fn custom_restore_onto_another_gpu_remaps_it() {
+    on_node(
+        "custom_restore_onto_another_gpu_remaps_it",
+        Some(GPU_A),
+        |node| {
+            custom_node(node);
+            let mut w = Workload::start_on(node, 64, 0);
+            let session = load(CustomStorageSetting::On);
+            let recorded = session
+                .record(&w.pids(), CheckpointMode::CustomStorage)
+                .unwrap();
+            let vram = store(node, "remap");
+            let held = session
+                .checkpoint_custom(&w.pids(), &options(), vram.clone())
+                .unwrap();
+            let images = held.vram_images().to_vec();
+            held.keep_checkpointed();
+            let dump = node.images("dump");
+            criu_dump(w.root, &dump).unwrap();
+            w.reap_after_dump();
+
+            // "Another node": only GPU B, of the same model.
+            node.set_devices(&[(GPU_B, 16384, MODEL)]);
+            let target = load(CustomStorageSetting::On);
+            let pairs = target
+                .check_gate(&recorded, &GatePolicy::default())
+                .unwrap();
+            assert_eq!(pairs.len(), 1);
+            assert_eq!(pairs[0].new.to_string(), GPU_B);
+            criu_restore(&dump).unwrap();
+            let report = target
+                .restore_custom(
+                    &w.pids(),
+                    Some(&recorded.fingerprint),
+                    &images,
+                    vram.as_ref(),
+                )
+                .unwrap();
+            assert!(report.remapped);
+            assert_eq!(node.regions_on(GPU_B).len(), 1, "the VRAM went to GPU B");
+            assert!(node.regions_on(GPU_A).is_empty());
+            w.assert_keeps_verifying();
+        },
+    );
+}
