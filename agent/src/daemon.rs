@@ -173,8 +173,8 @@ async fn serve(
 
     let ram = Arc::new(LocalDirTier::open(TierKind::Ram, config.ram_tier_path())?);
     let chunks = config.dataplane.chunk_config();
-    let nvme = NvmeTier::open(config.nvme_tier_path(), chunks.clone())?;
-    let s3 = match &config.s3 {
+    let nvme = Arc::new(NvmeTier::open(config.nvme_tier_path(), chunks.clone())?);
+    let s3_tier = match &config.s3 {
         Some(s3) => {
             // The S3 tier runs its own runtime, which must not be created inside this one.
             let (settings, chunks) = (s3.clone(), chunks.clone());
@@ -182,7 +182,7 @@ async fn serve(
                 .join()
                 .map_err(|_| DaemonError::S3Connect)??;
             tracing::info!(endpoint = %s3.endpoint, bucket = %s3.bucket, prefix = %s3.prefix, "S3 tier ready");
-            Some(tier)
+            Some(Arc::new(tier))
         }
         None => None,
     };
@@ -214,15 +214,16 @@ async fn serve(
     );
     let mut actors = vec![
         (TierKind::Ram, TierActor::start(ram.clone(), TIER_THREADS)),
-        (
-            TierKind::Nvme,
-            TierActor::start(Arc::new(nvme), TIER_THREADS),
-        ),
+        (TierKind::Nvme, TierActor::start(nvme.clone(), TIER_THREADS)),
     ];
-    if let Some(tier) = s3 {
-        actors.push((TierKind::S3, TierActor::start(Arc::new(tier), TIER_THREADS)));
+    if let Some(tier) = &s3_tier {
+        actors.push((TierKind::S3, TierActor::start(tier.clone(), TIER_THREADS)));
     }
-    let tiers = Tiers { actors };
+    let tiers = Tiers {
+        actors,
+        nvme: Some(nvme),
+        s3: s3_tier,
+    };
 
     let metrics = Metrics::new();
     for kind in tiers.kinds() {

@@ -1,5 +1,6 @@
 //! The restore of one checkpoint: find the nearest tier with a good copy, bring the images into
-//! the RAM tier, verify them, wait for the PID to be free, and run CRIU restore.
+//! the RAM tier, verify them, wait for the PID to be free, and run CRIU restore. When the
+//! nearest copy is on NVMe, CRIU reads it straight from there instead ([`crate::streaming`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use crate::bandwidth::Urgency;
 use crate::catalog::{CheckpointRecord, Phase};
 use crate::checkpoint::blocking;
 use crate::config::TimeoutsConfig;
-use crate::criu::Restore;
+use crate::criu::{Restore, Restored};
 use crate::cuda::{CheckRestore, CudaPhaseError, RestoreAndUnlock};
 use crate::error::{tier_list, AgentError};
 use crate::events::PhaseClock;
@@ -18,6 +19,7 @@ use crate::images::{self, ImageError};
 use crate::journal::Transition;
 use crate::node_parts::NodeParts;
 use crate::process;
+use crate::streaming::{self, StreamedRestoreError};
 use crate::tiers::{Contains, Load};
 
 /// What a restore produced.
@@ -62,6 +64,15 @@ pub struct Staged {
 }
 
 impl Staged {
+    /// No staged copy: CRIU read the images straight from `tier`.
+    fn streamed(tier: TierKind) -> Self {
+        Self {
+            dir: PathBuf::new(),
+            scratch: None,
+            tier,
+        }
+    }
+
     /// Moves a scratch copy into the RAM tier as the held copy of `name`.
     pub fn keep_in_ram(
         mut self,
@@ -113,7 +124,7 @@ async fn phases(
             .await
             .map_err(|e| ("cuda_check", e))?;
     }
-    let candidates = match from {
+    let mut candidates = match from {
         Some(kind) if parts.tiers.get(kind).is_none() => {
             let e = AgentError::InvalidRequest(format!(
                 "this agent has no {kind} tier (tiers: {})",
@@ -124,17 +135,23 @@ async fn phases(
         Some(kind) => vec![kind],
         None => parts.tiers.kinds(),
     };
-    let staged = stage(
-        parts,
-        record,
-        &name,
-        &candidates,
-        clock,
-        Urgency::Foreground,
-    )
-    .await
-    .map_err(|e| ("stage", e))?;
     let timeouts = &parts.config.timeouts;
+    let streamed = streaming::nearest_is_nvme(parts, &name, &candidates)
+        .await
+        .map_err(|e| ("stage", e))?;
+    let staged = if streamed {
+        None
+    } else {
+        let staged = stage(
+            parts,
+            record,
+            &name,
+            &candidates,
+            clock,
+            Urgency::Foreground,
+        );
+        Some(staged.await.map_err(|e| ("stage", e))?)
+    };
 
     let pid_wait = TimeoutsConfig::of(timeouts.pid_release_ms);
     clock
@@ -150,16 +167,6 @@ async fn phases(
         .await
         .map_err(|e| ("wait_pid", e))?;
 
-    let restore = Restore {
-        images_dir: staged.dir.clone(),
-        log: parts
-            .config
-            .logs_dir()
-            .join(format!("{}-restore.log", record.name)),
-        shell_job: record.shell_job,
-        timeout: TimeoutsConfig::of(timeouts.restore_ms),
-    };
-    let _ = std::fs::create_dir_all(parts.config.logs_dir());
     // Whatever holds the PID from here on was put there by this restore.
     let since_ticks = process::uptime_ticks();
     parts.journal.note(
@@ -169,27 +176,46 @@ async fn phases(
             since_ticks,
         },
     );
-    let restored = match crate::checkpoint::failpoint("restore.before_criu") {
-        Err(e) => Err(e),
-        Ok(()) => {
-            clock
-                .run("criu_restore", async {
-                    parts
-                        .criu
-                        .send(restore)
-                        .await?
-                        .map_err(|source| AgentError::Criu {
-                            name: record.name.clone(),
-                            source,
-                            resumed: false,
-                        })
-                })
-                .await
-        }
-    };
-    let restored = match restored {
-        Ok(restored) => restored,
-        Err(e) => {
+    let attempt = async {
+        crate::checkpoint::failpoint("restore.before_criu").map_err(|e| ("criu_restore", e))?;
+        let done = match staged {
+            Some(staged) => (criu_restore(parts, record, &staged, clock).await?, staged),
+            None => match streaming::restore_from_nvme(parts, record, &name, clock).await {
+                Ok(restored) => (restored, Staged::streamed(TierKind::Nvme)),
+                Err(StreamedRestoreError::Failed(e)) => return Err(("criu_restore", e)),
+                Err(StreamedRestoreError::Damaged(e)) => {
+                    // CRIU refused the tree before it ran; try the slower tiers the usual way.
+                    tracing::warn!(checkpoint = %name, error = %e, "NVMe copy unusable; trying the next tier");
+                    candidates.retain(|k| *k > TierKind::Nvme);
+                    let staged = stage(
+                        parts,
+                        record,
+                        &name,
+                        &candidates,
+                        clock,
+                        Urgency::Foreground,
+                    )
+                    .await
+                    .map_err(|fallback| {
+                        let detail = format!("nvme copy: {}; {}", damage_of(&e), fallback);
+                        (
+                            "stage",
+                            AgentError::Images {
+                                name: record.name.clone(),
+                                detail: format!("no intact copy left ({detail})"),
+                            },
+                        )
+                    })?;
+                    (criu_restore(parts, record, &staged, clock).await?, staged)
+                }
+            },
+        };
+        Ok(done)
+    }
+    .await;
+    let (restored, staged) = match attempt {
+        Ok(done) => done,
+        Err((phase, e)) => {
             // A failed or killed CRIU can leave a process that never runs on the PID (the
             // restorer waiting on a futex); it would hold the PID against every retry.
             if process::kill_started_since(record.pid, since_ticks, pid_wait).await {
@@ -198,7 +224,7 @@ async fn phases(
             parts
                 .journal
                 .note(&record.name, Transition::RestoreEnded { ok: false });
-            return Err(("criu_restore", e));
+            return Err((phase, e));
         }
     };
     crate::checkpoint::failpoint("restore.after_criu").map_err(|e| ("criu_restore", e))?;
@@ -237,6 +263,40 @@ async fn phases(
         source_tier: staged.tier,
         phases: clock.phases.clone(),
     })
+}
+
+/// Runs CRIU's restore from the images in `staged`, as phase `criu_restore`.
+async fn criu_restore(
+    parts: &NodeParts,
+    record: &CheckpointRecord,
+    staged: &Staged,
+    clock: &mut PhaseClock,
+) -> Result<Restored, (&'static str, AgentError)> {
+    let restore = Restore {
+        images_dir: staged.dir.clone(),
+        log: parts
+            .config
+            .logs_dir()
+            .join(format!("{}-restore.log", record.name)),
+        shell_job: record.shell_job,
+        timeout: TimeoutsConfig::of(parts.config.timeouts.restore_ms),
+        stream_check: None,
+    };
+    let _ = std::fs::create_dir_all(parts.config.logs_dir());
+    clock
+        .run("criu_restore", async {
+            parts
+                .criu
+                .send(restore)
+                .await?
+                .map_err(|source| AgentError::Criu {
+                    name: record.name.clone(),
+                    source,
+                    resumed: false,
+                })
+        })
+        .await
+        .map_err(|e| ("criu_restore", e))
 }
 
 /// Finds the first of `candidates` (nearest first) with an intact copy and makes its images
