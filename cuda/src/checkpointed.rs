@@ -1,10 +1,13 @@
 //! The guard a CUDA checkpoint returns: it holds the locked and checkpointed processes
 //! until the caller decides, after CRIU, whether they stay checkpointed or run again.
 
+use crate::custom_restore::restore_one;
 use crate::driver::CudaDriver;
 use crate::error::{CudaError, Phase};
 use crate::fingerprint::GpuFingerprint;
+use crate::mode::CheckpointMode;
 use crate::session::PhaseTimings;
+use crate::vram::{VramImage, VramStore};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +23,15 @@ pub struct Checkpointed {
     fingerprint: Option<GpuFingerprint>,
     timings: PhaseTimings,
     resolved: bool,
+    /// With custom storage: where the VRAM went, to give it back on rollback.
+    custom: Option<CustomHold>,
+}
+
+/// The VRAM of a custom-storage checkpoint: the images and the store holding them.
+#[derive(Debug)]
+pub(crate) struct CustomHold {
+    pub(crate) store: Arc<dyn VramStore>,
+    pub(crate) images: Vec<VramImage>,
 }
 
 impl Checkpointed {
@@ -34,7 +46,43 @@ impl Checkpointed {
             fingerprint,
             timings: PhaseTimings::default(),
             resolved: false,
+            custom: None,
         }
+    }
+
+    /// Marks this a custom-storage checkpoint whose VRAM is in `store`.
+    pub(crate) fn hold_custom(&mut self, store: Arc<dyn VramStore>) {
+        self.custom = Some(CustomHold {
+            store,
+            images: Vec::new(),
+        });
+    }
+
+    /// Records the images of the next checkpointed process (custom storage).
+    pub(crate) fn add_images(&mut self, images: Vec<VramImage>) {
+        if let Some(hold) = &mut self.custom {
+            hold.images.extend(images);
+        }
+    }
+
+    /// How the VRAM was saved: record it in the manifest.
+    pub fn mode(&self) -> CheckpointMode {
+        if self.custom.is_some() {
+            CheckpointMode::CustomStorage
+        } else {
+            CheckpointMode::Classic
+        }
+    }
+
+    /// The VRAM images of a custom-storage checkpoint (empty on the classic path):
+    /// record them in the manifest; a restore needs them.
+    pub fn vram_images(&self) -> &[VramImage] {
+        self.custom.as_ref().map_or(&[], |h| h.images.as_slice())
+    }
+
+    /// Bytes of GPU memory saved through custom storage.
+    pub fn vram_bytes(&self) -> u64 {
+        self.vram_images().iter().map(|i| i.size).sum()
     }
 
     /// Records that `pid` is now locked.
@@ -49,6 +97,13 @@ impl Checkpointed {
 
     pub(crate) fn timings_mut(&mut self) -> &mut PhaseTimings {
         &mut self.timings
+    }
+
+    /// The caller rolled back (or settled) every process itself.
+    pub(crate) fn forget(&mut self) {
+        self.resolved = true;
+        self.locked.clear();
+        self.checkpointed = 0;
     }
 
     /// Nothing was touched; dropping needs no rollback.
@@ -116,14 +171,23 @@ impl Checkpointed {
         for (index, &pid) in self.locked.iter().enumerate().rev() {
             if index < self.checkpointed {
                 let started = Instant::now();
-                let restored = driver.restore(pid, &[]);
+                let restored = match &self.custom {
+                    Some(hold) => {
+                        let images: Vec<&VramImage> =
+                            hold.images.iter().filter(|i| i.key.pid == pid).collect();
+                        restore_one(driver.as_ref(), pid, &[], &images, hold.store.as_ref())
+                    }
+                    None => driver
+                        .restore(pid, &[])
+                        .map_err(|source| CudaError::Driver {
+                            phase: Phase::Restore,
+                            pid,
+                            source,
+                        }),
+                };
                 restore += started.elapsed();
-                if let Err(source) = restored {
-                    failures.push(CudaError::Driver {
-                        phase: Phase::Restore,
-                        pid,
-                        source,
-                    });
+                if let Err(failure) = restored {
+                    failures.push(failure);
                     continue;
                 }
             }

@@ -114,6 +114,44 @@ pub struct GpuPair {
     pub new: GpuUuid,
 }
 
+/// One GPU's memory of a target process, mapped into this process by a checkpoint or
+/// restore with custom storage (`CUcheckpointCustomStoragePerDeviceData`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MappedGpu {
+    /// Device pointer of the mapping, valid in this process until the operation ends.
+    pub ptr: u64,
+    /// Bytes mapped.
+    pub size: u64,
+    /// The stream to copy on; the driver synchronises it when the operation completes.
+    pub stream: u64,
+}
+
+/// A custom-storage checkpoint or restore awaiting `cuCheckpointOperationComplete`
+/// (`CUcheckpointCustomStorageInfo`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MappedOperation {
+    /// The operation handle, opaque.
+    pub handle: u64,
+    /// One entry per GPU the process uses.
+    pub gpus: Vec<MappedGpu>,
+}
+
+/// Live facts of one GPU that a restore must fit into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GpuMemory {
+    /// Total bytes.
+    pub total: u64,
+    /// Free bytes now.
+    pub free: u64,
+}
+
+fn not_supported(what: &str) -> DriverCallError {
+    DriverCallError {
+        code: 801,
+        name: format!("CUDA_ERROR_NOT_SUPPORTED ({what} is not offered by this driver)"),
+    }
+}
+
 /// The driver operations the session needs. The real implementation is
 /// [`crate::LibCuda`]; tests use fakes to drive every failure path.
 pub trait CudaDriver: Send + Sync + fmt::Debug {
@@ -136,4 +174,78 @@ pub trait CudaDriver: Send + Sync + fmt::Debug {
     /// GPU memory the process holds, in bytes (an upper bound where the exact figure
     /// is unavailable).
     fn gpu_memory_used(&self, pid: u32) -> Result<u64, DriverCallError>;
+
+    /// Whether the driver offers custom-storage checkpoints; `Err` says why not.
+    fn custom_storage_probe(&self) -> Result<(), String> {
+        Err("this driver interface has no custom-storage calls".into())
+    }
+    /// The driver release (`615.20.04`), when known (NVML).
+    fn driver_release(&self) -> Option<String> {
+        None
+    }
+    /// GPU memory `pids` hold together on each GPU, in ordinal order, when known (NVML).
+    fn gpu_usage(&self, _pids: &[u32]) -> Option<Vec<u64>> {
+        None
+    }
+    /// Total and free memory of each GPU, in ordinal order, when known (NVML).
+    fn gpu_memory(&self) -> Option<Vec<GpuMemory>> {
+        None
+    }
+    /// `cuCheckpointProcessCheckpoint` with custom storage: maps the process's GPU
+    /// memory into this process instead of moving it into the target's memory.
+    fn checkpoint_custom(&self, _pid: u32) -> Result<MappedOperation, DriverCallError> {
+        Err(not_supported("custom-storage checkpoint"))
+    }
+    /// `cuCheckpointProcessRestore` with custom storage: maps fresh GPU memory of the
+    /// process for this process to fill.
+    fn restore_custom(
+        &self,
+        _pid: u32,
+        _pairs: &[GpuPair],
+    ) -> Result<MappedOperation, DriverCallError> {
+        Err(not_supported("custom-storage restore"))
+    }
+    /// `cuCheckpointOperationComplete`: synchronises the streams, unmaps, finishes.
+    fn complete(&self, _handle: u64) -> Result<(), DriverCallError> {
+        Err(not_supported("cuCheckpointOperationComplete"))
+    }
+    /// `cuMemcpyDtoHAsync` from a mapping into `dst` on `stream`.
+    ///
+    /// # Safety
+    /// `dst` must stay valid for `dst.len()` writes until `stream` is synchronised.
+    unsafe fn copy_from_gpu(
+        &self,
+        _dst: &mut [u8],
+        _src: u64,
+        _stream: u64,
+    ) -> Result<(), DriverCallError> {
+        Err(not_supported("cuMemcpyDtoHAsync"))
+    }
+    /// `cuMemcpyHtoDAsync` from `src` into a mapping on `stream`.
+    ///
+    /// # Safety
+    /// `src` must stay valid and unchanged until `stream` is synchronised.
+    unsafe fn copy_to_gpu(
+        &self,
+        _dst: u64,
+        _src: &[u8],
+        _stream: u64,
+    ) -> Result<(), DriverCallError> {
+        Err(not_supported("cuMemcpyHtoDAsync"))
+    }
+    /// `cuStreamSynchronize`.
+    fn synchronize(&self, _stream: u64) -> Result<(), DriverCallError> {
+        Err(not_supported("cuStreamSynchronize"))
+    }
+    /// `cuMemHostRegister`: page-locks a buffer so copies run at full speed.
+    ///
+    /// # Safety
+    /// The buffer must stay allocated until [`CudaDriver::unregister_host`].
+    unsafe fn register_host(&self, _buf: &mut [u8]) -> Result<(), DriverCallError> {
+        Err(not_supported("cuMemHostRegister"))
+    }
+    /// `cuMemHostUnregister`.
+    fn unregister_host(&self, _ptr: *mut u8) -> Result<(), DriverCallError> {
+        Err(not_supported("cuMemHostUnregister"))
+    }
 }

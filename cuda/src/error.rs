@@ -23,6 +23,12 @@ pub enum Phase {
     Restore,
     /// `cuCheckpointProcessUnlock`.
     Unlock,
+    /// Copying VRAM between the driver's mappings and the VRAM store.
+    Copy,
+    /// `cuCheckpointOperationComplete`.
+    Complete,
+    /// The restore compatibility check, before anything is locked.
+    Gate,
 }
 
 impl Phase {
@@ -37,6 +43,9 @@ impl Phase {
             Phase::RestoreThreadId => "restore-thread-id",
             Phase::Restore => "restore",
             Phase::Unlock => "unlock",
+            Phase::Copy => "copy",
+            Phase::Complete => "complete",
+            Phase::Gate => "gate",
         }
     }
 }
@@ -119,6 +128,29 @@ pub enum CudaError {
         /// Each rollback step that failed.
         failures: Vec<String>,
     },
+    /// The configured checkpoint mode cannot be used on this node.
+    #[error("CUDA checkpoint mode {mode} unavailable: {reason}")]
+    ModeUnavailable {
+        /// The mode asked for.
+        mode: crate::CheckpointMode,
+        /// Why not.
+        reason: String,
+    },
+    /// Copying one GPU's memory of a process failed.
+    #[error("CUDA VRAM copy of {key} failed: {source}")]
+    Copy {
+        /// The process and GPU.
+        key: crate::VramKey,
+        /// What failed.
+        source: crate::CopyFailure,
+    },
+    /// The restore gate found facts of this node that do not fit the checkpoint;
+    /// nothing was locked or restored.
+    #[error("restore refused before anything was locked: {}", reasons.join("; "))]
+    Refused {
+        /// One reason per failing fact.
+        reasons: Vec<String>,
+    },
     /// A host file the session reads (`/proc/meminfo`, `/proc/<pid>/stat`) is unreadable.
     #[error("cannot read {}: {source}", path.display())]
     HostFile {
@@ -139,6 +171,9 @@ impl CudaError {
                 Phase::Preflight
             }
             CudaError::Incompatible { .. } => Phase::Restore,
+            CudaError::ModeUnavailable { .. } => Phase::Load,
+            CudaError::Copy { .. } => Phase::Copy,
+            CudaError::Refused { .. } => Phase::Gate,
             CudaError::RollbackIncomplete { cause, .. } => cause.phase(),
         }
     }
@@ -153,6 +188,9 @@ impl CudaError {
             CudaError::UnexpectedState { .. } => "unexpected_state",
             CudaError::RollbackIncomplete { .. } => "rollback_incomplete",
             CudaError::HostFile { .. } => "host_file",
+            CudaError::ModeUnavailable { .. } => "mode_unavailable",
+            CudaError::Copy { .. } => "vram_copy",
+            CudaError::Refused { .. } => "restore_refused",
         }
     }
 
@@ -161,6 +199,10 @@ impl CudaError {
         match self {
             CudaError::Driver { source, .. } => Some(source.code),
             CudaError::RollbackIncomplete { cause, .. } => cause.driver_code(),
+            CudaError::Copy {
+                source: crate::CopyFailure::Driver { source, .. },
+                ..
+            } => Some(source.code),
             _ => None,
         }
     }

@@ -7,17 +7,30 @@
 //! CRIU restores. The driver sits behind [`CudaDriver`] so the session can be tested.
 
 mod checkpointed;
+mod copier;
+mod custom_checkpoint;
+mod custom_restore;
 mod driver;
 mod error;
 mod fingerprint;
+mod gate;
 mod host;
 mod libcuda;
+mod mode;
 mod nvml;
 mod session;
+mod vram;
 
-pub use driver::{CudaDriver, GpuDevice, GpuPair, GpuUuid, ProcessState};
+pub use copier::CopyFailure;
+pub use custom_checkpoint::CustomCheckpointOptions;
+pub use driver::{
+    CudaDriver, GpuDevice, GpuMemory, GpuPair, GpuUuid, MappedGpu, MappedOperation, ProcessState,
+};
 pub use error::{CudaError, DriverCallError, Phase};
 pub use fingerprint::{plan_restore, GpuFingerprint};
+pub use gate::{check_gate, GatePolicy, NodeGpuFacts, RecordedGpu};
 pub use host::{available_memory, process_tree};
-pub use libcuda::{LibCuda, LIBCUDA, REMAP_MIN_DRIVER};
+pub use libcuda::{LibCuda, CUSTOM_STORAGE_MIN_DRIVER, LIBCUDA, REMAP_MIN_DRIVER};
+pub use mode::{choose_mode, CheckpointMode, CustomStorageSetting, ModeChoice};
 pub use session::{CheckpointOptions, Checkpointed, CudaSession, PhaseTimings, RestoreReport};
+pub use vram::{DirVramStore, MemoryVramStore, VramImage, VramKey, VramStore};

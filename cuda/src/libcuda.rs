@@ -2,11 +2,14 @@
 //! the six `cuCheckpointProcess*` entry points resolved from the same library (cudarc
 //! 0.19 has their argument types but not the functions).
 
-use crate::driver::{CudaDriver, GpuDevice, GpuPair, GpuUuid, ProcessState};
+use crate::driver::{
+    CudaDriver, GpuDevice, GpuMemory, GpuPair, GpuUuid, MappedGpu, MappedOperation, ProcessState,
+};
 use crate::error::{CudaError, DriverCallError};
 use crate::nvml::Nvml;
 use cudarc::driver::{result, sys};
-use std::ffi::{c_char, c_int, c_uint, CStr};
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 /// The soname of the driver library.
@@ -15,6 +18,8 @@ pub const LIBCUDA: &str = "libcuda.so.1";
 const CUDA_ERROR_NO_DEVICE: i32 = 100;
 /// First driver API version whose restore arguments carry `gpuPairs`.
 pub const REMAP_MIN_DRIVER: i32 = 13000;
+/// First driver API version with custom-storage checkpoints (CUDA 13.4, branch 615).
+pub const CUSTOM_STORAGE_MIN_DRIVER: i32 = 13040;
 
 /// `CUcheckpointGpuPair` (CUDA 13.0): declared here because cudarc only has it under a
 /// 13.x feature, and the workspace builds against 12.8.
@@ -25,17 +30,50 @@ struct RawGpuPair {
     new_uuid: sys::CUuuid,
 }
 
-/// `CUcheckpointRestoreArgs` as of CUDA 13.0. Under 12.8 and 12.9 the same 64 bytes
-/// are reserved, so all-zero arguments mean "no remap" on every driver.
+/// `CUcheckpointCustomStoragePerDeviceData` (CUDA 13.4).
+#[repr(C)]
+#[derive(Debug)]
+struct RawPerDeviceData {
+    dev_ptr: u64,
+    size: usize,
+    stream: *mut c_void,
+}
+
+/// `CUcheckpointCustomStorageInfo` (CUDA 13.4): owned by the driver.
+#[repr(C)]
+#[derive(Debug)]
+struct RawCustomStorageInfo {
+    handle: *mut c_void,
+    per_device_data: *mut RawPerDeviceData,
+    device_count: c_uint,
+}
+
+/// `CUcheckpointCheckpointArgs` as of CUDA 13.4; older drivers see 64 zeroed bytes
+/// when the custom-storage pointer is null.
+#[repr(C)]
+#[derive(Debug)]
+struct RawCheckpointArgs {
+    custom_storage_info_out: *mut *mut RawCustomStorageInfo,
+    reserved: [c_char; 56],
+}
+
+/// `CUcheckpointRestoreArgs` as of CUDA 13.4. Under 12.8 and 12.9 the same 64 bytes
+/// are reserved and 13.0 adds only the pairs, so all-zero arguments mean "no remap,
+/// no custom storage" on every driver.
 #[repr(C)]
 #[derive(Debug)]
 struct RawRestoreArgs {
     gpu_pairs: *mut RawGpuPair,
     gpu_pairs_count: c_uint,
-    reserved: [c_char; 44],
-    reserved1: u64,
+    padding0: c_uint,
+    custom_storage_info_out: *mut *mut RawCustomStorageInfo,
+    reserved: [c_char; 40],
 }
 
+const _: () = assert!(
+    std::mem::size_of::<RawCheckpointArgs>()
+        == std::mem::size_of::<sys::CUcheckpointCheckpointArgs>()
+);
 const _: () = assert!(
     std::mem::size_of::<RawRestoreArgs>() == std::mem::size_of::<sys::CUcheckpointRestoreArgs>()
 );
@@ -43,7 +81,8 @@ const _: () = assert!(
 type GetStateFn = unsafe extern "C" fn(c_int, *mut c_int) -> c_int;
 type GetRestoreTidFn = unsafe extern "C" fn(c_int, *mut c_int) -> c_int;
 type LockFn = unsafe extern "C" fn(c_int, *mut sys::CUcheckpointLockArgs) -> c_int;
-type CheckpointFn = unsafe extern "C" fn(c_int, *mut sys::CUcheckpointCheckpointArgs) -> c_int;
+type CheckpointFn = unsafe extern "C" fn(c_int, *mut RawCheckpointArgs) -> c_int;
+type CompleteFn = unsafe extern "C" fn(*mut c_void) -> c_int;
 type RestoreFn = unsafe extern "C" fn(c_int, *mut RawRestoreArgs) -> c_int;
 type UnlockFn = unsafe extern "C" fn(c_int, *mut sys::CUcheckpointUnlockArgs) -> c_int;
 type ErrorNameFn = unsafe extern "C" fn(c_int, *mut *const c_char) -> c_int;
@@ -58,6 +97,8 @@ struct CheckpointApi {
     restore: RestoreFn,
     unlock: UnlockFn,
     error_name: ErrorNameFn,
+    /// `cuCheckpointOperationComplete`: only drivers of branch 615 or newer have it.
+    complete: Option<CompleteFn>,
 }
 
 /// The initialised NVIDIA driver. Load it once, when the agent starts, and keep it:
@@ -68,6 +109,9 @@ pub struct LibCuda {
     version: i32,
     devices: Vec<GpuDevice>,
     nvml: Option<Nvml>,
+    /// The primary context of GPU 0, retained on first custom-storage use: the
+    /// driver maps a target's memory into the caller's context.
+    context: OnceLock<Result<usize, DriverCallError>>,
     /// Keeps the entry points above valid.
     _library: libloading::Library,
 }
@@ -142,6 +186,7 @@ impl LibCuda {
             version,
             devices,
             nvml,
+            context: OnceLock::new(),
             _library: library,
         }))
     }
@@ -175,6 +220,96 @@ impl LibCuda {
     }
 }
 
+impl LibCuda {
+    fn check_sys(&self, code: sys::CUresult) -> Result<(), DriverCallError> {
+        self.check(code as c_int)
+    }
+
+    /// Makes GPU 0's primary context current on the calling thread (retaining it
+    /// once): custom-storage mappings and copies live in the caller's context.
+    fn bind_context(&self) -> Result<(), DriverCallError> {
+        let ctx = self
+            .context
+            .get_or_init(|| {
+                let mut ctx: sys::CUcontext = std::ptr::null_mut();
+                // SAFETY: valid out pointer; the driver is initialised and has GPU 0.
+                let code = unsafe { sys::cuDevicePrimaryCtxRetain(&mut ctx, 0) };
+                self.check_sys(code).map(|()| ctx as usize)
+            })
+            .clone()?;
+        // SAFETY: `ctx` is a primary context retained above and never released.
+        let code = unsafe { sys::cuCtxSetCurrent(ctx as sys::CUcontext) };
+        self.check_sys(code)
+    }
+
+    /// Reads the driver-owned info block into our own types.
+    fn read_info(
+        &self,
+        info: *mut RawCustomStorageInfo,
+    ) -> Result<MappedOperation, DriverCallError> {
+        if info.is_null() {
+            return Err(DriverCallError {
+                code: 999,
+                name: "CUDA_ERROR_UNKNOWN (driver returned no custom-storage info)".into(),
+            });
+        }
+        // SAFETY: a non-null info block written by the driver, valid until completion.
+        let info = unsafe { &*info };
+        let count = usize::try_from(info.device_count).unwrap_or(0);
+        let gpus = if count == 0 || info.per_device_data.is_null() {
+            Vec::new()
+        } else {
+            // SAFETY: the driver returns `device_count` entries at `per_device_data`.
+            unsafe { std::slice::from_raw_parts(info.per_device_data, count) }
+                .iter()
+                .map(|d| MappedGpu {
+                    ptr: d.dev_ptr,
+                    size: u64::try_from(d.size).unwrap_or(u64::MAX),
+                    stream: d.stream as u64,
+                })
+                .collect()
+        };
+        Ok(MappedOperation {
+            handle: info.handle as u64,
+            gpus,
+        })
+    }
+
+    fn restore_with(
+        &self,
+        pid: u32,
+        pairs: &[GpuPair],
+        info: *mut *mut RawCustomStorageInfo,
+    ) -> Result<(), DriverCallError> {
+        let to_raw = |u: &GpuUuid| sys::CUuuid {
+            bytes: u.0.map(|b| c_char::from_ne_bytes([b])),
+        };
+        let mut raw: Vec<RawGpuPair> = pairs
+            .iter()
+            .map(|p| RawGpuPair {
+                old_uuid: to_raw(&p.old),
+                new_uuid: to_raw(&p.new),
+            })
+            .collect();
+        let mut args = RawRestoreArgs {
+            gpu_pairs: if raw.is_empty() {
+                std::ptr::null_mut()
+            } else {
+                raw.as_mut_ptr()
+            },
+            gpu_pairs_count: c_uint::try_from(raw.len()).unwrap_or(c_uint::MAX),
+            padding0: 0,
+            custom_storage_info_out: info,
+            reserved: [0; 40],
+        };
+        // SAFETY: `args` has the 64-byte CUcheckpointRestoreArgs layout; `gpu_pairs`
+        // points to `gpu_pairs_count` pairs that outlive the call (or is null with 0);
+        // `info` is null or a valid out pointer.
+        let code = unsafe { (self.api.restore)(pid_arg(pid)?, &mut args) };
+        self.check(code)
+    }
+}
+
 fn pid_arg(pid: u32) -> Result<c_int, DriverCallError> {
     c_int::try_from(pid).map_err(|_| DriverCallError {
         code: 1,
@@ -202,6 +337,7 @@ fn resolve(library: &libloading::Library) -> Result<CheckpointApi, CudaError> {
         restore: sym(library, "cuCheckpointProcessRestore")?,
         unlock: sym(library, "cuCheckpointProcessUnlock")?,
         error_name: sym(library, "cuGetErrorName")?,
+        complete: sym(library, "cuCheckpointOperationComplete").ok(),
     })
 }
 
@@ -302,37 +438,17 @@ impl CudaDriver for LibCuda {
     }
 
     fn checkpoint(&self, pid: u32) -> Result<(), DriverCallError> {
-        let mut args = sys::CUcheckpointCheckpointArgs { reserved: [0; 8] };
+        let mut args = RawCheckpointArgs {
+            custom_storage_info_out: std::ptr::null_mut(),
+            reserved: [0; 56],
+        };
         // SAFETY: `args` is a valid, zeroed CUcheckpointCheckpointArgs alive for the call.
         let code = unsafe { (self.api.checkpoint)(pid_arg(pid)?, &mut args) };
         self.check(code)
     }
 
     fn restore(&self, pid: u32, pairs: &[GpuPair]) -> Result<(), DriverCallError> {
-        let to_raw = |u: &GpuUuid| sys::CUuuid {
-            bytes: u.0.map(|b| c_char::from_ne_bytes([b])),
-        };
-        let mut raw: Vec<RawGpuPair> = pairs
-            .iter()
-            .map(|p| RawGpuPair {
-                old_uuid: to_raw(&p.old),
-                new_uuid: to_raw(&p.new),
-            })
-            .collect();
-        let mut args = RawRestoreArgs {
-            gpu_pairs: if raw.is_empty() {
-                std::ptr::null_mut()
-            } else {
-                raw.as_mut_ptr()
-            },
-            gpu_pairs_count: c_uint::try_from(raw.len()).unwrap_or(c_uint::MAX),
-            reserved: [0; 44],
-            reserved1: 0,
-        };
-        // SAFETY: `args` has the 64-byte CUcheckpointRestoreArgs layout; `gpu_pairs`
-        // points to `gpu_pairs_count` pairs that outlive the call (or is null with 0).
-        let code = unsafe { (self.api.restore)(pid_arg(pid)?, &mut args) };
-        self.check(code)
+        self.restore_with(pid, pairs, std::ptr::null_mut())
     }
 
     fn unlock(&self, pid: u32) -> Result<(), DriverCallError> {
@@ -340,6 +456,125 @@ impl CudaDriver for LibCuda {
         // SAFETY: `args` is a valid, zeroed CUcheckpointUnlockArgs alive for the call.
         let code = unsafe { (self.api.unlock)(pid_arg(pid)?, &mut args) };
         self.check(code)
+    }
+
+    fn custom_storage_probe(&self) -> Result<(), String> {
+        if self.version < CUSTOM_STORAGE_MIN_DRIVER {
+            return Err(format!(
+                "driver API {} is older than {CUSTOM_STORAGE_MIN_DRIVER} (CUDA 13.4, branch 615)",
+                self.version
+            ));
+        }
+        if self.api.complete.is_none() {
+            return Err(format!("{LIBCUDA} lacks cuCheckpointOperationComplete"));
+        }
+        Ok(())
+    }
+
+    fn driver_release(&self) -> Option<String> {
+        self.nvml.as_ref()?.driver_release().ok()
+    }
+
+    fn gpu_usage(&self, pids: &[u32]) -> Option<Vec<u64>> {
+        self.nvml.as_ref()?.usage_by_device(pids).ok()
+    }
+
+    fn gpu_memory(&self) -> Option<Vec<GpuMemory>> {
+        let memory = self.nvml.as_ref()?.memory().ok()?;
+        Some(
+            memory
+                .into_iter()
+                .map(|(total, free)| GpuMemory { total, free })
+                .collect(),
+        )
+    }
+
+    fn checkpoint_custom(&self, pid: u32) -> Result<MappedOperation, DriverCallError> {
+        self.bind_context()?;
+        let mut info: *mut RawCustomStorageInfo = std::ptr::null_mut();
+        let mut args = RawCheckpointArgs {
+            custom_storage_info_out: &mut info,
+            reserved: [0; 56],
+        };
+        // SAFETY: `args` is a valid CUcheckpointCheckpointArgs whose out pointer
+        // outlives the call.
+        let code = unsafe { (self.api.checkpoint)(pid_arg(pid)?, &mut args) };
+        self.check(code)?;
+        self.read_info(info)
+    }
+
+    fn restore_custom(
+        &self,
+        pid: u32,
+        pairs: &[GpuPair],
+    ) -> Result<MappedOperation, DriverCallError> {
+        self.bind_context()?;
+        let mut info: *mut RawCustomStorageInfo = std::ptr::null_mut();
+        self.restore_with(pid, pairs, &mut info)?;
+        self.read_info(info)
+    }
+
+    fn complete(&self, handle: u64) -> Result<(), DriverCallError> {
+        let Some(complete) = self.api.complete else {
+            return Err(DriverCallError {
+                code: 801,
+                name: "CUDA_ERROR_NOT_SUPPORTED (no cuCheckpointOperationComplete)".into(),
+            });
+        };
+        self.bind_context()?;
+        // SAFETY: `handle` came from the driver's info block of a pending operation.
+        let code = unsafe { complete(handle as *mut c_void) };
+        self.check(code)
+    }
+
+    unsafe fn copy_from_gpu(
+        &self,
+        dst: &mut [u8],
+        src: u64,
+        stream: u64,
+    ) -> Result<(), DriverCallError> {
+        self.bind_context()?;
+        // SAFETY: the caller keeps `dst` valid until the stream is synchronised; `src`
+        // and `stream` come from the driver's info block.
+        let code = unsafe {
+            sys::cuMemcpyDtoHAsync_v2(
+                dst.as_mut_ptr().cast(),
+                src,
+                dst.len(),
+                stream as sys::CUstream,
+            )
+        };
+        self.check_sys(code)
+    }
+
+    unsafe fn copy_to_gpu(&self, dst: u64, src: &[u8], stream: u64) -> Result<(), DriverCallError> {
+        self.bind_context()?;
+        // SAFETY: the caller keeps `src` valid until the stream is synchronised; `dst`
+        // and `stream` come from the driver's info block.
+        let code = unsafe {
+            sys::cuMemcpyHtoDAsync_v2(dst, src.as_ptr().cast(), src.len(), stream as sys::CUstream)
+        };
+        self.check_sys(code)
+    }
+
+    fn synchronize(&self, stream: u64) -> Result<(), DriverCallError> {
+        self.bind_context()?;
+        // SAFETY: a stream handed out by the driver for a pending operation.
+        let code = unsafe { sys::cuStreamSynchronize(stream as sys::CUstream) };
+        self.check_sys(code)
+    }
+
+    unsafe fn register_host(&self, buf: &mut [u8]) -> Result<(), DriverCallError> {
+        self.bind_context()?;
+        // SAFETY: the caller keeps the buffer allocated until it is unregistered.
+        let code = unsafe { sys::cuMemHostRegister_v2(buf.as_mut_ptr().cast(), buf.len(), 0) };
+        self.check_sys(code)
+    }
+
+    fn unregister_host(&self, ptr: *mut u8) -> Result<(), DriverCallError> {
+        // SAFETY: `ptr` was registered with cuMemHostRegister.
+        let code = unsafe { sys::cuMemHostUnregister(ptr.cast()) };
+        self.check_sys(code)
     }
 
     fn gpu_memory_used(&self, pid: u32) -> Result<u64, DriverCallError> {

@@ -2,7 +2,7 @@
 //! host-RAM pre-flight needs, which the CUDA driver API does not report for another
 //! process.
 
-use std::ffi::{c_int, c_uint, c_void};
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 
 const LIBNVML: &str = "libnvidia-ml.so.1";
 const NVML_ERROR_INSUFFICIENT_SIZE: c_int = 7;
@@ -23,6 +23,17 @@ type InitFn = unsafe extern "C" fn() -> c_int;
 type CountFn = unsafe extern "C" fn(*mut c_uint) -> c_int;
 type HandleFn = unsafe extern "C" fn(c_uint, *mut *mut c_void) -> c_int;
 type ProcessesFn = unsafe extern "C" fn(*mut c_void, *mut c_uint, *mut ProcessInfo) -> c_int;
+type MemoryFn = unsafe extern "C" fn(*mut c_void, *mut MemoryInfo) -> c_int;
+type DriverVersionFn = unsafe extern "C" fn(*mut c_char, c_uint) -> c_int;
+
+/// `nvmlMemory_t`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct MemoryInfo {
+    total: u64,
+    free: u64,
+    used: u64,
+}
 
 /// An initialised NVML.
 #[derive(Debug)]
@@ -30,6 +41,9 @@ pub(crate) struct Nvml {
     count: CountFn,
     handle: HandleFn,
     processes: ProcessesFn,
+    /// Optional: older NVMLs and test doubles may lack them; the gate then says so.
+    memory: Option<MemoryFn>,
+    driver_version: Option<DriverVersionFn>,
     _library: libloading::Library,
 }
 
@@ -55,8 +69,87 @@ impl Nvml {
             count: sym(&library, "nvmlDeviceGetCount_v2")?,
             handle: sym(&library, "nvmlDeviceGetHandleByIndex_v2")?,
             processes: sym(&library, "nvmlDeviceGetComputeRunningProcesses_v3")?,
+            memory: sym(&library, "nvmlDeviceGetMemoryInfo").ok(),
+            driver_version: sym(&library, "nvmlSystemGetDriverVersion").ok(),
             _library: library,
         })
+    }
+
+    /// The driver release, e.g. `615.20.04`.
+    pub(crate) fn driver_release(&self) -> Result<String, String> {
+        let f = self
+            .driver_version
+            .ok_or("NVML lacks nvmlSystemGetDriverVersion")?;
+        let mut buf = [0 as c_char; 96];
+        // SAFETY: the buffer holds 96 bytes, the length passed.
+        let rc = unsafe { f(buf.as_mut_ptr(), 96) };
+        if rc != 0 {
+            return Err(format!("nvmlSystemGetDriverVersion returned {rc}"));
+        }
+        // SAFETY: on success NVML wrote a NUL-terminated string into the buffer.
+        let text = unsafe { CStr::from_ptr(buf.as_ptr()) };
+        Ok(text.to_string_lossy().into_owned())
+    }
+
+    /// Total and free bytes of each GPU, in NVML index order.
+    pub(crate) fn memory(&self) -> Result<Vec<(u64, u64)>, String> {
+        let f = self.memory.ok_or("NVML lacks nvmlDeviceGetMemoryInfo")?;
+        let mut count: c_uint = 0;
+        // SAFETY: valid out pointer.
+        let rc = unsafe { (self.count)(&mut count) };
+        if rc != 0 {
+            return Err(format!("nvmlDeviceGetCount_v2 returned {rc}"));
+        }
+        let mut out = Vec::new();
+        for index in 0..count {
+            let mut handle: *mut c_void = std::ptr::null_mut();
+            // SAFETY: valid out pointer; index < count.
+            let rc = unsafe { (self.handle)(index, &mut handle) };
+            if rc != 0 {
+                return Err(format!(
+                    "nvmlDeviceGetHandleByIndex_v2({index}) returned {rc}"
+                ));
+            }
+            let mut info = MemoryInfo::default();
+            // SAFETY: a handle NVML returned and a valid out pointer.
+            let rc = unsafe { f(handle, &mut info) };
+            if rc != 0 {
+                return Err(format!(
+                    "nvmlDeviceGetMemoryInfo(GPU {index}) returned {rc}"
+                ));
+            }
+            out.push((info.total, info.free));
+        }
+        Ok(out)
+    }
+
+    /// GPU memory `pids` hold together on each GPU, in NVML index order.
+    pub(crate) fn usage_by_device(&self, pids: &[u32]) -> Result<Vec<u64>, String> {
+        let mut count: c_uint = 0;
+        // SAFETY: valid out pointer.
+        let rc = unsafe { (self.count)(&mut count) };
+        if rc != 0 {
+            return Err(format!("nvmlDeviceGetCount_v2 returned {rc}"));
+        }
+        let mut out = Vec::new();
+        for index in 0..count {
+            let mut handle: *mut c_void = std::ptr::null_mut();
+            // SAFETY: valid out pointer; index < count.
+            let rc = unsafe { (self.handle)(index, &mut handle) };
+            if rc != 0 {
+                return Err(format!(
+                    "nvmlDeviceGetHandleByIndex_v2({index}) returned {rc}"
+                ));
+            }
+            let used = self
+                .processes_on(handle, index)?
+                .iter()
+                .filter(|p| pids.contains(&p.pid) && p.used_gpu_memory != VALUE_NOT_AVAILABLE)
+                .map(|p| p.used_gpu_memory)
+                .sum();
+            out.push(used);
+        }
+        Ok(out)
     }
 
     /// GPU memory `pid` holds on all devices together.

@@ -2,11 +2,13 @@
 //! CUDA process of a workload, then checkpoints them all, and hands back a guard that
 //! the caller resolves after CRIU; restore runs after CRIU restore.
 
-use crate::driver::{CudaDriver, ProcessState};
+use crate::driver::{CudaDriver, GpuPair, ProcessState};
 use crate::error::{CudaError, Phase};
 use crate::fingerprint::{plan_restore, GpuFingerprint};
+use crate::gate::{check_gate, GatePolicy, NodeGpuFacts, RecordedGpu};
 use crate::host;
 use crate::libcuda::LibCuda;
+use crate::mode::{choose_mode, CheckpointMode, CustomStorageSetting, ModeChoice};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,32 +56,169 @@ pub struct RestoreReport {
     pub timings: PhaseTimings,
 }
 
+/// Locks every target in order, recording each in `guard`; on failure the guard rolls
+/// back what was locked and the error names the pid.
+pub(crate) fn lock_all(
+    driver: &dyn CudaDriver,
+    targets: &[u32],
+    timeout: Duration,
+    guard: &mut Checkpointed,
+) -> Result<(), CudaError> {
+    let started = Instant::now();
+    for &pid in targets {
+        if let Err(source) = driver.lock(pid, timeout) {
+            return Err(guard.fail(CudaError::Driver {
+                phase: Phase::Lock,
+                pid,
+                source,
+            }));
+        }
+        guard.locked(pid);
+    }
+    guard.timings_mut().lock = started.elapsed();
+    Ok(())
+}
+
 /// The agent's handle on the CUDA driver. Create it once, at agent start; a node
 /// without a driver gets a CPU-only session whose operations do nothing.
 #[derive(Clone, Debug)]
 pub struct CudaSession {
-    driver: Option<Arc<dyn CudaDriver>>,
+    pub(crate) driver: Option<Arc<dyn CudaDriver>>,
+    /// The checkpoint path chosen at load, and why.
+    mode: ModeChoice,
 }
 
 impl CudaSession {
     /// Loads and initialises `libcuda.so.1`; CPU-only (with a log line) when the node
-    /// has no driver or no GPU.
+    /// has no driver or no GPU. Checkpoints take the classic path, as with
+    /// `custom_storage = "off"`: callers that store VRAM images use
+    /// [`CudaSession::load_with`].
     pub fn load() -> Result<CudaSession, CudaError> {
-        Ok(CudaSession {
-            driver: LibCuda::load()?.map(|d| Arc::new(d) as Arc<dyn CudaDriver>),
-        })
+        CudaSession::load_with(CustomStorageSetting::Off)
     }
 
-    /// A session over any driver implementation (tests use recording fakes).
+    /// [`CudaSession::load`] with the `[cuda] custom_storage` setting: probes the
+    /// driver and logs one line with the chosen checkpoint path and why. `on` on a
+    /// driver without custom storage is an error naming the reason.
+    pub fn load_with(setting: CustomStorageSetting) -> Result<CudaSession, CudaError> {
+        match LibCuda::load()? {
+            Some(driver) => CudaSession::with_driver_setting(Arc::new(driver), setting),
+            None => Ok(CudaSession::cpu_only()),
+        }
+    }
+
+    /// A session over any driver implementation (tests use recording fakes), with
+    /// custom storage when the driver offers it.
     pub fn with_driver(driver: Arc<dyn CudaDriver>) -> CudaSession {
+        let probe = driver.custom_storage_probe();
+        let mode = choose_mode(CustomStorageSetting::Auto, probe).unwrap_or(ModeChoice {
+            mode: CheckpointMode::Classic,
+            reason: "custom storage unavailable".into(),
+        });
         CudaSession {
             driver: Some(driver),
+            mode,
         }
+    }
+
+    /// A session over `driver` with the given setting; see [`CudaSession::load_with`].
+    pub fn with_driver_setting(
+        driver: Arc<dyn CudaDriver>,
+        setting: CustomStorageSetting,
+    ) -> Result<CudaSession, CudaError> {
+        let mode = choose_mode(setting, driver.custom_storage_probe())?;
+        tracing::info!(mode = %mode.mode, reason = %mode.reason, "CUDA checkpoint path chosen");
+        Ok(CudaSession {
+            driver: Some(driver),
+            mode,
+        })
     }
 
     /// A session for a node without GPUs.
     pub fn cpu_only() -> CudaSession {
-        CudaSession { driver: None }
+        CudaSession {
+            driver: None,
+            mode: ModeChoice {
+                mode: CheckpointMode::Classic,
+                reason: "no CUDA driver on this node".into(),
+            },
+        }
+    }
+
+    /// The checkpoint path this session takes, and why.
+    pub fn mode(&self) -> &ModeChoice {
+        &self.mode
+    }
+
+    /// Refuses a checkpoint or restore in `wanted` mode when this node cannot do it.
+    pub fn require_mode(&self, wanted: CheckpointMode) -> Result<(), CudaError> {
+        if wanted == CheckpointMode::CustomStorage && self.mode.mode != wanted {
+            return Err(CudaError::ModeUnavailable {
+                mode: wanted,
+                reason: self.mode.reason.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// What to record about the GPUs of `pids` before a checkpoint in `mode`: call it
+    /// while their memory is still on the GPUs. Only the GPUs they hold memory on are
+    /// recorded (all GPUs when the usage is unknown), so a restore needs only those.
+    /// `None` on a CPU-only node.
+    pub fn record(&self, pids: &[u32], mode: CheckpointMode) -> Option<RecordedGpu> {
+        let driver = self.driver.as_ref()?;
+        let mut fingerprint = self.fingerprint()?;
+        let mut used = driver.gpu_usage(pids).unwrap_or_default();
+        if used.len() == fingerprint.devices.len() && used.iter().any(|&u| u > 0) {
+            let (devices, usage): (Vec<_>, Vec<_>) = fingerprint
+                .devices
+                .into_iter()
+                .zip(used)
+                .filter(|(_, u)| *u > 0)
+                .unzip();
+            fingerprint.devices = devices;
+            used = usage;
+        } else {
+            used.clear();
+        }
+        Some(RecordedGpu {
+            fingerprint,
+            driver_release: driver.driver_release(),
+            mode,
+            used,
+        })
+    }
+
+    /// This node's GPU facts now, for the restore gate and for node selection.
+    pub fn node_facts(&self) -> NodeGpuFacts {
+        let Some(driver) = &self.driver else {
+            return NodeGpuFacts {
+                driver_version: None,
+                driver_release: None,
+                devices: Vec::new(),
+                free_memory: None,
+                custom_storage: false,
+            };
+        };
+        NodeGpuFacts {
+            driver_version: Some(driver.driver_version()),
+            driver_release: driver.driver_release(),
+            devices: driver.devices().to_vec(),
+            free_memory: driver
+                .gpu_memory()
+                .map(|m| m.into_iter().map(|g| g.free).collect()),
+            custom_storage: self.mode.mode == CheckpointMode::CustomStorage,
+        }
+    }
+
+    /// The restore gate: compares `recorded` with this node before anything is locked
+    /// or restored; returns the UUID pairs, or one reason per failing fact.
+    pub fn check_gate(
+        &self,
+        recorded: &RecordedGpu,
+        policy: &GatePolicy,
+    ) -> Result<Vec<GpuPair>, CudaError> {
+        check_gate(recorded, &self.node_facts(), policy)
     }
 
     /// True when there is no driver: checkpoints skip the CUDA steps.
@@ -112,6 +251,28 @@ impl CudaSession {
             .collect()
     }
 
+    /// The CUDA processes among `pids`, which must all be RUNNING; nothing is touched.
+    pub(crate) fn running_targets(
+        &self,
+        pids: &[u32],
+        guard: &mut Checkpointed,
+    ) -> Result<Vec<u32>, CudaError> {
+        let mut targets = Vec::new();
+        for (pid, state) in self.cuda_processes(pids) {
+            if state != ProcessState::Running {
+                guard.mark_resolved();
+                return Err(CudaError::UnexpectedState {
+                    phase: Phase::Discover,
+                    pid,
+                    expected: ProcessState::Running,
+                    found: state,
+                });
+            }
+            targets.push(pid);
+        }
+        Ok(targets)
+    }
+
     /// Refuses, before CRIU restore runs, a checkpoint this node cannot take back; on
     /// success returns whether GPUs will be remapped.
     pub fn check_restore(&self, recorded: &GpuFingerprint) -> Result<bool, CudaError> {
@@ -134,19 +295,7 @@ impl CudaSession {
             tracing::info!("CPU-only node: no CUDA checkpoint");
             return Ok(guard);
         };
-        let mut targets = Vec::new();
-        for (pid, state) in self.cuda_processes(pids) {
-            if state != ProcessState::Running {
-                guard.mark_resolved();
-                return Err(CudaError::UnexpectedState {
-                    phase: Phase::Discover,
-                    pid,
-                    expected: ProcessState::Running,
-                    found: state,
-                });
-            }
-            targets.push(pid);
-        }
+        let targets = self.running_targets(pids, &mut guard)?;
         let mut gpu_bytes = 0u64;
         for &pid in &targets {
             let used = driver
@@ -165,18 +314,7 @@ impl CudaSession {
                 host::available_memory()?,
             )?;
         }
-        let started = Instant::now();
-        for &pid in &targets {
-            if let Err(source) = driver.lock(pid, options.lock_timeout) {
-                return Err(guard.fail(CudaError::Driver {
-                    phase: Phase::Lock,
-                    pid,
-                    source,
-                }));
-            }
-            guard.locked(pid);
-        }
-        guard.timings_mut().lock = started.elapsed();
+        lock_all(driver.as_ref(), &targets, options.lock_timeout, &mut guard)?;
         let started = Instant::now();
         for &pid in &targets {
             if let Err(source) = driver.checkpoint(pid) {

@@ -2,6 +2,8 @@
 //! and verifies it forever, so a checkpoint and restore through the agent can be proven
 //! on real hardware.
 
+pub mod modes;
+
 use anyhow::{bail, Result};
 use cudarc::driver::{result, sys};
 use std::path::Path;

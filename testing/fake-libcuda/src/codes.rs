@@ -10,9 +10,14 @@ pub const NO_DEVICE: i32 = 100;
 pub const INVALID_DEVICE: i32 = 101;
 pub const INVALID_CONTEXT: i32 = 201;
 pub const OPERATING_SYSTEM: i32 = 304;
+pub const INVALID_HANDLE: i32 = 400;
 pub const ILLEGAL_STATE: i32 = 401;
 pub const NOT_FOUND: i32 = 500;
+pub const NOT_READY: i32 = 600;
 pub const CONTEXT_IS_DESTROYED: i32 = 709;
+pub const HOST_MEMORY_ALREADY_REGISTERED: i32 = 712;
+pub const HOST_MEMORY_NOT_REGISTERED: i32 = 713;
+pub const NOT_SUPPORTED: i32 = 801;
 pub const TIMEOUT: i32 = 909;
 
 /// Name and description of every code the fake can return (and a few a fault
@@ -43,11 +48,17 @@ const TABLE: &[(i32, &str, &str)] = &[
         "OS call failed or operation not supported on this OS\0",
     ),
     (
+        400,
+        "CUDA_ERROR_INVALID_HANDLE\0",
+        "invalid resource handle\0",
+    ),
+    (
         401,
         "CUDA_ERROR_ILLEGAL_STATE\0",
         "the operation cannot be performed in the present state\0",
     ),
     (500, "CUDA_ERROR_NOT_FOUND\0", "named symbol not found\0"),
+    (600, "CUDA_ERROR_NOT_READY\0", "device not ready\0"),
     (
         700,
         "CUDA_ERROR_ILLEGAL_ADDRESS\0",
@@ -57,6 +68,16 @@ const TABLE: &[(i32, &str, &str)] = &[
         709,
         "CUDA_ERROR_CONTEXT_IS_DESTROYED\0",
         "context is destroyed\0",
+    ),
+    (
+        712,
+        "CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED\0",
+        "part or all of the requested memory range is already mapped\0",
+    ),
+    (
+        713,
+        "CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED\0",
+        "pointer does not correspond to a registered memory region\0",
     ),
     (
         801,

@@ -4,7 +4,9 @@
 //! dump and restore unchanged (no sockets, no open descriptors), and a thread asleep
 //! in `nanosleep` is restored like any other.
 //!
-//! Request line: `<token> <op> [arg]`; response line: `<token> <code> <value>`.
+//! Request line: `<token> <op> [arg]`; response line: `<token> <code> <value> [detail]`,
+//! where `detail` (the rest of the line) names the device region a custom-storage call
+//! maps.
 
 use crate::codes::{INVALID_VALUE, NOT_FOUND, OPERATING_SYSTEM, TIMEOUT};
 use crate::device;
@@ -72,9 +74,9 @@ fn control_loop() {
         let token = parts.next().unwrap_or("-").to_string();
         let op = parts.next().unwrap_or("");
         let arg = parts.next().unwrap_or("");
-        let (code, value) = handle(op, arg, tid);
+        let (code, value, detail) = handle(op, arg, tid);
         let tmp = dir.join("response.tmp");
-        let written = fs::write(&tmp, format!("{token} {code} {value}"))
+        let written = fs::write(&tmp, format!("{token} {code} {value} {detail}"))
             .and_then(|()| fs::rename(&tmp, dir.join("response")));
         if let Err(e) = written {
             eprintln!("fake libcuda: cannot answer {op}: {e}");
@@ -82,21 +84,30 @@ fn control_loop() {
     }
 }
 
-fn handle(op: &str, arg: &str, tid: i32) -> (i32, i64) {
+fn handle(op: &str, arg: &str, tid: i32) -> (i32, i64, String) {
+    let plain = |(code, value): (i32, i64)| (code, value, String::new());
+    let mapped =
+        |(code, len, path): device::Mapped| (code, i64::try_from(len).unwrap_or(i64::MAX), path);
     match op {
-        "state" => match node::fault("state", node::own_pid()) {
+        "state" => plain(match node::fault("state", node::own_pid()) {
             Some(node::Fault::Fail(code)) => (code, 0),
             _ => (0, device::state() as i64),
-        },
-        "restore_tid" => (0, i64::from(tid)),
-        "lock" => (device::lock(arg.parse().unwrap_or(0)), 0),
-        "checkpoint" => (device::checkpoint(), 0),
-        "restore" => match parse_pairs(arg) {
+        }),
+        "restore_tid" => plain((0, i64::from(tid))),
+        "lock" => plain((device::lock(arg.parse().unwrap_or(0)), 0)),
+        "checkpoint" => plain((device::checkpoint(), 0)),
+        "restore" => plain(match parse_pairs(arg) {
             Some(pairs) => (device::restore(&pairs), 0),
             None => (INVALID_VALUE, 0),
+        }),
+        "unlock" => plain((device::unlock(), 0)),
+        "checkpoint_custom" => mapped(device::checkpoint_custom()),
+        "restore_custom" => match parse_pairs(arg) {
+            Some(pairs) => mapped(device::restore_custom(&pairs)),
+            None => plain((INVALID_VALUE, 0)),
         },
-        "unlock" => (device::unlock(), 0),
-        _ => (INVALID_VALUE, 0),
+        "finish" => plain((device::finish_custom(arg == "done"), 0)),
+        _ => plain((INVALID_VALUE, 0)),
     }
 }
 
@@ -128,15 +139,21 @@ pub fn format_pairs(pairs: &[([u8; 16], [u8; 16])]) -> String {
 /// Sends one request to `pid`'s control thread and waits for its answer. A process
 /// without a live control thread is not a CUDA process: `CUDA_ERROR_NOT_FOUND`.
 pub fn call(pid: u32, op: &str, arg: &str) -> (i32, i64) {
+    let (code, value, _) = call_detailed(pid, op, arg);
+    (code, value)
+}
+
+/// [`call`], also returning the answer's detail (the region a custom-storage call maps).
+pub fn call_detailed(pid: u32, op: &str, arg: &str) -> (i32, i64, String) {
     let result = call_inner(pid, op, arg);
     node::log_call(&format!("{op} {pid} {}", result.0));
     result
 }
 
-fn call_inner(pid: u32, op: &str, arg: &str) -> (i32, i64) {
+fn call_inner(pid: u32, op: &str, arg: &str) -> (i32, i64, String) {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let Some(dir) = ctl_dir(pid) else {
-        return (NOT_FOUND, 0);
+        return (NOT_FOUND, 0, String::new());
     };
     let alive = fs::read_to_string(dir.join("tid")).ok().is_some_and(|tid| {
         node::proc_root()
@@ -146,7 +163,7 @@ fn call_inner(pid: u32, op: &str, arg: &str) -> (i32, i64) {
             .exists()
     });
     if !alive {
-        return (NOT_FOUND, 0);
+        return (NOT_FOUND, 0, String::new());
     }
     let wait = match op {
         "lock" => Duration::from_millis(arg.parse().unwrap_or(0)) + LOCK_GRACE,
@@ -162,29 +179,30 @@ fn call_inner(pid: u32, op: &str, arg: &str) -> (i32, i64) {
     let deadline = Instant::now() + wait;
     while request.exists() {
         if Instant::now() >= deadline {
-            return (TIMEOUT, 0);
+            return (TIMEOUT, 0, String::new());
         }
         std::thread::sleep(POLL);
     }
     let sent =
         fs::write(&tmp, format!("{token} {op} {arg}")).and_then(|()| fs::rename(&tmp, &request));
     if sent.is_err() {
-        return (OPERATING_SYSTEM, 0);
+        return (OPERATING_SYSTEM, 0, String::new());
     }
     let response = dir.join("response");
     loop {
         if let Ok(text) = fs::read_to_string(&response) {
-            let mut parts = text.split_whitespace();
+            let mut parts = text.splitn(4, ' ');
             if parts.next() == Some(token.as_str()) {
                 let _ = fs::remove_file(&response);
                 let code = parts.next().and_then(|c| c.parse().ok()).unwrap_or(999);
                 let value = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-                return (code, value);
+                let detail = parts.next().unwrap_or("").trim().to_string();
+                return (code, value, detail);
             }
         }
         if Instant::now() >= deadline {
             let _ = fs::remove_file(&request);
-            return (TIMEOUT, 0);
+            return (TIMEOUT, 0, String::new());
         }
         std::thread::sleep(Duration::from_millis(1));
     }

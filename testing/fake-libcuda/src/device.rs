@@ -5,9 +5,9 @@
 
 use crate::codes::{
     CONTEXT_IS_DESTROYED, ILLEGAL_STATE, INVALID_CONTEXT, INVALID_DEVICE, INVALID_VALUE,
-    NOT_INITIALIZED, NO_DEVICE, OPERATING_SYSTEM, OUT_OF_MEMORY, SUCCESS, TIMEOUT,
+    NOT_INITIALIZED, NO_DEVICE, OPERATING_SYSTEM, OUT_OF_MEMORY, SUCCESS,
 };
-use crate::node::{self, Device, Fault};
+use crate::node::{self, Device};
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::FileExt;
@@ -38,6 +38,22 @@ struct Gpu {
     next: u64,
     /// The device memory while checkpointed.
     host_copy: Vec<u8>,
+    /// Checkpointed into the caller's custom storage: the memory lives nowhere here.
+    vram_elsewhere: bool,
+    /// A custom-storage operation mapped by a caller, awaiting its completion.
+    pending: Option<Pending>,
+}
+
+/// A custom-storage operation on this process that awaits `cuCheckpointOperationComplete`.
+#[derive(Clone, Copy, Debug)]
+enum Pending {
+    /// The caller copies the device region out; it stays on the device until then.
+    Checkpoint,
+    /// The caller fills a fresh region on `device` for incarnation `incarnation`.
+    Restore {
+        device: Option<[u8; 16]>,
+        incarnation: u64,
+    },
 }
 
 static GPU: Mutex<Gpu> = Mutex::new(Gpu {
@@ -48,6 +64,8 @@ static GPU: Mutex<Gpu> = Mutex::new(Gpu {
     allocs: BTreeMap::new(),
     next: 0,
     host_copy: Vec::new(),
+    vram_elsewhere: false,
+    pending: None,
 });
 static RESUMED: Condvar = Condvar::new();
 
@@ -77,17 +95,19 @@ fn region_path(device: &[u8; 16], incarnation: u64) -> Option<PathBuf> {
     )
 }
 
-fn used_on(device: &[u8; 16]) -> u64 {
+/// Device memory in use on `device`: every live region plus what others occupy.
+pub fn used_on(device: &[u8; 16]) -> u64 {
     let Some(dir) = node::dir() else { return 0 };
-    fs::read_dir(dir.join("vram").join(node::format_uuid(device)))
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
+    node::occupied(device)
+        + fs::read_dir(dir.join("vram").join(node::format_uuid(device)))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum::<u64>()
+            })
+            .unwrap_or(0)
 }
 
 /// `cuInit`: frees regions of dead processes, like the kernel driver does on exit.
@@ -108,8 +128,8 @@ pub fn devices() -> Result<Vec<Device>, i32> {
     Ok(node::devices())
 }
 
-/// `cuDevicePrimaryCtxRetain`: binds this process to a device and makes it a CUDA
-/// process (its control channel starts).
+/// `cuDevicePrimaryCtxRetain`: binds this process to a device (the first one it asks
+/// for) and makes it a CUDA process (its control channel starts).
 pub fn retain_context(ordinal: i32) -> i32 {
     let devices = match devices() {
         Ok(d) => d,
@@ -119,13 +139,12 @@ pub fn retain_context(ordinal: i32) -> i32 {
         return INVALID_DEVICE;
     };
     let mut g = gpu();
-    match g.device {
-        Some(current) if current != device.uuid => return INVALID_DEVICE,
-        Some(_) => {}
-        None => {
-            g.device = Some(device.uuid);
-            g.incarnation = own_start();
-        }
+    // A process's allocations live on the device of its first context (the fake's one
+    // simplification); contexts on further devices are granted, as the driver does, and
+    // serve the custom-storage mappings of a caller.
+    if g.device.is_none() {
+        g.device = Some(device.uuid);
+        g.incarnation = own_start();
     }
     drop(g);
     crate::control::serve();
@@ -249,21 +268,7 @@ pub fn state() -> State {
 }
 
 fn honour_fault(op: &str, timeout: Option<Duration>) -> Option<i32> {
-    match node::fault(op, own_pid())? {
-        Fault::Fail(code) => Some(code),
-        Fault::Hang => {
-            // The call never completes: in-flight work never drains. With a timeout the
-            // driver gives up; without one it waits until the fault is lifted.
-            let waited = std::time::Instant::now();
-            while node::fault(op, own_pid()) == Some(Fault::Hang) {
-                if timeout.is_some_and(|t| waited.elapsed() >= t) {
-                    return Some(TIMEOUT);
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            None
-        }
-    }
+    node::honour_fault(op, own_pid(), timeout)
 }
 
 /// `cuCheckpointProcessLock`: waits for in-flight GPU calls (they hold the state
@@ -288,7 +293,7 @@ pub fn checkpoint() -> i32 {
         return code;
     }
     let mut g = gpu();
-    if g.state != State::Locked {
+    if g.state != State::Locked || g.pending.is_some() {
         return ILLEGAL_STATE;
     }
     if let Some(device) = g.device {
@@ -317,7 +322,8 @@ pub fn restore(pairs: &[([u8; 16], [u8; 16])]) -> i32 {
         return code;
     }
     let mut g = gpu();
-    if g.state != State::Checkpointed {
+    // A checkpoint into custom storage comes back only through custom storage.
+    if g.state != State::Checkpointed || g.pending.is_some() || g.vram_elsewhere {
         return ILLEGAL_STATE;
     }
     if let Some(old) = g.device {
@@ -356,10 +362,154 @@ pub fn unlock() -> i32 {
         return code;
     }
     let mut g = gpu();
-    if g.state != State::Locked {
+    if g.state != State::Locked || g.pending.is_some() {
         return ILLEGAL_STATE;
     }
     g.state = State::Running;
     RESUMED.notify_all();
+    SUCCESS
+}
+
+/// Where a restore maps `old` (the device recorded at checkpoint) on this node.
+fn remapped(old: [u8; 16], pairs: &[([u8; 16], [u8; 16])]) -> [u8; 16] {
+    pairs
+        .iter()
+        .find(|(from, _)| *from == old)
+        .map_or(old, |(_, to)| *to)
+}
+
+/// What a custom-storage call hands the caller: the length and file of the device
+/// region it maps (`-` when the process holds no device memory).
+pub type Mapped = (i32, u64, String);
+
+/// `cuCheckpointProcessCheckpoint` with custom storage: the process must be LOCKED; its
+/// device region stays where it is, outside every process, for the caller to map and
+/// copy out. Nothing moves into this process's memory.
+pub fn checkpoint_custom() -> Mapped {
+    if let Some(code) = honour_fault("checkpoint_custom", None) {
+        return (code, 0, String::new());
+    }
+    if !node::custom_storage_offered() {
+        return (crate::codes::NOT_SUPPORTED, 0, String::new());
+    }
+    let mut g = gpu();
+    if g.state != State::Locked || g.pending.is_some() {
+        return (ILLEGAL_STATE, 0, String::new());
+    }
+    let path = match g.device {
+        None => "-".to_string(),
+        Some(device) => {
+            let Some(path) = region_path(&device, g.incarnation) else {
+                return (NOT_INITIALIZED, 0, String::new());
+            };
+            if g.next > 0 && !path.exists() {
+                return (CONTEXT_IS_DESTROYED, 0, String::new());
+            }
+            path.to_string_lossy().into_owned()
+        }
+    };
+    g.pending = Some(Pending::Checkpoint);
+    let len = if path == "-" { 0 } else { g.next };
+    (SUCCESS, len, path)
+}
+
+/// `cuCheckpointProcessRestore` with custom storage: the process must be CHECKPOINTED
+/// into custom storage; a fresh, zeroed region of the recorded size is made on the
+/// (remapped) device for the caller to fill.
+pub fn restore_custom(pairs: &[([u8; 16], [u8; 16])]) -> Mapped {
+    if let Some(code) = honour_fault("restore_custom", None) {
+        return (code, 0, String::new());
+    }
+    if !node::custom_storage_offered() {
+        return (crate::codes::NOT_SUPPORTED, 0, String::new());
+    }
+    let mut g = gpu();
+    if g.state != State::Checkpointed || g.pending.is_some() || !g.vram_elsewhere {
+        return (ILLEGAL_STATE, 0, String::new());
+    }
+    let incarnation = own_start();
+    let Some(old) = g.device else {
+        g.pending = Some(Pending::Restore {
+            device: None,
+            incarnation,
+        });
+        return (SUCCESS, 0, "-".into());
+    };
+    let target = remapped(old, pairs);
+    let Some(device) = node::devices().into_iter().find(|d| d.uuid == target) else {
+        return (INVALID_DEVICE, 0, String::new());
+    };
+    if used_on(&target) + g.next > device.total_bytes {
+        return (OUT_OF_MEMORY, 0, String::new());
+    }
+    let Some(path) = region_path(&target, incarnation) else {
+        return (NOT_INITIALIZED, 0, String::new());
+    };
+    let made = path
+        .parent()
+        .map_or(Ok(()), fs::create_dir_all)
+        .and_then(|()| fs::File::create(&path))
+        .and_then(|f| f.set_len(g.next));
+    if made.is_err() {
+        return (OPERATING_SYSTEM, 0, String::new());
+    }
+    g.pending = Some(Pending::Restore {
+        device: Some(target),
+        incarnation,
+    });
+    (SUCCESS, g.next, path.to_string_lossy().into_owned())
+}
+
+/// The end of a custom-storage operation, sent by the caller's
+/// `cuCheckpointOperationComplete`. `done`: the caller's copies finished, so a
+/// checkpoint releases the device region (the process is CHECKPOINTED) and a restore
+/// adopts the filled region (LOCKED). Otherwise the operation is abandoned and the
+/// process is back where it was before it: LOCKED with its memory on the device, or
+/// CHECKPOINTED with the fresh region freed.
+pub fn finish_custom(done: bool) -> i32 {
+    let mut g = gpu();
+    let Some(pending) = g.pending.take() else {
+        return ILLEGAL_STATE;
+    };
+    match (pending, done) {
+        (Pending::Checkpoint, true) => {
+            if let Some(device) = g.device {
+                if let Some(path) = region_path(&device, g.incarnation) {
+                    if path.exists() && fs::remove_file(&path).is_err() {
+                        return OPERATING_SYSTEM;
+                    }
+                }
+            }
+            g.host_copy = Vec::new();
+            g.vram_elsewhere = true;
+            g.state = State::Checkpointed;
+        }
+        (Pending::Checkpoint, false) => {}
+        (
+            Pending::Restore {
+                device,
+                incarnation,
+            },
+            true,
+        ) => {
+            if device.is_some() {
+                g.device = device;
+            }
+            g.incarnation = incarnation;
+            g.vram_elsewhere = false;
+            g.state = State::Locked;
+        }
+        (
+            Pending::Restore {
+                device,
+                incarnation,
+            },
+            false,
+        ) => {
+            if let Some(path) = device.and_then(|d| region_path(&d, incarnation)) {
+                let _ = fs::remove_file(path);
+            }
+        }
+    }
     SUCCESS
 }

@@ -13,9 +13,11 @@
 
 mod codes;
 mod control;
+mod custom;
 mod device;
 mod node;
 mod nvml;
+mod stream;
 
 use codes::{INVALID_DEVICE, INVALID_VALUE, NOT_INITIALIZED, SUCCESS};
 use std::ffi::{c_char, c_int, c_uint, c_void};
@@ -37,15 +39,28 @@ pub struct GpuPair {
     new_uuid: [u8; 16],
 }
 
-/// `CUcheckpointRestoreArgs` as of CUDA 13.0 (64 bytes, as in 12.8).
+/// `CUcheckpointRestoreArgs` as of CUDA 13.4 (64 bytes, as in 12.8 and 13.0, whose
+/// callers leave the custom-storage pointer zeroed as reserved).
 #[repr(C)]
 #[derive(Debug)]
 pub struct RestoreArgs {
     gpu_pairs: *const GpuPair,
     gpu_pairs_count: c_uint,
-    _reserved: [c_char; 44],
-    _reserved1: u64,
+    _padding0: c_uint,
+    custom_storage_info_out: *mut *mut custom::CustomStorageInfo,
+    _reserved: [c_char; 40],
 }
+
+/// `CUcheckpointCheckpointArgs` as of CUDA 13.4 (64 bytes).
+#[repr(C)]
+#[derive(Debug)]
+pub struct CheckpointArgs {
+    custom_storage_info_out: *mut *mut custom::CustomStorageInfo,
+    _reserved: [c_char; 56],
+}
+
+const _: () = assert!(std::mem::size_of::<RestoreArgs>() == 64);
+const _: () = assert!(std::mem::size_of::<CheckpointArgs>() == 64);
 
 fn device_at(ordinal: c_int) -> Result<node::Device, c_int> {
     let devices = device::devices()?;
@@ -248,6 +263,9 @@ pub unsafe extern "C" fn cuMemcpyHtoD_v2(dst: u64, src: *const c_void, len: usiz
     if src.is_null() {
         return INVALID_VALUE;
     }
+    if let Some(code) = custom::copy_now(dst, src as usize, len, true) {
+        return code;
+    }
     // SAFETY: the caller guarantees `src` points to `len` readable bytes.
     let src = unsafe { std::slice::from_raw_parts(src.cast::<u8>(), len) };
     device::write(dst, src)
@@ -258,6 +276,9 @@ pub unsafe extern "C" fn cuMemcpyHtoD_v2(dst: u64, src: *const c_void, len: usiz
 pub unsafe extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: u64, len: usize) -> c_int {
     if dst.is_null() {
         return INVALID_VALUE;
+    }
+    if let Some(code) = custom::copy_now(src, dst as usize, len, false) {
+        return code;
     }
     // SAFETY: the caller guarantees `dst` points to `len` writable bytes.
     let dst = unsafe { std::slice::from_raw_parts_mut(dst.cast::<u8>(), len) };
@@ -336,19 +357,49 @@ pub unsafe extern "C" fn cuCheckpointProcessLock(pid: c_int, args: *const LockAr
     checkpoint_call(pid, "lock", &timeout_ms.to_string()).0
 }
 
-/// The driver's `cuCheckpointProcessCheckpoint`, simulated.
+/// The driver's `cuCheckpointProcessCheckpoint`, simulated: into the process's memory,
+/// or into the caller's custom storage when `customStorageInfo_out` is set.
 #[no_mangle]
-pub extern "C" fn cuCheckpointProcessCheckpoint(pid: c_int, _args: *const c_void) -> c_int {
-    checkpoint_call(pid, "checkpoint", "").0
+pub unsafe extern "C" fn cuCheckpointProcessCheckpoint(
+    pid: c_int,
+    args: *const CheckpointArgs,
+) -> c_int {
+    let out = if args.is_null() {
+        std::ptr::null_mut()
+    } else {
+        // SAFETY: non-null args point to a CUcheckpointCheckpointArgs.
+        unsafe { (*args).custom_storage_info_out }
+    };
+    if out.is_null() {
+        return checkpoint_call(pid, "checkpoint", "").0;
+    }
+    match custom_target(pid) {
+        // SAFETY: `out` is the caller's non-null out pointer.
+        Ok(pid) => unsafe { custom::begin(pid, "checkpoint_custom", "", out) },
+        Err(code) => code,
+    }
 }
 
-/// The driver's `cuCheckpointProcessRestore`, simulated.
+fn custom_target(pid: c_int) -> Result<u32, c_int> {
+    if device::devices().is_err() {
+        return Err(NOT_INITIALIZED);
+    }
+    u32::try_from(pid)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or(INVALID_VALUE)
+}
+
+/// The driver's `cuCheckpointProcessRestore`, simulated: from the process's memory,
+/// or from the caller's custom storage when `customStorageInfo_out` is set.
 #[no_mangle]
 pub unsafe extern "C" fn cuCheckpointProcessRestore(pid: c_int, args: *const RestoreArgs) -> c_int {
     let mut pairs = Vec::new();
+    let mut out = std::ptr::null_mut();
     if !args.is_null() {
         // SAFETY: non-null args point to a CUcheckpointRestoreArgs.
         let args = unsafe { &*args };
+        out = args.custom_storage_info_out;
         let count = usize::try_from(args.gpu_pairs_count).unwrap_or(0);
         if count > 0 {
             if args.gpu_pairs.is_null() {
@@ -359,7 +410,29 @@ pub unsafe extern "C" fn cuCheckpointProcessRestore(pid: c_int, args: *const Res
             pairs.extend(raw.iter().map(|p| (p.old_uuid, p.new_uuid)));
         }
     }
-    checkpoint_call(pid, "restore", &control::format_pairs(&pairs)).0
+    let pairs = control::format_pairs(&pairs);
+    if out.is_null() {
+        return checkpoint_call(pid, "restore", &pairs).0;
+    }
+    match custom_target(pid) {
+        // SAFETY: `out` is the caller's non-null out pointer.
+        Ok(pid) => unsafe { custom::begin(pid, "restore_custom", &pairs, out) },
+        Err(code) => code,
+    }
+}
+
+/// A copy between host memory and the process's own allocations, on behalf of the
+/// asynchronous memcpy calls (done at once: the fake's own memory has no engine).
+pub(crate) fn device_copy(ptr: u64, host: usize, len: usize, to_device: bool) -> c_int {
+    if to_device {
+        // SAFETY: the caller guarantees `len` readable bytes at `host`.
+        let src = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
+        device::write(ptr, src)
+    } else {
+        // SAFETY: the caller guarantees `len` writable bytes at `host`.
+        let dst = unsafe { std::slice::from_raw_parts_mut(host as *mut u8, len) };
+        device::read(ptr, dst)
+    }
 }
 
 /// The driver's `cuCheckpointProcessUnlock`, simulated.

@@ -4,8 +4,18 @@
 //!
 //! - `devices`: one device per line, `GPU-<uuid> <total MiB> <name...>`;
 //! - `driver_version`: e.g. `13000` (default when absent);
-//! - `faults`: one fault per line, `<op> fail=<code>|hang [pid=<pid>]`, where `<op>` is
-//!   `state`, `restore_tid`, `lock`, `checkpoint`, `restore` or `unlock`;
+//! - `driver_release`: the driver release NVML reports, e.g. `615.20.04`;
+//! - `occupied`: GPU memory held by processes outside the test, one line per device,
+//!   `GPU-<uuid> <MiB>` (it counts as used for allocations, restores and free memory);
+//! - `no_custom_storage`: when present, the driver refuses custom-storage checkpoints and
+//!   restores with `CUDA_ERROR_NOT_SUPPORTED` (an older kernel module);
+//! - `faults`: one fault per line, `<op> fail=<code>|hang [pid=<pid>] [nth=<n>]`, where
+//!   `<op>` is `state`, `restore_tid`, `lock`, `checkpoint`, `restore`, `unlock`, or one
+//!   of the custom-storage calls `checkpoint_custom`, `restore_custom`, `copy` (an
+//!   asynchronous copy from or to a mapping), `complete`, `sync` (stream
+//!   synchronisation) and `host_register`. `pid` names the target process of the
+//!   checkpoint operation; `nth` makes a failure hit only the n-th such call made in
+//!   the process that runs it (counted from 1, since the fault list last changed);
 //! - `vram/<uuid>/<pid>-<starttime>.bin`: the device memory of one process;
 //! - `ctl/<pid>/`: the control channel of one CUDA process (see `control`);
 //! - `calls.log`: every checkpoint-API call made by a caller, with its result.
@@ -16,13 +26,16 @@
 //! that procfs resolves `self` in the host's namespace. A container restored by CRIU gets
 //! new host pids, so the fake asks again on every use.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 /// The environment variable naming the node directory.
 pub const DIR_ENV: &str = "KYBERNATE_FAKE_CUDA_DIR";
 const DEFAULT_DRIVER_VERSION: i32 = 13000;
+const DEFAULT_DRIVER_RELEASE: &str = "580.82.07";
 
 /// The environment variable naming the host's procfs inside a container.
 pub const HOST_PROC_ENV: &str = "KYBERNATE_FAKE_CUDA_HOST_PROC";
@@ -100,6 +113,35 @@ pub fn driver_version() -> i32 {
         .unwrap_or(DEFAULT_DRIVER_VERSION)
 }
 
+/// The driver release NVML reports (`nvmlSystemGetDriverVersion`).
+pub fn driver_release() -> String {
+    dir()
+        .and_then(|d| fs::read_to_string(d.join("driver_release")).ok())
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| DEFAULT_DRIVER_RELEASE.to_string())
+}
+
+/// GPU memory on `uuid` held by processes outside the test (the `occupied` file).
+pub fn occupied(uuid: &[u8; 16]) -> u64 {
+    let Some(text) = dir().and_then(|d| fs::read_to_string(d.join("occupied")).ok()) else {
+        return 0;
+    };
+    text.lines()
+        .filter_map(|line| {
+            let mut parts = line.split_whitespace();
+            let who = parts.next().and_then(parse_uuid)?;
+            let mib = parts.next()?.parse::<u64>().ok()?;
+            (who == *uuid).then_some(mib * 1024 * 1024)
+        })
+        .sum()
+}
+
+/// Whether the driver offers custom-storage checkpoints.
+pub fn custom_storage_offered() -> bool {
+    dir().is_some_and(|d| !d.join("no_custom_storage").exists())
+}
+
 /// What a fault line asks the fake to do in a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -107,30 +149,63 @@ pub enum Fault {
     Hang,
 }
 
-/// The fault configured for `op` on `pid`, if any.
-pub fn fault(op: &str, pid: u32) -> Option<Fault> {
-    let text = fs::read_to_string(dir()?.join("faults")).ok()?;
+/// One parsed fault line that applies to `op` on `pid`.
+fn fault_lines(op: &str, pid: u32) -> Vec<(Fault, Option<u32>)> {
+    let Some(text) = dir().and_then(|d| fs::read_to_string(d.join("faults")).ok()) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
     for line in text.lines() {
         let mut parts = line.split_whitespace();
         if parts.next() != Some(op) {
             continue;
         }
-        let action = parts.next()?;
-        let applies = match parts.next().and_then(|p| p.strip_prefix("pid=")) {
-            Some(p) => p.parse::<u32>().ok() == Some(pid),
-            None => true,
-        };
+        let Some(action) = parts.next() else { continue };
+        let mut applies = true;
+        let mut nth = None;
+        for option in parts {
+            if let Some(p) = option.strip_prefix("pid=") {
+                applies &= p.parse::<u32>().ok() == Some(pid);
+            } else if let Some(n) = option.strip_prefix("nth=") {
+                nth = n.parse::<u32>().ok();
+            }
+        }
         if !applies {
             continue;
         }
         if action == "hang" {
-            return Some(Fault::Hang);
-        }
-        if let Some(code) = action.strip_prefix("fail=").and_then(|c| c.parse().ok()) {
-            return Some(Fault::Fail(code));
+            out.push((Fault::Hang, nth));
+        } else if let Some(code) = action.strip_prefix("fail=").and_then(|c| c.parse().ok()) {
+            out.push((Fault::Fail(code), nth));
         }
     }
-    None
+    out
+}
+
+/// The fault configured for `op` on `pid`, if any (ignoring `nth`): used while a hang
+/// lasts.
+pub fn fault(op: &str, pid: u32) -> Option<Fault> {
+    fault_lines(op, pid).first().map(|(f, _)| *f)
+}
+
+/// The fault that hits this call of `op` on `pid`: counts the call, so that a line
+/// with `nth=<n>` hits only the n-th call made in this process.
+pub fn call_fault(op: &str, pid: u32) -> Option<Fault> {
+    static CALLS: Mutex<BTreeMap<String, u32>> = Mutex::new(BTreeMap::new());
+    // Counting starts afresh whenever the fault list changes.
+    let list = dir()
+        .and_then(|d| fs::read_to_string(d.join("faults")).ok())
+        .unwrap_or_default();
+    let count = {
+        let mut calls = CALLS.lock().unwrap_or_else(|p| p.into_inner());
+        let n = calls.entry(format!("{op}\n{list}")).or_insert(0);
+        *n += 1;
+        *n
+    };
+    fault_lines(op, pid)
+        .into_iter()
+        .find(|(_, nth)| nth.is_none_or(|n| n == count))
+        .map(|(f, _)| f)
 }
 
 /// Appends one line to `calls.log` (best effort: the log is for tests to read).
@@ -207,6 +282,25 @@ pub fn free_dead_regions() {
             if start_time(pid) != Some(start) {
                 let _ = fs::remove_file(region.path());
             }
+        }
+    }
+}
+
+/// Applies the fault configured for this call of `op` on `pid`: `Some(code)` to fail
+/// with; `None` to go on (at once, or after a hang was lifted). A hang with a timeout
+/// gives up with `CUDA_ERROR_TIMEOUT`, as the driver's lock does.
+pub fn honour_fault(op: &str, pid: u32, timeout: Option<std::time::Duration>) -> Option<i32> {
+    match call_fault(op, pid)? {
+        Fault::Fail(code) => Some(code),
+        Fault::Hang => {
+            let waited = std::time::Instant::now();
+            while fault(op, pid) == Some(Fault::Hang) {
+                if timeout.is_some_and(|t| waited.elapsed() >= t) {
+                    return Some(crate::codes::TIMEOUT);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            None
         }
     }
 }

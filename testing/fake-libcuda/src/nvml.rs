@@ -2,7 +2,7 @@
 //! the sizes of that process's live device regions.
 
 use crate::node;
-use std::ffi::{c_int, c_uint, c_void};
+use std::ffi::{c_char, c_int, c_uint, c_void};
 use std::fs;
 
 const NVML_SUCCESS: c_int = 0;
@@ -112,6 +112,62 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
                 compute_instance_id: u32::MAX,
             });
         }
+    }
+    NVML_SUCCESS
+}
+
+/// `nvmlMemory_t`.
+#[repr(C)]
+#[derive(Debug)]
+pub struct Memory {
+    total: u64,
+    free: u64,
+    used: u64,
+}
+
+/// NVML's `nvmlDeviceGetMemoryInfo`, simulated: total, free and used bytes of a device
+/// (the regions of live processes and the node's `occupied` memory count as used).
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(
+    handle: *mut c_void,
+    memory: *mut Memory,
+) -> c_int {
+    let device = handle
+        .addr()
+        .checked_sub(1)
+        .and_then(|i| node::devices().into_iter().nth(i));
+    let (Some(device), false) = (device, memory.is_null()) else {
+        return NVML_ERROR_INVALID_ARGUMENT;
+    };
+    let used = crate::device::used_on(&device.uuid).min(device.total_bytes);
+    // SAFETY: valid out pointer (checked non-null).
+    unsafe {
+        memory.write(Memory {
+            total: device.total_bytes,
+            free: device.total_bytes - used,
+            used,
+        });
+    }
+    NVML_SUCCESS
+}
+
+/// NVML's `nvmlSystemGetDriverVersion`, simulated: the node's `driver_release`.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlSystemGetDriverVersion(version: *mut c_char, length: c_uint) -> c_int {
+    let text = node::driver_release();
+    let Ok(length) = usize::try_from(length) else {
+        return NVML_ERROR_INVALID_ARGUMENT;
+    };
+    if version.is_null() {
+        return NVML_ERROR_INVALID_ARGUMENT;
+    }
+    if text.len() + 1 > length {
+        return NVML_ERROR_INSUFFICIENT_SIZE;
+    }
+    // SAFETY: the caller's buffer holds `length` bytes; we write len + 1 <= length.
+    unsafe {
+        std::ptr::copy_nonoverlapping(text.as_ptr(), version.cast::<u8>(), text.len());
+        version.add(text.len()).write(0);
     }
     NVML_SUCCESS
 }

@@ -169,6 +169,17 @@ impl Node {
         fs::write(self.dir.join("driver_version"), version.to_string()).unwrap();
     }
 
+    /// Sets the driver release NVML reports (e.g. `615.20.04`).
+    pub fn set_driver_release(&self, release: &str) {
+        fs::write(self.dir.join("driver_release"), release).unwrap();
+    }
+
+    /// Makes GPU memory look held by others: `(uuid, MiB)` per device.
+    pub fn set_occupied(&self, occupied: &[(&str, u64)]) {
+        let text: String = occupied.iter().map(|(u, m)| format!("{u} {m}\n")).collect();
+        fs::write(self.dir.join("occupied"), text).unwrap();
+    }
+
     /// Replaces the fault list (see the fake's `node` module).
     pub fn set_faults(&self, faults: &str) {
         fs::write(self.dir.join("faults"), faults).unwrap();
@@ -255,15 +266,45 @@ impl Workload {
         Workload::start_with(node, mib, children, &[])
     }
 
+    /// One more workload on GPU `device` (ordinal), with its own state directory and
+    /// log, so several workloads can share a node.
+    pub fn start_on(node: &Node, mib: usize, device: u32) -> Workload {
+        let device = device.to_string();
+        Workload::start_named(
+            node,
+            &format!("gpu{device}"),
+            mib,
+            0,
+            &["--device", &device],
+        )
+    }
+
     /// The same workload keeping its data in host memory (no driver needed).
     pub fn start_cpu(node: &Node, mib: usize) -> Workload {
         Workload::start_with(node, mib, 0, &["--cpu"])
     }
 
     fn start_with(node: &Node, mib: usize, children: usize, extra: &[&str]) -> Workload {
-        let state_dir = node.dir.join("state");
+        Workload::start_named(node, "", mib, children, extra)
+    }
+
+    fn start_named(
+        node: &Node,
+        name: &str,
+        mib: usize,
+        children: usize,
+        extra: &[&str],
+    ) -> Workload {
+        let suffix = if name.is_empty() {
+            String::new()
+        } else {
+            format!("-{name}")
+        };
+        let state_dir = node.dir.join(format!("state{suffix}"));
+        // An earlier workload of the same test leaves its state files behind.
+        let _ = fs::remove_dir_all(&state_dir);
         fs::create_dir_all(&state_dir).unwrap();
-        let log = fs::File::create(node.dir.join("workload.log")).unwrap();
+        let log = fs::File::create(node.dir.join(format!("workload{suffix}.log"))).unwrap();
         let mut cmd = Command::new(workload_binary());
         cmd.args([
             "--mib",
