@@ -112,6 +112,9 @@ class Node:
         open(config, "w").write("\n".join(out) + "\n")
         open(os.path.join(self.work, "shim.toml"), "w").write(
             f'runc = "/usr/bin/runc"\nrunc_root = "{self.work}/runc"\nagent_socket = "{self.agent_socket}"\n')
+        # The agent refuses configured tier directories that do not exist.
+        os.makedirs(self.ram, exist_ok=True)
+        os.makedirs(f"{self.work}/nvme", exist_ok=True)
         open(os.path.join(self.work, "agent.toml"), "w").write(
             f'socket = "{self.agent_socket}"\ncontainerd_socket = "{self.socket}"\nstate_dir = "{self.work}/agent-state"\nmetrics_addr = "127.0.0.1:0"\n'
             f'[tiers]\nram_path = "{self.ram}"\nnvme_path = "{self.work}/nvme"\n')
