@@ -22,8 +22,14 @@ stock freeze is that call, containerd's archive of the images included; kybernat
 containerd's task API directly, and the kybernate shim pauses the task only around the dump
 and the rootfs diff.
 
+With --pod-rss it measures memory instead: a pod-like group of 3 containers (a pause
+container and two app containers sharing one io.kubernetes.cri.sandbox-id, as the CRI makes
+them) runs under each runtime in turn, and the resident memory (VmRSS) of every shim process
+serving the namespace is summed. Both runtimes group a pod into one shim process.
+
 Usage (root): python3 perf/bench_shim.py [--json OUT] [--quick] [--mib 1024] [--runs 3]
               [--containerd 1.6|2.1] [--profile release|debug] [--no-build] [--write perf/RESULTS.md]
+              [--pod-rss]
 """
 
 import argparse
@@ -49,11 +55,12 @@ def target_dir():
     return os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 
 
-def build(profile, skip=False):
+def build(profile, skip=False, shim_only=False):
     flags = ["--release"] if profile == "release" else []
+    packages = ["-p", "containerd-shim-kybernate-v1"] if shim_only else [
+        "-p", "kybernate-agent", "-p", "containerd-shim-kybernate-v1"]
     if not skip:
-        subprocess.run(["cargo", "build", *flags, "-p", "kybernate-agent", "-p",
-                        "containerd-shim-kybernate-v1", "--bins"], cwd=ROOT, check=True)
+        subprocess.run(["cargo", "build", *flags, *packages, "--bins"], cwd=ROOT, check=True)
     release = os.path.join(target_dir(), "release" if profile == "release" else "debug")
     return {n: os.path.join(release, n) for n in
             ("kybernate-agent", "kybernatectl", "containerd-shim-kybernate-v1")}
@@ -72,7 +79,7 @@ def wait_until(predicate, what, timeout=120, step=0.01):
 class Node:
     """A private containerd + agent with the kybernate shim on PATH."""
 
-    def __init__(self, bins, version):
+    def __init__(self, bins, version, with_agent=True):
         self.work = tempfile.mkdtemp(prefix="kybernate-shim-bench-")
         self.ns = f"bench-{os.getpid()}"
         self.ram = f"/dev/shm/kyb-bench-{os.getpid()}"
@@ -114,10 +121,12 @@ class Node:
                    XDG_RUNTIME_DIR=self.work)
         self.agent = self.daemon = None
         try:
-            self.agent = subprocess.Popen([bins["kybernate-agent"], "--config", os.path.join(self.work, "agent.toml")],
-                                          env=env, stdout=subprocess.DEVNULL,
-                                          stderr=open(os.path.join(self.work, "agent.log"), "w"))
-            wait_until(lambda: os.path.exists(self.agent_socket), "agent socket")
+            if with_agent:
+                self.agent = subprocess.Popen([bins["kybernate-agent"], "--config",
+                                               os.path.join(self.work, "agent.toml")],
+                                              env=env, stdout=subprocess.DEVNULL,
+                                              stderr=open(os.path.join(self.work, "agent.log"), "w"))
+                wait_until(lambda: os.path.exists(self.agent_socket), "agent socket")
             self.daemon = subprocess.Popen([os.path.join(self.bin_dir, "containerd"), "--config", config], env=env,
                                            stdout=subprocess.DEVNULL,
                                            stderr=open(os.path.join(self.work, "containerd.log"), "w"))
@@ -325,6 +334,117 @@ def kybernate_round(node, bin_ctl, mib, run):
     return out
 
 
+SHIM_BINARIES = {STOCK: "containerd-shim-runc-v2", OURS: "containerd-shim-kybernate-v1"}
+
+
+def shim_pids(node, runtime):
+    """Pids of the `runtime` shim processes serving the node's namespace."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            words = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        args = [w.decode(errors="replace") for w in words]
+        if (args and os.path.basename(args[0]) == SHIM_BINARIES[runtime]
+                and "-namespace" in args and node.ns in args):
+            pids.append(int(entry))
+    return pids
+
+
+def rss_kib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def pod_round(node, runtime, run, grouped=True, containers=3):
+    """Starts a pod-like group under `runtime` (without the sandbox annotation when not
+    `grouped`: one shim per container); (RSS of its shims in MiB, shim count)."""
+    tag = f"{'kyb' if runtime == OURS else 'stock'}-{'pod' if grouped else 'solo'}{run}"
+    sandbox = f"{tag}-pause"
+    ids = [sandbox] + [f"{tag}-app{i}" for i in range(1, containers)]
+    for i, cid in enumerate(ids):
+        kind = "sandbox" if i == 0 else "container"
+        group = ["--annotation", f"io.kubernetes.cri.sandbox-id={sandbox}",
+                 "--annotation", f"io.kubernetes.cri.container-type={kind}"] if grouped else []
+        node.ctr("run", "-d", "--runtime", runtime, *group, IMAGE, cid, "sleep", "1000")
+        wait_until(lambda: task_pid(node, cid), f"{cid} running")
+    # Each container also got an exec and a state query, so both shims did comparable work.
+    for cid in ids:
+        node.ctr("tasks", "exec", "--exec-id", "probe", cid, "true")
+        node.ctr("tasks", "ls")
+    time.sleep(1.0)
+    pids = shim_pids(node, runtime)
+    total = sum(rss_kib(p) for p in pids) / 1024
+    for cid in ids:
+        node.remove(cid)
+    wait_until(lambda: not shim_pids(node, runtime), f"{runtime} shims of {tag} gone", step=0.1)
+    return total, len(pids)
+
+
+def pod_rss_main(args):
+    bins = build(args.profile, args.no_build, shim_only=True)
+    node = Node(bins, args.containerd, with_agent=False)
+    rss = {(r, g): [] for r in (OURS, STOCK) for g in (True, False)}
+    counts = {key: set() for key in rss}
+    try:
+        for run in range(args.runs):
+            order = [STOCK, OURS] if run % 2 == 0 else [OURS, STOCK]
+            for grouped in (True, False):
+                for runtime in order:
+                    mib, n = pod_round(node, runtime, run, grouped)
+                    rss[(runtime, grouped)].append(mib)
+                    counts[(runtime, grouped)].add(n)
+                    print(f"run {run + 1} {runtime} {'pod' if grouped else 'no sandbox id'}: "
+                          f"{n} shim process(es), {mib:.1f} MiB RSS", flush=True)
+    finally:
+        node.close()
+    o, b = benchkit.stats(rss[(OURS, True)]), benchkit.stats(rss[(STOCK, True)])
+    ratio = o["median"] / b["median"]
+    o_solo, b_solo = benchkit.stats(rss[(OURS, False)]), benchkit.stats(rss[(STOCK, False)])
+    shown = lambda key: ", ".join(map(str, sorted(counts[key])))
+    command = (f"python3 perf/bench_shim.py --pod-rss --runs {args.runs} --containerd {args.containerd}"
+               f" --profile {args.profile}")
+    fmt = "{:.1f}"
+    lines = [
+        "<!-- bench_shim_rss:start -->",
+        f"### Shim memory per pod (3 containers), kybernate vs io.containerd.runc.v2, containerd {args.containerd}",
+        "",
+        f"Measured {benchkit.now_utc()} on {benchkit.machine_text()}, {args.profile} build, {args.runs} runs, "
+        f"medians (min–max). Command: `{command}`. A pause container and two app containers share one "
+        "io.kubernetes.cri.sandbox-id; the figure is the summed VmRSS of every shim process serving them "
+        "(after one exec per container). Target ≤ 1.2×. The last rows run the same 3 containers "
+        "without the annotation (one shim per container in both runtimes; before the grouping, the "
+        "kybernate shim always ran so).",
+        "",
+        "| metric | kybernate | runc.v2 | ratio |",
+        "| --- | --- | --- | --- |",
+        f"| shim processes per pod | {shown((OURS, True))} | {shown((STOCK, True))} | |",
+        f"| shim RSS per pod (MiB) | {o['median']:.1f} ({benchkit.spread(o, fmt)}) | "
+        f"{b['median']:.1f} ({benchkit.spread(b, fmt)}) | {ratio:.2f}× |",
+        f"| without the sandbox id: shim processes | {shown((OURS, False))} | {shown((STOCK, False))} | |",
+        f"| without the sandbox id: shim RSS (MiB) | {o_solo['median']:.1f} "
+        f"({benchkit.spread(o_solo, fmt)}) | {b_solo['median']:.1f} ({benchkit.spread(b_solo, fmt)}) | "
+        f"{o_solo['median'] / b_solo['median']:.2f}× |",
+        "<!-- bench_shim_rss:end -->",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if args.write:
+        benchkit.update_section(args.write, report, "bench_shim_rss")
+    if args.json:
+        row = {"metric": "shim RSS per pod of 3 containers", "unit": "MiB",
+               "ours": {"label": "kybernate", **o}, "baseline": {"label": "runc.v2", **b}, "ratio": ratio}
+        benchkit.write_json(args.json, {
+            "name": "shim_rss", "title": "shim memory per pod, kybernate vs io.containerd.runc.v2",
+            "command": command, "runs": args.runs, "comparisons": [row],
+            "markdown": report, "section": "bench_shim_rss"})
+
+
 def one_run(node, bin_ctl, mib, run, with_ctr_flow):
     rounds = [("stock", lambda: stock_round(node, bin_ctl, mib, run)),
               ("kyb", lambda: kybernate_round(node, bin_ctl, mib, run))]
@@ -349,10 +469,15 @@ def main():
     parser.add_argument("--profile", default="release", choices=["release", "debug"])
     parser.add_argument("--no-build", action="store_true", help="use the binaries already built")
     parser.add_argument("--write", help="results file to update")
+    parser.add_argument("--pod-rss", action="store_true",
+                        help="measure the shims' memory for a pod of 3 containers instead")
     args = parser.parse_args()
     if args.quick:
         args.mib, args.runs = 64, 1
     benchkit.require_root()
+    if args.pod_rss:
+        pod_rss_main(args)
+        return
     bins = build(args.profile, args.no_build)
     node = Node(bins, args.containerd)
     runs = []

@@ -2,7 +2,10 @@
 //! timeout, each failure naming the phase.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use async_trait::async_trait;
 
 use hyper_util::rt::TokioIo;
 use kybernate_proto::agent::v1 as pb;
@@ -163,4 +166,98 @@ fn chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     text
+}
+
+/// The agent's GPU phases as the shim's checkpoint and restore call them: the seam that lets
+/// their rollback orderings be tested without an agent, a GPU or root.
+#[async_trait]
+pub trait GpuAgent: Send + Sync + std::fmt::Debug {
+    /// The node's GPUs.
+    async fn node_devices(&self, timeout: Duration)
+        -> Result<pb::NodeDevicesReply, AgentCallError>;
+    /// CUDA lock + checkpoint; the image directory.
+    async fn checkpoint_begin(
+        &self,
+        req: pb::ContainerCheckpointBeginRequest,
+        timeout: Duration,
+    ) -> Result<pb::ContainerCheckpointBeginReply, AgentCallError>;
+    /// Commit (dumped) or roll back a begun checkpoint.
+    async fn checkpoint_end(
+        &self,
+        req: pb::ContainerCheckpointEndRequest,
+        timeout: Duration,
+    ) -> Result<pb::CheckpointReply, AgentCallError>;
+    /// Stage a stored checkpoint's images.
+    async fn restore_stage(
+        &self,
+        req: pb::ContainerRestoreStageRequest,
+        timeout: Duration,
+    ) -> Result<pb::ContainerRestoreStageReply, AgentCallError>;
+    /// CUDA restore + unlock, or clean-up of a failed restore.
+    async fn restore_end(
+        &self,
+        req: pb::ContainerRestoreEndRequest,
+        timeout: Duration,
+    ) -> Result<pb::ContainerRestoreEndReply, AgentCallError>;
+}
+
+#[async_trait]
+impl GpuAgent for AgentLink {
+    async fn node_devices(
+        &self,
+        timeout: Duration,
+    ) -> Result<pb::NodeDevicesReply, AgentCallError> {
+        AgentLink::node_devices(self, timeout).await
+    }
+
+    async fn checkpoint_begin(
+        &self,
+        req: pb::ContainerCheckpointBeginRequest,
+        timeout: Duration,
+    ) -> Result<pb::ContainerCheckpointBeginReply, AgentCallError> {
+        AgentLink::checkpoint_begin(self, req, timeout).await
+    }
+
+    async fn checkpoint_end(
+        &self,
+        req: pb::ContainerCheckpointEndRequest,
+        timeout: Duration,
+    ) -> Result<pb::CheckpointReply, AgentCallError> {
+        AgentLink::checkpoint_end(self, req, timeout).await
+    }
+
+    async fn restore_stage(
+        &self,
+        req: pb::ContainerRestoreStageRequest,
+        timeout: Duration,
+    ) -> Result<pb::ContainerRestoreStageReply, AgentCallError> {
+        AgentLink::restore_stage(self, req, timeout).await
+    }
+
+    async fn restore_end(
+        &self,
+        req: pb::ContainerRestoreEndRequest,
+        timeout: Duration,
+    ) -> Result<pb::ContainerRestoreEndReply, AgentCallError> {
+        AgentLink::restore_end(self, req, timeout).await
+    }
+}
+
+/// Opens a connection to the agent for one operation.
+#[async_trait]
+pub trait AgentConnector: Send + Sync + std::fmt::Debug {
+    /// Connects within `timeout`.
+    async fn connect(&self, timeout: Duration) -> Result<Arc<dyn GpuAgent>, AgentCallError>;
+}
+
+/// The agent at its Unix socket.
+#[derive(Debug, Clone)]
+pub struct AgentSocket(pub PathBuf);
+
+#[async_trait]
+impl AgentConnector for AgentSocket {
+    async fn connect(&self, timeout: Duration) -> Result<Arc<dyn GpuAgent>, AgentCallError> {
+        let link = AgentLink::connect(&self.0, timeout).await?;
+        Ok(Arc::new(link))
+    }
 }

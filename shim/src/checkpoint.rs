@@ -1,12 +1,10 @@
-//! GPU-aware checkpoint and restore of a container. Checkpoint: GPU placement from the OCI
+//! GPU-aware checkpoint of a container (restore: [`crate::restore`]). GPU placement from the OCI
 //! spec, checked against the node's GPUs as the agent reports them → the agent's CUDA phase
 //! (lock + checkpoint, image dir in the RAM tier) → `runc checkpoint` → the agent commits
 //! and stores the images. When containerd wants the images in a directory of its own (`ctr`,
 //! the CRI), CRIU dumps there and the images reach the agent after the call returns (see
 //! [`crate::handoff`]). Any failure up to the dump rolls back (CUDA resume) and the container
-//! keeps running; the error names the failed phase. Restore: `runc restore` from
-//! containerd's checkpoint path or from images the agent staged, then the agent's CUDA
-//! restore.
+//! keeps running; the error names the failed phase.
 
 use std::path::{Path, PathBuf};
 
@@ -16,18 +14,18 @@ use containerd_shim::protos::protobuf::Message;
 use containerd_shim::protos::shim::oci::CheckpointOptions;
 use containerd_shim::protos::topics;
 use kybernate_proto::agent::v1 as pb;
+use oci_spec::runtime::Spec;
 
-use crate::agent_link::{AgentCallError, AgentLink};
+use crate::agent_link::{AgentCallError, GpuAgent};
 use crate::config::millis;
 use crate::error::{Result, ShimError};
 use crate::gpu::{GpuPlacement, NodeGpus};
 use crate::handoff::{Handoff, ImageCopy};
-use crate::process::{Container, ProcessStatus, RestoreSource};
-use crate::runc_cli::{read_pid, RuncCli};
+use crate::process::{ProcessStatus, Target};
+use crate::runc_cli::RuncCli;
 use crate::service::{read_spec, TaskService};
-use crate::stdio::{PreparedIo, ProcessIo};
 
-fn phase_error(id: &str, operation: &'static str, e: AgentCallError) -> ShimError {
+pub(crate) fn phase_error(id: &str, operation: &'static str, e: AgentCallError) -> ShimError {
     ShimError::Phase {
         id: id.to_owned(),
         operation,
@@ -114,40 +112,43 @@ impl TaskService {
     pub async fn checkpoint_task(&self, req: CheckpointTaskRequest) -> Result<()> {
         let id = req.id.clone();
         let options = checkpoint_options(&id, &req)?;
-        let containers = self.containers.lock().await;
-        let container = containers.get(&id).ok_or_else(|| Self::not_found(&id))?;
+        let busy = self.containers.begin(&id, "checkpoint")?;
+        let (status, exited, target) =
+            busy.with(|c| (c.init.status, c.init.exit().is_some(), c.target()));
         // containerd's client pauses the task around a checkpoint (to snapshot the rootfs).
-        let live = matches!(
-            container.init.status,
-            ProcessStatus::Running | ProcessStatus::Paused
-        );
-        if container.init.exit().is_some() || !live {
+        let live = matches!(status, ProcessStatus::Running | ProcessStatus::Paused);
+        if exited || !live {
             return Err(ShimError::State {
                 id,
                 message: format!(
-                    "cannot checkpoint: the task is {:?}, not running or paused",
-                    container.init.status
+                    "cannot checkpoint: the task is {status:?}, not running or paused"
                 )
                 .to_lowercase(),
             });
         }
+        let was_paused = status == ProcessStatus::Paused;
         let reference = self
-            .checkpoint_container(container, &options, images_wanted_at(&options, &req.path))
+            .checkpoint_container(
+                &target,
+                was_paused,
+                &options,
+                images_wanted_at(&options, &req.path),
+            )
             .await?;
-        drop(containers);
+        drop(busy);
         let event = TaskCheckpointed {
             container_id: id,
             checkpoint: reference,
             ..Default::default()
         };
-        self.publish(topics::TASK_CHECKPOINTED_EVENT_TOPIC, Box::new(event))
-            .await;
+        self.publish(topics::TASK_CHECKPOINTED_EVENT_TOPIC, Box::new(event));
         Ok(())
     }
 
     async fn checkpoint_container(
         &self,
-        container: &Container,
+        container: &Target,
+        was_paused: bool,
         options: &CheckpointOptions,
         wanted_at: &str,
     ) -> Result<String> {
@@ -155,10 +156,12 @@ impl TaskService {
         let timeouts = &self.config.timeouts;
         let spec = read_spec(id, &container.bundle)?;
         let placement = GpuPlacement::from_spec(&spec);
-        let agent = AgentLink::connect(&self.config.agent_socket, millis(timeouts.agent_ms))
+        let agent = self
+            .agents
+            .connect(millis(timeouts.agent_ms))
             .await
             .map_err(|e| phase_error(id, "checkpoint", e))?;
-        self.check_gpus(&agent, id, "checkpoint", &placement)
+        self.check_gpus(agent.as_ref(), id, "checkpoint", &placement)
             .await?;
         let pids = Self::container_pids(&container.runc, id, &container.runc_log()).await?;
 
@@ -186,10 +189,12 @@ impl TaskService {
         let dumped = self
             .dump_with_rootfs_diff(
                 container,
+                was_paused,
                 options,
                 &images,
                 self.dump(
                     container,
+                    was_paused,
                     options,
                     containerd_dir.as_deref().unwrap_or(&images),
                     &work,
@@ -271,7 +276,8 @@ impl TaskService {
 
     async fn dump(
         &self,
-        container: &Container,
+        container: &Target,
+        was_paused: bool,
         options: &CheckpointOptions,
         images: &Path,
         work: &Path,
@@ -282,7 +288,6 @@ impl TaskService {
         let args = dump_args(id, options, images, work);
         let deadline = millis(self.config.timeouts.dump_ms);
         let log = container.runc_log();
-        let was_paused = container.init.status == ProcessStatus::Paused;
         let run = container
             .runc
             .run_within(id, &args, Default::default(), Some(&log), Some(deadline))
@@ -314,19 +319,7 @@ impl TaskService {
     /// CRIU freezes the container's cgroup while it dumps; killed mid-dump it leaves the
     /// cgroup frozen, so the container is resumed here (it was running before the dump).
     async fn thaw_after_killed_dump(runc: &RuncCli, id: &str, log: &Path) -> String {
-        let state = runc
-            .run(
-                id,
-                &["state".into(), id.to_owned()],
-                Default::default(),
-                None,
-            )
-            .await;
-        let paused = state.is_ok_and(|out| {
-            serde_json::from_str::<serde_json::Value>(&out.stdout)
-                .is_ok_and(|v| v["status"] == "paused")
-        });
-        if !paused {
+        if runc.status(id).await.as_deref() != Some("paused") {
             return "; the container kept running".into();
         }
         match runc
@@ -343,9 +336,9 @@ impl TaskService {
         }
     }
 
-    async fn check_gpus(
+    pub(crate) async fn check_gpus(
         &self,
-        agent: &AgentLink,
+        agent: &dyn GpuAgent,
         id: &str,
         operation: &'static str,
         placement: &GpuPlacement,
@@ -389,164 +382,6 @@ impl TaskService {
                 output: format!("unreadable output {:?}: {e}", out.stdout),
             })
     }
-
-    /// Create with the restore annotation: the agent stages the images (never an empty
-    /// container in their place).
-    pub async fn stage_restore(
-        &self,
-        id: &str,
-        reference: &str,
-        spec: &serde_json::Value,
-    ) -> Result<PathBuf> {
-        let timeouts = &self.config.timeouts;
-        let agent = AgentLink::connect(&self.config.agent_socket, millis(timeouts.agent_ms))
-            .await
-            .map_err(|e| phase_error(id, "restore", e))?;
-        self.check_gpus(&agent, id, "restore", &GpuPlacement::from_spec(spec))
-            .await?;
-        let staged = agent
-            .restore_stage(
-                pb::ContainerRestoreStageRequest {
-                    checkpoint_ref: reference.to_owned(),
-                    container_id: id.to_owned(),
-                    from_tier: String::new(),
-                },
-                millis(timeouts.restore_ms.saturating_add(timeouts.agent_ms)),
-            )
-            .await
-            .map_err(|e| phase_error(id, "restore", e))?;
-        Ok(PathBuf::from(staged.image_dir))
-    }
-
-    /// A staged restore that never started: the agent drops the staged images.
-    pub async fn release_staged(&self, id: &str, reference: &str) {
-        let timeout = millis(self.config.timeouts.agent_ms);
-        let released = match AgentLink::connect(&self.config.agent_socket, timeout).await {
-            Ok(agent) => agent
-                .restore_end(
-                    pb::ContainerRestoreEndRequest {
-                        checkpoint_ref: reference.to_owned(),
-                        pids: Vec::new(),
-                        restored: false,
-                    },
-                    timeout,
-                )
-                .await
-                .map(|_| ()),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = released {
-            log::warn!("container {id}: releasing staged checkpoint {reference}: {e}");
-        }
-    }
-
-    /// Start of a staged restore: `runc restore`, then (for Kybernate checkpoints) the
-    /// agent's CUDA restore + unlock.
-    pub async fn runc_restore(
-        &self,
-        container: &Container,
-        source: &RestoreSource,
-    ) -> Result<(i32, ProcessIo)> {
-        let id = container.id.as_str();
-        let (images, reference) = match source {
-            RestoreSource::Images(p) => (p.clone(), None),
-            RestoreSource::Kybernate { reference, images } => (images.clone(), Some(reference)),
-        };
-        let work = container.bundle.join("criu-work");
-        std::fs::create_dir_all(&work)
-            .map_err(|e| ShimError::io(id, format!("create {}", work.display()), e))?;
-        let pid_file = container.bundle.join("init.pid");
-        let (prepared, stdio) = PreparedIo::new(id, &container.init.stdio)?;
-        let mut args: Vec<String> = vec![
-            "restore".into(),
-            "--detach".into(),
-            "--no-subreaper".into(),
-            "--bundle".into(),
-            container.bundle.display().to_string(),
-            "--image-path".into(),
-            images.display().to_string(),
-            "--work-path".into(),
-            work.display().to_string(),
-            "--pid-file".into(),
-            pid_file.display().to_string(),
-        ];
-        args.extend(container.runc.create_flags(true));
-        if let Some(socket) = prepared.console_socket() {
-            args.push("--console-socket".into());
-            args.push(socket.display().to_string());
-        }
-        args.push(id.to_owned());
-        let timeouts = &self.config.timeouts;
-        let deadline = millis(timeouts.restore_ms);
-        let log = container.runc_log();
-        let run = container.runc.run(id, &args, stdio, Some(&log));
-        let restored = match tokio::time::timeout(deadline, run).await {
-            Err(_) => Err(format!(
-                "runc restore took longer than {} ms",
-                deadline.as_millis()
-            )),
-            Ok(Err(e)) => Err(format!("{e}{}", criu_errors(&work.join("restore.log")))),
-            Ok(Ok(_)) => Ok(()),
-        };
-        let agent = match reference {
-            Some(_) => Some(
-                AgentLink::connect(&self.config.agent_socket, millis(timeouts.agent_ms))
-                    .await
-                    .map_err(|e| phase_error(id, "restore", e))?,
-            ),
-            None => None,
-        };
-        if let Err(message) = restored {
-            prepared.abandon();
-            if let (Some(agent), Some(reference)) = (&agent, reference) {
-                let _ = agent
-                    .restore_end(
-                        pb::ContainerRestoreEndRequest {
-                            checkpoint_ref: reference.clone(),
-                            pids: Vec::new(),
-                            restored: false,
-                        },
-                        millis(timeouts.agent_ms),
-                    )
-                    .await;
-            }
-            return Err(ShimError::Phase {
-                id: id.to_owned(),
-                operation: "restore",
-                phase: "criu_restore",
-                message,
-            });
-        }
-        let io = prepared.finish()?;
-        let pid = read_pid(id, &pid_file)?;
-        if let (Some(agent), Some(reference)) = (&agent, reference) {
-            let pids = Self::container_pids(&container.runc, id, &container.runc_log()).await?;
-            let ended = agent
-                .restore_end(
-                    pb::ContainerRestoreEndRequest {
-                        checkpoint_ref: reference.clone(),
-                        pids,
-                        restored: true,
-                    },
-                    millis(timeouts.cuda_ms.saturating_add(timeouts.agent_ms)),
-                )
-                .await;
-            if let Err(e) = ended {
-                // A task whose GPU state did not come back must not run half-restored.
-                let _ = container
-                    .runc
-                    .run(
-                        id,
-                        &["kill".into(), "--all".into(), id.to_owned(), "9".into()],
-                        Default::default(),
-                        None,
-                    )
-                    .await;
-                return Err(phase_error(id, "restore", e));
-            }
-        }
-        Ok((pid, io))
-    }
 }
 
 /// Where the caller wants the images besides the agent's tiers. An `image_path` in the
@@ -561,11 +396,12 @@ fn images_wanted_at<'a>(options: &'a CheckpointOptions, containerd_path: &'a str
     }
 }
 
-fn pod_uid(spec: &serde_json::Value) -> String {
-    spec.pointer("/annotations/io.kubernetes.cri.sandbox-uid")
-        .and_then(|v| v.as_str())
+fn pod_uid(spec: &Spec) -> String {
+    spec.annotations()
+        .as_ref()
+        .and_then(|a| a.get("io.kubernetes.cri.sandbox-uid"))
+        .cloned()
         .unwrap_or_default()
-        .to_owned()
 }
 
 #[cfg(test)]

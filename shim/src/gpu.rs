@@ -5,6 +5,8 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use oci_spec::runtime::Spec;
+
 /// GPUs a container was given, from every place the OCI spec can name them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GpuPlacement {
@@ -50,14 +52,14 @@ impl NodeGpus {
 
 impl GpuPlacement {
     /// Reads the placement from an OCI spec (`config.json`).
-    pub fn from_spec(spec: &serde_json::Value) -> Self {
+    pub fn from_spec(spec: &Spec) -> Self {
         let mut placement = Self::default();
         let env = spec
-            .pointer("/process/env")
-            .and_then(|e| e.as_array())
+            .process()
+            .as_ref()
+            .and_then(|p| p.env().as_ref())
             .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_str());
+            .flatten();
         for var in env {
             if let Some(list) = var.strip_prefix("NVIDIA_VISIBLE_DEVICES=") {
                 placement.visible = list
@@ -68,29 +70,31 @@ impl GpuPlacement {
                     .collect();
             }
         }
-        if let Some(annotations) = spec.get("annotations").and_then(|a| a.as_object()) {
-            for (key, value) in annotations {
-                if !key.starts_with("cdi.k8s.io/") {
-                    continue;
-                }
-                let list = value.as_str().unwrap_or_default();
-                placement.cdi.extend(
-                    list.split(',')
-                        .map(str::trim)
-                        .filter(|d| d.starts_with("nvidia.com/gpu="))
-                        .map(str::to_owned),
-                );
+        let mut annotations: Vec<(&String, &String)> =
+            spec.annotations().iter().flatten().collect();
+        // Annotations are a map; sorted, the CDI devices come in a stable order.
+        annotations.sort();
+        for (key, list) in annotations {
+            if !key.starts_with("cdi.k8s.io/") {
+                continue;
             }
+            placement.cdi.extend(
+                list.split(',')
+                    .map(str::trim)
+                    .filter(|d| d.starts_with("nvidia.com/gpu="))
+                    .map(str::to_owned),
+            );
         }
         let devices = spec
-            .pointer("/linux/devices")
-            .and_then(|d| d.as_array())
+            .linux()
+            .as_ref()
+            .and_then(|l| l.devices().as_ref())
             .into_iter()
             .flatten();
         for device in devices {
             let minor = device
-                .get("path")
-                .and_then(|p| p.as_str())
+                .path()
+                .to_str()
                 .and_then(|p| p.strip_prefix("/dev/nvidia"))
                 .and_then(|n| n.parse::<u32>().ok());
             if let Some(n) = minor {
@@ -166,6 +170,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn typed(value: serde_json::Value) -> Spec {
+        serde_json::from_value(value).unwrap()
+    }
+
     fn node(indices: &[u32]) -> NodeGpus {
         NodeGpus {
             indices: indices.iter().copied().collect(),
@@ -175,11 +183,15 @@ mod tests {
 
     #[test]
     fn placement_comes_from_env_cdi_and_devices() {
-        let spec = json!({
-            "process": {"env": ["PATH=/bin", "NVIDIA_VISIBLE_DEVICES=0,GPU-aaaa"]},
+        let spec = typed(json!({
+            "process": {"env": ["PATH=/bin", "NVIDIA_VISIBLE_DEVICES=0,GPU-aaaa"],
+                        "user": {"uid": 0, "gid": 0}, "cwd": "/"},
             "annotations": {"cdi.k8s.io/nvidia": "nvidia.com/gpu=1", "other": "x"},
-            "linux": {"devices": [{"path": "/dev/nvidia2"}, {"path": "/dev/nvidiactl"}, {"path": "/dev/fuse"}]}
-        });
+            "linux": {"devices": [
+                {"path": "/dev/nvidia2", "type": "c", "major": 195, "minor": 2},
+                {"path": "/dev/nvidiactl", "type": "c", "major": 195, "minor": 255},
+                {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}]}
+        }));
         let p = GpuPlacement::from_spec(&spec);
         assert_eq!(p.visible, vec!["0", "GPU-aaaa"]);
         assert_eq!(p.cdi, vec!["nvidia.com/gpu=1"]);
@@ -190,8 +202,9 @@ mod tests {
 
     #[test]
     fn a_gpu_the_node_lacks_is_named() {
-        let spec = json!({"process": {"env": ["NVIDIA_VISIBLE_DEVICES=3"]},
-                          "annotations": {"cdi.k8s.io/x": "nvidia.com/gpu=GPU-zzzz"}});
+        let spec = typed(json!({
+            "process": {"env": ["NVIDIA_VISIBLE_DEVICES=3"], "user": {"uid": 0, "gid": 0}, "cwd": "/"},
+            "annotations": {"cdi.k8s.io/x": "nvidia.com/gpu=GPU-zzzz"}}));
         let e = GpuPlacement::from_spec(&spec)
             .validate(&node(&[0]))
             .unwrap_err();
@@ -202,14 +215,16 @@ mod tests {
 
     #[test]
     fn none_and_void_mean_no_gpu() {
-        let spec = json!({"process": {"env": ["NVIDIA_VISIBLE_DEVICES=void"]}});
+        let spec = typed(json!({
+            "process": {"env": ["NVIDIA_VISIBLE_DEVICES=void"], "user": {"uid": 0, "gid": 0}, "cwd": "/"}}));
         assert!(GpuPlacement::from_spec(&spec).is_empty());
-        assert!(GpuPlacement::from_spec(&json!({})).is_empty());
+        assert!(GpuPlacement::from_spec(&typed(json!({}))).is_empty());
     }
 
     #[test]
     fn all_needs_at_least_one_gpu() {
-        let spec = json!({"process": {"env": ["NVIDIA_VISIBLE_DEVICES=all"]}});
+        let spec = typed(json!({
+            "process": {"env": ["NVIDIA_VISIBLE_DEVICES=all"], "user": {"uid": 0, "gid": 0}, "cwd": "/"}}));
         let p = GpuPlacement::from_spec(&spec);
         assert!(p.validate(&node(&[0])).is_ok());
         assert!(p.validate(&node(&[])).unwrap_err().contains("has none"));

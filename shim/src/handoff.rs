@@ -8,7 +8,6 @@
 //! (containerd deletes its directory when it is done), then committed with a second
 //! ContainerCheckpointEnd. The shim does not exit before its handoffs end.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,14 +16,14 @@ use kybernate_proto::agent::v1 as pb;
 use tokio::sync::Mutex;
 use tokio::task::JoinSet;
 
-use crate::agent_link::AgentLink;
-use crate::process::{Container, ProcessStatus};
+use crate::agent_link::GpuAgent;
+use crate::containers::ContainerTable;
 
 /// How often a handoff looks whether containerd has resumed the task.
 const RESUME_POLL: Duration = Duration::from_millis(20);
 
 /// Containers by id, as the task service keeps them.
-pub type Containers = Arc<Mutex<HashMap<String, Container>>>;
+pub type Containers = Arc<ContainerTable>;
 
 /// Copies of a flat CRIU image directory, holding every source file open.
 #[derive(Debug)]
@@ -70,7 +69,7 @@ pub struct Handoff {
     /// At most this long to wait for the resume.
     pub wait: Duration,
     /// The agent.
-    pub agent: AgentLink,
+    pub agent: Arc<dyn GpuAgent>,
     /// The opened images.
     pub copy: ImageCopy,
     /// The End committing the images.
@@ -155,12 +154,7 @@ impl Handoffs {
 async fn wait_until_resumed(containers: &Containers, id: &str, wait: Duration) {
     let deadline = Instant::now() + wait;
     while Instant::now() < deadline {
-        let paused = containers
-            .lock()
-            .await
-            .get(id)
-            .is_some_and(|c| c.init.status == ProcessStatus::Paused);
-        if !paused {
+        if !containers.is_paused(id) {
             return;
         }
         tokio::time::sleep(RESUME_POLL).await;

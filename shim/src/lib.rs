@@ -5,13 +5,19 @@
 pub mod agent_link;
 pub mod checkpoint;
 pub mod config;
+pub mod containers;
 pub mod error;
+pub mod events;
+pub mod exec;
 pub mod gpu;
+pub mod grouping;
 pub mod handoff;
 pub mod info;
 pub mod lifecycle;
+pub mod oom;
 pub mod process;
 pub mod resources;
+pub mod restore;
 pub mod rootfs_diff;
 pub mod runc_cli;
 pub mod runtime_options;
@@ -19,3 +25,8 @@ pub mod service;
 pub mod shim;
 pub mod stdio;
 pub mod task;
+
+#[cfg(test)]
+mod fakes;
+#[cfg(test)]
+mod rollback_tests;

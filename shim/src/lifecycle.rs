@@ -5,12 +5,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use containerd_shim::api::CreateTaskRequest;
-use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecStarted, TaskIO, TaskStart,
-};
+use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskIO, TaskStart};
 use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::topics;
 
+use crate::containers::Busy;
 use crate::error::{Result, ShimError};
 use crate::process::{Container, ExitInfo, Process, ProcessStatus, RestoreSource};
 use crate::runc_cli::{read_pid, RuncCli};
@@ -22,50 +21,20 @@ use crate::stdio::{PreparedIo, StdioPaths};
 pub const RESTORE_ANNOTATION: &str = "kybernate.io/restore-from";
 
 impl TaskService {
-    /// Create: mounts the rootfs, then `runc create` (or stages a restore for Start).
+    /// Create: mounts the rootfs, then `runc create` (or stages a restore for Start). The
+    /// container is listed (busy) from the start, so a second Create of the id is refused
+    /// at once, and no lock is held while the restore is staged or runc runs.
     pub async fn create_task(&self, req: CreateTaskRequest) -> Result<u32> {
         let id = req.id.clone();
         let bundle = PathBuf::from(&req.bundle);
-        let mut containers = self.containers.lock().await;
-        if containers.contains_key(&id) {
-            return Err(ShimError::State {
-                id,
-                message: "already exists in this shim".into(),
-            });
-        }
+        let spec = crate::service::read_spec(&id, &bundle)?;
         let options = match req.options.as_ref() {
             Some(any) => RuncOptions::from_any(&id, any)?,
             None => RuncOptions::default(),
         }
-        .with_spec(&crate::service::read_spec(&id, &bundle)?);
+        .with_spec(&spec);
         let runc = self.runc.for_container(&options);
         options.check(&id, &runc.root)?;
-        if let Some(cgroup) = &options.shim_cgroup {
-            let unified = crate::resources::unified_cgroups();
-            crate::resources::join_cgroup(cgroup, std::process::id(), unified).map_err(|e| {
-                ShimError::Invalid {
-                    id: id.clone(),
-                    message: format!("runtime option ShimCgroup = {cgroup:?}: {e}"),
-                }
-            })?;
-        }
-        options.save(&id, &bundle)?;
-        let rootfs = bundle.join("rootfs");
-        let mounted_rootfs = !req.rootfs.is_empty();
-        for m in &req.rootfs {
-            std::fs::create_dir_all(&rootfs)
-                .map_err(|e| ShimError::io(&id, format!("create {}", rootfs.display()), e))?;
-            containerd_shim::mount::mount_rootfs(
-                Some(m.type_.as_str()),
-                Some(m.source.as_str()),
-                &m.options,
-                &rootfs,
-            )
-            .map_err(|e| ShimError::State {
-                id: id.clone(),
-                message: format!("mount rootfs {} at {}: {e}", m.source, rootfs.display()),
-            })?;
-        }
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -73,39 +42,27 @@ impl TaskService {
             terminal: req.terminal,
             owner: options.io_owner,
         };
-        let undo_mount = || {
-            if mounted_rootfs {
-                unmount(&rootfs);
+        let busy = self.containers.insert_busy(
+            Container::new(
+                &id,
+                bundle.clone(),
+                Process::new("", stdio.clone()),
+                runc.clone(),
+            ),
+            "create",
+        )?;
+        let created = self
+            .create_unlisted(&req, &options, &runc, &stdio, &busy)
+            .await;
+        let pid = match created {
+            Ok(pid) => pid,
+            Err(e) => {
+                self.containers.remove(&id);
+                return Err(e);
             }
         };
-        let restore = self
-            .restore_source(&id, &bundle, &req.checkpoint)
-            .await
-            .inspect_err(|_| undo_mount())?;
-        let mut init = Process::new("", stdio.clone());
-        if restore.is_none() {
-            let (pid, io) = self
-                .runc_create(&runc, &id, &bundle, &stdio)
-                .await
-                .inspect_err(|_| undo_mount())?;
-            init.pid = pid;
-            init.io = io;
-        }
-        let pid = init.pid;
-        containers.insert(
-            id.clone(),
-            Container {
-                id: id.clone(),
-                bundle: bundle.clone(),
-                mounted_rootfs,
-                init,
-                execs: Default::default(),
-                restore,
-                runc,
-            },
-        );
-        drop(containers);
-        self.settle_early_exit(&id, "", pid).await;
+        drop(busy);
+        self.settle_early_exit(&id, "", pid);
         let event = TaskCreate {
             container_id: id.clone(),
             bundle: req.bundle.clone(),
@@ -121,9 +78,75 @@ impl TaskService {
             pid: u32::try_from(pid).unwrap_or_default(),
             ..Default::default()
         };
-        self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(event))
-            .await;
+        self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(event));
         Ok(u32::try_from(pid).unwrap_or_default())
+    }
+
+    /// The work of Create once the id is reserved; on failure the caller drops the entry.
+    async fn create_unlisted(
+        &self,
+        req: &CreateTaskRequest,
+        options: &RuncOptions,
+        runc: &RuncCli,
+        stdio: &StdioPaths,
+        busy: &Busy,
+    ) -> Result<i32> {
+        let id = busy.id().to_owned();
+        let bundle = PathBuf::from(&req.bundle);
+        if let Some(cgroup) = &options.shim_cgroup {
+            let unified = crate::resources::unified_cgroups();
+            crate::resources::join_cgroup(cgroup, std::process::id(), unified).map_err(|e| {
+                ShimError::Invalid {
+                    id: id.clone(),
+                    message: format!("runtime option ShimCgroup = {cgroup:?}: {e}"),
+                }
+            })?;
+        }
+        options.save(&id, &bundle)?;
+        let rootfs = bundle.join("rootfs");
+        let mounted_rootfs = !req.rootfs.is_empty();
+        let undo_mount = || {
+            if mounted_rootfs {
+                unmount(&rootfs);
+            }
+        };
+        for m in &req.rootfs {
+            std::fs::create_dir_all(&rootfs)
+                .map_err(|e| ShimError::io(&id, format!("create {}", rootfs.display()), e))
+                .inspect_err(|_| undo_mount())?;
+            containerd_shim::mount::mount_rootfs(
+                Some(m.type_.as_str()),
+                Some(m.source.as_str()),
+                &m.options,
+                &rootfs,
+            )
+            .map_err(|e| ShimError::State {
+                id: id.clone(),
+                message: format!("mount rootfs {} at {}: {e}", m.source, rootfs.display()),
+            })
+            .inspect_err(|_| undo_mount())?;
+        }
+        let restore = self
+            .restore_source(&id, &bundle, &req.checkpoint)
+            .await
+            .inspect_err(|_| undo_mount())?;
+        let mut started = None;
+        if restore.is_none() {
+            started = Some(
+                self.runc_create(runc, &id, &bundle, stdio)
+                    .await
+                    .inspect_err(|_| undo_mount())?,
+            );
+        }
+        Ok(busy.with(|c| {
+            c.mounted_rootfs = mounted_rootfs;
+            c.restore = restore;
+            if let Some((pid, io)) = started {
+                c.init.pid = pid;
+                c.init.io = io;
+            }
+            c.init.pid
+        }))
     }
 
     async fn runc_create(
@@ -162,181 +185,107 @@ impl TaskService {
         if !exec_id.is_empty() {
             return self.start_exec(id, exec_id).await;
         }
-        let mut containers = self.containers.lock().await;
-        let container = containers.get_mut(id).ok_or_else(|| Self::not_found(id))?;
-        let bundle = container.bundle.clone();
-        if container.init.status != ProcessStatus::Created {
+        let busy = self.containers.begin(id, "start")?;
+        let (status, restore, target, pid) =
+            busy.with(|c| (c.init.status, c.restore.clone(), c.target(), c.init.pid));
+        if status != ProcessStatus::Created {
             return Err(ShimError::State {
                 id: id.to_owned(),
                 message: "the task was started already".into(),
             });
         }
-        let pid = match container.restore.clone() {
+        let pid = match restore {
             Some(source) => {
-                let (pid, io) = self.runc_restore(container, &source).await?;
-                container.init.pid = pid;
-                container.init.io = io;
-                container.restore = None;
+                let (pid, io) = self.runc_restore(&target, &source).await?;
+                busy.with(|c| {
+                    c.init.pid = pid;
+                    c.init.io = io;
+                    c.restore = None;
+                });
                 pid
             }
             None => {
-                let log = container.runc_log();
-                container
+                target
                     .runc
                     .run(
                         id,
                         &["start".into(), id.to_owned()],
                         Default::default(),
-                        Some(&log),
+                        Some(&target.runc_log()),
                     )
                     .await?;
-                container.init.pid
+                pid
             }
         };
-        if container.init.exit().is_none() {
-            container.init.status = ProcessStatus::Running;
-        }
-        drop(containers);
-        self.settle_early_exit(id, "", pid).await;
+        busy.with(|c| {
+            if c.init.exit().is_none() {
+                c.init.status = ProcessStatus::Running;
+            }
+        });
+        drop(busy);
+        self.settle_early_exit(id, "", pid);
         let event = TaskStart {
             container_id: id.to_owned(),
             pid: u32::try_from(pid).unwrap_or_default(),
             ..Default::default()
         };
-        self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(event))
-            .await;
-        let spec = crate::service::read_spec(id, &bundle).ok();
+        self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(event));
+        let spec = crate::service::read_spec(id, &target.bundle).ok();
         let proc_cgroup =
             std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
         let unified = crate::resources::unified_cgroups();
         match crate::resources::oom_counter_file(spec.as_ref(), &proc_cgroup, unified) {
-            Some(counter) => self.watch_oom(id, counter),
+            Some(counter) => self.watch_oom(id, counter, unified),
             None => log::warn!("container {id}: its cgroup is unknown, so no OOM events"),
         }
         Ok(u32::try_from(pid).unwrap_or_default())
     }
 
-    async fn start_exec(&self, id: &str, exec_id: &str) -> Result<u32> {
-        let mut containers = self.containers.lock().await;
-        let container = containers.get_mut(id).ok_or_else(|| Self::not_found(id))?;
-        if container.init.exit().is_some() {
-            return Err(ShimError::State {
-                id: id.to_owned(),
-                message: format!("cannot start exec {exec_id}: the container has exited"),
-            });
-        }
-        let bundle = container.bundle.clone();
-        let log = container.runc_log();
-        let runc = container.runc.clone();
-        let process = container
-            .execs
-            .get_mut(exec_id)
-            .ok_or_else(|| ShimError::NotFound {
-                id: id.to_owned(),
-                what: format!("exec {exec_id}"),
-            })?;
-        if process.status != ProcessStatus::Created {
-            return Err(ShimError::State {
-                id: id.to_owned(),
-                message: format!("exec {exec_id} was started already"),
-            });
-        }
-        let spec_file = bundle.join(format!("exec-{exec_id}.json"));
-        let pid_file = bundle.join(format!("exec-{exec_id}.pid"));
-        std::fs::write(&spec_file, process.spec.as_deref().unwrap_or_default())
-            .map_err(|e| ShimError::io(id, format!("write {}", spec_file.display()), e))?;
-        let (prepared, command_stdio) = PreparedIo::new(id, &process.stdio)?;
-        let mut args: Vec<String> = vec![
-            "exec".into(),
-            "--detach".into(),
-            "--pid-file".into(),
-            pid_file.display().to_string(),
-            "--process".into(),
-            spec_file.display().to_string(),
-        ];
-        if let Some(socket) = prepared.console_socket() {
-            args.push("--console-socket".into());
-            args.push(socket.display().to_string());
-        }
-        args.push(id.to_owned());
-        let ran = runc.run(id, &args, command_stdio, Some(&log)).await;
-        let _ = std::fs::remove_file(&spec_file);
-        if let Err(e) = ran {
-            prepared.abandon();
-            return Err(e);
-        }
-        process.io = prepared.finish()?;
-        let pid = read_pid(id, &pid_file)?;
-        let _ = std::fs::remove_file(&pid_file);
-        process.pid = pid;
-        process.status = ProcessStatus::Running;
-        drop(containers);
-        self.settle_early_exit(id, exec_id, pid).await;
-        let event = TaskExecStarted {
-            container_id: id.to_owned(),
-            exec_id: exec_id.to_owned(),
-            pid: u32::try_from(pid).unwrap_or_default(),
-            ..Default::default()
-        };
-        self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(event))
-            .await;
-        Ok(u32::try_from(pid).unwrap_or_default())
-    }
-
     /// Delete: removes an exited (or never started) process; for init, the container.
     pub async fn delete_task(&self, id: &str, exec_id: &str) -> Result<(u32, ExitInfo)> {
-        let mut containers = self.containers.lock().await;
-        let container = containers.get_mut(id).ok_or_else(|| Self::not_found(id))?;
-        let process = container
-            .process(exec_id)
-            .ok_or_else(|| ShimError::NotFound {
-                id: id.to_owned(),
-                what: format!("exec {exec_id}"),
-            })?;
-        if matches!(
-            process.status,
-            ProcessStatus::Running | ProcessStatus::Paused
-        ) && process.exit().is_none()
-        {
-            return Err(ShimError::State {
-                id: id.to_owned(),
-                message: format!(
-                    "cannot delete {} while it runs; kill it first",
-                    if exec_id.is_empty() {
-                        "the task"
-                    } else {
-                        exec_id
-                    }
-                ),
-            });
-        }
-        let pid = process.pid;
         if !exec_id.is_empty() {
-            let process = container
-                .execs
-                .remove(exec_id)
-                .ok_or_else(|| Self::not_found(id))?;
-            let info = process.exit().unwrap_or_else(|| ExitInfo {
-                status: 0,
-                at: crate::process::now(),
+            return self.containers.with(id, |container| {
+                let process = container
+                    .execs
+                    .get(exec_id)
+                    .ok_or_else(|| ShimError::NotFound {
+                        id: id.to_owned(),
+                        what: format!("exec {exec_id}"),
+                    })?;
+                refuse_running_delete(id, exec_id, process)?;
+                let process = container
+                    .execs
+                    .remove(exec_id)
+                    .ok_or_else(|| Self::not_found(id))?;
+                let info = process.exit().unwrap_or_else(|| ExitInfo {
+                    status: 0,
+                    at: crate::process::now(),
+                });
+                Ok((u32::try_from(process.pid).unwrap_or_default(), info))
             });
-            return Ok((u32::try_from(pid).unwrap_or_default(), info));
         }
-        let log = container.runc_log();
-        let mut exited = container.init.exited.subscribe();
-        if container.restore.is_none() {
-            container
+        let busy = self.containers.begin(id, "delete")?;
+        let (pid, staged, never_started, mut exited, target) = busy.with(|c| {
+            refuse_running_delete(id, "", &c.init)?;
+            Ok::<_, ShimError>((
+                c.init.pid,
+                c.restore.is_some(),
+                c.init.status == ProcessStatus::Created,
+                c.init.exited.subscribe(),
+                c.target(),
+            ))
+        })?;
+        if !staged {
+            target
                 .runc
                 .run(
                     id,
                     &["delete".into(), "--force".into(), id.to_owned()],
                     Default::default(),
-                    Some(&log),
+                    Some(&target.runc_log()),
                 )
                 .await?;
         }
-        let never_started = container.init.status == ProcessStatus::Created;
-        drop(containers);
         if never_started && pid > 0 {
             // runc delete killed the waiting `runc init`; its exit arrives from the reaper.
             let _ = tokio::time::timeout(
@@ -345,16 +294,26 @@ impl TaskService {
             )
             .await;
         }
-        let mut containers = self.containers.lock().await;
-        let container = containers.remove(id).ok_or_else(|| Self::not_found(id))?;
-        drop(containers);
-        if container.mounted_rootfs {
-            unmount(&container.bundle.join("rootfs"));
+        let cell = self
+            .containers
+            .remove(id)
+            .ok_or_else(|| Self::not_found(id))?;
+        drop(busy);
+        let (mounted_rootfs, restore, exit) = {
+            let container = crate::containers::lock(&cell);
+            (
+                container.mounted_rootfs,
+                container.restore.clone(),
+                container.init.exit(),
+            )
+        };
+        if mounted_rootfs {
+            unmount(&target.bundle.join("rootfs"));
         }
-        if let Some(RestoreSource::Kybernate { reference, .. }) = &container.restore {
+        if let Some(RestoreSource::Kybernate { reference, .. }) = &restore {
             self.release_staged(id, reference).await;
         }
-        let info = container.init.exit().unwrap_or_else(|| ExitInfo {
+        let info = exit.unwrap_or_else(|| ExitInfo {
             status: 0,
             at: crate::process::now(),
         });
@@ -366,34 +325,47 @@ impl TaskService {
             id: id.to_owned(),
             ..Default::default()
         };
-        self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(event))
-            .await;
+        self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(event));
         Ok((u32::try_from(pid).unwrap_or_default(), info))
     }
 
     /// Kill: signals the init process (`runc kill`, all processes with `all`) or an exec.
+    /// Never waits for an operation in progress: a kill must reach a container even while it
+    /// checkpoints.
     pub async fn kill_task(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
-        let containers = self.containers.lock().await;
-        let container = containers.get(id).ok_or_else(|| Self::not_found(id))?;
-        let process = container
-            .process(exec_id)
-            .ok_or_else(|| ShimError::NotFound {
-                id: id.to_owned(),
-                what: format!("exec {exec_id}"),
-            })?;
-        if process.exit().is_some() && !all {
-            return Err(ShimError::NotFound {
-                id: id.to_owned(),
-                what: "process (it has already finished)".into(),
-            });
-        }
+        let (pid, staged, runc, log) = self.containers.with(id, |container| {
+            let process = container
+                .process(exec_id)
+                .ok_or_else(|| ShimError::NotFound {
+                    id: id.to_owned(),
+                    what: format!("exec {exec_id}"),
+                })?;
+            if process.exit().is_some() && !all {
+                return Err(ShimError::NotFound {
+                    id: id.to_owned(),
+                    what: "process (it has already finished)".into(),
+                });
+            }
+            Ok((
+                process.pid,
+                container.restore.is_some(),
+                container.runc.clone(),
+                container.runc_log(),
+            ))
+        })?;
         if !exec_id.is_empty() {
             let signal = i32::try_from(signal).map_err(|_| ShimError::Invalid {
                 id: id.to_owned(),
                 message: format!("signal {signal} is out of range"),
             })?;
+            if pid <= 0 {
+                return Err(ShimError::State {
+                    id: id.to_owned(),
+                    message: format!("exec {exec_id} is not started"),
+                });
+            }
             // SAFETY: kill(2) with a pid we started and a signal number; no memory involved.
-            let rc = unsafe { libc::kill(process.pid, signal) };
+            let rc = unsafe { libc::kill(pid, signal) };
             if rc != 0 {
                 return Err(ShimError::io(
                     id,
@@ -403,25 +375,43 @@ impl TaskService {
             }
             return Ok(());
         }
-        if container.restore.is_some() {
+        if staged {
             return Err(ShimError::State {
                 id: id.to_owned(),
                 message: "the task is not started (a restore is staged)".into(),
             });
         }
-        let log = container.runc_log();
         let mut args: Vec<String> = vec!["kill".into()];
         if all {
             args.push("--all".into());
         }
         args.push(id.to_owned());
         args.push(signal.to_string());
-        container
-            .runc
-            .run(id, &args, Default::default(), Some(&log))
-            .await?;
+        runc.run(id, &args, Default::default(), Some(&log)).await?;
         Ok(())
     }
+}
+
+/// A running (or paused) process cannot be deleted.
+fn refuse_running_delete(id: &str, exec_id: &str, process: &Process) -> Result<()> {
+    let running = matches!(
+        process.status,
+        ProcessStatus::Running | ProcessStatus::Paused
+    ) || process.starting;
+    if running && process.exit().is_none() {
+        return Err(ShimError::State {
+            id: id.to_owned(),
+            message: format!(
+                "cannot delete {} while it runs; kill it first",
+                if exec_id.is_empty() {
+                    "the task"
+                } else {
+                    exec_id
+                }
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Lazily unmounts `target`; errors are logged (the path may not be mounted).
@@ -464,10 +454,10 @@ impl TaskService {
         }
         let spec = crate::service::read_spec(id, bundle)?;
         let reference = spec
-            .pointer("/annotations")
+            .annotations()
+            .as_ref()
             .and_then(|a| a.get(RESTORE_ANNOTATION))
-            .and_then(|r| r.as_str())
-            .map(str::to_owned);
+            .cloned();
         match reference {
             None => Ok(None),
             Some(reference) => {
@@ -489,12 +479,4 @@ pub fn status_of(process: &Process) -> containerd_shim::api::Status {
         ProcessStatus::Paused => Status::PAUSED,
         ProcessStatus::Stopped => Status::STOPPED,
     }
-}
-
-/// Container accessor used by several operations.
-pub fn container_of<'a>(
-    containers: &'a std::collections::HashMap<String, Container>,
-    id: &str,
-) -> Result<&'a Container> {
-    containers.get(id).ok_or_else(|| TaskService::not_found(id))
 }

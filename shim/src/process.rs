@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use containerd_shim::protos::events::task::TaskExit;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::MessageField;
 use tokio::sync::watch;
 
 use crate::stdio::{ProcessIo, StdioPaths};
@@ -49,6 +51,8 @@ pub struct Process {
     pub spec: Option<Vec<u8>>,
     /// Set once when the process exits.
     pub exited: watch::Sender<Option<ExitInfo>>,
+    /// An exec process whose `runc exec` runs now (no lock is held across it).
+    pub starting: bool,
 }
 
 impl Process {
@@ -62,6 +66,7 @@ impl Process {
             io: ProcessIo::default(),
             spec: None,
             exited: watch::channel(None).0,
+            starting: false,
         }
     }
 
@@ -117,9 +122,26 @@ pub struct Container {
     pub restore: Option<RestoreSource>,
     /// runc with this container's global flags (from its runtime options).
     pub runc: crate::runc_cli::RuncCli,
+    /// The long operation in progress (create, start, checkpoint, ...), see
+    /// [`crate::containers::Busy`].
+    pub busy: Option<&'static str>,
 }
 
 impl Container {
+    /// A container whose init process is `init`, nothing staged, nothing mounted.
+    pub fn new(id: &str, bundle: PathBuf, init: Process, runc: crate::runc_cli::RuncCli) -> Self {
+        Self {
+            id: id.to_owned(),
+            bundle,
+            mounted_rootfs: false,
+            init,
+            execs: HashMap::new(),
+            restore: None,
+            runc,
+            busy: None,
+        }
+    }
+
     /// The process `exec_id` names (empty: init).
     pub fn process(&self, exec_id: &str) -> Option<&Process> {
         if exec_id.is_empty() {
@@ -141,6 +163,53 @@ impl Container {
     /// The runc log file of this container.
     pub fn runc_log(&self) -> PathBuf {
         self.bundle.join("log.json")
+    }
+
+    /// What a long operation needs of this container, copied out so that no lock is held
+    /// while it works.
+    pub fn target(&self) -> Target {
+        Target {
+            id: self.id.clone(),
+            bundle: self.bundle.clone(),
+            runc: self.runc.clone(),
+            stdio: self.init.stdio.clone(),
+        }
+    }
+}
+
+/// The fixed facts of a container a long operation (start, checkpoint, restore) works on.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Container id.
+    pub id: String,
+    /// Bundle directory.
+    pub bundle: PathBuf,
+    /// runc with this container's global flags.
+    pub runc: crate::runc_cli::RuncCli,
+    /// Where the init process's streams go.
+    pub stdio: StdioPaths,
+}
+
+impl Target {
+    /// The runc log file of this container.
+    pub fn runc_log(&self) -> PathBuf {
+        self.bundle.join("log.json")
+    }
+}
+
+/// The TaskExit event of a process.
+pub fn exit_event(id: &str, exec_id: &str, pid: i32, info: ExitInfo) -> TaskExit {
+    TaskExit {
+        container_id: id.to_owned(),
+        id: if exec_id.is_empty() {
+            id.to_owned()
+        } else {
+            exec_id.to_owned()
+        },
+        pid: u32::try_from(pid).unwrap_or_default(),
+        exit_status: info.status,
+        exited_at: MessageField::some(info.at),
+        ..Default::default()
     }
 }
 

@@ -1,8 +1,6 @@
 //! Stats, Update and OOM events: the container's cgroup as runc and the kernel report it.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use containerd_shim::api::UpdateTaskRequest;
 use containerd_shim::protos::cgroups_v2::metrics::{CPUStat, MemoryStat, Metrics, PidsStat};
@@ -37,16 +35,6 @@ pub fn metrics_from_runc(stats: &serde_json::Value) -> Metrics {
         }),
         ..Default::default()
     }
-}
-
-/// The OOM-kill counter in a cgroup v2 `memory.events` or cgroup v1 `memory.oom_control`
-/// file (both have an `oom_kill N` line).
-pub fn oom_kills(counter: &str) -> u64 {
-    counter
-        .lines()
-        .find_map(|l| l.strip_prefix("oom_kill "))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// Whether the host runs cgroup v2 alone (else v1 or hybrid, where the memory controller
@@ -86,12 +74,12 @@ pub fn join_cgroup(cgroup: &str, pid: u32, unified: bool) -> std::io::Result<()>
 /// the systemd driver the spec's `slice:prefix:name` is no path, so the shim asks the kernel
 /// where runc put the process).
 pub fn oom_counter_file(
-    spec: Option<&serde_json::Value>,
+    spec: Option<&oci_spec::runtime::Spec>,
     proc_cgroup: &str,
     unified: bool,
 ) -> Option<PathBuf> {
     let from_spec = spec
-        .and_then(|s| s.pointer("/linux/cgroupsPath")?.as_str())
+        .and_then(|s| s.linux().as_ref()?.cgroups_path().as_ref()?.to_str())
         .filter(|p| p.starts_with('/') && !p.contains(':'));
     let from_kernel = || {
         proc_cgroup.lines().find_map(|line| {
@@ -118,11 +106,9 @@ pub fn oom_counter_file(
 impl TaskService {
     /// Stats: cgroup v2 metrics of the container.
     pub async fn stats_of(&self, id: &str) -> Result<Any> {
-        let (runc, log) = {
-            let containers = self.containers.lock().await;
-            let c = containers.get(id).ok_or_else(|| Self::not_found(id))?;
-            (c.runc.clone(), c.runc_log())
-        };
+        let (runc, log) = self
+            .containers
+            .with(id, |c| Ok((c.runc.clone(), c.runc_log())))?;
         let out = runc
             .run(
                 id,
@@ -148,11 +134,9 @@ impl TaskService {
     /// Update: new resource limits through `runc update --resources`.
     pub async fn update_resources(&self, req: &UpdateTaskRequest) -> Result<()> {
         let id = req.id.as_str();
-        let (runc, bundle, log) = {
-            let containers = self.containers.lock().await;
-            let c = containers.get(id).ok_or_else(|| Self::not_found(id))?;
-            (c.runc.clone(), c.bundle.clone(), c.runc_log())
-        };
+        let (runc, bundle, log) = self
+            .containers
+            .with(id, |c| Ok((c.runc.clone(), c.bundle.clone(), c.runc_log())))?;
         let resources = req.resources.as_ref().ok_or_else(|| ShimError::Invalid {
             id: id.to_owned(),
             message: "update carries no resources".into(),
@@ -184,79 +168,57 @@ impl TaskService {
     }
 
     /// Publishes TaskOOM whenever the container's cgroup records an OOM kill, until its init
-    /// process exits. The cgroup is the container's own and new, so every kill it counts is
-    /// one of this container's; the exit watcher also looks just before it reports the init's
-    /// exit, so that an OOM kill reaches containerd before the exit it caused, as with runc's
-    /// shim.
-    pub fn watch_oom(&self, id: &str, counter: PathBuf) {
+    /// process exits, woken by the kernel (see [`crate::oom`]). The cgroup is the container's
+    /// own and new, so every kill it counts is one of this container's; the exit watcher
+    /// also looks just before it reports the init's exit, so that an OOM kill reaches
+    /// containerd before the exit it caused, as with runc's shim.
+    pub fn watch_oom(&self, id: &str, counter: PathBuf, unified: bool) {
+        let Ok(mut exited) = self.containers.with(id, |c| Ok(c.init.exited.subscribe())) else {
+            return;
+        };
+        let mut notifier = match crate::oom::OomNotifier::open(&counter, unified) {
+            Ok(notifier) => notifier,
+            Err(e) => {
+                log::warn!("container {id}: no OOM events: {e}");
+                return;
+            }
+        };
+        self.ooms.watch(id, counter);
         let service = self.clone();
         let id = id.to_owned();
-        self.ooms.watch(&id, counter);
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(OOM_POLL).await;
-                let alive = {
-                    let containers = service.containers.lock().await;
-                    containers.get(&id).is_some_and(|c| c.init.exit().is_none())
-                };
-                service.publish_ooms(&id).await;
-                if !alive {
-                    service.ooms.forget(&id);
-                    break;
+                tokio::select! {
+                    _ = exited.wait_for(Option::is_some) => break,
+                    changed = notifier.changed() => match changed {
+                        Ok(()) => service.publish_ooms(&id),
+                        Err(e) => {
+                            log::warn!("container {id}: OOM notifications ended: {e}");
+                            break;
+                        }
+                    },
                 }
             }
+            service.ooms.forget(&id);
         });
     }
 
     /// Publishes TaskOOM when container `id`'s cgroup counts OOM kills not reported yet.
-    pub async fn publish_ooms(&self, id: &str) {
+    pub fn publish_ooms(&self, id: &str) {
         if self.ooms.new_kills(id) {
             let event = TaskOOM {
                 container_id: id.to_owned(),
                 ..Default::default()
             };
-            self.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(event))
-                .await;
+            self.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(event));
         }
-    }
-}
-
-/// How often a container's OOM kills are looked at.
-const OOM_POLL: Duration = Duration::from_millis(200);
-
-/// Each running container's OOM-kill counter file and the kills reported so far.
-#[derive(Debug, Default)]
-pub struct OomWatches(std::sync::Mutex<HashMap<String, (PathBuf, u64)>>);
-
-impl OomWatches {
-    fn watch(&self, id: &str, counter: PathBuf) {
-        self.lock().insert(id.to_owned(), (counter, 0));
-    }
-
-    fn forget(&self, id: &str) {
-        self.lock().remove(id);
-    }
-
-    /// Whether the count grew since the last look (which it records).
-    fn new_kills(&self, id: &str) -> bool {
-        let mut watches = self.lock();
-        let Some((events, seen)) = watches.get_mut(id) else {
-            return false;
-        };
-        let now = oom_kills(&std::fs::read_to_string(events).unwrap_or_default());
-        let grew = now > *seen;
-        *seen = now.max(*seen);
-        grew
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (PathBuf, u64)>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oom::oom_kills;
     use serde_json::json;
 
     #[test]
@@ -281,7 +243,10 @@ mod tests {
             1
         );
         assert_eq!(oom_kills(""), 0);
-        let spec = json!({"linux": {"cgroupsPath": "/default/c1"}});
+        let typed = |v: serde_json::Value| -> oci_spec::runtime::Spec {
+            serde_json::from_value(v).unwrap()
+        };
+        let spec = typed(json!({"linux": {"cgroupsPath": "/default/c1"}}));
         assert_eq!(
             oom_counter_file(Some(&spec), "", true).unwrap(),
             PathBuf::from("/sys/fs/cgroup/default/c1/memory.events")
@@ -290,7 +255,7 @@ mod tests {
             oom_counter_file(Some(&spec), "", false).unwrap(),
             PathBuf::from("/sys/fs/cgroup/memory/default/c1/memory.oom_control")
         );
-        let systemd = json!({"linux": {"cgroupsPath": "kubepods.slice:cri:abc"}});
+        let systemd = typed(json!({"linux": {"cgroupsPath": "kubepods.slice:cri:abc"}}));
         let v2 = "0::/kubepods.slice/kubepods-pod1.slice/cri-containerd-abc.scope\n";
         assert_eq!(
             oom_counter_file(Some(&systemd), v2, true).unwrap(),

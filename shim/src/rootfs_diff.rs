@@ -145,13 +145,18 @@ fn unescape(field: &str) -> Vec<u8> {
 
 /// The spec's mount destinations, relative to the rootfs: runc creates them as mount points
 /// in the writable layer, and their content belongs to the mounts, not to the rootfs.
-pub fn mount_points(spec: &serde_json::Value) -> BTreeSet<PathBuf> {
-    spec.pointer("/mounts")
-        .and_then(|m| m.as_array())
-        .into_iter()
+pub fn mount_points(spec: &oci_spec::runtime::Spec) -> BTreeSet<PathBuf> {
+    spec.mounts()
+        .iter()
         .flatten()
-        .filter_map(|m| m["destination"].as_str())
-        .filter_map(|d| safe_relative(Path::new(d.trim_start_matches('/'))))
+        .filter_map(|m| {
+            let destination = m.destination();
+            safe_relative(
+                destination
+                    .strip_prefix("/")
+                    .unwrap_or(destination.as_path()),
+            )
+        })
         .collect()
 }
 

@@ -1,9 +1,13 @@
 //! Runs the runc binary. The shim is a subreaper whose SIGCHLD handler reaps every child,
 //! so runc's exit status comes from the shim library's exit monitor, not from `wait`.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
+
+use async_trait::async_trait;
 
 use containerd_shim::monitor::{monitor_subscribe, monitor_unsubscribe, Subject, Topic};
 use tokio::io::AsyncReadExt;
@@ -22,6 +26,63 @@ pub struct CommandStdio {
     pub stderr: Option<std::fs::File>,
 }
 
+/// Runs one command to its end: the seam between the shim's orderings (what runs when, what
+/// is rolled back) and real processes, so that those orderings are tested without root.
+#[async_trait]
+pub trait Spawner: Send + Sync + std::fmt::Debug {
+    /// Runs `command`; an `Err` means it could not be started at all.
+    async fn run_to_end(&self, command: CommandLine) -> std::io::Result<RuncOutput>;
+}
+
+/// One command for a [`Spawner`].
+#[derive(Debug)]
+pub struct CommandLine {
+    /// The program.
+    pub binary: PathBuf,
+    /// Its arguments.
+    pub args: Vec<OsString>,
+    /// Its streams; those left `None` are captured (stdout, stderr) or null (stdin).
+    pub stdio: CommandStdio,
+    /// Killed with its process group past this.
+    pub deadline: Option<Duration>,
+}
+
+impl CommandLine {
+    /// The arguments as text, for messages and tests.
+    pub fn words(&self) -> Vec<String> {
+        self.args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+}
+
+/// The real [`Spawner`]: a child process, reaped by the shim's reaper.
+#[derive(Debug, Default)]
+pub struct ProcessSpawner;
+
+#[async_trait]
+impl Spawner for ProcessSpawner {
+    async fn run_to_end(&self, command: CommandLine) -> std::io::Result<RuncOutput> {
+        let CommandLine {
+            binary,
+            args,
+            stdio,
+            deadline,
+        } = command;
+        let mut cmd = Command::new(&binary);
+        cmd.args(args).env_remove("NOTIFY_SOCKET");
+        let (capture_out, capture_err) = (stdio.stdout.is_none(), stdio.stderr.is_none());
+        cmd.stdin(stdio.stdin.map_or_else(Stdio::null, Stdio::from));
+        cmd.stdout(stdio.stdout.map_or_else(Stdio::piped, Stdio::from));
+        cmd.stderr(stdio.stderr.map_or_else(Stdio::piped, Stdio::from));
+        if deadline.is_some() {
+            cmd.process_group(0);
+        }
+        execute(cmd, capture_out, capture_err, deadline).await
+    }
+}
+
 /// The runc binary with its global flags.
 #[derive(Debug, Clone)]
 pub struct RuncCli {
@@ -38,6 +99,22 @@ pub struct RuncCli {
     pub no_pivot: bool,
     /// `--no-new-keyring` on create (runtime option `NoNewKeyring`).
     pub no_new_keyring: bool,
+    /// What runs the commands.
+    pub spawner: Arc<dyn Spawner>,
+}
+
+impl Default for RuncCli {
+    fn default() -> Self {
+        Self {
+            binary: PathBuf::from("runc"),
+            root: PathBuf::new(),
+            systemd_cgroup: false,
+            criu: None,
+            no_pivot: false,
+            no_new_keyring: false,
+            spawner: Arc::new(ProcessSpawner),
+        }
+    }
 }
 
 /// What a finished runc command printed.
@@ -72,6 +149,7 @@ impl RuncCli {
             criu: options.criu_path.as_ref().map(PathBuf::from),
             no_pivot: options.no_pivot_root,
             no_new_keyring: options.no_new_keyring,
+            spawner: self.spawner.clone(),
         }
     }
 
@@ -108,6 +186,20 @@ impl RuncCli {
         args
     }
 
+    /// runc's status of container `id` (`runc state`: "running", "paused", ...), or `None`
+    /// when runc cannot tell.
+    pub async fn status(&self, id: &str) -> Option<String> {
+        #[derive(serde::Deserialize)]
+        struct State {
+            status: String,
+        }
+        let query = ["state".to_owned(), id.to_owned()];
+        let out = self.run(id, &query, Default::default(), None).await.ok()?;
+        serde_json::from_str::<State>(&out.stdout)
+            .ok()
+            .map(|s| s.status)
+    }
+
     /// Runs `runc --root ROOT ARGS...` for container `id`; fails with runc's error text when
     /// it exits non-zero. `log` is runc's `--log` file, read for the message when stderr went
     /// to the container.
@@ -134,17 +226,16 @@ impl RuncCli {
         deadline: Option<Duration>,
     ) -> Result<RuncOutput> {
         let command_name = args.first().cloned().unwrap_or_default();
-        let mut cmd = Command::new(&self.binary);
-        cmd.args(self.global_args(log));
-        cmd.args(args).env_remove("NOTIFY_SOCKET");
-        let (capture_out, capture_err) = (stdio.stdout.is_none(), stdio.stderr.is_none());
-        cmd.stdin(stdio.stdin.map_or_else(Stdio::null, Stdio::from));
-        cmd.stdout(stdio.stdout.map_or_else(Stdio::piped, Stdio::from));
-        cmd.stderr(stdio.stderr.map_or_else(Stdio::piped, Stdio::from));
-        if deadline.is_some() {
-            cmd.process_group(0);
-        }
-        let output = execute(cmd, capture_out, capture_err, deadline)
+        let mut words = self.global_args(log);
+        words.extend(args.iter().map(std::ffi::OsString::from));
+        let output = self
+            .spawner
+            .run_to_end(CommandLine {
+                binary: self.binary.clone(),
+                args: words,
+                stdio,
+                deadline,
+            })
             .await
             .map_err(|e| ShimError::io(id, format!("run {}", self.binary.display()), e))?;
         if let (true, Some(deadline)) = (output.timed_out, deadline) {
@@ -317,12 +408,8 @@ mod tests {
     #[test]
     fn systemd_cgroup_is_a_global_flag_before_the_command() {
         let runc = RuncCli {
-            binary: "runc".into(),
             root: "/run/r".into(),
-            systemd_cgroup: false,
-            criu: None,
-            no_pivot: false,
-            no_new_keyring: false,
+            ..RuncCli::default()
         };
         let plain: Vec<String> = runc
             .global_args(Some(Path::new("/b/log.json")))
@@ -358,12 +445,8 @@ mod tests {
     #[test]
     fn root_criu_and_create_flags_follow_the_runtime_options() {
         let runc = RuncCli {
-            binary: "runc".into(),
             root: "/run/kybernate/runc/k8s.io".into(),
-            systemd_cgroup: false,
-            criu: None,
-            no_pivot: false,
-            no_new_keyring: false,
+            ..RuncCli::default()
         };
         let custom = runc.for_container(&crate::runtime_options::RuncOptions {
             root: Some("/var/run/other".into()),

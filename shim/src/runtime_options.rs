@@ -179,10 +179,12 @@ impl RuncOptions {
     /// `NAME.slice:prefix:name`. containerd 1.x's CRI does not pass a runtime's options table
     /// to a shim other than runc's, so the spec is the one place such a node tells the shim;
     /// runc's cgroupfs driver would take that string for a directory outside the pod's cgroup.
-    pub fn with_spec(mut self, spec: &serde_json::Value) -> Self {
+    pub fn with_spec(mut self, spec: &oci_spec::runtime::Spec) -> Self {
         let path = spec
-            .pointer("/linux/cgroupsPath")
-            .and_then(|p| p.as_str())
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().as_ref())
+            .and_then(|p| p.to_str())
             .unwrap_or_default();
         let parts: Vec<&str> = path.split(':').collect();
         if parts.len() == 3 && parts[0].ends_with(".slice") {
@@ -353,7 +355,9 @@ mod tests {
 
     #[test]
     fn a_systemd_cgroups_path_selects_the_systemd_driver() {
-        let spec = |path: &str| serde_json::json!({"linux": {"cgroupsPath": path}});
+        let spec = |path: &str| -> oci_spec::runtime::Spec {
+            serde_json::from_value(serde_json::json!({"linux": {"cgroupsPath": path}})).unwrap()
+        };
         let from = |path: &str| RuncOptions::default().with_spec(&spec(path)).systemd_cgroup;
         assert!(from("kubepods-besteffort-pod1.slice:cri-containerd:abc"));
         assert!(!from("/kubepods/besteffort/pod1/abc"));
@@ -361,7 +365,7 @@ mod tests {
         assert!(!from("a:b"));
         assert!(
             !RuncOptions::default()
-                .with_spec(&serde_json::json!({}))
+                .with_spec(&serde_json::from_value(serde_json::json!({})).unwrap())
                 .systemd_cgroup
         );
     }

@@ -12,20 +12,23 @@ use containerd_shim::util::write_str_to_file;
 use containerd_shim::{api::DeleteResponse, Config, Error, Flags, StartOpts};
 
 use crate::config::ShimConfig;
+use crate::grouping::{group_of, serving};
 use crate::lifecycle::unmount;
 use crate::process::now;
 use crate::runc_cli::RuncCli;
 use crate::runtime_options::RuncOptions;
-use crate::service::TaskService;
+use crate::service::{read_spec, TaskService};
 
 /// containerd's runtime type for this shim.
 pub const RUNTIME_TYPE: &str = "io.containerd.kybernate.v1";
 
-/// One shim process.
+/// One shim process: it serves every container of one pod (or one group).
 pub struct KybernateShim {
     exit: Arc<ExitSignal>,
     id: String,
     namespace: String,
+    /// The ttrpc socket this process serves (`-socket`), empty for `start` and `delete`.
+    socket: String,
     config: ShimConfig,
 }
 
@@ -51,12 +54,22 @@ impl Shim for KybernateShim {
             exit: Arc::new(ExitSignal::default()),
             id: args.id.clone(),
             namespace: args.namespace.clone(),
+            socket: args.socket.clone(),
             config,
         }
     }
 
+    /// Starts the shim of the container's group (its pod), or joins the one already
+    /// running, as runc.v2 does (see [`crate::grouping`]).
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
-        let grouping = opts.id.clone();
+        let bundle = std::env::current_dir().map_err(|e| Error::Other(e.to_string()))?;
+        let spec = read_spec(&opts.id, &bundle).map_err(|e| Error::Other(e.to_string()))?;
+        let grouping = group_of(&opts.id, &spec);
+        let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &grouping);
+        if serving(&address) {
+            write_str_to_file("address", &address).await?;
+            return Ok(address);
+        }
         let address = spawn(opts, &grouping, Vec::new()).await?;
         write_str_to_file("address", &address).await?;
         Ok(address)
@@ -67,10 +80,7 @@ impl Shim for KybernateShim {
         let runc = RuncCli {
             binary: self.config.runc.clone(),
             root: self.config.runc_root.join(&self.namespace),
-            systemd_cgroup: false,
-            criu: None,
-            no_pivot: false,
-            no_new_keyring: false,
+            ..RuncCli::default()
         }
         .for_container(&RuncOptions::load(&bundle));
         let log = bundle.join("log.json");
@@ -95,8 +105,15 @@ impl Shim for KybernateShim {
         })
     }
 
+    /// Returns once the last container is gone. The socket is removed here: the library
+    /// removes the one named in the bundle it started in, and with one shim per pod that
+    /// bundle (the first container's) is usually deleted by now.
     async fn wait(&mut self) {
         self.exit.wait().await;
+        let path = self.socket.strip_prefix("unix://").unwrap_or(&self.socket);
+        if !path.is_empty() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {

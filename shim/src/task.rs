@@ -16,7 +16,7 @@ use containerd_shim::protos::ttrpc;
 use containerd_shim::protos::ttrpc::r#async::TtrpcContext;
 
 use crate::error::ShimError;
-use crate::lifecycle::{container_of, status_of};
+use crate::lifecycle::status_of;
 use crate::process::{Process, ProcessStatus};
 use crate::service::TaskService;
 use crate::stdio::StdioPaths;
@@ -26,29 +26,32 @@ type TtrpcResult<T> = ttrpc::Result<T>;
 #[async_trait]
 impl Task for TaskService {
     async fn state(&self, _: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
-        let containers = self.containers.lock().await;
-        let container = container_of(&containers, &req.id)?;
-        let process = container
-            .process(&req.exec_id)
-            .ok_or_else(|| ShimError::NotFound {
-                id: req.id.clone(),
-                what: format!("exec {}", req.exec_id),
-            })?;
-        let exit = process.exit();
-        Ok(StateResponse {
-            id: req.id.clone(),
-            bundle: container.bundle.display().to_string(),
-            pid: u32::try_from(process.pid).unwrap_or_default(),
-            status: EnumOrUnknown::new(status_of(process)),
-            stdin: process.stdio.stdin.clone(),
-            stdout: process.stdio.stdout.clone(),
-            stderr: process.stdio.stderr.clone(),
-            terminal: process.stdio.terminal,
-            exit_status: exit.as_ref().map_or(0, |e| e.status),
-            exited_at: exit.map_or_else(MessageField::none, |e| MessageField::some(e.at)),
-            exec_id: req.exec_id,
-            ..Default::default()
-        })
+        self.containers
+            .with(&req.id, |container| {
+                let process =
+                    container
+                        .process(&req.exec_id)
+                        .ok_or_else(|| ShimError::NotFound {
+                            id: req.id.clone(),
+                            what: format!("exec {}", req.exec_id),
+                        })?;
+                let exit = process.exit();
+                Ok(StateResponse {
+                    id: req.id.clone(),
+                    bundle: container.bundle.display().to_string(),
+                    pid: u32::try_from(process.pid).unwrap_or_default(),
+                    status: EnumOrUnknown::new(status_of(process)),
+                    stdin: process.stdio.stdin.clone(),
+                    stdout: process.stdio.stdout.clone(),
+                    stderr: process.stdio.stderr.clone(),
+                    terminal: process.stdio.terminal,
+                    exit_status: exit.as_ref().map_or(0, |e| e.status),
+                    exited_at: exit.map_or_else(MessageField::none, |e| MessageField::some(e.at)),
+                    exec_id: req.exec_id.clone(),
+                    ..Default::default()
+                })
+            })
+            .map_err(Into::into)
     }
 
     async fn create(
@@ -82,16 +85,14 @@ impl Task for TaskService {
     }
 
     async fn pids(&self, _: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
-        let (runc, log, execs) = {
-            let containers = self.containers.lock().await;
-            let container = container_of(&containers, &req.id)?;
+        let (runc, log, execs) = self.containers.with(&req.id, |container| {
             let execs: Vec<(i32, String)> = container
                 .execs
                 .iter()
                 .map(|(id, p)| (p.pid, id.clone()))
                 .collect();
-            (container.runc.clone(), container.runc_log(), execs)
-        };
+            Ok((container.runc.clone(), container.runc_log(), execs))
+        })?;
         let pids = Self::container_pids(&runc, &req.id, &log).await?;
         let processes = pids
             .into_iter()
@@ -140,24 +141,18 @@ impl Task for TaskService {
     }
 
     async fn exec(&self, _: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
-        {
-            let mut containers = self.containers.lock().await;
-            let container = containers
-                .get_mut(&req.id)
-                .ok_or_else(|| TaskService::not_found(&req.id))?;
+        self.containers.with(&req.id, |container| {
             if container.execs.contains_key(&req.exec_id) || req.exec_id.is_empty() {
                 return Err(ShimError::State {
                     id: req.id.clone(),
                     message: format!("exec id {:?} is empty or in use", req.exec_id),
-                }
-                .into());
+                });
             }
             if container.init.exit().is_some() {
                 return Err(ShimError::State {
                     id: req.id.clone(),
                     message: "cannot exec in a stopped container".into(),
-                }
-                .into());
+                });
             }
             let mut process = Process::new(
                 &req.exec_id,
@@ -171,56 +166,57 @@ impl Task for TaskService {
             );
             process.spec = req.spec.as_ref().map(|any| any.value.clone());
             container.execs.insert(req.exec_id.clone(), process);
-        }
+            Ok(())
+        })?;
         let event = TaskExecAdded {
             container_id: req.id,
             exec_id: req.exec_id,
             ..Default::default()
         };
-        self.publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(event))
-            .await;
+        self.publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(event));
         Ok(Empty::new())
     }
 
     async fn resize_pty(&self, _: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
-        let containers = self.containers.lock().await;
-        let container = container_of(&containers, &req.id)?;
-        let process = container
-            .process(&req.exec_id)
-            .ok_or_else(|| ShimError::NotFound {
-                id: req.id.clone(),
-                what: format!("exec {}", req.exec_id),
-            })?;
-        let console = process
-            .io
-            .console
-            .as_ref()
-            .ok_or_else(|| ShimError::State {
-                id: req.id.clone(),
-                message: "the process has no terminal".into(),
-            })?;
-        crate::stdio::resize(console, req.width, req.height)
-            .map_err(|e| ShimError::io(&req.id, "resize pty", e))?;
+        self.containers.with(&req.id, |container| {
+            let process = container
+                .process(&req.exec_id)
+                .ok_or_else(|| ShimError::NotFound {
+                    id: req.id.clone(),
+                    what: format!("exec {}", req.exec_id),
+                })?;
+            let console = process
+                .io
+                .console
+                .as_ref()
+                .ok_or_else(|| ShimError::State {
+                    id: req.id.clone(),
+                    message: "the process has no terminal".into(),
+                })?;
+            crate::stdio::resize(console, req.width, req.height)
+                .map_err(|e| ShimError::io(&req.id, "resize pty", e))
+        })?;
         Ok(Empty::new())
     }
 
     async fn close_io(&self, _: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
-        let containers = self.containers.lock().await;
-        let container = container_of(&containers, &req.id)?;
-        let process = container
-            .process(&req.exec_id)
-            .ok_or_else(|| ShimError::NotFound {
-                id: req.id.clone(),
-                what: format!("exec {}", req.exec_id),
-            })?;
-        if req.stdin {
-            process
-                .io
-                .stdin
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
-        }
+        self.containers.with(&req.id, |container| {
+            let process = container
+                .process(&req.exec_id)
+                .ok_or_else(|| ShimError::NotFound {
+                    id: req.id.clone(),
+                    what: format!("exec {}", req.exec_id),
+                })?;
+            if req.stdin {
+                process
+                    .io
+                    .stdin
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+            }
+            Ok(())
+        })?;
         Ok(Empty::new())
     }
 
@@ -230,18 +226,16 @@ impl Task for TaskService {
     }
 
     async fn wait(&self, _: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
-        let mut exited = {
-            let containers = self.containers.lock().await;
-            let container = container_of(&containers, &req.id)?;
-            container
+        let mut exited = self.containers.with(&req.id, |container| {
+            Ok(container
                 .process(&req.exec_id)
                 .ok_or_else(|| ShimError::NotFound {
                     id: req.id.clone(),
                     what: format!("exec {}", req.exec_id),
                 })?
                 .exited
-                .subscribe()
-        };
+                .subscribe())
+        })?;
         let info = exited
             .wait_for(Option::is_some)
             .await
@@ -267,8 +261,10 @@ impl Task for TaskService {
     }
 
     async fn connect(&self, _: &TtrpcContext, req: ConnectRequest) -> TtrpcResult<ConnectResponse> {
-        let containers = self.containers.lock().await;
-        let task_pid = containers.get(&req.id).map_or(0, |c| c.init.pid);
+        let task_pid = self
+            .containers
+            .with(&req.id, |c| Ok(c.init.pid))
+            .unwrap_or(0);
         Ok(ConnectResponse {
             shim_pid: std::process::id(),
             task_pid: u32::try_from(task_pid).unwrap_or_default(),
@@ -284,49 +280,51 @@ impl Task for TaskService {
 
 impl TaskService {
     async fn set_paused(&self, id: &str, paused: bool) -> Result<(), ShimError> {
-        {
-            let mut containers = self.containers.lock().await;
-            let container = containers
-                .get_mut(id)
-                .ok_or_else(|| TaskService::not_found(id))?;
-            let (from, to, command) = if paused {
-                (ProcessStatus::Running, ProcessStatus::Paused, "pause")
-            } else {
-                (ProcessStatus::Paused, ProcessStatus::Running, "resume")
-            };
-            if container.init.status != from || container.init.exit().is_some() {
-                return Err(ShimError::State {
-                    id: id.to_owned(),
-                    message: format!("cannot {command}: the task is {:?}", container.init.status)
-                        .to_lowercase(),
-                });
-            }
-            let log = container.runc_log();
-            container
-                .runc
-                .run(
-                    id,
-                    &[command.into(), id.to_owned()],
-                    Default::default(),
-                    Some(&log),
-                )
-                .await?;
-            container.init.status = to;
+        let (from, to, command) = if paused {
+            (ProcessStatus::Running, ProcessStatus::Paused, "pause")
+        } else {
+            (ProcessStatus::Paused, ProcessStatus::Running, "resume")
+        };
+        let busy = self.containers.begin(id, command)?;
+        let (status, exited, runc, log) = busy.with(|c| {
+            (
+                c.init.status,
+                c.init.exit().is_some(),
+                c.runc.clone(),
+                c.runc_log(),
+            )
+        });
+        if status != from || exited {
+            return Err(ShimError::State {
+                id: id.to_owned(),
+                message: format!("cannot {command}: the task is {status:?}").to_lowercase(),
+            });
         }
+        runc.run(
+            id,
+            &[command.into(), id.to_owned()],
+            Default::default(),
+            Some(&log),
+        )
+        .await?;
+        busy.with(|c| {
+            if c.init.exit().is_none() {
+                c.init.status = to;
+            }
+        });
+        drop(busy);
         if paused {
             let event = TaskPaused {
                 container_id: id.to_owned(),
                 ..Default::default()
             };
-            self.publish(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(event))
-                .await;
+            self.publish(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(event));
         } else {
             let event = TaskResumed {
                 container_id: id.to_owned(),
                 ..Default::default()
             };
-            self.publish(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(event))
-                .await;
+            self.publish(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(event));
         }
         Ok(())
     }

@@ -121,6 +121,7 @@ impl S3Tier {
         );
         let mut builder = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
+            .http_client(https_client())
             .region(Region::new(config.region.clone()))
             .credentials_provider(creds)
             .force_path_style(config.force_path_style)
@@ -342,4 +343,15 @@ impl S3Tier {
             .unwrap_or_else(|e| e.into_inner());
         pending.push((key.to_owned(), upload_id.to_owned()));
     }
+}
+
+/// The S3 client's HTTPS stack on rustls with ring, the one TLS crypto backend of the whole
+/// tree (kube's client uses it too). The SDK's default client would pull in aws-lc-rs as a
+/// second backend and its C build.
+fn https_client() -> aws_sdk_s3::config::SharedHttpClient {
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https()
 }

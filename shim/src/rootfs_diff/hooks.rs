@@ -8,7 +8,7 @@ use std::time::Instant;
 use containerd_shim::protos::shim::oci::CheckpointOptions;
 
 use crate::error::{Result, ShimError};
-use crate::process::{Container, ProcessStatus};
+use crate::process::Target;
 use crate::service::{read_spec, TaskService};
 
 impl TaskService {
@@ -20,7 +20,8 @@ impl TaskService {
     /// diffed as it is. A rootfs that is not an overlay is logged and carries no diff.
     pub async fn dump_with_rootfs_diff(
         &self,
-        container: &Container,
+        container: &Target,
+        was_paused: bool,
         options: &CheckpointOptions,
         images: &Path,
         dump: impl Future<Output = Result<()>>,
@@ -29,7 +30,7 @@ impl TaskService {
         let Some((upper, excluded)) = self.writable_layer(container) else {
             return dump.await;
         };
-        let pause = !options.exit && container.init.status == ProcessStatus::Running;
+        let pause = !options.exit && !was_paused;
         let begin = Instant::now();
         if pause {
             self.runc_freeze(container, "pause").await?;
@@ -89,7 +90,7 @@ impl TaskService {
     /// bind mount, where the shim cannot tell the container's changes from the image.
     fn writable_layer(
         &self,
-        container: &Container,
+        container: &Target,
     ) -> Option<(PathBuf, std::collections::BTreeSet<PathBuf>)> {
         let id = container.id.as_str();
         let rootfs = container.bundle.join("rootfs");
@@ -115,7 +116,7 @@ impl TaskService {
 
     /// `runc pause` / `runc resume`; a resume of a container that already runs (a dump that
     /// ran past its deadline is thawed by the dump's own clean-up) is fine.
-    async fn runc_freeze(&self, container: &Container, verb: &str) -> Result<()> {
+    async fn runc_freeze(&self, container: &Target, verb: &str) -> Result<()> {
         let id = container.id.as_str();
         let log = container.runc_log();
         let freeze = [verb.to_owned(), id.to_owned()];
@@ -123,19 +124,11 @@ impl TaskService {
             .runc
             .run(id, &freeze, Default::default(), Some(&log))
             .await;
-        if done.is_err() && verb == "resume" {
-            let query = ["state".to_owned(), id.to_owned()];
-            let state = container
-                .runc
-                .run(id, &query, Default::default(), None)
-                .await;
-            let running = state.is_ok_and(|out| {
-                serde_json::from_str::<serde_json::Value>(&out.stdout)
-                    .is_ok_and(|v| v["status"] == "running")
-            });
-            if running {
-                return Ok(());
-            }
+        if done.is_err()
+            && verb == "resume"
+            && container.runc.status(id).await.as_deref() == Some("running")
+        {
+            return Ok(());
         }
         done.map(drop).map_err(|e| ShimError::Phase {
             id: id.to_owned(),

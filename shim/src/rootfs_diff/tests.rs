@@ -65,9 +65,13 @@ fn diff_of_an_upper_dir_applies_onto_the_image_tree() {
     set_opaque(&upper.join("var/cache"));
     write(&upper.join("etc/hosts"), "127.0.0.1 mount point\n");
     write(&upper.join("dev/null-ish"), "under a mount\n");
-    let excluded: BTreeSet<PathBuf> = mount_points(&serde_json::json!({
-        "mounts": [{"destination": "/etc/hosts"}, {"destination": "/dev"}]
-    }));
+    let excluded: BTreeSet<PathBuf> = mount_points(
+        &serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.1.0",
+            "mounts": [{"destination": "/etc/hosts"}, {"destination": "/dev"}]
+        }))
+        .unwrap(),
+    );
 
     let taken = capture(&upper, &excluded, &images).unwrap();
     assert_eq!(taken.deletions, 2, "one whiteout and one opaque dir");
