@@ -121,7 +121,8 @@ def kill(pid):
 class Agent:
     """A private kybernate-agent: own socket, state dir and tiers; stopped on exit."""
 
-    def __init__(self, agent_bin, ctl, ram_parent="/dev/shm", nvme_parent=None, metrics_addr="127.0.0.1:0"):
+    def __init__(self, agent_bin, ctl, ram_parent="/dev/shm", nvme_parent=None, metrics_addr="127.0.0.1:0",
+                 extra_config=""):
         self.ctl_bin = ctl
         self.work = tempfile.mkdtemp(prefix="kybernate-bench-", dir=ram_parent)
         self.nvme_work = tempfile.mkdtemp(prefix="kybernate-bench-", dir=nvme_parent) if nvme_parent else None
@@ -131,7 +132,7 @@ class Agent:
         if self.nvme_work:
             tiers.append(f'nvme_path = "{self.nvme_work}/nvme"')
         with open(config, "w") as f:
-            f.write("[tiers]\n" + "\n".join(tiers) + "\n")
+            f.write("[tiers]\n" + "\n".join(tiers) + "\n" + extra_config)
         self.log_path = os.path.join(self.work, "agent.log")
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen([agent_bin, "--config", config, "--state-dir", os.path.join(self.work, "state"),

@@ -1,5 +1,7 @@
 //! The checkpoint of one workload: CUDA phase, CRIU dump into the RAM tier, digest, and
-//! storing into the slower tiers. Any failure resumes the workload and leaves no checkpoint.
+//! storing into the slower tiers; or, for a checkpoint asked for NVMe or S3, CRIU's dump
+//! streamed into the NVMe tier ([`crate::streaming`]). Any failure resumes the workload and
+//! leaves no checkpoint.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -15,6 +17,7 @@ use crate::events::PhaseClock;
 use crate::images::{self, ImageFile};
 use crate::node_parts::NodeParts;
 use crate::process;
+use crate::streaming;
 
 /// What to checkpoint and how.
 #[derive(Debug, Clone)]
@@ -107,6 +110,18 @@ async fn phases(
         ));
     }
 
+    // A checkpoint for NVMe or S3 streams into the NVMe tier; one for RAM is written there.
+    let capture = match streaming::capture_target(parts, job.until) {
+        Some(nvme) => match streaming::start_capture(nvme, &name, partial.clone()).await {
+            Ok(capture) => Some(capture),
+            Err(e) => {
+                let _ = parts.cuda.send(release(false)).await;
+                let _ = std::fs::remove_dir_all(&partial);
+                return Err(("criu_dump", e));
+            }
+        },
+        None => None,
+    };
     let timeouts = &parts.config.timeouts;
     let dump = Dump {
         pid: job.pid,
@@ -117,6 +132,7 @@ async fn phases(
         timeout: job
             .dump_timeout
             .unwrap_or_else(|| TimeoutsConfig::of(timeouts.dump_ms)),
+        stream_commit: capture.as_ref().map(|c| c.action_script().to_owned()),
     };
     let dumped = clock
         .run("criu_dump", async {
@@ -131,7 +147,20 @@ async fn phases(
                 })
         })
         .await;
+    let streamed = match capture {
+        Some(capture) => Some(streaming::end_capture(capture, dumped.is_ok()).await),
+        None => None,
+    };
     if let Err(e) = dumped {
+        // A stream that failed on our side (a full disk) is why CRIU failed: report that.
+        let e = match streamed {
+            Some(Ok(Err(own))) => AgentError::Tier {
+                name: name.to_string(),
+                phase: "store_nvme".into(),
+                source: Box::new(own),
+            },
+            _ => e,
+        };
         // CRIU resumes the tree itself when it fails; when it was killed half-way, only we can.
         process::continue_tree(&tree);
         let _ = std::fs::remove_dir_all(&partial);
@@ -169,12 +198,21 @@ async fn phases(
         clock.record("cuda_unlock", timings.unlock);
     }
 
-    let (ram_report, files) = commit_and_digest(parts, clock, &name).await?;
-    let foreground =
-        drain::store_foreground(parts, clock, &name, &files, ram_report, job.until).await;
-    parts
-        .metrics
-        .stored(ram_report.raw_bytes, &[("ram", ram_report.stored_bytes)]);
+    let (first, files, foreground) = match streamed {
+        None => {
+            let (ram_report, files) = commit_and_digest(parts, clock, &name).await?;
+            let foreground =
+                drain::store_foreground(parts, clock, &name, &files, ram_report, job.until).await;
+            ((TierKind::Ram, ram_report), files, foreground)
+        }
+        Some(committed) => {
+            streaming::store_foreground(parts, clock, &name, committed, job.until).await?
+        }
+    };
+    parts.metrics.stored(
+        first.1.raw_bytes,
+        &[(first.0.as_str(), first.1.stored_bytes)],
+    );
     let record = CheckpointRecord {
         name: name.to_string(),
         pid: job.pid,
@@ -189,7 +227,7 @@ async fn phases(
         leave_running: job.leave_running,
         shell_job,
         phases: clock.phases.clone(),
-        raw_bytes: ram_report.raw_bytes,
+        raw_bytes: first.1.raw_bytes,
         stored_bytes: foreground.stored_bytes(),
         files,
         gpu: if cuda.cuda_pids.is_empty() {

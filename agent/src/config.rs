@@ -64,6 +64,11 @@ pub struct DataplaneConfig {
     pub zstd_level: i32,
     /// Compression threads; 0 means one per core.
     pub workers: usize,
+    /// Stream CRIU's images straight between CRIU and the NVMe tier (`criu --stream`): a
+    /// checkpoint asked for NVMe or S3 never lands in the RAM tier, and a restore whose
+    /// nearest copy is on NVMe reads it from there. Off: every checkpoint is written into the
+    /// RAM tier first and drained, as before.
+    pub stream: bool,
 }
 
 impl Default for DataplaneConfig {
@@ -73,6 +78,7 @@ impl Default for DataplaneConfig {
             chunk_size_mib: chunk.chunk_size >> 20,
             zstd_level: chunk.zstd_level,
             workers: chunk.workers,
+            stream: false,
         }
     }
 }

@@ -79,6 +79,10 @@ pub struct Dump {
     pub shell_job: bool,
     /// Deadline of the dump.
     pub timeout: Duration,
+    /// Hand the images to the data plane over CRIU's image-streamer socket in `images_dir`
+    /// (`--stream`) instead of writing them as files, with this action script, whose
+    /// post-dump step waits until the data plane has committed the checkpoint.
+    pub stream_commit: Option<PathBuf>,
 }
 
 /// Restore a process tree from a directory, detached from CRIU.
@@ -93,6 +97,10 @@ pub struct Restore {
     pub shell_job: bool,
     /// Deadline of the restore.
     pub timeout: Duration,
+    /// Read the images from the data plane over CRIU's image-streamer socket in
+    /// `images_dir` (`--stream`), with this action script, which fails CRIU's post-restore
+    /// step (so the tree is killed before it runs) when a streamed chunk failed its check.
+    pub stream_check: Option<PathBuf>,
 }
 
 /// A successful restore.
@@ -174,6 +182,11 @@ pub fn dump_args(job: &Dump) -> Vec<OsString> {
     if job.shell_job {
         args.push("--shell-job".into());
     }
+    if let Some(script) = &job.stream_commit {
+        args.push("--stream".into());
+        args.push("--action-script".into());
+        args.push(script.into());
+    }
     args
 }
 
@@ -191,6 +204,11 @@ pub fn restore_args(job: &Restore, pidfile: &Path) -> Vec<OsString> {
     args.extend(COMMON_OPTIONS.iter().map(OsString::from));
     if job.shell_job {
         args.push("--shell-job".into());
+    }
+    if let Some(script) = &job.stream_check {
+        args.push("--stream".into());
+        args.push("--action-script".into());
+        args.push(script.into());
     }
     args
 }
@@ -333,6 +351,7 @@ mod tests {
             leave_running,
             shell_job,
             timeout: Duration::from_secs(1),
+            stream_commit: None,
         }
     }
 
@@ -350,6 +369,40 @@ mod tests {
         let args = dump_args(&dump(false, true));
         assert!(args.iter().any(|a| a == "--shell-job"));
         assert!(!args.iter().any(|a| a == "--leave-running"));
+        assert!(!args.iter().any(|a| a == "--stream"));
+        let streamed = Dump {
+            stream_commit: Some("/ram/.partial-cp/stream-commit.sh".into()),
+            ..dump(false, false)
+        };
+        let args: Vec<String> = dump_args(&streamed)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert!(
+            args.join(" ")
+                .ends_with("--stream --action-script /ram/.partial-cp/stream-commit.sh"),
+            "{args:?}"
+        );
+    }
+
+    #[test]
+    fn a_streamed_restore_runs_the_stream_check() {
+        let job = Restore {
+            images_dir: "/ram/.stream-restore-cp".into(),
+            log: "/state/logs/cp-restore.log".into(),
+            shell_job: false,
+            timeout: Duration::from_secs(1),
+            stream_check: Some("/ram/.stream-restore-cp/stream-check".into()),
+        };
+        let args: Vec<String> = restore_args(&job, Path::new("/state/logs/cp-restore.pid"))
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert!(
+            args.join(" ")
+                .ends_with("--stream --action-script /ram/.stream-restore-cp/stream-check"),
+            "{args:?}"
+        );
     }
 
     #[actix_rt::test]

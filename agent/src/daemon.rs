@@ -135,14 +135,12 @@ async fn serve(
 
     let ram = Arc::new(LocalDirTier::open(TierKind::Ram, config.ram_tier_path())?);
     let chunks = config.dataplane.chunk_config();
-    let nvme = NvmeTier::open(config.nvme_tier_path(), chunks.clone())?;
+    let nvme = Arc::new(NvmeTier::open(config.nvme_tier_path(), chunks.clone())?);
     let mut actors = vec![
         (TierKind::Ram, TierActor::start(ram.clone(), TIER_THREADS)),
-        (
-            TierKind::Nvme,
-            TierActor::start(Arc::new(nvme), TIER_THREADS),
-        ),
+        (TierKind::Nvme, TierActor::start(nvme.clone(), TIER_THREADS)),
     ];
+    let mut s3_tier = None;
     if let Some(s3) = &config.s3 {
         // The S3 tier runs its own runtime, which must not be created inside this one.
         let (settings, chunks) = (s3.clone(), chunks.clone());
@@ -150,9 +148,15 @@ async fn serve(
             .join()
             .map_err(|_| DaemonError::S3Connect)??;
         tracing::info!(endpoint = %s3.endpoint, bucket = %s3.bucket, prefix = %s3.prefix, "S3 tier ready");
-        actors.push((TierKind::S3, TierActor::start(Arc::new(tier), TIER_THREADS)));
+        let tier = Arc::new(tier);
+        actors.push((TierKind::S3, TierActor::start(tier.clone(), TIER_THREADS)));
+        s3_tier = Some(tier);
     }
-    let tiers = Tiers { actors };
+    let tiers = Tiers {
+        actors,
+        nvme: Some(nvme),
+        s3: s3_tier,
+    };
     let (catalog, problems) = Catalog::open(&config.records_dir())?;
     for problem in problems {
         tracing::error!(%problem, "skipping an unreadable checkpoint record");

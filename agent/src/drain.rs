@@ -36,6 +36,10 @@ pub async fn store_into(
     urgency: Urgency,
 ) -> Result<StoreReport, AgentError> {
     let phase = store_phase(kind);
+    if kind == TierKind::S3 && !image_dir.exists() && parts.tiers.nvme.is_some() {
+        // A streamed checkpoint has no RAM copy: S3 takes the NVMe tier's chunks as they are.
+        return crate::streaming::store_s3_from_nvme(parts, clock, name).await;
+    }
     let Some(tier) = parts.tiers.get(kind) else {
         return Err(AgentError::InvalidRequest(format!(
             "this agent has no {kind} tier"

@@ -37,6 +37,7 @@ pub mod process;
 pub mod reload;
 pub mod restore;
 pub mod shared_records;
+pub mod streaming;
 pub mod tiers;
 pub mod workload;
 

@@ -1,5 +1,6 @@
 //! The restore of one checkpoint: find the nearest tier with a good copy, bring the images into
-//! the RAM tier, verify them, wait for the PID to be free, and run CRIU restore.
+//! the RAM tier, verify them, wait for the PID to be free, and run CRIU restore. When the
+//! nearest copy is on NVMe, CRIU reads it straight from there instead ([`crate::streaming`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,13 +11,14 @@ use crate::bandwidth::Urgency;
 use crate::catalog::{CheckpointRecord, Phase};
 use crate::checkpoint::blocking;
 use crate::config::TimeoutsConfig;
-use crate::criu::Restore;
+use crate::criu::{Restore, Restored};
 use crate::cuda::{CheckRestore, CudaPhaseError, RestoreAndUnlock};
 use crate::error::{tier_list, AgentError};
 use crate::events::PhaseClock;
 use crate::images::{self, ImageError};
 use crate::node_parts::NodeParts;
 use crate::process;
+use crate::streaming::{self, StreamedRestoreError};
 use crate::tiers::{Contains, Load};
 
 /// What a restore produced.
@@ -61,6 +63,15 @@ pub struct Staged {
 }
 
 impl Staged {
+    /// No staged copy: CRIU read the images straight from `tier`.
+    fn streamed(tier: TierKind) -> Self {
+        Self {
+            dir: PathBuf::new(),
+            scratch: None,
+            tier,
+        }
+    }
+
     /// Moves a scratch copy into the RAM tier as the held copy of `name`.
     pub fn keep_in_ram(
         mut self,
@@ -112,7 +123,7 @@ async fn phases(
             .await
             .map_err(|e| ("cuda_check", e))?;
     }
-    let candidates = match from {
+    let mut candidates = match from {
         Some(kind) if parts.tiers.get(kind).is_none() => {
             let e = AgentError::InvalidRequest(format!(
                 "this agent has no {kind} tier (tiers: {})",
@@ -123,17 +134,23 @@ async fn phases(
         Some(kind) => vec![kind],
         None => parts.tiers.kinds(),
     };
-    let staged = stage(
-        parts,
-        record,
-        &name,
-        &candidates,
-        clock,
-        Urgency::Foreground,
-    )
-    .await
-    .map_err(|e| ("stage", e))?;
     let timeouts = &parts.config.timeouts;
+    let streamed = streaming::nearest_is_nvme(parts, &name, &candidates)
+        .await
+        .map_err(|e| ("stage", e))?;
+    let staged = if streamed {
+        None
+    } else {
+        let staged = stage(
+            parts,
+            record,
+            &name,
+            &candidates,
+            clock,
+            Urgency::Foreground,
+        );
+        Some(staged.await.map_err(|e| ("stage", e))?)
+    };
 
     let pid_wait = TimeoutsConfig::of(timeouts.pid_release_ms);
     clock
@@ -149,30 +166,38 @@ async fn phases(
         .await
         .map_err(|e| ("wait_pid", e))?;
 
-    let restore = Restore {
-        images_dir: staged.dir.clone(),
-        log: parts
-            .config
-            .logs_dir()
-            .join(format!("{}-restore.log", record.name)),
-        shell_job: record.shell_job,
-        timeout: TimeoutsConfig::of(timeouts.restore_ms),
+    let (restored, staged) = match staged {
+        Some(staged) => (criu_restore(parts, record, &staged, clock).await?, staged),
+        None => match streaming::restore_from_nvme(parts, record, &name, clock).await {
+            Ok(restored) => (restored, Staged::streamed(TierKind::Nvme)),
+            Err(StreamedRestoreError::Failed(e)) => return Err(("criu_restore", e)),
+            Err(StreamedRestoreError::Damaged(e)) => {
+                // CRIU refused the tree before it ran; try the slower tiers the usual way.
+                tracing::warn!(checkpoint = %name, error = %e, "NVMe copy unusable; trying the next tier");
+                candidates.retain(|k| *k > TierKind::Nvme);
+                let staged = stage(
+                    parts,
+                    record,
+                    &name,
+                    &candidates,
+                    clock,
+                    Urgency::Foreground,
+                )
+                .await
+                .map_err(|fallback| {
+                    let detail = format!("nvme copy: {}; {}", damage_of(&e), fallback);
+                    (
+                        "stage",
+                        AgentError::Images {
+                            name: record.name.clone(),
+                            detail: format!("no intact copy left ({detail})"),
+                        },
+                    )
+                })?;
+                (criu_restore(parts, record, &staged, clock).await?, staged)
+            }
+        },
     };
-    let _ = std::fs::create_dir_all(parts.config.logs_dir());
-    let restored = clock
-        .run("criu_restore", async {
-            parts
-                .criu
-                .send(restore)
-                .await?
-                .map_err(|source| AgentError::Criu {
-                    name: record.name.clone(),
-                    source,
-                    resumed: false,
-                })
-        })
-        .await
-        .map_err(|e| ("criu_restore", e))?;
 
     let tree = process::tree(restored.pid);
     let unlock = RestoreAndUnlock {
@@ -202,6 +227,40 @@ async fn phases(
         source_tier: staged.tier,
         phases: clock.phases.clone(),
     })
+}
+
+/// Runs CRIU's restore from the images in `staged`, as phase `criu_restore`.
+async fn criu_restore(
+    parts: &NodeParts,
+    record: &CheckpointRecord,
+    staged: &Staged,
+    clock: &mut PhaseClock,
+) -> Result<Restored, (&'static str, AgentError)> {
+    let restore = Restore {
+        images_dir: staged.dir.clone(),
+        log: parts
+            .config
+            .logs_dir()
+            .join(format!("{}-restore.log", record.name)),
+        shell_job: record.shell_job,
+        timeout: TimeoutsConfig::of(parts.config.timeouts.restore_ms),
+        stream_check: None,
+    };
+    let _ = std::fs::create_dir_all(parts.config.logs_dir());
+    clock
+        .run("criu_restore", async {
+            parts
+                .criu
+                .send(restore)
+                .await?
+                .map_err(|source| AgentError::Criu {
+                    name: record.name.clone(),
+                    source,
+                    resumed: false,
+                })
+        })
+        .await
+        .map_err(|e| ("criu_restore", e))
 }
 
 /// Finds the first of `candidates` (nearest first) with an intact copy and makes its images

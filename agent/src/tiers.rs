@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use kybernate_dataplane::{
-    CheckpointName, ImageDigest, LoadReport, Pacing, StoreReport, Tier, TierError, TierKind,
+    CheckpointName, ImageDigest, LoadReport, NvmeTier, Pacing, S3Tier, StoreReport, Tier,
+    TierError, TierKind,
 };
 
 /// The actor serving one tier.
@@ -149,6 +150,11 @@ impl Handler<GetRecord> for TierActor {
 pub struct Tiers {
     /// In nearest-first order; the first is always RAM.
     pub actors: Vec<(TierKind, Addr<TierActor>)>,
+    /// The NVMe tier itself, for the streams CRIU reads and writes directly
+    /// ([`crate::streaming`]); the same tier its actor serves.
+    pub nvme: Option<Arc<NvmeTier>>,
+    /// The S3 tier itself, for uploads straight from NVMe chunks.
+    pub s3: Option<Arc<S3Tier>>,
 }
 
 impl Tiers {

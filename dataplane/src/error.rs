@@ -50,6 +50,17 @@ pub enum TierError {
         /// The server's or client's message, never containing credentials.
         detail: String,
     },
+    /// CRIU's image stream (`criu dump --stream` / `criu restore --stream`) failed or was
+    /// stopped: the store or load it fed keeps nothing.
+    #[error("{tier} tier: image stream of checkpoint {name}: {detail}")]
+    Stream {
+        /// Tier the stream went to or came from.
+        tier: TierKind,
+        /// Checkpoint being streamed.
+        name: CheckpointName,
+        /// What went wrong.
+        detail: String,
+    },
     /// The tier's configuration cannot work.
     #[error("{tier} tier: invalid configuration: {detail}")]
     Config {
@@ -69,6 +80,7 @@ impl TierError {
             TierError::Corrupt { .. } => "corrupt",
             TierError::Remote { .. } => "remote",
             TierError::Config { .. } => "config",
+            TierError::Stream { .. } => "stream",
         }
     }
 }

@@ -1,8 +1,9 @@
 //! Kybernate's data plane: where checkpoint image sets live and how they move between tiers.
 //!
 //! The agent's tier actors own one [`Tier`] each. A checkpoint's images are written by CRIU
-//! into the RAM tier and then stored into the slower tiers; a restore loads them back from the
-//! nearest tier that holds them.
+//! into the RAM tier and then stored into the slower tiers, or streamed by CRIU straight into
+//! the NVMe tier ([`StreamCapture`]); a restore loads them back from the nearest tier that
+//! holds them, or streams them from NVMe into CRIU ([`StreamServe`]).
 
 mod buffer;
 mod chunk;
@@ -15,6 +16,7 @@ mod nvme;
 mod pipeline;
 mod restore;
 mod s3;
+mod stream;
 mod throttle;
 mod tier;
 mod uring;
@@ -32,5 +34,6 @@ pub use name::{CheckpointName, InvalidName};
 pub use nvme::NvmeTier;
 pub use pipeline::DrainStats;
 pub use s3::{S3Config, S3Tier, Secret, MAX_PARTS, MIN_PART_SIZE};
+pub use stream::{StreamCapture, StreamServe, CAPTURE_SOCKET, SERVE_SOCKET};
 pub use throttle::{ByteRate, Pacing, WaitHook};
 pub use tier::{LoadReport, StoreReport, Tier, TierKind, MAX_RECORD_BYTES};

@@ -74,13 +74,48 @@ impl NvmeTier {
             fs::remove_file(&path).map_err(|e| io("remove leftover", &path, e))?;
         }
         let pool = BufferPool::new(config.chunk_size, config.worker_count() * 2 + 24);
-        Ok(Self {
+        let tier = Self {
             root,
             config,
             pool,
             lock: Mutex::new(()),
             tmp_seq: AtomicU64::new(0),
-        })
+        };
+        // Chunks of a store that never committed (the agent died mid-stream) are garbage: no
+        // store runs before the tier is open, so nothing can be about to reference them.
+        // A manifest that cannot be read makes the sweep keep every chunk.
+        match tier.remove_unreferenced() {
+            Ok(0) => {}
+            Ok(swept) => {
+                tracing::info!(chunks = swept, root = %tier.root.display(), "removed chunks no checkpoint references");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "kept every chunk: cannot tell which ones are unreferenced");
+            }
+        }
+        Ok(tier)
+    }
+
+    /// Removes every chunk file no manifest references; returns how many went. Call with no
+    /// store in progress (under [`NvmeTier::lock_stores`], or before the tier is shared).
+    fn remove_unreferenced(&self) -> Result<u64, TierError> {
+        let keep: HashSet<String> = self
+            .all_referenced()?
+            .iter()
+            .map(ChunkHash::to_hex)
+            .collect();
+        let mut removed = 0;
+        for chunk in self.chunk_files()? {
+            let referenced = chunk
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| keep.contains(n));
+            if !referenced {
+                fs::remove_file(&chunk).map_err(|e| io("remove chunk", &chunk, e))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Root directory of the tier.
@@ -153,7 +188,7 @@ impl NvmeTier {
         known: Option<&ImageDigest>,
         write_rate: Option<Arc<ByteRate>>,
     ) -> Result<(StoreReport, DrainStats), TierError> {
-        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = self.lock_stores();
         if let Ok(m) = self.manifest(name) {
             let raw = m.raw_bytes();
             return Ok((
@@ -167,12 +202,7 @@ impl NvmeTier {
                 },
             ));
         }
-        let mut writer = NvmeChunkWriter {
-            tier: self,
-            uring: Some(UringWriter::start()?),
-            dirs: HashSet::new(),
-            write_rate,
-        };
+        let mut writer = self.chunk_writer(write_rate)?;
         let drained = drain_image_set(
             TIER,
             name,
@@ -183,8 +213,44 @@ impl NvmeTier {
             self,
             &mut writer,
         );
+        self.finish_store(writer, drained)
+    }
+
+    /// Serialises stores and removals: held for a whole store, so garbage collection never
+    /// removes a chunk that a store in progress has just deduplicated against.
+    pub(crate) fn lock_stores(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The tier's pinned buffer pool (chunk-sized buffers).
+    pub(crate) fn pool(&self) -> &BufferPool {
+        &self.pool
+    }
+
+    /// A writer for the new chunks of one store; call with [`NvmeTier::lock_stores`] held.
+    pub(crate) fn chunk_writer(
+        &self,
+        write_rate: Option<Arc<ByteRate>>,
+    ) -> Result<NvmeChunkWriter<'_>, TierError> {
+        Ok(NvmeChunkWriter {
+            tier: self,
+            uring: Some(UringWriter::start()?),
+            dirs: HashSet::new(),
+            write_rate,
+        })
+    }
+
+    /// Ends a store: waits until every chunk `writer` took is durable, then commits
+    /// `drained`'s manifest; on any error (the store's own, passed in `drained`, or the
+    /// writer's) removes the chunks this store added instead and returns the error.
+    pub(crate) fn finish_store(
+        &self,
+        mut writer: NvmeChunkWriter<'_>,
+        drained: Result<(CheckpointManifest, DrainStats), TierError>,
+    ) -> Result<(StoreReport, DrainStats), TierError> {
         let outcome = writer.uring.take().expect("writer present").finish();
         let drained = match (drained, outcome.error) {
+            // The writer's own error explains a failed put better than the put's.
             (_, Some(e)) | (Err(e), None) => Err(e),
             (Ok(done), None) => Ok(done),
         };
@@ -294,7 +360,8 @@ impl ChunkIndex for NvmeTier {
     }
 }
 
-struct NvmeChunkWriter<'a> {
+/// Takes a store's new chunks and writes them durably through io_uring.
+pub(crate) struct NvmeChunkWriter<'a> {
     tier: &'a NvmeTier,
     uring: Option<UringWriter>,
     dirs: HashSet<PathBuf>,
@@ -516,20 +583,7 @@ impl Tier for NvmeTier {
             Err(e) => return Err(io("remove manifest", &path, e)),
         }
         sync_dir(&self.root.join("manifests"))?;
-        let keep: HashSet<String> = self
-            .all_referenced()?
-            .iter()
-            .map(ChunkHash::to_hex)
-            .collect();
-        for chunk in self.chunk_files()? {
-            let referenced = chunk
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| keep.contains(n));
-            if !referenced {
-                fs::remove_file(&chunk).map_err(|e| io("remove chunk", &chunk, e))?;
-            }
-        }
+        self.remove_unreferenced()?;
         Ok(true)
     }
 

@@ -1,0 +1,712 @@
+//! The receiving side of `criu dump --stream`: CRIU's images flow from their pipes straight
+//! into the NVMe tier's chunk store, with no copy of the image set in tmpfs or host RAM.
+//!
+//! One reader thread per open image fills chunk-sized buffers from its pipe (small images in
+//! ordinary memory, page images in pinned pool buffers). The tier's workers skip zero chunks,
+//! hash the rest, deduplicate them against the tier, compress them adaptively into pinned
+//! buffers, and the collector hands new chunks to the tier's io_uring writer. The manifest is
+//! written only when the caller says CRIU's dump succeeded ([`StreamCapture::commit`]); any
+//! failure (a pipe, the disk, the protocol, or CRIU itself) removes every chunk the capture
+//! added. A failure on our side closes the pipes and the socket, so CRIU's next write fails
+//! at once and CRIU resumes the workload instead of waiting on a stream nobody reads.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::{JoinHandle, Scope, ScopedJoinHandle};
+
+use crate::buffer::{BufferPool, PooledBuf};
+use crate::chunk::{encode_into, is_zero, store_raw, ChunkConfig, ChunkEncoding, ChunkHash};
+use crate::manifest::{CheckpointManifest, ChunkLocation, ChunkRef, FileEntry};
+use crate::pipeline::{ChunkIndex, ChunkWriter, DrainStats, StoredChunk, WriteBacklog};
+use crate::stream::barrier::{tell, CommitBarrier};
+use crate::stream::wire::{self, CAPTURE_SOCKET};
+use crate::{CheckpointName, NvmeTier, StoreReport, Tier, TierError, TierKind};
+
+const TIER: TierKind = TierKind::Nvme;
+/// Permission bits of every streamed image, as CRIU creates image files (`CR_FD_PERM`).
+const IMAGE_MODE: u32 = 0o600;
+/// An image that grows past this moves from ordinary memory into a pinned pool buffer: only
+/// page images get there, and a pool buffer per small image would waste the pool.
+const PIN_AFTER: usize = 1 << 20;
+/// Pipe capacity asked for: fewer, larger reads than the default 64 KiB.
+const PIPE_BYTES: libc::c_int = 1 << 20;
+
+/// A streamed store in progress; see the module docs.
+#[derive(Debug)]
+pub struct StreamCapture {
+    tier: Arc<NvmeTier>,
+    name: CheckpointName,
+    socket: PathBuf,
+    script: PathBuf,
+    verdict: Option<SyncSender<bool>>,
+    stop: Arc<AtomicBool>,
+    session: Option<JoinHandle<SessionResult>>,
+}
+
+/// How a capture session ended; `Err(None)` means discarded on the caller's word, with
+/// nothing wrong on this side.
+type SessionResult = Result<(StoreReport, DrainStats), Option<TierError>>;
+
+impl NvmeTier {
+    /// Starts receiving `criu dump --stream` for checkpoint `name`: listens on CRIU's capture
+    /// socket in `images_dir` (an existing private directory; no image is written there).
+    /// Start CRIU with `--stream -D images_dir --action-script <action_script()>` after this
+    /// returns; the script makes CRIU's post-dump step the commit point (see `barrier`). Then
+    /// call [`StreamCapture::commit`] if CRIU succeeded and [`StreamCapture::abort`] if not.
+    pub fn capture(
+        self: &Arc<Self>,
+        name: &CheckpointName,
+        images_dir: &Path,
+    ) -> Result<StreamCapture, TierError> {
+        if self.manifest_path(name).exists() {
+            return Err(stream_error(name, "the tier already holds this checkpoint"));
+        }
+        let socket = images_dir.join(CAPTURE_SOCKET);
+        let io = |op, source| TierError::Io {
+            tier: TIER,
+            op,
+            path: socket.clone(),
+            source,
+        };
+        match std::fs::remove_file(&socket) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io("remove", e)),
+            _ => {}
+        }
+        let listener = UnixListener::bind(&socket).map_err(|e| io("listen on", e))?;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| io("chmod", e))?;
+        // CRIU's socket, once connected: reaching post-dump ends its request loop.
+        let connected: Arc<Mutex<Option<UnixStream>>> = Arc::default();
+        let barrier = {
+            let connected = Arc::clone(&connected);
+            CommitBarrier::create(images_dir, move || {
+                let sock = connected.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(sock) = sock.as_ref() {
+                    let _ = sock.shutdown(std::net::Shutdown::Read);
+                }
+            })
+            .map_err(|e| TierError::Io {
+                tier: TIER,
+                op: "create the commit barrier in",
+                path: images_dir.to_owned(),
+                source: e,
+            })?
+        };
+        let script = barrier.script().to_owned();
+        let (verdict_tx, verdict_rx) = sync_channel(1);
+        let stop = Arc::new(AtomicBool::new(false));
+        let session = {
+            let session = Session {
+                tier: Arc::clone(self),
+                name: name.clone(),
+                dir: images_dir.to_owned(),
+                listener,
+                verdict: verdict_rx,
+                stop: Arc::clone(&stop),
+                barrier,
+                connected,
+            };
+            std::thread::Builder::new()
+                .name("kyb-stream-capture".into())
+                .spawn(move || session.run())
+                .map_err(|e| io("start capture thread for", e))?
+        };
+        Ok(StreamCapture {
+            tier: Arc::clone(self),
+            name: name.clone(),
+            socket,
+            script,
+            verdict: Some(verdict_tx),
+            stop,
+            session: Some(session),
+        })
+    }
+}
+
+impl StreamCapture {
+    /// The socket CRIU connects to.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The script to pass to CRIU as `--action-script`.
+    pub fn action_script(&self) -> &Path {
+        &self.script
+    }
+
+    /// CRIU's dump succeeded: waits for the stream to end and every chunk to be durable, then
+    /// writes the manifest, which makes the checkpoint exist in the tier (done already if CRIU
+    /// ran the action script).
+    pub fn commit(mut self) -> Result<StoreReport, TierError> {
+        if let Some(verdict) = self.verdict.take() {
+            let _ = verdict.send(true);
+        }
+        self.join()
+            .map(|(report, _)| report)
+            .map_err(|e| e.unwrap_or_else(|| stream_error(&self.name, "the capture was discarded")))
+    }
+
+    /// CRIU's dump failed (or was stopped): ends the capture and removes every chunk it added
+    /// (and the checkpoint, if CRIU failed after its post-dump step committed it). Returns the
+    /// capture's own failure, if it had one: a full disk or an unreadable pipe, which is then
+    /// why CRIU failed.
+    pub fn abort(mut self) -> Option<TierError> {
+        self.stop_session()
+    }
+
+    fn stop_session(&mut self) -> Option<TierError> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.verdict.take();
+        // Wakes the session if CRIU never connected.
+        let _ = UnixStream::connect(&self.socket);
+        match self.join() {
+            Ok(_) => self.tier.remove(&self.name).err(),
+            Err(e) => e,
+        }
+    }
+
+    fn join(&mut self) -> SessionResult {
+        let result = match self.session.take().map(JoinHandle::join) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(Some(stream_error(
+                &self.name,
+                "the capture thread panicked",
+            ))),
+            None => Err(Some(stream_error(&self.name, "the capture already ended"))),
+        };
+        let _ = std::fs::remove_file(&self.socket);
+        result
+    }
+}
+
+impl Drop for StreamCapture {
+    fn drop(&mut self) {
+        if self.session.is_some() {
+            let _ = self.stop_session();
+        }
+    }
+}
+
+fn stream_error(name: &CheckpointName, detail: impl Into<String>) -> TierError {
+    TierError::Stream {
+        tier: TIER,
+        name: name.clone(),
+        detail: detail.into(),
+    }
+}
+
+/// What the capture thread owns.
+struct Session {
+    tier: Arc<NvmeTier>,
+    name: CheckpointName,
+    dir: PathBuf,
+    listener: UnixListener,
+    verdict: Receiver<bool>,
+    stop: Arc<AtomicBool>,
+    barrier: CommitBarrier,
+    connected: Arc<Mutex<Option<UnixStream>>>,
+}
+
+impl Session {
+    /// Holds the tier's store lock from the first byte to the commit.
+    fn run(mut self) -> SessionResult {
+        let tier = &*self.tier;
+        let name = &self.name;
+        let _guard = tier.lock_stores();
+        let mut writer = tier.chunk_writer(None).map_err(Some)?;
+        let mut never_connected = false;
+        let received = self
+            .listener
+            .accept()
+            .map_err(|e| TierError::Io {
+                tier: TIER,
+                op: "accept CRIU on",
+                path: self.dir.join(CAPTURE_SOCKET),
+                source: e,
+            })
+            .and_then(|(sock, _)| {
+                if self.stop.load(Ordering::SeqCst) {
+                    never_connected = true;
+                    return Err(stream_error(name, "stopped before CRIU connected"));
+                }
+                *self.connected.lock().unwrap_or_else(|e| e.into_inner()) = sock.try_clone().ok();
+                receive(tier, name, &self.dir, sock, &mut writer)
+            });
+        if let Some(fifo) = self.barrier.finish() {
+            // CRIU waits in its post-dump step: commit now, before it ends or resumes the tree.
+            let done = tier.finish_store(writer, received);
+            tell(fifo, done.is_ok());
+            return done.map_err(Some);
+        }
+        let discarded = never_connected || (received.is_ok() && self.verdict.recv() != Ok(true));
+        let decided = received.and_then(|done| {
+            if discarded {
+                Err(stream_error(
+                    name,
+                    "CRIU's dump failed; the stream is discarded",
+                ))
+            } else {
+                Ok(done)
+            }
+        });
+        match tier.finish_store(writer, decided) {
+            Ok(done) => Ok(done),
+            Err(_) if discarded => Err(None),
+            Err(e) => Err(Some(e)),
+        }
+    }
+}
+
+/// What one image's reader learned.
+struct ImageMeta {
+    name: String,
+    size: u64,
+}
+
+/// The first failure of a capture, seen by every thread.
+struct Failure {
+    failed: AtomicBool,
+    first: Mutex<Option<TierError>>,
+    /// A handle on CRIU's socket, shut down on failure to end the request loop.
+    socket: UnixStream,
+}
+
+impl Failure {
+    fn fail(&self, e: TierError) {
+        let mut first = self.first.lock().unwrap_or_else(|e| e.into_inner());
+        if first.is_none() {
+            *first = Some(e);
+        }
+        self.failed.store(true, Ordering::SeqCst);
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn is_set(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    fn take(&self) -> Option<TierError> {
+        self.first.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// A chunk's raw bytes as a reader filled them.
+enum Staged {
+    Heap(Vec<u8>),
+    Pinned(PooledBuf),
+}
+
+impl Staged {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Staged::Heap(v) => v,
+            Staged::Pinned(b) => b.as_slice(),
+        }
+    }
+}
+
+struct Job {
+    file: usize,
+    index: usize,
+    data: Staged,
+}
+
+enum Outcome {
+    Zero,
+    Known(StoredChunk),
+    New(ChunkEncoding, PooledBuf),
+}
+
+struct Done {
+    file: usize,
+    index: usize,
+    hash: ChunkHash,
+    raw_len: u32,
+    outcome: Outcome,
+}
+
+/// What the session's threads share.
+struct Shared<'a> {
+    name: &'a CheckpointName,
+    dir: &'a Path,
+    config: &'a ChunkConfig,
+    staging: BufferPool,
+    failure: Failure,
+}
+
+fn receive(
+    tier: &NvmeTier,
+    name: &CheckpointName,
+    dir: &Path,
+    sock: UnixStream,
+    writer: &mut dyn ChunkWriter,
+) -> Result<(CheckpointManifest, DrainStats), TierError> {
+    let config = tier.config();
+    let workers = config.worker_count();
+    let shared = Shared {
+        name,
+        dir,
+        config,
+        staging: BufferPool::new(config.chunk_size, workers * 2 + 4),
+        failure: Failure {
+            failed: AtomicBool::new(false),
+            first: Mutex::new(None),
+            socket: sock.try_clone().map_err(|e| TierError::Io {
+                tier: TIER,
+                op: "clone CRIU's socket",
+                path: dir.join(CAPTURE_SOCKET),
+                source: e,
+            })?,
+        },
+    };
+    let backlog = writer.backlog();
+    let mut stats = DrainStats::default();
+    let mut slots: Vec<Vec<Option<ChunkRef>>> = Vec::new();
+    let images = std::thread::scope(|s| {
+        let (job_tx, job_rx) = sync_channel::<Job>(workers * 2);
+        let (done_tx, done_rx) = sync_channel::<Result<Done, TierError>>(workers * 2);
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        for _ in 0..workers {
+            let job_rx = Arc::clone(&job_rx);
+            let done_tx = done_tx.clone();
+            let (shared, backlog) = (&shared, backlog.as_deref());
+            s.spawn(move || work(shared, &job_rx, &done_tx, tier.pool(), tier, backlog));
+        }
+        drop(done_tx);
+        drop(job_rx);
+        let shared = &shared;
+        let control = s.spawn(move || serve_requests(s, shared, sock, job_tx));
+        let mut written: std::collections::HashMap<ChunkHash, StoredChunk> =
+            std::collections::HashMap::new();
+        for msg in done_rx {
+            let done = match msg {
+                Ok(done) if !shared.failure.is_set() => done,
+                Ok(_) => continue,
+                Err(e) => {
+                    shared.failure.fail(e);
+                    continue;
+                }
+            };
+            let raw = u64::from(done.raw_len);
+            stats.raw_bytes += raw;
+            let stored = match done.outcome {
+                Outcome::Zero => {
+                    stats.zero_bytes += raw;
+                    StoredChunk {
+                        encoding: ChunkEncoding::Zero,
+                        stored_len: 0,
+                        location: ChunkLocation::Store,
+                    }
+                }
+                Outcome::Known(stored) => {
+                    stats.dedup_bytes += raw;
+                    stored
+                }
+                Outcome::New(encoding, buf) => {
+                    if let Some(stored) = written.get(&done.hash) {
+                        stats.dedup_bytes += raw;
+                        *stored
+                    } else {
+                        let len = u64::try_from(buf.as_slice().len()).expect("fits");
+                        match writer.put(done.hash, encoding, buf) {
+                            Ok(stored) => {
+                                stats.new_chunks += 1;
+                                stats.new_stored_bytes += len;
+                                written.insert(done.hash, stored);
+                                stored
+                            }
+                            Err(e) => {
+                                shared.failure.fail(e);
+                                continue;
+                            }
+                        }
+                    }
+                }
+            };
+            if slots.len() <= done.file {
+                slots.resize_with(done.file + 1, Vec::new);
+            }
+            let file = &mut slots[done.file];
+            if file.len() <= done.index {
+                file.resize(done.index + 1, None);
+            }
+            file[done.index] = Some(ChunkRef {
+                hash: done.hash,
+                encoding: stored.encoding,
+                raw_len: done.raw_len,
+                stored_len: stored.stored_len,
+                location: stored.location,
+            });
+        }
+        control
+            .join()
+            .unwrap_or_else(|_| Err(stream_error(name, "the request loop panicked")))
+    });
+    if let Some(e) = shared.failure.take() {
+        return Err(e);
+    }
+    let images = images?;
+    let manifest = build_manifest(name, config, images, slots)?;
+    Ok((manifest, stats))
+}
+
+fn build_manifest(
+    name: &CheckpointName,
+    config: &ChunkConfig,
+    images: Vec<ImageMeta>,
+    mut slots: Vec<Vec<Option<ChunkRef>>>,
+) -> Result<CheckpointManifest, TierError> {
+    slots.resize_with(images.len(), Vec::new);
+    let chunk_size = u64::try_from(config.chunk_size).expect("fits");
+    let mut files = images
+        .into_iter()
+        .zip(slots)
+        .map(|(image, chunks)| {
+            let want = usize::try_from(image.size.div_ceil(chunk_size)).expect("fits usize");
+            let chunks: Option<Vec<ChunkRef>> = chunks.into_iter().collect();
+            match chunks {
+                Some(chunks) if chunks.len() == want => Ok(FileEntry {
+                    name: image.name,
+                    size: image.size,
+                    mode: IMAGE_MODE,
+                    chunks,
+                }),
+                _ => Err(stream_error(
+                    name,
+                    format!("image {}: a chunk was not processed", image.name),
+                )),
+            }
+        })
+        .collect::<Result<Vec<_>, TierError>>()?;
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    if let Some(pair) = files.windows(2).find(|w| w[0].name == w[1].name) {
+        return Err(stream_error(
+            name,
+            format!("CRIU sent image {} twice", pair[0].name),
+        ));
+    }
+    Ok(CheckpointManifest {
+        name: name.clone(),
+        chunk_size: u32::try_from(config.chunk_size).expect("validated chunk size"),
+        packs: Vec::new(),
+        files,
+    })
+}
+
+/// Takes CRIU's requests until it closes the socket, with one reader per image; returns the
+/// images once every reader has finished.
+fn serve_requests<'scope>(
+    s: &'scope Scope<'scope, '_>,
+    shared: &'scope Shared<'scope>,
+    mut sock: UnixStream,
+    jobs: SyncSender<Job>,
+) -> Result<Vec<ImageMeta>, TierError> {
+    let mut readers: Vec<(String, ScopedJoinHandle<'scope, Result<u64, TierError>>)> = Vec::new();
+    let protocol = |e: io::Error| stream_error(shared.name, format!("CRIU's request: {e}"));
+    loop {
+        let request = wire::read_request(&mut sock).and_then(|name| match name {
+            Some(name) => wire::recv_pipe(&sock).map(|pipe| Some((name, pipe))),
+            None => Ok(None),
+        });
+        match request {
+            Ok(Some((image, pipe))) => {
+                let file = readers.len();
+                let jobs = jobs.clone();
+                let path = shared.dir.join(&image);
+                let reader = s.spawn(move || read_image(shared, file, &path, pipe, &jobs));
+                readers.push((image, reader));
+            }
+            Ok(None) => break,
+            // A shutdown on failure ends the loop; that failure is the one reported.
+            Err(_) if shared.failure.is_set() => break,
+            Err(e) => {
+                shared.failure.fail(protocol(e));
+                break;
+            }
+        }
+    }
+    drop(jobs);
+    drop(sock);
+    let mut first_error = None;
+    let mut images = Vec::with_capacity(readers.len());
+    for (name, reader) in readers {
+        let size = reader
+            .join()
+            .unwrap_or_else(|_| Err(stream_error(shared.name, "an image reader panicked")));
+        match size {
+            Ok(size) => images.push(ImageMeta { name, size }),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(images),
+    }
+}
+
+/// Reads one image from its pipe into chunk jobs; returns its size.
+fn read_image(
+    shared: &Shared<'_>,
+    file: usize,
+    path: &Path,
+    pipe: OwnedFd,
+    jobs: &SyncSender<Job>,
+) -> Result<u64, TierError> {
+    // SAFETY: F_SETPIPE_SZ on a pipe we own only changes its capacity; failure (a pipe
+    // larger than pipe-max-size for an unprivileged agent) keeps the default.
+    unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BYTES) };
+    let mut pipe = File::from(pipe);
+    let chunk_size = shared.config.chunk_size;
+    let mut size = 0u64;
+    let mut index = 0usize;
+    let mut scratch = vec![0u8; 64 << 10];
+    // Once an image has needed a pinned buffer, its later chunks go straight into one.
+    let mut large = false;
+    loop {
+        let filled = fill_chunk(shared, &mut pipe, &mut scratch, chunk_size, path, large);
+        let (data, eof) = match filled {
+            Ok(filled) => filled,
+            Err(e) => {
+                shared.failure.fail(e);
+                return Err(stream_error(shared.name, "an image could not be read"));
+            }
+        };
+        if shared.failure.is_set() {
+            // Dropping the pipe makes CRIU's next write fail, so the dump ends promptly.
+            return Err(stream_error(shared.name, "stopped after another failure"));
+        }
+        large |= matches!(data, Staged::Pinned(_));
+        let len = data.as_slice().len();
+        if len > 0 {
+            size += u64::try_from(len).expect("fits");
+            let job = Job { file, index, data };
+            if jobs.send(job).is_err() {
+                return Err(stream_error(shared.name, "the chunk workers stopped"));
+            }
+            index += 1;
+        }
+        if eof {
+            return Ok(size);
+        }
+    }
+}
+
+/// Reads from `pipe` until a chunk is full or the image ends; returns the chunk and whether
+/// the image ended. The first [`PIN_AFTER`] bytes go to ordinary memory unless `large`.
+fn fill_chunk(
+    shared: &Shared<'_>,
+    pipe: &mut File,
+    scratch: &mut [u8],
+    chunk_size: usize,
+    path: &Path,
+    large: bool,
+) -> Result<(Staged, bool), TierError> {
+    let read_error = |e: io::Error| TierError::Io {
+        tier: TIER,
+        op: "read the stream of image",
+        path: path.to_owned(),
+        source: e,
+    };
+    let read = |pipe: &mut File, buf: &mut [u8]| loop {
+        match pipe.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => return other.map_err(&read_error),
+        }
+    };
+    let mut heap = Vec::new();
+    while !large && heap.len() < chunk_size.min(PIN_AFTER) {
+        let want = scratch.len().min(chunk_size - heap.len());
+        let n = read(pipe, &mut scratch[..want])?;
+        if n == 0 {
+            return Ok((Staged::Heap(heap), true));
+        }
+        heap.extend_from_slice(&scratch[..n]);
+    }
+    if heap.len() == chunk_size {
+        return Ok((Staged::Heap(heap), false));
+    }
+    let mut buf = shared.staging.take();
+    let mut len = heap.len();
+    buf.spare_mut()[..len].copy_from_slice(&heap);
+    drop(heap);
+    while len < chunk_size {
+        let n = read(pipe, &mut buf.spare_mut()[len..chunk_size])?;
+        if n == 0 {
+            buf.set_len(len);
+            return Ok((Staged::Pinned(buf), true));
+        }
+        len += n;
+    }
+    buf.set_len(len);
+    Ok((Staged::Pinned(buf), false))
+}
+
+/// A chunk worker: zero check, hash, dedup lookup, adaptive compression.
+fn work(
+    shared: &Shared<'_>,
+    jobs: &Mutex<Receiver<Job>>,
+    done: &SyncSender<Result<Done, TierError>>,
+    out: &BufferPool,
+    index: &dyn ChunkIndex,
+    backlog: Option<&WriteBacklog>,
+) {
+    let config = shared.config;
+    let busy_at = u64::try_from(2 * config.worker_count() * config.chunk_size).unwrap_or(u64::MAX);
+    let mut compressor = match zstd::bulk::Compressor::new(config.zstd_level) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = done.send(Err(TierError::Config {
+                tier: TIER,
+                detail: format!("zstd level {}: {e}", config.zstd_level),
+            }));
+            return;
+        }
+    };
+    loop {
+        let job = match jobs.lock().unwrap_or_else(|e| e.into_inner()).recv() {
+            Ok(job) => job,
+            Err(_) => return,
+        };
+        let data = job.data.as_slice();
+        let raw_len = u32::try_from(data.len()).expect("chunk size is capped below 4 GiB");
+        let result = if is_zero(data) {
+            Ok((ChunkHash::ZERO, Outcome::Zero))
+        } else {
+            let hash = ChunkHash::of(data);
+            index.lookup(&hash, raw_len).map(|known| match known {
+                Some(stored) => (hash, Outcome::Known(stored)),
+                None => {
+                    let mut buf = out.take();
+                    let compress =
+                        !config.adaptive || backlog.is_none_or(|b| b.queued() >= busy_at);
+                    let (encoding, n) = if compress {
+                        encode_into(data, config, &mut compressor, buf.spare_mut())
+                    } else {
+                        store_raw(data, buf.spare_mut())
+                    };
+                    buf.set_len(n);
+                    (hash, Outcome::New(encoding, buf))
+                }
+            })
+        };
+        let msg = result.map(|(hash, outcome)| Done {
+            file: job.file,
+            index: job.index,
+            hash,
+            raw_len,
+            outcome,
+        });
+        if done.send(msg).is_err() {
+            return;
+        }
+    }
+}
