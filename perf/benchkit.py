@@ -131,6 +131,10 @@ class Agent:
         tiers = [f'ram_path = "{self.work}/ram"']
         if self.nvme_work:
             tiers.append(f'nvme_path = "{self.nvme_work}/nvme"')
+        # The agent refuses configured tier directories that do not exist.
+        os.makedirs(f"{self.work}/ram", exist_ok=True)
+        if self.nvme_work:
+            os.makedirs(f"{self.nvme_work}/nvme", exist_ok=True)
         with open(config, "w") as f:
             f.write("[tiers]\n" + "\n".join(tiers) + "\n" + extra_config)
         self.log_path = os.path.join(self.work, "agent.log")

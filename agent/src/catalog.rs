@@ -57,6 +57,10 @@ pub struct CheckpointRecord {
     /// The node's GPUs when the workload used CUDA; restore checks the target against it.
     #[serde(default)]
     pub gpu: Option<GpuFingerprint>,
+    /// What people should know about how the checkpoint came to be, e.g. that recovery
+    /// adopted it after an agent crash.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub note: String,
 }
 
 /// A record could not be read or written.
@@ -249,6 +253,7 @@ mod tests {
             stored_bytes: 10,
             files: vec![],
             gpu: None,
+            note: String::new(),
         }
     }
 

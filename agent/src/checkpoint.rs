@@ -15,9 +15,11 @@ use crate::drain;
 use crate::error::{tier_list, AgentError};
 use crate::events::PhaseClock;
 use crate::images::{self, ImageFile};
+use crate::journal::{DumpIntent, Transition};
 use crate::node_parts::NodeParts;
 use crate::process;
 use crate::streaming;
+use crate::tiers::Contains;
 
 /// What to checkpoint and how.
 #[derive(Debug, Clone)]
@@ -73,6 +75,9 @@ async fn phases(
     let name = job.name.clone();
     let stat = process::check_target(job.pid).map_err(|e| ("validate", e.into()))?;
     let shell_job = stat.session != job.pid || stat.pgrp != job.pid;
+    ensure_name_free(parts, &name)
+        .await
+        .map_err(|e| ("validate", e))?;
     let tree = process::tree(job.pid);
 
     let cuda_error = |source: CudaPhaseError| AgentError::Cuda {
@@ -99,15 +104,34 @@ async fn phases(
     };
 
     let partial = parts.ram.partial_dir_of(&name);
-    let prepared = remove_if_present(&partial)
-        .and_then(|()| std::fs::create_dir_all(&partial))
-        .and_then(|()| std::fs::create_dir_all(parts.config.logs_dir()));
+    let intent = DumpIntent {
+        pid: job.pid,
+        start_ticks: stat.start_ticks,
+        leave_running: job.leave_running,
+        shell_job,
+        container_id: job.container_id.clone(),
+        pod_uid: job.pod_uid.clone(),
+        gpu_group: job.gpu_group.clone(),
+        gpu_seat: job.gpu_seat.clone(),
+        images_dir: partial.clone(),
+    };
+    // The intent is journaled before CRIU can end the workload: without it, a crash would
+    // leave images nobody knows how to adopt.
+    let prepared = std::fs::create_dir_all(&partial)
+        .and_then(|()| std::fs::create_dir_all(parts.config.logs_dir()))
+        .map_err(|e| AgentError::Internal(format!("cannot prepare {}: {e}", partial.display())))
+        .and_then(|()| {
+            parts
+                .journal
+                .append(name.as_str(), Transition::DumpIntent(intent))
+                .map_err(|e| AgentError::Internal(e.to_string()))
+        })
+        .and_then(|()| failpoint("checkpoint.before_criu"));
     if let Err(e) = prepared {
+        let _ = std::fs::remove_dir_all(&partial);
+        abandon(parts, &name, &e);
         let _ = parts.cuda.send(release(false)).await;
-        return Err((
-            "criu_dump",
-            AgentError::Internal(format!("cannot prepare {}: {e}", partial.display())),
-        ));
+        return Err(("criu_dump", e));
     }
 
     // A checkpoint for NVMe or S3 streams into the NVMe tier; one for RAM is written there.
@@ -164,6 +188,7 @@ async fn phases(
         // CRIU resumes the tree itself when it fails; when it was killed half-way, only we can.
         process::continue_tree(&tree);
         let _ = std::fs::remove_dir_all(&partial);
+        abandon(parts, &name, &e);
         let resumed = clock
             .run("cuda_resume", async {
                 parts.cuda.send(release(false)).await?.map_err(cuda_error)
@@ -176,6 +201,8 @@ async fn phases(
         }
         return Err(("criu_dump", e));
     }
+    parts.journal.note(name.as_str(), Transition::Dumped);
+    failpoint("checkpoint.after_criu").map_err(|e| ("criu_dump", e))?;
     on_dumped();
     // Stopped workloads stay checkpointed (CRIU has their memory); leave-running ones get their
     // GPUs back now.
@@ -209,6 +236,18 @@ async fn phases(
             streaming::store_foreground(parts, clock, &name, committed, job.until).await?
         }
     };
+    for kind in foreground
+        .kinds()
+        .into_iter()
+        .filter(|k| *k != TierKind::Ram)
+    {
+        parts.journal.note(
+            name.as_str(),
+            Transition::Committed {
+                tier: kind.as_str().into(),
+            },
+        );
+    }
     parts.metrics.stored(
         first.1.raw_bytes,
         &[(first.0.as_str(), first.1.stored_bytes)],
@@ -235,8 +274,10 @@ async fn phases(
         } else {
             cuda.fingerprint
         },
+        note: String::new(),
     };
     let held = tier_list(&foreground.kinds());
+    failpoint("checkpoint.before_record").map_err(|e| ("record", e))?;
     match foreground.failure {
         None => Ok(record),
         // The dump succeeded, so the images are the workload's state (in stop mode its only
@@ -275,6 +316,13 @@ pub async fn commit_and_digest(
         })
         .await
         .map_err(|e| ("store_ram", e))?;
+    parts.journal.note(
+        name.as_str(),
+        Transition::Committed {
+            tier: TierKind::Ram.as_str().into(),
+        },
+    );
+    failpoint("checkpoint.after_ram_commit").map_err(|e| ("store_ram", e))?;
     let dir = parts.ram.dir_of(name);
     let config = parts.config.dataplane.chunk_config();
     let files = clock
@@ -288,11 +336,56 @@ pub async fn commit_and_digest(
     Ok((ram_report, files))
 }
 
-fn remove_if_present(dir: &std::path::Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+/// Refuses a name that anything on the node already holds: a record is checked by the node
+/// agent; here the tiers are asked, so that a dump never starts (and, in stop mode, ends
+/// its workload) only to fail committing into a directory that is taken.
+pub async fn ensure_name_free(parts: &NodeParts, name: &CheckpointName) -> Result<(), AgentError> {
+    let in_use = |by: String| AgentError::NameInUse {
+        name: name.to_string(),
+        by,
+    };
+    if parts.ram.dir_of(name).exists() {
+        return Err(in_use("the RAM tier holds images under it".into()));
     }
+    if parts.ram.partial_dir_of(name).exists() {
+        return Err(in_use(
+            "the RAM tier holds an unfinished dump under it".into(),
+        ));
+    }
+    for (kind, tier) in &parts.tiers.actors {
+        if *kind == TierKind::Ram {
+            continue;
+        }
+        let held = tier
+            .send(Contains(name.clone()))
+            .await?
+            .map_err(|source| AgentError::Tier {
+                name: name.to_string(),
+                phase: format!("find_{kind}"),
+                source: Box::new(source),
+            })?;
+        if held {
+            return Err(in_use(format!(
+                "the {kind} tier holds a checkpoint under it"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Journals that the dump of `name` was given up, so recovery does not look for it.
+fn abandon(parts: &NodeParts, name: &CheckpointName, why: &AgentError) {
+    parts.journal.note(
+        name.as_str(),
+        Transition::Abandoned {
+            reason: why.to_string(),
+        },
+    );
+}
+
+/// Fires a test failpoint ([`crate::failpoints`]) as an agent error.
+pub fn failpoint(name: &str) -> Result<(), AgentError> {
+    crate::failpoints::hit(name).map_err(AgentError::Internal)
 }
 
 /// Runs blocking file work off the async runtime.

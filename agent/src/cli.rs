@@ -324,9 +324,43 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The agent's message, without gRPC framing.
+/// The agent's message, without gRPC framing; or, when the connection broke before the
+/// agent answered, what that means and what to run next.
 pub fn status_error(status: tonic::Status) -> anyhow::Error {
+    if connection_lost(&status) {
+        return anyhow::anyhow!(
+            "the agent closed the connection before answering ({}): it stopped or crashed \
+             mid-request. The operation may have completed, or the agent recovers it when it \
+             starts again: run `kybernatectl list` (or `kybernatectl inspect NAME`) once the \
+             agent is back to see the checkpoint's state",
+            status.message()
+        );
+    }
     anyhow::anyhow!("{}", status.message())
+}
+
+/// Whether `status` was made by the client because the connection failed, not sent by the
+/// agent (the agent's own statuses carry no transport error as their source).
+pub fn connection_lost(status: &tonic::Status) -> bool {
+    use std::error::Error;
+    let transport_code = matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Internal
+            | tonic::Code::Cancelled
+    );
+    let message = status.message();
+    let transport_text = [
+        "transport error",
+        "h2 protocol error",
+        "connection closed",
+        "error reading a body",
+        "broken pipe",
+    ]
+    .iter()
+    .any(|t| message.contains(t));
+    transport_code && (status.source().is_some() || transport_text)
 }
 
 /// Phase durations as a JSON object of milliseconds.
@@ -386,7 +420,7 @@ fn info_json(info: &pb::CheckpointInfo) -> serde_json::Value {
     json!({"name": info.checkpoint_ref, "pid": info.pid, "created_unix": info.created_unix,
            "leave_running": info.leave_running, "phases": phases_json(&info.phases),
            "raw_bytes": info.raw_bytes, "stored_bytes": info.stored_bytes,
-           "tiers": info.tiers, "state": info.state})
+           "tiers": info.tiers, "state": info.state, "note": info.note})
 }
 
 fn print_list(infos: &[pb::CheckpointInfo], json: bool) {
@@ -409,6 +443,9 @@ fn print_list(infos: &[pb::CheckpointInfo], json: bool) {
             info.tiers.join(","),
             info.state
         );
+        if !info.note.is_empty() {
+            println!("  note: {}", info.note);
+        }
     }
 }
 
@@ -421,6 +458,9 @@ fn print_info(info: &pb::CheckpointInfo) {
     println!("stored:        {}", human_bytes(info.stored_bytes));
     println!("tiers:         {}", info.tiers.join(", "));
     println!("workload:      {}", info.state);
+    if !info.note.is_empty() {
+        println!("note:          {}", info.note);
+    }
     println!("phases:        {}", phases_text(&info.phases));
 }
 

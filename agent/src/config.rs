@@ -271,8 +271,16 @@ impl AgentConfig {
         self.tiers.nvme.validate("tiers.nvme")?;
         self.policy.validate()?;
         self.bandwidth.validate()?;
-        for (key, path) in [("socket", &self.socket), ("state_dir", &self.state_dir)] {
-            if !path.is_absolute() {
+        let tier_paths = [
+            ("tiers.ram_path", self.tiers.ram_path.as_ref()),
+            ("tiers.nvme_path", self.tiers.nvme_path.as_ref()),
+        ];
+        let paths = [
+            ("socket", Some(&self.socket)),
+            ("state_dir", Some(&self.state_dir)),
+        ];
+        for (key, path) in paths.into_iter().chain(tier_paths) {
+            if let Some(path) = path.filter(|p| !p.is_absolute()) {
                 return Err(ConfigError::Invalid {
                     key,
                     problem: format!("{} is not an absolute path", path.display()),
@@ -459,6 +467,13 @@ mod tests {
         std::fs::write(&path, "[tiers]\nnvme_budget_bytes = 0\n").unwrap();
         let err = AgentConfig::from_file(&path).unwrap_err().to_string();
         assert!(err.contains("tiers.nvme_budget_bytes"), "{err}");
+
+        std::fs::write(&path, "[tiers]\nram_path = \"shm/ram\"\n").unwrap();
+        let err = AgentConfig::from_file(&path).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid config: tiers.ram_path: shm/ram is not an absolute path"
+        );
 
         let err = AgentConfig::from_file(&dir.path().join("none.toml"))
             .unwrap_err()

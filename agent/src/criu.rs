@@ -288,25 +288,29 @@ fn check_outcome(
     }
 }
 
-/// CRIU's own error lines from its log (or stderr when it died before logging).
+/// Lines CRIU writes at error level on every run here that are not the cause of anything.
+const KNOWN_WARNINGS: [&str; 1] = ["rlimit: Can't setup RLIMIT_NOFILE"];
+
+/// CRIU's closing lines that only say that it failed, not why.
+const SUMMARY_LINES: [&str; 2] = ["Restoring FAILED", "Dumping FAILED"];
+
+/// The cause of a failure from CRIU's log (or its stderr when it died before logging): the
+/// last error line that is neither a known warning nor a closing summary; without one, the
+/// last line that is not a known warning.
 fn error_lines(log: &Path, stderr: &str) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    let errors: Vec<&str> = text
+    let all: Vec<&str> = text
         .lines()
-        .filter(|l| l.contains("Error") && !l.contains("rlimit"))
+        .chain(stderr.lines())
         .map(str::trim)
+        .filter(|l| !l.is_empty() && !KNOWN_WARNINGS.iter().any(|w| l.contains(w)))
         .collect();
-    let picked: Vec<&str> = if errors.is_empty() {
-        stderr.lines().chain(text.lines()).rev().take(3).collect()
-    } else {
-        errors.into_iter().rev().take(4).rev().collect()
-    };
-    let joined = picked.join(" | ");
-    if joined.is_empty() {
-        "CRIU wrote no error message".into()
-    } else {
-        joined
-    }
+    let is_cause = |l: &str| l.contains("Error") && !SUMMARY_LINES.iter().any(|s| l.contains(s));
+    all.iter()
+        .rev()
+        .find(|l| is_cause(l))
+        .or_else(|| all.last())
+        .map_or_else(|| "CRIU wrote no error message".into(), |l| (*l).to_owned())
 }
 
 /// Checks that `program` is a CRIU of at least [`MIN_CRIU_VERSION`].
@@ -427,6 +431,38 @@ mod tests {
         let err = actor.send(dump(false, false)).await.unwrap().unwrap_err();
         assert_eq!(err.to_string(), "CRIU is not usable: criu not found");
         assert!(missing.calls.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_cause_is_the_last_real_error_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("restore.log");
+        std::fs::write(
+            &log,
+            "Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n\
+             Error (criu/cr-restore.c:1237): Can't fork for 25073: File exists\n\
+             Error (criu/cr-restore.c:2331): Restoring FAILED.\n",
+        )
+        .unwrap();
+        assert_eq!(
+            error_lines(&log, ""),
+            "Error (criu/cr-restore.c:1237): Can't fork for 25073: File exists"
+        );
+        // Killed before it logged anything but the harmless warning.
+        std::fs::write(
+            &log,
+            "Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n",
+        )
+        .unwrap();
+        assert_eq!(error_lines(&log, ""), "CRIU wrote no error message");
+        assert_eq!(
+            error_lines(&log, "pie: 123: Trimmed message received (12/0)\n"),
+            "pie: 123: Trimmed message received (12/0)"
+        );
+        assert_eq!(
+            error_lines(&dir.path().join("missing.log"), "criu: cannot open\n"),
+            "criu: cannot open"
+        );
     }
 
     #[test]

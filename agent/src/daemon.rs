@@ -18,9 +18,11 @@ use crate::criu::{self, CriuRunner};
 use crate::cuda::CudaActor;
 use crate::events::EVENT_BUFFER;
 use crate::grpc::{authorise, AgentService};
+use crate::journal::{Journal, JournalError};
 use crate::metrics::{self, Metrics};
 use crate::node::NodeAgent;
 use crate::node_parts::NodeParts;
+use crate::recovery::{self, RecoveryError, RecoveryInputs};
 use crate::reload::{self, ConfigSource, LoadedConfig};
 use crate::tiers::{TierActor, Tiers};
 
@@ -68,6 +70,20 @@ pub enum DaemonError {
     /// In a container, a directory the agent shares with the host is not a host mount.
     #[error(transparent)]
     HostMount(#[from] crate::host_mounts::HostMountError),
+    /// A configured tier directory does not exist.
+    #[error("tier directory {key} = {} does not exist; create it (and mount the tier there) first", path.display())]
+    TierPath {
+        /// The config key.
+        key: &'static str,
+        /// The configured path.
+        path: PathBuf,
+    },
+    /// The journal could not be opened.
+    #[error("cannot open the journal: {0}")]
+    Journal(#[from] JournalError),
+    /// Start-up recovery failed.
+    #[error(transparent)]
+    Recovery(#[from] RecoveryError),
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -107,6 +123,28 @@ async fn serve(
             "in a container with the host's PIDs: state, tiers and socket are host mounts"
         );
     }
+    // Everything that can fail at start-up runs before the first actor or thread starts, so
+    // a failure is reported as itself and nothing is left to tear down.
+    let metrics_listener = tokio::net::TcpListener::bind(config.metrics_addr)
+        .await
+        .map_err(|source| DaemonError::Metrics {
+            addr: config.metrics_addr,
+            source,
+        })?;
+    let metrics_addr = metrics_listener.local_addr().unwrap_or(config.metrics_addr);
+    // Clients that connect now wait until recovery is done and the agent serves.
+    let listener = bind_socket(&config.socket)?;
+    for (key, path) in [
+        ("tiers.ram_path", &config.tiers.ram_path),
+        ("tiers.nvme_path", &config.tiers.nvme_path),
+    ] {
+        if let Some(path) = path.as_ref().filter(|p| !p.is_dir()) {
+            return Err(DaemonError::TierPath {
+                key,
+                path: path.clone(),
+            });
+        }
+    }
     let availability = match criu::probe(&config.criu_path) {
         Ok(version) => {
             tracing::info!(%version, "found CRIU");
@@ -136,37 +174,56 @@ async fn serve(
     let ram = Arc::new(LocalDirTier::open(TierKind::Ram, config.ram_tier_path())?);
     let chunks = config.dataplane.chunk_config();
     let nvme = Arc::new(NvmeTier::open(config.nvme_tier_path(), chunks.clone())?);
+    let s3 = match &config.s3 {
+        Some(s3) => {
+            // The S3 tier runs its own runtime, which must not be created inside this one.
+            let (settings, chunks) = (s3.clone(), chunks.clone());
+            let tier = std::thread::spawn(move || S3Tier::connect(settings, chunks))
+                .join()
+                .map_err(|_| DaemonError::S3Connect)??;
+            tracing::info!(endpoint = %s3.endpoint, bucket = %s3.bucket, prefix = %s3.prefix, "S3 tier ready");
+            Some(Arc::new(tier))
+        }
+        None => None,
+    };
+    let (mut catalog, problems) = Catalog::open(&config.records_dir())?;
+    for problem in problems {
+        tracing::error!(%problem, "skipping an unreadable checkpoint record");
+    }
+    let journal = Arc::new(Journal::open(&config.state_dir.join("journal"))?);
+    let started = std::time::Instant::now();
+    let recovery = recovery::recover(RecoveryInputs {
+        ram: &ram,
+        catalog: &mut catalog,
+        journal: &journal,
+        chunks: &chunks,
+        dump_timeout: crate::config::TimeoutsConfig::of(config.timeouts.dump_ms),
+        logs_dir: &config.logs_dir(),
+    })?;
+    tracing::info!(
+        checkpoints = catalog.all().count(),
+        adopted = recovery.adopted.len(),
+        discarded = recovery.discarded.len(),
+        kept = recovery.leftovers.len(),
+        restores_cleaned = recovery.killed_restores.len(),
+        damaged_journal_lines = recovery.damaged_lines,
+        millis = started.elapsed().as_millis(),
+        ram = %config.ram_tier_path().display(),
+        nvme = %config.nvme_tier_path().display(),
+        "recovery done; tiers ready"
+    );
     let mut actors = vec![
         (TierKind::Ram, TierActor::start(ram.clone(), TIER_THREADS)),
         (TierKind::Nvme, TierActor::start(nvme.clone(), TIER_THREADS)),
     ];
-    let mut s3_tier = None;
-    if let Some(s3) = &config.s3 {
-        // The S3 tier runs its own runtime, which must not be created inside this one.
-        let (settings, chunks) = (s3.clone(), chunks.clone());
-        let tier = std::thread::spawn(move || S3Tier::connect(settings, chunks))
-            .join()
-            .map_err(|_| DaemonError::S3Connect)??;
-        tracing::info!(endpoint = %s3.endpoint, bucket = %s3.bucket, prefix = %s3.prefix, "S3 tier ready");
-        let tier = Arc::new(tier);
+    if let Some(tier) = &s3 {
         actors.push((TierKind::S3, TierActor::start(tier.clone(), TIER_THREADS)));
-        s3_tier = Some(tier);
     }
     let tiers = Tiers {
         actors,
         nvme: Some(nvme),
-        s3: s3_tier,
+        s3,
     };
-    let (catalog, problems) = Catalog::open(&config.records_dir())?;
-    for problem in problems {
-        tracing::error!(%problem, "skipping an unreadable checkpoint record");
-    }
-    tracing::info!(
-        checkpoints = catalog.all().count(),
-        ram = %config.ram_tier_path().display(),
-        nvme = %config.nvme_tier_path().display(),
-        "tiers ready"
-    );
 
     let metrics = Metrics::new();
     for kind in tiers.kinds() {
@@ -192,8 +249,11 @@ async fn serve(
         metrics: metrics.clone(),
         events: events.clone(),
         bandwidth: Arc::new(Bandwidth::new(&config.bandwidth, metrics.clone())),
+        journal,
     };
-    let node = NodeAgent::new(parts, catalog).start();
+    let node = NodeAgent::new(parts, catalog)
+        .with_recovery(recovery)
+        .start();
     if let Some((source, loaded)) = source {
         let text = loaded.text.clone();
         node.do_send(crate::node::ConfigLoaded(loaded));
@@ -203,20 +263,12 @@ async fn serve(
         crate::node_worker::spawn(node_name, node.clone(), gpus);
     }
 
-    let metrics_listener = tokio::net::TcpListener::bind(config.metrics_addr)
-        .await
-        .map_err(|source| DaemonError::Metrics {
-            addr: config.metrics_addr,
-            source,
-        })?;
-    let metrics_addr = metrics_listener.local_addr().unwrap_or(config.metrics_addr);
     actix_rt::spawn(async move {
         if let Err(e) = metrics::serve(metrics_listener, metrics).await {
             tracing::error!(error = %e, "metrics endpoint stopped");
         }
     });
 
-    let listener = bind_socket(&config.socket)?;
     tracing::info!(socket = %config.socket.display(), metrics = %metrics_addr, "agent serving");
     let allowed = Arc::new(config.allowed_uids.clone());
     let service = AgentServer::with_interceptor(

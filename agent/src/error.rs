@@ -23,6 +23,14 @@ pub enum AgentError {
     /// A checkpoint with that name exists or is being taken.
     #[error("checkpoint {0} already exists")]
     AlreadyExists(String),
+    /// Something on the node already holds data under the name.
+    #[error("checkpoint name {name} is taken: {by}; delete it (kybernatectl delete {name}) or choose another name")]
+    NameInUse {
+        /// The name.
+        name: String,
+        /// What holds it.
+        by: String,
+    },
     /// No checkpoint with that name.
     #[error("no checkpoint named {0}")]
     NotFound(String),
@@ -126,7 +134,7 @@ impl AgentError {
         match self {
             AgentError::InvalidRequest(_) | AgentError::InvalidName(_) => "invalid_request",
             AgentError::InvalidTarget(_) => "invalid_target",
-            AgentError::AlreadyExists(_) => "already_exists",
+            AgentError::AlreadyExists(_) | AgentError::NameInUse { .. } => "already_exists",
             AgentError::NotFound(_) => "not_found",
             AgentError::Busy(_) => "busy",
             AgentError::Cuda { source, .. } => source.metric_label(),
@@ -162,7 +170,9 @@ impl From<AgentError> for tonic::Status {
             AgentError::InvalidRequest(_)
             | AgentError::InvalidName(_)
             | AgentError::InvalidTarget(_) => tonic::Status::invalid_argument(message),
-            AgentError::AlreadyExists(_) => tonic::Status::already_exists(message),
+            AgentError::AlreadyExists(_) | AgentError::NameInUse { .. } => {
+                tonic::Status::already_exists(message)
+            }
             AgentError::NotFound(_) => tonic::Status::not_found(message),
             AgentError::Busy(_) | AgentError::PidInUse { .. } => {
                 tonic::Status::failed_precondition(message)

@@ -14,8 +14,10 @@ use crate::container::{ContainerActor, GetState, RunCheckpoint, RunRestore};
 use crate::demotion::{self, Candidate, Limits};
 use crate::drain;
 use crate::error::{tier_list, AgentError};
+use crate::journal::Transition;
 use crate::node_parts::NodeParts;
 use crate::pins::Pins;
+use crate::recovery::{Leftover, Recovery};
 use crate::tiers::{self, Remove, UsedBytes};
 
 mod record;
@@ -62,6 +64,11 @@ pub struct NodeAgent {
     awaited_containers: HashMap<String, containerd_checkpoint::AwaitedCheckpoint>,
     /// Rejected config changes, for the node worker to report as Kubernetes Events.
     config_rejections: tokio::sync::broadcast::Sender<String>,
+    /// What start-up recovery kept that is no checkpoint (incomplete dumps, quarantine):
+    /// listed, holding its name, removed on delete.
+    leftovers: Vec<Leftover>,
+    /// Dumps recovery adopted, still to drain into the slower tiers once the agent runs.
+    adopted: Vec<CheckpointName>,
 }
 
 /// How often tier budgets are re-checked besides after each operation.
@@ -101,7 +108,41 @@ impl NodeAgent {
             shim_restores: HashMap::new(),
             awaited_containers: HashMap::new(),
             config_rejections: tokio::sync::broadcast::channel(16).0,
+            leftovers: Vec::new(),
+            adopted: Vec::new(),
         }
+    }
+
+    /// Takes over what start-up recovery found: adopted dumps drain into the slower tiers
+    /// once the agent runs, leftovers are listed and hold their names.
+    pub fn with_recovery(mut self, recovery: Recovery) -> Self {
+        self.leftovers = recovery.leftovers;
+        self.adopted = recovery.adopted;
+        self
+    }
+
+    /// Refuses a name a record, a leftover of recovery or unrecorded RAM-tier images hold.
+    fn ensure_name_unused(&self, name: &CheckpointName) -> Result<(), AgentError> {
+        if self.catalog.get(name).is_some() {
+            return Err(AgentError::AlreadyExists(name.to_string()));
+        }
+        if let Some(leftover) = self.leftovers.iter().find(|l| &l.name == name) {
+            return Err(AgentError::NameInUse {
+                name: name.to_string(),
+                by: format!(
+                    "the RAM tier keeps {} images under it ({})",
+                    leftover.kind.as_str(),
+                    leftover.path.display()
+                ),
+            });
+        }
+        if self.parts.ram.dir_of(name).exists() || self.parts.ram.partial_dir_of(name).exists() {
+            return Err(AgentError::NameInUse {
+                name: name.to_string(),
+                by: "the RAM tier holds images under it that no record accounts for".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Demotes copies out of every tier over its high watermark or past its age limit.
@@ -189,9 +230,7 @@ impl NodeAgent {
         } else {
             CheckpointName::new(&req.name)?
         };
-        if self.catalog.get(&name).is_some() {
-            return Err(AgentError::AlreadyExists(name.to_string()));
-        }
+        self.ensure_name_unused(&name)?;
         Ok(CheckpointJob {
             name,
             pid: req.pid,
@@ -269,6 +308,13 @@ impl Actor for NodeAgent {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        for name in std::mem::take(&mut self.adopted) {
+            if let Some(record) = self.catalog.get(&name) {
+                let files = record.files.clone();
+                self.last_used.insert(name.clone(), record.created_unix);
+                self.drain_later(ctx, &name, files, TierKind::Ram);
+            }
+        }
         policy::publish_budgets(&self.parts);
         self.refresh_tier_usage(ctx);
         ctx.run_interval(BUDGET_CHECK_INTERVAL, |agent, ctx| {
@@ -325,6 +371,19 @@ fn info_pb(record: &CheckpointRecord, tiers: Vec<String>, state: String) -> pb::
         stored_bytes: record.stored_bytes,
         tiers,
         state,
+        note: record.note.clone(),
+    }
+}
+
+fn leftover_pb(leftover: &Leftover) -> pb::CheckpointInfo {
+    pb::CheckpointInfo {
+        checkpoint_ref: leftover.name.to_string(),
+        pid: leftover.pid,
+        raw_bytes: leftover.bytes,
+        tiers: vec![TierKind::Ram.as_str().to_owned()],
+        state: leftover.kind.as_str().to_owned(),
+        note: format!("{} ({})", leftover.note, leftover.path.display()),
+        ..Default::default()
     }
 }
 
@@ -457,16 +516,18 @@ impl Handler<List> for NodeAgent {
 
     fn handle(&mut self, _: List, _: &mut Self::Context) -> Self::Result {
         let records: Vec<CheckpointRecord> = self.catalog.all().cloned().collect();
+        let leftovers: Vec<pb::CheckpointInfo> = self.leftovers.iter().map(leftover_pb).collect();
         let parts = self.parts.clone();
         let workloads = self.workloads.clone();
         Box::pin(
             async move {
                 let holdings = holdings(&parts).await?;
-                let mut infos = Vec::with_capacity(records.len());
+                let mut infos = Vec::with_capacity(records.len() + leftovers.len());
                 for record in &records {
                     let state = workload_state(&workloads, record.pid).await;
                     infos.push(info_pb(record, held_by(&holdings, &record.name), state));
                 }
+                infos.extend(leftovers);
                 Ok(infos)
             }
             .into_actor(self),
@@ -537,11 +598,38 @@ impl Handler<Delete> for NodeAgent {
             Ok(name) => name,
             Err(e) => return Box::pin(actix::fut::ready(Err(e))),
         };
+        let (leftovers, others): (Vec<Leftover>, Vec<Leftover>) =
+            std::mem::take(&mut self.leftovers)
+                .into_iter()
+                .partition(|l| l.name == name);
+        self.leftovers = others;
+        if leftovers
+            .iter()
+            .any(|l| l.kind == crate::recovery::LeftoverKind::Incomplete)
+        {
+            self.parts.journal.note(
+                name.as_str(),
+                Transition::Abandoned {
+                    reason: "the incomplete dump was deleted on request".into(),
+                },
+            );
+        }
         let tiers = self.parts.tiers.clone();
         let target = name.clone();
         Box::pin(
             async move {
                 let mut removed = Vec::new();
+                if !leftovers.is_empty() {
+                    let paths: Vec<std::path::PathBuf> =
+                        leftovers.iter().map(|l| l.path.clone()).collect();
+                    crate::checkpoint::blocking(move || {
+                        paths.iter().try_for_each(|p| std::fs::remove_dir_all(p).map_err(|e| {
+                            AgentError::Internal(format!("cannot remove {}: {e}", p.display()))
+                        }))
+                    })
+                    .await??;
+                    removed.push(TierKind::Ram.as_str().to_owned());
+                }
                 for (kind, tier) in &tiers.actors {
                     let held = tier.send(Remove(target.clone())).await?.map_err(|source| {
                         AgentError::Tier {
@@ -550,7 +638,7 @@ impl Handler<Delete> for NodeAgent {
                             source: Box::new(source),
                         }
                     })?;
-                    if held {
+                    if held && !removed.iter().any(|r| r == kind.as_str()) {
                         removed.push(kind.as_str().to_owned());
                     }
                 }

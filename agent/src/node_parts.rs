@@ -10,6 +10,7 @@ use crate::config::AgentConfig;
 use crate::criu::CriuRunner;
 use crate::cuda::CudaActor;
 use crate::events::EventBus;
+use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::tiers::Tiers;
 
@@ -32,4 +33,6 @@ pub struct NodeParts {
     pub events: EventBus,
     /// The byte-rate limits in force (replaced on reload).
     pub bandwidth: Arc<Bandwidth>,
+    /// The journal of transitions recovery needs.
+    pub journal: Arc<Journal>,
 }

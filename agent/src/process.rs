@@ -24,6 +24,14 @@ pub enum TargetError {
     /// Zombies have no state left.
     #[error("PID {0} has exited (zombie)")]
     Zombie(i32),
+    /// CRIU dumps process trees; a thread id would reach it and make it abort.
+    #[error("PID {pid} is a thread of process {process}; pass {process}")]
+    Thread {
+        /// The thread id given.
+        pid: i32,
+        /// The process it belongs to.
+        process: i32,
+    },
 }
 
 /// The fields of `/proc/PID/stat` the agent uses.
@@ -37,6 +45,8 @@ pub struct ProcStat {
     pub pgrp: i32,
     /// Session.
     pub session: i32,
+    /// Start time in clock ticks since boot: with the PID, it names one process for good.
+    pub start_ticks: u64,
 }
 
 /// Reads `/proc/PID/stat`; `None` when the process does not exist.
@@ -51,11 +61,15 @@ fn parse_stat(text: &str) -> Option<ProcStat> {
     let mut fields = rest.split_whitespace();
     let state = fields.next()?.chars().next()?;
     let mut number = || fields.next()?.parse::<i32>().ok();
+    let (ppid, pgrp, session) = (number()?, number()?, number()?);
+    // Field 22 (starttime); fields 7..=21 lie between it and the session.
+    let start_ticks = fields.nth(15)?.parse::<u64>().ok()?;
     Some(ProcStat {
         state,
-        ppid: number()?,
-        pgrp: number()?,
-        session: number()?,
+        ppid,
+        pgrp,
+        session,
+        start_ticks,
     })
 }
 
@@ -68,6 +82,9 @@ pub fn check_target(pid: i32) -> Result<ProcStat, TargetError> {
         return Err(TargetError::Init);
     }
     let stat = stat(pid).ok_or(TargetError::NoSuchProcess(pid))?;
+    if let Some(process) = thread_group(pid).filter(|tgid| *tgid != pid) {
+        return Err(TargetError::Thread { pid, process });
+    }
     if stat.state == 'Z' {
         return Err(TargetError::Zombie(pid));
     }
@@ -78,6 +95,48 @@ pub fn check_target(pid: i32) -> Result<ProcStat, TargetError> {
         return Err(TargetError::KernelThread(pid));
     }
     Ok(stat)
+}
+
+/// The process (thread group) that `pid` belongs to: itself unless it is a thread id.
+fn thread_group(pid: i32) -> Option<i32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether the process that was `pid` with start time `start_ticks` still runs (a zombie
+/// or a later process reusing the PID does not count).
+pub fn still_runs(pid: i32, start_ticks: u64) -> bool {
+    stat(pid).is_some_and(|s| s.start_ticks == start_ticks && s.state != 'Z')
+}
+
+/// PIDs of the processes whose command line has `arg` as one of its arguments, e.g. the
+/// CRIU still dumping into an image directory after the agent that started it died.
+pub fn with_argument(arg: &std::ffi::OsStr) -> Vec<i32> {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if cmdline.split(|b| *b == 0).any(|a| a == arg.as_bytes()) {
+            found.push(pid);
+        }
+    }
+    found
 }
 
 fn is_agent_or_ancestor(pid: i32) -> bool {
@@ -145,6 +204,38 @@ pub fn kill_tree(pids: &[i32]) {
     }
 }
 
+/// Clock ticks since boot now, on the scale of [`ProcStat::start_ticks`].
+pub fn uptime_ticks() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
+    let text = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+    // "12345.67 ...": seconds with hundredths, read as whole hundredths.
+    let uptime = text.split_whitespace().next().unwrap_or("0");
+    let (whole, fraction) = uptime.split_once('.').unwrap_or((uptime, "0"));
+    let hundredths = whole.parse::<u64>().unwrap_or(0) * 100
+        + fraction
+            .get(..2)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0);
+    hundredths * hz / 100
+}
+
+/// Kills the process tree on `pid` when its root started at or after `since_ticks`, i.e.
+/// during an operation that began then (what a failed or killed `criu restore` leaves on
+/// the workload's PID), and waits up to `wait` for the PID to be free. Returns whether
+/// something was killed.
+pub async fn kill_started_since(pid: i32, since_ticks: u64, wait: Duration) -> bool {
+    let Some(current) = stat(pid) else {
+        return false;
+    };
+    if current.start_ticks < since_ticks {
+        return false;
+    }
+    kill_tree(&tree(pid));
+    let _ = wait_until_released(pid, wait).await;
+    true
+}
+
 /// Whether a process is stopped (job control or ptrace), i.e. frozen.
 pub fn is_stopped(pid: i32) -> bool {
     matches!(stat(pid).map(|s| s.state), Some('T' | 't'))
@@ -170,14 +261,18 @@ mod tests {
 
     #[test]
     fn parses_names_with_spaces_and_parens() {
-        let s = parse_stat("42 (a (b) c) S 7 42 40 0 -1 4194560 1 2 3").unwrap();
+        let s = parse_stat(
+            "42 (a (b) c) S 7 42 40 0 -1 4194560 1 2 3 4 5 6 7 8 20 0 1 0 987654 100 200",
+        )
+        .unwrap();
         assert_eq!(
             s,
             ProcStat {
                 state: 'S',
                 ppid: 7,
                 pgrp: 42,
-                session: 40
+                session: 40,
+                start_ticks: 987654,
             }
         );
         assert_eq!(parse_stat("garbage"), None);
@@ -194,6 +289,60 @@ mod tests {
             check_target(i32::MAX),
             Err(TargetError::NoSuchProcess(i32::MAX))
         );
+    }
+
+    #[test]
+    fn a_thread_id_is_refused_naming_its_process() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            tx.send(tid).unwrap();
+            let _ = stop_rx.recv();
+        });
+        let tid = rx.recv().unwrap();
+        let me = i32::try_from(std::process::id()).unwrap();
+        let err = check_target(tid).unwrap_err();
+        assert_eq!(
+            err,
+            TargetError::Thread {
+                pid: tid,
+                process: me
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            format!("PID {tid} is a thread of process {me}; pass {me}")
+        );
+        stop_tx.send(()).unwrap();
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_process_is_known_by_pid_and_start_time() {
+        let me = i32::try_from(std::process::id()).unwrap();
+        let ticks = stat(me).unwrap().start_ticks;
+        assert!(still_runs(me, ticks));
+        assert!(!still_runs(me, ticks + 1));
+        assert!(!still_runs(i32::MAX, ticks));
+        let marker = format!("kybernate-test-arg-{}", rand::random::<u32>());
+        // The trailing `:` keeps the shell from exec'ing sleep, so its argv (with the marker
+        // as $0) stays.
+        let child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30; :", &marker])
+            .spawn();
+        let mut child = child.unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        // Until the child has exec'd, its command line is still ours.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while with_argument(std::ffi::OsStr::new(&marker)).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(with_argument(std::ffi::OsStr::new(&marker)), [pid]);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(with_argument(std::ffi::OsStr::new(&marker)).is_empty());
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::cuda::{CheckRestore, CudaPhaseError, RestoreAndUnlock};
 use crate::error::{tier_list, AgentError};
 use crate::events::PhaseClock;
 use crate::images::{self, ImageError};
+use crate::journal::Transition;
 use crate::node_parts::NodeParts;
 use crate::process;
 use crate::streaming::{self, StreamedRestoreError};
@@ -123,7 +124,7 @@ async fn phases(
             .await
             .map_err(|e| ("cuda_check", e))?;
     }
-    let mut candidates = match from {
+    let candidates = match from {
         Some(kind) if parts.tiers.get(kind).is_none() => {
             let e = AgentError::InvalidRequest(format!(
                 "this agent has no {kind} tier (tiers: {})",
@@ -166,38 +167,35 @@ async fn phases(
         .await
         .map_err(|e| ("wait_pid", e))?;
 
-    let (restored, staged) = match staged {
-        Some(staged) => (criu_restore(parts, record, &staged, clock).await?, staged),
-        None => match streaming::restore_from_nvme(parts, record, &name, clock).await {
-            Ok(restored) => (restored, Staged::streamed(TierKind::Nvme)),
-            Err(StreamedRestoreError::Failed(e)) => return Err(("criu_restore", e)),
-            Err(StreamedRestoreError::Damaged(e)) => {
-                // CRIU refused the tree before it ran; try the slower tiers the usual way.
-                tracing::warn!(checkpoint = %name, error = %e, "NVMe copy unusable; trying the next tier");
-                candidates.retain(|k| *k > TierKind::Nvme);
-                let staged = stage(
-                    parts,
-                    record,
-                    &name,
-                    &candidates,
-                    clock,
-                    Urgency::Foreground,
-                )
-                .await
-                .map_err(|fallback| {
-                    let detail = format!("nvme copy: {}; {}", damage_of(&e), fallback);
-                    (
-                        "stage",
-                        AgentError::Images {
-                            name: record.name.clone(),
-                            detail: format!("no intact copy left ({detail})"),
-                        },
-                    )
-                })?;
-                (criu_restore(parts, record, &staged, clock).await?, staged)
-            }
+    let _ = std::fs::create_dir_all(parts.config.logs_dir());
+    // Whatever holds the PID from here on was put there by this restore.
+    let since_ticks = process::uptime_ticks();
+    parts.journal.note(
+        &record.name,
+        Transition::RestoreStarted {
+            pid: record.pid,
+            since_ticks,
         },
+    );
+    let restored = match crate::checkpoint::failpoint("restore.before_criu") {
+        Err(e) => Err(("criu_restore", e)),
+        Ok(()) => run_criu_restore(parts, record, &name, staged, candidates, clock).await,
     };
+    let (restored, staged) = match restored {
+        Ok(done) => done,
+        Err(e) => {
+            // A failed or killed CRIU can leave a process that never runs on the PID (the
+            // restorer waiting on a futex); it would hold the PID against every retry.
+            if process::kill_started_since(record.pid, since_ticks, pid_wait).await {
+                tracing::warn!(checkpoint = %record.name, pid = record.pid, "killed what the failed restore left on the PID");
+            }
+            parts
+                .journal
+                .note(&record.name, Transition::RestoreEnded { ok: false });
+            return Err(e);
+        }
+    };
+    crate::checkpoint::failpoint("restore.after_criu").map_err(|e| ("criu_restore", e))?;
 
     let tree = process::tree(restored.pid);
     let unlock = RestoreAndUnlock {
@@ -218,14 +216,58 @@ async fn phases(
             // A process whose GPU state did not come back must not run half-restored; the
             // checkpoint stays, so the restore can be retried.
             process::kill_tree(&tree);
+            parts
+                .journal
+                .note(&record.name, Transition::RestoreEnded { ok: false });
             return Err(("cuda_restore", e));
         }
     }
+    parts
+        .journal
+        .note(&record.name, Transition::RestoreEnded { ok: true });
 
     Ok(RestoreOutcome {
         pid: restored.pid,
         source_tier: staged.tier,
         phases: clock.phases.clone(),
+    })
+}
+
+/// Restores the process tree with CRIU: streamed from NVMe when nothing was staged, else from
+/// the staged images; a streamed restore that finds a damaged chunk falls back to staging the
+/// slower tiers.
+async fn run_criu_restore(
+    parts: &NodeParts,
+    record: &CheckpointRecord,
+    name: &CheckpointName,
+    staged: Option<Staged>,
+    mut candidates: Vec<TierKind>,
+    clock: &mut PhaseClock,
+) -> Result<(Restored, Staged), (&'static str, AgentError)> {
+    Ok(match staged {
+        Some(staged) => (criu_restore(parts, record, &staged, clock).await?, staged),
+        None => match streaming::restore_from_nvme(parts, record, name, clock).await {
+            Ok(restored) => (restored, Staged::streamed(TierKind::Nvme)),
+            Err(StreamedRestoreError::Failed(e)) => return Err(("criu_restore", e)),
+            Err(StreamedRestoreError::Damaged(e)) => {
+                // CRIU refused the tree before it ran; try the slower tiers the usual way.
+                tracing::warn!(checkpoint = %name, error = %e, "NVMe copy unusable; trying the next tier");
+                candidates.retain(|k| *k > TierKind::Nvme);
+                let staged = stage(parts, record, name, &candidates, clock, Urgency::Foreground)
+                    .await
+                    .map_err(|fallback| {
+                        let detail = format!("nvme copy: {}; {}", damage_of(&e), fallback);
+                        (
+                            "stage",
+                            AgentError::Images {
+                                name: record.name.clone(),
+                                detail: format!("no intact copy left ({detail})"),
+                            },
+                        )
+                    })?;
+                (criu_restore(parts, record, &staged, clock).await?, staged)
+            }
+        },
     })
 }
 
@@ -352,10 +394,7 @@ async fn load_into_ram(
     clock: &mut PhaseClock,
     urgency: Urgency,
 ) -> Result<Staged, AgentError> {
-    let scratch = parts.ram.root().join(format!(
-        ".partial-restore-{name}-{:08x}",
-        rand::random::<u32>()
-    ));
+    let scratch = parts.ram.staging_dir_of(name, rand::random::<u32>());
     std::fs::create_dir_all(&scratch)
         .map_err(|e| AgentError::Internal(format!("cannot create {}: {e}", scratch.display())))?;
     let staged = Staged {

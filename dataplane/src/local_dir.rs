@@ -10,6 +10,14 @@ use crate::{CheckpointName, LoadReport, StoreReport, Tier, TierError, TierKind};
 /// Prefix of directories that are being written and do not count as held checkpoints.
 const PARTIAL_PREFIX: &str = ".partial-";
 
+/// Prefix of scratch copies staged from a slower tier for a restore: copies of data held
+/// elsewhere, so the only directories a start-up may simply delete.
+pub const STAGING_PREFIX: &str = ".staging-";
+
+/// Directory (under the root) of image sets nobody could account for after a crash: kept,
+/// listed, and removed only on request.
+const QUARANTINE_DIR: &str = ".quarantine";
+
 /// Image sets as directories `<root>/<name>/`; a store goes through `<root>/.partial-<name>/`
 /// and a rename, so a crash never leaves a half-written set under a real name.
 #[derive(Debug)]
@@ -19,25 +27,98 @@ pub struct LocalDirTier {
 }
 
 impl LocalDirTier {
-    /// Opens (creating if needed) a tier rooted at `root`, and sweeps partial sets left by a crash.
+    /// Opens (creating if needed, mode 0700) a tier rooted at `root`. Only restore scratch
+    /// copies (`.staging-*`) are swept: a partial set (`.partial-<name>`) may be the only copy
+    /// of a workload whose dump finished while the agent was down, so the agent's recovery
+    /// decides about each one ([`Self::partials`]).
     pub fn open(kind: TierKind, root: impl Into<PathBuf>) -> Result<Self, TierError> {
         let tier = Self {
             kind,
             root: root.into(),
         };
-        fs::create_dir_all(&tier.root).map_err(|e| tier.io("create directory", &tier.root, e))?;
+        create_private_dir(&tier.root).map_err(|e| tier.io("create directory", &tier.root, e))?;
         for entry in fs::read_dir(&tier.root).map_err(|e| tier.io("read", &tier.root, e))? {
             let entry = entry.map_err(|e| tier.io("read", &tier.root, e))?;
             if entry
                 .file_name()
                 .to_string_lossy()
-                .starts_with(PARTIAL_PREFIX)
+                .starts_with(STAGING_PREFIX)
             {
                 let path = entry.path();
                 fs::remove_dir_all(&path).map_err(|e| tier.io("remove", &path, e))?;
             }
         }
         Ok(tier)
+    }
+
+    /// Checkpoints with a partial set (`.partial-<name>`) in the tier: dumps that had not
+    /// been committed when the agent stopped.
+    pub fn partials(&self) -> Result<Vec<CheckpointName>, TierError> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&self.root).map_err(|e| self.io("read", &self.root, e))? {
+            let entry = entry.map_err(|e| self.io("read", &self.root, e))?;
+            let file_name = entry.file_name();
+            let Some(rest) = file_name
+                .to_string_lossy()
+                .strip_prefix(PARTIAL_PREFIX)
+                .map(str::to_owned)
+            else {
+                continue;
+            };
+            if let Ok(name) = CheckpointName::new(&rest) {
+                if entry.path().is_dir() {
+                    names.push(name);
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Scratch directory for staging a copy of `name` from a slower tier.
+    pub fn staging_dir_of(&self, name: &CheckpointName, unique: u32) -> PathBuf {
+        self.root
+            .join(format!("{STAGING_PREFIX}{name}-{unique:08x}"))
+    }
+
+    /// Moves the directory `dir` (in this tier) into the quarantine as a set of `name`, and
+    /// returns where it went. A name quarantined before keeps its older set beside the new.
+    pub fn quarantine(&self, name: &CheckpointName, dir: &Path) -> Result<PathBuf, TierError> {
+        let root = self.root.join(QUARANTINE_DIR);
+        create_private_dir(&root).map_err(|e| self.io("create directory", &root, e))?;
+        let mut target = root.join(name.as_str());
+        let mut n = 1u32;
+        while target.exists() {
+            target = root.join(format!("{name}~{n}"));
+            n += 1;
+        }
+        fs::rename(dir, &target).map_err(|e| self.io("quarantine", dir, e))?;
+        sync_path(&root).map_err(|e| self.io("sync", &root, e))?;
+        Ok(target)
+    }
+
+    /// Every quarantined set: the checkpoint name it was found under, its directory and size.
+    pub fn quarantined(&self) -> Result<Vec<(CheckpointName, PathBuf, u64)>, TierError> {
+        let root = self.root.join(QUARANTINE_DIR);
+        let entries = match fs::read_dir(&root) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(self.io("read", &root, e)),
+        };
+        let mut sets = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| self.io("read", &root, e))?;
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            let base = file_name.split('~').next().unwrap_or_default();
+            let Ok(name) = CheckpointName::new(base) else {
+                continue;
+            };
+            let path = entry.path();
+            let bytes = dir_bytes(&path).map_err(|e| self.io("measure", &path, e))?;
+            sets.push((name, path, bytes));
+        }
+        sets.sort();
+        Ok(sets)
     }
 
     /// Root directory of the tier.
@@ -175,6 +256,16 @@ fn copy_files(src: &Path, dest: &Path) -> Result<u64, (PathBuf, io::Error)> {
     Ok(bytes)
 }
 
+/// Creates `dir` and its parents; the tier's own directory gets mode 0700, as checkpoints
+/// are workloads' memory.
+fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 fn sync_dir_files(dir: &Path) -> io::Result<()> {
     for entry in fs::read_dir(dir)? {
         sync_path(&entry?.path())?;
@@ -239,7 +330,7 @@ mod tests {
     }
 
     #[test]
-    fn failed_store_leaves_nothing_and_partials_are_swept() {
+    fn failed_store_leaves_nothing_and_partials_stay_for_recovery() {
         let tmp = tempfile::tempdir().unwrap();
         let tier = LocalDirTier::open(TierKind::Nvme, tmp.path().join("nvme")).unwrap();
         let err = tier
@@ -250,7 +341,49 @@ mod tests {
         assert!(tier.list().unwrap().is_empty());
 
         fs::create_dir(tier.partial_dir_of(&name("left"))).unwrap();
+        fs::write(
+            tier.partial_dir_of(&name("left")).join("inventory.img"),
+            b"x",
+        )
+        .unwrap();
+        let staging = tier.staging_dir_of(&name("cp"), 7);
+        fs::create_dir(&staging).unwrap();
         let reopened = LocalDirTier::open(TierKind::Nvme, tier.root()).unwrap();
-        assert!(!reopened.partial_dir_of(&name("left")).exists());
+        assert!(reopened
+            .partial_dir_of(&name("left"))
+            .join("inventory.img")
+            .exists());
+        assert_eq!(reopened.partials().unwrap(), vec![name("left")]);
+        assert!(!staging.exists(), "restore scratch copies are swept");
+        assert!(
+            reopened.list().unwrap().is_empty(),
+            "a partial set is no checkpoint"
+        );
+    }
+
+    #[test]
+    fn quarantined_sets_are_kept_listed_and_never_clash() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tier = LocalDirTier::open(TierKind::Ram, tmp.path().join("ram")).unwrap();
+        for _ in 0..2 {
+            let dir = tier.dir_of(&name("orphan"));
+            fs::create_dir(&dir).unwrap();
+            fs::write(dir.join("pages-1.img"), vec![1u8; 100]).unwrap();
+            let moved = tier.quarantine(&name("orphan"), &dir).unwrap();
+            assert!(moved.join("pages-1.img").exists());
+            assert!(!dir.exists());
+        }
+        let sets = tier.quarantined().unwrap();
+        assert_eq!(sets.len(), 2);
+        assert!(sets
+            .iter()
+            .all(|(n, _, bytes)| *n == name("orphan") && *bytes == 100));
+        assert!(
+            tier.list().unwrap().is_empty(),
+            "quarantine is no checkpoint"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(tier.root()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
     }
 }

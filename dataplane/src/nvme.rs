@@ -6,11 +6,18 @@
 //! A chunk already present is never written again, so a second checkpoint of the same memory,
 //! or a second replica of the same model, adds only its new chunks. A checkpoint exists once
 //! its manifest is renamed into place, after all its chunks are fsynced.
+//!
+//! Dedup never trusts a chunk file by its name alone: a chunk is reused only when it is
+//! known good, i.e. this process wrote it or verified its content against its hash, and
+//! its file has not changed since (same inode, length and ctime, which every write moves
+//! and nothing can set back). Any other chunk is read and verified before reuse, and a
+//! damaged one is written anew. A restore that finds a damaged chunk clears what is known,
+//! so every chunk is verified again before its next reuse.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,6 +47,28 @@ pub struct NvmeTier {
     /// about to reference a chunk.
     lock: Mutex<()>,
     tmp_seq: AtomicU64,
+    /// Chunks known good, with the state of their file when they were.
+    verified: Mutex<HashMap<ChunkHash, FileStamp>>,
+}
+
+/// What identifies one version of a chunk file: any write changes the ctime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    ino: u64,
+    len: u64,
+    ctime: i64,
+    ctime_nsec: i64,
+}
+
+impl FileStamp {
+    fn of(meta: &fs::Metadata) -> Self {
+        Self {
+            ino: meta.ino(),
+            len: meta.len(),
+            ctime: meta.ctime(),
+            ctime_nsec: meta.ctime_nsec(),
+        }
+    }
 }
 
 fn io(op: &'static str, path: &Path, source: io::Error) -> TierError {
@@ -80,6 +109,7 @@ impl NvmeTier {
             pool,
             lock: Mutex::new(()),
             tmp_seq: AtomicU64::new(0),
+            verified: Mutex::new(HashMap::new()),
         };
         // Chunks of a store that never committed (the agent died mid-stream) are garbage: no
         // store runs before the tier is open, so nothing can be about to reference them.
@@ -113,6 +143,16 @@ impl NvmeTier {
             if !referenced {
                 fs::remove_file(&chunk).map_err(|e| io("remove chunk", &chunk, e))?;
                 removed += 1;
+                if let Some(hash) = chunk
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(ChunkHash::from_hex)
+                {
+                    self.verified
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&hash);
+                }
             }
         }
         Ok(removed)
@@ -262,7 +302,10 @@ impl NvmeTier {
             Ok(stats)
         });
         match committed {
-            Ok(stats) => Ok((StoreReport::from(&stats), stats)),
+            Ok(stats) => {
+                self.remember_written(&outcome.written);
+                Ok((StoreReport::from(&stats), stats))
+            }
             Err(e) => {
                 // Nothing references the chunks this store added (stores are serialised), so
                 // they go; the source image set was only read and is untouched.
@@ -300,6 +343,50 @@ impl NvmeTier {
         result
     }
 
+    /// Chunks this store wrote from verified data are known good as they are now.
+    fn remember_written(&self, written: &[PathBuf]) {
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        for path in written {
+            let hash = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(ChunkHash::from_hex);
+            if let (Some(hash), Ok(meta)) = (hash, fs::metadata(path)) {
+                verified.insert(hash, FileStamp::of(&meta));
+            }
+        }
+    }
+
+    /// Whether the chunk file at `path` decodes to bytes that hash to `hash`.
+    fn chunk_is_intact(
+        path: &Path,
+        hash: &ChunkHash,
+        encoding: ChunkEncoding,
+        raw_len: u32,
+    ) -> Result<bool, TierError> {
+        let stored = match fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io("read chunk", path, e)),
+        };
+        let raw_len = usize::try_from(raw_len).expect("u32 fits usize");
+        let intact = match encoding {
+            ChunkEncoding::Raw => ChunkHash::of(&stored) == *hash,
+            ChunkEncoding::Zstd => zstd::bulk::decompress(&stored, raw_len)
+                .is_ok_and(|raw| raw.len() == raw_len && ChunkHash::of(&raw) == *hash),
+            ChunkEncoding::Zero => false,
+        };
+        Ok(intact)
+    }
+
+    /// Forgets every chunk known good, so each is verified again before its next reuse.
+    fn forget_verified(&self) {
+        self.verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     fn all_referenced(&self) -> Result<HashSet<ChunkHash>, TierError> {
         let mut hashes = HashSet::new();
         for name in self.list()? {
@@ -335,28 +422,48 @@ impl NvmeTier {
 impl ChunkIndex for NvmeTier {
     fn lookup(&self, hash: &ChunkHash, raw_len: u32) -> Result<Option<StoredChunk>, TierError> {
         let path = self.chunk_path(hash);
-        match fs::metadata(&path) {
-            Ok(meta) => {
-                // A raw chunk keeps its full length; a zstd frame is always shorter. A file
-                // that fits neither is damaged and is simply written again.
-                let Ok(stored_len) = u32::try_from(meta.len()) else {
-                    return Ok(None);
-                };
-                let encoding = match stored_len {
-                    0 => return Ok(None),
-                    n if n == raw_len => ChunkEncoding::Raw,
-                    n if n < raw_len => ChunkEncoding::Zstd,
-                    _ => return Ok(None),
-                };
-                Ok(Some(StoredChunk {
-                    encoding,
-                    stored_len,
-                    location: ChunkLocation::Store,
-                }))
+        let meta = match fs::metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io("stat chunk", &path, e)),
+        };
+        // A raw chunk keeps its full length; a zstd frame is always shorter. A file that fits
+        // neither is damaged and is simply written again.
+        let Ok(stored_len) = u32::try_from(meta.len()) else {
+            return Ok(None);
+        };
+        let encoding = match stored_len {
+            0 => return Ok(None),
+            n if n == raw_len => ChunkEncoding::Raw,
+            n if n < raw_len => ChunkEncoding::Zstd,
+            _ => return Ok(None),
+        };
+        let stamp = FileStamp::of(&meta);
+        let known = self
+            .verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(hash)
+            == Some(&stamp);
+        if !known {
+            if !Self::chunk_is_intact(&path, hash, encoding, raw_len)? {
+                tracing::warn!(chunk = %path.display(), "damaged chunk found by dedup; writing it anew");
+                self.verified
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(hash);
+                return Ok(None);
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io("stat chunk", &path, e)),
+            self.verified
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(*hash, stamp);
         }
+        Ok(Some(StoredChunk {
+            encoding,
+            stored_len,
+            location: ChunkLocation::Store,
+        }))
     }
 }
 
@@ -567,7 +674,11 @@ impl Tier for NvmeTier {
         let manifest = self.manifest(name)?;
         // Twice the cores: while half the workers decompress, the other half keep the disk busy.
         let workers = self.config.worker_count() * 2;
-        restore_image_set(TIER, &manifest, dest, self, &self.pool, workers)
+        let loaded = restore_image_set(TIER, &manifest, dest, self, &self.pool, workers);
+        if let Err(TierError::Corrupt { .. }) = &loaded {
+            self.forget_verified();
+        }
+        loaded
     }
 
     fn contains(&self, name: &CheckpointName) -> Result<bool, TierError> {

@@ -206,6 +206,45 @@ fn flipped_byte_is_a_clear_error_and_leaves_nothing_behind() {
     }
 }
 
+/// Dedup reuses a chunk only when it is known good: a chunk damaged on disk (same length,
+/// so a length check cannot see it) is written anew by the next store that needs it, and
+/// both checkpoints restore; a reopened tier verifies what it reuses.
+#[test]
+fn a_damaged_chunk_is_written_anew_by_the_next_store_that_needs_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tier, src) = stored_tier(tmp.path());
+    for encoding in [ChunkEncoding::Raw, ChunkEncoding::Zstd] {
+        let (_, _, path) = first_stored_chunk(&tier, encoding);
+        let mut bad = fs::read(&path).unwrap();
+        let middle = bad.len() / 2;
+        bad[middle] ^= 0x10;
+        fs::write(&path, &bad).unwrap();
+    }
+    let (_, stats) = tier.store_with_stats(&name("cp2"), &src).unwrap();
+    assert_eq!(
+        stats.new_chunks, 2,
+        "the two damaged chunks are rewritten: {stats:?}"
+    );
+    for cp in ["cp", "cp2"] {
+        let dest = new_dir(tmp.path(), &format!("dest-{cp}"));
+        tier.load(&name(cp), &dest).unwrap();
+        assert_eq!(read_dir_files(&dest), read_dir_files(&src), "{cp}");
+    }
+
+    let (_, stats) = tier.store_with_stats(&name("cp3"), &src).unwrap();
+    assert_eq!(
+        stats.new_chunks, 0,
+        "known good chunks are reused: {stats:?}"
+    );
+    drop(tier);
+    let reopened = NvmeTier::open(tmp.path().join("nvme"), config(65536)).unwrap();
+    let (_, stats) = reopened.store_with_stats(&name("cp4"), &src).unwrap();
+    assert_eq!(
+        stats.new_chunks, 0,
+        "intact chunks pass verification: {stats:?}"
+    );
+}
+
 #[test]
 fn truncated_chunk_and_deleted_manifest_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();

@@ -53,6 +53,8 @@ impl HostDirs {
         doc["state_dir"] = toml_edit::value(dirs.state.display().to_string());
         doc["tiers"]["ram_path"] = toml_edit::value(dirs.ram.display().to_string());
         fs::create_dir_all(config_dir).unwrap();
+        // The agent refuses configured tier directories that do not exist.
+        fs::create_dir_all(&dirs.ram).unwrap();
         fs::write(config_dir.join("agent.toml"), doc.to_string()).unwrap();
         dirs
     }

@@ -83,9 +83,7 @@ impl Handler<ContainerCheckpointBegin> for NodeAgent {
                 (true, None) => (container_name(&request.container_id)?, TierKind::Ram),
                 (false, _) => (CheckpointName::new(&request.name)?, TierKind::Ram),
             };
-            if self.catalog.get(&name).is_some() {
-                return Err(AgentError::AlreadyExists(name.to_string()));
-            }
+            self.ensure_name_unused(&name)?;
             self.reserve(&name)?;
             Ok((name, until))
         })();
@@ -420,6 +418,7 @@ async fn finish(
         } else {
             session.fingerprint
         },
+        note: String::new(),
     };
     let held = tier_list(&foreground.kinds());
     match foreground.failure {

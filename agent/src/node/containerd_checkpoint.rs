@@ -42,9 +42,7 @@ impl NodeAgent {
         } else {
             CheckpointName::new(&req.name)?
         };
-        if self.catalog.get(&name).is_some() {
-            return Err(AgentError::AlreadyExists(name.to_string()));
-        }
+        self.ensure_name_unused(&name)?;
         if self.busy.contains(&name) {
             return Err(AgentError::Busy(name.to_string()));
         }
@@ -183,6 +181,7 @@ mod tests {
             stored_bytes: 0,
             files: Vec::new(),
             gpu: None,
+            note: String::new(),
         }
     }
 

@@ -274,6 +274,7 @@ mod tests {
             stored_bytes: 1,
             files: Vec::new(),
             gpu: None,
+            note: String::new(),
         }
     }
 

@@ -19,6 +19,9 @@ impl NodeAgent {
         record: &CheckpointRecord,
     ) -> Result<(), AgentError> {
         self.catalog.insert(name.clone(), record.clone())?;
+        self.parts
+            .journal
+            .note(name.as_str(), crate::journal::Transition::Recorded);
         let parts = self.parts.clone();
         let record = record.clone();
         ctx.spawn(async move { shared_records::publish(&parts, &record).await }.into_actor(self));

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use kybernate_agent::workload::Status;
 
+pub mod faults;
+
 pub const AGENT: &str = env!("CARGO_BIN_EXE_kybernate-agent");
 pub const CTL: &str = env!("CARGO_BIN_EXE_kybernatectl");
 const WAIT: Duration = Duration::from_secs(60);

@@ -169,6 +169,9 @@ impl Node {
             ),
         )
         .unwrap();
+        // The agent refuses configured tier directories that do not exist.
+        fs::create_dir_all(&self.ram_tier).unwrap();
+        fs::create_dir_all(base.join("nvme")).unwrap();
         fs::write(
             base.join("agent.toml"),
             format!(
