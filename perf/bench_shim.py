@@ -410,11 +410,12 @@ def pod_rss_main(args):
     ratio = o["median"] / b["median"]
     o_solo, b_solo = benchkit.stats(rss[(OURS, False)]), benchkit.stats(rss[(STOCK, False)])
     shown = lambda key: ", ".join(map(str, sorted(counts[key])))
+    section = f"bench_shim_rss_{args.containerd.replace('.', '')}"
     command = (f"python3 perf/bench_shim.py --pod-rss --runs {args.runs} --containerd {args.containerd}"
                f" --profile {args.profile}")
     fmt = "{:.1f}"
     lines = [
-        "<!-- bench_shim_rss:start -->",
+        f"<!-- {section}:start -->",
         f"### Shim memory per pod (3 containers), kybernate vs io.containerd.runc.v2, containerd {args.containerd}",
         "",
         f"Measured {benchkit.now_utc()} on {benchkit.machine_text()}, {args.profile} build, {args.runs} runs, "
@@ -433,19 +434,19 @@ def pod_rss_main(args):
         f"| without the sandbox id: shim RSS (MiB) | {o_solo['median']:.1f} "
         f"({benchkit.spread(o_solo, fmt)}) | {b_solo['median']:.1f} ({benchkit.spread(b_solo, fmt)}) | "
         f"{o_solo['median'] / b_solo['median']:.2f}× |",
-        "<!-- bench_shim_rss:end -->",
+        f"<!-- {section}:end -->",
     ]
     report = "\n".join(lines)
     print(report)
     if args.write:
-        benchkit.update_section(args.write, report, "bench_shim_rss")
+        benchkit.update_section(args.write, report, section)
     if args.json:
         row = {"metric": "shim RSS per pod of 3 containers", "unit": "MiB",
                "ours": {"label": "kybernate", **o}, "baseline": {"label": "runc.v2", **b}, "ratio": ratio}
         benchkit.write_json(args.json, {
             "name": "shim_rss", "title": "shim memory per pod, kybernate vs io.containerd.runc.v2",
             "command": command, "runs": args.runs, "comparisons": [row],
-            "markdown": report, "section": "bench_shim_rss"})
+            "markdown": report, "section": section})
 
 
 def one_run(node, bin_ctl, mib, run, with_ctr_flow):

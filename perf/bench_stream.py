@@ -170,7 +170,7 @@ def main():
         comparison("checkpoint until durable on NVMe", "streamed", [o["durable"] for o in ours], "bare criu dump",
                    [b["freeze"] for b in bare], raw, dump_cmd),
         comparison("checkpoint until durable on NVMe vs dump + pzstd + dd", "streamed",
-                   [o["durable"] for o in ours], "criu dump; pzstd | dd", [b["durable"] for b in bare], raw,
+                   [o["durable"] for o in ours], "criu dump, then pzstd and dd", [b["durable"] for b in bare], raw,
                    pack_cmd),
         comparison("restore from NVMe, page cache dropped", "streamed", [o["restore"] for o in ours],
                    "bare criu restore from disk", [b["restore"] for b in bare], raw, restore_cmd),
@@ -186,6 +186,8 @@ def main():
         f"Measured {date} on {machine_text()}, {build} build, {args.runs} runs, medians (min–max). "
         f"NVMe tier and baselines on {args.disk}. Command: `{command}`",
         "",
+        *([f"Not a release build ({build}): the data plane's own code runs unoptimised; treat the ratios as "
+           "indicative.", ""] if build != "release" else []),
         "| metric | streamed (s) | baseline (s) | baseline | ratio |",
         "| --- | --- | --- | --- | --- |",
     ]

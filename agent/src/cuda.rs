@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use kybernate_cuda::{
-    CheckpointOptions, Checkpointed, CudaSession, GpuFingerprint, PhaseTimings, RestoreReport,
+    CheckpointMode, CheckpointOptions, Checkpointed, CudaSession, GatePolicy, GpuFingerprint,
+    PhaseTimings, RecordedGpu, RestoreReport,
 };
 
 /// The CUDA phase failed.
@@ -168,7 +169,18 @@ impl Handler<CheckRestore> for CudaActor {
     type Result = Result<bool, CudaPhaseError>;
 
     fn handle(&mut self, msg: CheckRestore, _: &mut Self::Context) -> Self::Result {
-        Ok(self.session.check_restore(&msg.recorded)?)
+        // The restore gate names every fact of this node that does not fit, before
+        // anything is locked or CRIU runs. Records hold the fingerprint only (classic
+        // checkpoints, usage not recorded), so driver, GPU count, model and memory are
+        // checked; free memory needs the recorded usage.
+        let recorded = RecordedGpu {
+            fingerprint: msg.recorded,
+            driver_release: None,
+            mode: CheckpointMode::Classic,
+            used: Vec::new(),
+        };
+        let pairs = self.session.check_gate(&recorded, &GatePolicy::default())?;
+        Ok(!pairs.is_empty())
     }
 }
 

@@ -174,7 +174,7 @@ async fn serve(
     let ram = Arc::new(LocalDirTier::open(TierKind::Ram, config.ram_tier_path())?);
     let chunks = config.dataplane.chunk_config();
     let nvme = Arc::new(NvmeTier::open(config.nvme_tier_path(), chunks.clone())?);
-    let s3_tier = match &config.s3 {
+    let s3 = match &config.s3 {
         Some(s3) => {
             // The S3 tier runs its own runtime, which must not be created inside this one.
             let (settings, chunks) = (s3.clone(), chunks.clone());
@@ -216,13 +216,13 @@ async fn serve(
         (TierKind::Ram, TierActor::start(ram.clone(), TIER_THREADS)),
         (TierKind::Nvme, TierActor::start(nvme.clone(), TIER_THREADS)),
     ];
-    if let Some(tier) = &s3_tier {
+    if let Some(tier) = &s3 {
         actors.push((TierKind::S3, TierActor::start(tier.clone(), TIER_THREADS)));
     }
     let tiers = Tiers {
         actors,
         nvme: Some(nvme),
-        s3: s3_tier,
+        s3,
     };
 
     let metrics = Metrics::new();

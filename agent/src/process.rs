@@ -327,10 +327,11 @@ mod tests {
         assert!(!still_runs(me, ticks + 1));
         assert!(!still_runs(i32::MAX, ticks));
         let marker = format!("kybernate-test-arg-{}", rand::random::<u32>());
-        // The trailing `:` keeps the shell from exec'ing sleep, so its argv (with the marker
-        // as $0) stays.
+        // `read` is a shell builtin: the shell blocks on its stdin without forking, so only it
+        // carries the marker (as $0). A forked child that has not exec'd yet would carry it too.
         let child = std::process::Command::new("sh")
-            .args(["-c", "sleep 30; :", &marker])
+            .args(["-c", "read -r line", &marker])
+            .stdin(std::process::Stdio::piped())
             .spawn();
         let mut child = child.unwrap();
         let pid = i32::try_from(child.id()).unwrap();

@@ -124,7 +124,7 @@ async fn phases(
             .await
             .map_err(|e| ("cuda_check", e))?;
     }
-    let mut candidates = match from {
+    let candidates = match from {
         Some(kind) if parts.tiers.get(kind).is_none() => {
             let e = AgentError::InvalidRequest(format!(
                 "this agent has no {kind} tier (tiers: {})",
@@ -167,6 +167,7 @@ async fn phases(
         .await
         .map_err(|e| ("wait_pid", e))?;
 
+    let _ = std::fs::create_dir_all(parts.config.logs_dir());
     // Whatever holds the PID from here on was put there by this restore.
     let since_ticks = process::uptime_ticks();
     parts.journal.note(
@@ -176,46 +177,13 @@ async fn phases(
             since_ticks,
         },
     );
-    let attempt = async {
-        crate::checkpoint::failpoint("restore.before_criu").map_err(|e| ("criu_restore", e))?;
-        let done = match staged {
-            Some(staged) => (criu_restore(parts, record, &staged, clock).await?, staged),
-            None => match streaming::restore_from_nvme(parts, record, &name, clock).await {
-                Ok(restored) => (restored, Staged::streamed(TierKind::Nvme)),
-                Err(StreamedRestoreError::Failed(e)) => return Err(("criu_restore", e)),
-                Err(StreamedRestoreError::Damaged(e)) => {
-                    // CRIU refused the tree before it ran; try the slower tiers the usual way.
-                    tracing::warn!(checkpoint = %name, error = %e, "NVMe copy unusable; trying the next tier");
-                    candidates.retain(|k| *k > TierKind::Nvme);
-                    let staged = stage(
-                        parts,
-                        record,
-                        &name,
-                        &candidates,
-                        clock,
-                        Urgency::Foreground,
-                    )
-                    .await
-                    .map_err(|fallback| {
-                        let detail = format!("nvme copy: {}; {}", damage_of(&e), fallback);
-                        (
-                            "stage",
-                            AgentError::Images {
-                                name: record.name.clone(),
-                                detail: format!("no intact copy left ({detail})"),
-                            },
-                        )
-                    })?;
-                    (criu_restore(parts, record, &staged, clock).await?, staged)
-                }
-            },
-        };
-        Ok(done)
-    }
-    .await;
-    let (restored, staged) = match attempt {
+    let restored = match crate::checkpoint::failpoint("restore.before_criu") {
+        Err(e) => Err(("criu_restore", e)),
+        Ok(()) => run_criu_restore(parts, record, &name, staged, candidates, clock).await,
+    };
+    let (restored, staged) = match restored {
         Ok(done) => done,
-        Err((phase, e)) => {
+        Err(e) => {
             // A failed or killed CRIU can leave a process that never runs on the PID (the
             // restorer waiting on a futex); it would hold the PID against every retry.
             if process::kill_started_since(record.pid, since_ticks, pid_wait).await {
@@ -224,7 +192,7 @@ async fn phases(
             parts
                 .journal
                 .note(&record.name, Transition::RestoreEnded { ok: false });
-            return Err((phase, e));
+            return Err(e);
         }
     };
     crate::checkpoint::failpoint("restore.after_criu").map_err(|e| ("criu_restore", e))?;
@@ -262,6 +230,44 @@ async fn phases(
         pid: restored.pid,
         source_tier: staged.tier,
         phases: clock.phases.clone(),
+    })
+}
+
+/// Restores the process tree with CRIU: streamed from NVMe when nothing was staged, else from
+/// the staged images; a streamed restore that finds a damaged chunk falls back to staging the
+/// slower tiers.
+async fn run_criu_restore(
+    parts: &NodeParts,
+    record: &CheckpointRecord,
+    name: &CheckpointName,
+    staged: Option<Staged>,
+    mut candidates: Vec<TierKind>,
+    clock: &mut PhaseClock,
+) -> Result<(Restored, Staged), (&'static str, AgentError)> {
+    Ok(match staged {
+        Some(staged) => (criu_restore(parts, record, &staged, clock).await?, staged),
+        None => match streaming::restore_from_nvme(parts, record, name, clock).await {
+            Ok(restored) => (restored, Staged::streamed(TierKind::Nvme)),
+            Err(StreamedRestoreError::Failed(e)) => return Err(("criu_restore", e)),
+            Err(StreamedRestoreError::Damaged(e)) => {
+                // CRIU refused the tree before it ran; try the slower tiers the usual way.
+                tracing::warn!(checkpoint = %name, error = %e, "NVMe copy unusable; trying the next tier");
+                candidates.retain(|k| *k > TierKind::Nvme);
+                let staged = stage(parts, record, name, &candidates, clock, Urgency::Foreground)
+                    .await
+                    .map_err(|fallback| {
+                        let detail = format!("nvme copy: {}; {}", damage_of(&e), fallback);
+                        (
+                            "stage",
+                            AgentError::Images {
+                                name: record.name.clone(),
+                                detail: format!("no intact copy left ({detail})"),
+                            },
+                        )
+                    })?;
+                (criu_restore(parts, record, &staged, clock).await?, staged)
+            }
+        },
     })
 }
 

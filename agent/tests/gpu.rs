@@ -121,7 +121,9 @@ fn restore_remaps_gpus_and_refuses_incompatible_nodes() {
             agent.restart();
             let err = agent.ctl_err(&["restore", "moving"]);
             assert!(
-                err.contains("cannot be restored on this node") && err.contains(MODEL),
+                err.contains("restore refused before anything was locked")
+                    && err.contains("GPU model")
+                    && err.contains(MODEL),
                 "{err}"
             );
             assert!(

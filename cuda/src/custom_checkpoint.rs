@@ -31,16 +31,37 @@ impl Default for CustomCheckpointOptions {
     }
 }
 
-/// Where one process ended up after its part of the checkpoint.
-enum Outcome {
-    /// Checkpointed; its VRAM is in the store.
-    Saved(Vec<VramImage>),
+/// Where one process ended up after its part of the checkpoint: the error, if its part
+/// failed, and what giving it back needs.
+struct Outcome {
+    error: Option<CudaError>,
+    state: Held,
+}
+
+/// What a process holds after its part of the checkpoint.
+enum Held {
+    /// Checkpointed; its VRAM is in `store` (the checkpoint's store or a rescue copy).
+    Saved(Vec<VramImage>, Option<Arc<MemoryVramStore>>),
     /// Still LOCKED with its VRAM on the GPU (checkpoint or completion failed).
-    Locked(CudaError),
-    /// Checkpointed, but its VRAM is only in the rescue copy.
-    Rescued(CudaError, Vec<VramImage>, Arc<MemoryVramStore>),
+    Locked,
     /// Its mapping could not be copied anywhere; the operation was left open.
-    Stuck(CudaError),
+    Stuck,
+}
+
+impl Outcome {
+    fn saved(images: Vec<VramImage>) -> Outcome {
+        Outcome {
+            error: None,
+            state: Held::Saved(images, None),
+        }
+    }
+
+    fn locked(error: CudaError) -> Outcome {
+        Outcome {
+            error: Some(error),
+            state: Held::Locked,
+        }
+    }
 }
 
 /// Copies every GPU of `op` into `store`, GPUs in parallel.
@@ -87,7 +108,7 @@ fn save_one(driver: &dyn CudaDriver, pid: u32, store: &dyn VramStore, chunk: u64
     let op = match driver.checkpoint_custom(pid) {
         Ok(op) => op,
         Err(source) => {
-            return Outcome::Locked(CudaError::Driver {
+            return Outcome::locked(CudaError::Driver {
                 phase: Phase::Checkpoint,
                 pid,
                 source,
@@ -96,8 +117,8 @@ fn save_one(driver: &dyn CudaDriver, pid: u32, store: &dyn VramStore, chunk: u64
     };
     match copy_all(driver, pid, &op, store, chunk) {
         Ok(images) => match complete(driver, pid, op.handle) {
-            Ok(()) => Outcome::Saved(images),
-            Err(e) => Outcome::Locked(e),
+            Ok(()) => Outcome::saved(images),
+            Err(e) => Outcome::locked(e),
         },
         Err(cause) => {
             // The mapping is still valid: keep a copy here so that completing (which
@@ -106,16 +127,22 @@ fn save_one(driver: &dyn CudaDriver, pid: u32, store: &dyn VramStore, chunk: u64
             let rescue = Arc::new(MemoryVramStore::default());
             match copy_all(driver, pid, &op, rescue.as_ref(), chunk) {
                 Ok(images) => match complete(driver, pid, op.handle) {
-                    Ok(()) => Outcome::Rescued(cause, images, rescue),
-                    Err(_) => Outcome::Locked(cause),
+                    Ok(()) => Outcome {
+                        error: Some(cause),
+                        state: Held::Saved(images, Some(rescue)),
+                    },
+                    Err(_) => Outcome::locked(cause),
                 },
-                Err(again) => Outcome::Stuck(CudaError::RollbackIncomplete {
-                    cause: Box::new(cause),
-                    failures: vec![format!(
-                        "the rescue copy failed too ({again}); pid {pid}'s checkpoint \
-                         operation stays open and its VRAM mapped"
-                    )],
-                }),
+                Err(again) => Outcome {
+                    error: Some(CudaError::RollbackIncomplete {
+                        cause: Box::new(cause),
+                        failures: vec![format!(
+                            "the rescue copy failed too ({again}); pid {pid}'s checkpoint \
+                             operation stays open and its VRAM mapped"
+                        )],
+                    }),
+                    state: Held::Stuck,
+                },
             }
         }
     }
@@ -191,9 +218,11 @@ impl CudaSession {
                 .collect()
         });
         guard.timings_mut().checkpoint = started.elapsed();
-        if outcomes.iter().all(|(_, o)| matches!(o, Outcome::Saved(_))) {
+        let mut outcomes = outcomes;
+        let first_error = outcomes.iter_mut().find_map(|(_, o)| o.error.take());
+        let Some(cause) = first_error else {
             for (_, outcome) in outcomes {
-                if let Outcome::Saved(images) = outcome {
+                if let Held::Saved(images, _) = outcome.state {
                     guard.checkpointed_next();
                     guard.add_images(images);
                 }
@@ -206,52 +235,35 @@ impl CudaSession {
                 "CUDA checkpoint with custom storage done"
             );
             return Ok(guard);
-        }
+        };
         guard.forget();
-        Err(self.roll_back_custom(driver.as_ref(), outcomes, store.as_ref()))
-    }
-
-    fn roll_back_custom(
-        &self,
-        driver: &dyn CudaDriver,
-        outcomes: Vec<(u32, Outcome)>,
-        store: &dyn VramStore,
-    ) -> CudaError {
-        let mut cause = None;
+        tracing::warn!(error = %cause, "CUDA checkpoint with custom storage failed; rolling back");
         let mut failures = Vec::new();
         for (pid, outcome) in outcomes.into_iter().rev() {
-            match outcome {
-                Outcome::Saved(images) => {
-                    failures.extend(roll_back_one(driver, pid, Some((&images, store))));
+            match (&outcome.error, &outcome.state) {
+                (Some(also), Held::Stuck) => failures.push(also.to_string()),
+                (Some(also), _) => tracing::warn!(pid, error = %also, "also failed"),
+                (None, _) => {}
+            }
+            match outcome.state {
+                Held::Saved(images, rescue) => {
+                    let from: &dyn VramStore = match &rescue {
+                        Some(rescue) => rescue.as_ref(),
+                        None => store.as_ref(),
+                    };
+                    failures.extend(roll_back_one(driver.as_ref(), pid, Some((&images, from))));
                 }
-                Outcome::Locked(e) => {
-                    cause.get_or_insert(e);
-                    failures.extend(roll_back_one(driver, pid, None));
-                }
-                Outcome::Rescued(e, images, rescue) => {
-                    cause.get_or_insert(e);
-                    failures.extend(roll_back_one(driver, pid, Some((&images, rescue.as_ref()))));
-                }
-                Outcome::Stuck(e) => {
-                    failures.push(e.to_string());
-                    cause.get_or_insert(e);
-                }
+                Held::Locked => failures.extend(roll_back_one(driver.as_ref(), pid, None)),
+                Held::Stuck => {}
             }
         }
-        let cause = cause.unwrap_or_else(|| CudaError::RollbackIncomplete {
-            cause: Box::new(CudaError::Refused {
-                reasons: vec!["custom-storage checkpoint failed".into()],
-            }),
-            failures: Vec::new(),
-        });
-        tracing::warn!(error = %cause, "CUDA checkpoint with custom storage failed; rolled back");
-        if failures.is_empty() || matches!(cause, CudaError::RollbackIncomplete { .. }) {
-            cause
+        if failures.is_empty() {
+            Err(cause)
         } else {
-            CudaError::RollbackIncomplete {
+            Err(CudaError::RollbackIncomplete {
                 cause: Box::new(cause),
                 failures,
-            }
+            })
         }
     }
 }

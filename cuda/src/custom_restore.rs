@@ -98,6 +98,22 @@ impl CudaSession {
             return Ok(report);
         };
         let found = self.cuda_processes(pids);
+        let without_images: Vec<u32> = found
+            .iter()
+            .filter(|(pid, state)| {
+                *state == ProcessState::Checkpointed && !images.iter().any(|i| i.key.pid == *pid)
+            })
+            .map(|(pid, _)| *pid)
+            .collect();
+        if !without_images.is_empty() {
+            return Err(CudaError::ModeUnavailable {
+                mode: crate::CheckpointMode::CustomStorage,
+                reason: format!(
+                    "no VRAM images recorded for pid(s) {without_images:?}: a checkpoint made \
+                     on the classic path is restored with the classic restore"
+                ),
+            });
+        }
         let started = Instant::now();
         let driver_ref = driver.as_ref();
         let pairs_ref = pairs.as_slice();

@@ -275,16 +275,19 @@ impl TaskService {
                 c.target(),
             ))
         })?;
+        let deleted = target
+            .runc
+            .run(
+                id,
+                &["delete".into(), "--force".into(), id.to_owned()],
+                Default::default(),
+                Some(&target.runc_log()),
+            )
+            .await;
+        // A staged restore usually never reached runc; when its start failed after `runc
+        // restore` (the task was killed), runc's state is removed here all the same.
         if !staged {
-            target
-                .runc
-                .run(
-                    id,
-                    &["delete".into(), "--force".into(), id.to_owned()],
-                    Default::default(),
-                    Some(&target.runc_log()),
-                )
-                .await?;
+            deleted?;
         }
         if never_started && pid > 0 {
             // runc delete killed the waiting `runc init`; its exit arrives from the reaper.

@@ -346,6 +346,17 @@ async fn a_task_whose_gpu_state_did_not_come_back_is_killed() {
         .journal
         .entries()
         .contains(&"runc kill --all c1 9".to_owned()));
+    // containerd then deletes the task: runc's state of the killed task goes, and the agent
+    // drops what it staged.
+    rig.service.delete_task("c1", "").await.unwrap();
+    assert_eq!(
+        rig.steps()[5..],
+        [
+            "runc delete",
+            "agent connect",
+            "agent restore_end restored=false"
+        ]
+    );
 }
 
 #[tokio::test]

@@ -141,14 +141,16 @@ impl TestAgent {
             .spawn()
             .expect("start kybernate-agent");
         self.process = Some(child);
+        // The agent binds its socket before start-up recovery, so a connect can succeed before
+        // it serves (and before its config watch is in place); an answered request cannot.
         let deadline = Instant::now() + WAIT;
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+        while !self.ctl(&["list"]).status.success() {
             if let Some(status) = self.process.as_mut().unwrap().try_wait().unwrap() {
                 panic!("agent exited with {status}: {}", self.log());
             }
             assert!(
                 Instant::now() < deadline,
-                "agent socket never appeared: {}",
+                "agent never answered on its socket: {}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(20));

@@ -10,9 +10,7 @@
 //! added. A failure on our side closes the pipes and the socket, so CRIU's next write fails
 //! at once and CRIU resumes the workload instead of waiting on a stream nobody reads.
 
-use std::fs::File;
-use std::io::{self, Read};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -21,23 +19,18 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::{JoinHandle, Scope, ScopedJoinHandle};
 
-use crate::buffer::{BufferPool, PooledBuf};
-use crate::chunk::{encode_into, is_zero, store_raw, ChunkConfig, ChunkEncoding, ChunkHash};
+use crate::buffer::BufferPool;
+use crate::chunk::{ChunkConfig, ChunkEncoding, ChunkHash};
 use crate::manifest::{CheckpointManifest, ChunkLocation, ChunkRef, FileEntry};
-use crate::pipeline::{ChunkIndex, ChunkWriter, DrainStats, StoredChunk, WriteBacklog};
+use crate::pipeline::{ChunkWriter, DrainStats, StoredChunk};
 use crate::stream::barrier::{tell, CommitBarrier};
+use crate::stream::chunker::{read_image, stream_error, work, Done, Failure, Job, Outcome, Shared};
 use crate::stream::wire::{self, CAPTURE_SOCKET};
 use crate::{CheckpointName, NvmeTier, StoreReport, Tier, TierError, TierKind};
 
 const TIER: TierKind = TierKind::Nvme;
 /// Permission bits of every streamed image, as CRIU creates image files (`CR_FD_PERM`).
 const IMAGE_MODE: u32 = 0o600;
-/// An image that grows past this moves from ordinary memory into a pinned pool buffer: only
-/// page images get there, and a pool buffer per small image would waste the pool.
-const PIN_AFTER: usize = 1 << 20;
-/// Pipe capacity asked for: fewer, larger reads than the default 64 KiB.
-const PIPE_BYTES: libc::c_int = 1 << 20;
-
 /// A streamed store in progress; see the module docs.
 #[derive(Debug)]
 pub struct StreamCapture {
@@ -194,14 +187,6 @@ impl Drop for StreamCapture {
     }
 }
 
-fn stream_error(name: &CheckpointName, detail: impl Into<String>) -> TierError {
-    TierError::Stream {
-        tier: TIER,
-        name: name.clone(),
-        detail: detail.into(),
-    }
-}
-
 /// What the capture thread owns.
 struct Session {
     tier: Arc<NvmeTier>,
@@ -268,77 +253,6 @@ impl Session {
 struct ImageMeta {
     name: String,
     size: u64,
-}
-
-/// The first failure of a capture, seen by every thread.
-struct Failure {
-    failed: AtomicBool,
-    first: Mutex<Option<TierError>>,
-    /// A handle on CRIU's socket, shut down on failure to end the request loop.
-    socket: UnixStream,
-}
-
-impl Failure {
-    fn fail(&self, e: TierError) {
-        let mut first = self.first.lock().unwrap_or_else(|e| e.into_inner());
-        if first.is_none() {
-            *first = Some(e);
-        }
-        self.failed.store(true, Ordering::SeqCst);
-        let _ = self.socket.shutdown(std::net::Shutdown::Both);
-    }
-
-    fn is_set(&self) -> bool {
-        self.failed.load(Ordering::SeqCst)
-    }
-
-    fn take(&self) -> Option<TierError> {
-        self.first.lock().unwrap_or_else(|e| e.into_inner()).take()
-    }
-}
-
-/// A chunk's raw bytes as a reader filled them.
-enum Staged {
-    Heap(Vec<u8>),
-    Pinned(PooledBuf),
-}
-
-impl Staged {
-    fn as_slice(&self) -> &[u8] {
-        match self {
-            Staged::Heap(v) => v,
-            Staged::Pinned(b) => b.as_slice(),
-        }
-    }
-}
-
-struct Job {
-    file: usize,
-    index: usize,
-    data: Staged,
-}
-
-enum Outcome {
-    Zero,
-    Known(StoredChunk),
-    New(ChunkEncoding, PooledBuf),
-}
-
-struct Done {
-    file: usize,
-    index: usize,
-    hash: ChunkHash,
-    raw_len: u32,
-    outcome: Outcome,
-}
-
-/// What the session's threads share.
-struct Shared<'a> {
-    name: &'a CheckpointName,
-    dir: &'a Path,
-    config: &'a ChunkConfig,
-    staging: BufferPool,
-    failure: Failure,
 }
 
 fn receive(
@@ -550,163 +464,5 @@ fn serve_requests<'scope>(
     match first_error {
         Some(e) => Err(e),
         None => Ok(images),
-    }
-}
-
-/// Reads one image from its pipe into chunk jobs; returns its size.
-fn read_image(
-    shared: &Shared<'_>,
-    file: usize,
-    path: &Path,
-    pipe: OwnedFd,
-    jobs: &SyncSender<Job>,
-) -> Result<u64, TierError> {
-    // SAFETY: F_SETPIPE_SZ on a pipe we own only changes its capacity; failure (a pipe
-    // larger than pipe-max-size for an unprivileged agent) keeps the default.
-    unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BYTES) };
-    let mut pipe = File::from(pipe);
-    let chunk_size = shared.config.chunk_size;
-    let mut size = 0u64;
-    let mut index = 0usize;
-    let mut scratch = vec![0u8; 64 << 10];
-    // Once an image has needed a pinned buffer, its later chunks go straight into one.
-    let mut large = false;
-    loop {
-        let filled = fill_chunk(shared, &mut pipe, &mut scratch, chunk_size, path, large);
-        let (data, eof) = match filled {
-            Ok(filled) => filled,
-            Err(e) => {
-                shared.failure.fail(e);
-                return Err(stream_error(shared.name, "an image could not be read"));
-            }
-        };
-        if shared.failure.is_set() {
-            // Dropping the pipe makes CRIU's next write fail, so the dump ends promptly.
-            return Err(stream_error(shared.name, "stopped after another failure"));
-        }
-        large |= matches!(data, Staged::Pinned(_));
-        let len = data.as_slice().len();
-        if len > 0 {
-            size += u64::try_from(len).expect("fits");
-            let job = Job { file, index, data };
-            if jobs.send(job).is_err() {
-                return Err(stream_error(shared.name, "the chunk workers stopped"));
-            }
-            index += 1;
-        }
-        if eof {
-            return Ok(size);
-        }
-    }
-}
-
-/// Reads from `pipe` until a chunk is full or the image ends; returns the chunk and whether
-/// the image ended. The first [`PIN_AFTER`] bytes go to ordinary memory unless `large`.
-fn fill_chunk(
-    shared: &Shared<'_>,
-    pipe: &mut File,
-    scratch: &mut [u8],
-    chunk_size: usize,
-    path: &Path,
-    large: bool,
-) -> Result<(Staged, bool), TierError> {
-    let read_error = |e: io::Error| TierError::Io {
-        tier: TIER,
-        op: "read the stream of image",
-        path: path.to_owned(),
-        source: e,
-    };
-    let read = |pipe: &mut File, buf: &mut [u8]| loop {
-        match pipe.read(buf) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            other => return other.map_err(&read_error),
-        }
-    };
-    let mut heap = Vec::new();
-    while !large && heap.len() < chunk_size.min(PIN_AFTER) {
-        let want = scratch.len().min(chunk_size - heap.len());
-        let n = read(pipe, &mut scratch[..want])?;
-        if n == 0 {
-            return Ok((Staged::Heap(heap), true));
-        }
-        heap.extend_from_slice(&scratch[..n]);
-    }
-    if heap.len() == chunk_size {
-        return Ok((Staged::Heap(heap), false));
-    }
-    let mut buf = shared.staging.take();
-    let mut len = heap.len();
-    buf.spare_mut()[..len].copy_from_slice(&heap);
-    drop(heap);
-    while len < chunk_size {
-        let n = read(pipe, &mut buf.spare_mut()[len..chunk_size])?;
-        if n == 0 {
-            buf.set_len(len);
-            return Ok((Staged::Pinned(buf), true));
-        }
-        len += n;
-    }
-    buf.set_len(len);
-    Ok((Staged::Pinned(buf), false))
-}
-
-/// A chunk worker: zero check, hash, dedup lookup, adaptive compression.
-fn work(
-    shared: &Shared<'_>,
-    jobs: &Mutex<Receiver<Job>>,
-    done: &SyncSender<Result<Done, TierError>>,
-    out: &BufferPool,
-    index: &dyn ChunkIndex,
-    backlog: Option<&WriteBacklog>,
-) {
-    let config = shared.config;
-    let busy_at = u64::try_from(2 * config.worker_count() * config.chunk_size).unwrap_or(u64::MAX);
-    let mut compressor = match zstd::bulk::Compressor::new(config.zstd_level) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = done.send(Err(TierError::Config {
-                tier: TIER,
-                detail: format!("zstd level {}: {e}", config.zstd_level),
-            }));
-            return;
-        }
-    };
-    loop {
-        let job = match jobs.lock().unwrap_or_else(|e| e.into_inner()).recv() {
-            Ok(job) => job,
-            Err(_) => return,
-        };
-        let data = job.data.as_slice();
-        let raw_len = u32::try_from(data.len()).expect("chunk size is capped below 4 GiB");
-        let result = if is_zero(data) {
-            Ok((ChunkHash::ZERO, Outcome::Zero))
-        } else {
-            let hash = ChunkHash::of(data);
-            index.lookup(&hash, raw_len).map(|known| match known {
-                Some(stored) => (hash, Outcome::Known(stored)),
-                None => {
-                    let mut buf = out.take();
-                    let compress =
-                        !config.adaptive || backlog.is_none_or(|b| b.queued() >= busy_at);
-                    let (encoding, n) = if compress {
-                        encode_into(data, config, &mut compressor, buf.spare_mut())
-                    } else {
-                        store_raw(data, buf.spare_mut())
-                    };
-                    buf.set_len(n);
-                    (hash, Outcome::New(encoding, buf))
-                }
-            })
-        };
-        let msg = result.map(|(hash, outcome)| Done {
-            file: job.file,
-            index: job.index,
-            hash,
-            raw_len,
-            outcome,
-        });
-        if done.send(msg).is_err() {
-            return;
-        }
     }
 }

@@ -8,6 +8,7 @@
 
 mod barrier;
 mod capture;
+mod chunker;
 mod readahead;
 mod serve;
 mod wire;

@@ -449,6 +449,22 @@ fn restore_failure_leaves_the_checkpoint_for_another_try() {
             criu_dump(w.root, &dump).unwrap();
             w.reap_after_dump();
 
+            criu_restore(&dump).unwrap();
+            let err = session
+                .restore_custom(&w.pids(), Some(&recorded.fingerprint), &[], vram.as_ref())
+                .unwrap_err();
+            assert!(err.to_string().contains("classic"), "{err}");
+            assert_eq!(
+                states(&session, &w.pids()),
+                [ProcessState::Checkpointed],
+                "untouched"
+            );
+            for &pid in &w.pids() {
+                // SAFETY: kill has no memory preconditions; the pid is the test's.
+                unsafe { libc::kill(i32::try_from(pid).unwrap(), libc::SIGKILL) };
+            }
+            wait_gone(&w.pids());
+
             for fault in [
                 "restore_custom fail=2\n",
                 "copy fail=700 nth=2\n",
