@@ -23,7 +23,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchkit import (binaries, comparison, kill, machine_text, now_utc, require_root,  # noqa: E402
+from benchkit import (binaries, comparison, machine_text, now_utc, require_root,  # noqa: E402
                       start_workload, update_section, wait_until, write_json)
 
 
@@ -102,7 +102,8 @@ def main():
         proc = start_workload(ctl, 8, status)
         for i in range(args.checkpoints):
             full.ctl("checkpoint", "--pid", str(proc.pid), "--name", f"rec-{i:03}", "--leave-running")
-        kill(proc.pid)
+        proc.kill()
+        proc.wait()
         full.stop()
 
         with_state, baseline, recovery = [], [], []
