@@ -78,6 +78,9 @@ pub enum DaemonError {
         /// The configured path.
         path: PathBuf,
     },
+    /// A directory for checkpoint data is not private to root.
+    #[error(transparent)]
+    PrivateDir(#[from] crate::private_dirs::PrivateDirError),
     /// The journal could not be opened.
     #[error("cannot open the journal: {0}")]
     Journal(#[from] JournalError),
@@ -144,6 +147,13 @@ async fn serve(
                 path: path.clone(),
             });
         }
+    }
+    for (role, path) in [
+        ("state directory", config.state_dir.clone()),
+        ("RAM tier", config.ram_tier_path()),
+        ("NVMe tier", config.nvme_tier_path()),
+    ] {
+        crate::private_dirs::prepare(role, &path)?;
     }
     let availability = match criu::probe(&config.criu_path) {
         Ok(version) => {

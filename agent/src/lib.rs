@@ -35,6 +35,7 @@ pub mod node_parts;
 pub mod node_worker;
 pub mod pins;
 pub mod prefetch;
+pub mod private_dirs;
 pub mod process;
 pub mod recovery;
 pub mod reload;
