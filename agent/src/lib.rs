@@ -41,6 +41,7 @@ pub mod recovery;
 pub mod reload;
 pub mod restore;
 pub mod shared_records;
+pub mod socket_access;
 pub mod streaming;
 pub mod tiers;
 pub mod workload;
