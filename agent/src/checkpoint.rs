@@ -79,6 +79,7 @@ async fn phases(
         .await
         .map_err(|e| ("validate", e))?;
     let tree = process::tree(job.pid);
+    process::check_capabilities(&tree).map_err(|e| ("validate", e.into()))?;
 
     let cuda_error = |source: CudaPhaseError| AgentError::Cuda {
         name: name.to_string(),
