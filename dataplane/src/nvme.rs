@@ -807,9 +807,12 @@ impl Tier for NvmeTier {
         Ok(had_file || held)
     }
 
-    /// From memory.
+    /// From memory, each confirmed by its manifest file (a stat, which no store holds up):
+    /// a manifest removed behind the agent's back is not listed.
     fn list(&self) -> Result<Vec<CheckpointName>, TierError> {
-        Ok(self.index.list())
+        let mut names = self.index.list();
+        names.retain(|name| self.manifest_path(name).is_file());
+        Ok(names)
     }
 
     /// From memory: the bytes of every chunk file (those of a store in progress count once
