@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kybernate_dataplane::{ChunkConfig, S3Config, Secret};
+use kybernate_dataplane::{ChunkConfig, IoMode, S3Config, Secret};
 use serde::{Deserialize, Serialize};
 
 mod bandwidth;
@@ -62,8 +62,15 @@ pub struct DataplaneConfig {
     pub chunk_size_mib: usize,
     /// zstd level, 1..=19.
     pub zstd_level: i32,
-    /// Compression threads; 0 means one per core.
+    /// Chunks hashed and compressed at once by the node's data plane, over all checkpoints,
+    /// restores and drains together; 0 means half the cores (at least one), leaving the rest
+    /// to the workload's own threads.
     pub workers: usize,
+    /// How chunks are written: `auto` (io_uring when the kernel offers every operation the
+    /// data plane uses, else pread/pwrite, saying why in one log line), `uring` (refuse to
+    /// start without it) or `pread`. The environment variable `KYBERNATE_DATAPLANE_IO`
+    /// overrides this.
+    pub io: IoMode,
     /// Stream CRIU's images straight between CRIU and the NVMe tier (`criu --stream`): a
     /// checkpoint asked for NVMe or S3 never lands in the RAM tier, and a restore whose
     /// nearest copy is on NVMe reads it from there. Off: every checkpoint is written into the
@@ -78,6 +85,7 @@ impl Default for DataplaneConfig {
             chunk_size_mib: chunk.chunk_size >> 20,
             zstd_level: chunk.zstd_level,
             workers: chunk.workers,
+            io: IoMode::Auto,
             stream: false,
         }
     }
