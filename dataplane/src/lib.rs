@@ -33,7 +33,9 @@ pub use manifest::{
 pub use name::{CheckpointName, InvalidName};
 pub use nvme::NvmeTier;
 pub use pipeline::DrainStats;
-pub use s3::{S3Config, S3Tier, Secret, MAX_PARTS, MIN_PART_SIZE};
+pub use s3::{
+    GcReport, LeaseInfo, S3Config, S3Tier, Secret, UnfinishedUpload, MAX_PARTS, MIN_PART_SIZE,
+};
 pub use stream::{StreamCapture, StreamServe, CAPTURE_SOCKET, SERVE_SOCKET};
 pub use throttle::{ByteRate, Pacing, WaitHook};
 pub use tier::{LoadReport, StoreReport, Tier, TierKind, MAX_RECORD_BYTES};
