@@ -342,6 +342,8 @@ fn adopt(
         files,
         gpu: None,
         note: format!("recovered at agent start: {why}"),
+        // The journal covers checkpoints by PID only.
+        origin: crate::tenancy::Origin::NodeLocal,
     };
     inputs.catalog.insert(name.clone(), record)?;
     inputs.journal.note(name.as_str(), Transition::Recorded);

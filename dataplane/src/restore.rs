@@ -99,7 +99,8 @@ fn restore_inner(
             .map_err(|e| io("create", &path, e))?;
         created.push(path.clone());
         file.set_len(f.size).map_err(|e| io("size", &path, e))?;
-        file.set_permissions(fs::Permissions::from_mode(f.mode))
+        // Owner bits only: manifests written before the agent's umask 077 recorded 0644.
+        file.set_permissions(fs::Permissions::from_mode(f.mode & 0o700))
             .map_err(|e| io("chmod", &path, e))?;
         maps.push(if f.size == 0 {
             None

@@ -176,6 +176,7 @@ impl TaskService {
                     gpu_seat: String::new(),
                     cuda_timeout_ms: timeouts.cuda_ms,
                     leave_running: !options.exit,
+                    pod: crate::pod_identity::of(&spec),
                 },
                 millis(timeouts.cuda_ms.saturating_add(timeouts.agent_ms)),
             )

@@ -15,6 +15,7 @@ pub mod handoff;
 pub mod info;
 pub mod lifecycle;
 pub mod oom;
+pub mod pod_identity;
 pub mod process;
 pub mod resources;
 pub mod restore;

@@ -43,6 +43,7 @@ impl TaskService {
                     checkpoint_ref: reference.to_owned(),
                     container_id: id.to_owned(),
                     from_tier: String::new(),
+                    target: crate::pod_identity::of(spec),
                 },
                 millis(timeouts.restore_ms.saturating_add(timeouts.agent_ms)),
             )

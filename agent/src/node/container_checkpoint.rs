@@ -24,6 +24,7 @@ use crate::drain;
 use crate::error::{tier_list, AgentError};
 use crate::events::PhaseClock;
 use crate::node_parts::NodeParts;
+use crate::tenancy::Origin;
 use kybernate_cuda::GpuFingerprint;
 
 /// A container checkpoint between Begin and End.
@@ -76,6 +77,12 @@ impl Handler<ContainerCheckpointBegin> for NodeAgent {
                     "a container checkpoint needs the container id and its pids".into(),
                 ));
             }
+            Origin::of_container(request.pod.as_ref()).map_err(|e| {
+                AgentError::InvalidRequest(format!(
+                    "container {}: the pod named by its CRI annotations is malformed: {e}",
+                    request.container_id
+                ))
+            })?;
             let awaited = self.awaited_containers.get(&request.container_id);
             let (name, until) = match (request.name.is_empty(), awaited) {
                 // This agent asked containerd for the checkpoint and promised its caller a name.
@@ -396,6 +403,8 @@ async fn finish(
     tracing::info!(checkpoint = %name, container = %session.request.container_id,
         took_ms = crate::events::millis(session.began.elapsed()), "container checkpoint stored");
     let request = session.request;
+    // Validated at Begin; node-local, the strictest origin, if it were not.
+    let origin = Origin::of_container(request.pod.as_ref()).unwrap_or_default();
     let record = CheckpointRecord {
         name: name.to_string(),
         pid: request.pids.first().copied().unwrap_or_default(),
@@ -419,6 +428,7 @@ async fn finish(
             session.fingerprint
         },
         note: String::new(),
+        origin,
     };
     let held = tier_list(&foreground.kinds());
     match foreground.failure {

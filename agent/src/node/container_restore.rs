@@ -14,6 +14,7 @@ use crate::cuda::{CheckRestore, RestoreAndUnlock};
 use crate::error::AgentError;
 use crate::events::PhaseClock;
 use crate::restore::{stage, Staged};
+use crate::tenancy::check_restore;
 
 /// A container restore between Stage and End.
 #[derive(Debug)]
@@ -48,6 +49,15 @@ impl Handler<ContainerRestoreStage> for NodeAgent {
         };
         let prepared = from.and_then(|from| {
             let (name, record) = self.record(&request.checkpoint_ref)?;
+            check_restore(name.as_str(), &record.origin, request.target.as_ref()).inspect_err(
+                |refused| {
+                    self.parts
+                        .metrics
+                        .failure("restore", "tenancy", "refused_tenant");
+                    tracing::warn!(checkpoint = %name, container = %request.container_id,
+                        %refused, "refused a container restore across tenants");
+                },
+            )?;
             self.reserve(&name)?;
             Ok((name, record, from))
         });
