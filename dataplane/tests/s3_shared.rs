@@ -169,13 +169,15 @@ fn two_nodes_store_delete_and_restore_overlapping_checkpoints_for_60_seconds() {
     let events = Mutex::new(Vec::<Event>::new());
     let conflicts = Mutex::new(0usize);
     let restores_ok = Mutex::new(0usize);
+    let sweeps = Mutex::new(0usize);
     let run_for = Duration::from_secs(60);
     let started = Instant::now();
 
     std::thread::scope(|s| {
         for (i, tier) in nodes.iter().enumerate() {
             let node_no = u64::try_from(i).unwrap() + 1;
-            let (events, conflicts, restores_ok) = (&events, &conflicts, &restores_ok);
+            let (events, conflicts, restores_ok, sweeps) =
+                (&events, &conflicts, &restores_ok, &sweeps);
             let work = tmp.path().join(format!("node-{node_no}"));
             s.spawn(move || {
                 let mut rng = Rng(0x9e37_79b9_7f4a_7c15_u64.wrapping_mul(node_no));
@@ -184,7 +186,7 @@ fn two_nodes_store_delete_and_restore_overlapping_checkpoints_for_60_seconds() {
                     let cp = NAMES[usize::try_from(rng.below(5)).unwrap()];
                     let roll = rng.below(100);
                     let start = Instant::now();
-                    if roll < 45 {
+                    if (5..50).contains(&roll) {
                         counter += 1;
                         let seed = node_no * 1_000_000 + counter;
                         let dir = work.join(format!("src-{seed}"));
@@ -203,6 +205,10 @@ fn two_nodes_store_delete_and_restore_overlapping_checkpoints_for_60_seconds() {
                             }
                             Err(e) => panic!("node {node_no}: store of {cp} failed: {e}"),
                         }
+                    } else if roll < 5 {
+                        // A sweep with no removal, as an idle node would run it.
+                        let report = tier.collect_garbage().unwrap();
+                        *sweeps.lock().unwrap() += report.packs_deleted;
                     } else if roll < 75 {
                         match tier.remove(&name(cp)) {
                             Ok(true) => events.lock().unwrap().push(Event {
@@ -275,14 +281,26 @@ fn two_nodes_store_delete_and_restore_overlapping_checkpoints_for_60_seconds() {
         .iter()
         .filter(|e| matches!(e.op, Op::Stored { .. }))
         .count();
+    let refused = server.faults.refused_keys.lock().unwrap().clone();
+    let refused_in = |dir: &str| refused.iter().filter(|k| k.contains(dir)).count();
     eprintln!(
-        "60 s run: {stores} stores acknowledged, {} refused because the name was taken, \
-         {} removals, {} restores verified bit-identical during the run and {verified_at_end} \
-         at the end, {} conditional writes refused by the server, {} checkpoints left",
+        "60 s run: {stores} stores acknowledged, {} refused because the name was taken \
+         ({} of them by the server's If-None-Match on the manifest), {} removals, {} restores \
+         verified bit-identical during the run and {verified_at_end} at the end, {} packs \
+         deleted during the run ({} by sweeps between removals), {} checkpoints left",
         conflicts.into_inner().unwrap(),
+        refused_in("/manifests/"),
         deletes.len(),
         restores_ok.into_inner().unwrap(),
-        server.faults.precondition_failures.load(Ordering::SeqCst),
+        server
+            .faults
+            .deleted_keys
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|k| k.contains("/packs/"))
+            .count(),
+        sweeps.into_inner().unwrap(),
         listed.len(),
     );
     assert!(

@@ -48,10 +48,12 @@ pub struct Faults {
     pub aborts: AtomicUsize,
     /// (part number, content length) of every UploadPart call.
     pub parts: Mutex<Vec<(i32, i64)>>,
+    /// Keys of every DeleteObject call.
+    pub deleted_keys: Mutex<Vec<String>>,
     /// Keys of every GetObject call.
     pub get_keys: Mutex<Vec<String>>,
-    /// Conditional writes refused because the condition failed (HTTP 412).
-    pub precondition_failures: AtomicUsize,
+    /// Keys of the conditional writes refused because the condition failed (HTTP 412).
+    pub refused_keys: Mutex<Vec<String>>,
     /// A PutObject whose key contains this stops the whole server instead.
     pub stop_on_put: Mutex<Option<String>>,
     stop: Arc<Notify>,
@@ -66,12 +68,14 @@ struct FaultyFs {
 }
 
 impl FaultyFs {
-    fn count_refusal<T>(&self, result: &S3Result<T>) {
+    fn note_refusal<T>(&self, key: &str, result: &S3Result<T>) {
         if let Err(e) = result {
             if *e.code() == s3s::S3ErrorCode::PreconditionFailed {
                 self.faults
-                    .precondition_failures
-                    .fetch_add(1, Ordering::SeqCst);
+                    .refused_keys
+                    .lock()
+                    .unwrap()
+                    .push(key.to_owned());
             }
         }
     }
@@ -114,15 +118,21 @@ impl S3 for FaultyFs {
         if req.input.if_none_match.is_none() && req.input.if_match.is_none() {
             return self.inner.put_object(req).await;
         }
+        let key = req.input.key.clone();
         let _atomic = self.conditional.lock().await;
         let result = self.inner.put_object(req).await;
-        self.count_refusal(&result);
+        self.note_refusal(&key, &result);
         result
     }
     async fn delete_object(
         &self,
         req: S3Request<DeleteObjectInput>,
     ) -> S3Result<S3Response<DeleteObjectOutput>> {
+        self.faults
+            .deleted_keys
+            .lock()
+            .unwrap()
+            .push(req.input.key.clone());
         self.inner.delete_object(req).await
     }
     async fn list_objects_v2(
@@ -171,9 +181,10 @@ impl S3 for FaultyFs {
         if req.input.if_none_match.is_none() && req.input.if_match.is_none() {
             return self.inner.complete_multipart_upload(req).await;
         }
+        let key = req.input.key.clone();
         let _atomic = self.conditional.lock().await;
         let result = self.inner.complete_multipart_upload(req).await;
-        self.count_refusal(&result);
+        self.note_refusal(&key, &result);
         result
     }
     async fn list_multipart_uploads(
@@ -241,7 +252,8 @@ impl S3Server {
             aborts: AtomicUsize::new(0),
             parts: Mutex::new(Vec::new()),
             get_keys: Mutex::new(Vec::new()),
-            precondition_failures: AtomicUsize::new(0),
+            deleted_keys: Mutex::new(Vec::new()),
+            refused_keys: Mutex::new(Vec::new()),
             stop_on_put: Mutex::new(None),
             stop: Arc::clone(&stop),
         });
