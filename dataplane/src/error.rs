@@ -70,6 +70,17 @@ pub enum TierError {
         /// Which operation.
         detail: String,
     },
+    /// The tier already holds a different checkpoint under this name: another node (or an
+    /// earlier checkpoint of the same name) wrote it, and it is never overwritten.
+    #[error("{tier} tier: checkpoint {name} already exists with other contents: {detail}")]
+    AlreadyExists {
+        /// Tier holding the other checkpoint.
+        tier: TierKind,
+        /// The name both use.
+        name: CheckpointName,
+        /// What differs and what to do.
+        detail: String,
+    },
     /// The tier's configuration cannot work.
     #[error("{tier} tier: invalid configuration: {detail}")]
     Config {
@@ -91,6 +102,9 @@ impl TierError {
             TierError::Config { .. } => "config",
             TierError::Stream { .. } => "stream",
             TierError::Cancelled { .. } => "cancelled",
+        detail: String,
+    },
+            TierError::AlreadyExists { .. } => "already_exists",
         }
     }
 }

@@ -34,7 +34,9 @@ pub use manifest::{
 pub use name::{CheckpointName, InvalidName};
 pub use nvme::NvmeTier;
 pub use pipeline::DrainStats;
-pub use s3::{S3Config, S3Tier, Secret, MAX_PARTS, MIN_PART_SIZE};
+pub use s3::{
+    GcReport, LeaseInfo, S3Config, S3Tier, Secret, UnfinishedUpload, MAX_PARTS, MIN_PART_SIZE,
+};
 pub use service::{
     CancelToken, ClassSession, DataPlane, IoBackend, IoMode, PriorityGate, WorkClass, WorkPermit,
     IO_MODE_ENV,
