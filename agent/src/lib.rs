@@ -43,6 +43,7 @@ pub mod shared_records;
 pub mod streaming;
 pub mod tiers;
 pub mod workload;
+pub mod workload_state;
 
 /// Sets up structured logging on stderr; `KYBERNATE_LOG` sets the filter (default `info`).
 pub fn init_logging(json: bool) {
