@@ -30,6 +30,7 @@ use crate::journal::{DumpIntent, Transition};
 use crate::node_parts::NodeParts;
 use crate::process;
 use crate::tenancy::Origin;
+use crate::workload_state::WorkloadState;
 use kybernate_cuda::GpuFingerprint;
 
 /// A container checkpoint between Begin and End.
@@ -210,6 +211,7 @@ impl Handler<ContainerCheckpointBegin> for NodeAgent {
                     }
                 };
                 let lease = agent.grant_checkpoint_lease(ctx, &name);
+                agent.set_container_state(&request.container_id, WorkloadState::Freezing);
                 let reply = pb::ContainerCheckpointBeginReply {
                     checkpoint_ref: name.to_string(),
                     image_dir: partial.display().to_string(),
@@ -285,12 +287,17 @@ impl Handler<ContainerCheckpointEnd> for NodeAgent {
             Ok(found) => found,
             Err(e) => return Box::pin(actix::fut::ready(Err(e))),
         };
+        let container = session.request.container_id.clone();
+        if request.dumped {
+            self.set_container_state(&container, WorkloadState::Dumped);
+        }
         if request.dumped && request.images_follow {
             return self.release_before_images(name, session, request.dump_millis);
         }
         let parts = self.parts.clone();
         let job_name = name.clone();
         let until = session.until;
+        let leave_running = session.request.leave_running;
         Box::pin(
             async move {
                 if request.dumped {
@@ -314,6 +321,19 @@ impl Handler<ContainerCheckpointEnd> for NodeAgent {
             .map(move |result, agent, ctx| {
                 agent.busy.remove(&name);
                 agent.refresh_tier_usage(ctx);
+                agent.set_container_state(
+                    &container,
+                    match &result {
+                        Ok(None) => WorkloadState::Running,
+                        Ok(Some(_)) | Err(AgentError::HeldPartially { .. }) if leave_running => {
+                            WorkloadState::Running
+                        }
+                        Ok(Some(_)) | Err(AgentError::HeldPartially { .. }) => {
+                            WorkloadState::Stored
+                        }
+                        Err(_) => WorkloadState::Failed,
+                    },
+                );
                 if let Err(AgentError::HeldPartially { record, .. }) = &result {
                     agent.keep_record(ctx, &name, record)?;
                 }
@@ -394,6 +414,7 @@ impl NodeAgent {
                 }
                 Err(e) => {
                     agent.busy.remove(&name);
+                    agent.set_container_state(&session.request.container_id, WorkloadState::Failed);
                     Err(e)
                 }
             }),

@@ -18,14 +18,17 @@ use crate::error::AgentError;
 use crate::events::PhaseClock;
 use crate::restore::{stage, Staged};
 use crate::tenancy::check_restore;
+use crate::workload_state::WorkloadState;
 
 /// A container restore between Stage and End.
 #[derive(Debug)]
 pub struct ShimRestore {
-    record: CheckpointRecord,
+    pub(super) record: CheckpointRecord,
     staged: Staged,
     /// The lease the shim holds; an End must come before it runs out.
     pub(super) lease: Lease,
+    /// The workload's state before the Stage, for a restore that does not happen.
+    pub(super) before: Option<WorkloadState>,
 }
 
 /// Stage a checkpoint's images for the shim's `runc restore`.
@@ -135,6 +138,7 @@ impl Handler<ContainerRestoreStage> for NodeAgent {
                     },
                     lease.length,
                 );
+                let before = agent.set_state_of(&record, WorkloadState::Restoring);
                 let reply = pb::ContainerRestoreStageReply {
                     image_dir: staged.dir.display().to_string(),
                     source_tier: staged.tier.as_str().to_owned(),
@@ -147,6 +151,7 @@ impl Handler<ContainerRestoreStage> for NodeAgent {
                         record,
                         staged,
                         lease,
+                        before,
                     },
                 );
                 Ok(reply)
@@ -172,6 +177,7 @@ impl Handler<ContainerRestoreEnd> for NodeAgent {
             Err(Err(e)) => return Box::pin(actix::fut::ready(Err(e))),
         };
         let parts = self.parts.clone();
+        let (stored, before) = (session.record.clone(), session.before);
         Box::pin(
             async move {
                 let ShimRestore { record, staged, .. } = session;
@@ -220,6 +226,11 @@ impl Handler<ContainerRestoreEnd> for NodeAgent {
             .map(move |result, agent, ctx| {
                 agent.busy.remove(&name);
                 agent.refresh_tier_usage(ctx);
+                if matches!(&result, Ok(phases) if !phases.is_empty()) {
+                    agent.set_state_of(&stored, WorkloadState::Running);
+                } else {
+                    agent.put_back_state_of(&stored, before);
+                }
                 let phases = result?;
                 Ok(pb::ContainerRestoreEndReply {
                     phases: phases_pb(&phases),

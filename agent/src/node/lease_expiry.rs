@@ -30,6 +30,7 @@ use crate::journal::Transition;
 use crate::node_parts::NodeParts;
 use crate::process;
 use crate::recovery::{self, Leftover, LeftoverKind};
+use crate::workload_state::WorkloadState;
 
 /// How an expired checkpoint was settled.
 #[derive(Debug)]
@@ -39,8 +40,8 @@ enum Settled {
         record: Box<CheckpointRecord>,
         until: TierKind,
     },
-    /// No checkpoint: GPUs given back, partial images dropped.
-    RolledBack,
+    /// No checkpoint: GPUs given back, partial images dropped; whether the workload runs.
+    RolledBack { runs: bool },
     /// An incomplete dump of a workload that has ended, kept and listed.
     Incomplete(Leftover),
 }
@@ -63,12 +64,27 @@ impl Handler<CheckpointLeaseExpired> for NodeAgent {
         tracing::warn!(checkpoint = %msg.name, container = %session.request.container_id,
             %reason, "container checkpoint lease expired; the agent settles it");
         let name = msg.name;
+        let container = session.request.container_id.clone();
+        let leave_running = session.request.leave_running;
         ctx.spawn(
             settle_checkpoint(self.parts.clone(), name.clone(), session, reason)
                 .into_actor(self)
                 .map(move |settled, agent, ctx| {
                     agent.busy.remove(&name);
                     agent.refresh_tier_usage(ctx);
+                    let state = match &settled {
+                        Ok(Settled::RolledBack { runs: true }) => WorkloadState::Running,
+                        Ok(Settled::Recorded { .. }) | Err(AgentError::HeldPartially { .. })
+                            if leave_running =>
+                        {
+                            WorkloadState::Running
+                        }
+                        Ok(Settled::Recorded { .. }) | Err(AgentError::HeldPartially { .. }) => {
+                            WorkloadState::Stored
+                        }
+                        _ => WorkloadState::Failed,
+                    };
+                    agent.set_container_state(&container, state);
                     match settled {
                         Ok(Settled::Recorded { record, until }) => {
                             if let Err(e) = agent.keep_record(ctx, &name, &record) {
@@ -80,7 +96,7 @@ impl Handler<CheckpointLeaseExpired> for NodeAgent {
                             agent.enforce_budgets(ctx);
                         }
                         Ok(Settled::Incomplete(leftover)) => agent.leftovers.push(leftover),
-                        Ok(Settled::RolledBack) => {}
+                        Ok(Settled::RolledBack { .. }) => {}
                         Err(AgentError::HeldPartially { record, source, .. }) => {
                             tracing::error!(checkpoint = %name, error = %source, "the adopted dump is held only partially");
                             if let Err(e) = agent.keep_record(ctx, &name, &record) {
@@ -173,7 +189,7 @@ async fn settle_checkpoint(
     parts
         .journal
         .note(name.as_str(), Transition::Abandoned { reason });
-    Ok(Settled::RolledBack)
+    Ok(Settled::RolledBack { runs })
 }
 
 /// Ends the CUDA hold of `name`: the processes stay checkpointed (`keep_checkpointed`, for
@@ -222,6 +238,7 @@ impl Handler<RestoreLeaseExpired> for NodeAgent {
         self.parts
             .journal
             .note(msg.name.as_str(), Transition::RestoreEnded { ok: false });
+        self.put_back_state_of(&session.record, session.before);
         let name = msg.name;
         ctx.spawn(
             async move {
