@@ -134,6 +134,7 @@ pub async fn demote(
             .await?;
         }
     }
+    crate::checkpoint::failpoint(&format!("demote.{from}.before_remove"))?;
     let source = parts
         .tiers
         .get(from)
@@ -146,6 +147,7 @@ pub async fn demote(
             phase: format!("demote_{from}"),
             source: Box::new(e),
         })?;
+    crate::checkpoint::failpoint(&format!("demote.{from}.after_remove"))?;
     tracing::info!(checkpoint = %name, %from, %to, "demoted to stay within the tier budget");
     clock.succeeded();
     Ok(to)
