@@ -405,6 +405,9 @@ async fn load_into_ram(
     let deadline = Duration::from_millis(parts.config.timeouts.restore_ms);
     let phase = load_phase(kind);
     crate::checkpoint::failpoint(&format!("stage.{kind}.before_load"))?;
+    let pacing = parts.bandwidth.pacing(urgency);
+    // A load that times out stops writing into the scratch directory.
+    let _cancel = crate::tiers::CancelOnDrop(pacing.cancel.clone());
     let report = clock
         .run(phase, async {
             let sent = tokio::time::timeout(
@@ -412,7 +415,7 @@ async fn load_into_ram(
                 tier.send(Load {
                     name: name.clone(),
                     dest: scratch.clone(),
-                    pacing: parts.bandwidth.pacing(urgency),
+                    pacing,
                 }),
             )
             .await

@@ -61,6 +61,15 @@ pub enum TierError {
         /// What went wrong.
         detail: String,
     },
+    /// The operation was cancelled (its timeout passed or its caller went away); it stopped
+    /// and removed what it had written.
+    #[error("{tier} tier: cancelled: {detail}")]
+    Cancelled {
+        /// Tier the operation ran on.
+        tier: TierKind,
+        /// Which operation.
+        detail: String,
+    },
     /// The tier's configuration cannot work.
     #[error("{tier} tier: invalid configuration: {detail}")]
     Config {
@@ -81,6 +90,7 @@ impl TierError {
             TierError::Remote { .. } => "remote",
             TierError::Config { .. } => "config",
             TierError::Stream { .. } => "stream",
+            TierError::Cancelled { .. } => "cancelled",
         }
     }
 }
