@@ -220,6 +220,7 @@ async fn serve(
         chunks: &chunks,
         dump_timeout: crate::config::TimeoutsConfig::of(config.timeouts.dump_ms),
         logs_dir: &config.logs_dir(),
+        cuda: &cuda,
     })?;
     tracing::info!(
         checkpoints = catalog.all().count(),

@@ -328,27 +328,68 @@ impl NodeAgent {
         until: TierKind,
     ) {
         let (_, background) = drain::split_tiers(&self.parts, until);
-        if background.is_empty() {
+        self.drain_into(ctx, name, files, background);
+    }
+
+    /// Drains `name` from its RAM copy into `kinds` in the background.
+    fn drain_into(
+        &mut self,
+        ctx: &mut Context<Self>,
+        name: &CheckpointName,
+        files: Vec<crate::images::ImageFile>,
+        kinds: Vec<TierKind>,
+    ) {
+        if kinds.is_empty() {
             return;
         }
         self.draining.insert(name.clone());
         let done = name.clone();
         let image_dir = self.parts.ram.dir_of(name);
         ctx.spawn(
-            drain::drain_in_background(
-                self.parts.clone(),
-                name.clone(),
-                image_dir,
-                files,
-                background,
-            )
-            .into_actor(self)
-            .map(move |(), agent, ctx| {
-                agent.draining.remove(&done);
-                agent.refresh_tier_usage(ctx);
-                agent.enforce_budgets(ctx);
-            }),
+            drain::drain_in_background(self.parts.clone(), name.clone(), image_dir, files, kinds)
+                .into_actor(self)
+                .map(move |(), agent, ctx| {
+                    agent.draining.remove(&done);
+                    agent.refresh_tier_usage(ctx);
+                    agent.enforce_budgets(ctx);
+                }),
         );
+    }
+
+    /// Resumes the drains an agent's end (or a failing tier) cut off: every recorded
+    /// checkpoint drains again into the tiers slower than its slowest copy
+    /// ([`drain::owed_tiers`]). Without it a checkpoint would stay in the nearer tiers for
+    /// good after a crash mid-drain. Then runs a first budget pass.
+    fn resume_drains(&mut self, ctx: &mut Context<Self>) {
+        let parts = self.parts.clone();
+        ctx.spawn(async move { holdings(&parts).await }.into_actor(self).map(
+            |held, agent, ctx| {
+                let held = match held {
+                    Ok(held) => held,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot tell which drains to resume; they are tried at the next start");
+                        return;
+                    }
+                };
+                let owed: Vec<_> = agent
+                    .catalog
+                    .all()
+                    .filter_map(|record| {
+                        let name = CheckpointName::new(&record.name).ok()?;
+                        let kinds = drain::owed_tiers(&held, &name);
+                        let idle = !agent.busy.contains(&name) && !agent.draining.contains(&name);
+                        (idle && !kinds.is_empty()).then(|| (name, record.files.clone(), kinds))
+                    })
+                    .collect();
+                for (name, files, kinds) in owed {
+                    tracing::info!(checkpoint = %name, tiers = %tier_list(&kinds), "resuming a drain the last agent did not finish");
+                    agent.drain_into(ctx, &name, files, kinds);
+                }
+                // Budgets are enforced at start too: a demotion the last agent did not
+                // finish, or a budget lowered while it was down, applies now.
+                agent.enforce_budgets(ctx);
+            },
+        ));
     }
 
     fn refresh_tier_usage(&self, ctx: &mut Context<Self>) {
@@ -377,6 +418,7 @@ impl Actor for NodeAgent {
                 self.drain_later(ctx, &name, files, TierKind::Ram);
             }
         }
+        self.resume_drains(ctx);
         policy::publish_budgets(&self.parts);
         self.refresh_tier_usage(ctx);
         ctx.run_interval(BUDGET_CHECK_INTERVAL, |agent, ctx| {

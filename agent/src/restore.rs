@@ -404,6 +404,7 @@ async fn load_into_ram(
     };
     let deadline = Duration::from_millis(parts.config.timeouts.restore_ms);
     let phase = load_phase(kind);
+    crate::checkpoint::failpoint(&format!("stage.{kind}.before_load"))?;
     let pacing = parts.bandwidth.pacing(urgency);
     // A load that times out stops writing into the scratch directory.
     let _cancel = crate::tiers::CancelOnDrop(pacing.cancel.clone());
@@ -431,6 +432,7 @@ async fn load_into_ram(
         })
         .await?;
     parts.metrics.loaded(kind.as_str(), report.bytes);
+    crate::checkpoint::failpoint(&format!("stage.{kind}.after_load"))?;
     Ok(staged)
 }
 
