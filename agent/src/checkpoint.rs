@@ -276,6 +276,7 @@ async fn phases(
             cuda.fingerprint
         },
         note: String::new(),
+        origin: crate::tenancy::Origin::NodeLocal,
     };
     let held = tier_list(&foreground.kinds());
     failpoint("checkpoint.before_record").map_err(|e| ("record", e))?;

@@ -43,6 +43,7 @@ pub mod restore;
 pub mod shared_records;
 pub mod socket_access;
 pub mod streaming;
+pub mod tenancy;
 pub mod tiers;
 pub mod workload;
 

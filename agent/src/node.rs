@@ -26,14 +26,17 @@ mod config_reload;
 mod container_checkpoint;
 mod container_restore;
 mod containerd_checkpoint;
+mod lease_expiry;
 mod policy;
 mod shared;
+mod shim_lease;
 pub use config_reload::{
     ApplyConfig, ConfigLoaded, ConfigRejected, ConfigShow, SubscribeConfigRejections,
 };
 pub use container_checkpoint::{ContainerCheckpointBegin, ContainerCheckpointEnd};
 pub use container_restore::{ContainerRestoreEnd, ContainerRestoreStage};
 pub use policy::{Pin, TierStatus, Unpin};
+pub use shim_lease::{CheckpointLeaseExpired, Lease, RestoreLeaseExpired};
 
 /// The node agent.
 #[derive(Debug)]
@@ -59,6 +62,8 @@ pub struct NodeAgent {
     shim_checkpoints: HashMap<CheckpointName, container_checkpoint::ShimCheckpoint>,
     /// Container restores the shim has staged and not yet ended.
     shim_restores: HashMap<CheckpointName, container_restore::ShimRestore>,
+    /// Grants the leases of the shim's Begins and Stages.
+    leases: shim_lease::Leases,
     /// Containers this agent asked containerd to checkpoint, with the name their shim's
     /// ContainerCheckpointBegin is to use.
     awaited_containers: HashMap<String, containerd_checkpoint::AwaitedCheckpoint>,
@@ -106,6 +111,7 @@ impl NodeAgent {
             config_view: config_reload::ConfigView::default(),
             shim_checkpoints: HashMap::new(),
             shim_restores: HashMap::new(),
+            leases: shim_lease::Leases::default(),
             awaited_containers: HashMap::new(),
             config_rejections: tokio::sync::broadcast::channel(16).0,
             leftovers: Vec::new(),
@@ -122,7 +128,12 @@ impl NodeAgent {
     }
 
     /// Refuses a name a record, a leftover of recovery or unrecorded RAM-tier images hold.
+    /// A name an operation holds is reported busy (worth a retry), not taken: its images
+    /// may be on their way in or out.
     fn ensure_name_unused(&self, name: &CheckpointName) -> Result<(), AgentError> {
+        if self.busy.contains(name) {
+            return Err(AgentError::Busy(name.to_string()));
+        }
         if self.catalog.get(name).is_some() {
             return Err(AgentError::AlreadyExists(name.to_string()));
         }
