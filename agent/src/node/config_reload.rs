@@ -194,3 +194,44 @@ impl Handler<ConfigShow> for NodeAgent {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AgentConfig;
+    use kybernate_dataplane::{DataPlane, IoMode, NvmeTier};
+
+    fn value<'a>(values: &'a [(&'static str, String)], key: &str) -> &'a str {
+        &values.iter().find(|(k, _)| *k == key).unwrap().1
+    }
+
+    #[test]
+    fn config_show_reports_the_data_planes_workers_pool_and_io_engine() {
+        let mut config = AgentConfig::default();
+        config.dataplane.workers = 3;
+        config.dataplane.chunk_size_mib = 1;
+        let chunks = config.dataplane.chunk_config();
+        let planned = data_plane_values(&config, None);
+        assert_eq!(value(&planned, "dataplane.workers"), "3");
+        // 4 buffers per worker plus 28 shared ones, 1 MiB each.
+        assert_eq!(
+            value(&planned, "dataplane.pinned_pool_bytes"),
+            (40u64 << 20).to_string()
+        );
+        assert_eq!(value(&planned, "dataplane.io_backend"), "\"not started\"");
+
+        let dir = tempfile::tempdir().unwrap();
+        let plane = DataPlane::start(IoMode::Pread, &chunks).unwrap();
+        let tier = NvmeTier::open_on(dir.path(), chunks, plane).unwrap();
+        let running = data_plane_values(&config, Some(&tier));
+        assert_eq!(value(&running, "dataplane.workers"), "3");
+        assert_eq!(
+            value(&running, "dataplane.pinned_pool_bytes"),
+            value(&planned, "dataplane.pinned_pool_bytes")
+        );
+        assert!(
+            value(&running, "dataplane.io_backend").starts_with("\"pread/pwrite (forced"),
+            "{running:?}"
+        );
+    }
+}

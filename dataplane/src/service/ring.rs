@@ -1,6 +1,11 @@
 //! The io_uring engine of the chunk writer: up to [`RING_DEPTH`] chunks in flight, each a
 //! write (from a registered fixed buffer when the chunk's buffer belongs to the data plane's
 //! pool) followed by an fsync, both through the ring.
+//!
+//! Files are not registered: every chunk is a new temporary file written once, so a
+//! registration (a syscall, like the `fget` it saves) would cost as much as it spares.
+//! Buffers are, because the same pool buffers carry chunk after chunk: the kernel then skips
+//! pinning and mapping their pages for every write.
 
 use std::io;
 use std::os::unix::io::AsRawFd;
