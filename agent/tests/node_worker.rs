@@ -2,8 +2,10 @@
 //! hands the real agent binary (`--node-name n1`, KUBECONFIG pointing at the mock) a
 //! GpuCheckpoint for a container running in a private containerd (namespace `k8s.io`) under
 //! the kybernate shim; the agent checkpoints it through containerd's task API and the shim
-//! (as `kybernatectl checkpoint --container` does) and PATCHes the status. A stale re-delivery is refused by resourceVersion and never runs
-//! twice; deleting the object deletes the stored checkpoint. A GpuRestore for a real
+//! (as `kybernatectl checkpoint --container` does) and applies the status (server-side apply
+//! as `kybernate-agent`; its finalizer through kube-runtime's helper, as JSON patches). A
+//! stale re-delivery is refused and never runs twice; deleting the object deletes the
+//! stored checkpoint. A GpuRestore for a real
 //! checkpoint is staged into RAM by a real prefetch, and one for an unknown checkpoint fails
 //! naming it. Needs root, CRIU 4.x, containerd 1.6 and the shim built
 //! (`cargo build -p containerd-shim-kybernate-v1`).

@@ -153,9 +153,7 @@ fn reconcilers(ctx: Arc<Context>, stop: watch::Receiver<bool>) -> impl Future<Ou
         }
     };
     let every = watcher::Config::default();
-    // Only the pods this controller created, not every pod in the cluster.
-    let our_pods =
-        watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={CONTROLLER_MANAGER}"));
+    let our_pods = managed_pods();
     let workload_checkpoints = watcher::Config::default().labels(WORKLOAD_LABEL);
     let checkpoints = Controller::new(Api::<GpuCheckpoint>::all(client.clone()), every.clone())
         .graceful_shutdown_on(stopped())
@@ -187,6 +185,12 @@ fn reconcilers(ctx: Arc<Context>, stop: watch::Receiver<bool>) -> impl Future<Ou
     async move {
         futures::future::join3(checkpoints, restores, workloads).await;
     }
+}
+
+/// The pod watch: only the pods this controller created (it labels them), not every pod in
+/// the cluster.
+pub fn managed_pods() -> watcher::Config {
+    watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={CONTROLLER_MANAGER}"))
 }
 
 /// Runs `reconcile` and, when it succeeds, forgets the object's earlier failures.
