@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Installs the offline Kubernetes tools the controller's tests use, both from PyPI:
-# kubernetes-validate (ships the API schemas up to Kubernetes 1.37) and helm-python-sdk
+# Installs the offline Kubernetes tools the controller's tests use, all from PyPI:
+# kubernetes-validate (ships the API schemas up to Kubernetes 1.37), helm-python-sdk
 # (Helm v4's own Go SDK as a shared library, to render the chart the way `helm template`
-# does; Helm itself is not packaged for Debian 12). Idempotent.
+# does; Helm itself is not packaged for Debian 12) and the policy scanner checkov (in its own
+# virtualenv, $CHECKOV_VENV: it pins many libraries). Idempotent.
 set -euo pipefail
 
 log() { echo "install-k8s-tools: $*" >&2; }
@@ -38,4 +39,14 @@ else
   python3 -c 'import helm_python as h; print(h.helm_sdk_version())' >/dev/null || {
     log "helm-python-sdk was installed but does not import"; exit 1; }
   log "installed helm-python-sdk (Helm SDK $(python3 -c 'import helm_python as h; print(h.helm_sdk_version())'))"
+fi
+
+CHECKOV_VENV=/opt/kybernate/venv-checkov
+if "$CHECKOV_VENV/bin/checkov" --version >/dev/null 2>&1; then
+  log "checkov $("$CHECKOV_VENV/bin/checkov" --version) already installed"
+else
+  rm -rf "$CHECKOV_VENV"
+  python3 -m venv "$CHECKOV_VENV"
+  "$CHECKOV_VENV/bin/pip" install --quiet 'checkov>=3.2,<4'
+  log "installed checkov $("$CHECKOV_VENV/bin/checkov" --version) in $CHECKOV_VENV"
 fi

@@ -6,7 +6,8 @@
 #   re-exec itself for `runc init`;
 # - busybox-static, the rootfs of the test containers (scripts/make-busybox-oci.sh);
 # - the data-plane baselines (pzstd, s5cmd), the offline Kubernetes tools, the image tools
-#   with the local base image, and Prometheus + Chromium for perf/'s checks.
+#   with the local base image, Prometheus + Chromium for perf/'s checks, and cargo-deny
+#   (scripts/install-policy-tools.sh).
 set -euo pipefail
 here=$(dirname "$0")
 
@@ -21,3 +22,4 @@ bash "$here/install-dataplane-deps.sh"
 bash "$here/install-k8s-tools.sh"
 bash "$here/install-image-tools.sh"
 bash "$here/install-perf-tools.sh"
+bash "$here/install-policy-tools.sh"

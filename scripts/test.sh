@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole test suite as CI does: install, format, lints, every test on real CRIU.
+# Runs the whole test suite as CI does: install, format, lints, dependency policy, every test
+# on real CRIU.
 # Run as root on Debian 12. Prints how long each stage took at the end, also when a stage
 # fails.
 set -euo pipefail
@@ -49,6 +50,13 @@ export RUSTC_WORKSPACE_WRAPPER=clippy-driver
 export CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"
 stage build "cargo build --workspace --all-targets, linted by clippy-driver"
 cargo build --workspace --all-targets
+
+# Licenses, banned crates (one TLS backend, one nix) and sources of the dependencies, from
+# the registry cache the build filled. Advisories are not checked: the RustSec database cannot
+# be fetched from these machines. The Kubernetes policy scan (checkov) is a test in
+# controller/tests/manifests.rs.
+stage policy "cargo deny check licenses bans sources"
+cargo deny --offline --log-level error check licenses bans sources
 
 stage tests "cargo nextest run"
 if cargo nextest --version >/dev/null 2>&1; then

@@ -61,6 +61,10 @@ pub struct CheckpointRecord {
     /// adopted it after an agent crash.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub note: String,
+    /// Where the checkpoint came from: who may restore it (see `tenancy`). Records written
+    /// before origins existed are node-local.
+    #[serde(default)]
+    pub origin: crate::tenancy::Origin,
 }
 
 /// A record could not be read or written.
@@ -219,6 +223,7 @@ pub fn decode(bytes: &[u8]) -> Result<(CheckpointName, CheckpointRecord), String
     if record.pid < 0 {
         return Err(format!("pid {} is not a process id", record.pid));
     }
+    record.origin.validate().map_err(|e| e.to_string())?;
     if let Some(bad) = record.files.iter().find(|f| {
         f.name.is_empty() || f.name == "." || f.name == ".." || f.name.contains(['/', '\0'])
     }) {
@@ -254,6 +259,7 @@ mod tests {
             files: vec![],
             gpu: None,
             note: String::new(),
+            origin: crate::tenancy::Origin::NodeLocal,
         }
     }
 

@@ -79,6 +79,7 @@ async fn phases(
         .await
         .map_err(|e| ("validate", e))?;
     let tree = process::tree(job.pid);
+    process::check_capabilities(&tree).map_err(|e| ("validate", e.into()))?;
 
     let cuda_error = |source: CudaPhaseError| AgentError::Cuda {
         name: name.to_string(),
@@ -275,6 +276,7 @@ async fn phases(
             cuda.fingerprint
         },
         note: String::new(),
+        origin: crate::tenancy::Origin::NodeLocal,
     };
     let held = tier_list(&foreground.kinds());
     failpoint("checkpoint.before_record").map_err(|e| ("record", e))?;

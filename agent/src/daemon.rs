@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use actix::prelude::*;
-use kybernate_dataplane::{LocalDirTier, NvmeTier, S3Tier, TierError, TierKind};
+use kybernate_dataplane::{DataPlane, LocalDirTier, NvmeTier, S3Tier, TierError, TierKind};
 use kybernate_proto::agent::v1::agent_server::AgentServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -78,6 +78,9 @@ pub enum DaemonError {
         /// The configured path.
         path: PathBuf,
     },
+    /// A directory for checkpoint data is not private to root.
+    #[error(transparent)]
+    PrivateDir(#[from] crate::private_dirs::PrivateDirError),
     /// The journal could not be opened.
     #[error("cannot open the journal: {0}")]
     Journal(#[from] JournalError),
@@ -133,7 +136,7 @@ async fn serve(
         })?;
     let metrics_addr = metrics_listener.local_addr().unwrap_or(config.metrics_addr);
     // Clients that connect now wait until recovery is done and the agent serves.
-    let listener = bind_socket(&config.socket)?;
+    let listener = bind_socket(&config.socket, &config.allowed_uids)?;
     for (key, path) in [
         ("tiers.ram_path", &config.tiers.ram_path),
         ("tiers.nvme_path", &config.tiers.nvme_path),
@@ -144,6 +147,13 @@ async fn serve(
                 path: path.clone(),
             });
         }
+    }
+    for (role, path) in [
+        ("state directory", config.state_dir.clone()),
+        ("RAM tier", config.ram_tier_path()),
+        ("NVMe tier", config.nvme_tier_path()),
+    ] {
+        crate::private_dirs::prepare(role, &path)?;
     }
     let availability = match criu::probe(&config.criu_path) {
         Ok(version) => {
@@ -173,7 +183,18 @@ async fn serve(
 
     let ram = Arc::new(LocalDirTier::open(TierKind::Ram, config.ram_tier_path())?);
     let chunks = config.dataplane.chunk_config();
-    let nvme = Arc::new(NvmeTier::open(config.nvme_tier_path(), chunks.clone())?);
+    let plane = DataPlane::start(config.dataplane.io, &chunks)?;
+    tracing::info!(
+        workers = plane.workers(),
+        pinned_pool_bytes = plane.pinned_pool_bytes(),
+        io = %plane.io_backend(),
+        "data plane ready"
+    );
+    let nvme = Arc::new(NvmeTier::open_on(
+        config.nvme_tier_path(),
+        chunks.clone(),
+        plane,
+    )?);
     let s3 = match &config.s3 {
         Some(s3) => {
             // The S3 tier runs its own runtime, which must not be created inside this one.
@@ -284,8 +305,9 @@ async fn serve(
     served.map_err(DaemonError::from)
 }
 
-/// Binds the socket with mode 0600, replacing a stale one but never a live agent's.
-fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
+/// Binds the socket with mode 0600 and an ACL entry for each uid of `allowed_uids`,
+/// replacing a stale socket but never a live agent's.
+fn bind_socket(path: &Path, allowed_uids: &[u32]) -> Result<UnixListener, DaemonError> {
     let fail = |message: String| DaemonError::Socket {
         path: path.to_owned(),
         message,
@@ -304,6 +326,12 @@ fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
     let listener = UnixListener::bind(path).map_err(|e| fail(e.to_string()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| fail(format!("cannot set mode 0600: {e}")))?;
+    crate::socket_access::grant(path, allowed_uids).map_err(|e| {
+        fail(format!(
+            "cannot let allowed_uids {allowed_uids:?} connect (POSIX ACL on the socket and its \
+             directory): {e}"
+        ))
+    })?;
     Ok(listener)
 }
 

@@ -11,7 +11,7 @@ use crate::error::AgentError;
 use crate::events::PhaseClock;
 use crate::images::{self, ImageFile};
 use crate::node_parts::NodeParts;
-use crate::tiers::Store;
+use crate::tiers::{CancelOnDrop, Store};
 
 /// Phase name of storing into `kind`.
 pub fn store_phase(kind: TierKind) -> &'static str {
@@ -49,11 +49,14 @@ pub async fn store_into(
     let digest = images::to_digest(files)
         .ok()
         .filter(|d| d.chunk_size == chunk_size && !d.files.is_empty());
+    let pacing = parts.bandwidth.pacing(urgency);
+    // A store that times out, or whose caller goes away, stops and keeps nothing.
+    let _cancel = CancelOnDrop(pacing.cancel.clone());
     let store = Store {
         name: name.clone(),
         image_dir: image_dir.to_owned(),
         digest,
-        pacing: parts.bandwidth.pacing(urgency),
+        pacing,
     };
     let millis = parts.config.timeouts.store_ms;
     let report = clock

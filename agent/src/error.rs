@@ -123,6 +123,9 @@ pub enum AgentError {
     /// checkpoint; the shim rolled back, so the container keeps running.
     #[error(transparent)]
     Containerd(#[from] crate::containerd::ContainerdError),
+    /// The checkpoint belongs to another tenant than the pod that asked for it.
+    #[error(transparent)]
+    RestoreRefused(#[from] crate::tenancy::Refused),
     /// The agent is shutting down or an internal channel broke.
     #[error("agent internal error: {0}")]
     Internal(String),
@@ -152,6 +155,7 @@ impl AgentError {
                 tonic::Code::FailedPrecondition => "invalid_target",
                 _ => "containerd",
             },
+            AgentError::RestoreRefused(_) => "refused_tenant",
             AgentError::Internal(_) => "internal",
         }
     }
@@ -194,6 +198,7 @@ impl From<AgentError> for tonic::Status {
                 | tonic::Code::DeadlineExceeded => tonic::Status::new(e.code, message),
                 _ => tonic::Status::aborted(message),
             },
+            AgentError::RestoreRefused(_) => tonic::Status::permission_denied(message),
             AgentError::Internal(_) => tonic::Status::internal(message),
         }
     }

@@ -88,7 +88,17 @@ pub fn check(host_root: &Path, dirs: &[(&'static str, PathBuf)]) -> Result<(), H
             path: path.clone(),
             message,
         };
-        std::fs::create_dir_all(path).map_err(|e| unreadable(format!("cannot create: {e}")))?;
+        match std::fs::create_dir_all(path) {
+            // Only a mount can be writable in a container with a read-only root.
+            Err(e) if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem => {
+                return Err(HostMountError::NotHostMount {
+                    role,
+                    path: path.clone(),
+                })
+            }
+            Err(e) => return Err(unreadable(format!("cannot create: {e}"))),
+            Ok(()) => {}
+        }
         let own = std::fs::metadata(path).map_err(|e| unreadable(e.to_string()))?;
         let relative = path.strip_prefix("/").unwrap_or(path);
         let same = std::fs::metadata(host_root.join(relative))

@@ -35,14 +35,18 @@ pub mod node_parts;
 pub mod node_worker;
 pub mod pins;
 pub mod prefetch;
+pub mod private_dirs;
 pub mod process;
 pub mod recovery;
 pub mod reload;
 pub mod restore;
 pub mod shared_records;
+pub mod socket_access;
 pub mod streaming;
+pub mod tenancy;
 pub mod tiers;
 pub mod workload;
+pub mod workload_state;
 
 /// Sets up structured logging on stderr; `KYBERNATE_LOG` sets the filter (default `info`).
 pub fn init_logging(json: bool) {

@@ -32,6 +32,20 @@ pub enum TargetError {
         /// The process it belongs to.
         process: i32,
     },
+    /// CRIU restores a process's capability sets as they were and can only hand back
+    /// capabilities the agent holds itself, so a dump of this process could never be restored.
+    #[error(
+        "PID {pid} holds {} that the agent lacks: CRIU could dump it, but the agent could never \
+         restore it. Run the workload with fewer capabilities, or grant the agent these \
+         (securityContext.capabilities.add in deploy/40-agent-daemonset.yaml)",
+        missing.join(", ")
+    )]
+    CapabilitiesBeyondAgent {
+        /// The process of the tree that holds them.
+        pid: i32,
+        /// The capabilities it holds and the agent lacks, as `CAP_...` names.
+        missing: Vec<String>,
+    },
 }
 
 /// The fields of `/proc/PID/stat` the agent uses.
@@ -95,6 +109,29 @@ pub fn check_target(pid: i32) -> Result<ProcStat, TargetError> {
         return Err(TargetError::KernelThread(pid));
     }
     Ok(stat)
+}
+
+/// Checks, before anything is frozen, that the agent could restore every process of `tree`:
+/// each one's permitted and inheritable capabilities must be among the agent's own permitted
+/// ones. A process that has exited meanwhile is skipped; CRIU reports it.
+pub fn check_capabilities(tree: &[i32]) -> Result<(), TargetError> {
+    let Ok(own) = caps::read(None, caps::CapSet::Permitted) else {
+        return Ok(());
+    };
+    for &pid in tree {
+        let mut held = caps::CapsHashSet::new();
+        for set in [caps::CapSet::Permitted, caps::CapSet::Inheritable] {
+            if let Ok(caps) = caps::read(Some(pid), set) {
+                held.extend(caps);
+            }
+        }
+        let mut missing: Vec<String> = held.difference(&own).map(ToString::to_string).collect();
+        if !missing.is_empty() {
+            missing.sort();
+            return Err(TargetError::CapabilitiesBeyondAgent { pid, missing });
+        }
+    }
+    Ok(())
 }
 
 /// The process (thread group) that `pid` belongs to: itself unless it is a thread id.

@@ -342,6 +342,8 @@ fn adopt(
         files,
         gpu: None,
         note: format!("recovered at agent start: {why}"),
+        // The journal covers checkpoints by PID only.
+        origin: crate::tenancy::Origin::NodeLocal,
     };
     inputs.catalog.insert(name.clone(), record)?;
     inputs.journal.note(name.as_str(), Transition::Recorded);
@@ -363,9 +365,10 @@ pub fn inventory_complete(dir: &Path) -> bool {
     magic == INVENTORY_MAGIC && usize::try_from(len).is_ok_and(|len| bytes.len() >= 8 + len)
 }
 
-/// Waits for a CRIU still dumping into `images_dir` (started by an agent that died) to
-/// end; past `timeout` it is killed, as the agent would have on its deadline.
-fn wait_for_criu(images_dir: &Path, timeout: Duration) {
+/// Waits for a CRIU still dumping into `images_dir` (started by an agent that died, or by a
+/// shim's `runc` whose lease ran out) to end; past `timeout` it is killed, as the agent would
+/// have on its deadline.
+pub fn wait_for_criu(images_dir: &Path, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     let arg: &OsStr = images_dir.as_os_str();
     let mut logged = false;
@@ -464,7 +467,7 @@ fn quarantine_unaccounted(
 }
 
 /// Total size of the files in `dir` (0 when it cannot be read: the number is for people).
-fn dir_bytes(dir: &Path) -> u64 {
+pub fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|entries| {
             entries

@@ -404,6 +404,9 @@ async fn load_into_ram(
     };
     let deadline = Duration::from_millis(parts.config.timeouts.restore_ms);
     let phase = load_phase(kind);
+    let pacing = parts.bandwidth.pacing(urgency);
+    // A load that times out stops writing into the scratch directory.
+    let _cancel = crate::tiers::CancelOnDrop(pacing.cancel.clone());
     let report = clock
         .run(phase, async {
             let sent = tokio::time::timeout(
@@ -411,7 +414,7 @@ async fn load_into_ram(
                 tier.send(Load {
                     name: name.clone(),
                     dest: scratch.clone(),
-                    pacing: parts.bandwidth.pacing(urgency),
+                    pacing,
                 }),
             )
             .await

@@ -71,6 +71,12 @@ pub async fn fetch(
         if &named != name {
             return Err(corrupt(format!("it names checkpoint {named}")));
         }
+        // Another node wrote it: who may restore it must be stated, never assumed.
+        let stated = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .is_ok_and(|v| v.get("origin").is_some());
+        if !stated {
+            return Err(corrupt("its origin is missing".to_owned()));
+        }
         tracing::info!(checkpoint = %name, tier = %kind, "adopted the record of a checkpoint taken on another node");
         return Ok(record);
     }

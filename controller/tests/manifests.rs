@@ -102,7 +102,12 @@ fn agent_daemonset_has_host_pid_the_installer_and_only_the_needed_host_mounts() 
     assert!(pod.get("hostNetwork").is_none());
     let init = &pod["initContainers"][0];
     assert_eq!(init["command"][0], "kybernate-installer");
-    assert_eq!(init["securityContext"]["privileged"], true);
+    for container in [&pod["initContainers"][0], &pod["containers"][0]] {
+        let security = &container["securityContext"];
+        assert_eq!(security["privileged"], false, "{container}");
+        assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
+        assert_eq!(security["readOnlyRootFilesystem"], true, "{container}");
+    }
     assert_eq!(init["volumeMounts"][0]["mountPath"], "/host");
     let agent = &pod["containers"][0];
     let mounts: Vec<&str> = agent["volumeMounts"]
@@ -227,4 +232,66 @@ fn agent_role_covers_exactly_what_the_node_worker_does() {
             "the agent must not {verb} {group}/{resource}"
         );
     }
+}
+
+const CHECKOV_VENV: &str = "/opt/kybernate/venv-checkov/bin";
+
+/// Runs scripts/policy_check.py (checkov, offline) on `deploy_dir`.
+fn policy_check(deploy_dir: &Path) -> std::process::Output {
+    let python = Path::new(CHECKOV_VENV).join("python");
+    assert!(
+        python.exists(),
+        "checkov is not installed at {CHECKOV_VENV}; run scripts/install-k8s-tools.sh"
+    );
+    Command::new(python)
+        .arg(deploy().join("../scripts/policy_check.py"))
+        .arg(Path::new(CHECKOV_VENV).join("checkov"))
+        .arg(deploy_dir)
+        .output()
+        .expect("run scripts/policy_check.py")
+}
+
+#[test]
+fn the_policy_scan_accepts_deploy_and_the_chart_only_with_listed_exceptions() {
+    let out = policy_check(&deploy());
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("deploy/:") && text.contains("the Helm chart:"),
+        "{text}"
+    );
+
+    // A privileged agent is a new finding, and fails the scan by name.
+    // checkov skips hidden directories, so not tempfile's default ".tmp" prefix.
+    let copy = tempfile::Builder::new()
+        .prefix("policy-")
+        .tempdir()
+        .unwrap();
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(deploy())
+        .arg(copy.path().join("deploy"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let daemonset = copy.path().join("deploy/40-agent-daemonset.yaml");
+    let text = std::fs::read_to_string(&daemonset).unwrap();
+    let privileged = text.replacen("privileged: false", "privileged: true", 2);
+    assert_ne!(privileged, text);
+    std::fs::write(&daemonset, privileged).unwrap();
+    let out = policy_check(&copy.path().join("deploy"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("CKV_K8S_16 on DaemonSet/kybernate-agent is not an accepted exception"),
+        "{text}"
+    );
 }

@@ -1,9 +1,11 @@
 //! The agent and controller images, proven the way they are deployed (root, CI): each is
 //! built offline with buildah on the local bookworm slim base. The agent image is imported
 //! into a private containerd and run as deploy/40-agent-daemonset.yaml runs it — the
-//! installer init container first, against a temp host root, then the agent, privileged,
-//! with the host's PIDs and the manifest's host mounts — and from the host, `kybernatectl`
-//! on the mounted socket checkpoints and restores a host process. The controller image runs
+//! installer init container first, against a temp host root, then the agent, not privileged
+//! but with exactly the capabilities, read-only root and seccomp setting of the manifest, the
+//! host's PIDs and the manifest's host mounts — and from the host, `kybernatectl` on the
+//! mounted socket checkpoints and restores a host process (and refuses one holding
+//! capabilities the agent lacks). The controller image runs
 //! as its Deployment runs it (non-root, read-only root filesystem) and, with no API server
 //! to reach, exits with one clear line.
 
@@ -11,6 +13,7 @@ mod common;
 mod daemon;
 mod images;
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -85,7 +88,9 @@ struct HostWorkload {
 }
 
 impl HostWorkload {
-    fn start(dir: &Path) -> Self {
+    /// A shell loop publishing a counter, run as root holding exactly `capabilities` (`CAP_`
+    /// names; all of root's when `None`).
+    fn start(dir: &Path, capabilities: Option<&[String]>) -> Self {
         let file = dir.join("counter");
         let fifo = dir.join("tick");
         let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
@@ -96,7 +101,17 @@ impl HostWorkload {
             f = file.display(),
             t = fifo.display()
         );
-        let child = Command::new("setsid")
+        let mut command = Command::new("setsid");
+        if let Some(capabilities) = capabilities {
+            // Root's permitted set after exec is its bounding set.
+            let mut bounding = String::from("-all");
+            for cap in capabilities {
+                bounding.push_str(",+");
+                bounding.push_str(&cap.trim_start_matches("CAP_").to_lowercase());
+            }
+            command.args(["setpriv", "--bounding-set", &bounding]);
+        }
+        let child = command
             .args(["bash", "-c", &script])
             .current_dir(dir)
             .stdin(Stdio::null())
@@ -266,7 +281,10 @@ fn agent_image_checkpoints_and_restores_a_host_process_as_the_daemonset_runs_it(
     // The init container: the DaemonSet's installer command against the temp host root;
     // the test restarts its private containerd itself.
     let init = pod.init_container("installer");
-    assert!(pod.host_pid && init.privileged, "{pod:?}");
+    assert!(
+        pod.host_pid && !init.privileged && init.drops_all_capabilities,
+        "{pod:?}"
+    );
     let mut args = vec!["run".to_string(), "--rm".into()];
     args.extend(ctr_run_flags(
         &pod,
@@ -336,16 +354,69 @@ fn agent_image_checkpoints_and_restores_a_host_process_as_the_daemonset_runs_it(
         std::thread::sleep(Duration::from_millis(100));
     }
     let (agent_pid, _) = task_pid(&node, &agent_id).unwrap();
-    let found = log()
-        .lines()
-        .find(|l| l.contains("found CRIU"))
-        .map(str::to_string)
-        .unwrap_or_else(|| panic!("the agent did not find CRIU:\n{}", log()));
+    // The agent binds its socket first and probes CRIU after its start-up checks.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let found = loop {
+        if let Some(line) = log().lines().find(|l| l.contains("found CRIU")) {
+            break line.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not find CRIU:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(found.contains("4.2"), "CRIU 4.2 expected: {found}");
 
-    // From the host: checkpoint a host process through the mounted socket, restore it.
+    // Not privileged: the agent holds exactly the capabilities the DaemonSet adds.
+    let held: BTreeSet<String> = caps::read(Some(agent_pid as i32), caps::CapSet::Effective)
+        .expect("read the agent's capabilities")
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let added: BTreeSet<String> = images::grantable(&agent.added_capabilities)
+        .into_iter()
+        .collect();
+    assert!(agent.drops_all_capabilities && !agent.privileged);
+    assert_eq!(held, added, "the agent's effective capabilities");
+
+    // A process holding capabilities the agent lacks (all of root's) could be dumped but
+    // never restored by this agent: refused before anything is frozen, naming them.
     let work = tempfile::tempdir().unwrap();
-    let mut workload = HostWorkload::start(work.path());
+    let full_dir = work.path().join("full");
+    fs::create_dir(&full_dir).unwrap();
+    let full = HostWorkload::start(&full_dir, None);
+    let refused = Command::new(images::bin_dir().join("kybernatectl"))
+        .arg("--socket")
+        .arg(&dirs.socket)
+        .args([
+            "checkpoint",
+            "--pid",
+            &full.pid.to_string(),
+            "--name",
+            "full-caps",
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "{}", text(&refused));
+    let message = text(&refused);
+    assert!(
+        message.contains("CAP_SYS_MODULE") && message.contains("could never restore"),
+        "{message}"
+    );
+    let (_, before) = full.read().unwrap();
+    full.wait_for(|_, n| n > before + 2);
+    drop(full);
+
+    // From the host: checkpoint a host process that holds no more than the agent (here the
+    // agent's own set) through the mounted socket, restore it.
+    let held_dir = work.path().join("held");
+    fs::create_dir(&held_dir).unwrap();
+    let mut workload = HostWorkload::start(
+        &held_dir,
+        Some(&images::grantable(&agent.added_capabilities)),
+    );
     let name = format!("ci-image-{}", std::process::id());
     let cp = ctl(
         &dirs.socket,

@@ -577,3 +577,81 @@ fn containerd_16_bad_input_is_refused_clearly() {
 fn containerd_21_bad_input_is_refused_clearly() {
     bad_input(containerd_21());
 }
+
+/// CRI-style pod annotations (as containerd's CRI plugin writes them) for `ctr run`.
+fn pod_annotations(namespace: &str, pod: &str) -> Vec<String> {
+    [
+        ("io.kubernetes.cri.sandbox-namespace", namespace.to_owned()),
+        ("io.kubernetes.cri.sandbox-name", pod.to_owned()),
+        (
+            "io.kubernetes.cri.sandbox-uid",
+            format!("uid-{namespace}-{pod}"),
+        ),
+    ]
+    .into_iter()
+    .flat_map(|(k, v)| ["--annotation".to_owned(), format!("{k}={v}")])
+    .collect()
+}
+
+/// Tenant isolation: a container of namespace tenant-a is checkpointed; a container of
+/// tenant-b that names the checkpoint is refused with both namespaces named and no process
+/// started; a container of tenant-a restores it and continues its count.
+fn tenants(version: Version) {
+    let node = Node::start(version);
+    let owner = pod_annotations("tenant-a", "owner");
+    let owner: Vec<&str> = owner.iter().map(String::as_str).collect();
+    run_counter(&node, "secret-holder", &owner);
+    let before = wait_count(&node, "secret-holder", 10);
+    let out = node.ctl_checkpoint("secret-holder", &["--leave-running"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let name = reply["name"].as_str().unwrap().to_owned();
+    let restore_from = format!("kybernate.io/restore-from={name}");
+
+    let mut thief = pod_annotations("tenant-b", "thief");
+    thief.extend(["--annotation".to_owned(), restore_from.clone()]);
+    let mut args = vec!["run", "-d", "--runtime", KYBERNATE];
+    args.extend(thief.iter().map(String::as_str));
+    args.extend([IMAGE, "thief", "sh", "-c", COUNTER]);
+    let out = node.ctr(&args);
+    let text = stderr(&out);
+    assert!(
+        !out.status.success(),
+        "tenant-b restored tenant-a's checkpoint"
+    );
+    assert!(
+        text.contains(&name) && text.contains("tenant-a") && text.contains("tenant-b"),
+        "the refusal names the checkpoint and both namespaces: {text}"
+    );
+    assert!(
+        node.task_status("thief").is_none(),
+        "a task runs for tenant-b"
+    );
+    let _ = node.ctr(&["containers", "rm", "thief"]);
+    assert!(
+        node.agent_log()
+            .contains("refused a container restore across tenants"),
+        "the agent logs the refusal"
+    );
+
+    let mut heir = pod_annotations("tenant-a", "heir");
+    heir.extend(["--annotation".to_owned(), restore_from]);
+    let heir: Vec<&str> = heir.iter().map(String::as_str).collect();
+    run_counter(&node, "heir", &heir);
+    assert!(
+        count(&node, "heir") >= before,
+        "tenant-a's restore continues the count"
+    );
+    node.remove("heir");
+    node.remove("secret-holder");
+}
+
+#[test]
+fn containerd_16_checkpoints_stay_with_their_namespace() {
+    tenants(containerd_16());
+}
+
+#[test]
+fn containerd_21_checkpoints_stay_with_their_namespace() {
+    tenants(containerd_21());
+}

@@ -31,6 +31,10 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Checkpoints hold workload memory: everything the agent and CRIU create is root's alone
+    // (directories 0700, files 0600). Set before any thread starts; see private_dirs.
+    // SAFETY: umask(2) has no preconditions.
+    unsafe { libc::umask(0o077) };
     let args = Args::parse();
     // The S3 client and the Kubernetes client both link rustls, with different crypto
     // back-ends; one process-wide provider must be chosen before either connects.

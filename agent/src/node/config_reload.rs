@@ -106,6 +106,33 @@ impl Handler<SubscribeConfigRejections> for NodeAgent {
     }
 }
 
+/// What the running data plane resolved from `[dataplane]`: the worker count (0 means a
+/// share of the cores, shown here as the number), the pinned buffer pool, and the I/O engine
+/// the probe chose.
+fn data_plane_values(
+    config: &crate::config::AgentConfig,
+    nvme: Option<&kybernate_dataplane::NvmeTier>,
+) -> Vec<(&'static str, String)> {
+    let chunks = config.dataplane.chunk_config();
+    let (workers, pool, backend) = match nvme.map(|t| t.plane()) {
+        Some(plane) => (
+            plane.workers(),
+            plane.pinned_pool_bytes(),
+            plane.io_backend().to_string(),
+        ),
+        None => (
+            chunks.worker_count(),
+            kybernate_dataplane::DataPlane::pinned_pool_bytes_for(&chunks),
+            "not started".into(),
+        ),
+    };
+    vec![
+        ("dataplane.workers", workers.to_string()),
+        ("dataplane.pinned_pool_bytes", pool.to_string()),
+        ("dataplane.io_backend", format!("{backend:?}")),
+    ]
+}
+
 /// The effective config and the source of each value.
 #[derive(Debug, Message)]
 #[rtype(result = "pb::ConfigShowReply")]
@@ -125,6 +152,9 @@ impl Handler<ConfigShow> for NodeAgent {
         values
             .entry("tiers.nvme_budget_bytes".into())
             .or_insert_with(|| "\"unlimited\"".into());
+        for (key, value) in data_plane_values(config, self.parts.tiers.nvme.as_deref()) {
+            values.insert(key.into(), value);
+        }
         if let Some(s3) = &config.s3 {
             for (key, value) in [
                 ("s3.endpoint", &s3.endpoint),

@@ -182,6 +182,7 @@ mod tests {
             files: Vec::new(),
             gpu: None,
             note: String::new(),
+            origin: crate::tenancy::Origin::NodeLocal,
         }
     }
 

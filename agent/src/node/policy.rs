@@ -275,6 +275,7 @@ mod tests {
             files: Vec::new(),
             gpu: None,
             note: String::new(),
+            origin: crate::tenancy::Origin::NodeLocal,
         }
     }
 

@@ -37,7 +37,9 @@ impl fmt::Debug for Secret {
 
 /// Where and how the S3 tier keeps checkpoints (`[tiers.s3]` in the agent's config).
 ///
-/// Keys: `<prefix>manifests/<checkpoint>` and `<prefix>packs/<checkpoint>-<nonce>.pack`.
+/// Keys under the prefix: `manifests/<checkpoint>`, `packs/<checkpoint>-<node>-<nonce>.pack`,
+/// `index/<checkpoint>`, `records/<checkpoint>.json`, `leases/<node>-<nonce>.json` and
+/// `gc/doomed/<pack>` (see the module docs of the tier for the rules that use them).
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct S3Config {
@@ -69,6 +71,15 @@ pub struct S3Config {
     pub fetch_concurrency: usize,
     /// Seconds to wait for a TCP connection.
     pub connect_timeout_secs: u64,
+    /// This node's name in lease objects and pack keys, so nodes sharing a bucket never
+    /// write the same key and an operator sees who holds a lease. Empty: the host name.
+    pub node_id: String,
+    /// Seconds an upload lease stays live without renewal. A running store renews its lease
+    /// every quarter of this, so only a crashed or cut-off node's lease runs out.
+    pub lease_ttl_secs: u64,
+    /// Seconds a pack must be unreferenced before garbage collection marks it, and a mark
+    /// must stand before the pack is deleted. It must exceed the clock skew between nodes.
+    pub gc_grace_secs: u64,
 }
 
 impl Default for S3Config {
@@ -88,6 +99,9 @@ impl Default for S3Config {
             retry_base_ms: 200,
             fetch_concurrency: 16,
             connect_timeout_secs: 10,
+            node_id: String::new(),
+            lease_ttl_secs: 600,
+            gc_grace_secs: 3600,
         }
     }
 }
@@ -129,6 +143,23 @@ impl S3Config {
                 "parts_in_flight, fetch_concurrency and max_attempts must be at least 1".into(),
             );
         }
+        if self.lease_ttl_secs == 0 || self.gc_grace_secs == 0 {
+            return bad(format!(
+                "lease_ttl_secs ({}) and gc_grace_secs ({}) must be at least 1",
+                self.lease_ttl_secs, self.gc_grace_secs
+            ));
+        }
+        let node_ok = self.node_id.len() <= 63
+            && self
+                .node_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        if !node_ok {
+            return bad(format!(
+                "node_id {:?} must be at most 63 characters of A-Z, a-z, 0-9, '-', '_' or '.'",
+                self.node_id
+            ));
+        }
         Ok(())
     }
 
@@ -148,6 +179,16 @@ impl S3Config {
         let needed = usize::try_from(total.div_ceil(MAX_PARTS as u64)).unwrap_or(usize::MAX);
         self.part_size
             .max(needed.div_ceil(1 << 20).saturating_mul(1 << 20))
+    }
+
+    /// How long an upload lease lives without renewal.
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_secs(self.lease_ttl_secs)
+    }
+
+    /// The garbage-collection grace period.
+    pub fn gc_grace(&self) -> Duration {
+        Duration::from_secs(self.gc_grace_secs)
     }
 
     pub(crate) fn retry_delay(&self, attempt: u32) -> Duration {
@@ -210,6 +251,8 @@ mod tests {
         assert_eq!(agent.chunks.workers, 0, "defaults fill the rest");
         assert_eq!(agent.s3.secret_access_key.expose(), "s3cr3t");
         assert_eq!(agent.s3.parts_in_flight, 16);
+        assert_eq!(agent.s3.lease_ttl_secs, 600);
+        assert_eq!(agent.s3.gc_grace_secs, 3600);
         assert_eq!(agent.s3.normalized_prefix(), "node-a/");
         agent.s3.validate().unwrap();
         let err = toml::from_str::<Agent>("[chunks]\nchunk_sise = 1\n[s3]\n")
@@ -241,6 +284,20 @@ mod tests {
         .validate()
         .unwrap_err();
         assert!(err.to_string().contains("part_size"), "{err}");
+        let err = S3Config {
+            gc_grace_secs: 0,
+            ..ok.clone()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(err.to_string().contains("gc_grace_secs"), "{err}");
+        let err = S3Config {
+            node_id: "node a/../b".into(),
+            ..ok.clone()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(err.to_string().contains("node_id"), "{err}");
         let err = S3Config {
             endpoint: "localhost:9000".into(),
             ..ok

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use super::store::{same_contents, PreparedStore};
 use super::upload::PackUpload;
 use super::{S3Tier, TIER};
 use crate::buffer::BufferPool;
@@ -21,13 +22,18 @@ impl S3Tier {
         name: &CheckpointName,
         nvme: &NvmeTier,
     ) -> Result<(StoreReport, DrainStats), TierError> {
-        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(held) = self.begin_store(name)? {
+        let mut source = nvme.manifest(name)?;
+        if let Some(held) =
+            self.begin_store(name, |existing| Ok(same_contents(existing, &source)))?
+        {
             return Ok(held);
         }
-        let mut source = nvme.manifest(name)?;
-        let mut index = self.build_index()?;
-        let (pack_rel, pack_id) = self.new_pack(name, &mut index);
+        let PreparedStore {
+            index,
+            pack_rel,
+            pack_id,
+            lease,
+        } = self.prepare_store(name)?;
         let total: u64 = source
             .files
             .iter()
@@ -102,7 +108,7 @@ impl S3Tier {
         }
         upload.finish()?;
         source.files = files;
-        self.commit(source, &index)?;
+        self.commit(source, &index, &lease)?;
         Ok((StoreReport::from(&stats), stats))
     }
 

@@ -3,9 +3,28 @@
 //! earlier checkpoints, or other nodes' replicas of the same model) are referenced, not
 //! uploaded again. Restores fetch chunks with parallel ranged GETs. Beside them the bucket
 //! keeps the agent's record of each checkpoint, for restores on other nodes.
+//!
+//! Many nodes share one bucket and prefix, with no lock between them. Correctness comes
+//! from four rules:
+//! - A manifest is created with `If-None-Match: *`, so no node overwrites another's
+//!   checkpoint: a different checkpoint under a taken name is an error naming it.
+//! - Before its first part a store writes an upload lease ([`lease`]) naming the pack it
+//!   writes and the packs it may reference, renews it while it runs, and deletes it after its
+//!   commit or abort.
+//! - Garbage collection ([`gc`]) marks a pack only when it is older than the grace period,
+//!   referenced by no checkpoint and named by no live lease, and deletes it only when the mark
+//!   is older than the grace period and the pack is still neither referenced nor leased. A
+//!   store reads the marks after writing its lease and references no marked pack, so a pack
+//!   that a store may use is either leased when collection looks, or was marked before the
+//!   store looked and is then never used by it.
+//! - Per-checkpoint index objects ([`index`]) list each checkpoint's packs and chunks, so
+//!   neither stores nor collection read every manifest each time.
 
 mod config;
 mod from_nvme;
+mod gc;
+mod index;
+mod lease;
 mod objects;
 mod records;
 mod request;
@@ -14,7 +33,8 @@ mod upload;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_s3::config::timeout::TimeoutConfig;
@@ -25,6 +45,8 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
 
 pub use config::{S3Config, Secret, MAX_PARTS, MIN_PART_SIZE};
+pub use gc::{GcReport, UnfinishedUpload};
+pub use lease::LeaseInfo;
 use request::{remote, retrying, status};
 use upload::PackUpload;
 
@@ -47,8 +69,11 @@ pub struct S3Tier {
     rt: OwnRuntime,
     chunk: ChunkConfig,
     pool: BufferPool,
-    /// Serialises stores and removals of this tier instance.
-    lock: Mutex<()>,
+    /// This node's name in leases and pack keys ([`S3Config::node_id`] or the host name).
+    node_id: String,
+    /// Index objects and manifests read before, by (kind, checkpoint), with the
+    /// LastModified (ms) they had: they never change within a generation of a checkpoint.
+    index_cache: Mutex<IndexCache>,
     /// Multipart uploads whose abort failed (server unreachable): (key, upload id).
     pending_aborts: Mutex<Vec<(String, String)>>,
 }
@@ -73,11 +98,91 @@ impl Drop for OwnRuntime {
     }
 }
 
+type IndexCache = HashMap<(char, CheckpointName), (i64, Arc<CheckpointManifest>)>;
+
 /// Which chunks the packs under the prefix hold, with global pack numbers.
 #[derive(Default)]
 struct PackIndex {
     packs: Vec<String>,
     chunks: HashMap<ChunkHash, (ChunkEncoding, u32, u32, u64)>,
+}
+
+impl PackIndex {
+    /// Stops offering the chunks of the packs in `gone` (relative keys).
+    fn forget_packs(&mut self, gone: &BTreeSet<String>) {
+        let ids: BTreeSet<u32> = self
+            .packs
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| gone.contains(*p))
+            .map(|(i, _)| u32::try_from(i).expect("fewer than 4G packs"))
+            .collect();
+        self.chunks.retain(|_, c| !ids.contains(&c.2));
+    }
+
+    /// Relative keys of the packs that still hold offered chunks.
+    fn offered_packs(&self) -> Vec<String> {
+        let ids: BTreeSet<u32> = self.chunks.values().map(|c| c.2).collect();
+        ids.into_iter()
+            .map(|i| self.packs[usize::try_from(i).expect("fits")].clone())
+            .collect()
+    }
+}
+
+/// One object from a listing.
+struct ListedObject {
+    key: String,
+    size: i64,
+    /// LastModified in ms since the Unix epoch.
+    modified_ms: i64,
+}
+
+/// Outcome of a create-only PUT.
+enum Put {
+    Created,
+    /// `If-None-Match: *` failed: the key exists.
+    Exists,
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A string no other call on this node returns: time in ns and a counter, in hex.
+fn unique_nonce() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{nanos:x}{:x}", COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The configured node id, or this host's name cut to the characters a node id may have.
+fn resolve_node_id(configured: &str) -> String {
+    if !configured.is_empty() {
+        return configured.to_owned();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let id: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    if id.is_empty() {
+        "node".into()
+    } else {
+        id
+    }
 }
 
 impl ChunkIndex for PackIndex {
@@ -140,6 +245,8 @@ impl S3Tier {
         let client = Client::from_conf(builder.build());
         let tier = Self {
             prefix: config.normalized_prefix(),
+            node_id: resolve_node_id(&config.node_id),
+            index_cache: Mutex::new(HashMap::new()),
             pool: BufferPool::new(
                 chunk.chunk_size,
                 config.fetch_concurrency + chunk.worker_count() * 2 + 8,
@@ -148,7 +255,6 @@ impl S3Tier {
             client,
             rt: OwnRuntime(Some(rt)),
             chunk,
-            lock: Mutex::new(()),
             pending_aborts: Mutex::new(Vec::new()),
         };
         tier.check_bucket()?;
@@ -240,7 +346,37 @@ impl S3Tier {
         Ok(Some(body.into_bytes()))
     }
 
-    fn list_keys(&self, prefix: &str) -> Result<Vec<(String, i64, i64)>, TierError> {
+    /// The node id this tier writes into leases and pack keys.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Writes `body` at `key`; with `create_only`, only if nothing is there
+    /// (`If-None-Match: *`), which S3 evaluates atomically.
+    fn put_object(
+        &self,
+        key: &str,
+        body: bytes::Bytes,
+        create_only: bool,
+    ) -> Result<Put, TierError> {
+        let op = if create_only { "create" } else { "put" };
+        let result = self.rt.block_on(retrying(&self.config, op, || {
+            self.client
+                .put_object()
+                .bucket(&self.config.bucket)
+                .key(key)
+                .set_if_none_match(create_only.then(|| "*".to_owned()))
+                .body(ByteStream::from(body.clone()))
+                .send()
+        }));
+        match result {
+            Ok(_) => Ok(Put::Created),
+            Err((e, _)) if create_only && status(&e) == Some(412) => Ok(Put::Exists),
+            Err((e, n)) => Err(remote(op, key, &e, n)),
+        }
+    }
+
+    fn list_keys(&self, prefix: &str) -> Result<Vec<ListedObject>, TierError> {
         let mut keys = Vec::new();
         let mut token: Option<String> = None;
         loop {
@@ -257,8 +393,14 @@ impl S3Tier {
                 .map_err(|(e, n)| remote("list", prefix, &e, n))?;
             for obj in out.contents() {
                 if let Some(key) = obj.key() {
-                    let modified = obj.last_modified().map_or(0, |t| t.secs());
-                    keys.push((key.to_owned(), obj.size().unwrap_or(0), modified));
+                    let modified_ms = obj.last_modified().map_or(0, |t| {
+                        t.secs() * 1000 + i64::from(t.subsec_nanos() / 1_000_000)
+                    });
+                    keys.push(ListedObject {
+                        key: key.to_owned(),
+                        size: obj.size().unwrap_or(0),
+                        modified_ms,
+                    });
                 }
             }
             match out.next_continuation_token() {
@@ -266,33 +408,6 @@ impl S3Tier {
                 _ => return Ok(keys),
             }
         }
-    }
-
-    fn all_manifests(&self) -> Result<Vec<CheckpointManifest>, TierError> {
-        self.list()?.iter().map(|n| self.manifest(n)).collect()
-    }
-
-    fn build_index(&self) -> Result<PackIndex, TierError> {
-        let mut index = PackIndex::default();
-        let mut pack_ids: HashMap<String, u32> = HashMap::new();
-        for m in self.all_manifests()? {
-            for f in &m.files {
-                for c in &f.chunks {
-                    if let ChunkLocation::Pack { pack, offset } = c.location {
-                        let key = &m.packs[usize::try_from(pack).expect("validated index")];
-                        let next = u32::try_from(index.packs.len()).expect("fewer than 4G packs");
-                        let id = *pack_ids.entry(key.clone()).or_insert_with(|| {
-                            index.packs.push(key.clone());
-                            next
-                        });
-                        index
-                            .chunks
-                            .insert(c.hash, (c.encoding, c.stored_len, id, offset));
-                    }
-                }
-            }
-        }
-        Ok(index)
     }
 
     /// Aborts multipart uploads whose abort failed earlier; returns how many were aborted.

@@ -167,41 +167,22 @@ impl Tier for S3Tier {
         }
     }
 
+    /// Deletes the checkpoint (manifest, index object, record), then runs one garbage
+    /// collection pass. The pass only ever deletes what the rules in [`super::gc`] allow, so
+    /// packs the removed checkpoint shared with others, or that a store on another node is
+    /// about to reference, stay; a failed pass is logged and left to the next one.
     fn remove(&self, name: &CheckpointName) -> Result<bool, TierError> {
-        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         // The record goes too: without a copy, no other node can restore the checkpoint.
         self.delete_record(name)?;
         if !self.contains(name)? {
             return Ok(false);
         }
-        let key = self.manifest_key(name);
-        self.rt
-            .block_on(retrying(&self.config, "delete manifest", || {
-                self.client
-                    .delete_object()
-                    .bucket(&self.config.bucket)
-                    .key(&key)
-                    .send()
-            }))
-            .map_err(|(e, n)| remote("delete", &key, &e, n))?;
-        let referenced: BTreeSet<String> = self
-            .all_manifests()?
-            .into_iter()
-            .flat_map(|m| m.packs)
-            .map(|p| format!("{}{p}", self.prefix))
-            .collect();
-        for (pack, _, _) in self.list_keys(&self.packs_prefix())? {
-            if !referenced.contains(&pack) {
-                self.rt
-                    .block_on(retrying(&self.config, "delete pack", || {
-                        self.client
-                            .delete_object()
-                            .bucket(&self.config.bucket)
-                            .key(&pack)
-                            .send()
-                    }))
-                    .map_err(|(e, n)| remote("delete", &pack, &e, n))?;
-            }
+        self.delete_key("delete manifest", &self.manifest_key(name))?;
+        self.delete_index(name)?;
+        match self.collect_garbage() {
+            Ok(report) => tracing::debug!(checkpoint = %name, ?report, "S3 garbage collection"),
+            Err(e) => tracing::warn!(checkpoint = %name, error = %e,
+                "S3 garbage collection failed; the next removal or sweep retries it"),
         }
         Ok(true)
     }
@@ -211,7 +192,7 @@ impl Tier for S3Tier {
         let mut names: Vec<_> = self
             .list_keys(&prefix)?
             .into_iter()
-            .filter_map(|(k, _, _)| CheckpointName::new(&k[prefix.len()..]).ok())
+            .filter_map(|o| CheckpointName::new(&o.key[prefix.len()..]).ok())
             .collect();
         names.sort();
         Ok(names)
@@ -229,7 +210,7 @@ impl Tier for S3Tier {
         let keys = self.list_keys(&self.prefix)?;
         Ok(keys
             .iter()
-            .map(|(_, size, _)| u64::try_from(*size).unwrap_or(0))
+            .map(|o| u64::try_from(o.size).unwrap_or(0))
             .sum())
     }
 }

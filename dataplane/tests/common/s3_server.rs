@@ -1,5 +1,12 @@
 //! A real S3 HTTP server over loopback (s3s + s3s-fs), started by the tests, with a fault
-//! switch on UploadPart: fail with 503 after N parts, or stop the whole server mid-upload.
+//! switch on UploadPart: fail with 503 after N parts, or stop the whole server mid-upload,
+//! and one on PutObject: stop the whole server when a given key is written.
+//!
+//! Two S3 semantics s3s-fs 0.14 lacks are added here, as AWS S3 has them:
+//! - conditional writes (`If-None-Match` / `If-Match` on PutObject and
+//!   CompleteMultipartUpload) are atomic: s3s-fs checks and then writes, so two racing
+//!   creates could both succeed; here they are serialised;
+//! - ListMultipartUploads, answered from s3s-fs's own files of the open uploads.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -41,12 +48,37 @@ pub struct Faults {
     pub aborts: AtomicUsize,
     /// (part number, content length) of every UploadPart call.
     pub parts: Mutex<Vec<(i32, i64)>>,
+    /// Keys of every DeleteObject call.
+    pub deleted_keys: Mutex<Vec<String>>,
+    /// Keys of every GetObject call.
+    pub get_keys: Mutex<Vec<String>>,
+    /// Keys of the conditional writes refused because the condition failed (HTTP 412).
+    pub refused_keys: Mutex<Vec<String>>,
+    /// A PutObject whose key contains this stops the whole server instead.
+    pub stop_on_put: Mutex<Option<String>>,
     stop: Arc<Notify>,
 }
 
 struct FaultyFs {
     inner: s3s_fs::FileSystem,
+    root: PathBuf,
     faults: Arc<Faults>,
+    /// Held across every conditional write, so that its check and its write are atomic.
+    conditional: tokio::sync::Mutex<()>,
+}
+
+impl FaultyFs {
+    fn note_refusal<T>(&self, key: &str, result: &S3Result<T>) {
+        if let Err(e) = result {
+            if *e.code() == s3s::S3ErrorCode::PreconditionFailed {
+                self.faults
+                    .refused_keys
+                    .lock()
+                    .unwrap()
+                    .push(key.to_owned());
+            }
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -67,18 +99,40 @@ impl S3 for FaultyFs {
         &self,
         req: S3Request<GetObjectInput>,
     ) -> S3Result<S3Response<GetObjectOutput>> {
+        self.faults
+            .get_keys
+            .lock()
+            .unwrap()
+            .push(req.input.key.clone());
         self.inner.get_object(req).await
     }
     async fn put_object(
         &self,
         req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
-        self.inner.put_object(req).await
+        let stop = self.faults.stop_on_put.lock().unwrap().clone();
+        if stop.is_some_and(|k| req.input.key.contains(&k)) {
+            self.faults.stop.notify_one();
+            return Err(s3_error!(ServiceUnavailable, "injected: server stopping"));
+        }
+        if req.input.if_none_match.is_none() && req.input.if_match.is_none() {
+            return self.inner.put_object(req).await;
+        }
+        let key = req.input.key.clone();
+        let _atomic = self.conditional.lock().await;
+        let result = self.inner.put_object(req).await;
+        self.note_refusal(&key, &result);
+        result
     }
     async fn delete_object(
         &self,
         req: S3Request<DeleteObjectInput>,
     ) -> S3Result<S3Response<DeleteObjectOutput>> {
+        self.faults
+            .deleted_keys
+            .lock()
+            .unwrap()
+            .push(req.input.key.clone());
         self.inner.delete_object(req).await
     }
     async fn list_objects_v2(
@@ -124,7 +178,38 @@ impl S3 for FaultyFs {
         &self,
         req: S3Request<CompleteMultipartUploadInput>,
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
-        self.inner.complete_multipart_upload(req).await
+        if req.input.if_none_match.is_none() && req.input.if_match.is_none() {
+            return self.inner.complete_multipart_upload(req).await;
+        }
+        let key = req.input.key.clone();
+        let _atomic = self.conditional.lock().await;
+        let result = self.inner.complete_multipart_upload(req).await;
+        self.note_refusal(&key, &result);
+        result
+    }
+    async fn list_multipart_uploads(
+        &self,
+        req: S3Request<ListMultipartUploadsInput>,
+    ) -> S3Result<S3Response<ListMultipartUploadsOutput>> {
+        let input = req.input;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let uploads = open_uploads(&self.root)
+            .into_iter()
+            .filter(|u| u.bucket == input.bucket && u.key.starts_with(&prefix))
+            .map(|u| MultipartUpload {
+                key: Some(u.key),
+                upload_id: Some(u.upload_id),
+                initiated: Some(Timestamp::from(u.initiated)),
+                ..Default::default()
+            })
+            .collect();
+        Ok(S3Response::new(ListMultipartUploadsOutput {
+            bucket: Some(input.bucket),
+            prefix: input.prefix,
+            uploads: Some(uploads),
+            is_truncated: Some(false),
+            ..Default::default()
+        }))
     }
     async fn abort_multipart_upload(
         &self,
@@ -166,11 +251,17 @@ impl S3Server {
             creates: AtomicUsize::new(0),
             aborts: AtomicUsize::new(0),
             parts: Mutex::new(Vec::new()),
+            get_keys: Mutex::new(Vec::new()),
+            deleted_keys: Mutex::new(Vec::new()),
+            refused_keys: Mutex::new(Vec::new()),
+            stop_on_put: Mutex::new(None),
             stop: Arc::clone(&stop),
         });
         let fs = FaultyFs {
             inner: s3s_fs::FileSystem::new(root).unwrap(),
+            root: root.to_owned(),
             faults: Arc::clone(&faults),
+            conditional: tokio::sync::Mutex::new(()),
         };
         let mut builder = S3ServiceBuilder::new(fs);
         builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
@@ -226,6 +317,11 @@ impl S3Server {
         }
     }
 
+    /// Stops the whole server when a PutObject's key contains `key_part`.
+    pub fn stop_on_put(&self, key_part: &str) {
+        *self.faults.stop_on_put.lock().unwrap() = Some(key_part.to_owned());
+    }
+
     /// Files of unfinished multipart uploads left in the server's storage.
     pub fn leftover_upload_files(&self) -> Vec<String> {
         std::fs::read_dir(&self.root)
@@ -243,4 +339,68 @@ impl Drop for S3Server {
             rt.shutdown_background();
         }
     }
+}
+
+/// An open multipart upload in s3s-fs's storage.
+pub struct OpenUpload {
+    pub bucket: String,
+    pub key: String,
+    pub upload_id: String,
+    pub initiated: std::time::SystemTime,
+}
+
+/// The open multipart uploads under `root`: s3s-fs keeps, for each, a file
+/// `.upload-<id>.json` and a metadata file
+/// `.bucket-<base64url bucket>.object-<base64url key>.upload-<id>.metadata.json` whose
+/// modification time is when the upload was created.
+pub fn open_uploads(root: &Path) -> Vec<OpenUpload> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let file = e.file_name().into_string().ok()?;
+            let rest = file
+                .strip_prefix(".bucket-")?
+                .strip_suffix(".metadata.json")?;
+            let (bucket, rest) = rest.split_once(".object-")?;
+            let (key, upload_id) = rest.split_once(".upload-")?;
+            if !root.join(format!(".upload-{upload_id}.json")).exists() {
+                return None;
+            }
+            Some(OpenUpload {
+                bucket: String::from_utf8(base64url_decode(bucket)?).ok()?,
+                key: String::from_utf8(base64url_decode(key)?).ok()?,
+                upload_id: upload_id.to_owned(),
+                initiated: e.metadata().ok()?.modified().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// Decodes unpadded URL-safe base64, as s3s-fs writes it into file names.
+fn base64url_decode(text: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| -> Option<u32> {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => return None,
+        };
+        Some(u32::from(v))
+    };
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for &c in text.as_bytes() {
+        acc = (acc << 6) | value(c)?;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push(u8::try_from((acc >> bits) & 0xff).unwrap());
+        }
+    }
+    Some(out)
 }

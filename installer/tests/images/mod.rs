@@ -152,6 +152,12 @@ pub struct PodContainer {
     pub command: Vec<String>,
     pub args: Vec<String>,
     pub privileged: bool,
+    /// `securityContext.capabilities`: whether it drops ALL, and what it adds (`CAP_` names).
+    pub drops_all_capabilities: bool,
+    pub added_capabilities: Vec<String>,
+    pub read_only_root: bool,
+    /// `securityContext.seccompProfile.type`.
+    pub seccomp: Option<String>,
     pub mounts: Vec<PodMount>,
 }
 
@@ -213,6 +219,21 @@ impl AgentPod {
                             command: strings(&c["command"]),
                             args: strings(&c["args"]),
                             privileged: c["securityContext"]["privileged"].as_bool() == Some(true),
+                            drops_all_capabilities: strings(
+                                &c["securityContext"]["capabilities"]["drop"],
+                            ) == ["ALL"],
+                            added_capabilities: strings(
+                                &c["securityContext"]["capabilities"]["add"],
+                            )
+                            .iter()
+                            .map(|name| format!("CAP_{name}"))
+                            .collect(),
+                            read_only_root: c["securityContext"]["readOnlyRootFilesystem"]
+                                .as_bool()
+                                == Some(true),
+                            seccomp: c["securityContext"]["seccompProfile"]["type"]
+                                .as_str()
+                                .map(String::from),
                             mounts: c["volumeMounts"]
                                 .as_sequence()
                                 .map(|ms| {
@@ -279,9 +300,11 @@ pub fn config_map_file(name: &str, key: &str) -> String {
     panic!("no ConfigMap {name} in deploy/")
 }
 
-/// `ctr run` flags for a container of the pod: privileged, the host's PID namespace when
-/// the pod has hostPID, and each mount with its source resolved by `resolve`, which maps a
-/// volume to the path on this test's host that stands in for it.
+/// `ctr run` flags for a container of the pod: privileged, or exactly the capabilities it
+/// adds after dropping ALL; a read-only root; containerd's default seccomp profile for
+/// RuntimeDefault (none for Unconfined); the host's PID namespace when the pod has hostPID;
+/// and each mount with its source resolved by `resolve`, which maps a volume to the path on
+/// this test's host that stands in for it.
 pub fn ctr_run_flags(
     pod: &AgentPod,
     container: &PodContainer,
@@ -291,6 +314,27 @@ pub fn ctr_run_flags(
     let mut flags = Vec::new();
     if container.privileged {
         flags.push("--privileged".to_string());
+    }
+    if container.drops_all_capabilities {
+        // ctr applies --cap-add before --cap-drop, so "drop ALL, add these" is spelled as
+        // adding these and dropping every other capability the kernel knows.
+        for cap in grantable(&container.added_capabilities) {
+            flags.extend(["--cap-add".to_string(), cap]);
+        }
+        for cap in caps::all() {
+            let name = cap.to_string();
+            if !container.added_capabilities.contains(&name) {
+                flags.extend(["--cap-drop".to_string(), name]);
+            }
+        }
+    }
+    if container.read_only_root {
+        flags.push("--read-only".to_string());
+    }
+    match container.seccomp.as_deref() {
+        Some("RuntimeDefault") => flags.push("--seccomp".to_string()),
+        None | Some("Unconfined") => {}
+        Some(other) => panic!("seccomp profile {other} is not understood by this test"),
     }
     if pod.host_pid {
         flags.push("--with-ns".to_string());
@@ -311,4 +355,23 @@ pub fn ctr_run_flags(
         ));
     }
     flags
+}
+
+/// The capabilities of `wanted` that this test host can grant at all: those in the test's own
+/// bounding set (runc fails with EPERM on any other). Some VMs run even root without one or
+/// two (this CI's lacks CAP_SYS_RESOURCE); the note says which were left out.
+pub fn grantable(wanted: &[String]) -> Vec<String> {
+    let bounding: Vec<String> = caps::read(None, caps::CapSet::Bounding)
+        .expect("read the test's bounding set")
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let (granted, missing): (Vec<String>, Vec<String>) = wanted
+        .iter()
+        .cloned()
+        .partition(|cap| bounding.contains(cap));
+    if !missing.is_empty() {
+        eprintln!("note: this host cannot grant {missing:?} (not in its bounding set)");
+    }
+    granted
 }
