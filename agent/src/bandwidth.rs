@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use kybernate_dataplane::{ByteRate, Pacing};
+use kybernate_dataplane::{ByteRate, Pacing, WorkClass};
 
 use crate::config::BandwidthConfig;
 use crate::metrics::Metrics;
@@ -17,8 +17,22 @@ use crate::metrics::Metrics;
 pub enum Urgency {
     /// A checkpoint up to the tier it asked for, or a restore.
     Foreground,
-    /// Drains past that tier, demotions and prefetches.
+    /// Copying a checkpoint nearer ahead of its restore: limited like background work, and
+    /// served by the data plane after foreground work and before background work.
+    Prefetch,
+    /// Drains past that tier and demotions.
     Background,
+}
+
+impl Urgency {
+    /// The data plane's priority class of work of this urgency.
+    pub fn class(self) -> WorkClass {
+        match self {
+            Urgency::Foreground => WorkClass::Foreground,
+            Urgency::Prefetch => WorkClass::Prefetch,
+            Urgency::Background => WorkClass::Background,
+        }
+    }
 }
 
 /// The limiters built from the running config.
@@ -53,12 +67,18 @@ impl Bandwidth {
         }
     }
 
-    /// The limits work of `urgency` starting now runs under.
+    /// The limits and the priority class work of `urgency` starting now runs under, with a
+    /// cancel token of its own.
     pub fn pacing(&self, urgency: Urgency) -> Pacing {
         let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        match urgency {
+        let limits = match urgency {
             Urgency::Foreground if current.config.foreground_exceeds_limits => Pacing::default(),
             _ => current.limited.clone(),
+        };
+        Pacing {
+            class: urgency.class(),
+            cancel: kybernate_dataplane::CancelToken::new(),
+            ..limits
         }
     }
 }
@@ -86,6 +106,7 @@ fn build(config: &BandwidthConfig, metrics: &Arc<Metrics>) -> InForce {
             disk_write: limiter("nvme_write", config.nvme_write_bytes_per_sec),
             upload: limiter("s3_upload", config.s3_upload_bytes_per_sec),
             download: limiter("s3_download", config.s3_download_bytes_per_sec),
+            ..Pacing::default()
         },
     }
 }
@@ -105,6 +126,16 @@ mod tests {
         let background = bandwidth.pacing(Urgency::Background);
         assert_eq!(background.upload.as_ref().unwrap().bytes_per_sec(), 1 << 20);
         assert!(background.download.is_none() && background.disk_write.is_none());
+        assert_eq!(background.class, WorkClass::Background);
+        assert_eq!(
+            bandwidth.pacing(Urgency::Prefetch).class,
+            WorkClass::Prefetch
+        );
+        let foreground = bandwidth.pacing(Urgency::Foreground);
+        assert_eq!(foreground.class, WorkClass::Foreground);
+        // Each transfer gets a token of its own: cancelling one stops only that one.
+        foreground.cancel.cancel();
+        assert!(!bandwidth.pacing(Urgency::Foreground).cancel.is_cancelled());
         assert!(bandwidth.pacing(Urgency::Foreground).upload.is_none());
         assert!(metrics
             .encode()

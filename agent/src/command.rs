@@ -38,8 +38,15 @@ pub trait CommandRunner: Send + Sync + std::fmt::Debug {
 }
 
 /// The real spawner, on tokio's process support.
+///
+/// The program's stderr goes to an anonymous in-memory file, not a pipe: CRIU is left to
+/// finish a dump when the agent dies (its dump is then adopted at the next start), and a
+/// pipe whose reader died would kill CRIU with SIGPIPE at its next error line.
 #[derive(Debug, Default)]
 pub struct TokioCommandRunner;
+
+/// Most bytes of a program's stderr kept for its error message (the end, where the cause is).
+const STDERR_TAIL: u64 = 64 * 1024;
 
 impl CommandRunner for TokioCommandRunner {
     fn run(
@@ -49,29 +56,19 @@ impl CommandRunner for TokioCommandRunner {
         timeout: Duration,
     ) -> BoxFuture<'static, io::Result<CommandOutcome>> {
         Box::pin(async move {
+            let capture = stderr_file()?;
             let mut child = tokio::process::Command::new(&program)
                 .args(&args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::piped())
+                .stderr(Stdio::from(capture.try_clone()?))
                 .kill_on_drop(true)
                 .spawn()?;
-            let stderr = child.stderr.take();
-            let read_stderr = async move {
-                let mut text = String::new();
-                if let Some(mut pipe) = stderr {
-                    use tokio::io::AsyncReadExt;
-                    let _ = pipe.read_to_string(&mut text).await;
-                }
-                text
-            };
-            let waited = tokio::time::timeout(timeout, async {
-                let (status, stderr) = tokio::join!(child.wait(), read_stderr);
-                status.map(|status| CommandOutcome::Exited { status, stderr })
-            })
-            .await;
-            match waited {
-                Ok(outcome) => outcome,
+            match tokio::time::timeout(timeout, child.wait()).await {
+                Ok(status) => Ok(CommandOutcome::Exited {
+                    status: status?,
+                    stderr: read_tail(capture),
+                }),
                 Err(_) => {
                     child.kill().await?;
                     Ok(CommandOutcome::TimedOut)
@@ -79,6 +76,34 @@ impl CommandRunner for TokioCommandRunner {
             }
         })
     }
+}
+
+/// An anonymous in-memory file (memfd) for a child's stderr: writes to it never fail because
+/// the agent went away, and it vanishes with its last descriptor.
+fn stderr_file() -> io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create with a NUL-terminated name and valid flags has no other
+    // preconditions; it returns a new descriptor or -1.
+    let fd = unsafe { libc::memfd_create(c"kybernate-stderr".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// The last [`STDERR_TAIL`] bytes written to `file`, as text.
+fn read_tail(mut file: std::fs::File) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut bytes = Vec::new();
+    let read = file
+        .seek(SeekFrom::Start(len.saturating_sub(STDERR_TAIL)))
+        .and_then(|_| file.take(STDERR_TAIL).read_to_end(&mut bytes));
+    if let Err(e) = read {
+        tracing::warn!(error = %e, "cannot read a child's stderr");
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 #[cfg(test)]
@@ -155,5 +180,41 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    /// A program that outlives the agent's interest in it (the agent died, so the run was
+    /// dropped) can still write to its stderr: it is not killed by SIGPIPE.
+    #[actix_rt::test]
+    async fn stderr_outlives_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let (started, wrote) = (dir.path().join("started"), dir.path().join("wrote"));
+        // The grandchild writes to stderr only once the program it belongs to is gone.
+        let script = format!(
+            "p=$$; (touch {s}; while grep -qv ') Z ' /proc/$p/stat 2>/dev/null; do sleep 0.02; done; \
+             echo late >&2; touch {w}) & exec sleep 30",
+            s = started.display(),
+            w = wrote.display()
+        );
+        let run = TokioCommandRunner.run(
+            "sh".into(),
+            vec!["-c".into(), script.into()],
+            Duration::from_secs(60),
+        );
+        tokio::select! {
+            _ = run => panic!("sh ended early"),
+            () = async {
+                while !started.exists() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            } => {}
+        }
+        // The run is dropped here: sh is killed and nobody reads its stderr any more.
+        for _ in 0..3000 {
+            if wrote.exists() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the grandchild died writing to stderr");
     }
 }

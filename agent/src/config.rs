@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kybernate_dataplane::{ChunkConfig, S3Config, Secret};
+use kybernate_dataplane::{ChunkConfig, IoMode, S3Config, Secret};
 use serde::{Deserialize, Serialize};
 
 mod bandwidth;
@@ -62,8 +62,15 @@ pub struct DataplaneConfig {
     pub chunk_size_mib: usize,
     /// zstd level, 1..=19.
     pub zstd_level: i32,
-    /// Compression threads; 0 means one per core.
+    /// Chunks hashed and compressed at once by the node's data plane, over all checkpoints,
+    /// restores and drains together; 0 means half the cores (at least one), leaving the rest
+    /// to the workload's own threads.
     pub workers: usize,
+    /// How chunks are written: `auto` (io_uring when the kernel offers every operation the
+    /// data plane uses, else pread/pwrite, saying why in one log line), `uring` (refuse to
+    /// start without it) or `pread`. The environment variable `KYBERNATE_DATAPLANE_IO`
+    /// overrides this.
+    pub io: IoMode,
     /// Stream CRIU's images straight between CRIU and the NVMe tier (`criu --stream`): a
     /// checkpoint asked for NVMe or S3 never lands in the RAM tier, and a restore whose
     /// nearest copy is on NVMe reads it from there. Off: every checkpoint is written into the
@@ -78,6 +85,7 @@ impl Default for DataplaneConfig {
             chunk_size_mib: chunk.chunk_size >> 20,
             zstd_level: chunk.zstd_level,
             workers: chunk.workers,
+            io: IoMode::Auto,
             stream: false,
         }
     }
@@ -131,6 +139,11 @@ pub struct TimeoutsConfig {
     pub restore_ms: u64,
     /// Waiting for a dumped process's PID to be released before restoring it.
     pub pid_release_ms: u64,
+    /// How long a container checkpoint the shim began (or a restore it staged) may go
+    /// without its End before the agent settles it itself: CUDA given back, the name
+    /// released, a completed stop-mode dump adopted ([`TimeoutsConfig::shim_lease`]).
+    /// Default: the longer of `dump_ms` and `restore_ms`, plus 60 s. Reloaded live.
+    pub shim_lease_ms: Option<u64>,
 }
 
 impl Default for AgentConfig {
@@ -160,6 +173,7 @@ impl Default for TimeoutsConfig {
             store_ms: 900_000,
             restore_ms: 300_000,
             pid_release_ms: 10_000,
+            shim_lease_ms: None,
         }
     }
 }
@@ -235,6 +249,7 @@ impl AgentConfig {
             ("timeouts.store_ms", t.store_ms),
             ("timeouts.restore_ms", t.restore_ms),
             ("timeouts.pid_release_ms", t.pid_release_ms),
+            ("timeouts.shim_lease_ms", t.shim_lease_ms.unwrap_or(1)),
         ] {
             if value == 0 {
                 return Err(ConfigError::Invalid {
@@ -359,10 +374,24 @@ fn node_memory_bytes() -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
+/// What the default shim lease adds to the longer of the dump and restore timeouts: time
+/// for the shim's own work around `runc` (rootfs diff, copying images) and its End call.
+pub const SHIM_LEASE_MARGIN: Duration = Duration::from_secs(60);
+
 impl TimeoutsConfig {
     /// The timeout of `phase_ms` as a duration.
     pub fn of(phase_ms: u64) -> Duration {
         Duration::from_millis(phase_ms)
+    }
+
+    /// The lease of a shim's Begin or Stage: `shim_lease_ms`, else long enough for the
+    /// slowest `runc` run the agent's own timeouts allow, plus [`SHIM_LEASE_MARGIN`].
+    pub fn shim_lease(&self) -> Duration {
+        match self.shim_lease_ms {
+            Some(ms) => Duration::from_millis(ms),
+            None => Duration::from_millis(self.dump_ms.max(self.restore_ms))
+                .saturating_add(SHIM_LEASE_MARGIN),
+        }
     }
 }
 
@@ -406,6 +435,16 @@ mod tests {
     }
 
     #[test]
+    fn the_shim_lease_defaults_to_the_slowest_runc_run_plus_a_margin() {
+        let mut timeouts = TimeoutsConfig::default();
+        assert_eq!(timeouts.shim_lease(), Duration::from_secs(360));
+        timeouts.restore_ms = 600_000;
+        assert_eq!(timeouts.shim_lease(), Duration::from_secs(660));
+        timeouts.shim_lease_ms = Some(1_500);
+        assert_eq!(timeouts.shim_lease(), Duration::from_millis(1_500));
+    }
+
+    #[test]
     fn own_state_dir_gets_own_tiers() {
         let config = AgentConfig {
             state_dir: "/tmp/a".into(),
@@ -434,6 +473,13 @@ mod tests {
         std::fs::write(&path, "[dataplane]\nzstd_level = 99\n").unwrap();
         let err = AgentConfig::from_file(&path).unwrap_err().to_string();
         assert!(err.starts_with("invalid config: dataplane:"), "{err}");
+
+        std::fs::write(&path, "[timeouts]\nshim_lease_ms = 0\n").unwrap();
+        let err = AgentConfig::from_file(&path).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid config: timeouts.shim_lease_ms: must be greater than 0"
+        );
 
         std::fs::write(&path, "[timeouts]\ndump_ms = 0\n").unwrap();
         let err = AgentConfig::from_file(&path).unwrap_err().to_string();

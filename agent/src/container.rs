@@ -1,8 +1,7 @@
-//! One actor per workload. It owns the workload's lifecycle state and runs its checkpoints and
-//! restores one at a time: a second request waits until the first has finished.
-
-use std::fmt;
-use std::sync::Arc;
+//! One actor per bare-process workload. It runs the workload's checkpoints and restores one
+//! at a time (a second request waits until the first has finished) and writes the
+//! workload's state into its watch channel ([`crate::workload_state`]), which the node agent
+//! reads without a message.
 
 use actix::prelude::*;
 use kybernate_dataplane::TierKind;
@@ -12,37 +11,8 @@ use crate::checkpoint::{self, CheckpointJob};
 use crate::error::AgentError;
 use crate::node_parts::NodeParts;
 use crate::restore::{self, RestoreOutcome};
-
-/// Where a workload is in its lifecycle.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WorkloadState {
-    /// Running normally.
-    Running,
-    /// CUDA phase and CRIU dump in progress: the workload is (being) frozen.
-    Freezing,
-    /// Dumped; images are being stored in the tiers.
-    Dumped,
-    /// The last checkpoint is stored.
-    Stored,
-    /// A restore is in progress.
-    Restoring,
-    /// The last operation failed.
-    Failed,
-}
-
-impl fmt::Display for WorkloadState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = match self {
-            WorkloadState::Running => "Running",
-            WorkloadState::Freezing => "Freezing",
-            WorkloadState::Dumped => "Dumped",
-            WorkloadState::Stored => "Stored",
-            WorkloadState::Restoring => "Restoring",
-            WorkloadState::Failed => "Failed",
-        };
-        f.write_str(s)
-    }
-}
+use crate::workload_state::StateSender;
+pub use crate::workload_state::WorkloadState;
 
 /// Checkpoint this workload.
 #[derive(Debug, Message)]
@@ -59,25 +29,17 @@ pub struct RunRestore {
     pub from: Option<TierKind>,
 }
 
-/// The workload's current state.
-#[derive(Debug, Message)]
-#[rtype(result = "WorkloadState")]
-pub struct GetState;
-
 /// The actor of one workload (a bare process tree, keyed by its root PID).
 #[derive(Debug)]
 pub struct ContainerActor {
     parts: NodeParts,
-    state: Arc<tokio::sync::watch::Sender<WorkloadState>>,
+    state: StateSender,
 }
 
 impl ContainerActor {
-    /// A workload that is running now.
-    pub fn new(parts: NodeParts) -> Self {
-        Self {
-            parts,
-            state: Arc::new(tokio::sync::watch::Sender::new(WorkloadState::Running)),
-        }
+    /// The actor of a workload whose state goes into `state`.
+    pub fn new(parts: NodeParts, state: StateSender) -> Self {
+        Self { parts, state }
     }
 }
 
@@ -131,12 +93,5 @@ impl Handler<RunRestore> for ContainerActor {
                 result
             },
         )))
-    }
-}
-
-impl Handler<GetState> for ContainerActor {
-    type Result = MessageResult<GetState>;
-    fn handle(&mut self, _: GetState, _: &mut Self::Context) -> Self::Result {
-        MessageResult(*self.state.borrow())
     }
 }

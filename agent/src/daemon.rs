@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use actix::prelude::*;
-use kybernate_dataplane::{LocalDirTier, NvmeTier, S3Tier, TierError, TierKind};
+use kybernate_dataplane::{DataPlane, LocalDirTier, NvmeTier, S3Tier, TierError, TierKind};
 use kybernate_proto::agent::v1::agent_server::AgentServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -183,7 +183,18 @@ async fn serve(
 
     let ram = Arc::new(LocalDirTier::open(TierKind::Ram, config.ram_tier_path())?);
     let chunks = config.dataplane.chunk_config();
-    let nvme = Arc::new(NvmeTier::open(config.nvme_tier_path(), chunks.clone())?);
+    let plane = DataPlane::start(config.dataplane.io, &chunks)?;
+    tracing::info!(
+        workers = plane.workers(),
+        pinned_pool_bytes = plane.pinned_pool_bytes(),
+        io = %plane.io_backend(),
+        "data plane ready"
+    );
+    let nvme = Arc::new(NvmeTier::open_on(
+        config.nvme_tier_path(),
+        chunks.clone(),
+        plane,
+    )?);
     let s3 = match &config.s3 {
         Some(s3) => {
             // The S3 tier runs its own runtime, which must not be created inside this one.
@@ -213,6 +224,7 @@ async fn serve(
         chunks: &chunks,
         dump_timeout: crate::config::TimeoutsConfig::of(config.timeouts.dump_ms),
         logs_dir: &config.logs_dir(),
+        cuda: &cuda,
     })?;
     tracing::info!(
         checkpoints = catalog.all().count(),

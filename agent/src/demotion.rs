@@ -112,6 +112,16 @@ pub async fn demote(
                 Urgency::Background,
             )
             .await?;
+        } else if from == TierKind::Nvme
+            && to == TierKind::S3
+            && parts.tiers.nvme.is_some()
+            && parts.tiers.s3.is_some()
+            && parts.bandwidth.pacing(Urgency::Background).upload.is_none()
+        {
+            // The NVMe chunks are cut, compressed and addressed already: they are verified
+            // and uploaded as they are, with no RAM copy and no second compression. That
+            // upload takes no byte-rate limit yet, so a limited node keeps the staged path.
+            crate::streaming::store_s3_from_nvme(parts, &mut clock, &name).await?;
         } else {
             let staged = restore::stage(
                 parts,
@@ -134,6 +144,7 @@ pub async fn demote(
             .await?;
         }
     }
+    crate::checkpoint::failpoint(&format!("demote.{from}.before_remove"))?;
     let source = parts
         .tiers
         .get(from)
@@ -146,6 +157,7 @@ pub async fn demote(
             phase: format!("demote_{from}"),
             source: Box::new(e),
         })?;
+    crate::checkpoint::failpoint(&format!("demote.{from}.after_remove"))?;
     tracing::info!(checkpoint = %name, %from, %to, "demoted to stay within the tier budget");
     clock.succeeded();
     Ok(to)

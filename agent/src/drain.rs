@@ -11,7 +11,7 @@ use crate::error::AgentError;
 use crate::events::PhaseClock;
 use crate::images::{self, ImageFile};
 use crate::node_parts::NodeParts;
-use crate::tiers::Store;
+use crate::tiers::{CancelOnDrop, Store};
 
 /// Phase name of storing into `kind`.
 pub fn store_phase(kind: TierKind) -> &'static str {
@@ -36,6 +36,7 @@ pub async fn store_into(
     urgency: Urgency,
 ) -> Result<StoreReport, AgentError> {
     let phase = store_phase(kind);
+    crate::checkpoint::failpoint(&format!("store.{kind}.before"))?;
     if kind == TierKind::S3 && !image_dir.exists() && parts.tiers.nvme.is_some() {
         // A streamed checkpoint has no RAM copy: S3 takes the NVMe tier's chunks as they are.
         return crate::streaming::store_s3_from_nvme(parts, clock, name).await;
@@ -49,11 +50,14 @@ pub async fn store_into(
     let digest = images::to_digest(files)
         .ok()
         .filter(|d| d.chunk_size == chunk_size && !d.files.is_empty());
+    let pacing = parts.bandwidth.pacing(urgency);
+    // A store that times out, or whose caller goes away, stops and keeps nothing.
+    let _cancel = CancelOnDrop(pacing.cancel.clone());
     let store = Store {
         name: name.clone(),
         image_dir: image_dir.to_owned(),
         digest,
-        pacing: parts.bandwidth.pacing(urgency),
+        pacing,
     };
     let millis = parts.config.timeouts.store_ms;
     let report = clock
@@ -73,6 +77,7 @@ pub async fn store_into(
         })
         .await?;
     parts.metrics.drained(kind.as_str(), &report);
+    crate::checkpoint::failpoint(&format!("store.{kind}.after"))?;
     Ok(report)
 }
 
@@ -151,6 +156,22 @@ pub fn split_tiers(parts: &NodeParts, until: TierKind) -> (Vec<TierKind>, Vec<Ti
         .partition(|k| *k <= until)
 }
 
+/// The tiers a recorded checkpoint is still owed, given which tiers hold which checkpoints
+/// (`held`, nearest tier first): every tier slower than the slowest one holding it. A drain
+/// goes nearest first, so one cut off (the agent killed, a tier failing) leaves a prefix of
+/// the tiers; a demotion drops a nearer copy only once a slower tier holds it, so its gaps
+/// lie before the slowest copy and are owed nothing. A checkpoint no tier holds is owed
+/// nothing either: there is nothing to drain from.
+pub fn owed_tiers(
+    held: &[(TierKind, Vec<CheckpointName>)],
+    name: &CheckpointName,
+) -> Vec<TierKind> {
+    let Some(slowest) = held.iter().rposition(|(_, names)| names.contains(name)) else {
+        return Vec::new();
+    };
+    held[slowest + 1..].iter().map(|(kind, _)| *kind).collect()
+}
+
 /// Drains `name` from its RAM copy into `kinds` in the background, reporting progress as
 /// the operation "drain" in events and metrics. Stops at the first failure: the copies
 /// already made stay, and the failure is logged and counted.
@@ -167,6 +188,11 @@ pub async fn drain_in_background(
         parts.events.clone(),
         parts.metrics.clone(),
     );
+    if let Err(e) = crate::checkpoint::failpoint("drain.before") {
+        tracing::error!(checkpoint = %name, error = %e, "background drain failed; the nearer copies stay");
+        clock.failed("drain", e.metric_label());
+        return;
+    }
     for kind in kinds {
         let stored = store_into(
             &parts,
@@ -183,5 +209,38 @@ pub async fn drain_in_background(
             return;
         }
     }
+    if let Err(e) = crate::checkpoint::failpoint("drain.after") {
+        tracing::error!(checkpoint = %name, error = %e, "background drain failed after storing");
+        clock.failed("drain", e.metric_label());
+        return;
+    }
     clock.succeeded();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> Vec<CheckpointName> {
+        list.iter()
+            .map(|n| CheckpointName::new(n).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_cut_off_drain_owes_the_tiers_past_its_slowest_copy() {
+        let held = vec![
+            (TierKind::Ram, names(&["ram-only", "both", "demoted"])),
+            (TierKind::Nvme, names(&["both", "nvme-only"])),
+            (TierKind::S3, names(&["demoted", "done"])),
+        ];
+        let owed = |n: &str| owed_tiers(&held, &CheckpointName::new(n).unwrap());
+        assert_eq!(owed("ram-only"), [TierKind::Nvme, TierKind::S3]);
+        assert_eq!(owed("both"), [TierKind::S3]);
+        assert_eq!(owed("nvme-only"), [TierKind::S3]);
+        // RAM and S3 hold it: the NVMe copy was demoted, not lost.
+        assert!(owed("demoted").is_empty());
+        assert!(owed("done").is_empty());
+        assert!(owed("nowhere").is_empty());
+    }
 }

@@ -77,6 +77,12 @@ impl PhaseClock {
         });
     }
 
+    /// Tells watchers about `phase` reaching `status` without timing it here (e.g. a lease
+    /// that `expired`), with `message` saying why.
+    pub fn announce(&self, phase: &str, status: &str, message: String) {
+        self.emit(phase, status, Duration::ZERO, message);
+    }
+
     /// Reports a failure of the whole operation in `phase`.
     pub fn failed(&self, phase: &str, reason: &str) {
         self.metrics.failure(self.operation, phase, reason);

@@ -10,7 +10,7 @@ use kybernate_proto::agent::v1 as pb;
 
 use crate::catalog::{Catalog, CheckpointRecord, Phase};
 use crate::checkpoint::CheckpointJob;
-use crate::container::{ContainerActor, GetState, RunCheckpoint, RunRestore};
+use crate::container::{ContainerActor, RunCheckpoint, RunRestore};
 use crate::demotion::{self, Candidate, Limits};
 use crate::drain;
 use crate::error::{tier_list, AgentError};
@@ -19,6 +19,7 @@ use crate::node_parts::NodeParts;
 use crate::pins::Pins;
 use crate::recovery::{Leftover, Recovery};
 use crate::tiers::{self, Remove, UsedBytes};
+use crate::workload_state::{WorkloadKey, WorkloadState, WorkloadStates};
 
 mod record;
 pub use record::{GpuOf, RestorePrefetchTier, SubscribeEvents};
@@ -26,21 +27,27 @@ mod config_reload;
 mod container_checkpoint;
 mod container_restore;
 mod containerd_checkpoint;
+mod lease_expiry;
 mod policy;
 mod shared;
+mod shim_lease;
 pub use config_reload::{
     ApplyConfig, ConfigLoaded, ConfigRejected, ConfigShow, SubscribeConfigRejections,
 };
 pub use container_checkpoint::{ContainerCheckpointBegin, ContainerCheckpointEnd};
 pub use container_restore::{ContainerRestoreEnd, ContainerRestoreStage};
 pub use policy::{Pin, TierStatus, Unpin};
+pub use shim_lease::{CheckpointLeaseExpired, Lease, RestoreLeaseExpired};
 
 /// The node agent.
 #[derive(Debug)]
 pub struct NodeAgent {
     parts: NodeParts,
     catalog: Catalog,
+    /// The actor of each bare-process workload, by root PID.
     workloads: HashMap<i32, Addr<ContainerActor>>,
+    /// Every workload's state (processes and containers), read without asking an actor.
+    states: WorkloadStates,
     /// Checkpoints with a checkpoint, restore, prefetch or delete in flight.
     busy: HashSet<CheckpointName>,
     /// Checkpoints still draining into slower tiers in the background.
@@ -59,6 +66,8 @@ pub struct NodeAgent {
     shim_checkpoints: HashMap<CheckpointName, container_checkpoint::ShimCheckpoint>,
     /// Container restores the shim has staged and not yet ended.
     shim_restores: HashMap<CheckpointName, container_restore::ShimRestore>,
+    /// Grants the leases of the shim's Begins and Stages.
+    leases: shim_lease::Leases,
     /// Containers this agent asked containerd to checkpoint, with the name their shim's
     /// ContainerCheckpointBegin is to use.
     awaited_containers: HashMap<String, containerd_checkpoint::AwaitedCheckpoint>,
@@ -97,6 +106,7 @@ impl NodeAgent {
             parts,
             catalog,
             workloads: HashMap::new(),
+            states: WorkloadStates::default(),
             busy: HashSet::new(),
             draining: HashSet::new(),
             last_used,
@@ -106,6 +116,7 @@ impl NodeAgent {
             config_view: config_reload::ConfigView::default(),
             shim_checkpoints: HashMap::new(),
             shim_restores: HashMap::new(),
+            leases: shim_lease::Leases::default(),
             awaited_containers: HashMap::new(),
             config_rejections: tokio::sync::broadcast::channel(16).0,
             leftovers: Vec::new(),
@@ -122,7 +133,12 @@ impl NodeAgent {
     }
 
     /// Refuses a name a record, a leftover of recovery or unrecorded RAM-tier images hold.
+    /// A name an operation holds is reported busy (worth a retry), not taken: its images
+    /// may be on their way in or out.
     fn ensure_name_unused(&self, name: &CheckpointName) -> Result<(), AgentError> {
+        if self.busy.contains(name) {
+            return Err(AgentError::Busy(name.to_string()));
+        }
         if self.catalog.get(name).is_some() {
             return Err(AgentError::AlreadyExists(name.to_string()));
         }
@@ -191,10 +207,56 @@ impl NodeAgent {
 
     fn workload(&mut self, pid: i32) -> Addr<ContainerActor> {
         let parts = self.parts.clone();
+        let state = self.states.channel(WorkloadKey::Process(pid));
         self.workloads
             .entry(pid)
-            .or_insert_with(|| ContainerActor::new(parts).start())
+            .or_insert_with(|| ContainerActor::new(parts, state).start())
             .clone()
+    }
+
+    /// The state `list` and `inspect` show for the workload of `record`.
+    fn state_of(&self, record: &CheckpointRecord) -> String {
+        self.states
+            .get(&WorkloadKey::of(record))
+            .map_or_else(|| "Unknown".to_owned(), |s| s.to_string())
+    }
+
+    /// Moves the workload a checkpoint was taken of to `state`; returns the state before.
+    fn set_state_of(
+        &mut self,
+        record: &CheckpointRecord,
+        state: WorkloadState,
+    ) -> Option<WorkloadState> {
+        let key = WorkloadKey::of(record);
+        let before = self.states.get(&key);
+        self.states.set(key, state);
+        before
+    }
+
+    /// Puts the workload a checkpoint was taken of back to `before`.
+    fn put_back_state_of(&mut self, record: &CheckpointRecord, before: Option<WorkloadState>) {
+        self.states.put_back(WorkloadKey::of(record), before);
+    }
+
+    /// Moves the workload of a container to `state`.
+    fn set_container_state(&mut self, container_id: &str, state: WorkloadState) {
+        self.states
+            .set(WorkloadKey::Container(container_id.to_owned()), state);
+    }
+
+    /// Forgets the workloads that no checkpoint names and that no operation uses: their
+    /// actors stop once their last message is answered.
+    fn evict_idle_workloads(&mut self) {
+        let named: HashSet<WorkloadKey> = self.catalog.all().map(WorkloadKey::of).collect();
+        let gone = self.states.evict(|key| {
+            named.contains(key)
+                || matches!(key, WorkloadKey::Process(pid) if crate::process::stat(*pid).is_some())
+        });
+        for key in gone {
+            if let WorkloadKey::Process(pid) = key {
+                self.workloads.remove(&pid);
+            }
+        }
     }
 
     fn reserve(&mut self, name: &CheckpointName) -> Result<(), AgentError> {
@@ -266,27 +328,68 @@ impl NodeAgent {
         until: TierKind,
     ) {
         let (_, background) = drain::split_tiers(&self.parts, until);
-        if background.is_empty() {
+        self.drain_into(ctx, name, files, background);
+    }
+
+    /// Drains `name` from its RAM copy into `kinds` in the background.
+    fn drain_into(
+        &mut self,
+        ctx: &mut Context<Self>,
+        name: &CheckpointName,
+        files: Vec<crate::images::ImageFile>,
+        kinds: Vec<TierKind>,
+    ) {
+        if kinds.is_empty() {
             return;
         }
         self.draining.insert(name.clone());
         let done = name.clone();
         let image_dir = self.parts.ram.dir_of(name);
         ctx.spawn(
-            drain::drain_in_background(
-                self.parts.clone(),
-                name.clone(),
-                image_dir,
-                files,
-                background,
-            )
-            .into_actor(self)
-            .map(move |(), agent, ctx| {
-                agent.draining.remove(&done);
-                agent.refresh_tier_usage(ctx);
-                agent.enforce_budgets(ctx);
-            }),
+            drain::drain_in_background(self.parts.clone(), name.clone(), image_dir, files, kinds)
+                .into_actor(self)
+                .map(move |(), agent, ctx| {
+                    agent.draining.remove(&done);
+                    agent.refresh_tier_usage(ctx);
+                    agent.enforce_budgets(ctx);
+                }),
         );
+    }
+
+    /// Resumes the drains an agent's end (or a failing tier) cut off: every recorded
+    /// checkpoint drains again into the tiers slower than its slowest copy
+    /// ([`drain::owed_tiers`]). Without it a checkpoint would stay in the nearer tiers for
+    /// good after a crash mid-drain. Then runs a first budget pass.
+    fn resume_drains(&mut self, ctx: &mut Context<Self>) {
+        let parts = self.parts.clone();
+        ctx.spawn(async move { holdings(&parts).await }.into_actor(self).map(
+            |held, agent, ctx| {
+                let held = match held {
+                    Ok(held) => held,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot tell which drains to resume; they are tried at the next start");
+                        return;
+                    }
+                };
+                let owed: Vec<_> = agent
+                    .catalog
+                    .all()
+                    .filter_map(|record| {
+                        let name = CheckpointName::new(&record.name).ok()?;
+                        let kinds = drain::owed_tiers(&held, &name);
+                        let idle = !agent.busy.contains(&name) && !agent.draining.contains(&name);
+                        (idle && !kinds.is_empty()).then(|| (name, record.files.clone(), kinds))
+                    })
+                    .collect();
+                for (name, files, kinds) in owed {
+                    tracing::info!(checkpoint = %name, tiers = %tier_list(&kinds), "resuming a drain the last agent did not finish");
+                    agent.drain_into(ctx, &name, files, kinds);
+                }
+                // Budgets are enforced at start too: a demotion the last agent did not
+                // finish, or a budget lowered while it was down, applies now.
+                agent.enforce_budgets(ctx);
+            },
+        ));
     }
 
     fn refresh_tier_usage(&self, ctx: &mut Context<Self>) {
@@ -315,6 +418,7 @@ impl Actor for NodeAgent {
                 self.drain_later(ctx, &name, files, TierKind::Ram);
             }
         }
+        self.resume_drains(ctx);
         policy::publish_budgets(&self.parts);
         self.refresh_tier_usage(ctx);
         ctx.run_interval(BUDGET_CHECK_INTERVAL, |agent, ctx| {
@@ -450,6 +554,7 @@ impl Handler<Checkpoint> for NodeAgent {
                 }
                 let (record, holdings) = result?;
                 agent.keep_record(ctx, &name, &record)?;
+                agent.evict_idle_workloads();
                 agent.last_used.insert(name.clone(), record.created_unix);
                 agent.drain_later(ctx, &name, record.files.clone(), until);
                 agent.enforce_budgets(ctx);
@@ -515,34 +620,25 @@ impl Handler<List> for NodeAgent {
     type Result = ResponseActFuture<Self, Result<Vec<pb::CheckpointInfo>, AgentError>>;
 
     fn handle(&mut self, _: List, _: &mut Self::Context) -> Self::Result {
-        let records: Vec<CheckpointRecord> = self.catalog.all().cloned().collect();
+        let records: Vec<(CheckpointRecord, String)> = self
+            .catalog
+            .all()
+            .map(|r| (r.clone(), self.state_of(r)))
+            .collect();
         let leftovers: Vec<pb::CheckpointInfo> = self.leftovers.iter().map(leftover_pb).collect();
         let parts = self.parts.clone();
-        let workloads = self.workloads.clone();
         Box::pin(
             async move {
                 let holdings = holdings(&parts).await?;
                 let mut infos = Vec::with_capacity(records.len() + leftovers.len());
-                for record in &records {
-                    let state = workload_state(&workloads, record.pid).await;
-                    infos.push(info_pb(record, held_by(&holdings, &record.name), state));
+                for (record, state) in records {
+                    infos.push(info_pb(&record, held_by(&holdings, &record.name), state));
                 }
                 infos.extend(leftovers);
                 Ok(infos)
             }
             .into_actor(self),
         )
-    }
-}
-
-async fn workload_state(workloads: &HashMap<i32, Addr<ContainerActor>>, pid: i32) -> String {
-    match workloads.get(&pid) {
-        Some(actor) => actor
-            .send(GetState)
-            .await
-            .map(|s| s.to_string())
-            .unwrap_or_else(|_| "Unknown".into()),
-        None => "Unknown".into(),
     }
 }
 
@@ -563,11 +659,10 @@ impl Handler<Inspect> for NodeAgent {
             Err(e) => return Box::pin(actix::fut::ready(Err(e))),
         };
         let parts = self.parts.clone();
-        let workloads = self.workloads.clone();
+        let state = self.state_of(&record);
         Box::pin(
             async move {
                 let holdings = holdings(&parts).await?;
-                let state = workload_state(&workloads, record.pid).await;
                 Ok(info_pb(&record, held_by(&holdings, &record.name), state))
             }
             .into_actor(self),
@@ -653,6 +748,7 @@ impl Handler<Delete> for NodeAgent {
                     tracing::error!(checkpoint = %name, %problem, "could not drop the pin of a deleted checkpoint");
                 }
                 let known = agent.catalog.remove(&name)?;
+                agent.evict_idle_workloads();
                 if !known && removed.is_empty() {
                     return Err(AgentError::NotFound(name.to_string()));
                 }

@@ -71,7 +71,7 @@ pub async fn run(
             &name,
             &slower,
             &mut clock,
-            Urgency::Background,
+            Urgency::Prefetch,
         )
         .await?;
         let from = staged.tier;
@@ -85,7 +85,7 @@ pub async fn run(
                     &staged.dir,
                     &record.files,
                     to,
-                    Urgency::Background,
+                    Urgency::Prefetch,
                 )
                 .await?;
             }

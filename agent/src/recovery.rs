@@ -17,6 +17,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use kybernate_cuda::CudaSession;
 use kybernate_dataplane::{CheckpointName, ChunkConfig, LocalDirTier, Tier, TierError};
 
 use crate::catalog::{Catalog, CatalogError, CheckpointRecord};
@@ -108,6 +109,8 @@ pub struct RecoveryInputs<'a> {
     pub dump_timeout: Duration,
     /// Where the restore pidfiles are (the logs directory).
     pub logs_dir: &'a Path,
+    /// The CUDA driver, to give a workload that still runs its GPUs back.
+    pub cuda: &'a CudaSession,
 }
 
 /// A dump the journal shows as not finished.
@@ -238,6 +241,9 @@ fn recover_dump(
     }
     let complete = inventory_complete(&partial);
     if complete && (!runs || intent.leave_running) {
+        if runs {
+            give_back_gpus(inputs, name, intent.pid);
+        }
         inputs.ram.commit(name)?;
         let why = if open.dumped {
             "the agent stopped after CRIU finished the dump"
@@ -291,6 +297,7 @@ fn abandon(
     if runs {
         // A dump cut off half-way must never leave the workload stopped.
         process::continue_tree(&process::tree(intent.pid));
+        give_back_gpus(inputs, name, intent.pid);
     }
     tracing::warn!(checkpoint = %name, pid = intent.pid, reason, "dropping an unfinished dump");
     inputs.journal.note(
@@ -299,6 +306,27 @@ fn abandon(
             reason: reason.into(),
         },
     );
+}
+
+/// Gives a workload that still runs its GPUs back. The dump's CUDA phase locks and
+/// checkpoints its CUDA processes before CRIU runs, and only the agent that did so would have
+/// restored and unlocked them; a workload left like that runs on but can never use its GPUs
+/// again. Processes that are not CUDA processes, or already running on their GPUs, are left
+/// alone.
+fn give_back_gpus(inputs: &RecoveryInputs<'_>, name: &CheckpointName, pid: i32) {
+    let tree: Vec<u32> = process::tree(pid)
+        .into_iter()
+        .filter_map(|p| u32::try_from(p).ok())
+        .collect();
+    match inputs.cuda.restore(&tree, None) {
+        Ok(report) if !report.processes.is_empty() => {
+            tracing::warn!(checkpoint = %name, pid, processes = report.processes.len(), "restored and unlocked the GPUs of a workload the last agent left locked");
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(checkpoint = %name, pid, error = %e, "cannot give the workload its GPUs back");
+        }
+    }
 }
 
 /// Records the committed RAM set of `name` as a checkpoint.
@@ -365,9 +393,10 @@ pub fn inventory_complete(dir: &Path) -> bool {
     magic == INVENTORY_MAGIC && usize::try_from(len).is_ok_and(|len| bytes.len() >= 8 + len)
 }
 
-/// Waits for a CRIU still dumping into `images_dir` (started by an agent that died) to
-/// end; past `timeout` it is killed, as the agent would have on its deadline.
-fn wait_for_criu(images_dir: &Path, timeout: Duration) {
+/// Waits for a CRIU still dumping into `images_dir` (started by an agent that died, or by a
+/// shim's `runc` whose lease ran out) to end; past `timeout` it is killed, as the agent would
+/// have on its deadline.
+pub fn wait_for_criu(images_dir: &Path, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     let arg: &OsStr = images_dir.as_os_str();
     let mut logged = false;
@@ -466,7 +495,7 @@ fn quarantine_unaccounted(
 }
 
 /// Total size of the files in `dir` (0 when it cannot be read: the number is for people).
-fn dir_bytes(dir: &Path) -> u64 {
+pub fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|entries| {
             entries

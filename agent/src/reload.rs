@@ -120,8 +120,10 @@ pub fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, Str
 
 /// The keys a reload applies at once; every other key needs a restart of the agent.
 pub fn is_live_key(key: &str) -> bool {
-    matches!(key, "tiers.ram_budget_bytes" | "tiers.nvme_budget_bytes")
-        || key.starts_with("tiers.ram.")
+    matches!(
+        key,
+        "tiers.ram_budget_bytes" | "tiers.nvme_budget_bytes" | "timeouts.shim_lease_ms"
+    ) || key.starts_with("tiers.ram.")
         || key.starts_with("tiers.nvme.")
         || key.starts_with("policy.")
         || key.starts_with("bandwidth.")
@@ -155,6 +157,8 @@ pub fn apply_live(running: &AgentConfig, new: &AgentConfig) -> AgentConfig {
     merged.tiers.nvme = new.tiers.nvme.clone();
     merged.policy = new.policy.clone();
     merged.bandwidth = new.bandwidth.clone();
+    // Leases granted from now on use it; running ones keep the length they were granted.
+    merged.timeouts.shim_lease_ms = new.timeouts.shim_lease_ms;
     merged
 }
 
@@ -265,6 +269,7 @@ mod tests {
         new.tiers.ram.max_age_secs = 60;
         new.policy.nvme_keep_recent = 3;
         new.timeouts.dump_ms = 1;
+        new.timeouts.shim_lease_ms = Some(5_000);
         new.socket = "/elsewhere.sock".into();
         assert_eq!(restart_keys(&running, &new), ["socket", "timeouts.dump_ms"]);
         let merged = apply_live(&running, &new);
@@ -272,7 +277,8 @@ mod tests {
         assert_eq!(merged.tiers.ram.max_age_secs, 60);
         assert_eq!(merged.policy.nvme_keep_recent, 3);
         assert_eq!(merged.socket, running.socket);
-        assert_eq!(merged.timeouts, running.timeouts);
+        assert_eq!(merged.timeouts.dump_ms, running.timeouts.dump_ms);
+        assert_eq!(merged.timeouts.shim_lease_ms, Some(5_000));
     }
 
     #[test]

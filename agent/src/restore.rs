@@ -404,6 +404,10 @@ async fn load_into_ram(
     };
     let deadline = Duration::from_millis(parts.config.timeouts.restore_ms);
     let phase = load_phase(kind);
+    crate::checkpoint::failpoint(&format!("stage.{kind}.before_load"))?;
+    let pacing = parts.bandwidth.pacing(urgency);
+    // A load that times out stops writing into the scratch directory.
+    let _cancel = crate::tiers::CancelOnDrop(pacing.cancel.clone());
     let report = clock
         .run(phase, async {
             let sent = tokio::time::timeout(
@@ -411,7 +415,7 @@ async fn load_into_ram(
                 tier.send(Load {
                     name: name.clone(),
                     dest: scratch.clone(),
-                    pacing: parts.bandwidth.pacing(urgency),
+                    pacing,
                 }),
             )
             .await
@@ -428,6 +432,7 @@ async fn load_into_ram(
         })
         .await?;
     parts.metrics.loaded(kind.as_str(), report.bytes);
+    crate::checkpoint::failpoint(&format!("stage.{kind}.after_load"))?;
     Ok(staged)
 }
 

@@ -202,7 +202,14 @@ impl SmallMount {
     fn new(size: &str) -> Self {
         let dir = tempfile::tempdir_in("/dev/shm").unwrap();
         let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            // 0700: the agent refuses a tier directory others may write (a tmpfs root is 1777).
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(dir.path())
             .status()
             .unwrap();

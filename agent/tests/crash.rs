@@ -7,40 +7,11 @@ mod support;
 
 use std::time::Duration;
 
-use support::faults::{signal_all, wait_for_process_with_arg, SmallMount};
+use support::faults::{
+    assert_running, restore_and_verify, signal_all, wait_for_process_with_arg, SmallMount,
+    FAILPOINTS,
+};
 use support::{proc_state, TestAgent, Workload};
-
-const FAILPOINTS: &str = "KYBERNATE_FAILPOINTS";
-
-/// The workload runs: not stopped, and its counter moves.
-fn assert_running(workload: &Workload) {
-    let state = proc_state(workload.pid);
-    assert!(
-        matches!(state, Some('R' | 'S' | 'D')),
-        "workload {} is in state {state:?}",
-        workload.pid
-    );
-    let now = workload.read().unwrap().counter;
-    workload.wait_for(|s| s.counter > now + 2);
-}
-
-/// Restores `name`, checks the workload continues from its dump with its memory intact.
-fn restore_and_verify(agent: &TestAgent, workload: &mut Workload, name: &str, from: &[&str]) {
-    let at_dump = workload.read().unwrap();
-    let mut args = vec!["restore", name];
-    args.extend_from_slice(from);
-    let restored = agent.ctl_json(&args);
-    workload.restored_as(support::pid_of(&restored));
-    let after = workload.wait_for(|s| s.counter > at_dump.counter);
-    assert_eq!(
-        after.epoch, at_dump.epoch,
-        "a restarted process has a new epoch"
-    );
-    assert!(
-        workload.verify_memory().memory_ok,
-        "memory intact after restore"
-    );
-}
 
 #[test]
 fn agent_killed_after_the_ram_commit_recovers_the_checkpoint() {

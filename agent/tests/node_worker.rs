@@ -2,8 +2,10 @@
 //! hands the real agent binary (`--node-name n1`, KUBECONFIG pointing at the mock) a
 //! GpuCheckpoint for a container running in a private containerd (namespace `k8s.io`) under
 //! the kybernate shim; the agent checkpoints it through containerd's task API and the shim
-//! (as `kybernatectl checkpoint --container` does) and PATCHes the status. A stale re-delivery is refused by resourceVersion and never runs
-//! twice; deleting the object deletes the stored checkpoint. A GpuRestore for a real
+//! (as `kybernatectl checkpoint --container` does) and applies the status (server-side apply
+//! as `kybernate-agent`; its finalizer through kube-runtime's helper, as JSON patches). A
+//! stale re-delivery is refused and never runs twice; deleting the object deletes the
+//! stored checkpoint. A GpuRestore for a real
 //! checkpoint is staged into RAM by a real prefetch, and one for an unknown checkpoint fails
 //! naming it. Needs root, CRIU 4.x, containerd 1.6 and the shim built
 //! (`cargo build -p containerd-shim-kybernate-v1`).
@@ -19,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use containerd::{Containerd, Release};
 use kybernate_agent::workload::Status;
 use serde_json::{json, Value};
@@ -88,11 +90,17 @@ async fn handle(
     state: Shared,
     method: Method,
     uri: Uri,
+    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> (StatusCode, Body) {
     let path = uri.path().to_owned();
     let query = uri.query().unwrap_or_default().to_owned();
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
     let reply = |code: u16, v: Value| {
         (
             StatusCode::from_u16(code).unwrap(),
@@ -100,6 +108,17 @@ async fn handle(
         )
     };
     let mut s = state.lock().unwrap();
+    // Every write of the agent is a forced server-side apply as `kybernate-agent`, except
+    // the finalizer helper's JSON patches.
+    if method == Method::PATCH
+        && !(content_type == "application/apply-patch+yaml"
+            && query.contains("fieldManager=kybernate-agent")
+            && query.contains("force=true"))
+        && content_type != "application/json-patch+json"
+    {
+        s.unexpected
+            .push(format!("{method} {path}?{query} as {content_type}: {body}"));
+    }
     match (method.as_str(), path.as_str()) {
         ("GET", "/apis/kybernate.io/v1alpha1/gpucheckpoints") if query.contains("watch=true") => {
             assert!(
@@ -169,6 +188,26 @@ async fn handle(
                     "status": "Failure", "reason": "NotFound", "code": 404}),
                 );
             };
+            if content_type == "application/json-patch+json" {
+                // kube-runtime's finalizer helper: `test` guards each change.
+                let ops: json_patch::Patch = serde_json::from_value(body.clone()).unwrap();
+                if let Err(error) = json_patch::patch(&mut object, &ops) {
+                    s.patches.push((path.clone(), body.clone(), 422));
+                    return reply(
+                        422,
+                        json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                        "status": "Failure", "reason": "Invalid", "code": 422,
+                        "message": error.to_string()}),
+                    );
+                }
+                s.patches.push((path.clone(), body.clone(), 200));
+                s.rv += 1;
+                let rv = s.rv.to_string();
+                object["metadata"]["resourceVersion"] = json!(rv);
+                s.checkpoints.insert(name, object.clone());
+                s.broadcast("MODIFIED", &object);
+                return reply(200, object);
+            }
             let wanted = body["metadata"]["resourceVersion"]
                 .as_str()
                 .map(str::to_owned);
@@ -231,10 +270,11 @@ fn start_api(state: Shared) -> u16 {
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(listener.local_addr().unwrap().port()).unwrap();
-            let app =
-                axum::Router::new().fallback(move |m: Method, u: Uri, b: axum::body::Bytes| {
-                    handle(state.clone(), m, u, b)
-                });
+            let app = axum::Router::new().fallback(
+                move |m: Method, u: Uri, h: HeaderMap, b: axum::body::Bytes| {
+                    handle(state.clone(), m, u, h, b)
+                },
+            );
             axum::serve(listener, app).await.unwrap();
         });
     });
@@ -407,22 +447,26 @@ fn agent_executes_a_gpucheckpoint_for_a_real_container_once() {
         "no GPU here"
     );
     assert_eq!(node.1["metadata"]["labels"]["kybernate.io/agent"], "ready");
-    let claim = s
+    let finalizer = s
         .patches
         .iter()
         .find(|(p, _, _)| p == CP_PATH)
         .expect("finalizer patch");
     assert_eq!(
-        claim.1["metadata"]["resourceVersion"], "5",
-        "claim is guarded by the delivered version"
-    );
-    assert_eq!(
-        claim.1["metadata"]["finalizers"],
-        json!(["kybernate.io/referenced", "kybernate.io/artifacts"])
+        finalizer.1,
+        json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": ["kybernate.io/referenced"]},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": "kybernate.io/artifacts"},
+        ]),
+        "the finalizer helper adds ours, guarded by the list it saw"
     );
     let checkpointing = status_patches(&s, "Checkpointing");
     assert_eq!(checkpointing.len(), 1);
     assert_eq!(checkpointing[0]["status"]["artifactRef"], "default_cp1");
+    assert_eq!(
+        checkpointing[0]["metadata"]["resourceVersion"], "6",
+        "the claim is guarded by the version it was decided on (after the finalizer)"
+    );
     // Checkpointing → Draining (dump done, storing into nvme) → Completed.
     let order: Vec<&str> = s
         .patches
@@ -461,10 +505,18 @@ fn agent_executes_a_gpucheckpoint_for_a_real_container_once() {
     let before = Status::read(&status).unwrap().counter;
     wait_status(&status, |st| st.counter > before + 3);
 
-    // A stale re-delivery of the Scheduled object: the claim conflicts, nothing runs again.
+    // A stale re-delivery of the Scheduled object: refused (its finalizer list is stale, and
+    // so would be its claim), nothing runs again.
+    let rejected = |s: &ApiState| {
+        s.patches
+            .iter()
+            .filter(|(_, _, c)| matches!(*c, 409 | 422))
+            .count()
+    };
+    let before = rejected(&state.lock().unwrap());
     state.lock().unwrap().broadcast("MODIFIED", &scheduled);
-    wait_until("the stale claim's conflict", &state, &log, |s| {
-        s.patches.iter().any(|(_, _, c)| *c == 409)
+    wait_until("the stale copy's rejection", &state, &log, |s| {
+        rejected(s) > before
     });
     let listed = Command::new(CTL)
         .arg("--socket")
@@ -492,11 +544,7 @@ fn agent_executes_a_gpucheckpoint_for_a_real_container_once() {
     };
     state.lock().unwrap().broadcast("MODIFIED", &deleting);
     wait_until("the artifacts finalizer removal", &state, &log, |s| {
-        s.patches.iter().any(|(p, b, c)| {
-            p == CP_PATH
-                && *c == 200
-                && b["metadata"]["finalizers"] == json!(["kybernate.io/referenced"])
-        })
+        s.checkpoints["cp1"]["metadata"]["finalizers"] == json!(["kybernate.io/referenced"])
     });
     let listed = Command::new(CTL)
         .arg("--socket")

@@ -5,25 +5,32 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{finalizer, Event};
 use kube::ResourceExt;
-use serde_json::json;
 
 use crate::context::Context;
+use crate::crd::apply::{self, CONTROLLER_MANAGER};
 use crate::crd::{
-    CheckpointPhase, Condition, GpuCheckpoint, GpuRestore, GpuWorkload, TargetContainer,
-    ARTIFACTS_FINALIZER, NODE_LABEL, REFERENCED_FINALIZER, RUNTIME_CLASS,
+    CheckpointPhase, Condition, GpuCheckpoint, GpuCheckpointStatus, GpuRestore, GpuWorkload,
+    TargetContainer, ARTIFACTS_FINALIZER, FAILED_CONDITION, NODE_LABEL, REFERENCED_FINALIZER,
+    RUNTIME_CLASS,
 };
-use crate::error::{kube_err, Error};
+use crate::error::{finalizer_err, kube_err, Error};
 
 const KIND: &str = "GpuCheckpoint";
-/// How often a running checkpoint is looked at even without changes (node loss, timeout).
-const POLL: Duration = Duration::from_secs(30);
+/// How often a running checkpoint is looked at even without changes (node loss, timeout),
+/// and a deleted one that is still referenced.
+pub const POLL: Duration = Duration::from_secs(30);
 /// How often to look again at a pod that is not yet running.
 const WAIT_FOR_POD: Duration = Duration::from_secs(5);
 
-/// Reconciles one GpuCheckpoint.
+/// Reconciles one GpuCheckpoint. The finalizer `kybernate.io/referenced` is kept by
+/// kube-runtime's finalizer helper: added before anything else happens, and removed on
+/// deletion only once [`release`] finds no user of the checkpoint.
+#[tracing::instrument(skip_all, fields(namespace = %cp.namespace().unwrap_or_default(), name = %cp.name_any()))]
 pub async fn reconcile(cp: Arc<GpuCheckpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.metrics.reconcile(KIND);
     let name = cp.name_any();
@@ -32,25 +39,70 @@ pub async fn reconcile(cp: Arc<GpuCheckpoint>, ctx: Arc<Context>) -> Result<Acti
         name: name.clone(),
     })?;
     let api: Api<GpuCheckpoint> = Api::namespaced(ctx.client.clone(), &ns);
-    if cp.metadata.deletion_timestamp.is_some() {
-        return release(&cp, &api, &ctx, &ns).await;
-    }
-    if !cp.finalizers().iter().any(|f| f == REFERENCED_FINALIZER) {
-        let mut finalizers = cp.finalizers().to_vec();
-        finalizers.push(REFERENCED_FINALIZER.into());
-        set_finalizers(&api, &cp, finalizers).await?;
-    }
+    finalizer(&api, REFERENCED_FINALIZER, cp, |event| async {
+        match event {
+            Event::Apply(cp) => apply_phase(&cp, &api, &ctx, &ns).await,
+            Event::Cleanup(cp) => release(&cp, &api, &ctx, &ns).await,
+        }
+    })
+    .await
+    .map_err(finalizer_err(REFERENCED_FINALIZER, KIND, &ns, &name))
+}
+
+/// Takes a live checkpoint one step further according to its phase.
+async fn apply_phase(
+    cp: &GpuCheckpoint,
+    api: &Api<GpuCheckpoint>,
+    ctx: &Context,
+    ns: &str,
+) -> Result<Action, Error> {
     match cp.phase() {
         CheckpointPhase::Completed => Ok(Action::await_change()),
         CheckpointPhase::Failed => {
-            report_failure(&cp, &ctx).await;
+            report_failure(cp, ctx).await;
             Ok(Action::await_change())
         }
-        CheckpointPhase::Pending => schedule(&cp, &api, &ctx, &ns).await,
+        CheckpointPhase::Pending => schedule(cp, api, ctx, ns).await,
         CheckpointPhase::Scheduled | CheckpointPhase::Checkpointing | CheckpointPhase::Draining => {
-            watch_running(&cp, &api, &ctx).await
+            watch_running(cp, api, ctx).await
         }
     }
+}
+
+/// The status fields the controller owns, as it last applied them; every apply of the
+/// controller carries them, since server-side apply drops owned fields left out.
+fn owned_status(cp: &GpuCheckpoint) -> GpuCheckpointStatus {
+    let status = cp.status.clone().unwrap_or_default();
+    GpuCheckpointStatus {
+        node_name: status.node_name,
+        pod_uid: status.pod_uid,
+        containers: status.containers,
+        scheduled_at: status.scheduled_at,
+        captured_pod_spec: status.captured_pod_spec,
+        ..GpuCheckpointStatus::default()
+    }
+}
+
+/// Applies the controller's status fields.
+async fn apply_status(
+    api: &Api<GpuCheckpoint>,
+    cp: &GpuCheckpoint,
+    status: GpuCheckpointStatus,
+) -> Result<(), Error> {
+    let name = cp.name_any();
+    api.patch_status(
+        &name,
+        &apply::params(CONTROLLER_MANAGER),
+        &apply::status::<GpuCheckpoint, _>(&name, status),
+    )
+    .await
+    .map_err(kube_err(
+        "patch",
+        KIND,
+        &cp.namespace().unwrap_or_default(),
+        &name,
+    ))?;
+    Ok(())
 }
 
 /// Resolves the pod to its node and containers and hands the object to that node's agent.
@@ -99,26 +151,30 @@ async fn schedule(
         return fail(cp, api, ctx, "NodeGone", msg).await;
     }
     let name = cp.name_any();
+    let labels = ObjectMeta {
+        name: Some(name.clone()),
+        labels: Some([(NODE_LABEL.to_owned(), node_name.clone())].into()),
+        ..ObjectMeta::default()
+    };
     api.patch(
         &name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"labels": {NODE_LABEL: node_name}}})),
+        &apply::params(CONTROLLER_MANAGER),
+        &apply::metadata::<GpuCheckpoint>(labels),
     )
     .await
     .map_err(kube_err("patch", KIND, ns, &name))?;
     let mut captured = spec;
     captured.node_name = None;
-    let status = json!({"status": {
-        "phase": CheckpointPhase::Scheduled,
-        "nodeName": node_name,
-        "podUid": pod.metadata.uid,
-        "containers": containers,
-        "scheduledAt": ctx.now(),
-        "capturedPodSpec": captured,
-    }});
-    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
-        .await
-        .map_err(kube_err("patch", KIND, ns, &name))?;
+    let status = GpuCheckpointStatus {
+        phase: CheckpointPhase::Scheduled,
+        node_name: Some(node_name.clone()),
+        pod_uid: pod.metadata.uid.clone(),
+        containers,
+        scheduled_at: Some(ctx.now()),
+        captured_pod_spec: Some(captured),
+        ..GpuCheckpointStatus::default()
+    };
+    apply_status(api, cp, status).await?;
     ctx.event(
         cp,
         false,
@@ -194,7 +250,8 @@ async fn watch_running(
     Ok(Action::requeue(POLL.min(Duration::from_secs(left))))
 }
 
-/// Marks the object Failed with a reason.
+/// Marks the object Failed with a reason (the controller's `Failed` condition; the
+/// agent's conditions stay).
 async fn fail(
     cp: &GpuCheckpoint,
     api: &Api<GpuCheckpoint>,
@@ -202,18 +259,19 @@ async fn fail(
     reason: &str,
     message: String,
 ) -> Result<Action, Error> {
-    let name = cp.name_any();
-    let ns = cp.namespace().unwrap_or_default();
     let now = ctx.now();
-    let condition = Condition::new("Failed", reason, message.clone(), now.clone());
-    let status = json!({"status": {
-        "phase": CheckpointPhase::Failed,
-        "finishedAt": now,
-        "conditions": [condition],
-    }});
-    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
-        .await
-        .map_err(kube_err("patch", KIND, &ns, &name))?;
+    let status = GpuCheckpointStatus {
+        phase: CheckpointPhase::Failed,
+        finished_at: Some(now.clone()),
+        conditions: vec![Condition::new(
+            FAILED_CONDITION,
+            reason,
+            message.clone(),
+            now,
+        )],
+        ..owned_status(cp)
+    };
+    apply_status(api, cp, status).await?;
     ctx.metrics.failure(KIND, reason);
     ctx.event(cp, true, reason, message).await;
     Ok(Action::await_change())
@@ -224,7 +282,7 @@ async fn report_failure(cp: &GpuCheckpoint, ctx: &Context) {
     let Some(condition) = cp
         .status
         .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Failed"))
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == FAILED_CONDITION))
     else {
         return;
     };
@@ -232,8 +290,9 @@ async fn report_failure(cp: &GpuCheckpoint, ctx: &Context) {
         .await;
 }
 
-/// On deletion: keep the checkpoint while a restore or a workload still needs it, and drop
-/// the agent's finalizer when the node that held the artifacts is gone.
+/// On deletion: keep the checkpoint while a restore or a workload still needs it (an
+/// error keeps the finalizer), and drop the agent's finalizer when the node that held the
+/// artifacts is gone. The finalizer helper removes ours once this returns Ok.
 async fn release(
     cp: &GpuCheckpoint,
     api: &Api<GpuCheckpoint>,
@@ -241,9 +300,6 @@ async fn release(
     ns: &str,
 ) -> Result<Action, Error> {
     let name = cp.name_any();
-    if !cp.finalizers().iter().any(|f| f == REFERENCED_FINALIZER) {
-        return Ok(Action::await_change());
-    }
     if let Some(user) = referenced_by(&name, ctx, ns).await? {
         ctx.event(
             cp,
@@ -252,34 +308,70 @@ async fn release(
             format!("kept: {user} still needs this checkpoint"),
         )
         .await;
-        return Ok(Action::requeue(POLL));
+        return Err(Error::StillReferenced {
+            namespace: ns.to_owned(),
+            name,
+            user,
+        });
     }
-    let mut keep: Vec<String> = cp
+    let Some(node) = cp.labels().get(NODE_LABEL) else {
+        return Ok(Action::await_change());
+    };
+    let Some(index) = cp
         .finalizers()
         .iter()
-        .filter(|f| *f != REFERENCED_FINALIZER)
-        .cloned()
-        .collect();
-    if let Some(node) = cp.labels().get(NODE_LABEL) {
-        let nodes: Api<Node> = Api::all(ctx.client.clone());
-        let gone = nodes
-            .get_opt(node)
-            .await
-            .map_err(kube_err("get", "Node", "", node))?
-            .is_none();
-        if gone && keep.iter().any(|f| f == ARTIFACTS_FINALIZER) {
-            keep.retain(|f| f != ARTIFACTS_FINALIZER);
-            ctx.event(
-                cp,
-                true,
-                "ArtifactsLost",
-                format!("node {node} is gone; its local copies went with it"),
-            )
-            .await;
-        }
+        .position(|f| f == ARTIFACTS_FINALIZER)
+    else {
+        return Ok(Action::await_change());
+    };
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let gone = nodes
+        .get_opt(node)
+        .await
+        .map_err(kube_err("get", "Node", "", node))?
+        .is_none();
+    if gone {
+        drop_finalizer(api, cp, index, ARTIFACTS_FINALIZER).await?;
+        ctx.event(
+            cp,
+            true,
+            "ArtifactsLost",
+            format!("node {node} is gone; its local copies went with it"),
+        )
+        .await;
     }
-    set_finalizers(api, cp, keep).await?;
     Ok(Action::await_change())
+}
+
+/// Removes `finalizer` at `index`, refused by the API server when the list changed since
+/// we read it. (Dropping one before ours shifts ours: the helper's own removal is then
+/// refused and retried on the next reconcile, which finds the list as it is.)
+async fn drop_finalizer(
+    api: &Api<GpuCheckpoint>,
+    cp: &GpuCheckpoint,
+    index: usize,
+    finalizer: &str,
+) -> Result<(), Error> {
+    use json_patch::{jsonptr::PointerBuf, PatchOperation, RemoveOperation, TestOperation};
+    let index = index.to_string();
+    let path = PointerBuf::from_tokens(["metadata", "finalizers", index.as_str()]);
+    let patch = json_patch::Patch(vec![
+        PatchOperation::Test(TestOperation {
+            path: path.clone(),
+            value: finalizer.into(),
+        }),
+        PatchOperation::Remove(RemoveOperation { path }),
+    ]);
+    let name = cp.name_any();
+    api.patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await
+        .map_err(kube_err(
+            "patch",
+            "finalizers",
+            &cp.namespace().unwrap_or_default(),
+            &name,
+        ))?;
+    Ok(())
 }
 
 /// Who still needs checkpoint `name`: an unfinished restore, or a workload whose latest
@@ -313,29 +405,4 @@ async fn referenced_by(name: &str, ctx: &Context, ns: &str) -> Result<Option<Str
                     == Some(name)
         })
         .map(|w| format!("GpuWorkload {} (its latest checkpoint)", w.name_any())))
-}
-
-/// Replaces the finalizer list, guarded by the resourceVersion we read.
-pub(crate) async fn set_finalizers<K>(
-    api: &Api<K>,
-    obj: &K,
-    finalizers: Vec<String>,
-) -> Result<(), Error>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let name = obj.name_any();
-    let patch = json!({"metadata": {
-        "finalizers": finalizers,
-        "resourceVersion": obj.resource_version(),
-    }});
-    api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-        .map_err(kube_err(
-            "patch",
-            "finalizers",
-            &obj.namespace().unwrap_or_default(),
-            &name,
-        ))?;
-    Ok(())
 }

@@ -1,4 +1,5 @@
-//! What every reconcile gets: the client, the clock, the event recorder and the metrics.
+//! What every reconcile gets: the client, the clock, the event recorder, the metrics and
+//! the per-object error backoff.
 
 use std::sync::Arc;
 
@@ -7,6 +8,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource};
 
+use crate::backoff::ErrorBackoff;
+use crate::crd::apply::CONTROLLER_MANAGER;
 use crate::metrics::Metrics;
 
 /// The time source; tests pin it so timeouts are decided without sleeping.
@@ -34,6 +37,8 @@ pub struct Context {
     pub clock: Arc<dyn Clock>,
     /// Reconcile and error counters.
     pub metrics: Arc<Metrics>,
+    /// How long a failing object waits before its next try.
+    pub backoff: Arc<ErrorBackoff>,
     recorder: Recorder,
 }
 
@@ -49,7 +54,7 @@ impl Context {
     /// A context publishing events as `kybernate-controller` (instance: this pod's name).
     pub fn new(client: Client, clock: Arc<dyn Clock>, metrics: Arc<Metrics>) -> Self {
         let reporter = Reporter {
-            controller: "kybernate-controller".into(),
+            controller: CONTROLLER_MANAGER.into(),
             instance: std::env::var("POD_NAME").ok(),
         };
         Self {
@@ -57,6 +62,7 @@ impl Context {
             client,
             clock,
             metrics,
+            backoff: Arc::new(ErrorBackoff::default()),
         }
     }
 

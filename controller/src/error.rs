@@ -26,6 +26,31 @@ pub enum Error {
         /// Object name.
         name: String,
     },
+    /// A checkpoint being deleted is still needed; its finalizer stays (not a failure: the
+    /// object is looked at again after a fixed interval, without backoff).
+    #[error("{namespace}/{name} is still needed by {user}")]
+    StillReferenced {
+        /// Namespace.
+        namespace: String,
+        /// The checkpoint.
+        name: String,
+        /// Who needs it.
+        user: String,
+    },
+    /// The finalizer helper refused an object (it has no name).
+    #[error("finalizer {finalizer} on {kind} {namespace}/{name}: {reason}")]
+    Finalizer {
+        /// The finalizer.
+        finalizer: &'static str,
+        /// Object kind.
+        kind: &'static str,
+        /// Namespace.
+        namespace: String,
+        /// Object name.
+        name: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// A pod could not be built from a template or captured spec.
     #[error("cannot build pod for {owner}: {reason}")]
     PodBuild {
@@ -49,6 +74,8 @@ impl Error {
                 _ => "kube_other",
             },
             Self::NoNamespace { .. } => "no_namespace",
+            Self::StillReferenced { .. } => "still_referenced",
+            Self::Finalizer { .. } => "finalizer",
             Self::PodBuild { .. } => "pod_build",
         }
     }
@@ -69,5 +96,35 @@ pub(crate) fn kube_err(
         namespace,
         name,
         source: Box::new(source),
+    }
+}
+
+/// Unwraps the finalizer helper's error: a reconcile's own error stays as it is, a failed
+/// finalizer patch becomes a [`Error::Kube`] naming the object.
+pub(crate) fn finalizer_err(
+    finalizer: &'static str,
+    kind: &'static str,
+    namespace: &str,
+    name: &str,
+) -> impl FnOnce(kube::runtime::finalizer::Error<Error>) -> Error {
+    use kube::runtime::finalizer::Error as F;
+    let namespace = namespace.to_owned();
+    let name = name.to_owned();
+    move |error| match error {
+        F::ApplyFailed(e) | F::CleanupFailed(e) => e,
+        F::AddFinalizer(source) | F::RemoveFinalizer(source) => Error::Kube {
+            action: "patch",
+            kind: "finalizers",
+            namespace,
+            name,
+            source: Box::new(source),
+        },
+        other => Error::Finalizer {
+            finalizer,
+            kind,
+            namespace,
+            name,
+            reason: other.to_string(),
+        },
     }
 }

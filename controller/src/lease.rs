@@ -1,5 +1,8 @@
 //! Leader election through a `coordination.k8s.io/v1` Lease, so only one controller replica
-//! reconciles at a time.
+//! reconciles at a time. The Lease is read and written with a client of its own; the
+//! reconcilers' client passes the [`WriteFence`] that each renewal opens or closes.
+
+use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
@@ -8,6 +11,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use kube::Client;
 
 use crate::error::{kube_err, Error};
+use crate::fence::WriteFence;
 
 /// One replica's claim on the Lease.
 #[derive(Debug, Clone)]
@@ -96,5 +100,28 @@ impl LeaderLease {
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
             Err(e) => Err(kube_err("write", "Lease", &ns, &self.name)(e)),
         }
+    }
+
+    /// Renews the Lease (or takes it) and sets `fence` to the outcome: open only when the
+    /// renewal succeeded within `limit`. Any failure, a refusal or a slow answer closes the
+    /// fence before this returns, so no reconcile writes on a Lease that may have lapsed.
+    pub async fn renew(&self, fence: &WriteFence, now: Timestamp, limit: Duration) -> bool {
+        let leading = match tokio::time::timeout(limit, self.try_acquire(now)).await {
+            Ok(Ok(leading)) => leading,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "cannot renew the Lease; writes are fenced");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(?limit, "Lease renewal timed out; writes are fenced");
+                false
+            }
+        };
+        if leading {
+            fence.open();
+        } else {
+            fence.close();
+        }
+        leading
     }
 }

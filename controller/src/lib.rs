@@ -7,10 +7,12 @@
 //! creates restored pods, runs workload policies and guards stored checkpoints with
 //! finalizers.
 
+pub mod backoff;
 pub mod checkpoint;
 pub mod context;
 pub mod crd;
 pub mod error;
+pub mod fence;
 pub mod lease;
 pub mod metrics;
 pub mod pod;

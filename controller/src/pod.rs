@@ -9,9 +9,10 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
+use crate::crd::apply::CONTROLLER_MANAGER;
 use crate::crd::{
     GpuCheckpoint, GpuFingerprintStatus, StorageTier, GPU_COUNT_LABEL, GPU_DRIVER_LABEL,
-    GPU_MODEL_LABEL, RESTORE_FROM_ANNOTATION, RUNTIME_CLASS,
+    GPU_MODEL_LABEL, MANAGED_BY_LABEL, RESTORE_FROM_ANNOTATION, RUNTIME_CLASS,
 };
 use crate::error::Error;
 
@@ -88,6 +89,8 @@ impl RestoredPod<'_> {
         }
         let mut labels = template_meta.labels.unwrap_or_default();
         labels.extend(self.labels.clone());
+        // The controller's pod watches select this label, not every pod in the cluster.
+        labels.insert(MANAGED_BY_LABEL.into(), CONTROLLER_MANAGER.into());
         Ok(Pod {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),

@@ -6,15 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, PostParams};
 use kube::runtime::controller::Action;
 use kube::ResourceExt;
-use serde_json::json;
 
 use crate::context::Context;
+use crate::crd::apply::{self, CONTROLLER_MANAGER};
 use crate::crd::{
-    CheckpointPhase, Condition, GpuCheckpoint, GpuRestore, PhaseDuration, RestorePhase,
-    HOSTNAME_LABEL, NODE_LABEL,
+    CheckpointPhase, Condition, GpuCheckpoint, GpuRestore, GpuRestoreStatus, PhaseDuration,
+    RestorePhase, FAILED_CONDITION, HOSTNAME_LABEL, NODE_LABEL,
 };
 use crate::error::{kube_err, Error};
 use crate::pod::{local_node, owner_ref, RestoredPod};
@@ -23,6 +24,7 @@ const KIND: &str = "GpuRestore";
 const POLL: Duration = Duration::from_secs(5);
 
 /// Reconciles one GpuRestore.
+#[tracing::instrument(skip_all, fields(namespace = %restore.namespace().unwrap_or_default(), name = %restore.name_any()))]
 pub async fn reconcile(restore: Arc<GpuRestore>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.metrics.reconcile(KIND);
     let name = restore.name_any();
@@ -105,16 +107,14 @@ async fn create_pod(
         Err(kube::Error::Api(s)) if s.code == 409 => {}
         Err(e) => return Err(kube_err("create", "Pod", ns, &pod_name)(e)),
     }
-    let name = restore.name_any();
-    let status = json!({"status": {
-        "phase": RestorePhase::Restoring,
-        "podName": pod_name,
-        "startedAt": ctx.now(),
-        "artifactRef": cp.status.as_ref().and_then(|s| s.artifact_ref.clone()),
-    }});
-    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
-        .await
-        .map_err(kube_err("patch", KIND, ns, &name))?;
+    let status = GpuRestoreStatus {
+        phase: RestorePhase::Restoring,
+        pod_name: Some(pod_name.clone()),
+        started_at: Some(ctx.now()),
+        artifact_ref: cp.status.as_ref().and_then(|s| s.artifact_ref.clone()),
+        ..owned_status(restore)
+    };
+    apply_status(api, restore, status).await?;
     ctx.event(
         restore,
         false,
@@ -141,7 +141,6 @@ async fn track_pod(
         let msg = format!("pod {pod_name} was deleted before it ran");
         return fail(restore, api, ctx, "PodDeleted", msg).await;
     };
-    let name = restore.name_any();
     let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
     let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
     let status = restore.status.clone().unwrap_or_default();
@@ -155,14 +154,16 @@ async fn track_pod(
     match phase.as_deref() {
         Some("Running") => {
             let millis = u64::try_from(elapsed).unwrap_or(0).saturating_mul(1000);
-            let status = json!({"status": {
-                "phase": RestorePhase::Completed,
-                "nodeName": node,
-                "phases": [PhaseDuration { phase: "pod_running".into(), millis }],
-            }});
-            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
-                .await
-                .map_err(kube_err("patch", KIND, ns, &name))?;
+            let status = GpuRestoreStatus {
+                phase: RestorePhase::Completed,
+                node_name: node.clone(),
+                phases: vec![PhaseDuration {
+                    phase: "pod_running".into(),
+                    millis,
+                }],
+                ..owned_status(restore)
+            };
+            apply_status(api, restore, status).await?;
             ctx.event(
                 restore,
                 false,
@@ -201,16 +202,60 @@ async fn label_node(
         return Ok(());
     }
     let name = restore.name_any();
+    let labels = ObjectMeta {
+        name: Some(name.clone()),
+        labels: Some([(NODE_LABEL.to_owned(), node.to_owned())].into()),
+        ..ObjectMeta::default()
+    };
     api.patch(
         &name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"labels": {NODE_LABEL: node}}})),
+        &apply::params(CONTROLLER_MANAGER),
+        &apply::metadata::<GpuRestore>(labels),
     )
     .await
     .map_err(kube_err("patch", KIND, ns, &name))?;
     Ok(())
 }
 
+/// The status fields the controller owns, as it last applied them (server-side apply drops
+/// owned fields an apply leaves out). `staging` and the `Staged` condition are the agent's.
+fn owned_status(restore: &GpuRestore) -> GpuRestoreStatus {
+    let status = restore.status.clone().unwrap_or_default();
+    GpuRestoreStatus {
+        phase: status.phase,
+        node_name: status.node_name,
+        pod_name: status.pod_name,
+        started_at: status.started_at,
+        artifact_ref: status.artifact_ref,
+        phases: status.phases,
+        ..GpuRestoreStatus::default()
+    }
+}
+
+/// Applies the controller's status fields.
+async fn apply_status(
+    api: &Api<GpuRestore>,
+    restore: &GpuRestore,
+    status: GpuRestoreStatus,
+) -> Result<(), Error> {
+    let name = restore.name_any();
+    api.patch_status(
+        &name,
+        &apply::params(CONTROLLER_MANAGER),
+        &apply::status::<GpuRestore, _>(&name, status),
+    )
+    .await
+    .map_err(kube_err(
+        "patch",
+        KIND,
+        &restore.namespace().unwrap_or_default(),
+        &name,
+    ))?;
+    Ok(())
+}
+
+/// Marks the restore Failed with the controller's `Failed` condition; the agent's
+/// `Staged` condition stays.
 async fn fail(
     restore: &GpuRestore,
     api: &Api<GpuRestore>,
@@ -218,13 +263,17 @@ async fn fail(
     reason: &str,
     message: String,
 ) -> Result<Action, Error> {
-    let name = restore.name_any();
-    let ns = restore.namespace().unwrap_or_default();
-    let condition = Condition::new("Failed", reason, message.clone(), ctx.now());
-    let status = json!({"status": {"phase": RestorePhase::Failed, "conditions": [condition]}});
-    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
-        .await
-        .map_err(kube_err("patch", KIND, &ns, &name))?;
+    let status = GpuRestoreStatus {
+        phase: RestorePhase::Failed,
+        conditions: vec![Condition::new(
+            FAILED_CONDITION,
+            reason,
+            message.clone(),
+            ctx.now(),
+        )],
+        ..owned_status(restore)
+    };
+    apply_status(api, restore, status).await?;
     ctx.metrics.failure(KIND, reason);
     ctx.event(restore, true, reason, message).await;
     Ok(Action::await_change())

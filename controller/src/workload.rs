@@ -9,12 +9,12 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::runtime::controller::Action;
 use kube::ResourceExt;
-use serde_json::json;
 
 use crate::context::Context;
+use crate::crd::apply::{self, CONTROLLER_MANAGER};
 use crate::crd::{
     CheckpointPhase, CheckpointTimeouts, Condition, GpuCheckpoint, GpuCheckpointSpec, GpuWorkload,
     GpuWorkloadStatus, HOSTNAME_LABEL, SCHEDULE_INVALID_CONDITION, WORKLOAD_LABEL,
@@ -27,6 +27,7 @@ const KIND: &str = "GpuWorkload";
 const POLL: Duration = Duration::from_secs(30);
 
 /// Reconciles one GpuWorkload.
+#[tracing::instrument(skip_all, fields(namespace = %wl.namespace().unwrap_or_default(), name = %wl.name_any()))]
 pub async fn reconcile(wl: Arc<GpuWorkload>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.metrics.reconcile(KIND);
     let name = wl.name_any();
@@ -188,13 +189,16 @@ pub async fn reconcile(wl: Arc<GpuWorkload>, ctx: Arc<Context>) -> Result<Action
         )
         .await;
     }
+    // The controller is this status's only writer: it applies all of it, and a condition
+    // it leaves out (a fixed schedule's ScheduleInvalid) is removed by the API server.
     let api: Api<GpuWorkload> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut patch = json!({"status": status});
-    // An empty list is left out when serialized; a merge patch must say it explicitly.
-    patch["status"]["conditions"] = json!(status.conditions);
-    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-        .map_err(kube_err("patch", KIND, &ns, &name))?;
+    api.patch_status(
+        &name,
+        &apply::params(CONTROLLER_MANAGER),
+        &apply::status::<GpuWorkload, _>(&name, &status),
+    )
+    .await
+    .map_err(kube_err("patch", KIND, &ns, &name))?;
     Ok(Action::requeue(POLL))
 }
 

@@ -17,6 +17,8 @@ pub struct AlignedBuf {
     capacity: usize,
     len: usize,
     locked: bool,
+    /// Position among its pool's buffers: its index in an io_uring fixed-buffer table.
+    slot: usize,
 }
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
@@ -25,7 +27,7 @@ unsafe impl Send for AlignedBuf {}
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
-    fn new(capacity: usize) -> Self {
+    fn new(capacity: usize, slot: usize) -> Self {
         let capacity = capacity.div_ceil(IO_ALIGN).max(1) * IO_ALIGN;
         let layout = Layout::from_size_align(capacity, IO_ALIGN).expect("valid buffer layout");
         // SAFETY: the layout has a non-zero size.
@@ -41,6 +43,7 @@ impl AlignedBuf {
             capacity,
             len: 0,
             locked,
+            slot,
         }
     }
 
@@ -72,6 +75,19 @@ impl AlignedBuf {
         self.ptr.as_ptr()
     }
 
+    /// The first `len` bytes of the allocation, which may run past the bytes in use: an
+    /// O_DIRECT write must cover whole blocks. `None` if `len` exceeds the capacity.
+    pub(crate) fn padded(&self, len: usize) -> Option<&[u8]> {
+        // SAFETY: the whole allocation is initialised (alloc_zeroed) and len <= capacity.
+        (len <= self.capacity)
+            .then(|| unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), len) })
+    }
+
+    /// The buffer's place among its pool's buffers.
+    pub(crate) fn slot(&self) -> usize {
+        self.slot
+    }
+
     /// Whether mlock succeeded.
     pub fn is_pinned(&self) -> bool {
         self.locked
@@ -100,9 +116,14 @@ struct PoolState {
 
 #[derive(Debug)]
 struct PoolInner {
+    /// Tells pools apart, so a buffer is used as an io_uring fixed buffer only with the ring
+    /// its own pool was registered with.
+    id: u64,
     state: Mutex<PoolState>,
     returned: Condvar,
 }
+
+static NEXT_POOL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// A bounded set of equally sized [`AlignedBuf`]s shared by the stages of the pipeline.
 #[derive(Clone, Debug)]
@@ -118,6 +139,7 @@ impl BufferPool {
     pub fn new(buf_size: usize, count: usize) -> Self {
         Self {
             inner: Arc::new(PoolInner {
+                id: NEXT_POOL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 state: Mutex::new(PoolState {
                     free: Vec::new(),
                     created: 0,
@@ -148,9 +170,10 @@ impl BufferPool {
                 return self.lend(buf);
             }
             if state.created < self.count {
+                let slot = state.created;
                 state.created += 1;
                 drop(state);
-                let buf = AlignedBuf::new(self.buf_size);
+                let buf = AlignedBuf::new(self.buf_size, slot);
                 if !buf.is_pinned() {
                     tracing::warn!(
                         size = self.buf_size,
@@ -186,6 +209,17 @@ impl BufferPool {
     pub fn allocated(&self) -> usize {
         self.inner.state.lock().map_or(0, |s| s.created)
     }
+
+    /// Pinned bytes the pool holds once every buffer is allocated.
+    pub fn capacity_bytes(&self) -> u64 {
+        let per_buf = self.buf_size.div_ceil(IO_ALIGN).max(1) * IO_ALIGN;
+        u64::try_from(per_buf.saturating_mul(self.count)).unwrap_or(u64::MAX)
+    }
+
+    /// This pool's identity (see [`PooledBuf::pool_id`]).
+    pub(crate) fn id(&self) -> u64 {
+        self.inner.id
+    }
 }
 
 /// A buffer on loan from a [`BufferPool`]; dropping it gives it back.
@@ -200,6 +234,11 @@ impl PooledBuf {
     /// clone of those `Bytes` is dropped (e.g. after the HTTP client sent it).
     pub fn into_bytes(self) -> bytes::Bytes {
         bytes::Bytes::from_owner(self)
+    }
+
+    /// Identity of the pool the buffer belongs to.
+    pub(crate) fn pool_id(&self) -> u64 {
+        self.pool.id
     }
 }
 

@@ -110,7 +110,9 @@ pub struct ChunkConfig {
     pub chunk_size: usize,
     /// zstd level (1..=19); 1 keeps compression faster than the disk.
     pub zstd_level: i32,
-    /// Compression threads; 0 means one per core.
+    /// Chunks hashed and compressed at once, node-wide (the data plane's worker permits, and
+    /// the threads of each transfer); 0 means half the cores, at least one, so the workload's
+    /// own threads keep the rest.
     pub workers: usize,
     /// A compressed chunk is kept only if it is at most this many percent of the raw size.
     pub max_compressed_percent: u8,
@@ -153,12 +155,12 @@ impl ChunkConfig {
         Ok(())
     }
 
-    /// Number of compression threads to run.
+    /// Number of chunks worked on at once (see [`ChunkConfig::workers`]).
     pub fn worker_count(&self) -> usize {
         if self.workers > 0 {
             return self.workers;
         }
-        std::thread::available_parallelism().map_or(2, |n| n.get())
+        std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
     }
 
     /// Longest compressed output that is still worth storing.

@@ -61,6 +61,15 @@ pub enum TierError {
         /// What went wrong.
         detail: String,
     },
+    /// The operation was cancelled (its timeout passed or its caller went away); it stopped
+    /// and removed what it had written.
+    #[error("{tier} tier: cancelled: {detail}")]
+    Cancelled {
+        /// Tier the operation ran on.
+        tier: TierKind,
+        /// Which operation.
+        detail: String,
+    },
     /// The tier already holds a different checkpoint under this name: another node (or an
     /// earlier checkpoint of the same name) wrote it, and it is never overwritten.
     #[error("{tier} tier: checkpoint {name} already exists with other contents: {detail}")]
@@ -92,6 +101,9 @@ impl TierError {
             TierError::Remote { .. } => "remote",
             TierError::Config { .. } => "config",
             TierError::Stream { .. } => "stream",
+            TierError::Cancelled { .. } => "cancelled",
+        detail: String,
+    },
             TierError::AlreadyExists { .. } => "already_exists",
         }
     }

@@ -13,13 +13,14 @@ mod local_dir;
 mod manifest;
 mod name;
 mod nvme;
+mod nvme_index;
 mod pipeline;
 mod restore;
 mod s3;
+mod service;
 mod stream;
 mod throttle;
 mod tier;
-mod uring;
 
 pub use buffer::{AlignedBuf, BufferPool, PooledBuf};
 pub use chunk::{ChunkConfig, ChunkEncoding, ChunkHash, DEFAULT_CHUNK_SIZE};
@@ -35,6 +36,10 @@ pub use nvme::NvmeTier;
 pub use pipeline::DrainStats;
 pub use s3::{
     GcReport, LeaseInfo, S3Config, S3Tier, Secret, UnfinishedUpload, MAX_PARTS, MIN_PART_SIZE,
+};
+pub use service::{
+    CancelToken, ClassSession, DataPlane, IoBackend, IoMode, PriorityGate, WorkClass, WorkPermit,
+    IO_MODE_ENV,
 };
 pub use stream::{StreamCapture, StreamServe, CAPTURE_SOCKET, SERVE_SOCKET};
 pub use throttle::{ByteRate, Pacing, WaitHook};

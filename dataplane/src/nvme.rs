@@ -7,6 +7,9 @@
 //! or a second replica of the same model, adds only its new chunks. A checkpoint exists once
 //! its manifest is renamed into place, after all its chunks are fsynced.
 //!
+//! Stores run side by side; what each holds and uses is tracked in memory ([`NvmeIndex`]),
+//! which is also where `contains`, `list` and `used_bytes` are answered from.
+//!
 //! Dedup never trusts a chunk file by its name alone: a chunk is reused only when it is
 //! known good, i.e. this process wrote it or verified its content against its hash, and
 //! its file has not changed since (same inode, length and ctime, which every write moves
@@ -25,14 +28,15 @@ use std::sync::{Arc, Mutex};
 use crate::buffer::{AlignedBuf, BufferPool, PooledBuf};
 use crate::chunk::{ChunkConfig, ChunkEncoding, ChunkHash, IO_ALIGN};
 use crate::manifest::{CheckpointManifest, ChunkLocation, ChunkRef, MAX_MANIFEST_BYTES};
+use crate::nvme_index::{remove_chunk_file, NvmeIndex};
 use crate::pipeline::{
-    drain_image_set, ChunkIndex, ChunkWriter, DrainStats, StoredChunk, WriteBacklog,
+    drain_image_set_on, ChunkIndex, ChunkWriter, DrainStats, RunOn, StoredChunk, WriteBacklog,
 };
-use crate::restore::{restore_image_set, ChunkFetch};
-use crate::uring::{UringWriter, WriteJob};
+use crate::restore::{restore_image_set_on, ChunkFetch};
+use crate::service::StoreWrites;
 use crate::{
-    ByteRate, CheckpointName, ImageDigest, LoadReport, Pacing, StoreReport, Tier, TierError,
-    TierKind,
+    ByteRate, CancelToken, CheckpointName, DataPlane, ImageDigest, IoMode, LoadReport, Pacing,
+    StoreReport, Tier, TierError, TierKind,
 };
 
 const TIER: TierKind = TierKind::Nvme;
@@ -42,10 +46,12 @@ const TIER: TierKind = TierKind::Nvme;
 pub struct NvmeTier {
     root: PathBuf,
     config: ChunkConfig,
-    pool: BufferPool,
-    /// Serialises stores and removals, so garbage collection never races a store that is
-    /// about to reference a chunk.
-    lock: Mutex<()>,
+    /// The node's data plane, which runs this tier's bulk work.
+    plane: Arc<DataPlane>,
+    /// What the tier holds and what stores in progress use.
+    index: NvmeIndex,
+    /// Checkpoints being stored now: a second store of the same name is refused.
+    storing: Mutex<HashSet<CheckpointName>>,
     tmp_seq: AtomicU64,
     /// Chunks known good, with the state of their file when they were.
     verified: Mutex<HashMap<ChunkHash, FileStamp>>,
@@ -87,9 +93,24 @@ fn sync_dir(path: &Path) -> Result<(), TierError> {
 }
 
 impl NvmeTier {
-    /// Opens (creating if needed) the tier at `root` and removes chunk files left half-written
-    /// by a crash. Allocates the tier's pinned buffer pool.
+    /// Opens (creating if needed) the tier at `root` on a data plane of its own (io_uring if
+    /// the kernel offers it); see [`NvmeTier::open_on`].
     pub fn open(root: impl Into<PathBuf>, config: ChunkConfig) -> Result<Self, TierError> {
+        config
+            .validate()
+            .map_err(|detail| TierError::Config { tier: TIER, detail })?;
+        let plane = DataPlane::start(IoMode::Auto, &config)?;
+        Self::open_on(root, config, plane)
+    }
+
+    /// Opens (creating if needed) the tier at `root`, whose bulk work runs on the node's data
+    /// plane `plane` (started for the same `config`), removes chunk files left half-written by
+    /// a crash and chunks no checkpoint references, and reads what it holds into memory.
+    pub fn open_on(
+        root: impl Into<PathBuf>,
+        config: ChunkConfig,
+        plane: Arc<DataPlane>,
+    ) -> Result<Self, TierError> {
         config
             .validate()
             .map_err(|detail| TierError::Config { tier: TIER, detail })?;
@@ -102,60 +123,58 @@ impl NvmeTier {
             let path = entry.map_err(|e| io("read", &tmp, e))?.path();
             fs::remove_file(&path).map_err(|e| io("remove leftover", &path, e))?;
         }
-        let pool = BufferPool::new(config.chunk_size, config.worker_count() * 2 + 24);
-        let tier = Self {
+        let mut tier = Self {
             root,
             config,
-            pool,
-            lock: Mutex::new(()),
+            plane,
+            index: NvmeIndex::default(),
+            storing: Mutex::new(HashSet::new()),
             tmp_seq: AtomicU64::new(0),
             verified: Mutex::new(HashMap::new()),
         };
+        tier.index = tier.read_index()?;
         // Chunks of a store that never committed (the agent died mid-stream) are garbage: no
         // store runs before the tier is open, so nothing can be about to reference them.
         // A manifest that cannot be read makes the sweep keep every chunk.
-        match tier.remove_unreferenced() {
-            Ok(0) => {}
-            Ok(swept) => {
-                tracing::info!(chunks = swept, root = %tier.root.display(), "removed chunks no checkpoint references");
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "kept every chunk: cannot tell which ones are unreferenced");
-            }
+        let swept = tier
+            .index
+            .sweep(|hash| remove_chunk_file(&tier.chunk_path(hash)));
+        if swept > 0 {
+            tracing::info!(chunks = swept, root = %tier.root.display(), "removed chunks no checkpoint references");
         }
         Ok(tier)
     }
 
-    /// Removes every chunk file no manifest references; returns how many went. Call with no
-    /// store in progress (under [`NvmeTier::lock_stores`], or before the tier is shared).
-    fn remove_unreferenced(&self) -> Result<u64, TierError> {
-        let keep: HashSet<String> = self
-            .all_referenced()?
-            .iter()
-            .map(ChunkHash::to_hex)
-            .collect();
-        let mut removed = 0;
-        for chunk in self.chunk_files()? {
-            let referenced = chunk
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| keep.contains(n));
-            if !referenced {
-                fs::remove_file(&chunk).map_err(|e| io("remove chunk", &chunk, e))?;
-                removed += 1;
-                if let Some(hash) = chunk
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .and_then(ChunkHash::from_hex)
-                {
-                    self.verified
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&hash);
+    /// Reads every manifest and chunk file on disk into an index.
+    fn read_index(&self) -> Result<NvmeIndex, TierError> {
+        let mut manifests = Vec::new();
+        let mut complete = true;
+        for name in self.names_on_disk()? {
+            match self.manifest(&name) {
+                Ok(m) => manifests.push(m),
+                Err(e) => {
+                    tracing::warn!(error = %e, "kept every chunk: cannot tell which ones are unreferenced");
+                    complete = false;
                 }
             }
         }
-        Ok(removed)
+        let mut chunks = Vec::new();
+        for path in self.chunk_files()? {
+            let hash = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(ChunkHash::from_hex);
+            if let Some(hash) = hash {
+                let len = fs::metadata(&path).map_err(|e| io("stat", &path, e))?.len();
+                chunks.push((hash, len));
+            }
+        }
+        Ok(NvmeIndex::build(manifests, chunks, complete))
+    }
+
+    /// The data plane this tier runs on.
+    pub fn plane(&self) -> &Arc<DataPlane> {
+        &self.plane
     }
 
     /// Root directory of the tier.
@@ -218,18 +237,19 @@ impl NvmeTier {
         name: &CheckpointName,
         image_dir: &Path,
     ) -> Result<(StoreReport, DrainStats), TierError> {
-        self.store_known(name, image_dir, None, None)
+        self.store_known(name, image_dir, None, &Pacing::default())
     }
 
-    fn store_known(
+    /// [`Tier::store_paced`] with the pipeline's figures. A store whose `pacing.cancel` is
+    /// cancelled stops between chunks, writes nothing more and leaves nothing behind.
+    pub fn store_known(
         &self,
         name: &CheckpointName,
         image_dir: &Path,
         known: Option<&ImageDigest>,
-        write_rate: Option<Arc<ByteRate>>,
+        pacing: &Pacing,
     ) -> Result<(StoreReport, DrainStats), TierError> {
-        let _guard = self.lock_stores();
-        if let Ok(m) = self.manifest(name) {
+        if let Some(m) = self.contains_committed(name) {
             let raw = m.raw_bytes();
             return Ok((
                 StoreReport {
@@ -242,53 +262,75 @@ impl NvmeTier {
                 },
             ));
         }
-        let mut writer = self.chunk_writer(write_rate)?;
-        let drained = drain_image_set(
+        let pins = StorePins::new(self, name)?;
+        let mut writer = self.chunk_writer(pacing.disk_write.clone(), &pacing.cancel, &pins);
+        let run_on = RunOn {
+            gate: self.plane.gate(),
+            class: pacing.class,
+            cancel: &pacing.cancel,
+        };
+        let drained = drain_image_set_on(
             TIER,
             name,
             image_dir,
             known,
             &self.config,
-            &self.pool,
-            self,
+            self.plane.pool(),
+            &pins,
             &mut writer,
+            run_on,
         );
         self.finish_store(writer, drained)
     }
 
-    /// Serialises stores and removals: held for a whole store, so garbage collection never
-    /// removes a chunk that a store in progress has just deduplicated against.
-    pub(crate) fn lock_stores(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.lock.lock().unwrap_or_else(|e| e.into_inner())
+    /// The manifest of `name` if the tier holds it.
+    fn contains_committed(&self, name: &CheckpointName) -> Option<CheckpointManifest> {
+        if !self.index.contains(name) {
+            return None;
+        }
+        self.manifest(name).ok()
     }
 
-    /// The tier's pinned buffer pool (chunk-sized buffers).
+    /// The data plane's pinned buffer pool (chunk-sized buffers).
     pub(crate) fn pool(&self) -> &BufferPool {
-        &self.pool
+        self.plane.pool()
     }
 
-    /// A writer for the new chunks of one store; call with [`NvmeTier::lock_stores`] held.
-    pub(crate) fn chunk_writer(
-        &self,
+    /// A writer for the new chunks of the store holding `pins`.
+    pub(crate) fn chunk_writer<'a>(
+        &'a self,
         write_rate: Option<Arc<ByteRate>>,
-    ) -> Result<NvmeChunkWriter<'_>, TierError> {
-        Ok(NvmeChunkWriter {
+        cancel: &CancelToken,
+        pins: &'a StorePins<'a>,
+    ) -> NvmeChunkWriter<'a> {
+        NvmeChunkWriter {
             tier: self,
-            uring: Some(UringWriter::start()?),
+            pins,
+            writes: Some(self.plane.store_writes(cancel.clone())),
             dirs: HashSet::new(),
             write_rate,
-        })
+        }
     }
 
     /// Ends a store: waits until every chunk `writer` took is durable, then commits
     /// `drained`'s manifest; on any error (the store's own, passed in `drained`, or the
-    /// writer's) removes the chunks this store added instead and returns the error.
+    /// writer's) returns the error, and the chunks this store added go when its
+    /// [`StorePins`] are dropped (unless another store or checkpoint uses them by then).
     pub(crate) fn finish_store(
         &self,
         mut writer: NvmeChunkWriter<'_>,
         drained: Result<(CheckpointManifest, DrainStats), TierError>,
     ) -> Result<(StoreReport, DrainStats), TierError> {
-        let outcome = writer.uring.take().expect("writer present").finish();
+        let outcome = writer.writes.take().expect("writer present").finish();
+        for path in &outcome.written {
+            let hash = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(ChunkHash::from_hex);
+            if let (Some(hash), Ok(meta)) = (hash, fs::metadata(path)) {
+                self.index.chunk_written(hash, meta.len());
+            }
+        }
         let drained = match (drained, outcome.error) {
             // The writer's own error explains a failed put better than the put's.
             (_, Some(e)) | (Err(e), None) => Err(e),
@@ -299,22 +341,13 @@ impl NvmeTier {
                 sync_dir(dir)?;
             }
             self.write_manifest(&manifest)?;
+            self.index.committed(&manifest);
             Ok(stats)
         });
-        match committed {
-            Ok(stats) => {
-                self.remember_written(&outcome.written);
-                Ok((StoreReport::from(&stats), stats))
-            }
-            Err(e) => {
-                // Nothing references the chunks this store added (stores are serialised), so
-                // they go; the source image set was only read and is untouched.
-                for path in &outcome.written {
-                    let _ = fs::remove_file(path);
-                }
-                Err(e)
-            }
+        if committed.is_ok() {
+            self.remember_written(&outcome.written);
         }
+        committed.map(|stats| (StoreReport::from(&stats), stats))
     }
 
     fn write_manifest(&self, manifest: &CheckpointManifest) -> Result<(), TierError> {
@@ -387,19 +420,27 @@ impl NvmeTier {
             .clear();
     }
 
-    fn all_referenced(&self) -> Result<HashSet<ChunkHash>, TierError> {
-        let mut hashes = HashSet::new();
-        for name in self.list()? {
-            for f in self.manifest(&name)?.files {
-                hashes.extend(
-                    f.chunks
-                        .iter()
-                        .filter(|c| c.encoding != ChunkEncoding::Zero)
-                        .map(|c| c.hash),
-                );
+    /// The checkpoints whose manifests are on disk.
+    fn names_on_disk(&self) -> Result<Vec<CheckpointName>, TierError> {
+        let dir = self.root.join("manifests");
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(|e| io("read", &dir, e))? {
+            let entry = entry.map_err(|e| io("read", &dir, e))?;
+            if let Ok(name) = CheckpointName::new(&entry.file_name().to_string_lossy()) {
+                names.push(name);
             }
         }
-        Ok(hashes)
+        names.sort();
+        Ok(names)
+    }
+
+    /// Removes the chunk file of `hash` (index says it is garbage) and forgets it was verified.
+    fn remove_garbage(&self, hash: &ChunkHash) -> bool {
+        self.verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(hash);
+        remove_chunk_file(&self.chunk_path(hash))
     }
 
     fn chunk_files(&self) -> Result<Vec<PathBuf>, TierError> {
@@ -467,10 +508,70 @@ impl ChunkIndex for NvmeTier {
     }
 }
 
-/// Takes a store's new chunks and writes them durably through io_uring.
+/// The chunks one store uses (deduplicates against or writes), pinned in the tier's index so
+/// no removal or failed store collects them; dropping it ends the store's use, which removes
+/// those of them that no checkpoint references (the chunks of a store that failed).
+pub(crate) struct StorePins<'a> {
+    tier: &'a NvmeTier,
+    name: CheckpointName,
+    held: Mutex<HashSet<ChunkHash>>,
+}
+
+impl<'a> StorePins<'a> {
+    /// Starts a store of `name`; refused while another store of `name` runs.
+    pub(crate) fn new(tier: &'a NvmeTier, name: &CheckpointName) -> Result<Self, TierError> {
+        let mut storing = tier.storing.lock().unwrap_or_else(|e| e.into_inner());
+        if !storing.insert(name.clone()) {
+            return Err(TierError::Stream {
+                tier: TIER,
+                name: name.clone(),
+                detail: "a store of this checkpoint is already in progress".into(),
+            });
+        }
+        Ok(Self {
+            tier,
+            name: name.clone(),
+            held: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn hold(&self, hash: ChunkHash) {
+        let first = self
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(hash);
+        if first {
+            self.tier.index.pin(hash);
+        }
+    }
+}
+
+impl ChunkIndex for StorePins<'_> {
+    fn lookup(&self, hash: &ChunkHash, raw_len: u32) -> Result<Option<StoredChunk>, TierError> {
+        // Pinned before the file is looked at, so a removal cannot take it after we saw it.
+        self.hold(*hash);
+        self.tier.lookup(hash, raw_len)
+    }
+}
+
+impl Drop for StorePins<'_> {
+    fn drop(&mut self) {
+        let held = std::mem::take(self.held.get_mut().unwrap_or_else(|e| e.into_inner()));
+        let tier = self.tier;
+        tier.index.unpin(&held, |hash| tier.remove_garbage(hash));
+        tier.storing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.name);
+    }
+}
+
+/// Takes a store's new chunks and hands them to the data plane's writer.
 pub(crate) struct NvmeChunkWriter<'a> {
     tier: &'a NvmeTier,
-    uring: Option<UringWriter>,
+    pins: &'a StorePins<'a>,
+    writes: Option<StoreWrites>,
     dirs: HashSet<PathBuf>,
     /// The background write limit, when one applies to this store.
     write_rate: Option<Arc<ByteRate>>,
@@ -483,6 +584,7 @@ impl ChunkWriter for NvmeChunkWriter<'_> {
         encoding: ChunkEncoding,
         data: PooledBuf,
     ) -> Result<StoredChunk, TierError> {
+        self.pins.hold(hash);
         let final_path = self.tier.chunk_path(&hash);
         let dir = final_path
             .parent()
@@ -502,23 +604,13 @@ impl ChunkWriter for NvmeChunkWriter<'_> {
         if let Some(rate) = &self.write_rate {
             rate.pace_blocking(u64::from(stored_len));
         }
-        let job = WriteJob {
-            tmp_path,
-            final_path,
-            data,
-        };
-        if self
-            .uring
-            .as_ref()
-            .expect("writer present")
-            .submit(job)
-            .is_err()
-        {
-            // The writer stopped on an error; the store reports that one from `finish`.
+        let writes = self.writes.as_mut().expect("writer present");
+        if writes.submit(tmp_path, final_path, data).is_err() {
+            // A write of this store failed or it was cancelled; `finish` reports why.
             return Err(io(
                 "queue chunk write",
                 &self.tier.chunk_path(&hash),
-                io::Error::other("io_uring writer stopped"),
+                io::Error::other("this store's chunk writes stopped"),
             ));
         }
         Ok(StoredChunk {
@@ -533,7 +625,7 @@ impl ChunkWriter for NvmeChunkWriter<'_> {
         if self.write_rate.is_some() {
             return None;
         }
-        self.uring.as_ref().map(UringWriter::backlog)
+        self.writes.as_ref().map(StoreWrites::backlog)
     }
 }
 
@@ -666,56 +758,66 @@ impl Tier for NvmeTier {
         digest: Option<&ImageDigest>,
         pacing: &Pacing,
     ) -> Result<StoreReport, TierError> {
-        self.store_known(name, image_dir, digest, pacing.disk_write.clone())
+        self.store_known(name, image_dir, digest, pacing)
             .map(|(report, _)| report)
     }
 
     fn load(&self, name: &CheckpointName, dest: &Path) -> Result<LoadReport, TierError> {
+        self.load_paced(name, dest, &Pacing::default())
+    }
+
+    fn load_paced(
+        &self,
+        name: &CheckpointName,
+        dest: &Path,
+        pacing: &Pacing,
+    ) -> Result<LoadReport, TierError> {
         let manifest = self.manifest(name)?;
-        // Twice the cores: while half the workers decompress, the other half keep the disk busy.
+        // Twice the workers: while half decompress, the other half keep the disk busy.
         let workers = self.config.worker_count() * 2;
-        let loaded = restore_image_set(TIER, &manifest, dest, self, &self.pool, workers);
+        let run_on = RunOn {
+            gate: self.plane.gate(),
+            class: pacing.class,
+            cancel: &pacing.cancel,
+        };
+        let loaded =
+            restore_image_set_on(TIER, &manifest, dest, self, self.pool(), workers, run_on);
         if let Err(TierError::Corrupt { .. }) = &loaded {
             self.forget_verified();
         }
         loaded
     }
 
+    /// From memory, confirmed by the manifest file (one stat, which no store holds up).
     fn contains(&self, name: &CheckpointName) -> Result<bool, TierError> {
-        Ok(self.manifest_path(name).is_file())
+        Ok(self.index.contains(name) && self.manifest_path(name).is_file())
     }
 
     fn remove(&self, name: &CheckpointName) -> Result<bool, TierError> {
-        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let path = self.manifest_path(name);
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        let had_file = match fs::remove_file(&path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
             Err(e) => return Err(io("remove manifest", &path, e)),
+        };
+        if had_file {
+            sync_dir(&self.root.join("manifests"))?;
         }
-        sync_dir(&self.root.join("manifests"))?;
-        self.remove_unreferenced()?;
-        Ok(true)
+        let held = self.index.removed(name, |hash| self.remove_garbage(hash));
+        Ok(had_file || held)
     }
 
+    /// From memory, each confirmed by its manifest file (a stat, which no store holds up):
+    /// a manifest removed behind the agent's back is not listed.
     fn list(&self) -> Result<Vec<CheckpointName>, TierError> {
-        let dir = self.root.join("manifests");
-        let mut names = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(|e| io("read", &dir, e))? {
-            let entry = entry.map_err(|e| io("read", &dir, e))?;
-            if let Ok(name) = CheckpointName::new(&entry.file_name().to_string_lossy()) {
-                names.push(name);
-            }
-        }
-        names.sort();
+        let mut names = self.index.list();
+        names.retain(|name| self.manifest_path(name).is_file());
         Ok(names)
     }
 
+    /// From memory: the bytes of every chunk file (those of a store in progress count once
+    /// the store has finished writing them).
     fn used_bytes(&self) -> Result<u64, TierError> {
-        let mut total = 0;
-        for path in self.chunk_files()? {
-            total += fs::metadata(&path).map_err(|e| io("stat", &path, e))?.len();
-        }
-        Ok(total)
+        Ok(self.index.used_bytes())
     }
 }

@@ -21,7 +21,7 @@ use crate::buffer::{BufferPool, PooledBuf};
 use crate::chunk::{encode_into, is_zero, store_raw, ChunkConfig, ChunkEncoding, ChunkHash};
 use crate::digest::ImageDigest;
 use crate::manifest::{CheckpointManifest, ChunkLocation, ChunkRef, FileEntry};
-use crate::{CheckpointName, TierError, TierKind};
+use crate::{CancelToken, CheckpointName, PriorityGate, TierError, TierKind, WorkClass};
 
 /// How a destination keeps a chunk it holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -177,6 +177,49 @@ pub(crate) fn open_sources(tier: TierKind, dir: &Path) -> Result<Vec<SourceFile>
     Ok(files)
 }
 
+/// Where a pass of the pipeline runs: the node's gate, the pass's class, its cancel token.
+#[derive(Clone, Copy)]
+pub(crate) struct RunOn<'a> {
+    pub gate: &'a PriorityGate,
+    pub class: WorkClass,
+    pub cancel: &'a CancelToken,
+}
+
+/// [`drain_image_set_on`] outside the data plane's gate, never cancelled: for tiers that run
+/// no service of their own yet (S3).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn drain_image_set(
+    tier: TierKind,
+    name: &CheckpointName,
+    image_dir: &Path,
+    known: Option<&ImageDigest>,
+    config: &ChunkConfig,
+    pool: &BufferPool,
+    index: &dyn ChunkIndex,
+    writer: &mut dyn ChunkWriter,
+) -> Result<(CheckpointManifest, DrainStats), TierError> {
+    let (gate, cancel) = (PriorityGate::new(usize::MAX), CancelToken::new());
+    let run_on = RunOn {
+        gate: &gate,
+        class: WorkClass::Foreground,
+        cancel: &cancel,
+    };
+    drain_image_set_on(
+        tier, name, image_dir, known, config, pool, index, writer, run_on,
+    )
+}
+
+impl RunOn<'_> {
+    /// The error of a pass stopped by its token.
+    pub fn cancelled(&self, tier: TierKind, name: &CheckpointName) -> TierError {
+        TierError::Cancelled {
+            tier,
+            detail: format!("store of checkpoint {name}"),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn work(
     tier: TierKind,
     jobs: &Mutex<Receiver<Job<'_>>>,
@@ -185,6 +228,7 @@ fn work(
     pool: &BufferPool,
     index: &dyn ChunkIndex,
     backlog: Option<&WriteBacklog>,
+    run_on: RunOn<'_>,
 ) {
     // Enough queued work to keep the device busy while every worker compresses one chunk.
     let busy_at = u64::try_from(2 * config.worker_count() * config.chunk_size).unwrap_or(u64::MAX);
@@ -206,6 +250,10 @@ fn work(
                 Err(_) => return,
             }
         };
+        if run_on.cancel.is_cancelled() {
+            return;
+        }
+        let _permit = run_on.gate.acquire(run_on.class);
         let raw_len = u32::try_from(job.data.len()).expect("chunk size is capped below 4 GiB");
         let zero = job
             .known
@@ -292,9 +340,11 @@ fn known_hashes<'d>(
 
 /// Cuts the image set in `image_dir` into chunks and hands the new ones to `writer`; returns
 /// the manifest (with [`ChunkLocation`]s from the writer) and what was done. With `known`, the
-/// hashes taken right after the dump are used instead of hashing every chunk again.
+/// hashes taken right after the dump are used instead of hashing every chunk again. Each
+/// chunk's CPU work waits for a permit of `run_on`'s gate; a cancelled token stops the pass
+/// between chunks with [`TierError::Cancelled`].
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn drain_image_set(
+pub(crate) fn drain_image_set_on(
     tier: TierKind,
     name: &CheckpointName,
     image_dir: &Path,
@@ -303,10 +353,12 @@ pub(crate) fn drain_image_set(
     pool: &BufferPool,
     index: &dyn ChunkIndex,
     writer: &mut dyn ChunkWriter,
+    run_on: RunOn<'_>,
 ) -> Result<(CheckpointManifest, DrainStats), TierError> {
     config
         .validate()
         .map_err(|detail| TierError::Config { tier, detail })?;
+    let _running = run_on.gate.session(run_on.class);
     let sources = open_sources(tier, image_dir)?;
     let chunk_size = config.chunk_size;
     let known = match known {
@@ -332,10 +384,14 @@ pub(crate) fn drain_image_set(
         // Owned by the workers only, so the producer stops once they all have.
         let job_rx = Arc::new(Mutex::new(job_rx));
         let sources = &sources;
+        let cancel = run_on.cancel;
         s.spawn(move || {
             for (file, src) in sources.iter().enumerate() {
                 let Some(map) = &src.map else { continue };
                 for (index, data) in map.chunks(chunk_size).enumerate() {
+                    if cancel.is_cancelled() {
+                        return;
+                    }
                     let known = known.map(|k| k[file][index]);
                     let job = Job {
                         file,
@@ -353,12 +409,19 @@ pub(crate) fn drain_image_set(
             let done_tx = done_tx.clone();
             let job_rx = Arc::clone(&job_rx);
             let backlog = backlog.as_deref();
-            s.spawn(move || work(tier, &job_rx, &done_tx, config, pool, index, backlog));
+            s.spawn(move || {
+                work(
+                    tier, &job_rx, &done_tx, config, pool, index, backlog, run_on,
+                )
+            });
         }
         drop(done_tx);
         drop(job_rx);
         // Leaving this loop early drops `done_rx`, which stops the workers and the producer.
         for msg in done_rx {
+            if run_on.cancel.is_cancelled() {
+                return Err(run_on.cancelled(tier, name));
+            }
             let done = msg?;
             let raw = u64::from(done.raw_len);
             stats.raw_bytes += raw;
@@ -396,6 +459,9 @@ pub(crate) fn drain_image_set(
                 stored_len: stored.stored_len,
                 location: stored.location,
             });
+        }
+        if run_on.cancel.is_cancelled() {
+            return Err(run_on.cancelled(tier, name));
         }
         Ok(())
     })?;
@@ -487,7 +553,7 @@ mod tests {
         };
         let pool = BufferPool::new(config.chunk_size, 8);
         let name = CheckpointName::new("cp").unwrap();
-        let (manifest, _) = drain_image_set(
+        let (manifest, _) = drain_image_set_on(
             TierKind::Nvme,
             &name,
             dir.path(),
@@ -496,6 +562,11 @@ mod tests {
             &pool,
             &Empty,
             &mut writer,
+            RunOn {
+                gate: &PriorityGate::new(2),
+                class: WorkClass::Foreground,
+                cancel: &CancelToken::new(),
+            },
         )
         .unwrap();
         let encodings: Vec<_> = manifest.files[0]

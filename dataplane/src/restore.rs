@@ -17,6 +17,7 @@ use memmap2::MmapMut;
 use crate::buffer::{AlignedBuf, BufferPool};
 use crate::chunk::{decode_into, verify, ChunkEncoding};
 use crate::manifest::{CheckpointManifest, ChunkRef};
+use crate::pipeline::RunOn;
 use crate::{LoadReport, TierError, TierKind};
 
 /// Reads one chunk's stored bytes from a tier; called from many threads at once.
@@ -54,17 +55,29 @@ struct Job<'a> {
 }
 
 /// Writes the image set described by `manifest` into `dest` using `fetch`, with `workers`
-/// threads; on error nothing it created is left in `dest`.
-pub(crate) fn restore_image_set(
+/// threads whose decoding and verifying waits for `run_on`'s gate; on error or cancellation
+/// nothing it created is left in `dest`.
+pub(crate) fn restore_image_set_on(
     tier: TierKind,
     manifest: &CheckpointManifest,
     dest: &Path,
     fetch: &dyn ChunkFetch,
     pool: &BufferPool,
     workers: usize,
+    run_on: RunOn<'_>,
 ) -> Result<LoadReport, TierError> {
+    let _running = run_on.gate.session(run_on.class);
     let mut created: Vec<PathBuf> = Vec::new();
-    let result = restore_inner(tier, manifest, dest, fetch, pool, workers, &mut created);
+    let result = restore_inner(
+        tier,
+        manifest,
+        dest,
+        fetch,
+        pool,
+        workers,
+        run_on,
+        &mut created,
+    );
     if result.is_err() {
         for path in &created {
             let _ = fs::remove_file(path);
@@ -73,6 +86,29 @@ pub(crate) fn restore_image_set(
     result
 }
 
+/// [`restore_image_set_on`] outside the data plane's gate, never cancelled: for tiers that
+/// run no service of their own yet (S3).
+pub(crate) fn restore_image_set(
+    tier: TierKind,
+    manifest: &CheckpointManifest,
+    dest: &Path,
+    fetch: &dyn ChunkFetch,
+    pool: &BufferPool,
+    workers: usize,
+) -> Result<LoadReport, TierError> {
+    let (gate, cancel) = (
+        crate::PriorityGate::new(usize::MAX),
+        crate::CancelToken::new(),
+    );
+    let run_on = RunOn {
+        gate: &gate,
+        class: crate::WorkClass::Foreground,
+        cancel: &cancel,
+    };
+    restore_image_set_on(tier, manifest, dest, fetch, pool, workers, run_on)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn restore_inner(
     tier: TierKind,
     manifest: &CheckpointManifest,
@@ -80,6 +116,7 @@ fn restore_inner(
     fetch: &dyn ChunkFetch,
     pool: &BufferPool,
     workers: usize,
+    run_on: RunOn<'_>,
     created: &mut Vec<PathBuf>,
 ) -> Result<LoadReport, TierError> {
     let io = |op, path: &Path, source| TierError::Io {
@@ -149,12 +186,16 @@ fn restore_inner(
                         })
                         .transpose()
                     {
-                        Ok(Some(true)) => verify(job.dest, &job.chunk.hash).map_err(corrupt),
+                        Ok(Some(true)) => {
+                            let _permit = run_on.gate.acquire(run_on.class);
+                            verify(job.dest, &job.chunk.hash).map_err(corrupt)
+                        }
                         Ok(_) => {
                             let mut buf = pool.take();
                             fetch
                                 .fetch(manifest, job.file, job.index, job.chunk, &mut buf)
                                 .and_then(|()| {
+                                    let _permit = run_on.gate.acquire(run_on.class);
                                     decode_into(
                                         job.chunk.encoding,
                                         buf.as_slice(),
@@ -182,6 +223,15 @@ fn restore_inner(
             {
                 if chunk.encoding == ChunkEncoding::Zero {
                     continue;
+                }
+                if run_on.cancel.is_cancelled() {
+                    record(
+                        &first_error,
+                        TierError::Cancelled {
+                            tier,
+                            detail: format!("load of checkpoint {}", manifest.name),
+                        },
+                    );
                 }
                 let stop = first_error.lock().map_or(true, |e| e.is_some());
                 let job = Job {

@@ -124,10 +124,15 @@ impl<C: Clock> ByteRate<C> {
     }
 }
 
-/// The limits one transfer runs under; `None` is unlimited. The agent hands background work
+/// How one transfer runs: the byte-rate limits it honours (`None` is unlimited), its priority
+/// class in the data plane, and the token that cancels it. The agent hands background work
 /// its configured limits and foreground restores none (unless configured otherwise).
 #[derive(Clone, Debug, Default)]
 pub struct Pacing {
+    /// Priority of the transfer's CPU work ([`crate::PriorityGate`]).
+    pub class: crate::WorkClass,
+    /// Stops the transfer; a cancelled store keeps nothing.
+    pub cancel: crate::CancelToken,
     /// Chunk writes to the local disk (NVMe).
     pub disk_write: Option<Arc<ByteRate>>,
     /// Uploads to object storage.

@@ -15,7 +15,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kybernate_dataplane::{CheckpointName, ChunkConfig, NvmeTier, Tier, TierError};
+use kybernate_dataplane::{
+    CheckpointName, ChunkConfig, DataPlane, IoBackend, IoMode, NvmeTier, Tier, TierError,
+};
 
 const WORKLOAD: &str = r#"
 import hashlib, os, random, signal, sys, time
@@ -216,13 +218,19 @@ struct Fixture {
 
 impl Fixture {
     fn new(nvme: Option<&Path>) -> Self {
+        Self::with_io(nvme, IoMode::Auto)
+    }
+
+    /// A fixture whose tier runs on a data plane of its own with I/O engine `io`.
+    fn with_io(nvme: Option<&Path>, io: IoMode) -> Self {
         require_root_and_criu();
         let dir = tempfile::Builder::new()
             .prefix("kyb-stream-criu.")
             .tempdir()
             .unwrap();
         let root = nvme.map_or_else(|| dir.path().join("nvme"), Path::to_owned);
-        let tier = Arc::new(NvmeTier::open(root, ChunkConfig::default()).unwrap());
+        let plane = DataPlane::start(io, &ChunkConfig::default()).unwrap();
+        let tier = Arc::new(NvmeTier::open_on(root, ChunkConfig::default(), plane).unwrap());
         Self { dir, tier }
     }
 
@@ -243,9 +251,28 @@ fn image_files(dir: &Path) -> Vec<String> {
 
 #[test]
 fn a_streamed_1_gib_round_trip_through_nvme_is_bit_identical() {
-    let fx = Fixture::new(None);
-    let mut workload = Workload::start(fx.dir.path(), 1024);
-    let name = CheckpointName::new("streamed-1g").unwrap();
+    streamed_round_trip(&Fixture::new(None), 1024, 400, "streamed-1g");
+}
+
+#[test]
+fn a_streamed_round_trip_with_io_uring_forced_off_is_bit_identical() {
+    let fx = Fixture::with_io(None, IoMode::Pread);
+    assert!(
+        matches!(fx.tier.plane().io_backend(), IoBackend::Pread { .. }),
+        "{}",
+        fx.tier.plane().io_backend()
+    );
+    // 40% of 256 MiB is zero, 96 MiB of it in whole 8 MiB chunks.
+    streamed_round_trip(&fx, 256, 96, "streamed-pread");
+}
+
+/// Dumps a `mib` MiB workload with `criu dump --stream` into `fx`'s tier as `cp` (at least
+/// `zero_mib` MiB of it skipped as zero chunks), restores it with `criu restore --stream` and
+/// checks the memory is bit-identical.
+fn streamed_round_trip(fx: &Fixture, mib: usize, zero_mib: u64, cp: &str) {
+    let mut workload = Workload::start(fx.dir.path(), mib);
+    let name = CheckpointName::new(cp).unwrap();
+    let mib = u64::try_from(mib).unwrap();
     let images = fx.subdir("dump");
     let capture = fx.tier.capture(&name, &images).unwrap();
     let out = dump(
@@ -257,9 +284,9 @@ fn a_streamed_1_gib_round_trip_through_nvme_is_bit_identical() {
     assert!(out.status.success(), "criu dump --stream failed");
     let report = capture.commit().unwrap();
     workload.reap_dumped();
-    assert!(report.raw_bytes > 1 << 30, "{report:?}");
+    assert!(report.raw_bytes > mib << 20, "{report:?}");
     assert!(
-        report.zero_bytes >= 400 << 20,
+        report.zero_bytes >= zero_mib << 20,
         "zero pages skipped: {report:?}"
     );
     assert!(
@@ -282,7 +309,7 @@ fn a_streamed_1_gib_round_trip_through_nvme_is_bit_identical() {
         Some(workload.pid),
         "CRIU restores the tree under its PID"
     );
-    assert!(served.bytes > 1 << 30, "{served:?}");
+    assert!(served.bytes > mib << 20, "{served:?}");
     assert!(image_files(&restore_dir).is_empty());
     assert_eq!(
         workload.digest_now(),

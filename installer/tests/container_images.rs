@@ -354,11 +354,19 @@ fn agent_image_checkpoints_and_restores_a_host_process_as_the_daemonset_runs_it(
         std::thread::sleep(Duration::from_millis(100));
     }
     let (agent_pid, _) = task_pid(&node, &agent_id).unwrap();
-    let found = log()
-        .lines()
-        .find(|l| l.contains("found CRIU"))
-        .map(str::to_string)
-        .unwrap_or_else(|| panic!("the agent did not find CRIU:\n{}", log()));
+    // The agent binds its socket first and probes CRIU after its start-up checks.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let found = loop {
+        if let Some(line) = log().lines().find(|l| l.contains("found CRIU")) {
+            break line.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not find CRIU:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(found.contains("4.2"), "CRIU 4.2 expected: {found}");
 
     // Not privileged: the agent holds exactly the capabilities the DaemonSet adds.

@@ -4,9 +4,12 @@
 //! and stores the images. When containerd wants the images in a directory of its own (`ctr`,
 //! the CRI), CRIU dumps there and the images reach the agent after the call returns (see
 //! [`crate::handoff`]). Any failure up to the dump rolls back (CUDA resume) and the container
-//! keeps running; the error names the failed phase.
+//! keeps running; the error names the failed phase. The agent holds the checkpoint under a
+//! lease until End: the dump is started and run only while the lease lasts, so a shim that
+//! was stalled never dumps (and, in stop mode, ends) a container the agent has given back.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use containerd_shim::api::CheckpointTaskRequest;
 use containerd_shim::protos::events::task::TaskCheckpointed;
@@ -182,26 +185,44 @@ impl TaskService {
             )
             .await
             .map_err(|e| phase_error(id, "checkpoint", e))?;
+        let lease_ends =
+            (begin.lease_ms > 0).then(|| Instant::now() + Duration::from_millis(begin.lease_ms));
         let images = PathBuf::from(&begin.image_dir);
         let containerd_dir = (!wanted_at.is_empty() && Path::new(wanted_at) != images)
             .then(|| PathBuf::from(wanted_at));
         let work = dump_work_dir(options, &container.bundle);
-        let started = std::time::Instant::now();
-        let dumped = self
-            .dump_with_rootfs_diff(
-                container,
-                was_paused,
-                options,
-                &images,
-                self.dump(
+        let started = Instant::now();
+        let dumped = match self.dump_deadline(id, lease_ends) {
+            Ok(deadline) => {
+                self.dump_with_rootfs_diff(
                     container,
                     was_paused,
                     options,
-                    containerd_dir.as_deref().unwrap_or(&images),
-                    &work,
-                ),
-            )
-            .await;
+                    &images,
+                    self.dump(
+                        container,
+                        was_paused,
+                        options,
+                        containerd_dir.as_deref().unwrap_or(&images),
+                        &work,
+                        deadline,
+                    ),
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        if dumped.is_ok() {
+            // An error here is an End that never comes: the agent's lease settles it.
+            crate::failpoints::hit("shim.checkpoint.after_dump", id).map_err(|message| {
+                ShimError::Phase {
+                    id: id.to_owned(),
+                    operation: "checkpoint",
+                    phase: "failpoint",
+                    message,
+                }
+            })?;
+        }
         let dump_millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let end = |dumped: bool, failure: String| pb::ContainerCheckpointEndRequest {
             checkpoint_ref: begin.checkpoint_ref.clone(),
@@ -275,6 +296,38 @@ impl TaskService {
         Ok(reply.checkpoint_ref)
     }
 
+    /// The dump's deadline: the configured one, cut short so that the dump ends within the
+    /// agent's lease on the checkpoint (ending at `lease_ends`) with time left for the End.
+    /// Fails when the lease has (nearly) run out: the agent has given the container's GPUs
+    /// back, so dumping it now would checkpoint a workload nobody holds.
+    fn dump_deadline(&self, id: &str, lease_ends: Option<Instant>) -> Result<Duration> {
+        crate::failpoints::hit("shim.checkpoint.after_begin", id).map_err(|message| {
+            ShimError::Phase {
+                id: id.to_owned(),
+                operation: "checkpoint",
+                phase: "failpoint",
+                message,
+            }
+        })?;
+        let configured = millis(self.config.timeouts.dump_ms);
+        let Some(ends) = lease_ends else {
+            return Ok(configured);
+        };
+        let left = ends.saturating_duration_since(Instant::now());
+        let usable = left.saturating_sub(lease_margin(left));
+        if usable.is_zero() {
+            return Err(ShimError::Phase {
+                id: id.to_owned(),
+                operation: "checkpoint",
+                phase: "agent_lease",
+                message: "the agent's lease on this checkpoint ran out before the dump could \
+                          start; nothing was dumped and the container keeps running"
+                    .into(),
+            });
+        }
+        Ok(configured.min(usable))
+    }
+
     async fn dump(
         &self,
         container: &Target,
@@ -282,12 +335,12 @@ impl TaskService {
         options: &CheckpointOptions,
         images: &Path,
         work: &Path,
+        deadline: Duration,
     ) -> Result<()> {
         let id = container.id.as_str();
         std::fs::create_dir_all(work)
             .map_err(|e| ShimError::io(id, format!("create {}", work.display()), e))?;
         let args = dump_args(id, options, images, work);
-        let deadline = millis(self.config.timeouts.dump_ms);
         let log = container.runc_log();
         let run = container
             .runc
@@ -385,6 +438,11 @@ impl TaskService {
     }
 }
 
+/// Time kept back from a lease for the End to reach the agent.
+fn lease_margin(left: Duration) -> Duration {
+    (left / 4).min(Duration::from_secs(2))
+}
+
 /// Where the caller wants the images besides the agent's tiers. An `image_path` in the
 /// options wins, as with runc's shim: containerd then hands over a directory of its own that
 /// it archives into its content store, and that stays empty. The agent names its RAM-tier
@@ -427,6 +485,19 @@ mod tests {
                 "{flag} missing from {args:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_lease_keeps_a_margin_for_the_end() {
+        assert_eq!(
+            lease_margin(Duration::from_secs(360)),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            lease_margin(Duration::from_secs(2)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(lease_margin(Duration::ZERO), Duration::ZERO);
     }
 
     #[test]

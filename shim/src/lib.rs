@@ -9,6 +9,7 @@ pub mod containers;
 pub mod error;
 pub mod events;
 pub mod exec;
+pub mod failpoints;
 pub mod gpu;
 pub mod grouping;
 pub mod handoff;

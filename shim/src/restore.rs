@@ -49,6 +49,14 @@ impl TaskService {
             )
             .await
             .map_err(|e| phase_error(id, "restore", e))?;
+        crate::failpoints::hit("shim.restore.after_stage", id).map_err(|message| {
+            ShimError::Phase {
+                id: id.to_owned(),
+                operation: "restore",
+                phase: "failpoint",
+                message,
+            }
+        })?;
         Ok(PathBuf::from(staged.image_dir))
     }
 
@@ -161,6 +169,17 @@ impl TaskService {
             }
         };
         if let (Some(agent), Some(reference)) = (&agent, reference) {
+            // An error here is an End that never comes; the restored task is killed as for
+            // any failed End.
+            if let Err(message) = crate::failpoints::hit("shim.restore.before_end", id) {
+                kill_restored(container).await;
+                return Err(ShimError::Phase {
+                    id: id.to_owned(),
+                    operation: "restore",
+                    phase: "failpoint",
+                    message,
+                });
+            }
             let pids = match Self::container_pids(&container.runc, id, &log).await {
                 Ok(pids) => pids,
                 Err(e) => {

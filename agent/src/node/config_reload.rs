@@ -106,6 +106,33 @@ impl Handler<SubscribeConfigRejections> for NodeAgent {
     }
 }
 
+/// What the running data plane resolved from `[dataplane]`: the worker count (0 means a
+/// share of the cores, shown here as the number), the pinned buffer pool, and the I/O engine
+/// the probe chose.
+fn data_plane_values(
+    config: &crate::config::AgentConfig,
+    nvme: Option<&kybernate_dataplane::NvmeTier>,
+) -> Vec<(&'static str, String)> {
+    let chunks = config.dataplane.chunk_config();
+    let (workers, pool, backend) = match nvme.map(|t| t.plane()) {
+        Some(plane) => (
+            plane.workers(),
+            plane.pinned_pool_bytes(),
+            plane.io_backend().to_string(),
+        ),
+        None => (
+            chunks.worker_count(),
+            kybernate_dataplane::DataPlane::pinned_pool_bytes_for(&chunks),
+            "not started".into(),
+        ),
+    };
+    vec![
+        ("dataplane.workers", workers.to_string()),
+        ("dataplane.pinned_pool_bytes", pool.to_string()),
+        ("dataplane.io_backend", format!("{backend:?}")),
+    ]
+}
+
 /// The effective config and the source of each value.
 #[derive(Debug, Message)]
 #[rtype(result = "pb::ConfigShowReply")]
@@ -125,6 +152,9 @@ impl Handler<ConfigShow> for NodeAgent {
         values
             .entry("tiers.nvme_budget_bytes".into())
             .or_insert_with(|| "\"unlimited\"".into());
+        for (key, value) in data_plane_values(config, self.parts.tiers.nvme.as_deref()) {
+            values.insert(key.into(), value);
+        }
         if let Some(s3) = &config.s3 {
             for (key, value) in [
                 ("s3.endpoint", &s3.endpoint),
@@ -162,5 +192,46 @@ impl Handler<ConfigShow> for NodeAgent {
             reloads_rejected: view.rejected,
             last_error: view.last_error.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AgentConfig;
+    use kybernate_dataplane::{DataPlane, IoMode, NvmeTier};
+
+    fn value<'a>(values: &'a [(&'static str, String)], key: &str) -> &'a str {
+        &values.iter().find(|(k, _)| *k == key).unwrap().1
+    }
+
+    #[test]
+    fn config_show_reports_the_data_planes_workers_pool_and_io_engine() {
+        let mut config = AgentConfig::default();
+        config.dataplane.workers = 3;
+        config.dataplane.chunk_size_mib = 1;
+        let chunks = config.dataplane.chunk_config();
+        let planned = data_plane_values(&config, None);
+        assert_eq!(value(&planned, "dataplane.workers"), "3");
+        // 4 buffers per worker plus 28 shared ones, 1 MiB each.
+        assert_eq!(
+            value(&planned, "dataplane.pinned_pool_bytes"),
+            (40u64 << 20).to_string()
+        );
+        assert_eq!(value(&planned, "dataplane.io_backend"), "\"not started\"");
+
+        let dir = tempfile::tempdir().unwrap();
+        let plane = DataPlane::start(IoMode::Pread, &chunks).unwrap();
+        let tier = NvmeTier::open_on(dir.path(), chunks, plane).unwrap();
+        let running = data_plane_values(&config, Some(&tier));
+        assert_eq!(value(&running, "dataplane.workers"), "3");
+        assert_eq!(
+            value(&running, "dataplane.pinned_pool_bytes"),
+            value(&planned, "dataplane.pinned_pool_bytes")
+        );
+        assert!(
+            value(&running, "dataplane.io_backend").starts_with("\"pread/pwrite (forced"),
+            "{running:?}"
+        );
     }
 }

@@ -7,7 +7,9 @@
 //! touch it. A checkpoint containerd asked for on its own (`ctr`, the CRI) asks for RAM, as
 //! containerd stores its own copy; its shim dumps into containerd's directory and ends in two
 //! steps: `images_follow` releases CUDA at once, and a second End brings the images once
-//! containerd has resumed the task.
+//! containerd has resumed the task. Begin journals the dump's intent before the shim may
+//! dump, and holds a lease ([`super::shim_lease`]): an End that never comes is settled by
+//! [`super::lease_expiry`].
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -15,30 +17,48 @@ use actix::prelude::*;
 use kybernate_dataplane::{CheckpointName, TierKind};
 use kybernate_proto::agent::v1 as pb;
 
+use super::shim_lease::{CheckpointLeaseExpired, Lease};
 use super::{completed_reply, phases_pb, NodeAgent};
 use crate::catalog::{CheckpointRecord, Phase};
-use crate::checkpoint::commit_and_digest;
+use crate::checkpoint::{blocking, commit_and_digest};
 use crate::config::TimeoutsConfig;
 use crate::cuda::{CudaPhaseError, LockAndCheckpoint, Release};
 use crate::drain;
 use crate::error::{tier_list, AgentError};
 use crate::events::PhaseClock;
+use crate::journal::{DumpIntent, Transition};
 use crate::node_parts::NodeParts;
+use crate::process;
 use crate::tenancy::Origin;
+use crate::workload_state::WorkloadState;
 use kybernate_cuda::GpuFingerprint;
 
 /// A container checkpoint between Begin and End.
 #[derive(Debug)]
 pub struct ShimCheckpoint {
-    request: pb::ContainerCheckpointBeginRequest,
+    pub(super) request: pb::ContainerCheckpointBeginRequest,
     cuda_pids: Vec<u32>,
     fingerprint: Option<GpuFingerprint>,
     phases: Vec<Phase>,
     began: Instant,
     /// The slowest tier stored into before End replies.
-    until: TierKind,
+    pub(super) until: TierKind,
     /// CUDA was released by an End whose images followed later.
-    cuda_released: bool,
+    pub(super) cuda_released: bool,
+    /// The container's processes as Begin found them (PID, start time in clock ticks), to
+    /// tell whether the workload still runs when the lease runs out.
+    pub(super) processes: Vec<(i32, u64)>,
+    /// The lease the shim holds; an End must come before it runs out.
+    pub(super) lease: Lease,
+}
+
+impl ShimCheckpoint {
+    /// Whether any process of the container Begin saw still runs.
+    pub(super) fn workload_runs(&self) -> bool {
+        self.processes
+            .iter()
+            .any(|(pid, ticks)| process::still_runs(*pid, *ticks))
+    }
 }
 
 /// Begin a shim-driven container checkpoint.
@@ -101,6 +121,22 @@ impl Handler<ContainerCheckpointBegin> for NodeAgent {
         let parts = self.parts.clone();
         let job_name = name.clone();
         let pids = request.pids.clone();
+        let processes: Vec<(i32, u64)> = request
+            .pids
+            .iter()
+            .filter_map(|pid| Some((*pid, process::stat(*pid)?.start_ticks)))
+            .collect();
+        let intent = DumpIntent {
+            pid: processes.first().map_or(0, |p| p.0),
+            start_ticks: processes.first().map_or(0, |p| p.1),
+            leave_running: request.leave_running,
+            shell_job: false,
+            container_id: request.container_id.clone(),
+            pod_uid: request.pod_uid.clone(),
+            gpu_group: request.gpu_group.clone(),
+            gpu_seat: request.gpu_seat.clone(),
+            images_dir: parts.ram.partial_dir_of(&name),
+        };
         let lock_timeout = if request.cuda_timeout_ms > 0 {
             Duration::from_millis(request.cuda_timeout_ms)
         } else {
@@ -138,22 +174,35 @@ impl Handler<ContainerCheckpointBegin> for NodeAgent {
                         return Err(e);
                     }
                 };
-                let partial = parts.ram.partial_dir_of(&job_name);
-                let made = match std::fs::remove_dir_all(&partial) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                    _ => std::fs::create_dir_all(&partial),
-                };
+                let partial = intent.images_dir.clone();
+                let (dir, journal, entry) =
+                    (partial.clone(), parts.journal.clone(), job_name.clone());
+                let made = blocking(move || {
+                    match std::fs::remove_dir_all(&dir) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                        _ => std::fs::create_dir_all(&dir),
+                    }
+                    .map_err(|e| {
+                        AgentError::Internal(format!("cannot prepare {}: {e}", dir.display()))
+                    })?;
+                    // Journaled before the shim may dump: a stop-mode dump ends the
+                    // container, and an agent that crashes after it must find out whose
+                    // images these are.
+                    journal
+                        .append(entry.as_str(), Transition::DumpIntent(intent))
+                        .map_err(|e| AgentError::Internal(e.to_string()))
+                })
+                .await
+                .and_then(|made| made);
                 if let Err(e) = made {
                     let _ = parts.cuda.send(release(&job_name, false)).await;
-                    return Err(AgentError::Internal(format!(
-                        "cannot prepare {}: {e}",
-                        partial.display()
-                    )));
+                    let _ = std::fs::remove_dir(&partial);
+                    return Err(e);
                 }
                 Ok((held, partial, clock.phases.clone()))
             }
             .into_actor(self)
-            .map(move |result, agent, _| {
+            .map(move |result, agent, ctx| {
                 let (held, partial, phases) = match result {
                     Ok(r) => r,
                     Err(e) => {
@@ -161,6 +210,8 @@ impl Handler<ContainerCheckpointBegin> for NodeAgent {
                         return Err(e);
                     }
                 };
+                let lease = agent.grant_checkpoint_lease(ctx, &name);
+                agent.set_container_state(&request.container_id, WorkloadState::Freezing);
                 let reply = pb::ContainerCheckpointBeginReply {
                     checkpoint_ref: name.to_string(),
                     image_dir: partial.display().to_string(),
@@ -170,6 +221,7 @@ impl Handler<ContainerCheckpointBegin> for NodeAgent {
                         .filter_map(|p| i32::try_from(*p).ok())
                         .collect(),
                     phases: phases_pb(&phases),
+                    lease_ms: lease.millis(),
                 };
                 agent.shim_checkpoints.insert(
                     name.clone(),
@@ -181,6 +233,8 @@ impl Handler<ContainerCheckpointBegin> for NodeAgent {
                         began: Instant::now(),
                         until,
                         cuda_released: false,
+                        processes,
+                        lease,
                     },
                 );
                 Ok(reply)
@@ -189,7 +243,22 @@ impl Handler<ContainerCheckpointBegin> for NodeAgent {
     }
 }
 
-fn release(name: &CheckpointName, keep_checkpointed: bool) -> Release {
+impl NodeAgent {
+    /// Grants the shim a lease on checkpoint `name` and arms its expiry.
+    fn grant_checkpoint_lease(&mut self, ctx: &mut Context<Self>, name: &CheckpointName) -> Lease {
+        let lease = self.leases.grant(self.parts.config.timeouts.shim_lease());
+        ctx.notify_later(
+            CheckpointLeaseExpired {
+                name: name.clone(),
+                lease,
+            },
+            lease.length,
+        );
+        lease
+    }
+}
+
+pub(super) fn release(name: &CheckpointName, keep_checkpointed: bool) -> Release {
     Release {
         name: name.to_string(),
         keep_checkpointed,
@@ -209,7 +278,8 @@ impl Handler<ContainerCheckpointEnd> for NodeAgent {
                     .map(|session| (name.clone(), session))
                     .ok_or_else(|| {
                         AgentError::NotFound(format!(
-                            "{name} (no container checkpoint in progress)"
+                            "{name} (no container checkpoint in progress: it never began, \
+                             already ended, or its lease ran out)"
                         ))
                     })
             });
@@ -217,18 +287,30 @@ impl Handler<ContainerCheckpointEnd> for NodeAgent {
             Ok(found) => found,
             Err(e) => return Box::pin(actix::fut::ready(Err(e))),
         };
+        let container = session.request.container_id.clone();
+        if request.dumped {
+            self.set_container_state(&container, WorkloadState::Dumped);
+        }
         if request.dumped && request.images_follow {
             return self.release_before_images(name, session, request.dump_millis);
         }
         let parts = self.parts.clone();
         let job_name = name.clone();
         let until = session.until;
+        let leave_running = session.request.leave_running;
         Box::pin(
             async move {
                 if request.dumped {
-                    finish(&parts, &job_name, session, request.dump_millis)
-                        .await
-                        .map(Some)
+                    parts.journal.note(job_name.as_str(), Transition::Dumped);
+                    finish(
+                        &parts,
+                        &job_name,
+                        session,
+                        request.dump_millis,
+                        String::new(),
+                    )
+                    .await
+                    .map(Some)
                 } else {
                     roll_back(&parts, &job_name, &request.failure, session.cuda_released)
                         .await
@@ -239,6 +321,19 @@ impl Handler<ContainerCheckpointEnd> for NodeAgent {
             .map(move |result, agent, ctx| {
                 agent.busy.remove(&name);
                 agent.refresh_tier_usage(ctx);
+                agent.set_container_state(
+                    &container,
+                    match &result {
+                        Ok(None) => WorkloadState::Running,
+                        Ok(Some(_)) | Err(AgentError::HeldPartially { .. }) if leave_running => {
+                            WorkloadState::Running
+                        }
+                        Ok(Some(_)) | Err(AgentError::HeldPartially { .. }) => {
+                            WorkloadState::Stored
+                        }
+                        Err(_) => WorkloadState::Failed,
+                    },
+                );
                 if let Err(AgentError::HeldPartially { record, .. }) = &result {
                     agent.keep_record(ctx, &name, record)?;
                 }
@@ -283,18 +378,28 @@ impl NodeAgent {
                 );
                 clock.phases = phases;
                 clock.record("criu_dump", Duration::from_millis(dump_millis));
+                parts.journal.note(job_name.as_str(), Transition::Dumped);
                 match release_cuda(&parts, &mut clock, &job_name, leave_running).await {
                     Ok(()) => Ok(clock.phases),
                     Err((phase, e)) => {
                         clock.failed(phase, e.metric_label());
-                        let _ = std::fs::remove_dir_all(parts.ram.partial_dir_of(&job_name));
+                        let partial = parts.ram.partial_dir_of(&job_name);
+                        let _ = blocking(move || std::fs::remove_dir_all(partial)).await;
+                        parts.journal.note(
+                            job_name.as_str(),
+                            Transition::Abandoned {
+                                reason: e.to_string(),
+                            },
+                        );
                         Err(e)
                     }
                 }
             }
             .into_actor(self)
-            .map(move |result, agent, _| match result {
+            .map(move |result, agent, ctx| match result {
                 Ok(phases) => {
+                    // The images are still to come: the shim gets a fresh lease for them.
+                    session.lease = agent.grant_checkpoint_lease(ctx, &name);
                     let reply = pb::CheckpointReply {
                         checkpoint_ref: name.to_string(),
                         phases: phases_pb(&phases),
@@ -309,6 +414,7 @@ impl NodeAgent {
                 }
                 Err(e) => {
                     agent.busy.remove(&name);
+                    agent.set_container_state(&session.request.container_id, WorkloadState::Failed);
                     Err(e)
                 }
             }),
@@ -317,7 +423,7 @@ impl NodeAgent {
 }
 
 /// Gives the container's GPUs back after its dump: CUDA resume (leave-running) or release.
-async fn release_cuda(
+pub(super) async fn release_cuda(
     parts: &NodeParts,
     clock: &mut PhaseClock,
     name: &CheckpointName,
@@ -350,7 +456,14 @@ async fn roll_back(
     failure: &str,
     cuda_released: bool,
 ) -> Result<(), AgentError> {
-    let _ = std::fs::remove_dir_all(parts.ram.partial_dir_of(name));
+    let partial = parts.ram.partial_dir_of(name);
+    let _ = blocking(move || std::fs::remove_dir_all(partial)).await;
+    parts.journal.note(
+        name.as_str(),
+        Transition::Abandoned {
+            reason: format!("the shim's dump failed: {failure}"),
+        },
+    );
     if cuda_released {
         tracing::warn!(checkpoint = %name, failure, "container images never arrived; dropped");
         return Ok(());
@@ -367,11 +480,14 @@ async fn roll_back(
         })
 }
 
-async fn finish(
+/// Commits, digests and stores the images of a dump the shim finished, after giving the
+/// GPUs back; `note` goes into the record (why it was finished other than by an End).
+pub(super) async fn finish(
     parts: &NodeParts,
     name: &CheckpointName,
     session: ShimCheckpoint,
     dump_millis: u64,
+    note: String,
 ) -> Result<(CheckpointRecord, Vec<String>), AgentError> {
     let mut clock = PhaseClock::new(
         name.as_str(),
@@ -397,6 +513,18 @@ async fn finish(
     };
     let foreground =
         drain::store_foreground(parts, &mut clock, name, &files, ram_report, session.until).await;
+    for kind in foreground
+        .kinds()
+        .into_iter()
+        .filter(|k| *k != TierKind::Ram)
+    {
+        parts.journal.note(
+            name.as_str(),
+            Transition::Committed {
+                tier: kind.as_str().into(),
+            },
+        );
+    }
     parts
         .metrics
         .stored(ram_report.raw_bytes, &[("ram", ram_report.stored_bytes)]);
@@ -427,7 +555,7 @@ async fn finish(
         } else {
             session.fingerprint
         },
-        note: String::new(),
+        note,
         origin,
     };
     let held = tier_list(&foreground.kinds());

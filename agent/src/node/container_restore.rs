@@ -1,12 +1,15 @@
 //! Container restores driven by the shim: the agent stages the images from the nearest tier
 //! holding an intact copy (verified, as for any restore), the shim runs `runc restore`, and
 //! the agent then restores and unlocks CUDA in the restored processes. The checkpoint stays
-//! reserved in between.
+//! reserved in between, under a lease ([`super::shim_lease`]): a Stage whose End never comes
+//! is settled by [`super::lease_expiry`]. An End that comes after that still unlocks the
+//! restored processes, which would otherwise stay CUDA-locked.
 
 use actix::prelude::*;
 use kybernate_dataplane::{CheckpointName, TierKind};
 use kybernate_proto::agent::v1 as pb;
 
+use super::shim_lease::{Lease, RestoreLeaseExpired};
 use super::{phases_pb, NodeAgent};
 use crate::bandwidth::Urgency;
 use crate::catalog::CheckpointRecord;
@@ -15,12 +18,17 @@ use crate::error::AgentError;
 use crate::events::PhaseClock;
 use crate::restore::{stage, Staged};
 use crate::tenancy::check_restore;
+use crate::workload_state::WorkloadState;
 
 /// A container restore between Stage and End.
 #[derive(Debug)]
 pub struct ShimRestore {
-    record: CheckpointRecord,
+    pub(super) record: CheckpointRecord,
     staged: Staged,
+    /// The lease the shim holds; an End must come before it runs out.
+    pub(super) lease: Lease,
+    /// The workload's state before the Stage, for a restore that does not happen.
+    pub(super) before: Option<WorkloadState>,
 }
 
 /// Stage a checkpoint's images for the shim's `runc restore`.
@@ -114,7 +122,7 @@ impl Handler<ContainerRestoreStage> for NodeAgent {
                 }
             }
             .into_actor(self)
-            .map(move |result, agent, _| {
+            .map(move |result, agent, ctx| {
                 let (record, staged, phases) = match result {
                     Ok(r) => r,
                     Err(e) => {
@@ -122,14 +130,30 @@ impl Handler<ContainerRestoreStage> for NodeAgent {
                         return Err(e);
                     }
                 };
+                let lease = agent.leases.grant(agent.parts.config.timeouts.shim_lease());
+                ctx.notify_later(
+                    RestoreLeaseExpired {
+                        name: name.clone(),
+                        lease,
+                    },
+                    lease.length,
+                );
+                let before = agent.set_state_of(&record, WorkloadState::Restoring);
                 let reply = pb::ContainerRestoreStageReply {
                     image_dir: staged.dir.display().to_string(),
                     source_tier: staged.tier.as_str().to_owned(),
                     phases: phases_pb(&phases),
+                    lease_ms: lease.millis(),
                 };
-                agent
-                    .shim_restores
-                    .insert(name.clone(), ShimRestore { record, staged });
+                agent.shim_restores.insert(
+                    name.clone(),
+                    ShimRestore {
+                        record,
+                        staged,
+                        lease,
+                        before,
+                    },
+                );
                 Ok(reply)
             }),
         )
@@ -142,23 +166,21 @@ impl Handler<ContainerRestoreEnd> for NodeAgent {
     fn handle(&mut self, msg: ContainerRestoreEnd, _: &mut Self::Context) -> Self::Result {
         let request = msg.0;
         let found = CheckpointName::new(&request.checkpoint_ref)
-            .map_err(AgentError::from)
-            .and_then(|name| {
-                self.shim_restores
-                    .remove(&name)
-                    .map(|session| (name.clone(), session))
-                    .ok_or_else(|| {
-                        AgentError::NotFound(format!("{name} (no container restore in progress)"))
-                    })
+            .map_err(|e| Err(AgentError::from(e)))
+            .and_then(|name| match self.shim_restores.remove(&name) {
+                Some(session) => Ok((name, session)),
+                None => Err(Ok(name)),
             });
         let (name, session) = match found {
             Ok(found) => found,
-            Err(e) => return Box::pin(actix::fut::ready(Err(e))),
+            Err(Ok(name)) => return self.end_after_lease(name, request),
+            Err(Err(e)) => return Box::pin(actix::fut::ready(Err(e))),
         };
         let parts = self.parts.clone();
+        let (stored, before) = (session.record.clone(), session.before);
         Box::pin(
             async move {
-                let ShimRestore { record, staged } = session;
+                let ShimRestore { record, staged, .. } = session;
                 if !request.restored {
                     drop(staged);
                     return Ok(Vec::new());
@@ -204,11 +226,71 @@ impl Handler<ContainerRestoreEnd> for NodeAgent {
             .map(move |result, agent, ctx| {
                 agent.busy.remove(&name);
                 agent.refresh_tier_usage(ctx);
+                if matches!(&result, Ok(phases) if !phases.is_empty()) {
+                    agent.set_state_of(&stored, WorkloadState::Running);
+                } else {
+                    agent.put_back_state_of(&stored, before);
+                }
                 let phases = result?;
                 Ok(pb::ContainerRestoreEndReply {
                     phases: phases_pb(&phases),
                 })
             }),
+        )
+    }
+}
+
+impl NodeAgent {
+    /// An End whose restore is not (or no longer) staged: after its lease ran out the staged
+    /// images are gone, but processes `runc restore` brought back before that are still
+    /// CUDA-locked, so they are restored and unlocked all the same.
+    fn end_after_lease(
+        &mut self,
+        name: CheckpointName,
+        request: pb::ContainerRestoreEndRequest,
+    ) -> ResponseActFuture<Self, Result<pb::ContainerRestoreEndReply, AgentError>> {
+        let not_staged = || {
+            AgentError::NotFound(format!(
+                "{name} (no container restore in progress: it was never staged, already \
+                 ended, or its lease ran out)"
+            ))
+        };
+        let record = match self.catalog.get(&name) {
+            Some(record) if request.restored => record.clone(),
+            _ => return Box::pin(actix::fut::ready(Err(not_staged()))),
+        };
+        tracing::warn!(checkpoint = %name, pids = ?request.pids,
+            "restore End after its lease ran out; unlocking the restored processes anyway");
+        let parts = self.parts.clone();
+        Box::pin(
+            async move {
+                let unlock = RestoreAndUnlock {
+                    pids: request.pids,
+                    recorded: record.gpu.clone(),
+                };
+                let mut clock = PhaseClock::new(
+                    &record.name,
+                    "restore",
+                    parts.events.clone(),
+                    parts.metrics.clone(),
+                );
+                clock
+                    .run("cuda_restore", async {
+                        parts
+                            .cuda
+                            .send(unlock)
+                            .await?
+                            .map_err(|source| AgentError::Cuda {
+                                name: record.name.clone(),
+                                source,
+                            })
+                    })
+                    .await?;
+                Ok::<_, AgentError>(pb::ContainerRestoreEndReply {
+                    phases: phases_pb(&clock.phases),
+                })
+            }
+            .into_actor(self),
         )
     }
 }

@@ -1,15 +1,20 @@
-//! Executing one `GpuCheckpoint` on this node and writing its status.
+//! Executing one `GpuCheckpoint` on this node and applying its status.
 
-use kube::api::{Api, Patch, PatchParams};
+use std::sync::Arc;
+
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{finalizer, Event};
 use kube::ResourceExt;
+use kybernate_controller::crd::apply::{self, AGENT_MANAGER};
 use kybernate_controller::crd::{
-    CheckpointPhase, Condition, GpuCheckpoint, PhaseDuration, ARTIFACTS_FINALIZER,
+    CheckpointPhase, Condition, GpuCheckpoint, GpuCheckpointStatus, PhaseDuration,
+    ARTIFACTS_FINALIZER, FAILED_CONDITION,
 };
 use kybernate_proto::agent::v1 as pb;
-use serde_json::{json, Value};
 
 use super::node_labels::fingerprint_status;
-use super::{NodeWorker, WorkerError};
+use super::{finalizer_err, NodeWorker, WorkerError, IN_FLIGHT_POLL};
 use crate::error::AgentError;
 use crate::node::{Delete, GpuOf, Inspect};
 
@@ -44,26 +49,56 @@ enum Claim {
     Stale,
 }
 
-impl NodeWorker {
-    /// Brings one delivered object one step further.
-    pub(super) async fn reconcile(&self, cp: GpuCheckpoint) -> Result<(), WorkerError> {
-        let ns = cp.namespace().unwrap_or_default();
-        let name = cp.name_any();
-        let artifact = artifact_name(&ns, &name);
-        let api: Api<GpuCheckpoint> = Api::namespaced(self.client.clone(), &ns);
-        if cp.metadata.deletion_timestamp.is_some() {
-            return self.delete_artifacts(&api, &cp, &artifact).await;
+/// Brings one GpuCheckpoint of this node one step further: the artifacts finalizer first,
+/// then the phase's work; on deletion, the stored checkpoint goes before the finalizer.
+#[tracing::instrument(skip_all, fields(namespace = %cp.namespace().unwrap_or_default(), name = %cp.name_any()))]
+pub(super) async fn reconcile(
+    cp: Arc<GpuCheckpoint>,
+    worker: Arc<NodeWorker>,
+) -> Result<Action, WorkerError> {
+    let ns = cp.namespace().unwrap_or_default();
+    let name = cp.name_any();
+    let artifact = artifact_name(&ns, &name);
+    let api: Api<GpuCheckpoint> = Api::namespaced(worker.client.clone(), &ns);
+    finalizer(&api, ARTIFACTS_FINALIZER, cp, |event| async {
+        match event {
+            Event::Apply(cp) => worker.advance(&api, &cp, artifact).await,
+            Event::Cleanup(cp) => worker.delete_artifacts(&cp, &artifact).await,
         }
+    })
+    .await
+    .map_err(finalizer_err(format!("GpuCheckpoint {ns}/{name}")))
+}
+
+impl NodeWorker {
+    /// The phase's step for a live object.
+    async fn advance(
+        &self,
+        api: &Api<GpuCheckpoint>,
+        cp: &GpuCheckpoint,
+        artifact: String,
+    ) -> Result<Action, WorkerError> {
         match cp.phase() {
-            CheckpointPhase::Scheduled => self.execute(&api, cp, artifact).await,
+            CheckpointPhase::Scheduled => {
+                self.execute(api, cp.clone(), artifact).await?;
+                Ok(Action::await_change())
+            }
             CheckpointPhase::Checkpointing | CheckpointPhase::Draining => {
-                // Claimed earlier, then the agent restarted: report what the catalog has.
+                // Claimed, and we are not running it (one reconcile per object at a time):
+                // the agent restarted, or our own last write has not come back yet. Report
+                // what the catalog holds, guarded by the version we looked at, so a stale
+                // copy writes nothing.
                 match self.agent.send(Inspect(artifact.clone())).await? {
-                    Ok(info) => self.report_completed(&api, &cp, &artifact, info).await,
-                    Err(_) => Ok(()),
+                    Ok(info) => {
+                        let version = cp.resource_version();
+                        self.report_completed(api, cp, &artifact, info, version)
+                            .await?;
+                        Ok(Action::await_change())
+                    }
+                    Err(_) => Ok(Action::requeue(IN_FLIGHT_POLL)),
                 }
             }
-            _ => Ok(()),
+            _ => Ok(Action::await_change()),
         }
     }
 
@@ -83,6 +118,7 @@ impl NodeWorker {
                         &cp,
                         "NoContainer",
                         "the controller recorded no container".into(),
+                        None,
                     )
                     .await
             }
@@ -91,7 +127,7 @@ impl NodeWorker {
                     "the pod has {} containers; set spec.container to checkpoint one of them",
                     many.len()
                 );
-                return self.fail(api, &cp, "MultipleContainers", msg).await;
+                return self.fail(api, &cp, "MultipleContainers", msg, None).await;
             }
         };
         let cp = match self.claim(api, &cp, &artifact).await? {
@@ -121,20 +157,20 @@ impl NodeWorker {
                     tiers: reply.tiers,
                     ..pb::CheckpointInfo::default()
                 };
-                self.report_completed(api, &cp, &artifact, info).await
+                self.report_completed(api, &cp, &artifact, info, None).await
             }
             Err(AgentError::AlreadyExists(_)) => {
                 match self.agent.send(Inspect(artifact.clone())).await? {
-                    Ok(info) => self.report_completed(api, &cp, &artifact, info).await,
-                    Err(e) => self.fail(api, &cp, reason(&e), e.to_string()).await,
+                    Ok(info) => self.report_completed(api, &cp, &artifact, info, None).await,
+                    Err(e) => self.fail(api, &cp, reason(&e), e.to_string(), None).await,
                 }
             }
-            Err(e) => self.fail(api, &cp, reason(&e), e.to_string()).await,
+            Err(e) => self.fail(api, &cp, reason(&e), e.to_string(), None).await,
         }
     }
 
-    /// Adds our finalizer and moves Scheduled → Checkpointing, both guarded by the
-    /// resourceVersion the object came with.
+    /// Moves Scheduled → Checkpointing, guarded by the resourceVersion of the object the
+    /// decision was made on: a stale copy gets a conflict and never runs twice.
     async fn claim(
         &self,
         api: &Api<GpuCheckpoint>,
@@ -142,39 +178,34 @@ impl NodeWorker {
         artifact: &str,
     ) -> Result<Claim, WorkerError> {
         let name = cp.name_any();
-        let mut finalizers = cp.finalizers().to_vec();
-        if !finalizers.iter().any(|f| f == ARTIFACTS_FINALIZER) {
-            finalizers.push(ARTIFACTS_FINALIZER.into());
-        }
-        let meta = json!({"metadata": {"finalizers": finalizers, "resourceVersion": cp.resource_version()}});
-        let cp = match api
-            .patch(&name, &PatchParams::default(), &Patch::Merge(meta))
-            .await
-        {
-            Ok(cp) => cp,
-            Err(kube::Error::Api(s)) if s.code == 409 => return Ok(Claim::Stale),
-            Err(source) => return Err(self.kube_err("claim", cp, source)),
+        let status = GpuCheckpointStatus {
+            phase: CheckpointPhase::Checkpointing,
+            artifact_ref: Some(artifact.to_owned()),
+            ..GpuCheckpointStatus::default()
         };
-        let status = json!({
-            "metadata": {"resourceVersion": cp.resource_version()},
-            "status": {"phase": CheckpointPhase::Checkpointing, "artifactRef": artifact},
-        });
         match api
-            .patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
+            .patch_status(
+                &name,
+                &apply::params(AGENT_MANAGER),
+                &apply::status_at::<GpuCheckpoint, _>(&name, cp.resource_version(), status),
+            )
             .await
         {
             Ok(cp) => Ok(Claim::Ours(Box::new(cp))),
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(Claim::Stale),
-            Err(source) => Err(self.kube_err("claim", &cp, source)),
+            Err(source) => Err(self.kube_err("claim", cp, source)),
         }
     }
 
+    /// Applies Completed with what the catalog says; `version` guards the write (see
+    /// [`NodeWorker::apply_status`]).
     async fn report_completed(
         &self,
         api: &Api<GpuCheckpoint>,
         cp: &GpuCheckpoint,
         artifact: &str,
         info: pb::CheckpointInfo,
+        version: Option<String>,
     ) -> Result<(), WorkerError> {
         let wanted = cp.spec.storage_tier.as_str();
         if !info.tiers.iter().any(|t| t == wanted) {
@@ -183,7 +214,7 @@ impl NodeWorker {
                 info.tiers.join(", "),
                 self.node_name
             );
-            return self.fail(api, cp, "TierNotReached", msg).await;
+            return self.fail(api, cp, "TierNotReached", msg, version).await;
         }
         let gpu = self
             .agent
@@ -199,91 +230,96 @@ impl NodeWorker {
                 millis: p.millis,
             })
             .collect();
-        let status = json!({"status": {
-            "phase": CheckpointPhase::Completed,
-            "artifactRef": artifact,
-            "phases": phases,
-            "rawBytes": info.raw_bytes,
-            "storedBytes": info.stored_bytes,
-            "tiers": info.tiers,
-            "gpu": fingerprint_status(gpu.as_ref()),
-            "finishedAt": now(),
-            "conditions": [Condition::new("Completed", "Stored", format!("stored in {wanted} on node {}", self.node_name), now())],
-        }});
-        self.patch_status(api, cp, status).await
+        let message = format!("stored in {wanted} on node {}", self.node_name);
+        let status = GpuCheckpointStatus {
+            phase: CheckpointPhase::Completed,
+            artifact_ref: Some(artifact.to_owned()),
+            phases,
+            raw_bytes: info.raw_bytes,
+            stored_bytes: info.stored_bytes,
+            tiers: info.tiers,
+            gpu: Some(fingerprint_status(gpu.as_ref())),
+            finished_at: Some(now()),
+            conditions: vec![Condition::new("Completed", "Stored", message, now())],
+            ..GpuCheckpointStatus::default()
+        };
+        self.apply_status(api, cp, status, version).await
     }
 
+    /// Applies Failed with the agent's `Failed` condition (the controller's conditions stay).
     async fn fail(
         &self,
         api: &Api<GpuCheckpoint>,
         cp: &GpuCheckpoint,
         reason: &str,
         message: String,
+        version: Option<String>,
     ) -> Result<(), WorkerError> {
         tracing::warn!(object = %cp.name_any(), reason, %message, "checkpoint failed");
-        let status = json!({"status": {
-            "phase": CheckpointPhase::Failed,
-            "finishedAt": now(),
-            "conditions": [Condition::new("Failed", reason, message, now())],
-        }});
-        self.patch_status(api, cp, status).await
+        let status = GpuCheckpointStatus {
+            phase: CheckpointPhase::Failed,
+            // Ours since the claim: an apply that left it out would remove it.
+            artifact_ref: cp.status.as_ref().and_then(|s| s.artifact_ref.clone()),
+            finished_at: Some(now()),
+            conditions: vec![Condition::new(FAILED_CONDITION, reason, message, now())],
+            ..GpuCheckpointStatus::default()
+        };
+        self.apply_status(api, cp, status, version).await
     }
 
-    async fn patch_status(
+    /// Applies the agent's status fields as `kybernate-agent`. With `version`, the write
+    /// counts only if the object is still at that version; a conflict means the object
+    /// moved on since we looked, and its next delivery decides.
+    async fn apply_status(
         &self,
         api: &Api<GpuCheckpoint>,
         cp: &GpuCheckpoint,
-        status: Value,
+        status: GpuCheckpointStatus,
+        version: Option<String>,
     ) -> Result<(), WorkerError> {
-        api.patch_status(
-            &cp.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(status),
-        )
-        .await
-        .map_err(|source| self.kube_err("write status of", cp, source))?;
-        Ok(())
+        let name = cp.name_any();
+        let guarded = version.is_some();
+        let result = api
+            .patch_status(
+                &name,
+                &apply::params(AGENT_MANAGER),
+                &apply::status_at::<GpuCheckpoint, _>(&name, version, status),
+            )
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if guarded && s.code == 409 => {
+                tracing::debug!(object = %name, "changed since we looked; not written");
+                Ok(())
+            }
+            Err(source) => Err(self.kube_err("write status of", cp, source)),
+        }
     }
 
-    /// On deletion: remove the stored checkpoint, then our finalizer.
+    /// On deletion: remove the stored checkpoint. Only when that worked (or there was
+    /// nothing to remove) does the finalizer helper drop our finalizer; otherwise the
+    /// error keeps it and the object is retried with backoff.
     async fn delete_artifacts(
         &self,
-        api: &Api<GpuCheckpoint>,
         cp: &GpuCheckpoint,
         artifact: &str,
-    ) -> Result<(), WorkerError> {
-        if !cp.finalizers().iter().any(|f| f == ARTIFACTS_FINALIZER) {
-            return Ok(());
-        }
+    ) -> Result<Action, WorkerError> {
         match self.agent.send(Delete(artifact.to_owned())).await? {
             Ok(tiers) => tracing::info!(artifact, ?tiers, "deleted stored checkpoint"),
             Err(AgentError::NotFound(_)) => {}
-            Err(error) => {
-                tracing::warn!(artifact, %error, "cannot delete stored checkpoint; keeping the finalizer");
-                return Ok(());
+            Err(source) => {
+                return Err(WorkerError::Agent {
+                    action: "delete the stored checkpoint",
+                    object: format!(
+                        "GpuCheckpoint {}/{}",
+                        cp.namespace().unwrap_or_default(),
+                        cp.name_any()
+                    ),
+                    source,
+                })
             }
         }
-        let keep: Vec<String> = cp
-            .finalizers()
-            .iter()
-            .filter(|f| *f != ARTIFACTS_FINALIZER)
-            .cloned()
-            .collect();
-        let patch =
-            json!({"metadata": {"finalizers": keep, "resourceVersion": cp.resource_version()}});
-        match api
-            .patch(
-                &cp.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(patch),
-            )
-            .await
-        {
-            Ok(_) => Ok(()),
-            // Changed meanwhile: the next delivery retries.
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
-            Err(source) => Err(self.kube_err("release", cp, source)),
-        }
+        Ok(Action::await_change())
     }
 
     fn kube_err(

@@ -11,8 +11,9 @@ use kybernate_cuda::GpuFingerprint;
 /// RuntimeClass schedules onto it.
 pub const AGENT_READY_LABEL: &str = "kybernate.io/agent";
 
-/// Node labels for `gpus` (`None`: no CUDA driver). A node without GPUs still gets
-/// `gpu-count=0`, so CPU-only checkpoints can require a node with an agent.
+/// Node labels for `gpus` (`None`: no CUDA driver); a `None` value is a label the node must
+/// not carry. A node without GPUs still gets `gpu-count=0`, so CPU-only checkpoints can
+/// require a node with an agent.
 pub fn node_labels(gpus: Option<&GpuFingerprint>) -> BTreeMap<String, Option<String>> {
     let status = fingerprint_status(gpus);
     let mut labels = BTreeMap::new();
@@ -22,7 +23,7 @@ pub fn node_labels(gpus: Option<&GpuFingerprint>) -> BTreeMap<String, Option<Str
         GPU_DRIVER_LABEL.to_owned(),
         Some(status.driver_version.to_string()),
     );
-    // An empty model removes a stale label (a merge patch with null).
+    // No model: the label is left out of the agent's apply, which removes one it set before.
     labels.insert(
         GPU_MODEL_LABEL.to_owned(),
         (!status.model.is_empty()).then_some(status.model),

@@ -1,11 +1,11 @@
 //! Following a running checkpoint through the agent's phase events, so its object shows
 //! `Draining` once the dump is done and the images move into the requested slower tier.
 
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::ResourceExt;
-use kybernate_controller::crd::{CheckpointPhase, Condition, GpuCheckpoint};
+use kybernate_controller::crd::apply::{self, AGENT_MANAGER};
+use kybernate_controller::crd::{CheckpointPhase, Condition, GpuCheckpoint, GpuCheckpointStatus};
 use kybernate_proto::agent::v1 as pb;
-use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{NodeWorker, WorkerError};
@@ -72,14 +72,23 @@ impl NodeWorker {
             cp.spec.storage_tier.as_str()
         );
         tracing::info!(object = %cp.name_any(), %message, "draining");
-        let status = json!({"status": {
-            "phase": CheckpointPhase::Draining,
-            "conditions": [Condition::new(DRAINING_CONDITION, "Dumped", message, super::execute::now())],
-        }});
+        let status = GpuCheckpointStatus {
+            phase: CheckpointPhase::Draining,
+            // Ours since the claim: an apply that left it out would remove it.
+            artifact_ref: Some(event.checkpoint_ref.clone()),
+            conditions: vec![Condition::new(
+                DRAINING_CONDITION,
+                "Dumped",
+                message,
+                super::execute::now(),
+            )],
+            ..GpuCheckpointStatus::default()
+        };
+        let name = cp.name_any();
         api.patch_status(
-            &cp.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(status),
+            &name,
+            &apply::params(AGENT_MANAGER),
+            &apply::status::<GpuCheckpoint, _>(&name, status),
         )
         .await
         .map_err(|source| WorkerError::Kube {

@@ -4,17 +4,21 @@
 //!
 //! Level-triggered and idempotent: an object whose status already records staging (or a
 //! failure) is left alone, and a prefetch of a checkpoint the tier already holds copies
-//! nothing.
+//! nothing. The agent applies only `staging` and its own conditions (`Staged`, or `Failed`
+//! with the phase when the checkpoint is not here); the controller's fields stay.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
+use kube::runtime::controller::Action;
 use kube::ResourceExt;
+use kybernate_controller::crd::apply::{self, AGENT_MANAGER};
 use kybernate_controller::crd::{
-    Condition, GpuRestore, PhaseDuration, RestorePhase, RestoreStaging, STAGED_CONDITION,
+    Condition, GpuRestore, GpuRestoreStatus, PhaseDuration, RestorePhase, RestoreStaging,
+    FAILED_CONDITION, STAGED_CONDITION,
 };
 use kybernate_proto::agent::v1 as pb;
-use serde_json::{json, Value};
 
 use super::execute::{artifact_name, now};
 use super::{NodeWorker, WorkerError};
@@ -26,15 +30,25 @@ use crate::node::{Prefetch, RestorePrefetchTier};
 const BUSY_RETRY: Duration = Duration::from_secs(1);
 const BUSY_TRIES: u32 = 120;
 
+/// Brings one GpuRestore of this node one step further.
+#[tracing::instrument(skip_all, fields(namespace = %restore.namespace().unwrap_or_default(), name = %restore.name_any()))]
+pub(super) async fn reconcile(
+    restore: Arc<GpuRestore>,
+    worker: Arc<NodeWorker>,
+) -> Result<Action, WorkerError> {
+    worker.stage(&restore).await?;
+    Ok(Action::await_change())
+}
+
 impl NodeWorker {
-    /// Brings one delivered GpuRestore one step further.
-    pub(super) async fn stage(&self, restore: GpuRestore) -> Result<(), WorkerError> {
+    /// Stages the checkpoint of `restore` unless that was done (or failed) already.
+    async fn stage(&self, restore: &GpuRestore) -> Result<(), WorkerError> {
         let status = restore.status.clone().unwrap_or_default();
         // A Staged condition of either status, or a failure, means this was handled.
         let handled = status
             .conditions
             .iter()
-            .any(|c| c.type_ == STAGED_CONDITION || c.type_ == "Failed");
+            .any(|c| c.type_ == STAGED_CONDITION || c.type_ == FAILED_CONDITION);
         if restore.metadata.deletion_timestamp.is_some()
             || restore.phase().is_terminal()
             || status.staging.is_some()
@@ -65,7 +79,7 @@ impl NodeWorker {
             }
         };
         let cp = &restore.spec.checkpoint_name;
-        let patch = match result {
+        let applied = match result {
             Ok(reply) => {
                 let from = (!reply.from_tier.is_empty()).then(|| reply.from_tier.clone());
                 let staging = RestoreStaging {
@@ -97,11 +111,11 @@ impl NodeWorker {
                         ),
                     ),
                 };
-                let condition = Condition::new(STAGED_CONDITION, reason, message, now());
-                json!({"status": {
-                    "staging": staging,
-                    "conditions": with_condition(&status.conditions, condition),
-                }})
+                GpuRestoreStatus {
+                    staging: Some(staging),
+                    conditions: vec![Condition::new(STAGED_CONDITION, reason, message, now())],
+                    ..GpuRestoreStatus::default()
+                }
             }
             Err(AgentError::NotFound(_)) => {
                 let message = format!(
@@ -110,11 +124,16 @@ impl NodeWorker {
                     self.node_name
                 );
                 tracing::warn!(object = %restore.name_any(), %message, "restore cannot be staged");
-                let condition = Condition::new("Failed", "CheckpointNotFound", message, now());
-                json!({"status": {
-                    "phase": RestorePhase::Failed,
-                    "conditions": with_condition(&status.conditions, condition),
-                }})
+                GpuRestoreStatus {
+                    phase: RestorePhase::Failed,
+                    conditions: vec![Condition::new(
+                        FAILED_CONDITION,
+                        "CheckpointNotFound",
+                        message,
+                        now(),
+                    )],
+                    ..GpuRestoreStatus::default()
+                }
             }
             Err(error) => {
                 // The restore may still load the checkpoint itself when the pod starts:
@@ -127,22 +146,27 @@ impl NodeWorker {
                 let mut condition =
                     Condition::new(STAGED_CONDITION, "StagingFailed", message, now());
                 condition.status = "False".into();
-                json!({"status": {"conditions": with_condition(&status.conditions, condition)}})
+                GpuRestoreStatus {
+                    conditions: vec![condition],
+                    ..GpuRestoreStatus::default()
+                }
             }
         };
-        self.patch_restore(&api, &restore, patch).await
+        self.apply_restore_status(&api, restore, applied).await
     }
 
-    async fn patch_restore(
+    /// Applies the agent's fields of the restore's status as `kybernate-agent`.
+    async fn apply_restore_status(
         &self,
         api: &Api<GpuRestore>,
         restore: &GpuRestore,
-        status: Value,
+        status: GpuRestoreStatus,
     ) -> Result<(), WorkerError> {
+        let name = restore.name_any();
         api.patch_status(
-            &restore.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(status),
+            &name,
+            &apply::params(AGENT_MANAGER),
+            &apply::status::<GpuRestore, _>(&name, status),
         )
         .await
         .map_err(|source| WorkerError::Kube {
@@ -156,15 +180,4 @@ impl NodeWorker {
         })?;
         Ok(())
     }
-}
-
-/// `existing` with `condition` replacing any of its type (a merge patch replaces lists).
-fn with_condition(existing: &[Condition], condition: Condition) -> Vec<Condition> {
-    let mut all: Vec<Condition> = existing
-        .iter()
-        .filter(|c| c.type_ != condition.type_)
-        .cloned()
-        .collect();
-    all.push(condition);
-    all
 }

@@ -417,24 +417,7 @@ impl S3Server {
             assert!(status.success(), "building the S3 test server failed");
         }
         let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-        let mut process = Command::new(&binary)
-            .arg("serve-s3")
-            .arg(dir.path())
-            .arg("127.0.0.1:0")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the S3 server");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(process.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("ready ")
-            .unwrap_or_else(|| panic!("S3 server said {line:?}"));
+        let (process, addr) = spawn_s3(dir.path(), "127.0.0.1:0");
         Self {
             endpoint: format!("http://{addr}"),
             dir,
@@ -456,6 +439,40 @@ impl S3Server {
             ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY),
         ]
     }
+}
+
+/// The S3 test server binary (built by [`S3Server::start`]).
+fn s3_binary() -> PathBuf {
+    std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("dataplane-bench")
+}
+
+/// Starts the S3 server on `root` at `addr`; returns it and the address it serves on.
+fn spawn_s3(root: &Path, addr: &str) -> (Child, String) {
+    let mut process = Command::new(s3_binary())
+        .arg("serve-s3")
+        .arg(root)
+        .arg(addr)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the S3 server");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(process.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("ready ")
+        .unwrap_or_else(|| panic!("S3 server said {line:?}"))
+        .to_owned();
+    (process, addr)
 }
 
 impl Drop for S3Server {

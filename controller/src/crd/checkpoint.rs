@@ -118,14 +118,20 @@ impl CheckpointPhase {
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Completed | Self::Failed)
     }
+
+    /// No writer has set a phase yet.
+    pub fn is_pending(&self) -> bool {
+        *self == Self::Pending
+    }
 }
 
 /// What happened to a checkpoint.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GpuCheckpointStatus {
-    /// Current phase.
-    #[serde(default)]
+    /// Current phase. Pending is never written: it is what an object without a phase is,
+    /// so an apply that leaves the phase to the other writer carries none.
+    #[serde(default, skip_serializing_if = "CheckpointPhase::is_pending")]
     pub phase: CheckpointPhase,
     /// The node the pod runs on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -145,11 +151,11 @@ pub struct GpuCheckpointStatus {
     /// Durations per phase.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub phases: Vec<PhaseDuration>,
-    /// Bytes dumped.
-    #[serde(default)]
+    /// Bytes dumped (the agent's; 0 is left out so the controller's applies carry none).
+    #[serde(default, skip_serializing_if = "super::common::is_zero")]
     pub raw_bytes: u64,
     /// Bytes stored after zero-skipping and compression.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "super::common::is_zero")]
     pub stored_bytes: u64,
     /// The GPUs the workload used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -164,8 +170,10 @@ pub struct GpuCheckpointStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "crate::crd::preserve_unknown")]
     pub captured_pod_spec: Option<PodSpec>,
-    /// Observations with reasons.
+    /// Observations with reasons, one per type. A list-map keyed by `type`: the controller
+    /// and the agent each apply only their own types and the API server merges them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 

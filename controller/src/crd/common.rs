@@ -36,6 +36,15 @@ impl Condition {
     }
 }
 
+/// Condition type of a failure, written by whichever writer gave up (the controller for
+/// scheduling, timeouts and lost pods; the agent for failed dumps and missing checkpoints).
+pub const FAILED_CONDITION: &str = "Failed";
+
+/// `serde` helper: leave a zero counter out of an apply, so it stays the other writer's.
+pub(crate) fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// How long one phase took, as the agent measured it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -75,6 +84,9 @@ pub const NODE_LABEL: &str = "kybernate.io/node";
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
 /// Label naming the GpuWorkload that owns a pod or checkpoint.
 pub const WORKLOAD_LABEL: &str = "kybernate.io/workload";
+/// Label on the pods the controller creates (value `kybernate-controller`), so its pod
+/// watches select only those.
+pub const MANAGED_BY_LABEL: &str = "kybernate.io/managed-by";
 /// Pod annotation the shim reads to restore instead of start.
 pub const RESTORE_FROM_ANNOTATION: &str = "kybernate.io/restore-from";
 /// The RuntimeClass (and containerd handler) of pods Kybernate can checkpoint.

@@ -1,5 +1,6 @@
 //! The custom resources of group `kybernate.io`, version `v1alpha1`.
 
+pub mod apply;
 mod checkpoint;
 mod common;
 mod restore;

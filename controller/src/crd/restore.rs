@@ -71,14 +71,19 @@ impl RestorePhase {
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Completed | Self::Failed)
     }
+
+    /// No writer has set a phase yet.
+    pub fn is_pending(&self) -> bool {
+        *self == Self::Pending
+    }
 }
 
 /// What happened to a restore.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GpuRestoreStatus {
-    /// Current phase.
-    #[serde(default)]
+    /// Current phase. Pending is never written (see `GpuCheckpointStatus::phase`).
+    #[serde(default, skip_serializing_if = "RestorePhase::is_pending")]
     pub phase: RestorePhase,
     /// The node the new pod landed on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -99,8 +104,10 @@ pub struct GpuRestoreStatus {
     /// Durations per phase (`pod_running`: creation to Running).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub phases: Vec<PhaseDuration>,
-    /// Observations with reasons.
+    /// Observations with reasons, one per type. A list-map keyed by `type`: the controller
+    /// and the agent each apply only their own types and the API server merges them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 

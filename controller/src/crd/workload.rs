@@ -110,7 +110,9 @@ pub struct GpuWorkloadStatus {
     /// Pods created so far (fresh or restored); names the next pod `<name>-<podsCreated>`.
     #[serde(default)]
     pub pods_created: u32,
-    /// Observations with reasons.
+    /// Observations with reasons, one per type. A list-map keyed by `type`: the controller
+    /// and the agent each apply only their own types and the API server merges them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }

@@ -51,22 +51,65 @@ async fn happy_path_labels_for_the_node_and_records_the_target() {
 }
 
 #[tokio::test]
-async fn adds_the_finalizer_first() {
+async fn adds_the_finalizer_first_and_nothing_else() {
     let mut cp = GpuCheckpoint::test("cp1");
     cp.metadata.finalizers = None;
     let reply = json(&cp);
-    let scenario = Scenario::default()
-        .ok("PATCH", &kyb("gpucheckpoints", "cp1"), reply)
-        .missing("GET", &core("pods", "train"))
-        .ok(
-            "PATCH",
-            &(kyb("gpucheckpoints", "cp1") + "/status"),
-            json(&cp),
-        );
-    let (_, seen) = run_on(cp, scenario).await;
+    let scenario = Scenario::default().ok("PATCH", &kyb("gpucheckpoints", "cp1"), reply);
+    let (result, seen) = run_on(cp, scenario).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    let patch = &seen.requests[0];
+    assert_eq!(patch.content_type, "application/json-patch+json");
     assert_eq!(
-        seen.bodies[0]["metadata"],
-        json!({"finalizers": [REFERENCED_FINALIZER], "resourceVersion": "7"})
+        patch.body,
+        json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": [REFERENCED_FINALIZER]},
+        ]),
+        "kube-runtime's finalizer helper, guarded by a test of the list"
+    );
+}
+
+#[tokio::test]
+async fn status_and_labels_are_applied_as_the_controller() {
+    let cp = GpuCheckpoint::test("cp1");
+    let reply = json(&cp);
+    let scenario = Scenario::default()
+        .ok(
+            "GET",
+            &core("pods", "train"),
+            json(&pod("train", Some("n1"), Some("kybernate"), "Running")),
+        )
+        .ok("GET", &node_path("n1"), json(&node("n1")))
+        .ok("PATCH", &kyb("gpucheckpoints", "cp1"), reply.clone())
+        .ok("PATCH", &(kyb("gpucheckpoints", "cp1") + "/status"), reply);
+    let (_, seen) = run_on(cp, scenario).await;
+    for write in seen.requests.iter().filter(|r| r.is_write()) {
+        assert_eq!(write.content_type, "application/apply-patch+yaml");
+        assert!(
+            write.query.contains("fieldManager=kybernate-controller"),
+            "{}",
+            write.query
+        );
+        assert!(write.query.contains("force=true"), "{}", write.query);
+        assert_eq!(write.body["apiVersion"], "kybernate.io/v1alpha1");
+        assert_eq!(write.body["kind"], "GpuCheckpoint");
+        assert_eq!(write.body["metadata"]["name"], "cp1");
+    }
+    let status = seen.requests[3].body["status"].as_object().unwrap();
+    let mut fields: Vec<&str> = status.keys().map(String::as_str).collect();
+    fields.sort_unstable();
+    assert_eq!(
+        fields,
+        [
+            "capturedPodSpec",
+            "containers",
+            "nodeName",
+            "phase",
+            "podUid",
+            "scheduledAt"
+        ],
+        "only the controller's fields; the agent's (bytes, tiers, ...) are left to it"
     );
 }
 
@@ -186,6 +229,28 @@ async fn agent_reported_failure_becomes_a_warning_event_and_no_write() {
     assert!(seen.bodies.is_empty());
 }
 
+fn no_users() -> Scenario {
+    Scenario::default()
+        .ok(
+            "GET",
+            "/apis/kybernate.io/v1alpha1/namespaces/default/gpurestores",
+            list("GpuRestoreList", vec![]),
+        )
+        .ok(
+            "GET",
+            "/apis/kybernate.io/v1alpha1/namespaces/default/gpuworkloads",
+            list("GpuWorkloadList", vec![]),
+        )
+}
+
+fn removal(index: usize, finalizer: &str) -> serde_json::Value {
+    let path = format!("/metadata/finalizers/{index}");
+    json!([
+        {"op": "test", "path": path, "value": finalizer},
+        {"op": "remove", "path": path},
+    ])
+}
+
 #[tokio::test]
 async fn finalizer_released_when_nothing_references_the_checkpoint() {
     let cp = GpuCheckpoint::completed("cp1", 100).deleting();
@@ -205,11 +270,36 @@ async fn finalizer_released_when_nothing_references_the_checkpoint() {
             "/apis/kybernate.io/v1alpha1/namespaces/default/gpuworkloads",
             list("GpuWorkloadList", vec![json(&other)]),
         )
-        .ok("GET", &node_path("n1"), json(&node("n1")))
         .ok("PATCH", &kyb("gpucheckpoints", "cp1"), json(&cp));
     let (result, seen) = run_on(cp, scenario).await;
     assert_eq!(result.unwrap(), Action::await_change());
-    assert_eq!(seen.bodies[3]["metadata"]["finalizers"], json!([]));
+    assert_eq!(seen.bodies[2], removal(0, REFERENCED_FINALIZER));
+}
+
+async fn assert_kept(cp: GpuCheckpoint, scenario: Scenario, user: &str) {
+    let (result, seen) = run_on(cp, scenario).await;
+    let error = result.unwrap_err();
+    assert!(
+        matches!(&error, crate::Error::StillReferenced { user: u, .. } if u.contains(user)),
+        "{error}"
+    );
+    assert!(
+        seen.requests.iter().all(|r| !r.is_write()),
+        "the finalizer stays"
+    );
+    assert_eq!(seen.event_reasons(), ["StillReferenced"]);
+    assert!(seen.events[0]["note"].as_str().unwrap().contains(user));
+    // Waiting for a user is not a failure: no backoff growth, the same interval each time.
+    let (actions, _) = Scenario::default()
+        .run(now(), |ctx| async move {
+            let cp = Arc::new(GpuCheckpoint::test("cp1"));
+            [(); 3].map(|_| crate::run::error_policy(cp.clone(), &error, ctx.clone()))
+        })
+        .await;
+    assert_eq!(
+        actions,
+        [(); 3].map(|_| Action::requeue(Duration::from_secs(30)))
+    );
 }
 
 #[tokio::test]
@@ -231,9 +321,7 @@ async fn finalizer_kept_while_a_workload_still_uses_the_checkpoint() {
             "/apis/kybernate.io/v1alpha1/namespaces/default/gpuworkloads",
             list("GpuWorkloadList", vec![json(&wl)]),
         );
-    let (result, seen) = run_on(cp, scenario).await;
-    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(30)));
-    assert_eq!(seen.event_reasons(), ["StillReferenced"]);
+    assert_kept(cp, scenario, "GpuWorkload wl").await;
 }
 
 #[tokio::test]
@@ -245,12 +333,7 @@ async fn finalizer_kept_while_a_restore_is_running() {
         "/apis/kybernate.io/v1alpha1/namespaces/default/gpurestores",
         list("GpuRestoreList", vec![json(&restore)]),
     );
-    let (result, seen) = run_on(cp, scenario).await;
-    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(30)));
-    assert!(seen.events[0]["note"]
-        .as_str()
-        .unwrap()
-        .contains("GpuRestore r1"));
+    assert_kept(cp, scenario, "GpuRestore r1").await;
 }
 
 #[tokio::test]
@@ -260,21 +343,14 @@ async fn finalizer_cleanup_drops_the_agent_finalizer_when_its_node_is_gone() {
         REFERENCED_FINALIZER.into(),
         ARTIFACTS_FINALIZER.into(),
     ]);
-    let scenario = Scenario::default()
-        .ok(
-            "GET",
-            "/apis/kybernate.io/v1alpha1/namespaces/default/gpurestores",
-            list("GpuRestoreList", vec![]),
-        )
-        .ok(
-            "GET",
-            "/apis/kybernate.io/v1alpha1/namespaces/default/gpuworkloads",
-            list("GpuWorkloadList", vec![]),
-        )
+    let scenario = no_users()
         .missing("GET", &node_path("n1"))
+        .ok("PATCH", &kyb("gpucheckpoints", "cp1"), json(&cp))
         .ok("PATCH", &kyb("gpucheckpoints", "cp1"), json(&cp));
-    let (_, seen) = run_on(cp, scenario).await;
-    assert_eq!(seen.bodies[3]["metadata"]["finalizers"], json!([]));
+    let (result, seen) = run_on(cp, scenario).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert_eq!(seen.bodies[3], removal(1, ARTIFACTS_FINALIZER));
+    assert_eq!(seen.bodies[4], removal(0, REFERENCED_FINALIZER));
     assert_eq!(seen.event_reasons(), ["ArtifactsLost"]);
 }
 
@@ -285,24 +361,12 @@ async fn finalizer_cleanup_leaves_the_agent_finalizer_to_a_live_agent() {
         REFERENCED_FINALIZER.into(),
         ARTIFACTS_FINALIZER.into(),
     ]);
-    let scenario = Scenario::default()
-        .ok(
-            "GET",
-            "/apis/kybernate.io/v1alpha1/namespaces/default/gpurestores",
-            list("GpuRestoreList", vec![]),
-        )
-        .ok(
-            "GET",
-            "/apis/kybernate.io/v1alpha1/namespaces/default/gpuworkloads",
-            list("GpuWorkloadList", vec![]),
-        )
+    let scenario = no_users()
         .ok("GET", &node_path("n1"), json(&node("n1")))
         .ok("PATCH", &kyb("gpucheckpoints", "cp1"), json(&cp));
     let (_, seen) = run_on(cp, scenario).await;
-    assert_eq!(
-        seen.bodies[3]["metadata"]["finalizers"],
-        json!([ARTIFACTS_FINALIZER])
-    );
+    assert_eq!(seen.bodies[3], removal(0, REFERENCED_FINALIZER));
+    assert!(seen.events.is_empty());
 }
 
 #[tokio::test]

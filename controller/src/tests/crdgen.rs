@@ -90,3 +90,27 @@ fn schemas_require_fields_restrict_enums_and_carry_cel_rules() {
         );
     }
 }
+
+#[test]
+fn conditions_are_a_list_map_keyed_by_type_so_two_writers_merge() {
+    use kube::CustomResourceExt;
+    for def in [
+        crd::GpuCheckpoint::crd(),
+        crd::GpuRestore::crd(),
+        crd::GpuWorkload::crd(),
+    ] {
+        let status = &schema(&def)["properties"]["status"]["properties"];
+        let conditions = &status["conditions"];
+        assert_eq!(conditions["x-kubernetes-list-type"], "map", "{conditions}");
+        assert_eq!(
+            conditions["x-kubernetes-list-map-keys"],
+            serde_json::json!(["type"])
+        );
+        let required: Vec<String> =
+            serde_json::from_value(conditions["items"]["required"].clone()).unwrap();
+        assert!(
+            required.contains(&"type".to_owned()),
+            "a list-map key must be required: {required:?}"
+        );
+    }
+}

@@ -1,7 +1,9 @@
 //! Reconcile tests against the scripted API server.
 
 mod checkpoint;
+mod conditions;
 mod crdgen;
+mod fencing;
 mod lease;
 mod restore;
 mod schedule;

@@ -38,6 +38,10 @@ async fn creates_the_restored_pod_with_runtime_annotation_and_gpu_affinity() {
         "default-cp1"
     );
     assert_eq!(pod["metadata"]["ownerReferences"][0]["kind"], "GpuRestore");
+    assert_eq!(
+        pod["metadata"]["labels"][MANAGED_BY_LABEL],
+        "kybernate-controller"
+    );
     assert_eq!(pod["spec"]["runtimeClassName"], "kybernate");
     let terms = &pod["spec"]["affinity"]["nodeAffinity"]
         ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"];

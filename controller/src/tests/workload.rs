@@ -32,6 +32,15 @@ async fn first_reconcile_starts_a_fresh_pod() {
     assert_eq!(pod["metadata"]["labels"][WORKLOAD_LABEL], "wl");
     assert_eq!(pod["spec"]["runtimeClassName"], "kybernate");
     assert!(pod["metadata"].get("annotations").is_none(), "{pod}");
+    // What the controller's pod watch selects on, and nothing else.
+    assert_eq!(
+        pod["metadata"]["labels"][MANAGED_BY_LABEL],
+        "kybernate-controller"
+    );
+    assert_eq!(
+        crate::run::managed_pods().label_selector.as_deref(),
+        Some("kybernate.io/managed-by=kybernate-controller")
+    );
     assert_eq!(seen.bodies[3]["status"]["podName"], "wl-0");
     assert_eq!(seen.bodies[3]["status"]["podsCreated"], 1);
     assert_eq!(seen.event_reasons(), ["PodCreated"]);

@@ -19,14 +19,14 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::{JoinHandle, Scope, ScopedJoinHandle};
 
-use crate::buffer::BufferPool;
 use crate::chunk::{ChunkConfig, ChunkEncoding, ChunkHash};
 use crate::manifest::{CheckpointManifest, ChunkLocation, ChunkRef, FileEntry};
+use crate::nvme::StorePins;
 use crate::pipeline::{ChunkWriter, DrainStats, StoredChunk};
 use crate::stream::barrier::{tell, CommitBarrier};
 use crate::stream::chunker::{read_image, stream_error, work, Done, Failure, Job, Outcome, Shared};
 use crate::stream::wire::{self, CAPTURE_SOCKET};
-use crate::{CheckpointName, NvmeTier, StoreReport, Tier, TierError, TierKind};
+use crate::{CancelToken, CheckpointName, NvmeTier, StoreReport, Tier, TierError, TierKind};
 
 const TIER: TierKind = TierKind::Nvme;
 /// Permission bits of every streamed image, as CRIU creates image files (`CR_FD_PERM`).
@@ -200,12 +200,14 @@ struct Session {
 }
 
 impl Session {
-    /// Holds the tier's store lock from the first byte to the commit.
+    /// Pins what the capture uses in the tier from the first byte to the commit.
     fn run(mut self) -> SessionResult {
         let tier = &*self.tier;
         let name = &self.name;
-        let _guard = tier.lock_stores();
-        let mut writer = tier.chunk_writer(None).map_err(Some)?;
+        let pins = StorePins::new(tier, name).map_err(Some)?;
+        // The capture stops through `stop` and the failure path, which also end CRIU's side.
+        let never = CancelToken::new();
+        let mut writer = tier.chunk_writer(None, &never, &pins);
         let mut never_connected = false;
         let received = self
             .listener
@@ -222,7 +224,7 @@ impl Session {
                     return Err(stream_error(name, "stopped before CRIU connected"));
                 }
                 *self.connected.lock().unwrap_or_else(|e| e.into_inner()) = sock.try_clone().ok();
-                receive(tier, name, &self.dir, sock, &mut writer)
+                receive(tier, &pins, name, &self.dir, sock, &mut writer)
             });
         if let Some(fifo) = self.barrier.finish() {
             // CRIU waits in its post-dump step: commit now, before it ends or resumes the tree.
@@ -257,6 +259,7 @@ struct ImageMeta {
 
 fn receive(
     tier: &NvmeTier,
+    pins: &StorePins<'_>,
     name: &CheckpointName,
     dir: &Path,
     sock: UnixStream,
@@ -268,7 +271,7 @@ fn receive(
         name,
         dir,
         config,
-        staging: BufferPool::new(config.chunk_size, workers * 2 + 4),
+        staging: tier.plane().staging().clone(),
         failure: Failure {
             failed: AtomicBool::new(false),
             first: Mutex::new(None),
@@ -281,6 +284,7 @@ fn receive(
         },
     };
     let backlog = writer.backlog();
+    let _running = tier.plane().gate().session(crate::WorkClass::Foreground);
     let mut stats = DrainStats::default();
     let mut slots: Vec<Vec<Option<ChunkRef>>> = Vec::new();
     let images = std::thread::scope(|s| {
@@ -291,7 +295,8 @@ fn receive(
             let job_rx = Arc::clone(&job_rx);
             let done_tx = done_tx.clone();
             let (shared, backlog) = (&shared, backlog.as_deref());
-            s.spawn(move || work(shared, &job_rx, &done_tx, tier.pool(), tier, backlog));
+            let gate = tier.plane().gate();
+            s.spawn(move || work(shared, &job_rx, &done_tx, tier.pool(), pins, backlog, gate));
         }
         drop(done_tx);
         drop(job_rx);

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use crate::buffer::{BufferPool, PooledBuf};
 use crate::chunk::{encode_into, is_zero, store_raw, ChunkConfig, ChunkEncoding, ChunkHash};
 use crate::pipeline::{ChunkIndex, StoredChunk, WriteBacklog};
-use crate::{CheckpointName, TierError, TierKind};
+use crate::{CheckpointName, PriorityGate, TierError, TierKind, WorkClass};
 
 const TIER: TierKind = TierKind::Nvme;
 /// An image that grows past this moves from ordinary memory into a pinned pool buffer: only
@@ -199,7 +199,9 @@ fn fill_chunk(
     Ok((Staged::Pinned(buf), false))
 }
 
-/// A chunk worker: zero check, hash, dedup lookup, adaptive compression.
+/// A chunk worker: zero check, hash, dedup lookup, adaptive compression, each chunk under a
+/// foreground permit of the data plane's `gate` (a streamed dump is what the workload is
+/// frozen for).
 pub(super) fn work(
     shared: &Shared<'_>,
     jobs: &Mutex<Receiver<Job>>,
@@ -207,6 +209,7 @@ pub(super) fn work(
     out: &BufferPool,
     index: &dyn ChunkIndex,
     backlog: Option<&WriteBacklog>,
+    gate: &PriorityGate,
 ) {
     let config = shared.config;
     let busy_at = u64::try_from(2 * config.worker_count() * config.chunk_size).unwrap_or(u64::MAX);
@@ -225,6 +228,7 @@ pub(super) fn work(
             Ok(job) => job,
             Err(_) => return,
         };
+        let permit = gate.acquire(WorkClass::Foreground);
         let data = job.data.as_slice();
         let raw_len = u32::try_from(data.len()).expect("chunk size is capped below 4 GiB");
         let result = if is_zero(data) {
@@ -247,6 +251,7 @@ pub(super) fn work(
                 }
             })
         };
+        drop(permit);
         let msg = result.map(|(hash, outcome)| Done {
             file: job.file,
             index: job.index,

@@ -14,7 +14,7 @@ use std::sync::{Condvar, Mutex};
 use crate::chunk::{decode_into, verify, ChunkEncoding};
 use crate::manifest::{CheckpointManifest, FileEntry};
 use crate::restore::ChunkFetch;
-use crate::{NvmeTier, TierError, TierKind};
+use crate::{NvmeTier, TierError, TierKind, WorkClass};
 
 const TIER: TierKind = TierKind::Nvme;
 
@@ -211,10 +211,15 @@ fn decode(
     out.resize(len, 0);
     let direct = chunk.encoding == ChunkEncoding::Raw
         && tier.fetch_raw_into(manifest, &entry.name, index, chunk, &mut out)?;
+    // Reading is I/O; verifying and decompressing is the CPU work the data plane's gate
+    // bounds. A streamed restore is what a caller waits for: foreground.
+    let gate = tier.plane().gate();
     if direct {
+        let _permit = gate.acquire(WorkClass::Foreground);
         verify(&out, &chunk.hash).map_err(|e| corrupt(e.to_string()))?;
     } else {
         tier.fetch(manifest, &entry.name, index, chunk, stored)?;
+        let _permit = gate.acquire(WorkClass::Foreground);
         decode_into(
             chunk.encoding,
             stored.as_slice(),

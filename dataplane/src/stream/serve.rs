@@ -173,6 +173,8 @@ fn run(
     }
     let first_error: Mutex<Option<TierError>> = Mutex::new(None);
     let served = AtomicU64::new(0);
+    // CRIU waits on every image: background work yields until the restore has its images.
+    let _running = tier.plane().gate().session(crate::WorkClass::Foreground);
     let failed = |e: TierError| {
         // The marker goes first: CRIU may only see the short image after it exists.
         let _ = File::create(marker);

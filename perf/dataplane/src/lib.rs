@@ -3,5 +3,6 @@
 
 pub mod generate;
 pub mod measure;
+pub mod priority;
 pub mod steps;
 pub mod suite;

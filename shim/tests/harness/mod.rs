@@ -80,6 +80,15 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 
 static NODES: AtomicU32 = AtomicU32::new(0);
 
+/// What a test changes about a node.
+#[derive(Debug, Default, Clone)]
+pub struct NodeOptions {
+    /// TOML appended to the agent's config file (after its `[tiers]` table).
+    pub agent_config: String,
+    /// Extra environment of containerd, which every shim inherits (e.g. failpoints).
+    pub containerd_env: Vec<(String, String)>,
+}
+
 /// containerd + agent + shim for one test.
 pub struct Node {
     pub dir: tempfile::TempDir,
@@ -91,11 +100,17 @@ pub struct Node {
     pub runc_root: PathBuf,
     daemon: Option<Child>,
     agent: Option<Child>,
+    options: NodeOptions,
 }
 
 impl Node {
     /// Starts everything and imports the image.
     pub fn start(version: Version) -> Self {
+        Self::start_with(version, NodeOptions::default())
+    }
+
+    /// Starts everything with `options` and imports the image.
+    pub fn start_with(version: Version, options: NodeOptions) -> Self {
         for tool in ["containerd", "ctr", "containerd-shim-runc-v2"] {
             version.tool(tool);
         }
@@ -120,6 +135,7 @@ impl Node {
             runc_root,
             daemon: None,
             agent: None,
+            options,
         };
         node.write_configs();
         node.start_agent();
@@ -177,12 +193,13 @@ impl Node {
             format!(
                 "socket = \"{}\"\ncontainerd_socket = \"{}\"\nstate_dir = \"{}\"\n\
                  metrics_addr = \"127.0.0.1:0\"\n\
-                 [tiers]\nram_path = \"{}\"\nnvme_path = \"{}\"\n",
+                 [tiers]\nram_path = \"{}\"\nnvme_path = \"{}\"\n{}",
                 self.agent_socket.display(),
                 self.socket.display(),
                 base.join("agent-state").display(),
                 self.ram_tier.display(),
-                base.join("nvme").display()
+                base.join("nvme").display(),
+                self.options.agent_config
             ),
         )
         .unwrap();
@@ -207,6 +224,7 @@ impl Node {
             // containerd makes each task checkpoint's work dir under XDG_RUNTIME_DIR (else
             // /tmp) and leaves it there: keep them inside this node's dir.
             .env("XDG_RUNTIME_DIR", self.dir.path())
+            .envs(self.options.containerd_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -364,6 +382,24 @@ impl Node {
             std::thread::sleep(Duration::from_millis(100));
         }
         let _ = self.ctr(&["containers", "rm", id]);
+    }
+
+    /// PID of the long-lived shim process serving container `id` (one per container
+    /// outside pods).
+    pub fn shim_pid(&self, id: &str) -> Option<i32> {
+        let wanted = format!(" -id {id} ");
+        fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .find(|pid| {
+                fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                    let line = format!("{} ", String::from_utf8_lossy(&c).replace('\0', " "));
+                    line.contains("containerd-shim-kybernate-v1")
+                        && line.contains(&self.namespace)
+                        && line.contains(&wanted)
+                        && !line.contains(" delete")
+                })
+            })
     }
 
     fn kill_matching(&self, needle: &str) {
