@@ -198,6 +198,7 @@ mod tests {
             files: Vec::new(),
             gpu: None,
             note: String::new(),
+            origin: crate::tenancy::Origin::NodeLocal,
         };
         assert_eq!(WorkloadKey::of(&record), WorkloadKey::Process(7));
         let container = CheckpointRecord {
