@@ -203,7 +203,11 @@ async fn serve(
                 .join()
                 .map_err(|_| DaemonError::S3Connect)??;
             tracing::info!(endpoint = %s3.endpoint, bucket = %s3.bucket, prefix = %s3.prefix, "S3 tier ready");
-            Some(Arc::new(tier))
+            let tier = Arc::new(tier);
+            if let Err(e) = S3Tier::spawn_sweeper(&tier) {
+                tracing::warn!(error = %e, "no S3 garbage collection sweeps: only removals collect");
+            }
+            Some(tier)
         }
         None => None,
     };

@@ -562,3 +562,34 @@ fn stores_read_each_index_object_once_instead_of_every_manifest() {
     assert_eq!(count(&during, "manifests"), 1, "{during:?}");
     assert_eq!(restore(&a, "five", tmp.path()).unwrap(), 14);
 }
+
+#[test]
+fn the_sweeper_collects_what_a_crashed_store_left_without_any_removal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("s3");
+    let mut server = S3Server::start(&root);
+    let (ttl, grace) = (1, 1);
+    let crashing = node(&server, "node-a", ttl, grace);
+    let src = tmp.path().join("src");
+    write_image(&src, &image_files("lost", 8));
+    server.stop_on_put("/manifests/");
+    assert!(crashing.store(&name("lost"), &src).is_err());
+    server.wait_stopped();
+    drop(crashing);
+    let addr = server.addr;
+    drop(server);
+    let server = S3Server::start_at(&root, addr);
+    assert_eq!(objects(&server, "packs").len(), 1);
+    assert_eq!(objects(&server, "leases").len(), 1);
+
+    let survivor = std::sync::Arc::new(node(&server, "node-b", ttl, grace));
+    let sweeper = S3Tier::spawn_sweeper(&survivor).unwrap();
+    // Lease expiry, then two grace periods, at one sweep a second: well within a minute.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(objects(&server, "packs").is_empty() && objects(&server, "leases").is_empty()) {
+        assert!(Instant::now() < deadline, "the sweeper collected nothing");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(survivor);
+    sweeper.join().unwrap();
+}

@@ -21,6 +21,8 @@
 //! node that crashed or lost the server; they are aborted, so no parts are left behind.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
 
 use super::request::{remote, retrying};
 use super::{now_ms, Put, S3Tier};
@@ -58,6 +60,26 @@ pub struct UnfinishedUpload {
 }
 
 impl S3Tier {
+    /// Starts a thread that runs [`S3Tier::collect_garbage`] every half grace period (at
+    /// least every second) until the tier is dropped, so what a crashed node left behind is
+    /// collected even when no checkpoint is removed.
+    pub fn spawn_sweeper(tier: &Arc<S3Tier>) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let weak = Arc::downgrade(tier);
+        let period = (tier.config.gc_grace() / 2).max(Duration::from_secs(1));
+        std::thread::Builder::new()
+            .name("kyb-s3-gc".into())
+            .spawn(move || loop {
+                std::thread::sleep(period);
+                let Some(tier) = weak.upgrade() else {
+                    return;
+                };
+                match tier.collect_garbage() {
+                    Ok(report) => tracing::debug!(?report, "S3 garbage collection sweep"),
+                    Err(e) => tracing::warn!(error = %e, "S3 garbage collection sweep failed"),
+                }
+            })
+    }
+
     fn marks_prefix(&self) -> String {
         format!("{}gc/doomed/", self.prefix)
     }
@@ -93,6 +115,18 @@ impl S3Tier {
 
     /// Every unfinished multipart upload under the tier's prefix.
     pub fn unfinished_uploads(&self) -> Result<Vec<UnfinishedUpload>, TierError> {
+        self.list_uploads()?.ok_or_else(|| TierError::Remote {
+            tier: super::TIER,
+            op: "list multipart uploads under".into(),
+            key: self.prefix.clone(),
+            detail: "the server does not implement ListMultipartUploads (HTTP 501)".into(),
+        })
+    }
+
+    /// [`S3Tier::unfinished_uploads`], or `None` when the server cannot list them (some
+    /// S3-compatible servers lack ListMultipartUploads; a bucket lifecycle rule must then
+    /// abort stale uploads).
+    fn list_uploads(&self) -> Result<Option<Vec<UnfinishedUpload>>, TierError> {
         let mut uploads = Vec::new();
         let (mut key_marker, mut id_marker): (Option<String>, Option<String>) = (None, None);
         loop {
@@ -106,8 +140,14 @@ impl S3Tier {
                         .set_key_marker(key_marker.clone())
                         .set_upload_id_marker(id_marker.clone())
                         .send()
-                }))
-                .map_err(|(e, n)| remote("list multipart uploads under", &self.prefix, &e, n))?;
+                }));
+            let out = match out {
+                Ok(out) => out,
+                Err((e, _)) if super::status(&e) == Some(501) => return Ok(None),
+                Err((e, n)) => {
+                    return Err(remote("list multipart uploads under", &self.prefix, &e, n))
+                }
+            };
             for u in out.uploads() {
                 if let (Some(key), Some(id)) = (u.key(), u.upload_id()) {
                     let initiated_unix_ms = u.initiated().map_or(0, |t| {
@@ -121,12 +161,12 @@ impl S3Tier {
                 }
             }
             if out.is_truncated() != Some(true) {
-                return Ok(uploads);
+                return Ok(Some(uploads));
             }
             key_marker = out.next_key_marker().map(str::to_owned);
             id_marker = out.next_upload_id_marker().map(str::to_owned);
             if key_marker.is_none() && id_marker.is_none() {
-                return Ok(uploads);
+                return Ok(Some(uploads));
             }
         }
     }
@@ -204,18 +244,22 @@ impl S3Tier {
             }
         }
 
-        for upload in self.unfinished_uploads()? {
-            let rel = upload.key.strip_prefix(&self.prefix).unwrap_or(&upload.key);
-            if old(upload.initiated_unix_ms) && !leased.contains(rel) {
-                self.abort_upload(&upload.key, &upload.upload_id)?;
-                report.uploads_aborted += 1;
-            }
-        }
-
         for (name, modified_ms) in &view.orphan_indexes {
             if old(*modified_ms) && !leased_checkpoints.contains(name.as_str()) {
                 self.delete_index(name)?;
                 report.indexes_removed += 1;
+            }
+        }
+
+        let Some(uploads) = self.list_uploads()? else {
+            tracing::debug!("the S3 server cannot list multipart uploads; none are aborted");
+            return Ok(report);
+        };
+        for upload in uploads {
+            let rel = upload.key.strip_prefix(&self.prefix).unwrap_or(&upload.key);
+            if old(upload.initiated_unix_ms) && !leased.contains(rel) {
+                self.abort_upload(&upload.key, &upload.upload_id)?;
+                report.uploads_aborted += 1;
             }
         }
         Ok(report)
