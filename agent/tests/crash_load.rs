@@ -17,7 +17,7 @@ fn twenty_concurrent_checkpoints_and_restores_all_restore_intact() {
     let mut workloads: Vec<Workload> = (0..WORKLOADS)
         .map(|_| Workload::start(agent.dir.path(), 8, &[]))
         .collect();
-    let leave_running = |i: usize| i % 2 == 0;
+    let leave_running = |i: usize| i.is_multiple_of(2);
 
     let checkpoints: Vec<_> = workloads
         .iter()
