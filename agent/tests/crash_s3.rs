@@ -102,31 +102,37 @@ fn s3_stopped_during_a_restore_fails_cleanly_and_the_checkpoint_stays_restorable
     assert!(s3.unfinished_uploads().is_empty());
 }
 
-#[test]
-fn demotion_into_s3_killed_after_staging_finishes_after_a_restart() {
+/// The agent SIGKILLs itself at `point` while demoting a checkpoint from NVMe into S3 (its
+/// background drain into S3 failed, so the demotion copies it). `extra` is more config. The
+/// restarted agent finishes the demotion (S3 only) and the checkpoint restores intact.
+fn demotion_into_s3_killed_at(point: &str, extra: &str, staged: bool) {
     let s3 = S3Server::start();
     let config = format!(
-        "{}[tiers]\nram_budget_bytes = 1048576\nnvme_budget_bytes = 1048576\n[policy]\nnvme_keep_recent = 0\n",
+        "{}[tiers]\nram_budget_bytes = 1048576\nnvme_budget_bytes = 1048576\n[policy]\nnvme_keep_recent = 0\n{extra}",
         s3.agent_config_failing_fast()
     );
-    // The background drain fails, so the demotion has to copy NVMe's chunks to S3 itself
-    // (staged through RAM), and the agent dies with the staged copy.
-    let mut agent = TestAgent::start_with(
-        &config,
-        &env_with(&[(FAILPOINTS, "drain.before=error,stage.nvme.after_load=kill")]),
-    );
+    let failpoints = format!("drain.before=error,{point}=kill");
+    let mut agent = TestAgent::start_with(&config, &env_with(&[(FAILPOINTS, &failpoints)]));
     let mut workload = Workload::start(agent.dir.path(), 32, &[]);
     let pid = workload.pid.to_string();
     let out = agent.ctl(&["checkpoint", "--pid", &pid, "--name", "dz"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success() || err.contains("closed the connection"),
-        "{err}"
+        "{point}: {err}"
     );
     assert!(!agent.wait_exit().success());
     workload.reap_dumped();
-    assert_eq!(agent.staging_dirs().len(), 1, "killed with a staged copy");
-    assert!(agent.nvme_manifest("dz").exists(), "NVMe keeps its copy");
+    let scratch = usize::from(staged);
+    assert_eq!(
+        agent.staging_dirs().len(),
+        scratch,
+        "{point}: scratch copies"
+    );
+    assert!(
+        agent.nvme_manifest("dz").exists(),
+        "{point}: NVMe keeps its copy"
+    );
 
     agent.relaunch_with_env(&env_with(&[]));
     assert!(agent.staging_dirs().is_empty(), "the scratch copy is swept");
@@ -136,4 +142,22 @@ fn demotion_into_s3_killed_after_staging_finishes_after_a_restart() {
     assert!(!agent.nvme_manifest("dz").exists());
     restore_and_verify(&agent, &mut workload, "dz", &[]);
     assert!(s3.unfinished_uploads().is_empty());
+}
+
+/// With an upload limit the demotion stages the NVMe copy through RAM; the agent dies with
+/// the staged copy.
+#[test]
+fn demotion_into_s3_killed_after_staging_finishes_after_a_restart() {
+    demotion_into_s3_killed_at(
+        "stage.nvme.after_load",
+        "[bandwidth]\ns3_upload_bytes_per_sec = 1073741824\n",
+        true,
+    );
+}
+
+/// Without one the NVMe chunks go to S3 as they are; the agent dies once S3 holds the
+/// checkpoint, before the NVMe copy is dropped.
+#[test]
+fn demotion_into_s3_killed_before_dropping_the_nvme_copy_finishes_after_a_restart() {
+    demotion_into_s3_killed_at("demote.nvme.before_remove", "", false);
 }
