@@ -63,9 +63,13 @@ pub struct DataplaneConfig {
     /// zstd level, 1..=19.
     pub zstd_level: i32,
     /// Chunks hashed and compressed at once by the node's data plane, over all checkpoints,
-    /// restores and drains together; 0 means half the cores (at least one), leaving the rest
-    /// to the workload's own threads.
+    /// restores and drains together; 0 means one per core. Checkpoints and restores may use
+    /// them all (the workload is frozen or not running yet).
     pub workers: usize,
+    /// How many of `workers` prefetches, drains and demotions may use together, which run
+    /// beside the workload and leave its threads the rest; 0 means half of `workers`, at
+    /// least one.
+    pub background_workers: usize,
     /// How chunks are written: `auto` (io_uring when the kernel offers every operation the
     /// data plane uses, else pread/pwrite, saying why in one log line), `uring` (refuse to
     /// start without it) or `pread`. The environment variable `KYBERNATE_DATAPLANE_IO`
@@ -85,6 +89,7 @@ impl Default for DataplaneConfig {
             chunk_size_mib: chunk.chunk_size >> 20,
             zstd_level: chunk.zstd_level,
             workers: chunk.workers,
+            background_workers: chunk.background_workers,
             io: IoMode::Auto,
             stream: false,
         }
@@ -98,6 +103,7 @@ impl DataplaneConfig {
             chunk_size: self.chunk_size_mib << 20,
             zstd_level: self.zstd_level,
             workers: self.workers,
+            background_workers: self.background_workers,
             ..ChunkConfig::default()
         }
     }

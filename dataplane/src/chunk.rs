@@ -111,9 +111,13 @@ pub struct ChunkConfig {
     /// zstd level (1..=19); 1 keeps compression faster than the disk.
     pub zstd_level: i32,
     /// Chunks hashed and compressed at once, node-wide (the data plane's worker permits, and
-    /// the threads of each transfer); 0 means half the cores, at least one, so the workload's
-    /// own threads keep the rest.
+    /// the threads of each transfer); 0 means one per core. Checkpoints and restores may use
+    /// them all: the workload is frozen, or not running yet.
     pub workers: usize,
+    /// Of those, how many prefetches and background drains may use together, so the work
+    /// running beside the workload leaves its threads the rest; 0 means half of `workers`,
+    /// at least one.
+    pub background_workers: usize,
     /// A compressed chunk is kept only if it is at most this many percent of the raw size.
     pub max_compressed_percent: u8,
     /// Store new chunks raw while the destination's writer has too little queued to stay busy
@@ -129,6 +133,7 @@ impl Default for ChunkConfig {
             chunk_size: DEFAULT_CHUNK_SIZE,
             zstd_level: 1,
             workers: 0,
+            background_workers: 0,
             max_compressed_percent: 95,
             adaptive: true,
         }
@@ -160,7 +165,16 @@ impl ChunkConfig {
         if self.workers > 0 {
             return self.workers;
         }
-        std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    }
+
+    /// Permits prefetch and background work may hold (see [`ChunkConfig::background_workers`]).
+    pub fn background_worker_count(&self) -> usize {
+        let all = self.worker_count();
+        match self.background_workers {
+            0 => (all / 2).max(1),
+            n => n.min(all),
+        }
     }
 
     /// Longest compressed output that is still worth storing.

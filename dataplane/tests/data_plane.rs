@@ -70,6 +70,12 @@ fn wait_until(what: impl Fn() -> bool) {
 fn round_trip(io: IoMode) -> IoBackend {
     let tmp = tempfile::tempdir().unwrap();
     let plane = DataPlane::start(io, &config(2)).unwrap();
+    assert_eq!(plane.workers(), 2);
+    assert_eq!(
+        plane.background_workers(),
+        1,
+        "half of the workers by default"
+    );
     let backend = plane.io_backend().clone();
     let root = tmp.path().join("nvme");
     let tier = NvmeTier::open_on(&root, config(2), plane).unwrap();

@@ -106,28 +106,31 @@ impl Handler<SubscribeConfigRejections> for NodeAgent {
     }
 }
 
-/// What the running data plane resolved from `[dataplane]`: the worker count (0 means a
-/// share of the cores, shown here as the number), the pinned buffer pool, and the I/O engine
+/// What the running data plane resolved from `[dataplane]`: the worker counts (0 means a
+/// share of the cores; shown here as the number), the pinned buffer pool, and the I/O engine
 /// the probe chose.
 fn data_plane_values(
     config: &crate::config::AgentConfig,
     nvme: Option<&kybernate_dataplane::NvmeTier>,
 ) -> Vec<(&'static str, String)> {
     let chunks = config.dataplane.chunk_config();
-    let (workers, pool, backend) = match nvme.map(|t| t.plane()) {
+    let (workers, background, pool, backend) = match nvme.map(|t| t.plane()) {
         Some(plane) => (
             plane.workers(),
+            plane.background_workers(),
             plane.pinned_pool_bytes(),
             plane.io_backend().to_string(),
         ),
         None => (
             chunks.worker_count(),
+            chunks.background_worker_count(),
             kybernate_dataplane::DataPlane::pinned_pool_bytes_for(&chunks),
             "not started".into(),
         ),
     };
     vec![
         ("dataplane.workers", workers.to_string()),
+        ("dataplane.background_workers", background.to_string()),
         ("dataplane.pinned_pool_bytes", pool.to_string()),
         ("dataplane.io_backend", format!("{backend:?}")),
     ]
@@ -213,6 +216,7 @@ mod tests {
         let chunks = config.dataplane.chunk_config();
         let planned = data_plane_values(&config, None);
         assert_eq!(value(&planned, "dataplane.workers"), "3");
+        assert_eq!(value(&planned, "dataplane.background_workers"), "1");
         // 4 buffers per worker plus 28 shared ones, 1 MiB each.
         assert_eq!(
             value(&planned, "dataplane.pinned_pool_bytes"),
@@ -225,6 +229,7 @@ mod tests {
         let tier = NvmeTier::open_on(dir.path(), chunks, plane).unwrap();
         let running = data_plane_values(&config, Some(&tier));
         assert_eq!(value(&running, "dataplane.workers"), "3");
+        assert_eq!(value(&running, "dataplane.background_workers"), "1");
         assert_eq!(
             value(&running, "dataplane.pinned_pool_bytes"),
             value(&planned, "dataplane.pinned_pool_bytes")

@@ -2,6 +2,10 @@
 //! decompression and verification of chunks take a permit first, and there are only as many
 //! permits as the node gives the data plane (`[dataplane] workers`).
 //!
+//! Prefetch and background work together hold at most `lower_limit` permits: during a
+//! checkpoint the workload is frozen and a restore's is not running yet, so foreground work
+//! may use every permit, while work that runs beside the workload leaves it the rest.
+//!
 //! Each operation also holds a [`ClassSession`] for as long as it runs. Work of a class
 //! gets a permit only while no higher class waits for one *or has an operation running*, so
 //! a background drain parks at its next chunk as soon as a checkpoint or a restore starts,
@@ -50,6 +54,8 @@ impl WorkClass {
 #[derive(Debug)]
 struct GateState {
     free: usize,
+    /// Permits held by prefetch and background work.
+    lower_in_use: usize,
     waiting: [usize; 3],
     active: [usize; 3],
 }
@@ -58,6 +64,7 @@ struct GateState {
 #[derive(Debug)]
 pub struct PriorityGate {
     permits: usize,
+    lower_limit: usize,
     state: Mutex<GateState>,
     freed: Condvar,
 }
@@ -66,6 +73,7 @@ pub struct PriorityGate {
 #[derive(Debug)]
 pub struct WorkPermit<'a> {
     gate: &'a PriorityGate,
+    lower: bool,
 }
 
 /// One operation of a class running; lower classes wait while it lives.
@@ -76,12 +84,20 @@ pub struct ClassSession<'a> {
 }
 
 impl PriorityGate {
-    /// A gate with `permits` permits (at least one).
+    /// A gate with `permits` permits (at least one), all usable by every class.
     pub fn new(permits: usize) -> Self {
+        Self::with_lower_limit(permits, permits)
+    }
+
+    /// A gate with `permits` permits, of which prefetch and background work together hold at
+    /// most `lower_limit` (at least one).
+    pub fn with_lower_limit(permits: usize, lower_limit: usize) -> Self {
         let permits = permits.max(1);
         Self {
             permits,
+            lower_limit: lower_limit.clamp(1, permits),
             state: Mutex::new(GateState {
+                lower_in_use: 0,
                 free: permits,
                 waiting: [0; 3],
                 active: [0; 3],
@@ -93,6 +109,11 @@ impl PriorityGate {
     /// Number of permits: how many chunks the whole node works on at once.
     pub fn permits(&self) -> usize {
         self.permits
+    }
+
+    /// Permits prefetch and background work may hold together.
+    pub fn lower_limit(&self) -> usize {
+        self.lower_limit
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
@@ -114,10 +135,15 @@ impl PriorityGate {
         state.waiting[rank] += 1;
         loop {
             let higher_busy = (0..rank).any(|r| state.waiting[r] > 0 || state.active[r] > 0);
-            if state.free > 0 && !higher_busy {
+            let lower = rank > 0;
+            let under_limit = !lower || state.lower_in_use < self.lower_limit;
+            if state.free > 0 && !higher_busy && under_limit {
                 state.free -= 1;
                 state.waiting[rank] -= 1;
-                return WorkPermit { gate: self };
+                if lower {
+                    state.lower_in_use += 1;
+                }
+                return WorkPermit { gate: self, lower };
             }
             state = self.freed.wait(state).unwrap_or_else(|e| e.into_inner());
         }
@@ -151,6 +177,9 @@ impl Drop for WorkPermit<'_> {
     fn drop(&mut self) {
         let mut state = self.gate.lock();
         state.free += 1;
+        if self.lower {
+            state.lower_in_use -= 1;
+        }
         drop(state);
         // Every waiter re-checks: only the highest class that waits may take the permit.
         self.gate.freed.notify_all();
@@ -226,6 +255,27 @@ mod tests {
         drop(checkpoint);
         drain.join().unwrap();
         assert!(*done.lock().unwrap());
+    }
+
+    #[test]
+    fn background_work_holds_at_most_its_share_and_foreground_work_the_rest() {
+        let gate = PriorityGate::with_lower_limit(2, 1);
+        assert_eq!(gate.lower_limit(), 1);
+        let drain = gate.acquire(WorkClass::Background);
+        std::thread::scope(|s| {
+            let prefetch = s.spawn(|| drop(gate.acquire(WorkClass::Prefetch)));
+            wait_until(|| gate.waiting(WorkClass::Prefetch) == 1);
+            // A permit is free, but background work already holds its share.
+            assert_eq!(gate.in_use(), 1);
+            let checkpoint = gate.acquire(WorkClass::Foreground);
+            assert_eq!(gate.in_use(), 2, "foreground work takes the other permit");
+            drop(checkpoint);
+            assert_eq!(gate.waiting(WorkClass::Prefetch), 1, "still over the share");
+            drop(drain);
+            prefetch.join().unwrap();
+        });
+        assert_eq!(gate.in_use(), 0);
+        assert_eq!(PriorityGate::with_lower_limit(4, 0).lower_limit(), 1);
     }
 
     #[test]

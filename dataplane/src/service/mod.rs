@@ -46,7 +46,7 @@ pub struct DataPlane {
 
 impl DataPlane {
     /// Starts the service for chunks cut as `chunk` says, with `chunk.worker_count()`
-    /// permits, probing io_uring as `io` (or [`IO_MODE_ENV`], when set) asks.
+    /// permits (`chunk.background_worker_count()` of them for background work), probing io_uring as `io` (or [`IO_MODE_ENV`], when set) asks.
     pub fn start(io: IoMode, chunk: &ChunkConfig) -> Result<Arc<Self>, TierError> {
         let io = match std::env::var(IO_MODE_ENV) {
             Ok(value) => IoMode::parse(value.trim()).ok_or_else(|| TierError::Config {
@@ -61,7 +61,7 @@ impl DataPlane {
         let writer = writer::ChunkWriterThread::start(io, &pool)?;
         Ok(Arc::new(Self {
             writer,
-            gate: PriorityGate::new(workers),
+            gate: PriorityGate::with_lower_limit(workers, chunk.background_worker_count()),
             pool,
             staging,
         }))
@@ -75,6 +75,11 @@ impl DataPlane {
     /// Chunks worked on at once, node-wide.
     pub fn workers(&self) -> usize {
         self.gate.permits()
+    }
+
+    /// Of [`DataPlane::workers`], how many prefetches and background drains may use.
+    pub fn background_workers(&self) -> usize {
+        self.gate.lower_limit()
     }
 
     /// The I/O engine chunk writes use.
