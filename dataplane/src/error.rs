@@ -102,8 +102,6 @@ impl TierError {
             TierError::Config { .. } => "config",
             TierError::Stream { .. } => "stream",
             TierError::Cancelled { .. } => "cancelled",
-        detail: String,
-    },
             TierError::AlreadyExists { .. } => "already_exists",
         }
     }
