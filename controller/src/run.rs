@@ -48,6 +48,10 @@ pub enum RunError {
     /// The credentials did not make a client.
     #[error("cannot build a Kubernetes client: {0}")]
     Client(#[source] kube::Error),
+    /// The first leader election could not reach the API server: nothing would ever work,
+    /// so the controller exits (its Pod restarts with backoff) instead of waiting silently.
+    #[error("leader election: {0}")]
+    LeaderElection(String),
     /// The metrics port could not be bound.
     #[error("metrics endpoint {addr}: {source}")]
     Metrics {
@@ -96,6 +100,17 @@ pub async fn run(config: RunConfig) -> Result<(), RunError> {
     );
     let ctx = Arc::new(Context::new(client, Arc::new(SystemClock), metrics));
     let mut shutdown: Shutdown = Box::pin(shutdown_signal());
+    // Once the API server has answered, a failed renewal is transient: fence, stop, retry.
+    // If it never answers, say so and exit.
+    match tokio::time::timeout(RENEW_EVERY, lease.try_acquire(Timestamp::now())).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(RunError::LeaderElection(e.to_string())),
+        Err(_) => {
+            return Err(RunError::LeaderElection(format!(
+                "the API server did not answer within {RENEW_EVERY:?}"
+            )))
+        }
+    }
     loop {
         while !lease.renew(&fence, Timestamp::now(), RENEW_EVERY).await {
             tokio::select! {
