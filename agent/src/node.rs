@@ -68,6 +68,9 @@ pub struct NodeAgent {
     shim_restores: HashMap<CheckpointName, container_restore::ShimRestore>,
     /// Grants the leases of the shim's Begins and Stages.
     leases: shim_lease::Leases,
+    /// Restores whose lease ran out before their End: a late End may still unlock what
+    /// `runc restore` brought back, once.
+    expired_restores: HashSet<CheckpointName>,
     /// Containers this agent asked containerd to checkpoint, with the name their shim's
     /// ContainerCheckpointBegin is to use.
     awaited_containers: HashMap<String, containerd_checkpoint::AwaitedCheckpoint>,
@@ -117,6 +120,7 @@ impl NodeAgent {
             shim_checkpoints: HashMap::new(),
             shim_restores: HashMap::new(),
             leases: shim_lease::Leases::default(),
+            expired_restores: HashSet::new(),
             awaited_containers: HashMap::new(),
             config_rejections: tokio::sync::broadcast::channel(16).0,
             leftovers: Vec::new(),

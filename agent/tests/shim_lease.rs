@@ -303,6 +303,15 @@ fn a_stage_without_its_end_expires_drops_the_staged_images_and_frees_the_checkpo
             })
             .await
             .expect("a late End of a restore still unlocks its processes");
+        let again = client
+            .container_restore_end(pb::ContainerRestoreEndRequest {
+                checkpoint_ref: "staged".into(),
+                pids: vec![workload.pid],
+                restored: true,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(again.code(), tonic::Code::NotFound, "only once: {again}");
 
         // The checkpoint is free: it stages again.
         let again = client

@@ -139,6 +139,7 @@ impl Handler<ContainerRestoreStage> for NodeAgent {
                     lease.length,
                 );
                 let before = agent.set_state_of(&record, WorkloadState::Restoring);
+                agent.expired_restores.remove(&name);
                 let reply = pb::ContainerRestoreStageReply {
                     image_dir: staged.dir.display().to_string(),
                     source_tier: staged.tier.as_str().to_owned(),
@@ -243,7 +244,8 @@ impl Handler<ContainerRestoreEnd> for NodeAgent {
 impl NodeAgent {
     /// An End whose restore is not (or no longer) staged: after its lease ran out the staged
     /// images are gone, but processes `runc restore` brought back before that are still
-    /// CUDA-locked, so they are restored and unlocked all the same.
+    /// CUDA-locked, so they are restored and unlocked all the same (once, and only for a
+    /// restore whose lease ran out: an End nobody staged unlocks nothing).
     fn end_after_lease(
         &mut self,
         name: CheckpointName,
@@ -255,8 +257,9 @@ impl NodeAgent {
                  ended, or its lease ran out)"
             ))
         };
+        let expired = request.restored && self.expired_restores.remove(&name);
         let record = match self.catalog.get(&name) {
-            Some(record) if request.restored => record.clone(),
+            Some(record) if request.restored && expired => record.clone(),
             _ => return Box::pin(actix::fut::ready(Err(not_staged()))),
         };
         tracing::warn!(checkpoint = %name, pids = ?request.pids,

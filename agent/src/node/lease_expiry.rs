@@ -239,6 +239,7 @@ impl Handler<RestoreLeaseExpired> for NodeAgent {
             .journal
             .note(msg.name.as_str(), Transition::RestoreEnded { ok: false });
         self.put_back_state_of(&session.record, session.before);
+        self.expired_restores.insert(msg.name.clone());
         let name = msg.name;
         ctx.spawn(
             async move {
