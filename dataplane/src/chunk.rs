@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use crate::crypt::{address_of, SealKey};
+
 /// Default chunk size: large enough for zstd to find redundancy and for O_DIRECT writes to
 /// run at disk speed, small enough that a changed page costs little in a second checkpoint.
 pub const DEFAULT_CHUNK_SIZE: usize = 8 << 20;
@@ -13,7 +15,8 @@ pub const MIN_CHUNK_SIZE: usize = IO_ALIGN;
 /// Largest accepted chunk size (lengths are stored as `u32` in the manifest).
 pub const MAX_CHUNK_SIZE: usize = 256 << 20;
 
-/// BLAKE3 hash of a chunk's raw bytes: its address in every tier's chunk store.
+/// A chunk's address in every tier's chunk store: the BLAKE3 hash of its raw bytes, keyed
+/// under the checkpoint's key when it is sealed (see `crypt`).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChunkHash(pub [u8; 32]);
 
@@ -260,6 +263,9 @@ pub enum ChunkDecodeError {
         /// Length found.
         actual: usize,
     },
+    /// The sealed bytes do not open under the checkpoint's key.
+    #[error("{0}")]
+    Seal(crate::crypt::SealError),
     /// The decoded bytes hash to something else.
     #[error("content hash mismatch: expected {expected}, got {actual}")]
     Hash {
@@ -270,11 +276,13 @@ pub enum ChunkDecodeError {
     },
 }
 
-/// Decodes stored chunk bytes into `dest` (exactly the raw length) and verifies the hash.
+/// Decodes stored (already opened) chunk bytes into `dest` (exactly the raw length) and
+/// verifies the address, keyed under `key` when the checkpoint is sealed.
 pub(crate) fn decode_into(
     encoding: ChunkEncoding,
     stored: &[u8],
     expected: &ChunkHash,
+    key: Option<&SealKey>,
     decompressor: &mut zstd::bulk::Decompressor<'_>,
     dest: &mut [u8],
 ) -> Result<(), ChunkDecodeError> {
@@ -304,12 +312,16 @@ pub(crate) fn decode_into(
             }
         }
     }
-    verify(dest, expected)
+    verify(dest, expected, key)
 }
 
-/// Checks that `raw` hashes to `expected`.
-pub(crate) fn verify(raw: &[u8], expected: &ChunkHash) -> Result<(), ChunkDecodeError> {
-    let actual = ChunkHash::of(raw);
+/// Checks that `raw` has the address `expected` (keyed under `key` when sealed).
+pub(crate) fn verify(
+    raw: &[u8],
+    expected: &ChunkHash,
+    key: Option<&SealKey>,
+) -> Result<(), ChunkDecodeError> {
+    let actual = address_of(key, raw);
     if actual != *expected {
         return Err(ChunkDecodeError::Hash {
             expected: *expected,
@@ -362,7 +374,15 @@ mod tests {
             let (enc, n) = encode_into(data, &config, &mut c, &mut out);
             assert_eq!(enc, want);
             let mut back = vec![0u8; data.len()];
-            decode_into(enc, &out[..n], &ChunkHash::of(data), &mut d, &mut back).unwrap();
+            decode_into(
+                enc,
+                &out[..n],
+                &ChunkHash::of(data),
+                None,
+                &mut d,
+                &mut back,
+            )
+            .unwrap();
             assert_eq!(&back, data);
         }
     }
@@ -404,6 +424,7 @@ mod tests {
             ChunkEncoding::Raw,
             b"abcd",
             &ChunkHash::of(b"abce"),
+            None,
             &mut d,
             &mut dest,
         )
@@ -413,6 +434,7 @@ mod tests {
             ChunkEncoding::Zstd,
             b"junk",
             &ChunkHash::of(b"abcd"),
+            None,
             &mut d,
             &mut dest,
         )

@@ -7,6 +7,7 @@
 
 mod buffer;
 mod chunk;
+mod crypt;
 mod digest;
 mod error;
 mod local_dir;
@@ -24,12 +25,15 @@ mod tier;
 
 pub use buffer::{AlignedBuf, BufferPool, PooledBuf};
 pub use chunk::{ChunkConfig, ChunkEncoding, ChunkHash, DEFAULT_CHUNK_SIZE};
+pub use crypt::{
+    KeyError, KeyId, KeyRing, SealError, SealKey, Sealing, MAX_KEY_ID_LEN, SEAL_OVERHEAD,
+};
 pub use digest::{digest_image_set, verify_image_set, DigestMismatch, FileDigest, ImageDigest};
 pub use error::TierError;
 pub use local_dir::LocalDirTier;
 pub use manifest::{
     CheckpointManifest, ChunkLocation, ChunkRef, FileEntry, ManifestError, MANIFEST_MAGIC,
-    MANIFEST_VERSION, MAX_MANIFEST_BYTES,
+    MANIFEST_VERSION, MANIFEST_VERSION_SEALED, MAX_MANIFEST_BYTES,
 };
 pub use name::{CheckpointName, InvalidName};
 pub use nvme::NvmeTier;
