@@ -29,6 +29,7 @@ mod container_restore;
 mod containerd_checkpoint;
 mod lease_expiry;
 mod policy;
+mod restore_admission;
 mod shared;
 mod shim_lease;
 pub use config_reload::{
@@ -37,6 +38,7 @@ pub use config_reload::{
 pub use container_checkpoint::{ContainerCheckpointBegin, ContainerCheckpointEnd};
 pub use container_restore::{ContainerRestoreEnd, ContainerRestoreStage};
 pub use policy::{Pin, TierStatus, Unpin};
+pub use restore_admission::{CheckRestoreInto, RefusedRestore, SubscribeRefusals, UseGrants};
 pub use shim_lease::{CheckpointLeaseExpired, Lease, RestoreLeaseExpired};
 
 /// The node agent.
@@ -76,6 +78,10 @@ pub struct NodeAgent {
     awaited_containers: HashMap<String, containerd_checkpoint::AwaitedCheckpoint>,
     /// Rejected config changes, for the node worker to report as Kubernetes Events.
     config_rejections: tokio::sync::broadcast::Sender<String>,
+    /// The GpuCheckpointGrants in force (none without an API server).
+    grants: crate::tenancy::Grants,
+    /// Refused restores into pods, for the node worker to report as Kubernetes Events.
+    refusals: tokio::sync::broadcast::Sender<restore_admission::RefusedRestore>,
     /// What start-up recovery kept that is no checkpoint (incomplete dumps, quarantine):
     /// listed, holding its name, removed on delete.
     leftovers: Vec<Leftover>,
@@ -123,6 +129,8 @@ impl NodeAgent {
             expired_restores: HashSet::new(),
             awaited_containers: HashMap::new(),
             config_rejections: tokio::sync::broadcast::channel(16).0,
+            grants: crate::tenancy::Grants::none(),
+            refusals: tokio::sync::broadcast::channel(16).0,
             leftovers: Vec::new(),
             adopted: Vec::new(),
         }

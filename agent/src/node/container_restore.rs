@@ -17,7 +17,6 @@ use crate::cuda::{CheckRestore, RestoreAndUnlock};
 use crate::error::AgentError;
 use crate::events::PhaseClock;
 use crate::restore::{stage, Staged};
-use crate::tenancy::check_restore;
 use crate::workload_state::WorkloadState;
 
 /// A container restore between Stage and End.
@@ -57,15 +56,8 @@ impl Handler<ContainerRestoreStage> for NodeAgent {
         };
         let prepared = from.and_then(|from| {
             let (name, record) = self.record(&request.checkpoint_ref)?;
-            check_restore(name.as_str(), &record.origin, request.target.as_ref()).inspect_err(
-                |refused| {
-                    self.parts
-                        .metrics
-                        .failure("restore", "tenancy", "refused_tenant");
-                    tracing::warn!(checkpoint = %name, container = %request.container_id,
-                        %refused, "refused a container restore across tenants");
-                },
-            )?;
+            let target = request.target.as_ref();
+            self.admit_restore(&name, &record, target.map(|p| p.namespace.as_str()), target)?;
             self.reserve(&name)?;
             Ok((name, record, from))
         });
