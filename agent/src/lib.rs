@@ -11,7 +11,6 @@ pub mod checkpoint;
 pub mod cli;
 pub mod cli_demo;
 pub mod cli_policy;
-pub mod client;
 pub mod command;
 pub mod config;
 pub mod container;
