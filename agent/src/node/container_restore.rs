@@ -6,7 +6,7 @@
 //! restored processes, which would otherwise stay CUDA-locked.
 
 use actix::prelude::*;
-use kybernate_dataplane::{CheckpointName, TierKind};
+use kybernate_dataplane::CheckpointName;
 use kybernate_proto::agent::v1 as pb;
 
 use super::shim_lease::{Lease, RestoreLeaseExpired};
@@ -48,12 +48,7 @@ impl Handler<ContainerRestoreStage> for NodeAgent {
             return self.adopt_then(name, msg, ctx);
         }
         let request = msg.0;
-        let from = match request.from_tier.as_str() {
-            "" => Ok(None),
-            tier => TierKind::parse(tier).map(Some).ok_or_else(|| {
-                AgentError::InvalidRequest(format!("unknown tier {tier:?}: use ram, nvme or s3"))
-            }),
-        };
+        let from = crate::request_check::source_tier(&request.from_tier);
         let prepared = from.and_then(|from| {
             let (name, record) = self.record(&request.checkpoint_ref)?;
             let target = request.target.as_ref();
