@@ -85,25 +85,6 @@ async fn phases(
         name: name.to_string(),
         source,
     };
-    let lock = LockAndCheckpoint {
-        name: name.to_string(),
-        pids: tree.clone(),
-        lock_timeout: TimeoutsConfig::of(parts.config.timeouts.cuda_ms),
-    };
-    let cuda = clock
-        .run("cuda_checkpoint", async {
-            parts.cuda.send(lock).await?.map_err(cuda_error)
-        })
-        .await
-        .map_err(|e| ("cuda_checkpoint", e))?;
-    if !cuda.cuda_pids.is_empty() {
-        clock.record("cuda_lock", cuda.timings.lock);
-    }
-    let release = |keep_checkpointed| Release {
-        name: name.to_string(),
-        keep_checkpointed,
-    };
-
     let partial = parts.ram.partial_dir_of(&name);
     let intent = DumpIntent {
         pid: job.pid,
@@ -116,22 +97,59 @@ async fn phases(
         gpu_seat: job.gpu_seat.clone(),
         images_dir: partial.clone(),
     };
-    // The intent is journaled before CRIU can end the workload: without it, a crash would
-    // leave images nobody knows how to adopt.
-    let prepared = std::fs::create_dir_all(&partial)
-        .and_then(|()| std::fs::create_dir_all(parts.config.logs_dir()))
-        .map_err(|e| AgentError::Internal(format!("cannot prepare {}: {e}", partial.display())))
-        .and_then(|()| {
-            parts
-                .journal
-                .append(name.as_str(), Transition::DumpIntent(intent))
-                .map_err(|e| AgentError::Internal(e.to_string()))
-        })
-        .and_then(|()| failpoint("checkpoint.before_criu"));
+    // The intent is journaled before anything is done to the workload: before its CUDA
+    // processes are locked (only the agent that locked them would unlock them) and before
+    // CRIU can end it (its images would have nobody to adopt them).
+    let journal = parts.journal.clone();
+    let (dir, logs, entry) = (partial.clone(), parts.config.logs_dir(), name.clone());
+    let prepared = blocking(move || {
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::create_dir_all(logs))
+            .map_err(|e| AgentError::Internal(format!("cannot prepare {}: {e}", dir.display())))?;
+        journal
+            .append(entry.as_str(), Transition::DumpIntent(intent))
+            .map_err(|e| AgentError::Internal(e.to_string()))
+    })
+    .await
+    .and_then(|prepared| prepared)
+    .and_then(|()| failpoint("checkpoint.after_intent"));
     if let Err(e) = prepared {
-        let _ = std::fs::remove_dir_all(&partial);
+        drop_partial(&partial).await;
         abandon(parts, &name, &e);
+        return Err(("criu_dump", e));
+    }
+
+    let lock = LockAndCheckpoint {
+        name: name.to_string(),
+        pids: tree.clone(),
+        lock_timeout: TimeoutsConfig::of(parts.config.timeouts.cuda_ms),
+    };
+    let cuda = clock
+        .run("cuda_checkpoint", async {
+            parts.cuda.send(lock).await?.map_err(cuda_error)
+        })
+        .await;
+    let cuda = match cuda {
+        Ok(cuda) => cuda,
+        Err(e) => {
+            drop_partial(&partial).await;
+            abandon(parts, &name, &e);
+            return Err(("cuda_checkpoint", e));
+        }
+    };
+    if !cuda.cuda_pids.is_empty() {
+        clock.record("cuda_lock", cuda.timings.lock);
+    }
+    let release = |keep_checkpointed| Release {
+        name: name.to_string(),
+        keep_checkpointed,
+    };
+    // Rolled back before the journal says so: an agent that dies in between still finds the
+    // intent open and gives the GPUs back at its start.
+    if let Err(e) = failpoint("checkpoint.before_criu") {
         let _ = parts.cuda.send(release(false)).await;
+        drop_partial(&partial).await;
+        abandon(parts, &name, &e);
         return Err(("criu_dump", e));
     }
 
@@ -141,7 +159,8 @@ async fn phases(
             Ok(capture) => Some(capture),
             Err(e) => {
                 let _ = parts.cuda.send(release(false)).await;
-                let _ = std::fs::remove_dir_all(&partial);
+                drop_partial(&partial).await;
+                abandon(parts, &name, &e);
                 return Err(("criu_dump", e));
             }
         },
@@ -188,13 +207,13 @@ async fn phases(
         };
         // CRIU resumes the tree itself when it fails; when it was killed half-way, only we can.
         process::continue_tree(&tree);
-        let _ = std::fs::remove_dir_all(&partial);
-        abandon(parts, &name, &e);
         let resumed = clock
             .run("cuda_resume", async {
                 parts.cuda.send(release(false)).await?.map_err(cuda_error)
             })
             .await;
+        drop_partial(&partial).await;
+        abandon(parts, &name, &e);
         if let Err(resume_error) = resumed {
             let e =
                 AgentError::Internal(format!("{e}; and the CUDA rollback failed: {resume_error}"));
@@ -383,6 +402,19 @@ fn abandon(parts: &NodeParts, name: &CheckpointName, why: &AgentError) {
             reason: why.to_string(),
         },
     );
+}
+
+/// Removes the images of a dump that is given up (none may exist yet).
+async fn drop_partial(partial: &std::path::Path) {
+    let dir = partial.to_owned();
+    let removed = blocking(move || match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    })
+    .await;
+    if let Ok(Err(e)) = removed {
+        tracing::error!(dir = %partial.display(), error = %e, "cannot remove the images of a dump that was given up");
+    }
 }
 
 /// Fires a test failpoint ([`crate::failpoints`]) as an agent error.

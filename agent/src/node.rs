@@ -133,6 +133,7 @@ impl NodeAgent {
     pub fn with_recovery(mut self, recovery: Recovery) -> Self {
         self.leftovers = recovery.leftovers;
         self.adopted = recovery.adopted;
+        self.expired_restores.extend(recovery.interrupted_restores);
         self
     }
 

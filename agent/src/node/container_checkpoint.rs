@@ -150,6 +150,33 @@ impl Handler<ContainerCheckpointBegin> for NodeAgent {
                     parts.events.clone(),
                     parts.metrics.clone(),
                 );
+                let partial = intent.images_dir.clone();
+                let (dir, journal, entry) =
+                    (partial.clone(), parts.journal.clone(), job_name.clone());
+                let made = blocking(move || {
+                    match std::fs::remove_dir_all(&dir) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                        _ => std::fs::create_dir_all(&dir),
+                    }
+                    .map_err(|e| {
+                        AgentError::Internal(format!("cannot prepare {}: {e}", dir.display()))
+                    })?;
+                    // Journaled before anything is done to the container: before its CUDA
+                    // processes are locked (only the agent that locked them unlocks them)
+                    // and before the shim may dump (a stop-mode dump ends the container, and
+                    // an agent that crashes after it must find out whose images these are).
+                    journal
+                        .append(entry.as_str(), Transition::DumpIntent(intent))
+                        .map_err(|e| AgentError::Internal(e.to_string()))
+                })
+                .await
+                .and_then(|made| made)
+                .and_then(|()| crate::checkpoint::failpoint("container_checkpoint.after_intent"));
+                if let Err(e) = made {
+                    clock.failed("cuda_checkpoint", e.metric_label());
+                    give_up(&parts, &job_name, &e).await;
+                    return Err(e);
+                }
                 let lock = LockAndCheckpoint {
                     name: job_name.to_string(),
                     pids,
@@ -171,34 +198,10 @@ impl Handler<ContainerCheckpointBegin> for NodeAgent {
                     Ok(held) => held,
                     Err(e) => {
                         clock.failed("cuda_checkpoint", e.metric_label());
+                        give_up(&parts, &job_name, &e).await;
                         return Err(e);
                     }
                 };
-                let partial = intent.images_dir.clone();
-                let (dir, journal, entry) =
-                    (partial.clone(), parts.journal.clone(), job_name.clone());
-                let made = blocking(move || {
-                    match std::fs::remove_dir_all(&dir) {
-                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                        _ => std::fs::create_dir_all(&dir),
-                    }
-                    .map_err(|e| {
-                        AgentError::Internal(format!("cannot prepare {}: {e}", dir.display()))
-                    })?;
-                    // Journaled before the shim may dump: a stop-mode dump ends the
-                    // container, and an agent that crashes after it must find out whose
-                    // images these are.
-                    journal
-                        .append(entry.as_str(), Transition::DumpIntent(intent))
-                        .map_err(|e| AgentError::Internal(e.to_string()))
-                })
-                .await
-                .and_then(|made| made);
-                if let Err(e) = made {
-                    let _ = parts.cuda.send(release(&job_name, false)).await;
-                    let _ = std::fs::remove_dir(&partial);
-                    return Err(e);
-                }
                 Ok((held, partial, clock.phases.clone()))
             }
             .into_actor(self)
@@ -256,6 +259,19 @@ impl NodeAgent {
         );
         lease
     }
+}
+
+/// Drops the image directory of a Begin that failed before the shim could dump, and closes
+/// its journal entry.
+async fn give_up(parts: &NodeParts, name: &CheckpointName, why: &AgentError) {
+    let partial = parts.ram.partial_dir_of(name);
+    let _ = blocking(move || std::fs::remove_dir_all(partial)).await;
+    parts.journal.note(
+        name.as_str(),
+        Transition::Abandoned {
+            reason: why.to_string(),
+        },
+    );
 }
 
 pub(super) fn release(name: &CheckpointName, keep_checkpointed: bool) -> Release {
