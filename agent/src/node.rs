@@ -243,12 +243,6 @@ impl NodeAgent {
         self.states.put_back(WorkloadKey::of(record), before);
     }
 
-    /// Moves the workload of a container to `state`.
-    fn set_container_state(&mut self, container_id: &str, state: WorkloadState) {
-        self.states
-            .set(WorkloadKey::Container(container_id.to_owned()), state);
-    }
-
     /// Forgets the workloads that no checkpoint names and that no operation uses: their
     /// actors stop once their last message is answered.
     fn evict_idle_workloads(&mut self) {
