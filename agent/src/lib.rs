@@ -12,7 +12,6 @@ pub mod checkpoint_machine;
 pub mod cli;
 pub mod cli_demo;
 pub mod cli_policy;
-pub mod client;
 pub mod command;
 pub mod config;
 pub mod container;
