@@ -8,6 +8,7 @@
 pub mod bandwidth;
 pub mod catalog;
 pub mod checkpoint;
+pub mod checkpoint_machine;
 pub mod cli;
 pub mod cli_demo;
 pub mod cli_policy;

@@ -142,6 +142,7 @@ impl NodeAgent {
     pub fn with_recovery(mut self, recovery: Recovery) -> Self {
         self.leftovers = recovery.leftovers;
         self.adopted = recovery.adopted;
+        self.expired_restores.extend(recovery.interrupted_restores);
         self
     }
 
@@ -249,12 +250,6 @@ impl NodeAgent {
     /// Puts the workload a checkpoint was taken of back to `before`.
     fn put_back_state_of(&mut self, record: &CheckpointRecord, before: Option<WorkloadState>) {
         self.states.put_back(WorkloadKey::of(record), before);
-    }
-
-    /// Moves the workload of a container to `state`.
-    fn set_container_state(&mut self, container_id: &str, state: WorkloadState) {
-        self.states
-            .set(WorkloadKey::Container(container_id.to_owned()), state);
     }
 
     /// Forgets the workloads that no checkpoint names and that no operation uses: their

@@ -16,6 +16,7 @@ use crate::catalog::CheckpointRecord;
 use crate::cuda::{CheckRestore, RestoreAndUnlock};
 use crate::error::AgentError;
 use crate::events::PhaseClock;
+use crate::journal::Transition;
 use crate::restore::{stage, Staged};
 use crate::workload_state::WorkloadState;
 
@@ -62,6 +63,7 @@ impl Handler<ContainerRestoreStage> for NodeAgent {
         };
         let parts = self.parts.clone();
         let job_name = name.clone();
+        let container_id = request.container_id.clone();
         Box::pin(
             async move {
                 let mut clock = PhaseClock::new(
@@ -100,7 +102,22 @@ impl Handler<ContainerRestoreStage> for NodeAgent {
                     &mut clock,
                     Urgency::Foreground,
                 );
-                match staged.await {
+                let staged = staged.await.and_then(|staged| {
+                    // Journaled before the shim may restore: an agent that dies before the
+                    // End must know a restore may have brought processes back.
+                    parts
+                        .journal
+                        .append(
+                            job_name.as_str(),
+                            Transition::RestoreStaged {
+                                container_id,
+                                images_dir: staged.dir.clone(),
+                            },
+                        )
+                        .map_err(|e| AgentError::Internal(e.to_string()))?;
+                    Ok(staged)
+                });
+                match staged {
                     Ok(staged) => Ok((record, staged, clock.phases.clone())),
                     Err(e) => {
                         clock.failed("stage", e.metric_label());
@@ -171,8 +188,20 @@ impl Handler<ContainerRestoreEnd> for NodeAgent {
                 let ShimRestore { record, staged, .. } = session;
                 if !request.restored {
                     drop(staged);
+                    parts
+                        .journal
+                        .note(&record.name, Transition::RestoreEnded { ok: false });
                     return Ok(Vec::new());
                 }
+                // Journaled before the unlock: an agent that dies first leaves the restored
+                // processes CUDA-locked, and recovery unlocks exactly these.
+                parts.journal.note(
+                    &record.name,
+                    Transition::RestoreRan {
+                        pids: request.pids.clone(),
+                    },
+                );
+                crate::checkpoint::failpoint("container_restore.before_cuda_restore")?;
                 let mut clock = PhaseClock::new(
                     &record.name,
                     "restore",
@@ -196,6 +225,10 @@ impl Handler<ContainerRestoreEnd> for NodeAgent {
                     })
                     .await;
                 drop(staged);
+                parts.journal.note(
+                    &record.name,
+                    Transition::RestoreEnded { ok: report.is_ok() },
+                );
                 match report {
                     Ok(report) => {
                         if !report.processes.is_empty() {
