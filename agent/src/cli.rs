@@ -7,9 +7,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use kybernate_proto::agent::v1 as pb;
 use serde_json::json;
 
-use crate::client;
 use crate::config::DEFAULT_SOCKET;
 use crate::workload::{self, WorkloadSpec};
+use kybernate_client as client;
 
 /// Command-line client of the Kybernate node agent.
 #[derive(Debug, Parser)]
@@ -179,7 +179,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
     if let Command::Demo { mib } = cli.command {
         return crate::cli_demo::run(&cli.socket, mib, cli.output).await;
     }
-    let mut agent = client::connect(&cli.socket).await?;
+    let mut agent = client::connect_agent(&cli.socket).await?;
     let json = cli.output == OutputFormat::Json;
     match cli.command {
         Command::Checkpoint {

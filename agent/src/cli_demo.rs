@@ -10,8 +10,8 @@ use kybernate_proto::agent::v1 as pb;
 use serde_json::json;
 
 use crate::cli::{human_bytes, phases_json, status_error, OutputFormat};
-use crate::client;
 use crate::workload::Status;
+use kybernate_client as client;
 
 /// How long the demo waits for any single thing before it gives up.
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -83,7 +83,7 @@ pub async fn run(socket: &Path, mib: usize, output: OutputFormat) -> anyhow::Res
         "Kybernate demo: checkpoint a stateful process, kill it, restore it from the NVMe tier"
             .into(),
     );
-    let (mut agent, _own_agent) = match client::connect(socket).await {
+    let (mut agent, _own_agent) = match client::connect_agent(socket).await {
         Ok(agent) => {
             say(format!(
                 "  agent      using the running agent at {}",
@@ -248,7 +248,7 @@ async fn wait_for_agent(
 {
     let deadline = Instant::now() + STEP_TIMEOUT;
     loop {
-        match client::connect(socket).await {
+        match client::connect_agent(socket).await {
             Ok(agent) => return Ok(agent),
             Err(e) if Instant::now() >= deadline => {
                 bail!(

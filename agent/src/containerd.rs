@@ -11,7 +11,7 @@ use containerd_client::services::v1::tasks_client::TasksClient;
 use containerd_client::services::v1::CheckpointTaskRequest;
 use tonic::metadata::MetadataValue;
 
-use crate::client::{source_chain, unix_channel};
+use kybernate_client::{error_chain, unix_channel};
 
 /// Default containerd socket.
 pub const DEFAULT_CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
@@ -80,7 +80,7 @@ pub async fn checkpoint_task(
     }
     let channel = unix_channel(socket)
         .await
-        .map_err(|e| fail(tonic::Code::Unavailable, source_chain(&e)))?;
+        .map_err(|e| fail(tonic::Code::Unavailable, error_chain(&e)))?;
     let namespace_value = MetadataValue::try_from(namespace).map_err(|_| {
         fail(
             tonic::Code::InvalidArgument,

@@ -270,7 +270,7 @@ fn watch_streams_phase_progress() {
 /// the meantime; or, when they never arrive, drops the checkpoint and frees the name.
 #[test]
 fn a_container_checkpoint_whose_images_follow_commits_them_later_or_drops_it() {
-    use kybernate_agent::client::connect;
+    use kybernate_client::connect_agent as connect;
     use kybernate_proto::agent::v1 as pb;
 
     let agent = TestAgent::start();

@@ -24,7 +24,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 async fn client(agent: &TestAgent) -> AgentClient<Channel> {
-    kybernate_agent::client::connect(&agent.socket)
+    kybernate_client::connect_agent(&agent.socket)
         .await
         .unwrap()
 }

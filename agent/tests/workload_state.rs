@@ -73,7 +73,7 @@ fn the_shims_begin_and_end_move_the_containers_state() {
         .build()
         .unwrap();
     let image_dir = runtime.block_on(async {
-        let mut client = kybernate_agent::client::connect(&agent.socket)
+        let mut client = kybernate_client::connect_agent(&agent.socket)
             .await
             .unwrap();
         client
@@ -98,7 +98,7 @@ fn the_shims_begin_and_end_move_the_containers_state() {
     assert!(dumped.success(), "criu dump failed");
     workload.reap_dumped();
     runtime.block_on(async {
-        let mut client = kybernate_agent::client::connect(&agent.socket)
+        let mut client = kybernate_client::connect_agent(&agent.socket)
             .await
             .unwrap();
         client

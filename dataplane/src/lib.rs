@@ -10,6 +10,7 @@ mod chunk;
 mod crypt;
 mod digest;
 mod error;
+mod image_files;
 mod local_dir;
 mod manifest;
 mod name;

@@ -6,9 +6,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use tonic::codegen::http::uri::PathAndQuery;
-use tonic::transport::{Endpoint, Uri};
 
 use crate::restart::{ContainerdProbe, ProbeOutcome};
 use crate::runtime_spec::RUNTIME_NAME;
@@ -54,17 +52,9 @@ impl CriStatusProbe {
         let timeout = self.timeout;
         runtime.block_on(async move {
             let call = async {
-                let channel = Endpoint::from_static("http://containerd.invalid")
-                    .connect_with_connector(tower::service_fn(move |_: Uri| {
-                        let socket = socket.clone();
-                        async move {
-                            tokio::net::UnixStream::connect(socket)
-                                .await
-                                .map(TokioIo::new)
-                        }
-                    }))
+                let channel = kybernate_client::unix_channel(&socket)
                     .await
-                    .map_err(|e| format!("connect: {e}"))?;
+                    .map_err(|e| format!("connect: {}", kybernate_client::error_chain(&e)))?;
                 let mut grpc = tonic::client::Grpc::new(channel);
                 grpc.ready().await.map_err(|e| format!("not ready: {e}"))?;
                 let codec = tonic_prost::ProstCodec::<StatusRequest, StatusResponse>::default();

@@ -7,10 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use hyper_util::rt::TokioIo;
 use kybernate_proto::agent::v1 as pb;
 use kybernate_proto::agent::v1::agent_client::AgentClient;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 /// A failed agent call: which phase, and why.
 #[derive(Debug, thiserror::Error)]
@@ -50,18 +49,10 @@ impl AgentLink {
                 "no such socket (is kybernate-agent running?)".into(),
             ));
         }
-        let path = socket.to_owned();
-        let endpoint = Endpoint::from_static("http://kybernate-agent.local");
-        let connect = endpoint.connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }));
-        let channel = tokio::time::timeout(timeout, connect)
+        let channel = tokio::time::timeout(timeout, kybernate_client::unix_channel(socket))
             .await
             .map_err(|_| unreachable(format!("no answer within {} ms", timeout.as_millis())))?
-            .map_err(|e| unreachable(chain(&e)))?;
+            .map_err(|e| unreachable(kybernate_client::error_chain(&e)))?;
         Ok(Self {
             client: AgentClient::new(channel),
             socket: socket.to_owned(),
@@ -155,17 +146,6 @@ impl AgentLink {
         })
         .await
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
 }
 
 /// The agent's GPU phases as the shim's checkpoint and restore call them: the seam that lets

@@ -5,9 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use hyper_util::rt::TokioIo;
 use tonic::codegen::http::uri::PathAndQuery;
-use tonic::transport::{Endpoint, Uri};
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct PodSandboxMetadata {
@@ -98,17 +96,9 @@ where
         .build()
         .unwrap();
     runtime.block_on(async move {
-        let channel = Endpoint::from_static("http://containerd.invalid")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let socket = socket.clone();
-                async move {
-                    tokio::net::UnixStream::connect(socket)
-                        .await
-                        .map(TokioIo::new)
-                }
-            }))
+        let channel = kybernate_client::unix_channel(&socket)
             .await
-            .map_err(|e| format!("connect: {e}"))?;
+            .map_err(|e| format!("connect: {}", kybernate_client::error_chain(&e)))?;
         let mut grpc = tonic::client::Grpc::new(channel);
         grpc.ready().await.map_err(|e| e.to_string())?;
         let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
