@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::crypt::{address_of, SealKey};
+use crate::crypt::{SealError, SealKey};
 
 /// Default chunk size: large enough for zstd to find redundancy and for O_DIRECT writes to
 /// run at disk speed, small enough that a changed page costs little in a second checkpoint.
@@ -186,6 +186,48 @@ impl ChunkConfig {
     }
 }
 
+/// The address of a chunk with these raw bytes: keyed under `key` for a sealed checkpoint,
+/// plain BLAKE3 without.
+pub(crate) fn address_of(key: Option<&SealKey>, raw: &[u8]) -> ChunkHash {
+    match key {
+        Some(key) => ChunkHash(key.address(raw)),
+        None => ChunkHash::of(raw),
+    }
+}
+
+/// Seals the `len` encoded bytes at the start of `buf` under `key` (appending tag and nonce)
+/// and returns the stored length; without a key the bytes stay as they are.
+pub(crate) fn seal_stored(
+    key: Option<&SealKey>,
+    hash: &ChunkHash,
+    encoding: ChunkEncoding,
+    raw_len: u32,
+    buf: &mut [u8],
+    len: usize,
+) -> usize {
+    match key {
+        Some(key) => key.seal_chunk(&hash.0, encoding.to_byte(), raw_len, buf, len),
+        None => len,
+    }
+}
+
+/// Opens the stored bytes of a chunk in place when `key` sealed them; returns the encoded
+/// bytes.
+pub(crate) fn open_stored<'a>(
+    key: Option<&SealKey>,
+    hash: &ChunkHash,
+    encoding: ChunkEncoding,
+    raw_len: u32,
+    stored: &'a mut [u8],
+) -> Result<&'a [u8], ChunkDecodeError> {
+    match key {
+        None => Ok(stored),
+        Some(key) => key
+            .open_chunk(&hash.0, encoding.to_byte(), raw_len, stored)
+            .map_err(ChunkDecodeError::Seal),
+    }
+}
+
 /// Whether every byte of `data` is zero; vectorises well, so it runs at memory speed.
 pub fn is_zero(data: &[u8]) -> bool {
     let mut words = data.chunks_exact(64);
@@ -265,7 +307,7 @@ pub enum ChunkDecodeError {
     },
     /// The sealed bytes do not open under the checkpoint's key.
     #[error("{0}")]
-    Seal(crate::crypt::SealError),
+    Seal(SealError),
     /// The decoded bytes hash to something else.
     #[error("content hash mismatch: expected {expected}, got {actual}")]
     Hash {

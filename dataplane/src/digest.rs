@@ -9,8 +9,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use crate::chunk::address_of;
 use crate::chunk::{is_zero, ChunkConfig, ChunkHash};
-use crate::crypt::{address_of, SealKey};
+use crate::crypt::SealKey;
 use crate::image_files::open_sources;
 use crate::{TierError, TierKind};
 

@@ -238,7 +238,7 @@ impl CheckpointManifest {
         // The key id is read before the MAC is checked, only to find the key.
         let mut c = Cursor(&body);
         let id_text = c.string()?;
-        let id = KeyId::new(&id_text).map_err(|e| ManifestError::Key(id_text.clone(), e))?;
+        let id = KeyId::new(&id_text).map_err(|e| ManifestError::Key(id_text.clone(), e.into()))?;
         let key = match keys {
             Some(ring) => ring.get(&id).map_err(|e| ManifestError::Key(id_text, e))?,
             None => {
@@ -588,14 +588,14 @@ mod sealed_tests {
                 mode: 0o600,
                 chunks: vec![
                     ChunkRef {
-                        hash: key.address(b"a"),
+                        hash: ChunkHash(key.address(b"a")),
                         encoding: ChunkEncoding::Raw,
                         raw_len: 4096,
                         stored_len: 4096 + 28,
                         location: ChunkLocation::Store,
                     },
                     ChunkRef {
-                        hash: key.address(b"b"),
+                        hash: ChunkHash(key.address(b"b")),
                         encoding: ChunkEncoding::Zstd,
                         raw_len: 4096,
                         stored_len: 100 + 28,

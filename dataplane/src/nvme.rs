@@ -26,8 +26,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::buffer::{AlignedBuf, BufferPool, PooledBuf};
+use crate::chunk::{address_of, open_stored};
 use crate::chunk::{ChunkConfig, ChunkEncoding, ChunkHash, IO_ALIGN};
-use crate::crypt::{open_stored, SealKey, Sealing, SEAL_OVERHEAD};
+use crate::crypt::{SealKey, SEAL_OVERHEAD};
 use crate::manifest::{
     CheckpointManifest, ChunkLocation, ChunkRef, ManifestError, MAX_MANIFEST_BYTES,
 };
@@ -36,6 +37,7 @@ use crate::pipeline::{
     drain_image_set_on, ChunkIndex, ChunkWriter, DrainStats, RunOn, StoredChunk, WriteBacklog,
 };
 use crate::restore::{restore_image_set_on, ChunkFetch};
+use crate::sealing::Sealing;
 use crate::service::StoreWrites;
 use crate::{
     ByteRate, CancelToken, CheckpointName, DataPlane, ImageDigest, IoMode, LoadReport, Pacing,
@@ -449,20 +451,10 @@ impl NvmeTier {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(io("read chunk", path, e)),
         };
-        let Ok(stored_len) = u32::try_from(stored.len()) else {
+        let Ok(encoded) = open_stored(key, hash, encoding, raw_len, &mut stored) else {
             return Ok(false);
         };
-        let chunk = ChunkRef {
-            hash: *hash,
-            encoding,
-            raw_len,
-            stored_len,
-            location: ChunkLocation::Store,
-        };
-        let Ok(encoded) = open_stored(key, &chunk, &mut stored) else {
-            return Ok(false);
-        };
-        let address = |raw: &[u8]| crate::crypt::address_of(key, raw);
+        let address = |raw: &[u8]| address_of(key, raw);
         let raw_len = usize::try_from(raw_len).expect("u32 fits usize");
         let intact = match encoding {
             ChunkEncoding::Raw => address(encoded) == *hash,

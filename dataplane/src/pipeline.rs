@@ -14,8 +14,9 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 
 use crate::buffer::{BufferPool, PooledBuf};
+use crate::chunk::{address_of, seal_stored};
 use crate::chunk::{encode_into, is_zero, store_raw, ChunkConfig, ChunkEncoding, ChunkHash};
-use crate::crypt::{address_of, SealKey};
+use crate::crypt::SealKey;
 use crate::digest::ImageDigest;
 use crate::image_files::{open_sources, SourceFile};
 use crate::manifest::{CheckpointManifest, ChunkLocation, ChunkRef, FileEntry};
@@ -213,10 +214,7 @@ fn work(
                     } else {
                         store_raw(job.data, buf.spare_mut())
                     };
-                    let n = match key {
-                        Some(key) => key.seal_chunk(&hash, encoding, raw_len, buf.spare_mut(), n),
-                        None => n,
-                    };
+                    let n = seal_stored(key, &hash, encoding, raw_len, buf.spare_mut(), n);
                     buf.set_len(n);
                     Ok((hash, Outcome::New(encoding, buf)))
                 }

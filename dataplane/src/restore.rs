@@ -15,8 +15,9 @@ use std::sync::{Arc, Mutex};
 use memmap2::MmapMut;
 
 use crate::buffer::{AlignedBuf, BufferPool};
+use crate::chunk::open_stored;
 use crate::chunk::{decode_into, verify, ChunkEncoding};
-use crate::crypt::{open_stored, SealKey};
+use crate::crypt::SealKey;
 use crate::manifest::{CheckpointManifest, ChunkRef};
 use crate::pipeline::RunOn;
 use crate::{LoadReport, TierError, TierKind};
@@ -207,8 +208,14 @@ fn restore_inner(
                                     let _permit = run_on.gate.acquire(run_on.class);
                                     let len = buf.as_slice().len();
                                     let stored = &mut buf.spare_mut()[..len];
-                                    let encoded =
-                                        open_stored(key, job.chunk, stored).map_err(corrupt)?;
+                                    let encoded = open_stored(
+                                        key,
+                                        &job.chunk.hash,
+                                        job.chunk.encoding,
+                                        job.chunk.raw_len,
+                                        stored,
+                                    )
+                                    .map_err(corrupt)?;
                                     decode_into(
                                         job.chunk.encoding,
                                         encoded,

@@ -29,8 +29,7 @@ use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
-use super::keys::KeyId;
-use crate::chunk::{ChunkEncoding, ChunkHash};
+use super::key_id::KeyId;
 
 /// Bytes a sealed chunk adds to its encoded form: the GCM tag and the nonce.
 pub const SEAL_OVERHEAD: usize = TAG_LEN + NONCE_LEN;
@@ -89,8 +88,8 @@ impl SealKey {
     }
 
     /// The address of a chunk with these raw bytes.
-    pub fn address(&self, raw: &[u8]) -> ChunkHash {
-        ChunkHash(*blake3::keyed_hash(&self.address, raw).as_bytes())
+    pub fn address(&self, raw: &[u8]) -> [u8; 32] {
+        *blake3::keyed_hash(&self.address, raw).as_bytes()
     }
 
     /// MAC of a manifest's header and body.
@@ -103,33 +102,34 @@ impl SealKey {
         *blake3::keyed_hash(&self.record, bytes).as_bytes()
     }
 
-    fn chunk_cipher(&self, address: &ChunkHash, encoding: ChunkEncoding) -> LessSafeKey {
+    fn chunk_cipher(&self, address: &[u8; 32], encoding: u8) -> LessSafeKey {
         let mut input = [0u8; 34];
         input[0] = SEAL_FORMAT;
-        input[1] = encoding.to_byte();
-        input[2..].copy_from_slice(&address.0);
+        input[1] = encoding;
+        input[2..].copy_from_slice(address);
         let key = Zeroizing::new(*blake3::keyed_hash(&self.chunk, &input).as_bytes());
         LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key[..]).expect("32-byte AES-256 key"))
     }
 
-    fn aad(&self, address: &ChunkHash, encoding: ChunkEncoding, raw_len: u32) -> Vec<u8> {
+    fn aad(&self, address: &[u8; 32], encoding: u8, raw_len: u32) -> Vec<u8> {
         let mut aad = Vec::with_capacity(48 + self.id.as_str().len());
         aad.extend_from_slice(b"KYBC");
         aad.push(SEAL_FORMAT);
         aad.push(u8::try_from(self.id.as_str().len()).expect("key ids are at most 64 bytes"));
         aad.extend_from_slice(self.id.as_str().as_bytes());
-        aad.extend_from_slice(&address.0);
-        aad.push(encoding.to_byte());
+        aad.extend_from_slice(address);
+        aad.push(encoding);
         aad.extend_from_slice(&raw_len.to_le_bytes());
         aad
     }
 
     /// Seals the `len` encoded bytes at the start of `buf` in place and appends the tag and
     /// nonce; returns the sealed length (`len + SEAL_OVERHEAD`). `buf` must have room.
+    /// `encoding` is the chunk's encoding byte in the manifest.
     pub fn seal_chunk(
         &self,
-        address: &ChunkHash,
-        encoding: ChunkEncoding,
+        address: &[u8; 32],
+        encoding: u8,
         raw_len: u32,
         buf: &mut [u8],
         len: usize,
@@ -155,8 +155,8 @@ impl SealKey {
     /// Opens a sealed chunk in place; returns the encoded bytes (a prefix of `stored`).
     pub fn open_chunk<'a>(
         &self,
-        address: &ChunkHash,
-        encoding: ChunkEncoding,
+        address: &[u8; 32],
+        encoding: u8,
         raw_len: u32,
         stored: &'a mut [u8],
     ) -> Result<&'a [u8], SealError> {
@@ -182,6 +182,9 @@ impl SealKey {
 mod tests {
     use super::*;
 
+    const RAW: u8 = 1;
+    const ZSTD: u8 = 2;
+
     fn key(id: &str, b: u8) -> SealKey {
         SealKey::derive(KeyId::new(id).unwrap(), &[b; 32])
     }
@@ -191,7 +194,7 @@ mod tests {
         let (a, b) = (key("a", 1), key("b", 2));
         assert_eq!(a.address(b"page"), a.address(b"page"));
         assert_ne!(a.address(b"page"), b.address(b"page"));
-        assert_ne!(a.address(b"page"), ChunkHash::of(b"page"));
+        assert_ne!(a.address(b"page"), *blake3::hash(b"page").as_bytes());
         assert_ne!(a.manifest_mac(b"m"), a.record_mac(b"m"));
     }
 
@@ -202,42 +205,33 @@ mod tests {
         let addr = k.address(&data);
         let mut buf = data.clone();
         buf.resize(data.len() + SEAL_OVERHEAD, 0);
-        let n = k.seal_chunk(&addr, ChunkEncoding::Raw, 29, &mut buf, data.len());
+        let n = k.seal_chunk(&addr, RAW, 29, &mut buf, data.len());
         assert_eq!(n, data.len() + SEAL_OVERHEAD);
         assert!(!buf.windows(6).any(|w| w == b"secret"));
         let sealed = buf.clone();
-        let opened = k
-            .open_chunk(&addr, ChunkEncoding::Raw, 29, &mut buf)
-            .unwrap();
+        let opened = k.open_chunk(&addr, RAW, 29, &mut buf).unwrap();
         assert_eq!(opened, &data[..]);
         for i in 0..sealed.len() {
             let mut bad = sealed.clone();
             bad[i] ^= 1;
             assert!(
-                k.open_chunk(&addr, ChunkEncoding::Raw, 29, &mut bad)
-                    .is_err(),
+                k.open_chunk(&addr, RAW, 29, &mut bad).is_err(),
                 "flip at {i}"
             );
         }
         let mut other = sealed.clone();
-        assert!(k
-            .open_chunk(&addr, ChunkEncoding::Zstd, 29, &mut other)
-            .is_err());
+        assert!(k.open_chunk(&addr, ZSTD, 29, &mut other).is_err());
         let mut other = sealed.clone();
-        assert!(k
-            .open_chunk(&addr, ChunkEncoding::Raw, 30, &mut other)
-            .is_err());
+        assert!(k.open_chunk(&addr, RAW, 30, &mut other).is_err());
         let mut other = sealed.clone();
         let err = key("k2", 9)
-            .open_chunk(&addr, ChunkEncoding::Raw, 29, &mut other)
+            .open_chunk(&addr, RAW, 29, &mut other)
             .unwrap_err();
         assert_eq!(err, SealError::Forged(KeyId::new("k2").unwrap()));
         let mut other = sealed.clone();
-        assert!(k
-            .open_chunk(&k.address(b"x"), ChunkEncoding::Raw, 29, &mut other)
-            .is_err());
+        assert!(k.open_chunk(&k.address(b"x"), RAW, 29, &mut other).is_err());
         assert_eq!(
-            k.open_chunk(&addr, ChunkEncoding::Raw, 29, &mut [0u8; 27]),
+            k.open_chunk(&addr, RAW, 29, &mut [0u8; 27]),
             Err(SealError::Short(27))
         );
     }
@@ -249,7 +243,7 @@ mod tests {
         let seal = || {
             let mut buf = b"abc".to_vec();
             buf.resize(3 + SEAL_OVERHEAD, 0);
-            k.seal_chunk(&addr, ChunkEncoding::Raw, 3, &mut buf, 3);
+            k.seal_chunk(&addr, RAW, 3, &mut buf, 3);
             buf
         };
         assert_ne!(seal(), seal());

@@ -17,43 +17,7 @@ use std::sync::Arc;
 use zeroize::Zeroizing;
 
 use super::derive::SealKey;
-
-/// Longest key id, in bytes.
-pub const MAX_KEY_ID_LEN: usize = 64;
-
-/// The id of one key: its file name, 1–64 bytes of `[A-Za-z0-9._-]`, not starting with `.`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct KeyId(String);
-
-impl KeyId {
-    /// Validates `id` (it arrives from file names and from manifests read off a store).
-    pub fn new(id: &str) -> Result<Self, KeyError> {
-        let ok = !id.is_empty()
-            && id.len() <= MAX_KEY_ID_LEN
-            && !id.starts_with('.')
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if ok {
-            Ok(Self(id.to_owned()))
-        } else {
-            Err(KeyError::BadId {
-                id: id.chars().take(MAX_KEY_ID_LEN + 8).collect(),
-            })
-        }
-    }
-
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for KeyId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+use super::key_id::KeyId;
 
 /// Why the key ring cannot be loaded or used.
 #[derive(Debug, thiserror::Error)]
@@ -87,11 +51,8 @@ pub enum KeyError {
         len: usize,
     },
     /// A key id is not a valid name.
-    #[error("invalid encryption key id {id:?}: use 1-64 letters, digits, '.', '_' or '-', not starting with '.'")]
-    BadId {
-        /// The rejected id.
-        id: String,
-    },
+    #[error(transparent)]
+    BadId(#[from] super::key_id::InvalidKeyId),
     /// A checkpoint names a key the ring does not hold.
     #[error("encryption key {id:?} is not in the key ring at {} (it holds {held}); mount the Secret that holds it", path.display())]
     Missing {
@@ -215,7 +176,7 @@ impl KeyRing {
 
     /// The ids the ring holds, oldest first.
     pub fn ids(&self) -> Vec<String> {
-        self.keys.keys().map(|k| k.0.clone()).collect()
+        self.keys.keys().map(|k| k.as_str().to_owned()).collect()
     }
 }
 

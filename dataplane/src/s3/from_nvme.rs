@@ -7,8 +7,7 @@ use super::store::{same_contents, PreparedStore};
 use super::upload::PackUpload;
 use super::{S3Tier, TIER};
 use crate::buffer::BufferPool;
-use crate::chunk::{decode_into, ChunkEncoding, ChunkHash};
-use crate::crypt::open_stored;
+use crate::chunk::{decode_into, open_stored, ChunkEncoding, ChunkHash};
 use crate::manifest::ChunkRef;
 use crate::pipeline::{ChunkIndex, ChunkWriter, DrainStats, StoredChunk};
 use crate::restore::ChunkFetch;
@@ -148,7 +147,7 @@ impl S3Tier {
             None => Ok(stored.as_slice()),
             Some(_) => {
                 sealed.extend_from_slice(stored.as_slice());
-                open_stored(key, chunk, &mut sealed)
+                open_stored(key, &chunk.hash, chunk.encoding, chunk.raw_len, &mut sealed)
             }
         };
         encoded

@@ -236,7 +236,7 @@ pub(super) fn work(
         let result = if is_zero(data) {
             Ok((ChunkHash::ZERO, Outcome::Zero))
         } else {
-            let hash = crate::crypt::address_of(shared.key, data);
+            let hash = crate::chunk::address_of(shared.key, data);
             index.lookup(&hash, raw_len).map(|known| match known {
                 Some(stored) => (hash, Outcome::Known(stored)),
                 None => {
@@ -248,10 +248,14 @@ pub(super) fn work(
                     } else {
                         store_raw(data, buf.spare_mut())
                     };
-                    let n = match shared.key {
-                        Some(key) => key.seal_chunk(&hash, encoding, raw_len, buf.spare_mut(), n),
-                        None => n,
-                    };
+                    let n = crate::chunk::seal_stored(
+                        shared.key,
+                        &hash,
+                        encoding,
+                        raw_len,
+                        buf.spare_mut(),
+                        n,
+                    );
                     buf.set_len(n);
                     (hash, Outcome::New(encoding, buf))
                 }

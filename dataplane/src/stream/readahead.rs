@@ -224,8 +224,14 @@ fn decode(
         tier.fetch(manifest, &entry.name, index, chunk, stored)?;
         let _permit = gate.acquire(WorkClass::Foreground);
         let len = stored.as_slice().len();
-        let encoded = crate::crypt::open_stored(key, chunk, &mut stored.spare_mut()[..len])
-            .map_err(|e| corrupt(e.to_string()))?;
+        let encoded = crate::chunk::open_stored(
+            key,
+            &chunk.hash,
+            chunk.encoding,
+            chunk.raw_len,
+            &mut stored.spare_mut()[..len],
+        )
+        .map_err(|e| corrupt(e.to_string()))?;
         decode_into(
             chunk.encoding,
             encoded,
