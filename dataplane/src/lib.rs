@@ -17,6 +17,7 @@ mod name;
 mod nvme;
 mod nvme_index;
 mod pipeline;
+mod record_seal;
 mod restore;
 mod s3;
 mod sealing;
@@ -40,6 +41,7 @@ pub use manifest::{
 pub use name::{CheckpointName, InvalidName};
 pub use nvme::NvmeTier;
 pub use pipeline::DrainStats;
+pub use record_seal::{open_record, seal_record, RecordSealError, RECORD_MAGIC};
 pub use s3::{
     GcReport, LeaseInfo, S3Config, S3Tier, Secret, UnfinishedUpload, MAX_PARTS, MIN_PART_SIZE,
 };

@@ -437,3 +437,48 @@ fn s3_round_trip_demotion_and_tampering_with_encryption_on() {
         .to_string();
     assert!(msg.contains("unencrypted"), "{msg}");
 }
+
+#[test]
+fn s3_records_are_authenticated_and_bound_to_their_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = S3Server::start(&tmp.path().join("s3"));
+    let keys = key_dir(tmp.path(), &[("k1", 1)]);
+    let sealed =
+        S3Tier::connect_sealed(s3_config(&server), config(), Sealing::sealed(ring(&keys))).unwrap();
+    let record = br#"{"name":"cp","origin":{"namespace":"tenant-a"}}"#;
+    sealed.put_record(&name("cp"), record).unwrap();
+    assert_eq!(sealed.get_record(&name("cp")).unwrap().unwrap(), record);
+    let object = server.root.join(BUCKET).join("node-a/records/cp.json");
+    let good = fs::read(&object).unwrap();
+    assert!(good.starts_with(&kybernate_dataplane::RECORD_MAGIC));
+
+    // A changed namespace is caught and named.
+    let mut bad = good.clone();
+    let at = bad.len() - 4;
+    bad[at] ^= 0x01;
+    fs::write(&object, &bad).unwrap();
+    let msg = sealed.get_record(&name("cp")).unwrap_err().to_string();
+    assert!(
+        msg.contains("checkpoint cp")
+            && msg.contains("record")
+            && msg.contains("authentication failed"),
+        "{msg}"
+    );
+    // Another checkpoint's record copied under this name is caught too.
+    sealed.put_record(&name("cp-b"), record).unwrap();
+    fs::copy(
+        server.root.join(BUCKET).join("node-a/records/cp-b.json"),
+        &object,
+    )
+    .unwrap();
+    assert!(sealed.get_record(&name("cp")).is_err());
+    // A forged plain record is refused.
+    fs::write(&object, record).unwrap();
+    let err = sealed.get_record(&name("cp")).unwrap_err();
+    assert!(matches!(err, TierError::Sealing { .. }), "{err}");
+    // A node without the key says which key the record needs.
+    fs::write(&object, &good).unwrap();
+    let keyless = S3Tier::connect(s3_config(&server), config()).unwrap();
+    let msg = keyless.get_record(&name("cp")).unwrap_err().to_string();
+    assert!(msg.contains("\"k1\""), "{msg}");
+}

@@ -22,7 +22,7 @@ pub use probe::{IoBackend, IoMode};
 pub(crate) use writer::StoreWrites;
 
 use crate::buffer::BufferPool;
-use crate::chunk::ChunkConfig;
+use crate::chunk::{ChunkConfig, IO_ALIGN};
 use crate::{TierError, TierKind};
 
 /// Environment variable that overrides `[dataplane] io` (`auto`, `uring` or `pread`), for
@@ -101,8 +101,14 @@ impl DataPlane {
     /// (for `kybernatectl config show` on a config not yet in force).
     pub fn pinned_pool_bytes_for(chunk: &ChunkConfig) -> u64 {
         let workers = chunk.worker_count();
-        let buffers = workers * 4 + WRITE_BUFFERS + STAGING_BUFFERS;
-        u64::try_from(chunk.chunk_size.saturating_mul(buffers)).unwrap_or(u64::MAX)
+        let encoded = workers * 2 + WRITE_BUFFERS;
+        let staging = workers * 2 + STAGING_BUFFERS;
+        // Encoded chunks may carry a sealed chunk's tag and nonce: one more page each.
+        let encoded_len = (chunk.chunk_size + crate::SEAL_OVERHEAD).div_ceil(IO_ALIGN) * IO_ALIGN;
+        let bytes = encoded_len
+            .saturating_mul(encoded)
+            .saturating_add(chunk.chunk_size.saturating_mul(staging));
+        u64::try_from(bytes).unwrap_or(u64::MAX)
     }
 
     pub(crate) fn pool(&self) -> &BufferPool {
