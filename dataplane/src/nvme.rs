@@ -800,6 +800,30 @@ impl ChunkFetch for NvmeTier {
         read_chunk(&f, &path, dest, len)?;
         Ok(true)
     }
+
+    fn fetch_sealed_raw_into(
+        &self,
+        manifest: &CheckpointManifest,
+        file: &str,
+        index: usize,
+        chunk: &ChunkRef,
+        dest: &mut [u8],
+        trailer: &mut [u8; SEAL_OVERHEAD],
+    ) -> Result<bool, TierError> {
+        use std::os::unix::fs::FileExt;
+        let len = usize::try_from(chunk.stored_len).expect("u32 fits usize");
+        if len != dest.len() + SEAL_OVERHEAD {
+            // The general path reports the mismatch.
+            return Ok(false);
+        }
+        let (f, path) = self.open_chunk(manifest, file, index, chunk)?;
+        read_chunk(&f, &path, dest, dest.len())?;
+        let at = u64::try_from(dest.len()).expect("fits");
+        File::open(&path)
+            .and_then(|plain| plain.read_exact_at(trailer, at))
+            .map_err(|e| io("read chunk", &path, e))?;
+        Ok(true)
+    }
 }
 
 impl Tier for NvmeTier {
