@@ -27,7 +27,6 @@ use crate::error::AgentError;
 use crate::events::PhaseClock;
 use crate::journal::DumpIntent;
 use crate::process;
-use crate::tenancy::Origin;
 use crate::workload_state::WorkloadKey;
 
 /// A container checkpoint between Begin and End.
