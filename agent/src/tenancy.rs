@@ -16,7 +16,7 @@
 //! origin is missing or malformed is refused rather than treated as anyone's.
 
 use kube::runtime::reflector::Store;
-use kybernate_controller::crd::{is_namespace_name, GpuCheckpointGrant, GrantedOrigin};
+use kybernate_api::{is_namespace_name, GpuCheckpointGrant, GrantedOrigin};
 use kybernate_proto::agent::v1 as pb;
 use serde::{Deserialize, Serialize};
 
@@ -231,7 +231,7 @@ mod tests {
     /// Grants as the node worker's watch would hold them.
     fn watched(grants: &[(&str, Option<&str>, &[&str])]) -> Grants {
         use kube::runtime::{reflector, watcher};
-        use kybernate_controller::crd::{GpuCheckpointGrantSpec, GrantSource, GrantTarget};
+        use kybernate_api::{GpuCheckpointGrantSpec, GrantSource, GrantTarget};
         let (store, mut writer) = reflector::store();
         for (name, from, to) in grants {
             let spec = GpuCheckpointGrantSpec {

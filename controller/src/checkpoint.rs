@@ -12,13 +12,13 @@ use kube::runtime::finalizer::{finalizer, Event};
 use kube::ResourceExt;
 
 use crate::context::Context;
-use crate::crd::apply::{self, CONTROLLER_MANAGER};
-use crate::crd::{
+use crate::error::{finalizer_err, kube_err, Error};
+use kybernate_api::apply::{self, CONTROLLER_MANAGER};
+use kybernate_api::{
     CheckpointPhase, Condition, GpuCheckpoint, GpuCheckpointStatus, GpuRestore, GpuWorkload,
     TargetContainer, ARTIFACTS_FINALIZER, FAILED_CONDITION, NODE_LABEL, REFERENCED_FINALIZER,
     RUNTIME_CLASS,
 };
-use crate::error::{finalizer_err, kube_err, Error};
 
 const KIND: &str = "GpuCheckpoint";
 /// How often a running checkpoint is looked at even without changes (node loss, timeout),

@@ -12,13 +12,13 @@ use kube::runtime::controller::Action;
 use kube::ResourceExt;
 
 use crate::context::Context;
-use crate::crd::apply::{self, CONTROLLER_MANAGER};
-use crate::crd::{
+use crate::error::{kube_err, Error};
+use crate::pod::{local_node, owner_ref, RestoredPod};
+use kybernate_api::apply::{self, CONTROLLER_MANAGER};
+use kybernate_api::{
     CheckpointPhase, Condition, GpuCheckpoint, GpuRestore, GpuRestoreStatus, PhaseDuration,
     RestorePhase, FAILED_CONDITION, HOSTNAME_LABEL, NODE_LABEL,
 };
-use crate::error::{kube_err, Error};
-use crate::pod::{local_node, owner_ref, RestoredPod};
 
 const KIND: &str = "GpuRestore";
 const POLL: Duration = Duration::from_secs(5);

@@ -9,9 +9,10 @@ use anyhow::{bail, Context};
 use kybernate_proto::agent::v1 as pb;
 use serde_json::json;
 
-use crate::cli::{human_bytes, phases_json, status_error, OutputFormat};
-use crate::workload::Status;
+use crate::args::OutputFormat;
+use crate::output::{human_bytes, phases_json, status_error};
 use kybernate_client as client;
+use kybernate_sample_workload::Status;
 
 /// How long the demo waits for any single thing before it gives up.
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);

@@ -5,7 +5,8 @@ use kybernate_proto::agent::v1::agent_client::AgentClient;
 use serde_json::json;
 use tonic::transport::Channel;
 
-use crate::cli::{human_bytes, phases_json, status_error, Command, ConfigCommand};
+use crate::args::{Command, ConfigCommand};
+use crate::output::{human_bytes, phases_json, status_error};
 
 /// Runs one of the policy commands against `agent`.
 pub async fn run(
