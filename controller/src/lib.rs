@@ -17,6 +17,7 @@ pub mod pod;
 pub mod restore;
 pub mod run;
 pub mod schedule;
+pub mod status;
 pub mod workload;
 
 #[cfg(test)]

@@ -4,8 +4,8 @@ use kybernate_proto::agent::v1 as pb;
 
 use crate::args::{Cli, Command, OutputFormat};
 use crate::output::{
-    info_json, phases_json, phases_text, print_checkpoint, print_info, print_list, print_restore,
-    status_error,
+    answer, info_json, phases_json, phases_text, print_checkpoint, print_info, print_list,
+    print_restore, status_error,
 };
 use kybernate_client as client;
 use kybernate_sample_workload::{self as workload, WorkloadSpec};
@@ -49,54 +49,41 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             timeout_ms,
             tier,
         } => {
-            let reply = agent
-                .checkpoint(pb::CheckpointRequest {
-                    name: name.unwrap_or_default(),
-                    pid: pid.unwrap_or_default(),
-                    containerd_namespace: if container.is_some() {
-                        namespace
-                    } else {
-                        String::new()
-                    },
-                    container_id: container.unwrap_or_default(),
-                    leave_running,
-                    timeout_ms: timeout_ms.unwrap_or(0),
-                    tier: tier.unwrap_or_default(),
-                    ..Default::default()
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let reply = answer(agent.checkpoint(pb::CheckpointRequest {
+                name: name.unwrap_or_default(),
+                pid: pid.unwrap_or_default(),
+                containerd_namespace: if container.is_some() {
+                    namespace
+                } else {
+                    String::new()
+                },
+                container_id: container.unwrap_or_default(),
+                leave_running,
+                timeout_ms: timeout_ms.unwrap_or(0),
+                tier: tier.unwrap_or_default(),
+                ..Default::default()
+            }))
+            .await?;
             print_checkpoint(&reply, json);
         }
         Command::Restore { name, from } => {
-            let reply = agent
-                .restore(pb::RestoreRequest {
-                    checkpoint_ref: name,
-                    from_tier: from.unwrap_or_default(),
-                    ..Default::default()
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let reply = answer(agent.restore(pb::RestoreRequest {
+                checkpoint_ref: name,
+                from_tier: from.unwrap_or_default(),
+                ..Default::default()
+            }))
+            .await?;
             print_restore(&reply, json);
         }
         Command::List => {
-            let reply = agent
-                .list(pb::ListRequest {})
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let reply = answer(agent.list(pb::ListRequest {})).await?;
             print_list(&reply.checkpoints, json);
         }
         Command::Inspect { name } => {
-            let info = agent
-                .inspect(pb::InspectRequest {
-                    checkpoint_ref: name,
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let info = answer(agent.inspect(pb::InspectRequest {
+                checkpoint_ref: name,
+            }))
+            .await?;
             if json {
                 println!("{}", info_json(&info));
             } else {
@@ -104,14 +91,11 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Prefetch { name, to } => {
-            let reply = agent
-                .prefetch(pb::PrefetchRequest {
-                    checkpoint_ref: name.clone(),
-                    to_tier: to.clone(),
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let reply = answer(agent.prefetch(pb::PrefetchRequest {
+                checkpoint_ref: name.clone(),
+                to_tier: to.clone(),
+            }))
+            .await?;
             if json {
                 println!(
                     "{}",
@@ -128,13 +112,10 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Delete { name } => {
-            let reply = agent
-                .delete(pb::DeleteRequest {
-                    checkpoint_ref: name.clone(),
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let reply = answer(agent.delete(pb::DeleteRequest {
+                checkpoint_ref: name.clone(),
+            }))
+            .await?;
             if json {
                 println!(
                     "{}",
@@ -145,13 +126,10 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Watch { name } => {
-            let mut stream = agent
-                .watch_events(pb::WatchEventsRequest {
-                    checkpoint_ref: name.unwrap_or_default(),
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let mut stream = answer(agent.watch_events(pb::WatchEventsRequest {
+                checkpoint_ref: name.unwrap_or_default(),
+            }))
+            .await?;
             while let Some(event) = stream.message().await.map_err(status_error)? {
                 if json {
                     println!(

@@ -5,6 +5,15 @@ use std::collections::BTreeMap;
 use kybernate_proto::agent::v1 as pb;
 use serde_json::json;
 
+/// The agent's reply to `call`, or its error as [`status_error`] words it.
+pub async fn answer<T>(
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> anyhow::Result<T> {
+    call.await
+        .map(tonic::Response::into_inner)
+        .map_err(status_error)
+}
+
 /// The agent's message, without gRPC framing; or, when the connection broke before the
 /// agent answered, what that means and what to run next.
 pub fn status_error(status: tonic::Status) -> anyhow::Error {
