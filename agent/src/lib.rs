@@ -47,6 +47,7 @@ pub mod tenancy;
 pub mod tiers;
 pub mod workload;
 pub mod workload_state;
+pub mod workloads;
 
 /// Sets up structured logging on stderr; `KYBERNATE_LOG` sets the filter (default `info`).
 pub fn init_logging(json: bool) {

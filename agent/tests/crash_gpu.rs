@@ -196,7 +196,7 @@ fn agent_killed_before_unlocking_a_shim_restore_unlocks_its_processes_after_rest
                 .build()
                 .unwrap();
             runtime.block_on(async {
-                let mut client = kybernate_agent::client::connect(&agent.socket)
+                let mut client = kybernate_client::connect_agent(&agent.socket)
                     .await
                     .unwrap();
                 let staged = client
