@@ -39,6 +39,7 @@ pub mod private_dirs;
 pub mod process;
 pub mod recovery;
 pub mod reload;
+pub mod request_check;
 pub mod restore;
 pub mod shared_records;
 pub mod socket_access;

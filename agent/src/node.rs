@@ -20,6 +20,7 @@ use crate::journal::Transition;
 use crate::node_parts::NodeParts;
 use crate::pins::Pins;
 use crate::recovery::{Leftover, Recovery};
+use crate::request_check;
 use crate::tiers::{self, Remove, UsedBytes};
 use crate::workloads::Workloads;
 
@@ -31,6 +32,7 @@ mod container_restore;
 mod containerd_checkpoint;
 mod lease_expiry;
 mod policy;
+mod restore_admission;
 mod shared;
 mod shim_lease;
 pub use config_reload::{
@@ -39,6 +41,7 @@ pub use config_reload::{
 pub use container_checkpoint::{ContainerCheckpointBegin, ContainerCheckpointEnd};
 pub use container_restore::{ContainerRestoreEnd, ContainerRestoreStage};
 pub use policy::{Pin, TierStatus, Unpin};
+pub use restore_admission::{CheckRestoreInto, RefusedRestore, SubscribeRefusals, UseGrants};
 pub use shim_lease::{CheckpointLeaseExpired, Lease, RestoreLeaseExpired};
 
 /// The node agent.
@@ -76,6 +79,10 @@ pub struct NodeAgent {
     awaited_containers: HashMap<String, containerd_checkpoint::AwaitedCheckpoint>,
     /// Rejected config changes, for the node worker to report as Kubernetes Events.
     config_rejections: tokio::sync::broadcast::Sender<String>,
+    /// The GpuCheckpointGrants in force (none without an API server).
+    grants: crate::tenancy::Grants,
+    /// Refused restores into pods, for the node worker to report as Kubernetes Events.
+    refusals: tokio::sync::broadcast::Sender<restore_admission::RefusedRestore>,
     /// What start-up recovery kept that is no checkpoint (incomplete dumps, quarantine):
     /// listed, holding its name, removed on delete.
     leftovers: Vec<Leftover>,
@@ -122,6 +129,8 @@ impl NodeAgent {
             expired_restores: HashSet::new(),
             awaited_containers: HashMap::new(),
             config_rejections: tokio::sync::broadcast::channel(16).0,
+            grants: crate::tenancy::Grants::none(),
+            refusals: tokio::sync::broadcast::channel(16).0,
             leftovers: Vec::new(),
             adopted: Vec::new(),
         }
@@ -220,12 +229,7 @@ impl NodeAgent {
     /// The slowest tier a checkpoint asks for (`tier`, NVMe when empty); it must be one of
     /// this agent's.
     fn requested_tier(&self, tier: &str) -> Result<TierKind, AgentError> {
-        let until = match tier {
-            "" => TierKind::Nvme,
-            tier => TierKind::parse(tier).ok_or_else(|| {
-                AgentError::InvalidRequest(format!("unknown tier {tier:?}: use ram, nvme or s3"))
-            })?,
-        };
+        let until = request_check::slowest_tier(tier)?;
         if self.parts.tiers.get(until).is_none() {
             return Err(AgentError::InvalidRequest(format!(
                 "this agent has no {until} tier (tiers: {})",
@@ -237,10 +241,9 @@ impl NodeAgent {
 
     fn checkpoint_job(&self, req: pb::CheckpointRequest) -> Result<CheckpointJob, AgentError> {
         let until = self.requested_tier(&req.tier)?;
-        let name = if req.name.is_empty() {
-            generated_name(req.pid)
-        } else {
-            CheckpointName::new(&req.name)?
+        let name = match request_check::requested_name(&req.name)? {
+            Some(name) => name,
+            None => generated_name(req.pid),
         };
         self.ensure_name_unused(&name)?;
         Ok(CheckpointJob {
@@ -260,7 +263,7 @@ impl NodeAgent {
         &self,
         checkpoint_ref: &str,
     ) -> Result<(CheckpointName, CheckpointRecord), AgentError> {
-        let name = CheckpointName::new(checkpoint_ref)?;
+        let name = request_check::checkpoint_ref(checkpoint_ref)?;
         let record = self
             .catalog
             .get(&name)
@@ -526,12 +529,7 @@ impl Handler<Restore> for NodeAgent {
         if let Some(name) = self.unknown_but_shared(&msg.0.checkpoint_ref) {
             return self.adopt_then(name, msg, ctx);
         }
-        let from = match msg.0.from_tier.as_str() {
-            "" => Ok(None),
-            tier => TierKind::parse(tier).map(Some).ok_or_else(|| {
-                AgentError::InvalidRequest(format!("unknown tier {tier:?}: use ram, nvme or s3"))
-            }),
-        };
+        let from = request_check::source_tier(&msg.0.from_tier);
         let prepared = from.and_then(|from| {
             let (name, record) = self.record(&msg.0.checkpoint_ref)?;
             self.reserve(&name)?;
@@ -762,18 +760,11 @@ impl Handler<Prefetch> for NodeAgent {
         if let Some(name) = self.unknown_but_shared(&msg.0.checkpoint_ref) {
             return self.adopt_then(name, msg, ctx);
         }
-        let prepared = TierKind::parse(&msg.0.to_tier)
-            .ok_or_else(|| {
-                AgentError::InvalidRequest(format!(
-                    "unknown tier {:?}: use ram or nvme",
-                    msg.0.to_tier
-                ))
-            })
-            .and_then(|to| {
-                let (name, record) = self.record(&msg.0.checkpoint_ref)?;
-                self.reserve(&name)?;
-                Ok((name, record, to))
-            });
+        let prepared = request_check::prefetch_tier(&msg.0.to_tier).and_then(|to| {
+            let (name, record) = self.record(&msg.0.checkpoint_ref)?;
+            self.reserve(&name)?;
+            Ok((name, record, to))
+        });
         let (name, record, to) = match prepared {
             Ok(p) => p,
             Err(e) => return Box::pin(actix::fut::ready(Err(e))),

@@ -42,6 +42,7 @@ fn start(version: Version) -> Node {
         NodeOptions {
             agent_config: format!("[timeouts]\nshim_lease_ms = {LEASE_MS}\n"),
             containerd_env: vec![("KYBERNATE_FAILPOINTS".into(), failpoints())],
+            ..NodeOptions::default()
         },
     )
 }

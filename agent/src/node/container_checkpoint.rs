@@ -27,7 +27,6 @@ use crate::error::AgentError;
 use crate::events::PhaseClock;
 use crate::journal::DumpIntent;
 use crate::process;
-use crate::tenancy::Origin;
 use crate::workload_state::WorkloadKey;
 
 /// A container checkpoint between Begin and End.
@@ -84,23 +83,13 @@ impl Handler<ContainerCheckpointBegin> for NodeAgent {
     fn handle(&mut self, msg: ContainerCheckpointBegin, _: &mut Self::Context) -> Self::Result {
         let request = msg.0;
         let prepared = (|| {
-            if request.container_id.is_empty() || request.pids.is_empty() {
-                return Err(AgentError::InvalidRequest(
-                    "a container checkpoint needs the container id and its pids".into(),
-                ));
-            }
-            let origin = Origin::of_container(request.pod.as_ref()).map_err(|e| {
-                AgentError::InvalidRequest(format!(
-                    "container {}: the pod named by its CRI annotations is malformed: {e}",
-                    request.container_id
-                ))
-            })?;
+            let (asked, origin) = crate::request_check::container_checkpoint_begin(&request)?;
             let awaited = self.awaited_containers.get(&request.container_id);
-            let (name, until) = match (request.name.is_empty(), awaited) {
+            let (name, until) = match (asked, awaited) {
                 // This agent asked containerd for the checkpoint and promised its caller a name.
-                (true, Some(awaited)) => (awaited.name.clone(), awaited.until),
-                (true, None) => (container_name(&request.container_id)?, TierKind::Ram),
-                (false, _) => (CheckpointName::new(&request.name)?, TierKind::Ram),
+                (None, Some(awaited)) => (awaited.name.clone(), awaited.until),
+                (None, None) => (container_name(&request.container_id)?, TierKind::Ram),
+                (Some(name), _) => (name, TierKind::Ram),
             };
             self.ensure_name_unused(&name)?;
             self.reserve(&name)?;
@@ -214,9 +203,8 @@ impl Handler<ContainerCheckpointEnd> for NodeAgent {
 
     fn handle(&mut self, msg: ContainerCheckpointEnd, _: &mut Self::Context) -> Self::Result {
         let request = msg.0;
-        let found = CheckpointName::new(&request.checkpoint_ref)
-            .map_err(AgentError::from)
-            .and_then(|name| {
+        let found =
+            crate::request_check::checkpoint_ref(&request.checkpoint_ref).and_then(|name| {
                 self.shim_checkpoints
                     .remove(&name)
                     .map(|session| (name.clone(), session))

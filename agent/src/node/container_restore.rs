@@ -6,7 +6,7 @@
 //! restored processes, which would otherwise stay CUDA-locked.
 
 use actix::prelude::*;
-use kybernate_dataplane::{CheckpointName, TierKind};
+use kybernate_dataplane::CheckpointName;
 use kybernate_proto::agent::v1 as pb;
 
 use super::shim_lease::{Lease, RestoreLeaseExpired};
@@ -19,7 +19,6 @@ use crate::error::AgentError;
 use crate::events::PhaseClock;
 use crate::journal::Transition;
 use crate::restore::{stage, Staged};
-use crate::tenancy::check_restore;
 use crate::workload_state::WorkloadState;
 
 /// A container restore between Stage and End.
@@ -51,23 +50,11 @@ impl Handler<ContainerRestoreStage> for NodeAgent {
             return self.adopt_then(name, msg, ctx);
         }
         let request = msg.0;
-        let from = match request.from_tier.as_str() {
-            "" => Ok(None),
-            tier => TierKind::parse(tier).map(Some).ok_or_else(|| {
-                AgentError::InvalidRequest(format!("unknown tier {tier:?}: use ram, nvme or s3"))
-            }),
-        };
+        let from = crate::request_check::source_tier(&request.from_tier);
         let prepared = from.and_then(|from| {
             let (name, record) = self.record(&request.checkpoint_ref)?;
-            check_restore(name.as_str(), &record.origin, request.target.as_ref()).inspect_err(
-                |refused| {
-                    self.parts
-                        .metrics
-                        .failure("restore", "tenancy", "refused_tenant");
-                    tracing::warn!(checkpoint = %name, container = %request.container_id,
-                        %refused, "refused a container restore across tenants");
-                },
-            )?;
+            let target = request.target.as_ref();
+            self.admit_restore(&name, &record, target.map(|p| p.namespace.as_str()), target)?;
             self.reserve(&name)?;
             Ok((name, record, from))
         });

@@ -3,11 +3,13 @@
 pub mod apply;
 mod checkpoint;
 mod common;
+mod grant;
 mod restore;
 mod workload;
 
 pub use checkpoint::*;
 pub use common::*;
+pub use grant::*;
 pub use restore::*;
 pub use workload::*;
 
@@ -18,6 +20,7 @@ use kube::CustomResourceExt;
 pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![
         ("gpucheckpoints.yaml", GpuCheckpoint::crd()),
+        ("gpucheckpointgrants.yaml", GpuCheckpointGrant::crd()),
         ("gpurestores.yaml", GpuRestore::crd()),
         ("gpuworkloads.yaml", GpuWorkload::crd()),
     ]

@@ -114,3 +114,39 @@ fn conditions_are_a_list_map_keyed_by_type_so_two_writers_merge() {
         );
     }
 }
+
+#[test]
+fn grants_are_cluster_scoped_and_refuse_malformed_namespaces() {
+    use kube::CustomResourceExt;
+    let def = crd::GpuCheckpointGrant::crd();
+    let v = serde_json::to_value(&def).unwrap();
+    assert_eq!(
+        v["spec"]["scope"], "Cluster",
+        "tenants must not grant themselves"
+    );
+    let spec = &schema(&def)["properties"]["spec"];
+    let required: Vec<String> = serde_json::from_value(spec["required"].clone()).unwrap();
+    assert!(required.contains(&"from".into()) && required.contains(&"to".into()));
+    let from = &spec["properties"]["from"];
+    let rules = serde_json::to_string(&from["x-kubernetes-validations"]).unwrap();
+    assert!(
+        rules.contains("has(self.__namespace__)") && rules.contains("nodeLocal"),
+        "{rules}"
+    );
+    let namespace = &from["properties"]["namespace"];
+    let targets = &spec["properties"]["to"]["properties"]["namespaces"];
+    assert_eq!(targets["minItems"], 1, "{targets}");
+    for field in [namespace, &targets["items"]] {
+        assert_eq!(field["maxLength"], 63, "{field}");
+        assert_eq!(
+            field["pattern"], "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+            "an RFC 1123 label, as namespaces are"
+        );
+    }
+    for good in ["a", "tenant-a", "x1"] {
+        assert!(crd::is_namespace_name(good), "{good}");
+    }
+    for bad in ["", "-a", "a-", "Tenant", "a_b", "a.b"] {
+        assert!(!crd::is_namespace_name(bad), "{bad:?} must be refused");
+    }
+}
