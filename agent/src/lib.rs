@@ -45,6 +45,7 @@ pub mod streaming;
 pub mod tenancy;
 pub mod tiers;
 pub mod workload_state;
+pub mod workloads;
 
 /// Sets up structured logging on stderr; `KYBERNATE_LOG` sets the filter (default `info`).
 pub fn init_logging(json: bool) {
