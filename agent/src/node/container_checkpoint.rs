@@ -532,7 +532,8 @@ pub(super) async fn finish(
         took_ms = crate::events::millis(session.began.elapsed()), "container checkpoint stored");
     let request = session.request;
     // Validated at Begin; node-local, the strictest origin, if it were not.
-    let origin = Origin::of_container(request.pod.as_ref()).unwrap_or_default();
+    let mut origin = Origin::of_container(request.pod.as_ref()).unwrap_or_default();
+    parts.pods.complete(&mut origin);
     let record = CheckpointRecord {
         name: name.to_string(),
         pid: request.pids.first().copied().unwrap_or_default(),
