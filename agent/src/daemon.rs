@@ -232,6 +232,8 @@ async fn serve(
         discarded = recovery.discarded.len(),
         kept = recovery.leftovers.len(),
         restores_cleaned = recovery.killed_restores.len(),
+        restores_unlocked = recovery.unlocked_restores.len(),
+        restores_interrupted = recovery.interrupted_restores.len(),
         damaged_journal_lines = recovery.damaged_lines,
         millis = started.elapsed().as_millis(),
         ram = %config.ram_tier_path().display(),

@@ -8,6 +8,7 @@
 pub mod bandwidth;
 pub mod catalog;
 pub mod checkpoint;
+pub mod checkpoint_machine;
 pub mod cli;
 pub mod cli_demo;
 pub mod cli_policy;
@@ -38,6 +39,7 @@ pub mod private_dirs;
 pub mod process;
 pub mod recovery;
 pub mod reload;
+pub mod request_check;
 pub mod restore;
 pub mod shared_records;
 pub mod socket_access;

@@ -18,6 +18,7 @@ use crate::journal::Transition;
 use crate::node_parts::NodeParts;
 use crate::pins::Pins;
 use crate::recovery::{Leftover, Recovery};
+use crate::request_check;
 use crate::tiers::{self, Remove, UsedBytes};
 use crate::workload_state::{WorkloadKey, WorkloadState, WorkloadStates};
 
@@ -143,6 +144,7 @@ impl NodeAgent {
     pub fn with_recovery(mut self, recovery: Recovery) -> Self {
         self.leftovers = recovery.leftovers;
         self.adopted = recovery.adopted;
+        self.expired_restores.extend(recovery.interrupted_restores);
         self
     }
 
@@ -252,12 +254,6 @@ impl NodeAgent {
         self.states.put_back(WorkloadKey::of(record), before);
     }
 
-    /// Moves the workload of a container to `state`.
-    fn set_container_state(&mut self, container_id: &str, state: WorkloadState) {
-        self.states
-            .set(WorkloadKey::Container(container_id.to_owned()), state);
-    }
-
     /// Forgets the workloads that no checkpoint names and that no operation uses: their
     /// actors stop once their last message is answered.
     fn evict_idle_workloads(&mut self) {
@@ -284,12 +280,7 @@ impl NodeAgent {
     /// The slowest tier a checkpoint asks for (`tier`, NVMe when empty); it must be one of
     /// this agent's.
     fn requested_tier(&self, tier: &str) -> Result<TierKind, AgentError> {
-        let until = match tier {
-            "" => TierKind::Nvme,
-            tier => TierKind::parse(tier).ok_or_else(|| {
-                AgentError::InvalidRequest(format!("unknown tier {tier:?}: use ram, nvme or s3"))
-            })?,
-        };
+        let until = request_check::slowest_tier(tier)?;
         if self.parts.tiers.get(until).is_none() {
             return Err(AgentError::InvalidRequest(format!(
                 "this agent has no {until} tier (tiers: {})",
@@ -301,10 +292,9 @@ impl NodeAgent {
 
     fn checkpoint_job(&self, req: pb::CheckpointRequest) -> Result<CheckpointJob, AgentError> {
         let until = self.requested_tier(&req.tier)?;
-        let name = if req.name.is_empty() {
-            generated_name(req.pid)
-        } else {
-            CheckpointName::new(&req.name)?
+        let name = match request_check::requested_name(&req.name)? {
+            Some(name) => name,
+            None => generated_name(req.pid),
         };
         self.ensure_name_unused(&name)?;
         Ok(CheckpointJob {
@@ -324,7 +314,7 @@ impl NodeAgent {
         &self,
         checkpoint_ref: &str,
     ) -> Result<(CheckpointName, CheckpointRecord), AgentError> {
-        let name = CheckpointName::new(checkpoint_ref)?;
+        let name = request_check::checkpoint_ref(checkpoint_ref)?;
         let record = self
             .catalog
             .get(&name)
@@ -590,12 +580,7 @@ impl Handler<Restore> for NodeAgent {
         if let Some(name) = self.unknown_but_shared(&msg.0.checkpoint_ref) {
             return self.adopt_then(name, msg, ctx);
         }
-        let from = match msg.0.from_tier.as_str() {
-            "" => Ok(None),
-            tier => TierKind::parse(tier).map(Some).ok_or_else(|| {
-                AgentError::InvalidRequest(format!("unknown tier {tier:?}: use ram, nvme or s3"))
-            }),
-        };
+        let from = request_check::source_tier(&msg.0.from_tier);
         let prepared = from.and_then(|from| {
             let (name, record) = self.record(&msg.0.checkpoint_ref)?;
             self.reserve(&name)?;
@@ -826,18 +811,11 @@ impl Handler<Prefetch> for NodeAgent {
         if let Some(name) = self.unknown_but_shared(&msg.0.checkpoint_ref) {
             return self.adopt_then(name, msg, ctx);
         }
-        let prepared = TierKind::parse(&msg.0.to_tier)
-            .ok_or_else(|| {
-                AgentError::InvalidRequest(format!(
-                    "unknown tier {:?}: use ram or nvme",
-                    msg.0.to_tier
-                ))
-            })
-            .and_then(|to| {
-                let (name, record) = self.record(&msg.0.checkpoint_ref)?;
-                self.reserve(&name)?;
-                Ok((name, record, to))
-            });
+        let prepared = request_check::prefetch_tier(&msg.0.to_tier).and_then(|to| {
+            let (name, record) = self.record(&msg.0.checkpoint_ref)?;
+            self.reserve(&name)?;
+            Ok((name, record, to))
+        });
         let (name, record, to) = match prepared {
             Ok(p) => p,
             Err(e) => return Box::pin(actix::fut::ready(Err(e))),

@@ -67,18 +67,25 @@ pub async fn fetch(
                 detail,
             })
         };
-        let (named, record) = catalog::decode(&bytes).map_err(corrupt)?;
-        if &named != name {
-            return Err(corrupt(format!("it names checkpoint {named}")));
-        }
-        // Another node wrote it: who may restore it must be stated, never assumed.
-        let stated = serde_json::from_slice::<serde_json::Value>(&bytes)
-            .is_ok_and(|v| v.get("origin").is_some());
-        if !stated {
-            return Err(corrupt("its origin is missing".to_owned()));
-        }
+        let record = decode_shared(name, &bytes).map_err(corrupt)?;
         tracing::info!(checkpoint = %name, tier = %kind, "adopted the record of a checkpoint taken on another node");
         return Ok(record);
     }
     Err(AgentError::NotFound(name.to_string()))
+}
+
+/// Reads the record a shared tier keeps for `name`: checked like a record file, it must name
+/// `name` and state its origin. Pure, so the fuzz targets run it too.
+pub fn decode_shared(name: &CheckpointName, bytes: &[u8]) -> Result<CheckpointRecord, String> {
+    let (named, record) = catalog::decode(bytes)?;
+    if &named != name {
+        return Err(format!("it names checkpoint {named}"));
+    }
+    // Another node wrote it: who may restore it must be stated, never assumed.
+    let stated =
+        serde_json::from_slice::<serde_json::Value>(bytes).is_ok_and(|v| v.get("origin").is_some());
+    if !stated {
+        return Err("its origin is missing".to_owned());
+    }
+    Ok(record)
 }

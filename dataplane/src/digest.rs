@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::chunk::{is_zero, ChunkConfig, ChunkHash};
-use crate::pipeline::open_sources;
+use crate::image_files::open_sources;
 use crate::{TierError, TierKind};
 
 /// Chunk hashes of one image file.

@@ -9,6 +9,7 @@ mod buffer;
 mod chunk;
 mod digest;
 mod error;
+mod image_files;
 mod local_dir;
 mod manifest;
 mod name;

@@ -327,7 +327,7 @@ pub fn is_diff_file(name: &std::ffi::OsStr) -> bool {
 mod apply;
 mod hooks;
 
-pub use apply::{apply, present};
+pub use apply::{apply, check, present, CheckedDiff};
 
 #[cfg(test)]
 mod tests;

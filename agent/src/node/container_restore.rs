@@ -6,7 +6,7 @@
 //! restored processes, which would otherwise stay CUDA-locked.
 
 use actix::prelude::*;
-use kybernate_dataplane::{CheckpointName, TierKind};
+use kybernate_dataplane::CheckpointName;
 use kybernate_proto::agent::v1 as pb;
 
 use super::shim_lease::{Lease, RestoreLeaseExpired};
@@ -16,6 +16,7 @@ use crate::catalog::CheckpointRecord;
 use crate::cuda::{CheckRestore, RestoreAndUnlock};
 use crate::error::AgentError;
 use crate::events::PhaseClock;
+use crate::journal::Transition;
 use crate::restore::{stage, Staged};
 use crate::workload_state::WorkloadState;
 
@@ -48,12 +49,7 @@ impl Handler<ContainerRestoreStage> for NodeAgent {
             return self.adopt_then(name, msg, ctx);
         }
         let request = msg.0;
-        let from = match request.from_tier.as_str() {
-            "" => Ok(None),
-            tier => TierKind::parse(tier).map(Some).ok_or_else(|| {
-                AgentError::InvalidRequest(format!("unknown tier {tier:?}: use ram, nvme or s3"))
-            }),
-        };
+        let from = crate::request_check::source_tier(&request.from_tier);
         let prepared = from.and_then(|from| {
             let (name, record) = self.record(&request.checkpoint_ref)?;
             let target = request.target.as_ref();
@@ -67,6 +63,7 @@ impl Handler<ContainerRestoreStage> for NodeAgent {
         };
         let parts = self.parts.clone();
         let job_name = name.clone();
+        let container_id = request.container_id.clone();
         Box::pin(
             async move {
                 let mut clock = PhaseClock::new(
@@ -105,7 +102,22 @@ impl Handler<ContainerRestoreStage> for NodeAgent {
                     &mut clock,
                     Urgency::Foreground,
                 );
-                match staged.await {
+                let staged = staged.await.and_then(|staged| {
+                    // Journaled before the shim may restore: an agent that dies before the
+                    // End must know a restore may have brought processes back.
+                    parts
+                        .journal
+                        .append(
+                            job_name.as_str(),
+                            Transition::RestoreStaged {
+                                container_id,
+                                images_dir: staged.dir.clone(),
+                            },
+                        )
+                        .map_err(|e| AgentError::Internal(e.to_string()))?;
+                    Ok(staged)
+                });
+                match staged {
                     Ok(staged) => Ok((record, staged, clock.phases.clone())),
                     Err(e) => {
                         clock.failed("stage", e.metric_label());
@@ -176,8 +188,20 @@ impl Handler<ContainerRestoreEnd> for NodeAgent {
                 let ShimRestore { record, staged, .. } = session;
                 if !request.restored {
                     drop(staged);
+                    parts
+                        .journal
+                        .note(&record.name, Transition::RestoreEnded { ok: false });
                     return Ok(Vec::new());
                 }
+                // Journaled before the unlock: an agent that dies first leaves the restored
+                // processes CUDA-locked, and recovery unlocks exactly these.
+                parts.journal.note(
+                    &record.name,
+                    Transition::RestoreRan {
+                        pids: request.pids.clone(),
+                    },
+                );
+                crate::checkpoint::failpoint("container_restore.before_cuda_restore")?;
                 let mut clock = PhaseClock::new(
                     &record.name,
                     "restore",
@@ -201,6 +225,10 @@ impl Handler<ContainerRestoreEnd> for NodeAgent {
                     })
                     .await;
                 drop(staged);
+                parts.journal.note(
+                    &record.name,
+                    Transition::RestoreEnded { ok: report.is_ok() },
+                );
                 match report {
                     Ok(report) => {
                         if !report.processes.is_empty() {

@@ -189,14 +189,7 @@ impl Handler<Pin> for NodeAgent {
         if let Some(name) = self.unknown_but_shared(&msg.0.checkpoint_ref) {
             return self.adopt_then(name, msg, ctx);
         }
-        let prepared = match TierKind::parse(&msg.0.tier) {
-            Some(tier @ (TierKind::Ram | TierKind::Nvme)) => Ok(tier),
-            _ => Err(AgentError::InvalidRequest(format!(
-                "cannot pin to tier {:?}: a pin keeps a copy in ram or nvme",
-                msg.0.tier
-            ))),
-        }
-        .and_then(|tier| {
+        let prepared = crate::request_check::pin_tier(&msg.0.tier).and_then(|tier| {
             let (name, record) = self.record(&msg.0.checkpoint_ref)?;
             self.reserve(&name)?;
             Ok((name, record, tier))

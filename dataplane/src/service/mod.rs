@@ -8,8 +8,10 @@
 
 mod cancel;
 mod gate;
+mod plain;
 mod probe;
 mod ring;
+mod write_job;
 mod writer;
 
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::fs::{self, File};
-use std::io::BufReader;
+use std::io::{BufReader, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -36,16 +36,26 @@ fn corrupt_tar(detail: impl std::fmt::Display) -> RootfsDiffError {
     }
 }
 
-/// Applies the diff in `images` onto `rootfs`: first validates the whole list and tar, then
-/// removes the deleted paths and the opaque directories' old content, then writes the tar's
-/// entries. Nothing is written when validation fails.
-pub fn apply(images: &Path, rootfs: &Path) -> Result<DiffSummary> {
-    let list_path = images.join(DIFF_LIST);
-    let text = fs::read(&list_path).map_err(io("read", &list_path))?;
-    let list: DiffList = serde_json::from_slice(&text).map_err(|e| RootfsDiffError::Corrupt {
-        file: DIFF_LIST,
-        detail: e.to_string(),
-    })?;
+/// A rootfs diff whose list and tar passed [`check`]: every path stays inside the rootfs.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct CheckedDiff {
+    /// Paths to delete, relative to the rootfs.
+    pub deleted: Vec<PathBuf>,
+    /// Directories whose old content goes, relative to the rootfs.
+    pub opaque: Vec<PathBuf>,
+    /// Entries in the tar.
+    pub entries: u64,
+}
+
+/// Checks a diff's list (the bytes of `rootfs-diff.json`) and its tar without touching any
+/// rootfs: the list's version and paths, and every tar entry's path, type and place (never
+/// below a symlink the tar itself makes). Pure, so the fuzzer and [`apply`] share it.
+pub fn check(list_json: &[u8], tar: impl Read) -> Result<CheckedDiff> {
+    let list: DiffList =
+        serde_json::from_slice(list_json).map_err(|e| RootfsDiffError::Corrupt {
+            file: DIFF_LIST,
+            detail: e.to_string(),
+        })?;
     if list.version != LIST_VERSION {
         return Err(RootfsDiffError::Corrupt {
             file: DIFF_LIST,
@@ -68,9 +78,8 @@ pub fn apply(images: &Path, rootfs: &Path) -> Result<DiffSummary> {
         .iter()
         .map(checked)
         .collect::<Result<Vec<_>>>()?;
-    let tar_path = images.join(DIFF_TAR);
     let mut links = BTreeSet::new();
-    let entries = each_entry(&tar_path, |rel, entry| {
+    let entries = each_entry(tar, |rel, entry| {
         if let Some(link) = rel.ancestors().skip(1).find(|a| links.contains(*a)) {
             return Err(corrupt_tar(format!(
                 "entry {} lies below the symlink {}",
@@ -83,6 +92,25 @@ pub fn apply(images: &Path, rootfs: &Path) -> Result<DiffSummary> {
         }
         Ok(())
     })?;
+    Ok(CheckedDiff {
+        deleted,
+        opaque,
+        entries,
+    })
+}
+
+/// Applies the diff in `images` onto `rootfs`: first validates the whole list and tar, then
+/// removes the deleted paths and the opaque directories' old content, then writes the tar's
+/// entries. Nothing is written when validation fails.
+pub fn apply(images: &Path, rootfs: &Path) -> Result<DiffSummary> {
+    let list_path = images.join(DIFF_LIST);
+    let text = fs::read(&list_path).map_err(io("read", &list_path))?;
+    let tar_path = images.join(DIFF_TAR);
+    let CheckedDiff {
+        deleted,
+        opaque,
+        entries,
+    } = check(&text, open_tar(&tar_path)?)?;
 
     for rel in &deleted {
         let target = inside(rootfs, rel)?;
@@ -100,7 +128,7 @@ pub fn apply(images: &Path, rootfs: &Path) -> Result<DiffSummary> {
             Err(_) => {}
         }
     }
-    each_entry(&tar_path, |rel, entry| {
+    each_entry(open_tar(&tar_path)?, |rel, entry| {
         let target = inside(rootfs, &rel)?;
         unpack(entry, &rel, &target)
     })?;
@@ -111,13 +139,17 @@ pub fn apply(images: &Path, rootfs: &Path) -> Result<DiffSummary> {
     })
 }
 
-/// Runs `each` on every entry of the tar with its checked relative path; returns the count.
-fn each_entry(
-    tar_path: &Path,
-    mut each: impl FnMut(PathBuf, &mut tar::Entry<'_, BufReader<File>>) -> Result<()>,
-) -> Result<u64> {
+fn open_tar(tar_path: &Path) -> Result<BufReader<File>> {
     let file = File::open(tar_path).map_err(io("open", tar_path))?;
-    let mut archive = tar::Archive::new(BufReader::new(file));
+    Ok(BufReader::new(file))
+}
+
+/// Runs `each` on every entry of the tar with its checked relative path; returns the count.
+fn each_entry<R: Read>(
+    tar: R,
+    mut each: impl FnMut(PathBuf, &mut tar::Entry<'_, R>) -> Result<()>,
+) -> Result<u64> {
+    let mut archive = tar::Archive::new(tar);
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(true);
     archive.set_preserve_mtime(true);
@@ -192,7 +224,7 @@ fn remove_any(target: &Path) -> Result<()> {
     removed.map_err(io("remove", target))
 }
 
-fn unpack(entry: &mut tar::Entry<'_, BufReader<File>>, rel: &Path, target: &Path) -> Result<()> {
+fn unpack(entry: &mut tar::Entry<'_, impl Read>, rel: &Path, target: &Path) -> Result<()> {
     use tar::EntryType as T;
     let kind = entry.header().entry_type();
     let existing = fs::symlink_metadata(target).ok();

@@ -266,3 +266,32 @@ fn the_upper_dir_comes_from_the_topmost_overlay_mount() {
         Err("no mount".to_owned())
     );
 }
+
+#[test]
+fn check_reads_the_list_and_tar_without_any_rootfs() {
+    let list = br#"{"version":1,"deleted":["etc/motd"],"opaque":["./var/cache"]}"#;
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(3);
+    header.set_mode(0o644);
+    header.set_cksum();
+    builder
+        .append_data(&mut header, "data/a.txt", &b"abc"[..])
+        .unwrap();
+    let tar = builder.into_inner().unwrap();
+    let checked = check(list, tar.as_slice()).unwrap();
+    assert_eq!(
+        checked,
+        CheckedDiff {
+            deleted: vec![PathBuf::from("etc/motd")],
+            opaque: vec![PathBuf::from("var/cache")],
+            entries: 1,
+        }
+    );
+    let e = check(
+        br#"{"version":1,"deleted":["/etc/passwd"],"opaque":[]}"#,
+        tar.as_slice(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("leaves the rootfs"), "{e}");
+}

@@ -1,0 +1,6 @@
+//! Fuzz target `config`: the body is kybernate_fuzz_targets::config, shared with the replay test.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = kybernate_fuzz_targets::config(data);
+});
