@@ -72,6 +72,8 @@ struct ApiState {
     /// GpuCheckpointGrants by name, and the watches of them.
     grants: std::collections::BTreeMap<String, Value>,
     grant_watchers: Vec<mpsc::UnboundedSender<Value>>,
+    /// Watches of the node's pods (none are served).
+    pod_watchers: Vec<mpsc::UnboundedSender<Value>>,
 }
 
 impl ApiState {
@@ -164,6 +166,22 @@ async fn handle(
                 200,
                 json!({"apiVersion": "kybernate.io/v1alpha1", "kind": "GpuRestoreList",
                 "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}),
+            )
+        }
+        ("GET", "/api/v1/pods") => {
+            assert!(
+                query.contains("fieldSelector=spec.nodeName%3Dn1"),
+                "{query}"
+            );
+            if query.contains("watch=true") {
+                let (tx, rx) = mpsc::unbounded_channel::<Value>();
+                s.pod_watchers.push(tx);
+                return (StatusCode::OK, watch_body(rx));
+            }
+            reply(
+                200,
+                json!({"apiVersion": "v1", "kind": "PodList",
+                "metadata": {"resourceVersion": s.rv.to_string()}, "items": []}),
             )
         }
         ("GET", "/apis/kybernate.io/v1alpha1/gpucheckpointgrants") => {

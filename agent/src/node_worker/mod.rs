@@ -157,6 +157,7 @@ impl NodeWorker {
             restores,
             worker.report_config_rejections(),
             worker.watch_grants(),
+            worker.watch_pods(),
             worker.report_refusals()
         );
     }
