@@ -129,6 +129,7 @@ pub fn records() -> Result<Seeds> {
         namespace: "tenant-a".into(),
         pod_uid: "0b6c3f8e-4f1e-4c55-9d62-1d2f3a4b5c6d".into(),
         pod_name: "trainer-0".into(),
+        service_account: String::new(),
     });
     let mut from_pod = record("trainer-0-1764770000-beef", pod);
     from_pod.container_id = "3f2a9c".into();
