@@ -16,6 +16,7 @@ mod manifest;
 mod name;
 mod nvme;
 mod nvme_index;
+mod nvme_reencrypt;
 mod pipeline;
 mod record_seal;
 mod restore;
@@ -40,6 +41,7 @@ pub use manifest::{
 };
 pub use name::{CheckpointName, InvalidName};
 pub use nvme::NvmeTier;
+pub use nvme_reencrypt::Reencrypted;
 pub use pipeline::DrainStats;
 pub use record_seal::{open_record, seal_record, RecordSealError, RECORD_MAGIC};
 pub use s3::{

@@ -487,6 +487,13 @@ impl NvmeTier {
         Ok(names)
     }
 
+    /// Swaps the index's references of `manifest`'s checkpoint for the chunks it names now,
+    /// removing the old chunks nothing references any more.
+    pub(crate) fn replace_in_index(&self, manifest: &CheckpointManifest) {
+        self.index
+            .replaced(manifest, |hash| self.remove_garbage(hash));
+    }
+
     /// Removes the chunk file of `hash` (index says it is garbage) and forgets it was verified.
     fn remove_garbage(&self, hash: &ChunkHash) -> bool {
         self.verified
