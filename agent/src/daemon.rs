@@ -265,6 +265,7 @@ async fn serve(
     if let Some(tier) = &s3 {
         actors.push((TierKind::S3, TierActor::start(tier.clone(), TIER_THREADS)));
     }
+    let reencrypt_on = Arc::clone(&nvme);
     let tiers = Tiers {
         actors,
         nvme: Some(nvme),
@@ -319,7 +320,9 @@ async fn serve(
     tracing::info!(socket = %config.socket.display(), metrics = %metrics_addr, "agent serving");
     let allowed = Arc::new(config.allowed_uids.clone());
     let service = AgentServer::with_interceptor(
-        AgentService::new(node, events).with_gpu_uuids(gpu_uuids),
+        AgentService::new(node, events)
+            .with_gpu_uuids(gpu_uuids)
+            .with_nvme(reencrypt_on),
         move |req| authorise(&allowed, &req).map(|()| req),
     );
     let served = tonic::transport::Server::builder()
