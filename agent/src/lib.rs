@@ -6,6 +6,7 @@
 //! ([`grpc`]) is served on a Unix socket; `kybernatectl` ([`cli`]) is its client.
 
 pub mod bandwidth;
+pub mod blocking_work;
 pub mod catalog;
 pub mod checkpoint;
 pub mod checkpoint_machine;
