@@ -278,6 +278,7 @@ async fn serve(
         events: events.clone(),
         bandwidth: Arc::new(Bandwidth::new(&config.bandwidth, metrics.clone())),
         journal,
+        pods: crate::tenancy::PodDirectory::default(),
     };
     let node = NodeAgent::new(parts, catalog)
         .with_recovery(recovery)

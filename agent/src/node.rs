@@ -41,7 +41,9 @@ pub use config_reload::{
 pub use container_checkpoint::{ContainerCheckpointBegin, ContainerCheckpointEnd};
 pub use container_restore::{ContainerRestoreEnd, ContainerRestoreStage};
 pub use policy::{Pin, TierStatus, Unpin};
-pub use restore_admission::{CheckRestoreInto, RefusedRestore, SubscribeRefusals, UseGrants};
+pub use restore_admission::{
+    CheckRestoreInto, RefusedRestore, SubscribeRefusals, UseGrants, UsePods,
+};
 pub use shim_lease::{CheckpointLeaseExpired, Lease, RestoreLeaseExpired};
 
 /// The node agent.

@@ -264,6 +264,7 @@ mod tests {
         let data = ChunkHash::of(b"page");
         let manifest = CheckpointManifest {
             name: CheckpointName::new("cp").unwrap(),
+            key_id: None,
             chunk_size: 4096,
             packs: Vec::new(),
             files: vec![FileEntry {

@@ -15,8 +15,11 @@
 //! Records adopted from a shared tier were written by other nodes: a record there whose
 //! origin is missing or malformed is refused rather than treated as anyone's.
 
-use kube::runtime::reflector::Store;
-use kybernate_controller::crd::{is_namespace_name, GpuCheckpointGrant, GrantedOrigin};
+use std::sync::{Arc, OnceLock};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kybernate_api::{is_namespace_name, GpuCheckpointGrant, GrantedOrigin};
 use kybernate_proto::agent::v1 as pb;
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +47,10 @@ pub struct PodOrigin {
     pub pod_uid: String,
     /// The pod's name.
     pub pod_name: String,
+    /// The pod's service account, looked up in the API server's pods on this node; empty
+    /// when the agent has no API client (the CRI annotations do not carry it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub service_account: String,
 }
 
 /// A restore refused because the checkpoint belongs to another tenant.
@@ -125,6 +132,46 @@ impl Grants {
     }
 }
 
+/// The pods of this node as the node worker's watch holds them, for the service account of
+/// a checkpoint's origin. Shared by every clone: empty until the node worker attaches its
+/// store, and for good without an API server.
+#[derive(Clone, Default)]
+pub struct PodDirectory(Arc<OnceLock<Store<Pod>>>);
+
+impl std::fmt::Debug for PodDirectory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.get() {
+            None => f.write_str("PodDirectory(no API server)"),
+            Some(store) => write!(f, "PodDirectory({} pods)", store.state().len()),
+        }
+    }
+}
+
+impl PodDirectory {
+    /// From now on look pods up in `store` (only the first store counts).
+    pub fn attach(&self, store: Store<Pod>) {
+        let _ = self.0.set(store);
+    }
+
+    /// Fills in the service account of a pod origin, when the pod is known (same namespace,
+    /// name and UID): a pod that is not (yet) in the store leaves it empty.
+    pub fn complete(&self, origin: &mut Origin) {
+        let (Origin::Pod(pod), Some(store)) = (origin, self.0.get()) else {
+            return;
+        };
+        let key = ObjectRef::new(&pod.pod_name).within(&pod.namespace);
+        let found = store
+            .get(&key)
+            .filter(|found| found.metadata.uid.as_deref() == Some(pod.pod_uid.as_str()));
+        if let Some(account) = found
+            .as_ref()
+            .and_then(|p| p.spec.as_ref()?.service_account_name.clone())
+        {
+            pod.service_account = account;
+        }
+    }
+}
+
 /// Why a restore into a pod is allowed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Allowed {
@@ -151,6 +198,7 @@ impl Origin {
                     namespace: pod.namespace.clone(),
                     pod_uid: pod.pod_uid.clone(),
                     pod_name: pod.pod_name.clone(),
+                    service_account: String::new(),
                 });
                 origin.validate()?;
                 Ok(origin)
@@ -178,9 +226,13 @@ impl Origin {
         match self {
             Self::NodeLocal => "from a process of the node (node-local)".to_owned(),
             Self::UnmanagedContainer => "from a container created outside Kubernetes".to_owned(),
-            Self::Pod(pod) => format!(
+            Self::Pod(pod) if pod.service_account.is_empty() => format!(
                 "in namespace {} (pod {}, uid {})",
                 pod.namespace, pod.pod_name, pod.pod_uid
+            ),
+            Self::Pod(pod) => format!(
+                "in namespace {} (pod {}, uid {}, service account {})",
+                pod.namespace, pod.pod_name, pod.pod_uid, pod.service_account
             ),
         }
     }
@@ -231,7 +283,7 @@ mod tests {
     /// Grants as the node worker's watch would hold them.
     fn watched(grants: &[(&str, Option<&str>, &[&str])]) -> Grants {
         use kube::runtime::{reflector, watcher};
-        use kybernate_controller::crd::{GpuCheckpointGrantSpec, GrantSource, GrantTarget};
+        use kybernate_api::{GpuCheckpointGrantSpec, GrantSource, GrantTarget};
         let (store, mut writer) = reflector::store();
         for (name, from, to) in grants {
             let spec = GpuCheckpointGrantSpec {
@@ -319,6 +371,45 @@ mod tests {
                 Ok(Allowed::NotIntoAPod)
             );
         }
+    }
+
+    #[test]
+    fn the_service_account_comes_from_the_watched_pod_with_the_same_uid() {
+        use k8s_openapi::api::core::v1::PodSpec;
+        use kube::runtime::{reflector, watcher};
+        let mut origin = Origin::of_container(Some(&pod("tenant-a"))).unwrap();
+        let pods = PodDirectory::default();
+        pods.complete(&mut origin);
+        assert!(
+            !origin.describe().contains("service account"),
+            "no API server: left empty"
+        );
+        let (store, mut writer) = reflector::store();
+        let mut watched = Pod::default();
+        watched.metadata.name = Some("pod-tenant-a".into());
+        watched.metadata.namespace = Some("tenant-a".into());
+        watched.metadata.uid = Some("uid-tenant-a".into());
+        watched.spec = Some(PodSpec {
+            service_account_name: Some("trainer".into()),
+            ..PodSpec::default()
+        });
+        writer.apply_watcher_event(&watcher::Event::Apply(watched.clone()));
+        pods.clone().attach(store);
+        pods.complete(&mut origin);
+        assert!(
+            origin.describe().contains("service account trainer"),
+            "{}",
+            origin.describe()
+        );
+        let json = serde_json::to_string(&origin).unwrap();
+        assert_eq!(serde_json::from_str::<Origin>(&json).unwrap(), origin);
+
+        // Same name, another pod (a new UID): not this origin's pod.
+        let mut other = Origin::of_container(Some(&pod("tenant-a"))).unwrap();
+        watched.metadata.uid = Some("uid-recreated".into());
+        writer.apply_watcher_event(&watcher::Event::Apply(watched));
+        pods.complete(&mut other);
+        assert!(!other.describe().contains("service account"));
     }
 
     #[test]

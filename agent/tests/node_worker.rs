@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use containerd::{Containerd, Release};
-use kybernate_agent::workload::Status;
+use kybernate_sample_workload::Status;
 use serde_json::{json, Value};
 use support::{Workload, CTL};
 use tokio::sync::mpsc;
@@ -72,6 +72,8 @@ struct ApiState {
     /// GpuCheckpointGrants by name, and the watches of them.
     grants: std::collections::BTreeMap<String, Value>,
     grant_watchers: Vec<mpsc::UnboundedSender<Value>>,
+    /// Watches of the node's pods (none are served).
+    pod_watchers: Vec<mpsc::UnboundedSender<Value>>,
 }
 
 impl ApiState {
@@ -164,6 +166,22 @@ async fn handle(
                 200,
                 json!({"apiVersion": "kybernate.io/v1alpha1", "kind": "GpuRestoreList",
                 "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}),
+            )
+        }
+        ("GET", "/api/v1/pods") => {
+            assert!(
+                query.contains("fieldSelector=spec.nodeName%3Dn1"),
+                "{query}"
+            );
+            if query.contains("watch=true") {
+                let (tx, rx) = mpsc::unbounded_channel::<Value>();
+                s.pod_watchers.push(tx);
+                return (StatusCode::OK, watch_body(rx));
+            }
+            reply(
+                200,
+                json!({"apiVersion": "v1", "kind": "PodList",
+                "metadata": {"resourceVersion": s.rv.to_string()}, "items": []}),
             )
         }
         ("GET", "/apis/kybernate.io/v1alpha1/gpucheckpointgrants") => {
@@ -915,7 +933,7 @@ fn five_gpucheckpoints_in_a_row(release: Release) {
         containerd.remove(id);
         // Blank the status (same size: CRIU checks the size of files it restores), so
         // only the restored process can fill it again.
-        std::fs::write(status, [b' '; kybernate_agent::workload::STATUS_BYTES]).unwrap();
+        std::fs::write(status, [b' '; kybernate_sample_workload::STATUS_BYTES]).unwrap();
     }
     for (i, ((id, status), epoch)) in containers.iter().zip(epochs).enumerate() {
         let restored = format!("{id}r");

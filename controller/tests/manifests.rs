@@ -215,6 +215,8 @@ fn agent_role_covers_exactly_what_the_node_worker_does() {
         ("kybernate.io", "gpurestores/status", "patch"),
         ("kybernate.io", "gpucheckpointgrants", "list"),
         ("kybernate.io", "gpucheckpointgrants", "watch"),
+        ("", "pods", "list"),
+        ("", "pods", "watch"),
         ("", "nodes", "patch"),
         ("events.k8s.io", "events", "create"),
     ] {

@@ -627,13 +627,15 @@ fn run_restoring(node: &Node, id: &str, namespace: &str, name: &str) -> std::pro
 }
 
 /// Tenant isolation, with the agent as node worker of a scripted API server: a container of
-/// namespace tenant-a is checkpointed (its images are root's alone); a container of tenant-b
+/// namespace tenant-a is checkpointed (its images are root's alone; its origin records the
+/// pod's service account from the API server); a container of tenant-b
 /// that names the checkpoint is refused with both namespaces named, no process started and a
 /// Warning Event on its pod; a container of tenant-a restores it and continues its count;
 /// once a GpuCheckpointGrant lets tenant-b restore tenant-a's checkpoints, tenant-b's
 /// restore succeeds too.
 fn tenants(version: Version) {
     let api = KubeApi::start();
+    api.add_pod("tenant-a", "owner", "uid-tenant-a-owner", "trainer");
     let kubeconfig = tempfile::NamedTempFile::new().unwrap();
     api.write_kubeconfig(kubeconfig.path());
     let options = NodeOptions {
@@ -642,10 +644,10 @@ fn tenants(version: Version) {
     };
     let node = Node::start_with(version, options);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !api.state.lock().unwrap().watching_grants() {
+    while !api.state.lock().unwrap().watching() {
         assert!(
             Instant::now() < deadline,
-            "the agent never watched GpuCheckpointGrants; agent log:\n{}",
+            "the agent never watched GpuCheckpointGrants and its pods; agent log:\n{}",
             node.agent_log()
         );
         std::thread::sleep(Duration::from_millis(50));
@@ -675,6 +677,10 @@ fn tenants(version: Version) {
     assert!(
         text.contains(&name) && text.contains("tenant-a") && text.contains("tenant-b"),
         "the refusal names the checkpoint and both namespaces: {text}"
+    );
+    assert!(
+        text.contains("service account trainer"),
+        "the origin records the pod's service account, looked up in the API: {text}"
     );
     assert!(
         node.task_status("thief").is_none(),

@@ -83,7 +83,8 @@ impl Handler<ContainerCheckpointBegin> for NodeAgent {
     fn handle(&mut self, msg: ContainerCheckpointBegin, _: &mut Self::Context) -> Self::Result {
         let request = msg.0;
         let prepared = (|| {
-            let (asked, origin) = crate::request_check::container_checkpoint_begin(&request)?;
+            let (asked, mut origin) = crate::request_check::container_checkpoint_begin(&request)?;
+            self.parts.pods.complete(&mut origin);
             let awaited = self.awaited_containers.get(&request.container_id);
             let (name, until) = match (asked, awaited) {
                 // This agent asked containerd for the checkpoint and promised its caller a name.

@@ -33,6 +33,19 @@ impl Handler<UseGrants> for NodeAgent {
     }
 }
 
+/// From now on record the service account of container checkpoints' pods from `0`: the
+/// pods of this node the node worker's watch keeps.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct UsePods(pub kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Pod>);
+
+impl Handler<UsePods> for NodeAgent {
+    type Result = ();
+    fn handle(&mut self, msg: UsePods, _: &mut Self::Context) {
+        self.parts.pods.attach(msg.0);
+    }
+}
+
 /// A receiver of every refused restore into a pod.
 #[derive(Debug, Message)]
 #[rtype(result = "tokio::sync::broadcast::Receiver<RefusedRestore>")]

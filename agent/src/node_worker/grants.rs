@@ -1,18 +1,19 @@
 //! Tenancy for the node worker: it keeps the cluster's `GpuCheckpointGrant`s in a reflector
-//! store the agent decides with (see [`crate::tenancy`]), and posts each restore the agent
+//! store the agent decides with (see [`crate::tenancy`]), keeps this node's pods for the
+//! service account of a checkpoint's origin, and posts each restore the agent
 //! refused as a Warning Event on the pod that asked (`kubectl describe pod` shows why its
 //! container did not start).
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::Api;
-use kybernate_controller::crd::GpuCheckpointGrant;
+use kybernate_api::GpuCheckpointGrant;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::NodeWorker;
-use crate::node::{RefusedRestore, SubscribeRefusals, UseGrants};
+use crate::node::{RefusedRestore, SubscribeRefusals, UseGrants, UsePods};
 use crate::tenancy::Grants;
 
 /// The Event reason of a restore refused across tenants.
@@ -51,6 +52,27 @@ impl NodeWorker {
                     Err(error) => {
                         tracing::warn!(%error, "watching GpuCheckpointGrants; retrying");
                     }
+                }
+            })
+            .await;
+    }
+
+    /// Hands the agent a store of this node's pods (field selector `spec.nodeName`), where it
+    /// finds the service account of a container checkpoint's pod, and keeps it up to date
+    /// until the agent stops.
+    pub(super) async fn watch_pods(&self) {
+        let (store, writer) = reflector::store::<Pod>();
+        if self.agent.send(UsePods(store)).await.is_err() {
+            return;
+        }
+        let pods = Api::<Pod>::all(self.client.clone());
+        let on_this_node =
+            watcher::Config::default().fields(&format!("spec.nodeName={}", self.node_name));
+        reflector::reflector(writer, watcher(pods, on_this_node))
+            .default_backoff()
+            .for_each(|event| async move {
+                if let Err(error) = event {
+                    tracing::warn!(%error, "watching this node's pods; retrying");
                 }
             })
             .await;

@@ -19,6 +19,9 @@ pub struct ApiState {
     /// GpuCheckpointGrants by name.
     pub grants: BTreeMap<String, Value>,
     grant_watchers: Vec<mpsc::UnboundedSender<Value>>,
+    /// Pods of node n1.
+    pub pods: Vec<Value>,
+    pod_watches: usize,
     /// Other watches, held open with no events.
     idle_watchers: Vec<mpsc::UnboundedSender<Value>>,
     /// (path, body) of every Event posted.
@@ -29,9 +32,9 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    /// Whether the agent watches grants.
-    pub fn watching_grants(&self) -> bool {
-        !self.grant_watchers.is_empty()
+    /// Whether the agent has listed and now watches grants and pods (its stores are filled).
+    pub fn watching(&self) -> bool {
+        !self.grant_watchers.is_empty() && self.pod_watches > 0
     }
 }
 
@@ -89,6 +92,16 @@ impl KubeApi {
         s.grants.insert(name, grant.clone());
         let line = json!({"type": "ADDED", "object": grant});
         s.grant_watchers.retain(|w| w.send(line.clone()).is_ok());
+    }
+
+    /// Serves a pod of node n1 (from the first list on: add pods before the agent starts).
+    pub fn add_pod(&self, namespace: &str, name: &str, uid: &str, service_account: &str) {
+        self.state.lock().unwrap().pods.push(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "uid": uid, "resourceVersion": "1"},
+            "spec": {"nodeName": "n1", "serviceAccountName": service_account,
+                     "containers": [{"name": "c", "image": "busybox"}]},
+        }));
     }
 
     /// The Events posted with `reason`.
@@ -149,6 +162,20 @@ async fn handle(
         }
         ("GET", "/apis/kybernate.io/v1alpha1/gpurestores") => {
             reply(200, list("GpuRestore", rv, Vec::new()))
+        }
+        ("GET", "/api/v1/pods") if query.contains("fieldSelector=spec.nodeName%3Dn1") => {
+            if watch {
+                let (tx, rx) = mpsc::unbounded_channel();
+                s.idle_watchers.push(tx);
+                s.pod_watches += 1;
+                return (StatusCode::OK, watch_body(rx));
+            }
+            let items = s.pods.clone();
+            reply(
+                200,
+                json!({"apiVersion": "v1", "kind": "PodList",
+                       "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
+            )
         }
         ("PATCH", "/api/v1/nodes/n1") => reply(
             200,
