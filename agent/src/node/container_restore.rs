@@ -12,8 +12,8 @@ use kybernate_proto::agent::v1 as pb;
 use super::shim_lease::{Lease, RestoreLeaseExpired};
 use super::{phases_pb, NodeAgent};
 use crate::bandwidth::Urgency;
+use crate::blocking_work::blocking;
 use crate::catalog::CheckpointRecord;
-use crate::checkpoint::blocking;
 use crate::cuda::{CheckRestore, RestoreAndUnlock};
 use crate::error::AgentError;
 use crate::events::PhaseClock;
@@ -206,7 +206,7 @@ impl Handler<ContainerRestoreEnd> for NodeAgent {
                         pids: request.pids.clone(),
                     },
                 );
-                crate::checkpoint::failpoint("container_restore.before_cuda_restore")?;
+                crate::failpoints::failpoint("container_restore.before_cuda_restore")?;
                 let mut clock = PhaseClock::new(
                     &record.name,
                     "restore",
