@@ -209,6 +209,8 @@ def main():
         if (p.parent / "src").is_dir() and "target" not in p.parts
     )
     srcs = [s / "src" if (s / "src").is_dir() else s for s in srcs]
+    # A binary with modules of its own (src/bin/<name>/main.rs) is a crate root too.
+    srcs += sorted(main.parent for src in srcs for main in src.glob("bin/*/main.rs"))
     known_file = ROOT / "scripts" / "module_cycles.known"
     known = {line.strip() for line in known_file.read_text().splitlines()
              if line.strip() and not line.startswith("#")}

@@ -635,3 +635,56 @@ pub fn dir_bytes(dir: &Path) -> u64 {
         })
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, transition: Transition) -> Entry {
+        Entry {
+            name: name.into(),
+            unix: 1,
+            transition,
+        }
+    }
+
+    #[test]
+    fn shim_restores_stay_open_until_they_end_and_keep_their_restored_pids() {
+        let staged = |container: &str| Transition::RestoreStaged {
+            container_id: container.into(),
+            images_dir: "/ram/.staging-x".into(),
+        };
+        let (dumps, restores) = open_operations(vec![
+            entry("ran", staged("c1")),
+            entry("ran", Transition::RestoreRan { pids: vec![7, 8] }),
+            entry("staged", staged("c2")),
+            entry("ended", staged("c3")),
+            entry("ended", Transition::RestoreRan { pids: vec![9] }),
+            entry("ended", Transition::RestoreEnded { ok: true }),
+            entry(
+                "process",
+                Transition::RestoreStarted {
+                    pid: 5,
+                    since_ticks: 10,
+                },
+            ),
+        ]);
+        assert!(dumps.is_empty());
+        assert_eq!(
+            restores.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["process", "ran", "staged"]
+        );
+        assert!(
+            matches!(&restores["ran"], OpenRestore::Shim { pids, container_id, .. }
+                if pids == &[7, 8] && container_id == "c1")
+        );
+        assert!(matches!(&restores["staged"], OpenRestore::Shim { pids, .. } if pids.is_empty()));
+        assert!(matches!(
+            restores["process"],
+            OpenRestore::Process {
+                pid: 5,
+                since_ticks: 10
+            }
+        ));
+    }
+}

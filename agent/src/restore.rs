@@ -225,10 +225,13 @@ async fn phases(
     parts
         .journal
         .note(&record.name, Transition::RestoreEnded { ok: true });
+    let source_tier = staged.tier;
+    // Dropping a staged scratch copy removes it: file work, off the agent's thread.
+    let _ = blocking(move || drop(staged)).await;
 
     Ok(RestoreOutcome {
         pid: restored.pid,
-        source_tier: staged.tier,
+        source_tier,
         phases: clock.phases.clone(),
     })
 }

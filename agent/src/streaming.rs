@@ -75,7 +75,8 @@ pub async fn store_foreground(
     committed: Result<Result<StoreReport, TierError>, AgentError>,
     until: TierKind,
 ) -> Result<((TierKind, StoreReport), Vec<ImageFile>, Foreground), (&'static str, AgentError)> {
-    let _ = std::fs::remove_dir_all(parts.ram.partial_dir_of(name));
+    let partial = parts.ram.partial_dir_of(name);
+    let _ = crate::checkpoint::blocking(move || std::fs::remove_dir_all(partial)).await;
     let report = committed
         .and_then(|r| r.map_err(|source| tier_error(name, "store_nvme", source)))
         .map_err(|e| ("store_nvme", e))?;
@@ -300,6 +301,7 @@ mod tests {
         let data = ChunkHash::of(b"page");
         let manifest = CheckpointManifest {
             name: CheckpointName::new("cp").unwrap(),
+            key_id: None,
             chunk_size: 4096,
             packs: Vec::new(),
             files: vec![FileEntry {

@@ -19,7 +19,7 @@ use std::sync::{Arc, OnceLock};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kybernate_controller::crd::{is_namespace_name, GpuCheckpointGrant, GrantedOrigin};
+use kybernate_api::{is_namespace_name, GpuCheckpointGrant, GrantedOrigin};
 use kybernate_proto::agent::v1 as pb;
 use serde::{Deserialize, Serialize};
 
@@ -283,7 +283,7 @@ mod tests {
     /// Grants as the node worker's watch would hold them.
     fn watched(grants: &[(&str, Option<&str>, &[&str])]) -> Grants {
         use kube::runtime::{reflector, watcher};
-        use kybernate_controller::crd::{GpuCheckpointGrantSpec, GrantSource, GrantTarget};
+        use kybernate_api::{GpuCheckpointGrantSpec, GrantSource, GrantTarget};
         let (store, mut writer) = reflector::store();
         for (name, from, to) in grants {
             let spec = GpuCheckpointGrantSpec {

@@ -251,3 +251,72 @@ fn agent_killed_before_unlocking_a_shim_restore_unlocks_its_processes_after_rest
         },
     );
 }
+
+#[test]
+fn agent_killed_between_a_shim_restore_stage_and_its_end_unlocks_on_the_late_end() {
+    on_node(
+        "agent_killed_between_a_shim_restore_stage_and_its_end_unlocks_on_the_late_end",
+        Some(GPU_A),
+        |node| {
+            let mut agent = TestAgent::start();
+            let mut w = Workload::start(node, 64, 1);
+            let root = w.root.to_string();
+            agent.ctl_json(&[
+                "checkpoint",
+                "--pid",
+                &root,
+                "--name",
+                "gl",
+                "--tier",
+                "ram",
+            ]);
+            w.reap_after_dump();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let staged = runtime.block_on(async {
+                let mut client = kybernate_client::connect_agent(&agent.socket)
+                    .await
+                    .unwrap();
+                client
+                    .container_restore_stage(pb::ContainerRestoreStageRequest {
+                        checkpoint_ref: "gl".into(),
+                        container_id: "gl-container".into(),
+                        from_tier: "ram".into(),
+                        target: None,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+            });
+            // The agent dies while the shim restores; the shim's End reaches the next one.
+            agent.kill_hard();
+            criu_restore(std::path::Path::new(&staged.image_dir)).unwrap();
+            assert!(node.regions_on(GPU_A).is_empty(), "restored still locked");
+            agent.relaunch_with_env(&[]);
+            let pids: Vec<i32> = w
+                .pids()
+                .iter()
+                .map(|p| i32::try_from(*p).unwrap())
+                .collect();
+            runtime.block_on(async {
+                let mut client = kybernate_client::connect_agent(&agent.socket)
+                    .await
+                    .unwrap();
+                let end = pb::ContainerRestoreEndRequest {
+                    checkpoint_ref: "gl".into(),
+                    pids,
+                    restored: true,
+                };
+                client
+                    .container_restore_end(end.clone())
+                    .await
+                    .expect("the late End of a restore staged before the restart unlocks");
+                let again = client.container_restore_end(end).await.unwrap_err();
+                assert_eq!(again.code(), tonic::Code::NotFound, "only once: {again}");
+            });
+            assert_unlocked(node, &w);
+        },
+    );
+}

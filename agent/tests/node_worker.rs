@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use containerd::{Containerd, Release};
-use kybernate_agent::workload::Status;
+use kybernate_sample_workload::Status;
 use serde_json::{json, Value};
 use support::{Workload, CTL};
 use tokio::sync::mpsc;
@@ -933,7 +933,7 @@ fn five_gpucheckpoints_in_a_row(release: Release) {
         containerd.remove(id);
         // Blank the status (same size: CRIU checks the size of files it restores), so
         // only the restored process can fill it again.
-        std::fs::write(status, [b' '; kybernate_agent::workload::STATUS_BYTES]).unwrap();
+        std::fs::write(status, [b' '; kybernate_sample_workload::STATUS_BYTES]).unwrap();
     }
     for (i, ((id, status), epoch)) in containers.iter().zip(epochs).enumerate() {
         let restored = format!("{id}r");

@@ -9,7 +9,7 @@ mod support;
 use std::path::Path;
 
 use containerd::{Containerd, Release};
-use kybernate_agent::workload::Status;
+use kybernate_sample_workload::Status;
 use serde_json::json;
 use support::{eventually, pid_of, S3Server, TestAgent, Workload, CTL, S3_BUCKET};
 
@@ -327,7 +327,7 @@ fn adopted_records_keep_their_tenant(release: Release) {
     containerd_a.remove("owner");
     // Blank the status (same size: CRIU checks the size of files it restores), so only the
     // restored process can fill it again.
-    std::fs::write(&status, [b' '; kybernate_agent::workload::STATUS_BYTES]).unwrap();
+    std::fs::write(&status, [b' '; kybernate_sample_workload::STATUS_BYTES]).unwrap();
 
     assert_eq!(node_b.ctl_json(&["list"]), json!([]));
     let out = containerd_b.run_workload_in_pod(

@@ -14,7 +14,9 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 
 use crate::buffer::{BufferPool, PooledBuf};
+use crate::chunk::{address_of, seal_stored};
 use crate::chunk::{encode_into, is_zero, store_raw, ChunkConfig, ChunkEncoding, ChunkHash};
+use crate::crypt::SealKey;
 use crate::digest::ImageDigest;
 use crate::image_files::{open_sources, SourceFile};
 use crate::manifest::{CheckpointManifest, ChunkLocation, ChunkRef, FileEntry};
@@ -126,6 +128,7 @@ pub(crate) fn drain_image_set(
     image_dir: &Path,
     known: Option<&ImageDigest>,
     config: &ChunkConfig,
+    key: Option<&SealKey>,
     pool: &BufferPool,
     index: &dyn ChunkIndex,
     writer: &mut dyn ChunkWriter,
@@ -137,7 +140,7 @@ pub(crate) fn drain_image_set(
         cancel: &cancel,
     };
     drain_image_set_on(
-        tier, name, image_dir, known, config, pool, index, writer, run_on,
+        tier, name, image_dir, known, config, key, pool, index, writer, run_on,
     )
 }
 
@@ -157,6 +160,7 @@ fn work(
     jobs: &Mutex<Receiver<Job<'_>>>,
     done: &std::sync::mpsc::SyncSender<Result<Done, TierError>>,
     config: &ChunkConfig,
+    key: Option<&SealKey>,
     pool: &BufferPool,
     index: &dyn ChunkIndex,
     backlog: Option<&WriteBacklog>,
@@ -193,7 +197,12 @@ fn work(
         let result = if zero {
             Ok((ChunkHash::ZERO, Outcome::Zero))
         } else {
-            let hash = job.known.unwrap_or_else(|| ChunkHash::of(job.data));
+            // The digest taken after the dump holds plain hashes; a sealed store addresses
+            // chunks by a keyed hash instead.
+            let hash = match (key, job.known) {
+                (None, Some(known)) => known,
+                _ => address_of(key, job.data),
+            };
             match index.lookup(&hash, raw_len) {
                 Ok(Some(stored)) => Ok((hash, Outcome::Known(stored))),
                 Ok(None) => {
@@ -205,6 +214,7 @@ fn work(
                     } else {
                         store_raw(job.data, buf.spare_mut())
                     };
+                    let n = seal_stored(key, &hash, encoding, raw_len, buf.spare_mut(), n);
                     buf.set_len(n);
                     Ok((hash, Outcome::New(encoding, buf)))
                 }
@@ -274,7 +284,8 @@ fn known_hashes<'d>(
 /// the manifest (with [`ChunkLocation`]s from the writer) and what was done. With `known`, the
 /// hashes taken right after the dump are used instead of hashing every chunk again. Each
 /// chunk's CPU work waits for a permit of `run_on`'s gate; a cancelled token stops the pass
-/// between chunks with [`TierError::Cancelled`].
+/// between chunks with [`TierError::Cancelled`]. With `key`, chunks are addressed by keyed
+/// hashes and sealed, and the manifest names the key.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn drain_image_set_on(
     tier: TierKind,
@@ -282,6 +293,7 @@ pub(crate) fn drain_image_set_on(
     image_dir: &Path,
     known: Option<&ImageDigest>,
     config: &ChunkConfig,
+    key: Option<&SealKey>,
     pool: &BufferPool,
     index: &dyn ChunkIndex,
     writer: &mut dyn ChunkWriter,
@@ -343,7 +355,7 @@ pub(crate) fn drain_image_set_on(
             let backlog = backlog.as_deref();
             s.spawn(move || {
                 work(
-                    tier, &job_rx, &done_tx, config, pool, index, backlog, run_on,
+                    tier, &job_rx, &done_tx, config, key, pool, index, backlog, run_on,
                 )
             });
         }
@@ -420,6 +432,7 @@ pub(crate) fn drain_image_set_on(
         .collect::<Result<Vec<_>, TierError>>()?;
     let manifest = CheckpointManifest {
         name: name.clone(),
+        key_id: key.map(|k| k.id().clone()),
         chunk_size: u32::try_from(chunk_size).expect("validated chunk size"),
         packs: Vec::new(),
         files,
@@ -492,6 +505,7 @@ mod tests {
             dir.path(),
             None,
             &config,
+            None,
             &pool,
             &Empty,
             &mut writer,

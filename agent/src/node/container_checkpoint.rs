@@ -124,7 +124,7 @@ impl Handler<ContainerCheckpointBegin> for NodeAgent {
             origin,
             until,
             workload: self
-                .states
+                .workloads
                 .channel(WorkloadKey::Container(request.container_id.clone())),
             clock: PhaseClock::new(
                 name.as_str(),

@@ -13,6 +13,7 @@ use super::shim_lease::{Lease, RestoreLeaseExpired};
 use super::{phases_pb, NodeAgent};
 use crate::bandwidth::Urgency;
 use crate::catalog::CheckpointRecord;
+use crate::checkpoint::blocking;
 use crate::cuda::{CheckRestore, RestoreAndUnlock};
 use crate::error::AgentError;
 use crate::events::PhaseClock;
@@ -142,7 +143,9 @@ impl Handler<ContainerRestoreStage> for NodeAgent {
                     },
                     lease.length,
                 );
-                let before = agent.set_state_of(&record, WorkloadState::Restoring);
+                let before = agent
+                    .workloads
+                    .set_state_of(&record, WorkloadState::Restoring);
                 agent.expired_restores.remove(&name);
                 let reply = pb::ContainerRestoreStageReply {
                     image_dir: staged.dir.display().to_string(),
@@ -186,8 +189,10 @@ impl Handler<ContainerRestoreEnd> for NodeAgent {
         Box::pin(
             async move {
                 let ShimRestore { record, staged, .. } = session;
+                // Dropping the staged copy removes its scratch directory: file work, off
+                // the agent's thread.
                 if !request.restored {
-                    drop(staged);
+                    let _ = blocking(move || drop(staged)).await;
                     parts
                         .journal
                         .note(&record.name, Transition::RestoreEnded { ok: false });
@@ -224,7 +229,7 @@ impl Handler<ContainerRestoreEnd> for NodeAgent {
                             })
                     })
                     .await;
-                drop(staged);
+                let _ = blocking(move || drop(staged)).await;
                 parts.journal.note(
                     &record.name,
                     Transition::RestoreEnded { ok: report.is_ok() },
@@ -248,9 +253,11 @@ impl Handler<ContainerRestoreEnd> for NodeAgent {
                 agent.busy.remove(&name);
                 agent.refresh_tier_usage(ctx);
                 if matches!(&result, Ok(phases) if !phases.is_empty()) {
-                    agent.set_state_of(&stored, WorkloadState::Running);
+                    agent
+                        .workloads
+                        .set_state_of(&stored, WorkloadState::Running);
                 } else {
-                    agent.put_back_state_of(&stored, before);
+                    agent.workloads.put_back_state_of(&stored, before);
                 }
                 let phases = result?;
                 Ok(pb::ContainerRestoreEndReply {

@@ -199,7 +199,8 @@ impl Handler<RestoreLeaseExpired> for NodeAgent {
         self.parts
             .journal
             .note(msg.name.as_str(), Transition::RestoreEnded { ok: false });
-        self.put_back_state_of(&session.record, session.before);
+        self.workloads
+            .put_back_state_of(&session.record, session.before);
         self.expired_restores.insert(msg.name.clone());
         let name = msg.name;
         ctx.spawn(

@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::Api;
-use kybernate_controller::crd::GpuCheckpointGrant;
+use kybernate_api::GpuCheckpointGrant;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::NodeWorker;

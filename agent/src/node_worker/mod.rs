@@ -34,9 +34,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource};
-use kybernate_controller::backoff::ErrorBackoff;
-use kybernate_controller::crd::apply::{self, AGENT_MANAGER};
-use kybernate_controller::crd::{GpuCheckpoint, GpuRestore, NODE_LABEL};
+use kybernate_api::apply::{self, AGENT_MANAGER};
+use kybernate_api::backoff::ErrorBackoff;
+use kybernate_api::{GpuCheckpoint, GpuRestore, NODE_LABEL};
 use kybernate_cuda::GpuFingerprint;
 
 use crate::error::AgentError;

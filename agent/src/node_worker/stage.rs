@@ -15,8 +15,8 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
-use kybernate_controller::crd::apply::{self, AGENT_MANAGER};
-use kybernate_controller::crd::{
+use kybernate_api::apply::{self, AGENT_MANAGER};
+use kybernate_api::{
     Condition, GpuRestore, GpuRestoreStatus, PhaseDuration, RestorePhase, RestoreStaging,
     FAILED_CONDITION, STAGED_CONDITION,
 };

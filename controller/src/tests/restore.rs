@@ -5,10 +5,10 @@ use kube::runtime::controller::Action;
 use serde_json::json;
 
 use super::{core, kyb};
-use crate::crd::*;
 use crate::fixtures::*;
 use crate::mock::Scenario;
 use crate::restore::reconcile;
+use kybernate_api::*;
 
 #[tokio::test]
 async fn creates_the_restored_pod_with_runtime_annotation_and_gpu_affinity() {

@@ -30,6 +30,7 @@ pub fn manifests() -> Result<Seeds> {
     };
     let nvme = CheckpointManifest {
         name: CheckpointName::new("web-1764770000-0a1b")?,
+        key_id: None,
         chunk_size: 1 << 20,
         packs: Vec::new(),
         files: vec![
@@ -52,6 +53,7 @@ pub fn manifests() -> Result<Seeds> {
     };
     let s3 = CheckpointManifest {
         name: CheckpointName::new("train-7")?,
+        key_id: None,
         chunk_size: 8 << 20,
         packs: vec!["packs/train-7-0".into(), "packs/train-7-1".into()],
         files: vec![FileEntry {

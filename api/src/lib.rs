@@ -1,6 +1,11 @@
-//! The custom resources of group `kybernate.io`, version `v1alpha1`.
+//! Kybernate's Kubernetes API, shared by the controller and the agent's node worker: the
+//! custom resources of group `kybernate.io`, version `v1alpha1` (`GpuCheckpoint`,
+//! `GpuRestore`, `GpuWorkload`, `GpuCheckpointGrant`), the labels, annotations and
+//! finalizers they use, status conditions and the server-side apply of each writer
+//! ([`apply`]), and the per-object backoff both reconcilers use ([`backoff`]).
 
 pub mod apply;
+pub mod backoff;
 mod checkpoint;
 mod common;
 mod grant;
