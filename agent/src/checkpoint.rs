@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use kybernate_dataplane::{CheckpointName, StoreReport, TierKind};
+use kybernate_dataplane::{CheckpointName, TierKind};
 
 use crate::catalog::CheckpointRecord;
 use crate::checkpoint_machine::{CheckpointMachine, Driver, Start};
@@ -14,8 +14,8 @@ use crate::config::TimeoutsConfig;
 use crate::criu::Dump;
 use crate::error::AgentError;
 use crate::events::PhaseClock;
-use crate::images::{self, ImageFile};
-use crate::journal::{DumpIntent, Transition};
+use crate::failpoints::failpoint;
+use crate::journal::DumpIntent;
 use crate::node_parts::NodeParts;
 use crate::process;
 use crate::streaming;
@@ -195,7 +195,7 @@ async fn dump_and_store(
         process::continue_tree(&tree);
         return Err(roll_back(machine, "criu_dump", e).await);
     }
-    machine.dumped(None).map_err(|e| ("criu_dump", e))?;
+    machine.dumped(None).await.map_err(|e| ("criu_dump", e))?;
     failpoint("checkpoint.after_criu").map_err(|e| ("criu_dump", e))?;
     machine.release_gpus().await?;
     let stored = machine.store(streamed).await?;
@@ -216,49 +216,6 @@ async fn roll_back(
             AgentError::Internal(format!("{e}; and the CUDA rollback failed: {resume_error}")),
         ),
     }
-}
-
-/// What every checkpoint (a process here, a container through the shim) does once CRIU has
-/// written its images: commit them as the RAM tier's copy (phase `store_ram`), then take their
-/// chunk digests (phase `digest`), the one pass that hashes the images. The digests verify the
-/// RAM copy before a restore and are the chunk addresses when it drains into slower tiers.
-pub async fn commit_and_digest(
-    parts: &NodeParts,
-    clock: &mut PhaseClock,
-    name: &CheckpointName,
-) -> Result<(StoreReport, Vec<ImageFile>), (&'static str, AgentError)> {
-    let ram = parts.ram.clone();
-    let commit_name = name.clone();
-    let ram_report = clock
-        .run("store_ram", async {
-            blocking(move || ram.commit(&commit_name))
-                .await?
-                .map_err(|source| AgentError::Tier {
-                    name: name.to_string(),
-                    phase: "store_ram".into(),
-                    source: Box::new(source),
-                })
-        })
-        .await
-        .map_err(|e| ("store_ram", e))?;
-    parts.journal.note(
-        name.as_str(),
-        Transition::Committed {
-            tier: TierKind::Ram.as_str().into(),
-        },
-    );
-    failpoint("checkpoint.after_ram_commit").map_err(|e| ("store_ram", e))?;
-    let dir = parts.ram.dir_of(name);
-    let config = parts.config.dataplane.chunk_config();
-    let files = clock
-        .run("digest", async move {
-            blocking(move || images::digest_dir(&dir, &config))
-                .await?
-                .map_err(|e| AgentError::Internal(e.to_string()))
-        })
-        .await
-        .map_err(|e| ("digest", e))?;
-    Ok((ram_report, files))
 }
 
 /// Refuses a name that anything on the node already holds: a record is checked by the node
@@ -296,18 +253,4 @@ pub async fn ensure_name_free(parts: &NodeParts, name: &CheckpointName) -> Resul
         }
     }
     Ok(())
-}
-
-/// Fires a test failpoint ([`crate::failpoints`]) as an agent error.
-pub fn failpoint(name: &str) -> Result<(), AgentError> {
-    crate::failpoints::hit(name).map_err(AgentError::Internal)
-}
-
-/// Runs blocking file work off the async runtime.
-pub async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, AgentError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| AgentError::Internal(format!("blocking task: {e}")))
 }

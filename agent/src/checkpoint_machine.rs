@@ -22,13 +22,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kybernate_dataplane::{CheckpointName, StoreReport, TierError, TierKind};
 
+use crate::blocking_work::blocking;
 use crate::catalog::CheckpointRecord;
-use crate::checkpoint::{blocking, commit_and_digest, failpoint};
 use crate::cuda::{CudaHeld, LockAndCheckpoint, Release};
 use crate::drain::{self, Foreground};
 use crate::error::{tier_list, AgentError};
 use crate::events::PhaseClock;
-use crate::images::ImageFile;
+use crate::failpoints::failpoint;
+use crate::images::{self, ImageFile};
 use crate::journal::{DumpIntent, Transition};
 use crate::node_parts::NodeParts;
 use crate::streaming;
@@ -269,14 +270,15 @@ impl CheckpointMachine {
     }
 
     /// The driver's dump is complete (`took`, when the driver timed it elsewhere).
-    pub fn dumped(&mut self, took: Option<Duration>) -> Result<(), AgentError> {
+    pub async fn dumped(&mut self, took: Option<Duration>) -> Result<(), AgentError> {
         self.advance(Step::Dumped)?;
         if let Some(took) = took {
             self.clock.record("criu_dump", took);
         }
         self.parts
             .journal
-            .note(self.name.as_str(), Transition::Dumped);
+            .note_off_thread(self.name.as_str(), Transition::Dumped)
+            .await;
         self.workload.send_replace(WorkloadState::Dumped);
         Ok(())
     }
@@ -359,21 +361,22 @@ impl CheckpointMachine {
                     drain::store_foreground(parts, clock, name, &files, ram, until).await;
                 ((TierKind::Ram, ram), files, foreground)
             }
-            Some(committed) => {
-                streaming::store_foreground(parts, clock, name, committed, until).await?
-            }
+            Some(committed) => store_streamed(parts, clock, name, committed, until).await?,
         };
         for kind in foreground
             .kinds()
             .into_iter()
             .filter(|k| *k != TierKind::Ram)
         {
-            parts.journal.note(
-                name.as_str(),
-                Transition::Committed {
-                    tier: kind.as_str().into(),
-                },
-            );
+            parts
+                .journal
+                .note_off_thread(
+                    name.as_str(),
+                    Transition::Committed {
+                        tier: kind.as_str().into(),
+                    },
+                )
+                .await;
         }
         parts.metrics.stored(
             first.1.raw_bytes,
@@ -460,7 +463,8 @@ impl CheckpointMachine {
         }
         self.parts
             .journal
-            .note(self.name.as_str(), Transition::Abandoned { reason });
+            .note_off_thread(self.name.as_str(), Transition::Abandoned { reason })
+            .await;
         self.workload.send_replace(if resumed.is_ok() {
             WorkloadState::Running
         } else {
@@ -495,6 +499,96 @@ impl CheckpointMachine {
             }
         }
     }
+}
+
+/// What every checkpoint (a process here, a container through the shim) does once CRIU has
+/// written its images: commit them as the RAM tier's copy (phase `store_ram`), then take their
+/// chunk digests (phase `digest`), the one pass that hashes the images. The digests verify the
+/// RAM copy before a restore and are the chunk addresses when it drains into slower tiers.
+async fn commit_and_digest(
+    parts: &NodeParts,
+    clock: &mut PhaseClock,
+    name: &CheckpointName,
+) -> Result<(StoreReport, Vec<ImageFile>), (&'static str, AgentError)> {
+    let ram = parts.ram.clone();
+    let commit_name = name.clone();
+    let ram_report = clock
+        .run("store_ram", async {
+            blocking(move || ram.commit(&commit_name))
+                .await?
+                .map_err(|source| AgentError::Tier {
+                    name: name.to_string(),
+                    phase: "store_ram".into(),
+                    source: Box::new(source),
+                })
+        })
+        .await
+        .map_err(|e| ("store_ram", e))?;
+    parts
+        .journal
+        .note_off_thread(
+            name.as_str(),
+            Transition::Committed {
+                tier: TierKind::Ram.as_str().into(),
+            },
+        )
+        .await;
+    failpoint("checkpoint.after_ram_commit").map_err(|e| ("store_ram", e))?;
+    let dir = parts.ram.dir_of(name);
+    let config = parts.config.dataplane.chunk_config();
+    let files = clock
+        .run("digest", async move {
+            blocking(move || images::digest_dir(&dir, &config))
+                .await?
+                .map_err(|e| AgentError::Internal(e.to_string()))
+        })
+        .await
+        .map_err(|e| ("digest", e))?;
+    Ok((ram_report, files))
+}
+
+/// After a successful streamed dump: takes the NVMe tier's store (`committed`, from
+/// [`streaming::end_capture`]) and the checkpoint's digests, and stores into S3 from NVMe when the
+/// checkpoint must reach S3 before it reports done. Returns what
+/// [`crate::drain::store_foreground`] returns for the RAM path, with NVMe as the first tier.
+async fn store_streamed(
+    parts: &NodeParts,
+    clock: &mut PhaseClock,
+    name: &CheckpointName,
+    committed: Result<Result<StoreReport, TierError>, AgentError>,
+    until: TierKind,
+) -> Result<((TierKind, StoreReport), Vec<ImageFile>, Foreground), (&'static str, AgentError)> {
+    let partial = parts.ram.partial_dir_of(name);
+    let _ = blocking(move || std::fs::remove_dir_all(partial)).await;
+    let report = committed
+        .and_then(|r| {
+            r.map_err(|source| AgentError::Tier {
+                name: name.to_string(),
+                phase: "store_nvme".into(),
+                source: Box::new(source),
+            })
+        })
+        .map_err(|e| ("store_nvme", e))?;
+    parts.metrics.drained(TierKind::Nvme.as_str(), &report);
+    let nvme = parts
+        .tiers
+        .nvme
+        .clone()
+        .ok_or_else(|| ("store_nvme", AgentError::Internal("no NVMe tier".into())))?;
+    let files = streaming::files_in(nvme, name)
+        .await
+        .map_err(|e| ("store_nvme", e))?;
+    let mut foreground = Foreground {
+        stored: vec![(TierKind::Nvme, report)],
+        failure: None,
+    };
+    if until >= TierKind::S3 {
+        match streaming::store_s3_from_nvme(parts, clock, name).await {
+            Ok(s3) => foreground.stored.push((TierKind::S3, s3)),
+            Err(e) => foreground.failure = Some(("store_s3", e)),
+        }
+    }
+    Ok(((TierKind::Nvme, report), files, foreground))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! `src/bin/kybernatectl/`, which uses only the client crate) is its client.
 
 pub mod bandwidth;
+pub mod blocking_work;
 pub mod catalog;
 pub mod checkpoint;
 pub mod checkpoint_machine;

@@ -667,7 +667,7 @@ impl Handler<Delete> for NodeAgent {
                 if !leftovers.is_empty() {
                     let paths: Vec<std::path::PathBuf> =
                         leftovers.iter().map(|l| l.path.clone()).collect();
-                    crate::checkpoint::blocking(move || {
+                    crate::blocking_work::blocking(move || {
                         paths.iter().try_for_each(|p| std::fs::remove_dir_all(p).map_err(|e| {
                             AgentError::Internal(format!("cannot remove {}: {e}", p.display()))
                         }))

@@ -8,8 +8,8 @@ use std::time::Duration;
 use kybernate_dataplane::{CheckpointName, TierKind};
 
 use crate::bandwidth::Urgency;
+use crate::blocking_work::blocking;
 use crate::catalog::{CheckpointRecord, Phase};
-use crate::checkpoint::blocking;
 use crate::config::TimeoutsConfig;
 use crate::criu::{Restore, Restored};
 use crate::cuda::{CheckRestore, CudaPhaseError, RestoreAndUnlock};
@@ -170,14 +170,17 @@ async fn phases(
     let _ = std::fs::create_dir_all(parts.config.logs_dir());
     // Whatever holds the PID from here on was put there by this restore.
     let since_ticks = process::uptime_ticks();
-    parts.journal.note(
-        &record.name,
-        Transition::RestoreStarted {
-            pid: record.pid,
-            since_ticks,
-        },
-    );
-    let restored = match crate::checkpoint::failpoint("restore.before_criu") {
+    parts
+        .journal
+        .note_off_thread(
+            &record.name,
+            Transition::RestoreStarted {
+                pid: record.pid,
+                since_ticks,
+            },
+        )
+        .await;
+    let restored = match crate::failpoints::failpoint("restore.before_criu") {
         Err(e) => Err(("criu_restore", e)),
         Ok(()) => run_criu_restore(parts, record, &name, staged, candidates, clock).await,
     };
@@ -191,11 +194,12 @@ async fn phases(
             }
             parts
                 .journal
-                .note(&record.name, Transition::RestoreEnded { ok: false });
+                .note_off_thread(&record.name, Transition::RestoreEnded { ok: false })
+                .await;
             return Err(e);
         }
     };
-    crate::checkpoint::failpoint("restore.after_criu").map_err(|e| ("criu_restore", e))?;
+    crate::failpoints::failpoint("restore.after_criu").map_err(|e| ("criu_restore", e))?;
 
     let tree = process::tree(restored.pid);
     let unlock = RestoreAndUnlock {
@@ -218,13 +222,15 @@ async fn phases(
             process::kill_tree(&tree);
             parts
                 .journal
-                .note(&record.name, Transition::RestoreEnded { ok: false });
+                .note_off_thread(&record.name, Transition::RestoreEnded { ok: false })
+                .await;
             return Err(("cuda_restore", e));
         }
     }
     parts
         .journal
-        .note(&record.name, Transition::RestoreEnded { ok: true });
+        .note_off_thread(&record.name, Transition::RestoreEnded { ok: true })
+        .await;
     let source_tier = staged.tier;
     // Dropping a staged scratch copy removes it: file work, off the agent's thread.
     let _ = blocking(move || drop(staged)).await;
@@ -407,7 +413,7 @@ async fn load_into_ram(
     };
     let deadline = Duration::from_millis(parts.config.timeouts.restore_ms);
     let phase = load_phase(kind);
-    crate::checkpoint::failpoint(&format!("stage.{kind}.before_load"))?;
+    crate::failpoints::failpoint(&format!("stage.{kind}.before_load"))?;
     let pacing = parts.bandwidth.pacing(urgency);
     // A load that times out stops writing into the scratch directory.
     let _cancel = crate::tiers::CancelOnDrop(pacing.cancel.clone());
@@ -435,7 +441,7 @@ async fn load_into_ram(
         })
         .await?;
     parts.metrics.loaded(kind.as_str(), report.bytes);
-    crate::checkpoint::failpoint(&format!("stage.{kind}.after_load"))?;
+    crate::failpoints::failpoint(&format!("stage.{kind}.after_load"))?;
     Ok(staged)
 }
 

@@ -320,3 +320,79 @@ fn agent_killed_between_a_shim_restore_stage_and_its_end_unlocks_on_the_late_end
         },
     );
 }
+
+#[test]
+fn agent_killed_after_a_shim_begin_journaled_its_intent_locked_nothing() {
+    on_node(
+        "agent_killed_after_a_shim_begin_journaled_its_intent_locked_nothing",
+        Some(GPU_A),
+        |node| {
+            let mut agent = TestAgent::start_with(
+                "",
+                &[(FAILPOINTS, "container_checkpoint.after_intent=kill")],
+            );
+            let w = Workload::start(node, 64, 1);
+            let pids: Vec<i32> = w
+                .pids()
+                .iter()
+                .map(|p| i32::try_from(*p).unwrap())
+                .collect();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let begin = pb::ContainerCheckpointBeginRequest {
+                name: "gb".into(),
+                container_id: "gb-container".into(),
+                pids,
+                leave_running: true,
+                ..Default::default()
+            };
+            runtime.block_on(async {
+                let mut client = kybernate_client::connect_agent(&agent.socket)
+                    .await
+                    .unwrap();
+                let begun = client.container_checkpoint_begin(begin.clone()).await;
+                assert!(begun.is_err(), "the agent died before it replied");
+            });
+            assert!(!agent.wait_exit().success());
+            let journal = std::fs::read_to_string(agent.state_dir().join("journal")).unwrap();
+            assert!(
+                journal.contains("\"dump_intent\"") && journal.contains("gb-container"),
+                "the Begin's intent is journaled: {journal}"
+            );
+            assert!(
+                locks(node).is_empty(),
+                "nothing is locked before the intent is journaled: {:?}",
+                node.calls()
+            );
+
+            agent.relaunch_with_env(&[]);
+            w.assert_keeps_verifying();
+            assert!(agent.listed("gb").is_none());
+            assert!(!agent.ram_root().join(".partial-gb").exists());
+            // The name is free and the container checkpoints again.
+            runtime.block_on(async {
+                let mut client = kybernate_client::connect_agent(&agent.socket)
+                    .await
+                    .unwrap();
+                let reply = client
+                    .container_checkpoint_begin(begin)
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(reply.cuda_pids.len(), 2, "{reply:?}");
+                client
+                    .container_checkpoint_end(pb::ContainerCheckpointEndRequest {
+                        checkpoint_ref: "gb".into(),
+                        dumped: false,
+                        failure: "test rolls back".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+            });
+            assert_unlocked(node, &w);
+        },
+    );
+}

@@ -12,8 +12,8 @@ use kybernate_proto::agent::v1 as pb;
 use super::shim_lease::{Lease, RestoreLeaseExpired};
 use super::{phases_pb, NodeAgent};
 use crate::bandwidth::Urgency;
+use crate::blocking_work::blocking;
 use crate::catalog::CheckpointRecord;
-use crate::checkpoint::blocking;
 use crate::cuda::{CheckRestore, RestoreAndUnlock};
 use crate::error::AgentError;
 use crate::events::PhaseClock;
@@ -195,18 +195,22 @@ impl Handler<ContainerRestoreEnd> for NodeAgent {
                     let _ = blocking(move || drop(staged)).await;
                     parts
                         .journal
-                        .note(&record.name, Transition::RestoreEnded { ok: false });
+                        .note_off_thread(&record.name, Transition::RestoreEnded { ok: false })
+                        .await;
                     return Ok(Vec::new());
                 }
                 // Journaled before the unlock: an agent that dies first leaves the restored
                 // processes CUDA-locked, and recovery unlocks exactly these.
-                parts.journal.note(
-                    &record.name,
-                    Transition::RestoreRan {
-                        pids: request.pids.clone(),
-                    },
-                );
-                crate::checkpoint::failpoint("container_restore.before_cuda_restore")?;
+                parts
+                    .journal
+                    .note_off_thread(
+                        &record.name,
+                        Transition::RestoreRan {
+                            pids: request.pids.clone(),
+                        },
+                    )
+                    .await;
+                crate::failpoints::failpoint("container_restore.before_cuda_restore")?;
                 let mut clock = PhaseClock::new(
                     &record.name,
                     "restore",
@@ -230,10 +234,13 @@ impl Handler<ContainerRestoreEnd> for NodeAgent {
                     })
                     .await;
                 let _ = blocking(move || drop(staged)).await;
-                parts.journal.note(
-                    &record.name,
-                    Transition::RestoreEnded { ok: report.is_ok() },
-                );
+                parts
+                    .journal
+                    .note_off_thread(
+                        &record.name,
+                        Transition::RestoreEnded { ok: report.is_ok() },
+                    )
+                    .await;
                 match report {
                     Ok(report) => {
                         if !report.processes.is_empty() {

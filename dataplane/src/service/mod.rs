@@ -22,7 +22,7 @@ pub use probe::{IoBackend, IoMode};
 pub(crate) use writer::StoreWrites;
 
 use crate::buffer::BufferPool;
-use crate::chunk::{ChunkConfig, IO_ALIGN};
+use crate::chunk::ChunkConfig;
 use crate::{TierError, TierKind};
 
 /// Environment variable that overrides `[dataplane] io` (`auto`, `uring` or `pread`), for
@@ -58,11 +58,9 @@ impl DataPlane {
             Err(_) => io,
         };
         let workers = chunk.worker_count();
-        let pool = BufferPool::new(
-            chunk.chunk_size + crate::SEAL_OVERHEAD,
-            workers * 2 + WRITE_BUFFERS,
-        );
-        let staging = BufferPool::new(chunk.chunk_size, workers * 2 + STAGING_BUFFERS);
+        let [(pool_buf, pool_count), (staging_buf, staging_count)] = pool_sizes(chunk);
+        let pool = BufferPool::new(pool_buf, pool_count);
+        let staging = BufferPool::new(staging_buf, staging_count);
         let writer = writer::ChunkWriterThread::start(io, &pool)?;
         Ok(Arc::new(Self {
             writer,
@@ -100,15 +98,10 @@ impl DataPlane {
     /// What [`DataPlane::pinned_pool_bytes`] will be for `chunk`, without starting anything
     /// (for `kybernatectl config show` on a config not yet in force).
     pub fn pinned_pool_bytes_for(chunk: &ChunkConfig) -> u64 {
-        let workers = chunk.worker_count();
-        let encoded = workers * 2 + WRITE_BUFFERS;
-        let staging = workers * 2 + STAGING_BUFFERS;
-        // Encoded chunks may carry a sealed chunk's tag and nonce: one more page each.
-        let encoded_len = (chunk.chunk_size + crate::SEAL_OVERHEAD).div_ceil(IO_ALIGN) * IO_ALIGN;
-        let bytes = encoded_len
-            .saturating_mul(encoded)
-            .saturating_add(chunk.chunk_size.saturating_mul(staging));
-        u64::try_from(bytes).unwrap_or(u64::MAX)
+        pool_sizes(chunk)
+            .iter()
+            .map(|&(buf, count)| BufferPool::capacity_of(buf, count))
+            .sum()
     }
 
     pub(crate) fn pool(&self) -> &BufferPool {
@@ -123,4 +116,18 @@ impl DataPlane {
     pub(crate) fn store_writes(&self, cancel: CancelToken) -> StoreWrites {
         self.writer.store_writes(cancel)
     }
+}
+
+/// Buffer size and count of the two pinned pools for chunks cut as `chunk` says: the chunk
+/// pool (each buffer holds a chunk sealed for encryption at rest: its bytes, tag and nonce)
+/// and the staging pool (raw chunks).
+fn pool_sizes(chunk: &ChunkConfig) -> [(usize, usize); 2] {
+    let workers = chunk.worker_count();
+    [
+        (
+            chunk.chunk_size + crate::SEAL_OVERHEAD,
+            workers * 2 + WRITE_BUFFERS,
+        ),
+        (chunk.chunk_size, workers * 2 + STAGING_BUFFERS),
+    ]
 }
