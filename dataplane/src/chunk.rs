@@ -257,11 +257,14 @@ pub(crate) fn encode_into(
     if raw.len() >= SAMPLES * SAMPLE_LEN * 8 && !samples_shrink(raw, config, compressor, out) {
         return store_raw(raw, out);
     }
-    let limit = config.compressed_limit(raw.len()).min(out.len());
-    // A destination smaller than the limit makes zstd fail fast on data that would not
-    // shrink enough; such chunks are stored raw.
-    match compressor.compress_to_buffer(raw, &mut out[..limit]) {
-        Ok(n) if n < raw.len() => (ChunkEncoding::Zstd, n),
+    // zstd gets the whole buffer and the limit is checked afterwards: given a destination of
+    // exactly the limit, zstd refuses some outputs that would have fit (it needs room for
+    // its worst case while it writes), so the same chunk could be stored raw or compressed
+    // depending on how close it came. Data that cannot shrink was mostly caught by the
+    // samples above; what is left and fails here is stored raw.
+    let limit = config.compressed_limit(raw.len());
+    match compressor.compress_to_buffer(raw, &mut *out) {
+        Ok(n) if n <= limit && n < raw.len() => (ChunkEncoding::Zstd, n),
         _ => store_raw(raw, out),
     }
 }
