@@ -55,8 +55,11 @@ cargo build --workspace --all-targets
 # the registry cache the build filled. Advisories are not checked: the RustSec database cannot
 # be fetched from these machines. The Kubernetes policy scan (checkov) is a test in
 # controller/tests/manifests.rs.
-stage policy "cargo deny check licenses bans sources"
+stage policy "cargo deny check licenses bans sources; module cycles"
 cargo deny --offline --log-level error check licenses bans sources
+# No module may depend on a sibling that depends back on it (listed exceptions aside).
+python3 scripts/module_cycles.py --self-test
+python3 scripts/module_cycles.py
 
 stage tests "cargo nextest run"
 if cargo nextest --version >/dev/null 2>&1; then

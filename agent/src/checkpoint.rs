@@ -1,25 +1,26 @@
-//! The checkpoint of one workload: CUDA phase, CRIU dump into the RAM tier, digest, and
-//! storing into the slower tiers; or, for a checkpoint asked for NVMe or S3, CRIU's dump
-//! streamed into the NVMe tier ([`crate::streaming`]). Any failure resumes the workload and
-//! leaves no checkpoint.
+//! The agent's driver of a checkpoint ([`crate::checkpoint_machine`]): the agent runs CRIU
+//! on a bare process tree, into the RAM tier or, for a checkpoint asked for NVMe or S3,
+//! streamed into the NVMe tier ([`crate::streaming`]). The machine journals, locks and
+//! releases CUDA, stores and records; a failure before the dump completed resumes the
+//! workload and leaves no checkpoint.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use kybernate_dataplane::{CheckpointName, StoreReport, TierKind};
+use kybernate_dataplane::{CheckpointName, TierKind};
 
 use crate::catalog::CheckpointRecord;
+use crate::checkpoint_machine::{CheckpointMachine, Driver, Start};
 use crate::config::TimeoutsConfig;
 use crate::criu::Dump;
-use crate::cuda::{CudaPhaseError, LockAndCheckpoint, Release};
-use crate::drain;
-use crate::error::{tier_list, AgentError};
+use crate::error::AgentError;
 use crate::events::PhaseClock;
-use crate::images::{self, ImageFile};
-use crate::journal::{DumpIntent, Transition};
+use crate::failpoints::failpoint;
+use crate::journal::DumpIntent;
 use crate::node_parts::NodeParts;
 use crate::process;
 use crate::streaming;
 use crate::tiers::Contains;
+use crate::workload_state::StateSender;
 
 /// What to checkpoint and how.
 #[derive(Debug, Clone)]
@@ -45,121 +46,125 @@ pub struct CheckpointJob {
     pub gpu_seat: String,
 }
 
-/// Runs a checkpoint; on success the record is ready to be saved in the catalog.
-/// `on_dumped` is called once CRIU has finished, before the images are stored.
+/// Runs a checkpoint; on success the record is ready to be saved in the catalog. The
+/// workload's state goes into `workload`.
 pub async fn run(
     parts: NodeParts,
     job: CheckpointJob,
-    on_dumped: impl FnOnce(),
+    workload: StateSender,
 ) -> Result<CheckpointRecord, AgentError> {
-    let mut clock = PhaseClock::new(
+    let clock = PhaseClock::new(
         job.name.as_str(),
         "checkpoint",
         parts.events.clone(),
         parts.metrics.clone(),
     );
-    let result = phases(&parts, &job, &mut clock, on_dumped).await;
-    match &result {
-        Ok(_) => clock.succeeded(),
-        Err((phase, e)) => clock.failed(phase, e.metric_label()),
-    }
+    let mut machine = match start(&parts, &job, clock, workload).await {
+        Ok(machine) => machine,
+        Err((clock, phase, e)) => {
+            clock.failed(phase, e.metric_label());
+            return Err(e);
+        }
+    };
+    let result = dump_and_store(&parts, &job, &mut machine).await;
+    machine.finish(&result);
     result.map_err(|(_, e)| e)
 }
 
-async fn phases(
+/// Validates the job and starts its machine (the intent journaled); the clock comes back
+/// with the error when nothing was started.
+async fn start(
     parts: &NodeParts,
     job: &CheckpointJob,
-    clock: &mut PhaseClock,
-    on_dumped: impl FnOnce(),
-) -> Result<CheckpointRecord, (&'static str, AgentError)> {
-    let name = job.name.clone();
-    let stat = process::check_target(job.pid).map_err(|e| ("validate", e.into()))?;
-    let shell_job = stat.session != job.pid || stat.pgrp != job.pid;
-    ensure_name_free(parts, &name)
-        .await
-        .map_err(|e| ("validate", e))?;
-    let tree = process::tree(job.pid);
-    process::check_capabilities(&tree).map_err(|e| ("validate", e.into()))?;
-
-    let cuda_error = |source: CudaPhaseError| AgentError::Cuda {
-        name: name.to_string(),
-        source,
-    };
-    let lock = LockAndCheckpoint {
-        name: name.to_string(),
-        pids: tree.clone(),
-        lock_timeout: TimeoutsConfig::of(parts.config.timeouts.cuda_ms),
-    };
-    let cuda = clock
-        .run("cuda_checkpoint", async {
-            parts.cuda.send(lock).await?.map_err(cuda_error)
-        })
-        .await
-        .map_err(|e| ("cuda_checkpoint", e))?;
-    if !cuda.cuda_pids.is_empty() {
-        clock.record("cuda_lock", cuda.timings.lock);
+    clock: PhaseClock,
+    workload: StateSender,
+) -> Result<CheckpointMachine, (PhaseClock, &'static str, AgentError)> {
+    let validated = async {
+        let stat = process::check_target(job.pid)?;
+        ensure_name_free(parts, &job.name).await?;
+        process::check_capabilities(&process::tree(job.pid))?;
+        Ok::<_, AgentError>(stat)
     }
-    let release = |keep_checkpointed| Release {
-        name: name.to_string(),
-        keep_checkpointed,
+    .await;
+    let stat = match validated {
+        Ok(stat) => stat,
+        Err(e) => return Err((clock, "validate", e)),
     };
-
-    let partial = parts.ram.partial_dir_of(&name);
     let intent = DumpIntent {
         pid: job.pid,
         start_ticks: stat.start_ticks,
         leave_running: job.leave_running,
-        shell_job,
+        shell_job: stat.session != job.pid || stat.pgrp != job.pid,
         container_id: job.container_id.clone(),
         pod_uid: job.pod_uid.clone(),
         gpu_group: job.gpu_group.clone(),
         gpu_seat: job.gpu_seat.clone(),
-        images_dir: partial.clone(),
+        images_dir: parts.ram.partial_dir_of(&job.name),
     };
-    // The intent is journaled before CRIU can end the workload: without it, a crash would
-    // leave images nobody knows how to adopt.
-    let prepared = std::fs::create_dir_all(&partial)
-        .and_then(|()| std::fs::create_dir_all(parts.config.logs_dir()))
-        .map_err(|e| AgentError::Internal(format!("cannot prepare {}: {e}", partial.display())))
-        .and_then(|()| {
-            parts
-                .journal
-                .append(name.as_str(), Transition::DumpIntent(intent))
-                .map_err(|e| AgentError::Internal(e.to_string()))
+    let start = Start {
+        name: job.name.clone(),
+        driver: Driver::AgentCriu,
+        intent,
+        origin: crate::tenancy::Origin::NodeLocal,
+        until: job.until,
+        workload,
+        clock,
+    };
+    // A failed start has abandoned itself and ended its clock's events in `run`'s stead.
+    CheckpointMachine::begin(parts.clone(), start)
+        .await
+        .map_err(|e| {
+            let clock = PhaseClock::new(
+                job.name.as_str(),
+                "checkpoint",
+                parts.events.clone(),
+                parts.metrics.clone(),
+            );
+            (clock, "criu_dump", e)
         })
-        .and_then(|()| failpoint("checkpoint.before_criu"));
-    if let Err(e) = prepared {
-        let _ = std::fs::remove_dir_all(&partial);
-        abandon(parts, &name, &e);
-        let _ = parts.cuda.send(release(false)).await;
-        return Err(("criu_dump", e));
-    }
+}
 
-    // A checkpoint for NVMe or S3 streams into the NVMe tier; one for RAM is written there.
+/// The agent's driver: CUDA lock, CRIU dump (streamed into NVMe for a checkpoint asked for
+/// NVMe or S3), then the machine stores and records.
+async fn dump_and_store(
+    parts: &NodeParts,
+    job: &CheckpointJob,
+    machine: &mut CheckpointMachine,
+) -> Result<CheckpointRecord, (&'static str, AgentError)> {
+    let name = job.name.clone();
+    let tree = process::tree(job.pid);
+    machine
+        .lock_cuda(
+            tree.clone(),
+            TimeoutsConfig::of(parts.config.timeouts.cuda_ms),
+        )
+        .await
+        .map_err(|e| ("cuda_checkpoint", e))?;
+    if let Err(e) = failpoint("checkpoint.before_criu") {
+        return Err(roll_back(machine, "criu_dump", e).await);
+    }
+    let partial = machine.images_dir().to_owned();
     let capture = match streaming::capture_target(parts, job.until) {
         Some(nvme) => match streaming::start_capture(nvme, &name, partial.clone()).await {
             Ok(capture) => Some(capture),
-            Err(e) => {
-                let _ = parts.cuda.send(release(false)).await;
-                let _ = std::fs::remove_dir_all(&partial);
-                return Err(("criu_dump", e));
-            }
+            Err(e) => return Err(roll_back(machine, "criu_dump", e).await),
         },
         None => None,
     };
     let timeouts = &parts.config.timeouts;
     let dump = Dump {
         pid: job.pid,
-        images_dir: partial.clone(),
+        images_dir: partial,
         log: parts.config.logs_dir().join(format!("{name}-dump.log")),
         leave_running: job.leave_running,
-        shell_job,
+        shell_job: machine.intent().shell_job,
         timeout: job
             .dump_timeout
             .unwrap_or_else(|| TimeoutsConfig::of(timeouts.dump_ms)),
         stream_commit: capture.as_ref().map(|c| c.action_script().to_owned()),
     };
-    let dumped = clock
+    let dumped = machine
+        .clock
         .run("criu_dump", async {
             parts
                 .criu
@@ -188,154 +193,29 @@ async fn phases(
         };
         // CRIU resumes the tree itself when it fails; when it was killed half-way, only we can.
         process::continue_tree(&tree);
-        let _ = std::fs::remove_dir_all(&partial);
-        abandon(parts, &name, &e);
-        let resumed = clock
-            .run("cuda_resume", async {
-                parts.cuda.send(release(false)).await?.map_err(cuda_error)
-            })
-            .await;
-        if let Err(resume_error) = resumed {
-            let e =
-                AgentError::Internal(format!("{e}; and the CUDA rollback failed: {resume_error}"));
-            return Err(("cuda_resume", e));
-        }
-        return Err(("criu_dump", e));
+        return Err(roll_back(machine, "criu_dump", e).await);
     }
-    parts.journal.note(name.as_str(), Transition::Dumped);
+    machine.dumped(None).map_err(|e| ("criu_dump", e))?;
     failpoint("checkpoint.after_criu").map_err(|e| ("criu_dump", e))?;
-    on_dumped();
-    // Stopped workloads stay checkpointed (CRIU has their memory); leave-running ones get their
-    // GPUs back now.
-    let phase = if job.leave_running {
-        "cuda_resume"
-    } else {
-        "cuda_release"
-    };
-    let timings = clock
-        .run(phase, async {
-            parts
-                .cuda
-                .send(release(!job.leave_running))
-                .await?
-                .map_err(cuda_error)
-        })
-        .await
-        .map_err(|e| (phase, e))?;
-    if job.leave_running && !cuda.cuda_pids.is_empty() {
-        clock.record("cuda_unlock", timings.unlock);
-    }
-
-    let (first, files, foreground) = match streamed {
-        None => {
-            let (ram_report, files) = commit_and_digest(parts, clock, &name).await?;
-            let foreground =
-                drain::store_foreground(parts, clock, &name, &files, ram_report, job.until).await;
-            ((TierKind::Ram, ram_report), files, foreground)
-        }
-        Some(committed) => {
-            streaming::store_foreground(parts, clock, &name, committed, job.until).await?
-        }
-    };
-    for kind in foreground
-        .kinds()
-        .into_iter()
-        .filter(|k| *k != TierKind::Ram)
-    {
-        parts.journal.note(
-            name.as_str(),
-            Transition::Committed {
-                tier: kind.as_str().into(),
-            },
-        );
-    }
-    parts.metrics.stored(
-        first.1.raw_bytes,
-        &[(first.0.as_str(), first.1.stored_bytes)],
-    );
-    let record = CheckpointRecord {
-        name: name.to_string(),
-        pid: job.pid,
-        container_id: job.container_id.clone(),
-        pod_uid: job.pod_uid.clone(),
-        gpu_group: job.gpu_group.clone(),
-        gpu_seat: job.gpu_seat.clone(),
-        created_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        leave_running: job.leave_running,
-        shell_job,
-        phases: clock.phases.clone(),
-        raw_bytes: first.1.raw_bytes,
-        stored_bytes: foreground.stored_bytes(),
-        files,
-        gpu: if cuda.cuda_pids.is_empty() {
-            None
-        } else {
-            cuda.fingerprint
-        },
-        note: String::new(),
-        origin: crate::tenancy::Origin::NodeLocal,
-    };
-    let held = tier_list(&foreground.kinds());
-    failpoint("checkpoint.before_record").map_err(|e| ("record", e))?;
-    match foreground.failure {
-        None => Ok(record),
-        // The dump succeeded, so the images are the workload's state (in stop mode its only
-        // state): keep the checkpoint with the tiers that hold it and report what failed.
-        Some((phase, source)) => Err((
-            phase,
-            AgentError::HeldPartially {
-                tiers: held,
-                record: Box::new(record),
-                source: Box::new(source),
-            },
-        )),
-    }
+    machine.release_gpus().await?;
+    let stored = machine.store(streamed).await?;
+    machine.record(stored, String::new()).map_err(|e| *e)
 }
 
-/// What every checkpoint (a process here, a container through the shim) does once CRIU has
-/// written its images: commit them as the RAM tier's copy (phase `store_ram`), then take their
-/// chunk digests (phase `digest`), the one pass that hashes the images. The digests verify the
-/// RAM copy before a restore and are the chunk addresses when it drains into slower tiers.
-pub async fn commit_and_digest(
-    parts: &NodeParts,
-    clock: &mut PhaseClock,
-    name: &CheckpointName,
-) -> Result<(StoreReport, Vec<ImageFile>), (&'static str, AgentError)> {
-    let ram = parts.ram.clone();
-    let commit_name = name.clone();
-    let ram_report = clock
-        .run("store_ram", async {
-            blocking(move || ram.commit(&commit_name))
-                .await?
-                .map_err(|source| AgentError::Tier {
-                    name: name.to_string(),
-                    phase: "store_ram".into(),
-                    source: Box::new(source),
-                })
-        })
-        .await
-        .map_err(|e| ("store_ram", e))?;
-    parts.journal.note(
-        name.as_str(),
-        Transition::Committed {
-            tier: TierKind::Ram.as_str().into(),
-        },
-    );
-    failpoint("checkpoint.after_ram_commit").map_err(|e| ("store_ram", e))?;
-    let dir = parts.ram.dir_of(name);
-    let config = parts.config.dataplane.chunk_config();
-    let files = clock
-        .run("digest", async move {
-            blocking(move || images::digest_dir(&dir, &config))
-                .await?
-                .map_err(|e| AgentError::Internal(e.to_string()))
-        })
-        .await
-        .map_err(|e| ("digest", e))?;
-    Ok((ram_report, files))
+/// Abandons the checkpoint after `e` in `phase`; a CUDA rollback that failed too is added
+/// to the error.
+async fn roll_back(
+    machine: &mut CheckpointMachine,
+    phase: &'static str,
+    e: AgentError,
+) -> (&'static str, AgentError) {
+    match machine.abandon(e.to_string()).await {
+        Ok(()) => (phase, e),
+        Err(resume_error) => (
+            "cuda_resume",
+            AgentError::Internal(format!("{e}; and the CUDA rollback failed: {resume_error}")),
+        ),
+    }
 }
 
 /// Refuses a name that anything on the node already holds: a record is checked by the node
@@ -373,28 +253,4 @@ pub async fn ensure_name_free(parts: &NodeParts, name: &CheckpointName) -> Resul
         }
     }
     Ok(())
-}
-
-/// Journals that the dump of `name` was given up, so recovery does not look for it.
-fn abandon(parts: &NodeParts, name: &CheckpointName, why: &AgentError) {
-    parts.journal.note(
-        name.as_str(),
-        Transition::Abandoned {
-            reason: why.to_string(),
-        },
-    );
-}
-
-/// Fires a test failpoint ([`crate::failpoints`]) as an agent error.
-pub fn failpoint(name: &str) -> Result<(), AgentError> {
-    crate::failpoints::hit(name).map_err(AgentError::Internal)
-}
-
-/// Runs blocking file work off the async runtime.
-pub async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, AgentError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| AgentError::Internal(format!("blocking task: {e}")))
 }

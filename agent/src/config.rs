@@ -14,7 +14,7 @@ pub use bandwidth::BandwidthConfig;
 pub use policy::{PolicyConfig, TierPolicy};
 
 /// Default agent socket.
-pub const DEFAULT_SOCKET: &str = "/run/kybernate/agent.sock";
+pub use kybernate_client::DEFAULT_AGENT_SOCKET as DEFAULT_SOCKET;
 /// Default state directory (checkpoint records, logs, the NVMe tier).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/kybernate";
 /// Default RAM tier, on tmpfs, used when the state directory is the default one.

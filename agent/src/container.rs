@@ -51,30 +51,9 @@ impl Handler<RunCheckpoint> for ContainerActor {
     type Result = AtomicResponse<Self, Result<CheckpointRecord, AgentError>>;
 
     fn handle(&mut self, msg: RunCheckpoint, _: &mut Self::Context) -> Self::Result {
-        self.state.send_replace(WorkloadState::Freezing);
-        let leave_running = msg.0.leave_running;
-        let state = self.state.clone();
-        let work = checkpoint::run(self.parts.clone(), msg.0, move || {
-            state.send_replace(WorkloadState::Dumped);
-        });
-        AtomicResponse::new(Box::pin(work.into_actor(self).map(
-            move |result, actor, _| {
-                let next = match (&result, leave_running) {
-                    (Ok(_), true) => WorkloadState::Running,
-                    (Ok(_), false) => WorkloadState::Stored,
-                    // A failed dump resumed the workload.
-                    (Err(AgentError::Criu { resumed: true, .. }), _) => WorkloadState::Running,
-                    (Err(AgentError::InvalidTarget(_) | AgentError::Cuda { .. }), _) => {
-                        WorkloadState::Running
-                    }
-                    (Err(AgentError::HeldPartially { .. }), true) => WorkloadState::Running,
-                    (Err(AgentError::HeldPartially { .. }), false) => WorkloadState::Stored,
-                    (Err(_), _) => WorkloadState::Failed,
-                };
-                actor.state.send_replace(next);
-                result
-            },
-        )))
+        // The checkpoint's machine moves the workload's state.
+        let work = checkpoint::run(self.parts.clone(), msg.0, self.state.clone());
+        AtomicResponse::new(Box::pin(work.into_actor(self)))
     }
 }
 

@@ -232,6 +232,8 @@ async fn serve(
         discarded = recovery.discarded.len(),
         kept = recovery.leftovers.len(),
         restores_cleaned = recovery.killed_restores.len(),
+        restores_unlocked = recovery.unlocked_restores.len(),
+        restores_interrupted = recovery.interrupted_restores.len(),
         damaged_journal_lines = recovery.damaged_lines,
         millis = started.elapsed().as_millis(),
         ram = %config.ram_tier_path().display(),
@@ -276,6 +278,7 @@ async fn serve(
         events: events.clone(),
         bandwidth: Arc::new(Bandwidth::new(&config.bandwidth, metrics.clone())),
         journal,
+        pods: crate::tenancy::PodDirectory::default(),
     };
     let node = NodeAgent::new(parts, catalog)
         .with_recovery(recovery)

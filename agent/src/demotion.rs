@@ -144,7 +144,7 @@ pub async fn demote(
             .await?;
         }
     }
-    crate::checkpoint::failpoint(&format!("demote.{from}.before_remove"))?;
+    crate::failpoints::failpoint(&format!("demote.{from}.before_remove"))?;
     let source = parts
         .tiers
         .get(from)
@@ -157,7 +157,7 @@ pub async fn demote(
             phase: format!("demote_{from}"),
             source: Box::new(e),
         })?;
-    crate::checkpoint::failpoint(&format!("demote.{from}.after_remove"))?;
+    crate::failpoints::failpoint(&format!("demote.{from}.after_remove"))?;
     tracing::info!(checkpoint = %name, %from, %to, "demoted to stay within the tier budget");
     clock.succeeded();
     Ok(to)

@@ -36,7 +36,7 @@ pub async fn store_into(
     urgency: Urgency,
 ) -> Result<StoreReport, AgentError> {
     let phase = store_phase(kind);
-    crate::checkpoint::failpoint(&format!("store.{kind}.before"))?;
+    crate::failpoints::failpoint(&format!("store.{kind}.before"))?;
     if kind == TierKind::S3 && !image_dir.exists() && parts.tiers.nvme.is_some() {
         // A streamed checkpoint has no RAM copy: S3 takes the NVMe tier's chunks as they are.
         return crate::streaming::store_s3_from_nvme(parts, clock, name).await;
@@ -77,7 +77,7 @@ pub async fn store_into(
         })
         .await?;
     parts.metrics.drained(kind.as_str(), &report);
-    crate::checkpoint::failpoint(&format!("store.{kind}.after"))?;
+    crate::failpoints::failpoint(&format!("store.{kind}.after"))?;
     Ok(report)
 }
 
@@ -188,7 +188,7 @@ pub async fn drain_in_background(
         parts.events.clone(),
         parts.metrics.clone(),
     );
-    if let Err(e) = crate::checkpoint::failpoint("drain.before") {
+    if let Err(e) = crate::failpoints::failpoint("drain.before") {
         tracing::error!(checkpoint = %name, error = %e, "background drain failed; the nearer copies stay");
         clock.failed("drain", e.metric_label());
         return;
@@ -209,7 +209,7 @@ pub async fn drain_in_background(
             return;
         }
     }
-    if let Err(e) = crate::checkpoint::failpoint("drain.after") {
+    if let Err(e) = crate::failpoints::failpoint("drain.after") {
         tracing::error!(checkpoint = %name, error = %e, "background drain failed after storing");
         clock.failed("drain", e.metric_label());
         return;

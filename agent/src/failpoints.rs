@@ -60,6 +60,11 @@ pub fn hit(_name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Fires failpoint `name` as an agent error (see [`hit`]).
+pub fn failpoint(name: &str) -> Result<(), crate::error::AgentError> {
+    hit(name).map_err(crate::error::AgentError::Internal)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -81,6 +81,20 @@ pub enum Transition {
         /// is the restore's.
         since_ticks: u64,
     },
+    /// A restore the shim runs is staged: its `runc restore` may now bring the container
+    /// back from `images_dir`. The agent learns the restored processes only at the End.
+    RestoreStaged {
+        /// The container being restored.
+        container_id: String,
+        /// The images the shim restores from.
+        images_dir: PathBuf,
+    },
+    /// The shim's `runc restore` brought back `pids`; they stay CUDA-locked until the agent
+    /// restores and unlocks their GPU state, which recovery does when the agent died first.
+    RestoreRan {
+        /// The restored processes.
+        pids: Vec<i32>,
+    },
     /// The restore finished (successfully or not).
     RestoreEnded {
         /// Whether the workload runs again.

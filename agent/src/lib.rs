@@ -3,14 +3,14 @@
 //! Actors (actix): a [`node::NodeAgent`] receiving every request, one
 //! [`container::ContainerActor`] per workload, the [`criu::CriuRunner`], the
 //! [`cuda::CudaSession`] and one [`tiers::TierActor`] per storage tier. The gRPC API
-//! ([`grpc`]) is served on a Unix socket; `kybernatectl` ([`cli`]) is its client.
+//! ([`grpc`]) is served on a Unix socket; `kybernatectl` (the binary target
+//! `src/bin/kybernatectl/`, which uses only the client crate) is its client.
 
 pub mod bandwidth;
+pub mod blocking_work;
 pub mod catalog;
 pub mod checkpoint;
-pub mod cli;
-pub mod cli_demo;
-pub mod cli_policy;
+pub mod checkpoint_machine;
 pub mod command;
 pub mod config;
 pub mod container;
@@ -45,8 +45,8 @@ pub mod socket_access;
 pub mod streaming;
 pub mod tenancy;
 pub mod tiers;
-pub mod workload;
 pub mod workload_state;
+pub mod workloads;
 
 /// Sets up structured logging on stderr; `KYBERNATE_LOG` sets the filter (default `info`).
 pub fn init_logging(json: bool) {

@@ -1,5 +1,7 @@
 //! The node agent actor: the single entry point for requests. It keeps the checkpoint catalog,
-//! routes each operation to the workload's container actor and answers queries.
+//! the names in use and the tier policy, routes each operation to its workload
+//! ([`crate::workloads`]; a checkpoint runs in its [`crate::checkpoint_machine`]) and answers
+//! queries.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -10,7 +12,7 @@ use kybernate_proto::agent::v1 as pb;
 
 use crate::catalog::{Catalog, CheckpointRecord, Phase};
 use crate::checkpoint::CheckpointJob;
-use crate::container::{ContainerActor, RunCheckpoint, RunRestore};
+use crate::container::{RunCheckpoint, RunRestore};
 use crate::demotion::{self, Candidate, Limits};
 use crate::drain;
 use crate::error::{tier_list, AgentError};
@@ -20,7 +22,7 @@ use crate::pins::Pins;
 use crate::recovery::{Leftover, Recovery};
 use crate::request_check;
 use crate::tiers::{self, Remove, UsedBytes};
-use crate::workload_state::{WorkloadKey, WorkloadState, WorkloadStates};
+use crate::workloads::Workloads;
 
 mod record;
 pub use record::{GpuOf, RestorePrefetchTier, SubscribeEvents};
@@ -30,6 +32,7 @@ mod container_restore;
 mod containerd_checkpoint;
 mod lease_expiry;
 mod policy;
+mod restore_admission;
 mod shared;
 mod shim_lease;
 pub use config_reload::{
@@ -38,6 +41,9 @@ pub use config_reload::{
 pub use container_checkpoint::{ContainerCheckpointBegin, ContainerCheckpointEnd};
 pub use container_restore::{ContainerRestoreEnd, ContainerRestoreStage};
 pub use policy::{Pin, TierStatus, Unpin};
+pub use restore_admission::{
+    CheckRestoreInto, RefusedRestore, SubscribeRefusals, UseGrants, UsePods,
+};
 pub use shim_lease::{CheckpointLeaseExpired, Lease, RestoreLeaseExpired};
 
 /// The node agent.
@@ -45,10 +51,8 @@ pub use shim_lease::{CheckpointLeaseExpired, Lease, RestoreLeaseExpired};
 pub struct NodeAgent {
     parts: NodeParts,
     catalog: Catalog,
-    /// The actor of each bare-process workload, by root PID.
-    workloads: HashMap<i32, Addr<ContainerActor>>,
-    /// Every workload's state (processes and containers), read without asking an actor.
-    states: WorkloadStates,
+    /// Every workload's actor and state ([`crate::workloads`]).
+    workloads: Workloads,
     /// Checkpoints with a checkpoint, restore, prefetch or delete in flight.
     busy: HashSet<CheckpointName>,
     /// Checkpoints still draining into slower tiers in the background.
@@ -77,6 +81,10 @@ pub struct NodeAgent {
     awaited_containers: HashMap<String, containerd_checkpoint::AwaitedCheckpoint>,
     /// Rejected config changes, for the node worker to report as Kubernetes Events.
     config_rejections: tokio::sync::broadcast::Sender<String>,
+    /// The GpuCheckpointGrants in force (none without an API server).
+    grants: crate::tenancy::Grants,
+    /// Refused restores into pods, for the node worker to report as Kubernetes Events.
+    refusals: tokio::sync::broadcast::Sender<restore_admission::RefusedRestore>,
     /// What start-up recovery kept that is no checkpoint (incomplete dumps, quarantine):
     /// listed, holding its name, removed on delete.
     leftovers: Vec<Leftover>,
@@ -109,8 +117,7 @@ impl NodeAgent {
         Self {
             parts,
             catalog,
-            workloads: HashMap::new(),
-            states: WorkloadStates::default(),
+            workloads: Workloads::default(),
             busy: HashSet::new(),
             draining: HashSet::new(),
             last_used,
@@ -124,6 +131,8 @@ impl NodeAgent {
             expired_restores: HashSet::new(),
             awaited_containers: HashMap::new(),
             config_rejections: tokio::sync::broadcast::channel(16).0,
+            grants: crate::tenancy::Grants::none(),
+            refusals: tokio::sync::broadcast::channel(16).0,
             leftovers: Vec::new(),
             adopted: Vec::new(),
         }
@@ -134,6 +143,7 @@ impl NodeAgent {
     pub fn with_recovery(mut self, recovery: Recovery) -> Self {
         self.leftovers = recovery.leftovers;
         self.adopted = recovery.adopted;
+        self.expired_restores.extend(recovery.interrupted_restores);
         self
     }
 
@@ -208,60 +218,6 @@ impl NodeAgent {
                 }
             }),
         );
-    }
-
-    fn workload(&mut self, pid: i32) -> Addr<ContainerActor> {
-        let parts = self.parts.clone();
-        let state = self.states.channel(WorkloadKey::Process(pid));
-        self.workloads
-            .entry(pid)
-            .or_insert_with(|| ContainerActor::new(parts, state).start())
-            .clone()
-    }
-
-    /// The state `list` and `inspect` show for the workload of `record`.
-    fn state_of(&self, record: &CheckpointRecord) -> String {
-        self.states
-            .get(&WorkloadKey::of(record))
-            .map_or_else(|| "Unknown".to_owned(), |s| s.to_string())
-    }
-
-    /// Moves the workload a checkpoint was taken of to `state`; returns the state before.
-    fn set_state_of(
-        &mut self,
-        record: &CheckpointRecord,
-        state: WorkloadState,
-    ) -> Option<WorkloadState> {
-        let key = WorkloadKey::of(record);
-        let before = self.states.get(&key);
-        self.states.set(key, state);
-        before
-    }
-
-    /// Puts the workload a checkpoint was taken of back to `before`.
-    fn put_back_state_of(&mut self, record: &CheckpointRecord, before: Option<WorkloadState>) {
-        self.states.put_back(WorkloadKey::of(record), before);
-    }
-
-    /// Moves the workload of a container to `state`.
-    fn set_container_state(&mut self, container_id: &str, state: WorkloadState) {
-        self.states
-            .set(WorkloadKey::Container(container_id.to_owned()), state);
-    }
-
-    /// Forgets the workloads that no checkpoint names and that no operation uses: their
-    /// actors stop once their last message is answered.
-    fn evict_idle_workloads(&mut self) {
-        let named: HashSet<WorkloadKey> = self.catalog.all().map(WorkloadKey::of).collect();
-        let gone = self.states.evict(|key| {
-            named.contains(key)
-                || matches!(key, WorkloadKey::Process(pid) if crate::process::stat(*pid).is_some())
-        });
-        for key in gone {
-            if let WorkloadKey::Process(pid) = key {
-                self.workloads.remove(&pid);
-            }
-        }
     }
 
     fn reserve(&mut self, name: &CheckpointName) -> Result<(), AgentError> {
@@ -536,7 +492,7 @@ impl Handler<Checkpoint> for NodeAgent {
         };
         let name = job.name.clone();
         let until = job.until;
-        let workload = self.workload(job.pid);
+        let workload = self.workloads.actor(&self.parts, job.pid);
         let parts = self.parts.clone();
         Box::pin(
             async move {
@@ -553,7 +509,7 @@ impl Handler<Checkpoint> for NodeAgent {
                 }
                 let (record, holdings) = result?;
                 agent.keep_record(ctx, &name, &record)?;
-                agent.evict_idle_workloads();
+                agent.workloads.evict_idle(&agent.catalog);
                 agent.last_used.insert(name.clone(), record.created_unix);
                 agent.drain_later(ctx, &name, record.files.clone(), until);
                 agent.enforce_budgets(ctx);
@@ -585,7 +541,7 @@ impl Handler<Restore> for NodeAgent {
             Ok(p) => p,
             Err(e) => return Box::pin(actix::fut::ready(Err(e))),
         };
-        let workload = self.workload(record.pid);
+        let workload = self.workloads.actor(&self.parts, record.pid);
         Box::pin(
             async move { workload.send(RunRestore { record, from }).await? }
                 .into_actor(self)
@@ -617,7 +573,7 @@ impl Handler<List> for NodeAgent {
         let records: Vec<(CheckpointRecord, String)> = self
             .catalog
             .all()
-            .map(|r| (r.clone(), self.state_of(r)))
+            .map(|r| (r.clone(), self.workloads.state_label(r)))
             .collect();
         let leftovers: Vec<pb::CheckpointInfo> = self.leftovers.iter().map(leftover_pb).collect();
         let parts = self.parts.clone();
@@ -653,7 +609,7 @@ impl Handler<Inspect> for NodeAgent {
             Err(e) => return Box::pin(actix::fut::ready(Err(e))),
         };
         let parts = self.parts.clone();
-        let state = self.state_of(&record);
+        let state = self.workloads.state_label(&record);
         Box::pin(
             async move {
                 let holdings = holdings(&parts).await?;
@@ -711,7 +667,7 @@ impl Handler<Delete> for NodeAgent {
                 if !leftovers.is_empty() {
                     let paths: Vec<std::path::PathBuf> =
                         leftovers.iter().map(|l| l.path.clone()).collect();
-                    crate::checkpoint::blocking(move || {
+                    crate::blocking_work::blocking(move || {
                         paths.iter().try_for_each(|p| std::fs::remove_dir_all(p).map_err(|e| {
                             AgentError::Internal(format!("cannot remove {}: {e}", p.display()))
                         }))
@@ -742,7 +698,7 @@ impl Handler<Delete> for NodeAgent {
                     tracing::error!(checkpoint = %name, %problem, "could not drop the pin of a deleted checkpoint");
                 }
                 let known = agent.catalog.remove(&name)?;
-                agent.evict_idle_workloads();
+                agent.workloads.evict_idle(&agent.catalog);
                 if !known && removed.is_empty() {
                     return Err(AgentError::NotFound(name.to_string()));
                 }

@@ -35,4 +35,7 @@ pub struct NodeParts {
     pub bandwidth: Arc<Bandwidth>,
     /// The journal of transitions recovery needs.
     pub journal: Arc<Journal>,
+    /// The pods of this node (from the node worker), for the service account of a
+    /// container checkpoint's origin.
+    pub pods: crate::tenancy::PodDirectory,
 }

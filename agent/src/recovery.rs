@@ -10,7 +10,9 @@
 //!   SIGCONT in case it was left stopped;
 //! - an incomplete dump whose workload has ended is kept and listed as `incomplete`;
 //! - a RAM-tier set nothing accounts for is moved to the quarantine and listed;
-//! - a restore that was cut off leaves no half-restored process on the workload's PID.
+//! - a restore that was cut off leaves no half-restored process on the workload's PID;
+//! - a restore whose CRIU (or the shim's `runc restore`) finished but whose processes were
+//!   not yet given their GPUs back has them restored and unlocked.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -76,6 +78,11 @@ pub struct Recovery {
     pub leftovers: Vec<Leftover>,
     /// Half-restored processes killed.
     pub killed_restores: Vec<CheckpointName>,
+    /// Restores whose restored processes recovery restored and unlocked on their GPUs.
+    pub unlocked_restores: Vec<CheckpointName>,
+    /// Shim restores staged with no End yet: the End may still come from the shim, and then
+    /// unlocks the processes `runc restore` brought back.
+    pub interrupted_restores: Vec<CheckpointName>,
     /// Journal lines that were damaged.
     pub damaged_lines: usize,
 }
@@ -124,9 +131,15 @@ struct OpenDump {
 
 /// A restore the journal shows as not finished.
 #[derive(Debug)]
-struct OpenRestore {
-    pid: i32,
-    since_ticks: u64,
+enum OpenRestore {
+    /// The agent ran CRIU itself.
+    Process { pid: i32, since_ticks: u64 },
+    /// The shim runs `runc restore`; `pids` are known once its End came.
+    Shim {
+        container_id: String,
+        images_dir: PathBuf,
+        pids: Vec<i32>,
+    },
 }
 
 /// Runs recovery (see the module docs). Blocking: call it before serving.
@@ -192,11 +205,29 @@ fn open_operations(
             Transition::RestoreStarted { pid, since_ticks } => {
                 restores.insert(
                     entry.name.clone(),
-                    OpenRestore {
+                    OpenRestore::Process {
                         pid: *pid,
                         since_ticks: *since_ticks,
                     },
                 );
+            }
+            Transition::RestoreStaged {
+                container_id,
+                images_dir,
+            } => {
+                restores.insert(
+                    entry.name.clone(),
+                    OpenRestore::Shim {
+                        container_id: container_id.clone(),
+                        images_dir: images_dir.clone(),
+                        pids: Vec::new(),
+                    },
+                );
+            }
+            Transition::RestoreRan { pids: ran } => {
+                if let Some(OpenRestore::Shim { pids, .. }) = restores.get_mut(&entry.name) {
+                    pids.clone_from(ran);
+                }
             }
             Transition::RestoreEnded { .. } => {
                 restores.remove(&entry.name);
@@ -419,34 +450,61 @@ pub fn wait_for_criu(images_dir: &Path, timeout: Duration) {
     }
 }
 
-/// A restore cut off by the agent's end: when CRIU got as far as writing the restored PID
-/// the workload runs; otherwise whatever it left on the PID is killed, so a retry finds the
-/// PID free.
+/// A restore cut off by the agent's end (see [`OpenRestore`]).
 fn recover_restore(
     inputs: &RecoveryInputs<'_>,
     name: &str,
     open: &OpenRestore,
     recovery: &mut Recovery,
 ) {
+    match open {
+        OpenRestore::Process { pid, since_ticks } => {
+            recover_process_restore(inputs, name, *pid, *since_ticks, recovery)
+        }
+        OpenRestore::Shim {
+            container_id,
+            images_dir,
+            pids,
+        } => recover_shim_restore(inputs, name, container_id, images_dir, pids, recovery),
+    }
+}
+
+/// A restore the agent ran: when CRIU got as far as writing the restored PID the workload
+/// runs, and its GPU state is restored and unlocked (the agent that died would have done
+/// that next); otherwise whatever CRIU left on the PID is killed, so a retry finds it free.
+fn recover_process_restore(
+    inputs: &RecoveryInputs<'_>,
+    name: &str,
+    pid: i32,
+    since_ticks: u64,
+    recovery: &mut Recovery,
+) {
     let pidfile = inputs.logs_dir.join(format!("{name}-restore.pid"));
     let finished = std::fs::read_to_string(&pidfile)
         .ok()
         .and_then(|t| t.trim().parse::<i32>().ok())
-        == Some(open.pid);
+        == Some(pid);
     // CRIU's command line names its log file; a restore it still runs is left to finish.
     let log_name = std::ffi::OsString::from(format!("{name}-restore.log"));
-    if !process::with_argument(&log_name).is_empty() || finished {
+    if !process::with_argument(&log_name).is_empty() {
         inputs
             .journal
             .note(name, Transition::RestoreEnded { ok: finished });
         return;
     }
-    let leftover = process::stat(open.pid).is_some_and(|s| s.start_ticks >= open.since_ticks);
+    if finished {
+        let unlocked = unlock_restored(inputs, name, &process::tree(pid), recovery);
+        inputs
+            .journal
+            .note(name, Transition::RestoreEnded { ok: unlocked });
+        return;
+    }
+    let leftover = process::stat(pid).is_some_and(|s| s.start_ticks >= since_ticks);
     if leftover {
-        process::kill_tree(&process::tree(open.pid));
+        process::kill_tree(&process::tree(pid));
         tracing::warn!(
             checkpoint = name,
-            pid = open.pid,
+            pid,
             "killed what a cut-off restore left on the workload's PID"
         );
         if let Ok(name) = CheckpointName::new(name) {
@@ -456,6 +514,76 @@ fn recover_restore(
     inputs
         .journal
         .note(name, Transition::RestoreEnded { ok: false });
+}
+
+/// A restore the shim ran. With its End received (`pids` known) the restored processes are
+/// restored and unlocked on their GPUs. Without it the agent cannot tell which processes
+/// `runc restore` made, so the shim's End, when it still comes, unlocks them
+/// ([`Recovery::interrupted_restores`]). The staged scratch copy went with the RAM tier's
+/// start-up sweep; a RAM-tier copy staged in place is the checkpoint and stays.
+fn recover_shim_restore(
+    inputs: &RecoveryInputs<'_>,
+    name: &str,
+    container_id: &str,
+    images_dir: &Path,
+    pids: &[i32],
+    recovery: &mut Recovery,
+) {
+    if pids.is_empty() {
+        tracing::warn!(checkpoint = name, container = container_id, images = %images_dir.display(),
+            "a container restore was staged when the last agent stopped; a late End still unlocks its processes");
+        if let Ok(name) = CheckpointName::new(name) {
+            recovery.interrupted_restores.push(name);
+        }
+        inputs
+            .journal
+            .note(name, Transition::RestoreEnded { ok: false });
+        return;
+    }
+    let running: Vec<i32> = pids
+        .iter()
+        .copied()
+        .filter(|pid| process::stat(*pid).is_some())
+        .collect();
+    let unlocked = unlock_restored(inputs, name, &running, recovery);
+    inputs.journal.note(
+        name,
+        Transition::RestoreEnded {
+            ok: unlocked && !running.is_empty(),
+        },
+    );
+}
+
+/// Restores and unlocks the GPU state of restored processes `pids` (with the checkpoint's
+/// recorded GPUs, remapped as a restore would); whether that worked.
+fn unlock_restored(
+    inputs: &RecoveryInputs<'_>,
+    name: &str,
+    pids: &[i32],
+    recovery: &mut Recovery,
+) -> bool {
+    let Ok(checkpoint) = CheckpointName::new(name) else {
+        return false;
+    };
+    let recorded = inputs.catalog.get(&checkpoint).and_then(|r| r.gpu.clone());
+    let pids: Vec<u32> = pids.iter().filter_map(|p| u32::try_from(*p).ok()).collect();
+    match inputs.cuda.restore(&pids, recorded.as_ref()) {
+        Ok(report) => {
+            if !report.processes.is_empty() {
+                tracing::warn!(
+                    checkpoint = name,
+                    processes = report.processes.len(),
+                    "restored and unlocked the GPUs of a restore the last agent left locked"
+                );
+                recovery.unlocked_restores.push(checkpoint);
+            }
+            true
+        }
+        Err(e) => {
+            tracing::error!(checkpoint = name, error = %e, "cannot restore the GPUs of a restored workload");
+            false
+        }
+    }
 }
 
 /// Moves every RAM-tier set that neither a record nor an open journal entry accounts for
@@ -506,4 +634,57 @@ pub fn dir_bytes(dir: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, transition: Transition) -> Entry {
+        Entry {
+            name: name.into(),
+            unix: 1,
+            transition,
+        }
+    }
+
+    #[test]
+    fn shim_restores_stay_open_until_they_end_and_keep_their_restored_pids() {
+        let staged = |container: &str| Transition::RestoreStaged {
+            container_id: container.into(),
+            images_dir: "/ram/.staging-x".into(),
+        };
+        let (dumps, restores) = open_operations(vec![
+            entry("ran", staged("c1")),
+            entry("ran", Transition::RestoreRan { pids: vec![7, 8] }),
+            entry("staged", staged("c2")),
+            entry("ended", staged("c3")),
+            entry("ended", Transition::RestoreRan { pids: vec![9] }),
+            entry("ended", Transition::RestoreEnded { ok: true }),
+            entry(
+                "process",
+                Transition::RestoreStarted {
+                    pid: 5,
+                    since_ticks: 10,
+                },
+            ),
+        ]);
+        assert!(dumps.is_empty());
+        assert_eq!(
+            restores.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["process", "ran", "staged"]
+        );
+        assert!(
+            matches!(&restores["ran"], OpenRestore::Shim { pids, container_id, .. }
+                if pids == &[7, 8] && container_id == "c1")
+        );
+        assert!(matches!(&restores["staged"], OpenRestore::Shim { pids, .. } if pids.is_empty()));
+        assert!(matches!(
+            restores["process"],
+            OpenRestore::Process {
+                pid: 5,
+                since_ticks: 10
+            }
+        ));
+    }
 }

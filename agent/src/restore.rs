@@ -8,8 +8,8 @@ use std::time::Duration;
 use kybernate_dataplane::{CheckpointName, TierKind};
 
 use crate::bandwidth::Urgency;
+use crate::blocking_work::blocking;
 use crate::catalog::{CheckpointRecord, Phase};
-use crate::checkpoint::blocking;
 use crate::config::TimeoutsConfig;
 use crate::criu::{Restore, Restored};
 use crate::cuda::{CheckRestore, CudaPhaseError, RestoreAndUnlock};
@@ -177,7 +177,7 @@ async fn phases(
             since_ticks,
         },
     );
-    let restored = match crate::checkpoint::failpoint("restore.before_criu") {
+    let restored = match crate::failpoints::failpoint("restore.before_criu") {
         Err(e) => Err(("criu_restore", e)),
         Ok(()) => run_criu_restore(parts, record, &name, staged, candidates, clock).await,
     };
@@ -195,7 +195,7 @@ async fn phases(
             return Err(e);
         }
     };
-    crate::checkpoint::failpoint("restore.after_criu").map_err(|e| ("criu_restore", e))?;
+    crate::failpoints::failpoint("restore.after_criu").map_err(|e| ("criu_restore", e))?;
 
     let tree = process::tree(restored.pid);
     let unlock = RestoreAndUnlock {
@@ -225,10 +225,13 @@ async fn phases(
     parts
         .journal
         .note(&record.name, Transition::RestoreEnded { ok: true });
+    let source_tier = staged.tier;
+    // Dropping a staged scratch copy removes it: file work, off the agent's thread.
+    let _ = blocking(move || drop(staged)).await;
 
     Ok(RestoreOutcome {
         pid: restored.pid,
-        source_tier: staged.tier,
+        source_tier,
         phases: clock.phases.clone(),
     })
 }
@@ -404,7 +407,7 @@ async fn load_into_ram(
     };
     let deadline = Duration::from_millis(parts.config.timeouts.restore_ms);
     let phase = load_phase(kind);
-    crate::checkpoint::failpoint(&format!("stage.{kind}.before_load"))?;
+    crate::failpoints::failpoint(&format!("stage.{kind}.before_load"))?;
     let pacing = parts.bandwidth.pacing(urgency);
     // A load that times out stops writing into the scratch directory.
     let _cancel = crate::tiers::CancelOnDrop(pacing.cancel.clone());
@@ -432,7 +435,7 @@ async fn load_into_ram(
         })
         .await?;
     parts.metrics.loaded(kind.as_str(), report.bytes);
-    crate::checkpoint::failpoint(&format!("stage.{kind}.after_load"))?;
+    crate::failpoints::failpoint(&format!("stage.{kind}.after_load"))?;
     Ok(staged)
 }
 

@@ -13,11 +13,10 @@ use kybernate_dataplane::{
     CheckpointManifest, CheckpointName, NvmeTier, StoreReport, StreamCapture, TierError, TierKind,
 };
 
+use crate::blocking_work::blocking;
 use crate::catalog::CheckpointRecord;
-use crate::checkpoint::blocking;
 use crate::config::TimeoutsConfig;
 use crate::criu::{Restore, Restored};
-use crate::drain::Foreground;
 use crate::error::AgentError;
 use crate::events::PhaseClock;
 use crate::images::ImageFile;
@@ -62,41 +61,6 @@ pub async fn end_capture(
         }
     })
     .await
-}
-
-/// After a successful streamed dump: takes the NVMe tier's store (`committed`, from
-/// [`end_capture`]) and the checkpoint's digests, and stores into S3 from NVMe when the
-/// checkpoint must reach S3 before it reports done. Returns what
-/// [`crate::drain::store_foreground`] returns for the RAM path, with NVMe as the first tier.
-pub async fn store_foreground(
-    parts: &NodeParts,
-    clock: &mut PhaseClock,
-    name: &CheckpointName,
-    committed: Result<Result<StoreReport, TierError>, AgentError>,
-    until: TierKind,
-) -> Result<((TierKind, StoreReport), Vec<ImageFile>, Foreground), (&'static str, AgentError)> {
-    let _ = std::fs::remove_dir_all(parts.ram.partial_dir_of(name));
-    let report = committed
-        .and_then(|r| r.map_err(|source| tier_error(name, "store_nvme", source)))
-        .map_err(|e| ("store_nvme", e))?;
-    parts.metrics.drained(TierKind::Nvme.as_str(), &report);
-    let nvme = parts
-        .tiers
-        .nvme
-        .clone()
-        .ok_or_else(|| ("store_nvme", AgentError::Internal("no NVMe tier".into())))?;
-    let files = files_in(nvme, name).await.map_err(|e| ("store_nvme", e))?;
-    let mut foreground = Foreground {
-        stored: vec![(TierKind::Nvme, report)],
-        failure: None,
-    };
-    if until >= TierKind::S3 {
-        match store_s3_from_nvme(parts, clock, name).await {
-            Ok(s3) => foreground.stored.push((TierKind::S3, s3)),
-            Err(e) => foreground.failure = Some(("store_s3", e)),
-        }
-    }
-    Ok(((TierKind::Nvme, report), files, foreground))
 }
 
 /// The image digests of a streamed checkpoint, taken from its manifest: the same hashes a
@@ -300,6 +264,7 @@ mod tests {
         let data = ChunkHash::of(b"page");
         let manifest = CheckpointManifest {
             name: CheckpointName::new("cp").unwrap(),
+            key_id: None,
             chunk_size: 4096,
             packs: Vec::new(),
             files: vec![FileEntry {

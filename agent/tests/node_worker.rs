@@ -5,9 +5,9 @@
 //! (as `kybernatectl checkpoint --container` does) and applies the status (server-side apply
 //! as `kybernate-agent`; its finalizer through kube-runtime's helper, as JSON patches). A
 //! stale re-delivery is refused and never runs twice; deleting the object deletes the
-//! stored checkpoint. A GpuRestore for a real
-//! checkpoint is staged into RAM by a real prefetch, and one for an unknown checkpoint fails
-//! naming it. Needs root, CRIU 4.x, containerd 1.6 and the shim built
+//! stored checkpoint. A GpuRestore of a real node-local checkpoint is refused (Failed,
+//! an Event) until a GpuCheckpointGrant allows it, then staged into RAM by a real prefetch;
+//! one for an unknown checkpoint fails naming it. Needs root, CRIU 4.x, containerd 1.6 and the shim built
 //! (`cargo build -p containerd-shim-kybernate-v1`).
 
 #[path = "support/containerd.rs"]
@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use containerd::{Containerd, Release};
-use kybernate_agent::workload::Status;
+use kybernate_sample_workload::Status;
 use serde_json::{json, Value};
 use support::{Workload, CTL};
 use tokio::sync::mpsc;
@@ -69,6 +69,11 @@ struct ApiState {
     /// GpuRestores by name, and the watches of them.
     restores: std::collections::BTreeMap<String, Value>,
     restore_watchers: Vec<mpsc::UnboundedSender<Value>>,
+    /// GpuCheckpointGrants by name, and the watches of them.
+    grants: std::collections::BTreeMap<String, Value>,
+    grant_watchers: Vec<mpsc::UnboundedSender<Value>>,
+    /// Watches of the node's pods (none are served).
+    pod_watchers: Vec<mpsc::UnboundedSender<Value>>,
 }
 
 impl ApiState {
@@ -81,6 +86,11 @@ impl ApiState {
         let line = json!({"type": event, "object": object});
         self.restore_watchers
             .retain(|w| w.send(line.clone()).is_ok());
+    }
+
+    fn broadcast_grant(&mut self, event: &str, object: &Value) {
+        let line = json!({"type": event, "object": object});
+        self.grant_watchers.retain(|w| w.send(line.clone()).is_ok());
     }
 }
 
@@ -155,6 +165,35 @@ async fn handle(
             reply(
                 200,
                 json!({"apiVersion": "kybernate.io/v1alpha1", "kind": "GpuRestoreList",
+                "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}),
+            )
+        }
+        ("GET", "/api/v1/pods") => {
+            assert!(
+                query.contains("fieldSelector=spec.nodeName%3Dn1"),
+                "{query}"
+            );
+            if query.contains("watch=true") {
+                let (tx, rx) = mpsc::unbounded_channel::<Value>();
+                s.pod_watchers.push(tx);
+                return (StatusCode::OK, watch_body(rx));
+            }
+            reply(
+                200,
+                json!({"apiVersion": "v1", "kind": "PodList",
+                "metadata": {"resourceVersion": s.rv.to_string()}, "items": []}),
+            )
+        }
+        ("GET", "/apis/kybernate.io/v1alpha1/gpucheckpointgrants") => {
+            if query.contains("watch=true") {
+                let (tx, rx) = mpsc::unbounded_channel::<Value>();
+                s.grant_watchers.push(tx);
+                return (StatusCode::OK, watch_body(rx));
+            }
+            let items: Vec<Value> = s.grants.values().cloned().collect();
+            reply(
+                200,
+                json!({"apiVersion": "kybernate.io/v1alpha1", "kind": "GpuCheckpointGrantList",
                 "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}),
             )
         }
@@ -631,6 +670,74 @@ fn agent_stages_a_gpurestore_from_a_real_checkpoint_and_names_an_unknown_one() {
     std::fs::remove_dir_all(dir.path().join("state/ram/default_cp9")).unwrap();
     assert_eq!(ctl(&["inspect", "default_cp9"])["tiers"], json!(["nvme"]));
 
+    // A node-local checkpoint reaches a pod only through a grant: without one the
+    // GpuRestore fails naming the checkpoint and the namespace, with an Event on it, and
+    // nothing is staged.
+    wait_until("the agent's GpuCheckpointGrant watch", &state, &log, |s| {
+        !s.grant_watchers.is_empty()
+    });
+    deliver_restore(&state, restore_object("r0", "default_cp9"));
+    wait_until("the refusal of r0", &state, &log, |s| {
+        !restore_patches(s, "r0").is_empty()
+    });
+    let refused = restore_patches(&state.lock().unwrap(), "r0")[0].clone();
+    assert_eq!(refused["phase"], "Failed", "{refused}");
+    let condition = &refused["conditions"][0];
+    assert_eq!(condition["type"], "Failed", "{condition}");
+    assert_eq!(
+        condition["reason"], "CheckpointRestoreRefused",
+        "{condition}"
+    );
+    let message = condition["message"].as_str().unwrap();
+    assert!(
+        message.contains("default_cp9")
+            && message.contains("node-local")
+            && message.contains("namespace default")
+            && message.contains("GpuCheckpointGrant"),
+        "{message}"
+    );
+    wait_until("the CheckpointRestoreRefused event", &state, &log, |s| {
+        s.events
+            .iter()
+            .any(|(_, e)| e["reason"] == "CheckpointRestoreRefused")
+    });
+    {
+        let s = state.lock().unwrap();
+        let (_, event) = s
+            .events
+            .iter()
+            .find(|(_, e)| e["reason"] == "CheckpointRestoreRefused")
+            .unwrap();
+        assert_eq!(event["type"], "Warning", "{event}");
+        assert_eq!(event["regarding"]["kind"], "GpuRestore", "{event}");
+        assert_eq!(event["regarding"]["name"], "r0", "{event}");
+    }
+    assert_eq!(
+        ctl(&["inspect", "default_cp9"])["tiers"],
+        json!(["nvme"]),
+        "a refused restore stages nothing"
+    );
+
+    // The administrator grants node-local checkpoints to namespace default.
+    let grant = json!({
+        "apiVersion": "kybernate.io/v1alpha1", "kind": "GpuCheckpointGrant",
+        "metadata": {"name": "node-to-default", "uid": "uid-grant", "resourceVersion": "4"},
+        "spec": {"from": {"nodeLocal": true}, "to": {"namespaces": ["default"]}},
+    });
+    {
+        let mut s = state.lock().unwrap();
+        s.grants.insert("node-to-default".into(), grant.clone());
+        s.broadcast_grant("ADDED", &grant);
+    }
+    let deadline = Instant::now() + WAIT;
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("GpuCheckpointGrant in force")
+    {
+        assert!(Instant::now() < deadline, "the agent never saw the grant");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     let r1 = restore_object("r1", "default_cp9");
     deliver_restore(&state, r1.clone());
     wait_until("the Staged status", &state, &log, |s| {
@@ -826,7 +933,7 @@ fn five_gpucheckpoints_in_a_row(release: Release) {
         containerd.remove(id);
         // Blank the status (same size: CRIU checks the size of files it restores), so
         // only the restored process can fill it again.
-        std::fs::write(status, [b' '; kybernate_agent::workload::STATUS_BYTES]).unwrap();
+        std::fs::write(status, [b' '; kybernate_sample_workload::STATUS_BYTES]).unwrap();
     }
     for (i, ((id, status), epoch)) in containers.iter().zip(epochs).enumerate() {
         let restored = format!("{id}r");

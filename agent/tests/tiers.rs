@@ -1,10 +1,17 @@
 //! Tiers through the real agent: S3 on a real S3 HTTP server over loopback, background drain,
 //! prefetch, and LRU demotion under a RAM budget.
 
+#[path = "support/containerd.rs"]
+#[allow(dead_code)]
+mod containerd;
 mod support;
 
+use std::path::Path;
+
+use containerd::{Containerd, Release};
+use kybernate_sample_workload::Status;
 use serde_json::json;
-use support::{eventually, pid_of, S3Server, TestAgent, Workload};
+use support::{eventually, pid_of, S3Server, TestAgent, Workload, CTL, S3_BUCKET};
 
 fn tiers_of(agent: &TestAgent, name: &str) -> serde_json::Value {
     agent.ctl_json(&["inspect", name])["tiers"].clone()
@@ -254,4 +261,130 @@ fn a_checkpoint_taken_on_one_node_restores_on_another_through_s3() {
     let err = node_b.ctl_err(&["inspect", "moved"]);
     assert!(err.contains("no checkpoint named moved"), "{err}");
     assert_eq!(tiers_of(&node_a, "moved"), json!(["ram", "nvme"]));
+}
+
+/// An agent with the shared S3 tier and its own containerd (namespace `k8s.io`) whose shim
+/// calls it back, under `dir`.
+fn node_with_containerd(dir: &Path, s3: &S3Server, release: Release) -> (TestAgent, Containerd) {
+    std::fs::create_dir_all(dir).unwrap();
+    let socket = dir.join("containerd/containerd.sock");
+    let config = format!(
+        "containerd_socket = \"{}\"\n{}",
+        socket.display(),
+        s3.agent_config()
+    );
+    let agent = TestAgent::start_with(&config, &S3Server::credentials());
+    let containerd = Containerd::start_release(dir, &agent.socket, release);
+    assert_eq!(containerd.socket, socket);
+    (agent, containerd)
+}
+
+fn status_where(path: &Path, what: &str, ready: impl Fn(&Status) -> bool) -> Status {
+    eventually(what, || Status::read(path).is_some_and(|s| ready(&s)));
+    Status::read(path).unwrap()
+}
+
+/// Tenant isolation holds for a record adopted from S3: a container of pod namespace
+/// tenant-a is checkpointed into S3 on node A; node B, which never saw it, adopts the record
+/// with its origin, refuses a tenant-b container that names it (both namespaces named, no
+/// task started) and restores it into a tenant-a container, which continues the workload.
+fn adopted_records_keep_their_tenant(release: Release) {
+    let s3 = S3Server::start();
+    let base = tempfile::Builder::new()
+        .prefix("kybernate-tenancy-")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let (node_a, containerd_a) = node_with_containerd(&base.path().join("a"), &s3, release);
+    let (node_b, containerd_b) = node_with_containerd(&base.path().join("b"), &s3, release);
+    let status = base.path().join("status").join("w");
+    std::fs::create_dir_all(status.parent().unwrap()).unwrap();
+    let ctl = Path::new(CTL);
+
+    let out =
+        containerd_a.run_workload_in_pod("owner", ctl, 16, &status, ("tenant-a", "owner"), None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    status_where(&status, "the workload counts", |s| s.counter >= 5);
+    let reply = node_a.ctl_json(&[
+        "checkpoint",
+        "--container",
+        "owner",
+        "--namespace",
+        containerd::NAMESPACE,
+        "--tier",
+        "s3",
+    ]);
+    let name = reply["name"].as_str().unwrap().to_owned();
+    let epoch = Status::read(&status).unwrap().epoch;
+    let shared = s3
+        .dir
+        .path()
+        .join(format!("{S3_BUCKET}/node-a/records/{name}.json"));
+    eventually("node A shares the record", || shared.exists());
+    containerd_a.remove("owner");
+    // Blank the status (same size: CRIU checks the size of files it restores), so only the
+    // restored process can fill it again.
+    std::fs::write(&status, [b' '; kybernate_sample_workload::STATUS_BYTES]).unwrap();
+
+    assert_eq!(node_b.ctl_json(&["list"]), json!([]));
+    let out = containerd_b.run_workload_in_pod(
+        "thief",
+        ctl,
+        0,
+        &status,
+        ("tenant-b", "thief"),
+        Some(&name),
+    );
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "tenant-b restored tenant-a's checkpoint on node B"
+    );
+    assert!(
+        text.contains(&name) && text.contains("tenant-a") && text.contains("tenant-b"),
+        "the refusal names the checkpoint and both namespaces: {text}"
+    );
+    let tasks = containerd_b.ctr(&["tasks", "ls", "-q"]);
+    assert!(
+        !String::from_utf8_lossy(&tasks.stdout).contains("thief"),
+        "a task runs for tenant-b"
+    );
+    let _ = containerd_b.ctr(&["containers", "rm", "thief"]);
+    let log = node_b.log();
+    assert!(
+        log.contains("adopted the record")
+            && log.contains("refused a container restore across tenants"),
+        "{log}"
+    );
+
+    let out = containerd_b.run_workload_in_pod(
+        "heir",
+        ctl,
+        0,
+        &status,
+        ("tenant-a", "heir"),
+        Some(&name),
+    );
+    assert!(
+        out.status.success(),
+        "tenant-a's restore on node B failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        node_b.log()
+    );
+    let restored = status_where(&status, "the restored workload counts", |s| s.counter > 0);
+    assert_eq!(restored.epoch, epoch, "node B restored tenant-a's workload");
+    containerd_b.remove("heir");
+}
+
+#[test]
+fn containerd_16_records_adopted_from_s3_keep_their_tenant() {
+    adopted_records_keep_their_tenant(Release::V16);
+}
+
+#[test]
+fn containerd_21_records_adopted_from_s3_keep_their_tenant() {
+    adopted_records_keep_their_tenant(Release::V21);
 }

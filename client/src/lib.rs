@@ -16,6 +16,9 @@ use kybernate_proto::agent::v1::agent_client::AgentClient;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+/// Where the agent listens unless configured otherwise (`[agent] socket`).
+pub const DEFAULT_AGENT_SOCKET: &str = "/run/kybernate/agent.sock";
+
 /// The agent could not be reached.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot reach the Kybernate agent at {}: {message}", socket.display())]

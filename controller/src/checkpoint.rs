@@ -12,13 +12,14 @@ use kube::runtime::finalizer::{finalizer, Event};
 use kube::ResourceExt;
 
 use crate::context::Context;
-use crate::crd::apply::{self, CONTROLLER_MANAGER};
-use crate::crd::{
+use crate::error::{finalizer_err, kube_err, Error};
+use crate::status::apply_status;
+use kybernate_api::apply::{self, CONTROLLER_MANAGER};
+use kybernate_api::{
     CheckpointPhase, Condition, GpuCheckpoint, GpuCheckpointStatus, GpuRestore, GpuWorkload,
     TargetContainer, ARTIFACTS_FINALIZER, FAILED_CONDITION, NODE_LABEL, REFERENCED_FINALIZER,
     RUNTIME_CLASS,
 };
-use crate::error::{finalizer_err, kube_err, Error};
 
 const KIND: &str = "GpuCheckpoint";
 /// How often a running checkpoint is looked at even without changes (node loss, timeout),
@@ -81,28 +82,6 @@ fn owned_status(cp: &GpuCheckpoint) -> GpuCheckpointStatus {
         captured_pod_spec: status.captured_pod_spec,
         ..GpuCheckpointStatus::default()
     }
-}
-
-/// Applies the controller's status fields.
-async fn apply_status(
-    api: &Api<GpuCheckpoint>,
-    cp: &GpuCheckpoint,
-    status: GpuCheckpointStatus,
-) -> Result<(), Error> {
-    let name = cp.name_any();
-    api.patch_status(
-        &name,
-        &apply::params(CONTROLLER_MANAGER),
-        &apply::status::<GpuCheckpoint, _>(&name, status),
-    )
-    .await
-    .map_err(kube_err(
-        "patch",
-        KIND,
-        &cp.namespace().unwrap_or_default(),
-        &name,
-    ))?;
-    Ok(())
 }
 
 /// Resolves the pod to its node and containers and hands the object to that node's agent.
@@ -174,7 +153,7 @@ async fn schedule(
         captured_pod_spec: Some(captured),
         ..GpuCheckpointStatus::default()
     };
-    apply_status(api, cp, status).await?;
+    apply_status(api, cp, KIND, status).await?;
     ctx.event(
         cp,
         false,
@@ -271,7 +250,7 @@ async fn fail(
         )],
         ..owned_status(cp)
     };
-    apply_status(api, cp, status).await?;
+    apply_status(api, cp, KIND, status).await?;
     ctx.metrics.failure(KIND, reason);
     ctx.event(cp, true, reason, message).await;
     Ok(Action::await_change())

@@ -8,9 +8,9 @@ use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource};
 
-use crate::backoff::ErrorBackoff;
-use crate::crd::apply::CONTROLLER_MANAGER;
 use crate::metrics::Metrics;
+use kybernate_api::apply::CONTROLLER_MANAGER;
+use kybernate_api::backoff::ErrorBackoff;
 
 /// The time source; tests pin it so timeouts are decided without sleeping.
 pub trait Clock: Send + Sync + std::fmt::Debug {

@@ -9,7 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::Value;
 
-use crate::crd::*;
+use kybernate_api::*;
 
 /// The fixed "now" of every test.
 pub fn now() -> Timestamp {
@@ -37,9 +37,20 @@ pub fn json<T: serde::Serialize>(obj: &T) -> Value {
     serde_json::to_value(obj).expect("fixture JSON")
 }
 
-impl GpuCheckpoint {
+/// Test objects of `GpuCheckpoint` (the type lives in the api crate).
+pub trait CheckpointFixture {
     /// A new checkpoint of pod `train`, already carrying the controller's finalizer.
-    pub fn test(name: &str) -> Self {
+    fn test(name: &str) -> Self;
+    /// Sets the phase (and node) as the controller or agent would have.
+    fn in_phase(self, phase: CheckpointPhase, node: &str, scheduled_ago: i64) -> Self;
+    /// A Completed checkpoint created `created_ago` seconds ago, restorable.
+    fn completed(name: &str, created_ago: i64) -> Self;
+    /// Marked for deletion.
+    fn deleting(self) -> Self;
+}
+
+impl CheckpointFixture for GpuCheckpoint {
+    fn test(name: &str) -> Self {
         let mut cp = GpuCheckpoint::new(
             name,
             GpuCheckpointSpec {
@@ -52,8 +63,7 @@ impl GpuCheckpoint {
         cp
     }
 
-    /// Sets the phase (and node) as the controller or agent would have.
-    pub fn in_phase(mut self, phase: CheckpointPhase, node: &str, scheduled_ago: i64) -> Self {
+    fn in_phase(mut self, phase: CheckpointPhase, node: &str, scheduled_ago: i64) -> Self {
         self.metadata
             .labels
             .get_or_insert_with(BTreeMap::new)
@@ -65,8 +75,7 @@ impl GpuCheckpoint {
         self
     }
 
-    /// A Completed checkpoint created `created_ago` seconds ago, restorable.
-    pub fn completed(name: &str, created_ago: i64) -> Self {
+    fn completed(name: &str, created_ago: i64) -> Self {
         let mut cp = Self::test(name).in_phase(CheckpointPhase::Completed, "n1", created_ago);
         cp.metadata.creation_timestamp = Some(ago(created_ago));
         let status = cp.status.get_or_insert_with(Default::default);
@@ -82,16 +91,20 @@ impl GpuCheckpoint {
         cp
     }
 
-    /// Marked for deletion.
-    pub fn deleting(mut self) -> Self {
+    fn deleting(mut self) -> Self {
         self.metadata.deletion_timestamp = Some(ago(1));
         self
     }
 }
 
-impl GpuRestore {
+/// Test objects of `GpuRestore`.
+pub trait RestoreFixture {
     /// A restore of checkpoint `cp`.
-    pub fn test(name: &str, cp: &str) -> Self {
+    fn test(name: &str, cp: &str) -> Self;
+}
+
+impl RestoreFixture for GpuRestore {
+    fn test(name: &str, cp: &str) -> Self {
         let mut r = GpuRestore::new(
             name,
             GpuRestoreSpec {
@@ -105,9 +118,14 @@ impl GpuRestore {
     }
 }
 
-impl GpuWorkload {
+/// Test objects of `GpuWorkload`.
+pub trait WorkloadFixture {
     /// A workload checkpointing every 600 s, keeping `keep_last`.
-    pub fn test(name: &str, keep_last: u32) -> Self {
+    fn test(name: &str, keep_last: u32) -> Self;
+}
+
+impl WorkloadFixture for GpuWorkload {
+    fn test(name: &str, keep_last: u32) -> Self {
         let mut w = GpuWorkload::new(
             name,
             GpuWorkloadSpec {

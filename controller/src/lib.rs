@@ -1,5 +1,5 @@
 //! Kybernate's Kubernetes operator: the `GpuCheckpoint`, `GpuRestore` and `GpuWorkload`
-//! custom resources ([`crd`]), their reconcilers, metrics and leader election.
+//! custom resources (in the `kybernate-api` crate), their reconcilers, metrics and leader election.
 //!
 //! The controller never touches a workload itself: it resolves a pod to its node, labels the
 //! object `kybernate.io/node=<node>`, and the agent on that node (which watches objects with
@@ -7,10 +7,8 @@
 //! creates restored pods, runs workload policies and guards stored checkpoints with
 //! finalizers.
 
-pub mod backoff;
 pub mod checkpoint;
 pub mod context;
-pub mod crd;
 pub mod error;
 pub mod fence;
 pub mod lease;
@@ -19,6 +17,7 @@ pub mod pod;
 pub mod restore;
 pub mod run;
 pub mod schedule;
+pub mod status;
 pub mod workload;
 
 #[cfg(test)]

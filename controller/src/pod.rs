@@ -9,12 +9,12 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
-use crate::crd::apply::CONTROLLER_MANAGER;
-use crate::crd::{
+use crate::error::Error;
+use kybernate_api::apply::CONTROLLER_MANAGER;
+use kybernate_api::{
     GpuCheckpoint, GpuFingerprintStatus, StorageTier, GPU_COUNT_LABEL, GPU_DRIVER_LABEL,
     GPU_MODEL_LABEL, MANAGED_BY_LABEL, RESTORE_FROM_ANNOTATION, RUNTIME_CLASS,
 };
-use crate::error::Error;
 
 /// What the new pod is made from.
 #[derive(Debug)]

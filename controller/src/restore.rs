@@ -12,13 +12,14 @@ use kube::runtime::controller::Action;
 use kube::ResourceExt;
 
 use crate::context::Context;
-use crate::crd::apply::{self, CONTROLLER_MANAGER};
-use crate::crd::{
+use crate::error::{kube_err, Error};
+use crate::pod::{local_node, owner_ref, RestoredPod};
+use crate::status::apply_status;
+use kybernate_api::apply::{self, CONTROLLER_MANAGER};
+use kybernate_api::{
     CheckpointPhase, Condition, GpuCheckpoint, GpuRestore, GpuRestoreStatus, PhaseDuration,
     RestorePhase, FAILED_CONDITION, HOSTNAME_LABEL, NODE_LABEL,
 };
-use crate::error::{kube_err, Error};
-use crate::pod::{local_node, owner_ref, RestoredPod};
 
 const KIND: &str = "GpuRestore";
 const POLL: Duration = Duration::from_secs(5);
@@ -114,7 +115,7 @@ async fn create_pod(
         artifact_ref: cp.status.as_ref().and_then(|s| s.artifact_ref.clone()),
         ..owned_status(restore)
     };
-    apply_status(api, restore, status).await?;
+    apply_status(api, restore, KIND, status).await?;
     ctx.event(
         restore,
         false,
@@ -163,7 +164,7 @@ async fn track_pod(
                 }],
                 ..owned_status(restore)
             };
-            apply_status(api, restore, status).await?;
+            apply_status(api, restore, KIND, status).await?;
             ctx.event(
                 restore,
                 false,
@@ -232,28 +233,6 @@ fn owned_status(restore: &GpuRestore) -> GpuRestoreStatus {
     }
 }
 
-/// Applies the controller's status fields.
-async fn apply_status(
-    api: &Api<GpuRestore>,
-    restore: &GpuRestore,
-    status: GpuRestoreStatus,
-) -> Result<(), Error> {
-    let name = restore.name_any();
-    api.patch_status(
-        &name,
-        &apply::params(CONTROLLER_MANAGER),
-        &apply::status::<GpuRestore, _>(&name, status),
-    )
-    .await
-    .map_err(kube_err(
-        "patch",
-        KIND,
-        &restore.namespace().unwrap_or_default(),
-        &name,
-    ))?;
-    Ok(())
-}
-
 /// Marks the restore Failed with the controller's `Failed` condition; the agent's
 /// `Staged` condition stays.
 async fn fail(
@@ -273,7 +252,7 @@ async fn fail(
         )],
         ..owned_status(restore)
     };
-    apply_status(api, restore, status).await?;
+    apply_status(api, restore, KIND, status).await?;
     ctx.metrics.failure(KIND, reason);
     ctx.event(restore, true, reason, message).await;
     Ok(Action::await_change())

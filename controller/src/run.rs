@@ -19,14 +19,14 @@ use kube::{Api, Client, Resource};
 use tokio::sync::watch;
 use tower::filter::FilterLayer;
 
-use crate::backoff::ErrorBackoff;
 use crate::context::{Context, SystemClock};
-use crate::crd::apply::CONTROLLER_MANAGER;
-use crate::crd::{GpuCheckpoint, GpuRestore, GpuWorkload, MANAGED_BY_LABEL, WORKLOAD_LABEL};
 use crate::error::Error;
 use crate::fence::WriteFence;
 use crate::lease::LeaderLease;
 use crate::metrics::Metrics;
+use kybernate_api::apply::CONTROLLER_MANAGER;
+use kybernate_api::backoff::ErrorBackoff;
+use kybernate_api::{GpuCheckpoint, GpuRestore, GpuWorkload, MANAGED_BY_LABEL, WORKLOAD_LABEL};
 
 /// How the controller runs.
 #[derive(Debug, Clone)]

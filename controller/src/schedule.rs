@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use k8s_openapi::jiff::Timestamp;
 
-use crate::crd::CheckpointSchedule;
+use kybernate_api::CheckpointSchedule;
 
 /// A schedule that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

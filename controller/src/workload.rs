@@ -14,14 +14,14 @@ use kube::runtime::controller::Action;
 use kube::ResourceExt;
 
 use crate::context::Context;
-use crate::crd::apply::{self, CONTROLLER_MANAGER};
-use crate::crd::{
-    CheckpointPhase, CheckpointTimeouts, Condition, GpuCheckpoint, GpuCheckpointSpec, GpuWorkload,
-    GpuWorkloadStatus, HOSTNAME_LABEL, SCHEDULE_INVALID_CONDITION, WORKLOAD_LABEL,
-};
 use crate::error::{kube_err, Error};
 use crate::pod::{local_node, owner_ref, RestoredPod};
 use crate::schedule::{Schedule, ScheduleError};
+use kybernate_api::apply::{self, CONTROLLER_MANAGER};
+use kybernate_api::{
+    CheckpointPhase, CheckpointTimeouts, Condition, GpuCheckpoint, GpuCheckpointSpec, GpuWorkload,
+    GpuWorkloadStatus, HOSTNAME_LABEL, SCHEDULE_INVALID_CONDITION, WORKLOAD_LABEL,
+};
 
 const KIND: &str = "GpuWorkload";
 const POLL: Duration = Duration::from_secs(30);

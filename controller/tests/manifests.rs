@@ -213,6 +213,10 @@ fn agent_role_covers_exactly_what_the_node_worker_does() {
         ("kybernate.io", "gpurestores", "list"),
         ("kybernate.io", "gpurestores", "watch"),
         ("kybernate.io", "gpurestores/status", "patch"),
+        ("kybernate.io", "gpucheckpointgrants", "list"),
+        ("kybernate.io", "gpucheckpointgrants", "watch"),
+        ("", "pods", "list"),
+        ("", "pods", "watch"),
         ("", "nodes", "patch"),
         ("events.k8s.io", "events", "create"),
     ] {
@@ -224,6 +228,8 @@ fn agent_role_covers_exactly_what_the_node_worker_does() {
     for (group, resource, verb) in [
         ("kybernate.io", "gpurestores", "patch"),
         ("kybernate.io", "gpucheckpoints", "delete"),
+        ("kybernate.io", "gpucheckpointgrants", "create"),
+        ("kybernate.io", "gpucheckpointgrants", "patch"),
         ("", "pods", "create"),
         ("", "secrets", "get"),
     ] {

@@ -3,8 +3,8 @@
 //! is hashed and handed to the store (checkpoint), or read from the store and checked
 //! (restore), so the copy engine and the storage work at the same time.
 
+use crate::driver::DriverCallError;
 use crate::driver::{CudaDriver, MappedGpu};
-use crate::error::DriverCallError;
 use crate::vram::{VramImage, VramKey, VramStore};
 use std::io;
 

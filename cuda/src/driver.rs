@@ -1,9 +1,19 @@
 //! The seam between the session logic and the NVIDIA driver: a trait with the real
 //! implementation in `libcuda` and recording fakes in tests.
 
-use crate::error::DriverCallError;
 use std::fmt;
 use std::time::Duration;
+
+/// A failed driver call: the driver's numeric result code and its name
+/// (`cuGetErrorName`), e.g. `CUDA_ERROR_TIMEOUT (909)`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{name} ({code})")]
+pub struct DriverCallError {
+    /// The `CUresult` value.
+    pub code: i32,
+    /// The name the driver gives the code, or `CUDA_ERROR_<code>` when it has none.
+    pub name: String,
+}
 
 /// A GPU's UUID, printed the way `nvidia-smi` prints it (`GPU-xxxxxxxx-…`).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::driver::DriverCallError;
+
 /// The step of a CUDA checkpoint or restore in which something failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -54,17 +56,6 @@ impl fmt::Display for Phase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
-}
-
-/// A failed driver call: the driver's numeric result code and its name
-/// (`cuGetErrorName`), e.g. `CUDA_ERROR_TIMEOUT (909)`.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{name} ({code})")]
-pub struct DriverCallError {
-    /// The `CUresult` value.
-    pub code: i32,
-    /// The name the driver gives the code, or `CUDA_ERROR_<code>` when it has none.
-    pub name: String,
 }
 
 /// Everything that can go wrong in the CUDA session.
@@ -129,13 +120,8 @@ pub enum CudaError {
         failures: Vec<String>,
     },
     /// The configured checkpoint mode cannot be used on this node.
-    #[error("CUDA checkpoint mode {mode} unavailable: {reason}")]
-    ModeUnavailable {
-        /// The mode asked for.
-        mode: crate::CheckpointMode,
-        /// Why not.
-        reason: String,
-    },
+    #[error(transparent)]
+    ModeUnavailable(#[from] crate::mode::ModeUnavailable),
     /// Copying one GPU's memory of a process failed.
     #[error("CUDA VRAM copy of {key} failed: {source}")]
     Copy {
@@ -171,7 +157,7 @@ impl CudaError {
                 Phase::Preflight
             }
             CudaError::Incompatible { .. } => Phase::Restore,
-            CudaError::ModeUnavailable { .. } => Phase::Load,
+            CudaError::ModeUnavailable(_) => Phase::Load,
             CudaError::Copy { .. } => Phase::Copy,
             CudaError::Refused { .. } => Phase::Gate,
             CudaError::RollbackIncomplete { cause, .. } => cause.phase(),

@@ -6,10 +6,7 @@
 //! [`CudaSession::checkpoint`] before CRIU dumps and [`CudaSession::restore`] after
 //! CRIU restores. The driver sits behind [`CudaDriver`] so the session can be tested.
 
-mod checkpointed;
 mod copier;
-mod custom_checkpoint;
-mod custom_restore;
 mod driver;
 mod error;
 mod fingerprint;
@@ -22,15 +19,18 @@ mod session;
 mod vram;
 
 pub use copier::CopyFailure;
-pub use custom_checkpoint::CustomCheckpointOptions;
 pub use driver::{
-    CudaDriver, GpuDevice, GpuMemory, GpuPair, GpuUuid, MappedGpu, MappedOperation, ProcessState,
+    CudaDriver, DriverCallError, GpuDevice, GpuMemory, GpuPair, GpuUuid, MappedGpu,
+    MappedOperation, ProcessState,
 };
-pub use error::{CudaError, DriverCallError, Phase};
+pub use error::{CudaError, Phase};
 pub use fingerprint::{plan_restore, GpuFingerprint};
 pub use gate::{check_gate, GatePolicy, NodeGpuFacts, RecordedGpu};
 pub use host::{available_memory, process_tree};
 pub use libcuda::{LibCuda, CUSTOM_STORAGE_MIN_DRIVER, LIBCUDA, REMAP_MIN_DRIVER};
-pub use mode::{choose_mode, CheckpointMode, CustomStorageSetting, ModeChoice};
-pub use session::{CheckpointOptions, Checkpointed, CudaSession, PhaseTimings, RestoreReport};
+pub use mode::{choose_mode, CheckpointMode, CustomStorageSetting, ModeChoice, ModeUnavailable};
+pub use session::{
+    CheckpointOptions, Checkpointed, CudaSession, CustomCheckpointOptions, PhaseTimings,
+    RestoreReport,
+};
 pub use vram::{DirVramStore, MemoryVramStore, VramImage, VramKey, VramStore};

@@ -2,10 +2,11 @@
 //! the six `cuCheckpointProcess*` entry points resolved from the same library (cudarc
 //! 0.19 has their argument types but not the functions).
 
+use crate::driver::DriverCallError;
 use crate::driver::{
     CudaDriver, GpuDevice, GpuMemory, GpuPair, GpuUuid, MappedGpu, MappedOperation, ProcessState,
 };
-use crate::error::{CudaError, DriverCallError};
+use crate::error::CudaError;
 use crate::nvml::Nvml;
 use cudarc::driver::{result, sys};
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};

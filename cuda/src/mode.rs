@@ -3,7 +3,6 @@
 //! straight from the driver's mappings into the data plane). The agent config chooses
 //! `auto`, `on` or `off`; the driver is probed at run time.
 
-use crate::error::CudaError;
 use std::fmt;
 use std::str::FromStr;
 
@@ -75,13 +74,23 @@ pub struct ModeChoice {
     pub reason: String,
 }
 
+/// The agent config asks for a checkpoint mode this node's driver does not offer.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("CUDA checkpoint mode {mode} unavailable: {reason}")]
+pub struct ModeUnavailable {
+    /// The mode asked for.
+    pub mode: CheckpointMode,
+    /// Why not.
+    pub reason: String,
+}
+
 /// Chooses the checkpoint path from the setting and the driver probe (`Err`: why the
 /// driver does not offer custom storage). `on` without driver support is an error
 /// naming the reason.
 pub fn choose_mode(
     setting: CustomStorageSetting,
     probe: Result<(), String>,
-) -> Result<ModeChoice, CudaError> {
+) -> Result<ModeChoice, ModeUnavailable> {
     let choice = |mode, reason: String| Ok(ModeChoice { mode, reason });
     match (setting, probe) {
         (CustomStorageSetting::Off, _) => choice(
@@ -100,7 +109,7 @@ pub fn choose_mode(
             CheckpointMode::Classic,
             format!("custom_storage = \"auto\" but the driver does not offer it: {why}"),
         ),
-        (CustomStorageSetting::On, Err(why)) => Err(CudaError::ModeUnavailable {
+        (CustomStorageSetting::On, Err(why)) => Err(ModeUnavailable {
             mode: CheckpointMode::CustomStorage,
             reason: format!("custom_storage = \"on\" but the driver does not offer it: {why}"),
         }),

@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use crate::crypt::{SealError, SealKey};
+
 /// Default chunk size: large enough for zstd to find redundancy and for O_DIRECT writes to
 /// run at disk speed, small enough that a changed page costs little in a second checkpoint.
 pub const DEFAULT_CHUNK_SIZE: usize = 8 << 20;
@@ -13,7 +15,8 @@ pub const MIN_CHUNK_SIZE: usize = IO_ALIGN;
 /// Largest accepted chunk size (lengths are stored as `u32` in the manifest).
 pub const MAX_CHUNK_SIZE: usize = 256 << 20;
 
-/// BLAKE3 hash of a chunk's raw bytes: its address in every tier's chunk store.
+/// A chunk's address in every tier's chunk store: the BLAKE3 hash of its raw bytes, keyed
+/// under the checkpoint's key when it is sealed (see `crypt`).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChunkHash(pub [u8; 32]);
 
@@ -183,6 +186,48 @@ impl ChunkConfig {
     }
 }
 
+/// The address of a chunk with these raw bytes: keyed under `key` for a sealed checkpoint,
+/// plain BLAKE3 without.
+pub(crate) fn address_of(key: Option<&SealKey>, raw: &[u8]) -> ChunkHash {
+    match key {
+        Some(key) => ChunkHash(key.address(raw)),
+        None => ChunkHash::of(raw),
+    }
+}
+
+/// Seals the `len` encoded bytes at the start of `buf` under `key` (appending tag and nonce)
+/// and returns the stored length; without a key the bytes stay as they are.
+pub(crate) fn seal_stored(
+    key: Option<&SealKey>,
+    hash: &ChunkHash,
+    encoding: ChunkEncoding,
+    raw_len: u32,
+    buf: &mut [u8],
+    len: usize,
+) -> usize {
+    match key {
+        Some(key) => key.seal_chunk(&hash.0, encoding.to_byte(), raw_len, buf, len),
+        None => len,
+    }
+}
+
+/// Opens the stored bytes of a chunk in place when `key` sealed them; returns the encoded
+/// bytes.
+pub(crate) fn open_stored<'a>(
+    key: Option<&SealKey>,
+    hash: &ChunkHash,
+    encoding: ChunkEncoding,
+    raw_len: u32,
+    stored: &'a mut [u8],
+) -> Result<&'a [u8], ChunkDecodeError> {
+    match key {
+        None => Ok(stored),
+        Some(key) => key
+            .open_chunk(&hash.0, encoding.to_byte(), raw_len, stored)
+            .map_err(ChunkDecodeError::Seal),
+    }
+}
+
 /// Whether every byte of `data` is zero; vectorises well, so it runs at memory speed.
 pub fn is_zero(data: &[u8]) -> bool {
     let mut words = data.chunks_exact(64);
@@ -260,6 +305,9 @@ pub enum ChunkDecodeError {
         /// Length found.
         actual: usize,
     },
+    /// The sealed bytes do not open under the checkpoint's key.
+    #[error("{0}")]
+    Seal(SealError),
     /// The decoded bytes hash to something else.
     #[error("content hash mismatch: expected {expected}, got {actual}")]
     Hash {
@@ -270,11 +318,13 @@ pub enum ChunkDecodeError {
     },
 }
 
-/// Decodes stored chunk bytes into `dest` (exactly the raw length) and verifies the hash.
+/// Decodes stored (already opened) chunk bytes into `dest` (exactly the raw length) and
+/// verifies the address, keyed under `key` when the checkpoint is sealed.
 pub(crate) fn decode_into(
     encoding: ChunkEncoding,
     stored: &[u8],
     expected: &ChunkHash,
+    key: Option<&SealKey>,
     decompressor: &mut zstd::bulk::Decompressor<'_>,
     dest: &mut [u8],
 ) -> Result<(), ChunkDecodeError> {
@@ -304,12 +354,16 @@ pub(crate) fn decode_into(
             }
         }
     }
-    verify(dest, expected)
+    verify(dest, expected, key)
 }
 
-/// Checks that `raw` hashes to `expected`.
-pub(crate) fn verify(raw: &[u8], expected: &ChunkHash) -> Result<(), ChunkDecodeError> {
-    let actual = ChunkHash::of(raw);
+/// Checks that `raw` has the address `expected` (keyed under `key` when sealed).
+pub(crate) fn verify(
+    raw: &[u8],
+    expected: &ChunkHash,
+    key: Option<&SealKey>,
+) -> Result<(), ChunkDecodeError> {
+    let actual = address_of(key, raw);
     if actual != *expected {
         return Err(ChunkDecodeError::Hash {
             expected: *expected,
@@ -362,7 +416,15 @@ mod tests {
             let (enc, n) = encode_into(data, &config, &mut c, &mut out);
             assert_eq!(enc, want);
             let mut back = vec![0u8; data.len()];
-            decode_into(enc, &out[..n], &ChunkHash::of(data), &mut d, &mut back).unwrap();
+            decode_into(
+                enc,
+                &out[..n],
+                &ChunkHash::of(data),
+                None,
+                &mut d,
+                &mut back,
+            )
+            .unwrap();
             assert_eq!(&back, data);
         }
     }
@@ -404,6 +466,7 @@ mod tests {
             ChunkEncoding::Raw,
             b"abcd",
             &ChunkHash::of(b"abce"),
+            None,
             &mut d,
             &mut dest,
         )
@@ -413,6 +476,7 @@ mod tests {
             ChunkEncoding::Zstd,
             b"junk",
             &ChunkHash::of(b"abcd"),
+            None,
             &mut d,
             &mut dest,
         )

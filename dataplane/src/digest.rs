@@ -9,8 +9,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use crate::chunk::address_of;
 use crate::chunk::{is_zero, ChunkConfig, ChunkHash};
-use crate::pipeline::open_sources;
+use crate::crypt::SealKey;
+use crate::image_files::open_sources;
 use crate::{TierError, TierKind};
 
 /// Chunk hashes of one image file.
@@ -63,6 +65,15 @@ pub enum DigestMismatch {
 
 /// Hashes every chunk of the image set in `dir` with `config.worker_count()` threads.
 pub fn digest_image_set(dir: &Path, config: &ChunkConfig) -> Result<ImageDigest, TierError> {
+    digest_image_set_keyed(dir, config, None)
+}
+
+/// [`digest_image_set`] with the chunk addresses of a checkpoint sealed with `key`.
+pub(crate) fn digest_image_set_keyed(
+    dir: &Path,
+    config: &ChunkConfig,
+    key: Option<&SealKey>,
+) -> Result<ImageDigest, TierError> {
     config.validate().map_err(|detail| TierError::Config {
         tier: TierKind::Ram,
         detail,
@@ -79,7 +90,7 @@ pub fn digest_image_set(dir: &Path, config: &ChunkConfig) -> Result<ImageDigest,
     for_each_parallel(jobs.len(), config.worker_count(), |j| {
         let (_, _, data) = jobs[j];
         if !is_zero(data) {
-            let h = ChunkHash::of(data);
+            let h = address_of(key, data);
             hashes.lock().unwrap_or_else(|e| e.into_inner())[j] = h;
         }
         Ok(())

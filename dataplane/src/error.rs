@@ -81,6 +81,17 @@ pub enum TierError {
         /// What differs and what to do.
         detail: String,
     },
+    /// The checkpoint cannot be opened with the node's keys, or its format is not accepted
+    /// by the encryption settings.
+    #[error("{tier} tier: checkpoint {name} cannot be opened: {detail}")]
+    Sealing {
+        /// Tier holding the checkpoint.
+        tier: TierKind,
+        /// The checkpoint.
+        name: CheckpointName,
+        /// Which key is missing or which format is refused.
+        detail: String,
+    },
     /// The tier's configuration cannot work.
     #[error("{tier} tier: invalid configuration: {detail}")]
     Config {
@@ -103,6 +114,7 @@ impl TierError {
             TierError::Stream { .. } => "stream",
             TierError::Cancelled { .. } => "cancelled",
             TierError::AlreadyExists { .. } => "already_exists",
+            TierError::Sealing { .. } => "sealing",
         }
     }
 }

@@ -7,8 +7,10 @@
 
 mod buffer;
 mod chunk;
+mod crypt;
 mod digest;
 mod error;
+mod image_files;
 mod local_dir;
 mod manifest;
 mod name;
@@ -17,6 +19,7 @@ mod nvme_index;
 mod pipeline;
 mod restore;
 mod s3;
+mod sealing;
 mod service;
 mod stream;
 mod throttle;
@@ -24,12 +27,15 @@ mod tier;
 
 pub use buffer::{AlignedBuf, BufferPool, PooledBuf};
 pub use chunk::{ChunkConfig, ChunkEncoding, ChunkHash, DEFAULT_CHUNK_SIZE};
+pub use crypt::{
+    InvalidKeyId, KeyError, KeyId, KeyRing, SealError, SealKey, MAX_KEY_ID_LEN, SEAL_OVERHEAD,
+};
 pub use digest::{digest_image_set, verify_image_set, DigestMismatch, FileDigest, ImageDigest};
 pub use error::TierError;
 pub use local_dir::LocalDirTier;
 pub use manifest::{
     CheckpointManifest, ChunkLocation, ChunkRef, FileEntry, ManifestError, MANIFEST_MAGIC,
-    MANIFEST_VERSION, MAX_MANIFEST_BYTES,
+    MANIFEST_VERSION, MANIFEST_VERSION_SEALED, MAX_MANIFEST_BYTES,
 };
 pub use name::{CheckpointName, InvalidName};
 pub use nvme::NvmeTier;
@@ -37,6 +43,7 @@ pub use pipeline::DrainStats;
 pub use s3::{
     GcReport, LeaseInfo, S3Config, S3Tier, Secret, UnfinishedUpload, MAX_PARTS, MIN_PART_SIZE,
 };
+pub use sealing::Sealing;
 pub use service::{
     CancelToken, ClassSession, DataPlane, IoBackend, IoMode, PriorityGate, WorkClass, WorkPermit,
     IO_MODE_ENV,

@@ -1,24 +1,32 @@
 //! The checkpoint manifest: the list of files and chunks of one image set.
 //!
 //! It is written last and is the commit point of a store: a checkpoint without a manifest does
-//! not exist. Layout: magic (8 bytes), version (u32 LE), body length (u64 LE), body, BLAKE3 of
-//! the body (32 bytes). Reads are capped at [`MAX_MANIFEST_BYTES`] before anything is
-//! allocated, and every field is checked, so a damaged manifest is an error, never a wrong
-//! restore.
+//! not exist. Layout: magic (8 bytes), version (u32 LE), body length (u64 LE), body, 32 bytes of
+//! check. Version 1 is a plain checkpoint and its check is the BLAKE3 of the body. Version 2 is
+//! a sealed checkpoint: the body starts with the id of the key that sealed its chunks, and the
+//! check is a keyed BLAKE3 MAC over header and body under a sub-key of that key, so nobody
+//! without the key can change a chunk reference, swap the key id or graft another
+//! checkpoint's manifest under this name. Reads are capped at [`MAX_MANIFEST_BYTES`] before
+//! anything is allocated, and every field is checked, so a damaged manifest is an error, never
+//! a wrong restore.
 
 use std::io::{self, Read, Write};
 
 use crate::chunk::{ChunkEncoding, ChunkHash, MAX_CHUNK_SIZE};
+use crate::crypt::{KeyError, KeyId, KeyRing, SealKey, SEAL_OVERHEAD};
 use crate::CheckpointName;
 
 /// First bytes of every manifest.
 pub const MANIFEST_MAGIC: [u8; 8] = *b"KYBMANIF";
-/// Format version written by this code.
+/// Format version of plain checkpoints.
 pub const MANIFEST_VERSION: u32 = 1;
+/// Format version of sealed checkpoints (key id in the body, keyed MAC).
+pub const MANIFEST_VERSION_SEALED: u32 = 2;
 /// Largest manifest body accepted (a 1 TiB image at 8 MiB chunks needs about 8 MiB).
 pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 /// `pack` value of a chunk kept as its own object in a content-addressed chunk store.
 const NO_PACK: u32 = u32::MAX;
+const HEAD_LEN: usize = 20;
 
 /// Where a stored chunk's bytes are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -37,13 +45,13 @@ pub enum ChunkLocation {
 /// One chunk of a file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ChunkRef {
-    /// BLAKE3 of the raw bytes (all zero bytes for [`ChunkEncoding::Zero`]).
+    /// The chunk's address (all zero bytes for [`ChunkEncoding::Zero`]).
     pub hash: ChunkHash,
     /// How the chunk is stored.
     pub encoding: ChunkEncoding,
     /// Length of the raw bytes.
     pub raw_len: u32,
-    /// Length of the stored bytes (0 for zero chunks).
+    /// Length of the stored bytes (0 for zero chunks; with the tag and nonce when sealed).
     pub stored_len: u32,
     /// Where the stored bytes are.
     pub location: ChunkLocation,
@@ -67,6 +75,8 @@ pub struct FileEntry {
 pub struct CheckpointManifest {
     /// The checkpoint.
     pub name: CheckpointName,
+    /// The key that sealed the chunks (and authenticates this manifest); `None`: plain.
+    pub key_id: Option<KeyId>,
     /// Chunk size the files were cut with.
     pub chunk_size: u32,
     /// Pack objects referenced by [`ChunkLocation::Pack`] (keys relative to the tier prefix).
@@ -93,6 +103,14 @@ pub enum ManifestError {
     /// The body does not match its checksum.
     #[error("manifest checksum mismatch")]
     Checksum,
+    /// A sealed manifest's MAC does not match: it was changed, or is not from this key.
+    #[error(
+        "manifest authentication failed under key {0}: it was changed or not written with this key"
+    )]
+    Forged(KeyId),
+    /// A sealed manifest whose key is not at hand.
+    #[error("manifest is sealed with key {0:?}: {1}")]
+    Key(String, KeyError),
     /// The body is well-formed bytes but not a valid manifest.
     #[error("malformed manifest: {0}")]
     Malformed(String),
@@ -104,9 +122,35 @@ impl CheckpointManifest {
         self.files.iter().map(|f| f.size).sum()
     }
 
-    /// Serialises the manifest into `w`.
-    pub fn write_to<W: Write>(&self, mut w: W) -> Result<(), ManifestError> {
+    /// Serialises a plain manifest into `w`; a sealed one needs its key
+    /// ([`CheckpointManifest::write_sealed`]).
+    pub fn write_to<W: Write>(&self, w: W) -> Result<(), ManifestError> {
+        if let Some(id) = &self.key_id {
+            return Err(ManifestError::Malformed(format!(
+                "manifest sealed with key {id} written without its key"
+            )));
+        }
+        self.write_with(w, None)
+    }
+
+    /// Serialises a sealed manifest into `w`, authenticated under `key` (its
+    /// [`CheckpointManifest::key_id`]).
+    pub fn write_sealed<W: Write>(&self, w: W, key: &SealKey) -> Result<(), ManifestError> {
+        if self.key_id.as_ref() != Some(key.id()) {
+            return Err(ManifestError::Malformed(format!(
+                "manifest names key {:?}, written with key {}",
+                self.key_id,
+                key.id()
+            )));
+        }
+        self.write_with(w, Some(key))
+    }
+
+    fn write_with<W: Write>(&self, mut w: W, key: Option<&SealKey>) -> Result<(), ManifestError> {
         let mut body = Vec::new();
+        if let Some(key) = key {
+            put_str(&mut body, key.id().as_str());
+        }
         put_str(&mut body, self.name.as_str());
         body.extend_from_slice(&self.chunk_size.to_le_bytes());
         put_u32(&mut body, self.packs.len());
@@ -136,24 +180,45 @@ impl CheckpointManifest {
         if body_len > MAX_MANIFEST_BYTES {
             return Err(ManifestError::TooLarge(body_len));
         }
-        w.write_all(&MANIFEST_MAGIC)?;
-        w.write_all(&MANIFEST_VERSION.to_le_bytes())?;
-        w.write_all(&body_len.to_le_bytes())?;
+        let version = if key.is_some() {
+            MANIFEST_VERSION_SEALED
+        } else {
+            MANIFEST_VERSION
+        };
+        let mut head = Vec::with_capacity(HEAD_LEN);
+        head.extend_from_slice(&MANIFEST_MAGIC);
+        head.extend_from_slice(&version.to_le_bytes());
+        head.extend_from_slice(&body_len.to_le_bytes());
+        let check = match key {
+            Some(key) => key.manifest_mac(&[&head[..], &body[..]].concat()),
+            None => *blake3::hash(&body).as_bytes(),
+        };
+        w.write_all(&head)?;
         w.write_all(&body)?;
-        w.write_all(blake3::hash(&body).as_bytes())?;
+        w.write_all(&check)?;
         w.flush()?;
         Ok(())
     }
 
-    /// Parses and validates a manifest from `r`, reading at most the capped size.
-    pub fn read_from<R: Read>(mut r: R) -> Result<Self, ManifestError> {
-        let mut head = [0u8; 20];
+    /// Parses and validates a plain manifest from `r`, reading at most the capped size; a
+    /// sealed one is an error naming its key ([`CheckpointManifest::read_with_keys`]).
+    pub fn read_from<R: Read>(r: R) -> Result<Self, ManifestError> {
+        Self::read_with_keys(r, None)
+    }
+
+    /// Parses and validates a plain manifest, or a sealed one whose key `keys` holds, from
+    /// `r`, reading at most the capped size.
+    pub fn read_with_keys<R: Read>(
+        mut r: R,
+        keys: Option<&KeyRing>,
+    ) -> Result<Self, ManifestError> {
+        let mut head = [0u8; HEAD_LEN];
         r.read_exact(&mut head)?;
         if head[..8] != MANIFEST_MAGIC {
             return Err(ManifestError::BadMagic);
         }
         let version = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
-        if version != MANIFEST_VERSION {
+        if version != MANIFEST_VERSION && version != MANIFEST_VERSION_SEALED {
             return Err(ManifestError::UnsupportedVersion(version));
         }
         let body_len = u64::from_le_bytes(head[12..20].try_into().expect("8 bytes"));
@@ -164,11 +229,39 @@ impl CheckpointManifest {
         r.read_exact(&mut body)?;
         let mut sum = [0u8; 32];
         r.read_exact(&mut sum)?;
-        if blake3::hash(&body).as_bytes() != &sum {
-            return Err(ManifestError::Checksum);
+        if version == MANIFEST_VERSION {
+            if blake3::hash(&body).as_bytes() != &sum {
+                return Err(ManifestError::Checksum);
+            }
+            return parse_body(Cursor(&body), None);
         }
-        parse_body(&body)
+        // The key id is read before the MAC is checked, only to find the key.
+        let mut c = Cursor(&body);
+        let id_text = c.string()?;
+        let id = KeyId::new(&id_text).map_err(|e| ManifestError::Key(id_text.clone(), e.into()))?;
+        let key = match keys {
+            Some(ring) => ring.get(&id).map_err(|e| ManifestError::Key(id_text, e))?,
+            None => {
+                return Err(ManifestError::Key(
+                    id_text,
+                    KeyError::Path {
+                        path: Default::default(),
+                        detail: "no encryption key is configured".into(),
+                    },
+                ))
+            }
+        };
+        let mac = key.manifest_mac(&[&head[..], &body[..]].concat());
+        if !constant_time_eq(&mac, &sum) {
+            return Err(ManifestError::Forged(id));
+        }
+        parse_body(c, Some(id))
     }
+}
+
+/// Compares two MACs without an early exit, so timing shows nothing of a near miss.
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -223,8 +316,15 @@ fn malformed(msg: String) -> ManifestError {
     ManifestError::Malformed(msg)
 }
 
-fn parse_body(body: &[u8]) -> Result<CheckpointManifest, ManifestError> {
-    let mut c = Cursor(body);
+fn parse_body(
+    mut c: Cursor<'_>,
+    key_id: Option<KeyId>,
+) -> Result<CheckpointManifest, ManifestError> {
+    let overhead = if key_id.is_some() {
+        u32::try_from(SEAL_OVERHEAD).expect("small")
+    } else {
+        0
+    };
     let name = c.string()?;
     let name = CheckpointName::new(&name).map_err(|e| malformed(e.to_string()))?;
     let chunk_size = c.u32()?;
@@ -268,8 +368,10 @@ fn parse_body(body: &[u8]) -> Result<CheckpointManifest, ManifestError> {
                 || raw_len > chunk_size
                 || match encoding {
                     ChunkEncoding::Zero => stored_len != 0,
-                    ChunkEncoding::Raw => stored_len != raw_len,
-                    ChunkEncoding::Zstd => stored_len == 0 || stored_len >= raw_len,
+                    ChunkEncoding::Raw => stored_len.checked_sub(overhead) != Some(raw_len),
+                    ChunkEncoding::Zstd => stored_len
+                        .checked_sub(overhead)
+                        .is_none_or(|n| n == 0 || n >= raw_len),
                 };
             if bad_len {
                 return Err(malformed(format!(
@@ -311,6 +413,7 @@ fn parse_body(body: &[u8]) -> Result<CheckpointManifest, ManifestError> {
     }
     Ok(CheckpointManifest {
         name,
+        key_id,
         chunk_size,
         packs,
         files,
@@ -331,6 +434,7 @@ mod tests {
         };
         CheckpointManifest {
             name: CheckpointName::new("cp-1").unwrap(),
+            key_id: None,
             chunk_size: 4096,
             packs: vec!["packs/cp-1-0.pack".into()],
             files: vec![
@@ -460,5 +564,96 @@ mod tests {
         m.write_to(&mut buf).unwrap();
         let err = CheckpointManifest::read_from(&buf[..]).unwrap_err();
         assert!(err.to_string().contains("cover"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod sealed_tests {
+    use super::*;
+    use std::path::Path;
+
+    fn ring() -> KeyRing {
+        KeyRing::from_keys(Path::new("/keys"), &[("k1", [1; 32]), ("k2", [2; 32])]).unwrap()
+    }
+
+    fn sealed(key: &SealKey) -> (CheckpointManifest, Vec<u8>) {
+        let m = CheckpointManifest {
+            name: CheckpointName::new("cp-s").unwrap(),
+            key_id: Some(key.id().clone()),
+            chunk_size: 4096,
+            packs: vec![],
+            files: vec![FileEntry {
+                name: "pages-1.img".into(),
+                size: 8192,
+                mode: 0o600,
+                chunks: vec![
+                    ChunkRef {
+                        hash: ChunkHash(key.address(b"a")),
+                        encoding: ChunkEncoding::Raw,
+                        raw_len: 4096,
+                        stored_len: 4096 + 28,
+                        location: ChunkLocation::Store,
+                    },
+                    ChunkRef {
+                        hash: ChunkHash(key.address(b"b")),
+                        encoding: ChunkEncoding::Zstd,
+                        raw_len: 4096,
+                        stored_len: 100 + 28,
+                        location: ChunkLocation::Store,
+                    },
+                ],
+            }],
+        };
+        let mut buf = Vec::new();
+        m.write_sealed(&mut buf, key).unwrap();
+        (m, buf)
+    }
+
+    #[test]
+    fn a_sealed_manifest_round_trips_and_every_flipped_byte_is_caught() {
+        let ring = ring();
+        let key = ring.get(&KeyId::new("k1").unwrap()).unwrap();
+        let (m, buf) = sealed(key);
+        assert_eq!(
+            CheckpointManifest::read_with_keys(&buf[..], Some(&ring)).unwrap(),
+            m
+        );
+        for i in 0..buf.len() {
+            let mut bad = buf.clone();
+            bad[i] ^= 0x10;
+            assert!(
+                CheckpointManifest::read_with_keys(&bad[..], Some(&ring)).is_err(),
+                "flip at {i}"
+            );
+        }
+        let err = CheckpointManifest::read_from(&buf[..])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"k1\"") && err.contains("no encryption key"),
+            "{err}"
+        );
+        assert!(m.write_to(Vec::new()).is_err());
+    }
+
+    #[test]
+    fn a_manifest_relabelled_with_another_key_or_a_missing_key_is_refused_by_name() {
+        let ring = ring();
+        let k1 = ring.get(&KeyId::new("k1").unwrap()).unwrap();
+        let (_, buf) = sealed(k1);
+        // Same-length id, MAC left as it was: the MAC under k2 does not match.
+        let mut swapped = buf.clone();
+        let at = HEAD_LEN + 2;
+        swapped[at + 1] = b'2';
+        let err = CheckpointManifest::read_with_keys(&swapped[..], Some(&ring)).unwrap_err();
+        assert!(matches!(err, ManifestError::Forged(_)), "{err}");
+        let only_k2 = KeyRing::from_keys(Path::new("/keys"), &[("k2", [2; 32])]).unwrap();
+        let err = CheckpointManifest::read_with_keys(&buf[..], Some(&only_k2))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"k1\"") && err.contains("/keys"), "{err}");
+        let wrong_bytes = KeyRing::from_keys(Path::new("/keys"), &[("k1", [9; 32])]).unwrap();
+        let err = CheckpointManifest::read_with_keys(&buf[..], Some(&wrong_bytes)).unwrap_err();
+        assert!(matches!(err, ManifestError::Forged(_)), "{err}");
     }
 }

@@ -26,13 +26,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::buffer::{AlignedBuf, BufferPool, PooledBuf};
+use crate::chunk::{address_of, open_stored};
 use crate::chunk::{ChunkConfig, ChunkEncoding, ChunkHash, IO_ALIGN};
-use crate::manifest::{CheckpointManifest, ChunkLocation, ChunkRef, MAX_MANIFEST_BYTES};
+use crate::crypt::{SealKey, SEAL_OVERHEAD};
+use crate::manifest::{
+    CheckpointManifest, ChunkLocation, ChunkRef, ManifestError, MAX_MANIFEST_BYTES,
+};
 use crate::nvme_index::{remove_chunk_file, NvmeIndex};
 use crate::pipeline::{
     drain_image_set_on, ChunkIndex, ChunkWriter, DrainStats, RunOn, StoredChunk, WriteBacklog,
 };
 use crate::restore::{restore_image_set_on, ChunkFetch};
+use crate::sealing::Sealing;
 use crate::service::StoreWrites;
 use crate::{
     ByteRate, CancelToken, CheckpointName, DataPlane, ImageDigest, IoMode, LoadReport, Pacing,
@@ -55,6 +60,8 @@ pub struct NvmeTier {
     tmp_seq: AtomicU64,
     /// Chunks known good, with the state of their file when they were.
     verified: Mutex<HashMap<ChunkHash, FileStamp>>,
+    /// Which key seals new checkpoints and which ones may be opened.
+    sealing: Sealing,
 }
 
 /// What identifies one version of a chunk file: any write changes the ctime.
@@ -111,6 +118,17 @@ impl NvmeTier {
         config: ChunkConfig,
         plane: Arc<DataPlane>,
     ) -> Result<Self, TierError> {
+        Self::open_sealed(root, config, plane, Sealing::plain())
+    }
+
+    /// [`NvmeTier::open_on`] with encryption at rest: new checkpoints are sealed as `sealing`
+    /// says, and sealed ones are opened with its keys.
+    pub fn open_sealed(
+        root: impl Into<PathBuf>,
+        config: ChunkConfig,
+        plane: Arc<DataPlane>,
+        sealing: Sealing,
+    ) -> Result<Self, TierError> {
         config
             .validate()
             .map_err(|detail| TierError::Config { tier: TIER, detail })?;
@@ -131,6 +149,7 @@ impl NvmeTier {
             storing: Mutex::new(HashSet::new()),
             tmp_seq: AtomicU64::new(0),
             verified: Mutex::new(HashMap::new()),
+            sealing,
         };
         tier.index = tier.read_index()?;
         // Chunks of a store that never committed (the agent died mid-stream) are garbage: no
@@ -187,6 +206,20 @@ impl NvmeTier {
         &self.config
     }
 
+    /// Which key seals new checkpoints and which ones may be opened.
+    pub fn sealing(&self) -> &Sealing {
+        &self.sealing
+    }
+
+    /// The key that opens `manifest`'s chunks (`None`: plain), or why it cannot be opened.
+    pub fn opening_key(
+        &self,
+        manifest: &CheckpointManifest,
+    ) -> Result<Option<&Arc<SealKey>>, TierError> {
+        self.sealing
+            .opening_key(TIER, &manifest.name, manifest.key_id.as_ref())
+    }
+
     /// Path of the stored bytes of the chunk with `hash`.
     pub fn chunk_path(&self, hash: &ChunkHash) -> PathBuf {
         let hex = hash.to_hex();
@@ -212,11 +245,21 @@ impl NvmeTier {
             Err(e) => return Err(io("open manifest", &path, e)),
         };
         let reader = BufReader::new(file).take(MAX_MANIFEST_BYTES + 64);
-        let manifest = CheckpointManifest::read_from(reader).map_err(|e| TierError::Corrupt {
-            tier: TIER,
-            name: name.clone(),
-            detail: format!("manifest {}: {e}", path.display()),
-        })?;
+        let manifest =
+            CheckpointManifest::read_with_keys(reader, self.sealing.ring().map(|r| &**r)).map_err(
+                |e| match e {
+                    ManifestError::Key(..) => TierError::Sealing {
+                        tier: TIER,
+                        name: name.clone(),
+                        detail: format!("manifest {}: {e}", path.display()),
+                    },
+                    e => TierError::Corrupt {
+                        tier: TIER,
+                        name: name.clone(),
+                        detail: format!("manifest {}: {e}", path.display()),
+                    },
+                },
+            )?;
         if &manifest.name != name {
             return Err(TierError::Corrupt {
                 tier: TIER,
@@ -275,6 +318,7 @@ impl NvmeTier {
             image_dir,
             known,
             &self.config,
+            self.sealing.writing_key().map(|k| &**k),
             self.plane.pool(),
             &pins,
             &mut writer,
@@ -357,13 +401,16 @@ impl NvmeTier {
         let result = (|| {
             let mut file = File::create(&tmp).map_err(|e| io("create manifest", &tmp, e))?;
             let mut buf = Vec::new();
-            manifest
-                .write_to(&mut buf)
-                .map_err(|e| TierError::Corrupt {
-                    tier: TIER,
-                    name: manifest.name.clone(),
-                    detail: format!("manifest cannot be encoded: {e}"),
-                })?;
+            let key = self.opening_key(manifest)?;
+            match key {
+                Some(key) => manifest.write_sealed(&mut buf, key),
+                None => manifest.write_to(&mut buf),
+            }
+            .map_err(|e| TierError::Corrupt {
+                tier: TIER,
+                name: manifest.name.clone(),
+                detail: format!("manifest cannot be encoded: {e}"),
+            })?;
             file.write_all(&buf)
                 .map_err(|e| io("write manifest", &tmp, e))?;
             file.sync_all().map_err(|e| io("sync manifest", &tmp, e))?;
@@ -390,23 +437,29 @@ impl NvmeTier {
         }
     }
 
-    /// Whether the chunk file at `path` decodes to bytes that hash to `hash`.
+    /// Whether the chunk file at `path` opens (under `key`, when sealed) and decodes to bytes
+    /// with the address `hash`.
     fn chunk_is_intact(
         path: &Path,
         hash: &ChunkHash,
         encoding: ChunkEncoding,
         raw_len: u32,
+        key: Option<&SealKey>,
     ) -> Result<bool, TierError> {
-        let stored = match fs::read(path) {
+        let mut stored = match fs::read(path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(io("read chunk", path, e)),
         };
+        let Ok(encoded) = open_stored(key, hash, encoding, raw_len, &mut stored) else {
+            return Ok(false);
+        };
+        let address = |raw: &[u8]| address_of(key, raw);
         let raw_len = usize::try_from(raw_len).expect("u32 fits usize");
         let intact = match encoding {
-            ChunkEncoding::Raw => ChunkHash::of(&stored) == *hash,
-            ChunkEncoding::Zstd => zstd::bulk::decompress(&stored, raw_len)
-                .is_ok_and(|raw| raw.len() == raw_len && ChunkHash::of(&raw) == *hash),
+            ChunkEncoding::Raw => address(encoded) == *hash,
+            ChunkEncoding::Zstd => zstd::bulk::decompress(encoded, raw_len)
+                .is_ok_and(|raw| raw.len() == raw_len && address(&raw) == *hash),
             ChunkEncoding::Zero => false,
         };
         Ok(intact)
@@ -473,10 +526,18 @@ impl ChunkIndex for NvmeTier {
         let Ok(stored_len) = u32::try_from(meta.len()) else {
             return Ok(None);
         };
-        let encoding = match stored_len {
-            0 => return Ok(None),
-            n if n == raw_len => ChunkEncoding::Raw,
-            n if n < raw_len => ChunkEncoding::Zstd,
+        // A sealed store's addresses are keyed by its key, so a chunk found under one was
+        // sealed by that key and carries its tag and nonce.
+        let key = self.sealing.writing_key().map(|k| &**k);
+        let overhead = if key.is_some() {
+            u32::try_from(SEAL_OVERHEAD).expect("small")
+        } else {
+            0
+        };
+        let encoding = match stored_len.checked_sub(overhead) {
+            None | Some(0) => return Ok(None),
+            Some(n) if n == raw_len => ChunkEncoding::Raw,
+            Some(n) if n < raw_len => ChunkEncoding::Zstd,
             _ => return Ok(None),
         };
         let stamp = FileStamp::of(&meta);
@@ -487,7 +548,7 @@ impl ChunkIndex for NvmeTier {
             .get(hash)
             == Some(&stamp);
         if !known {
-            if !Self::chunk_is_intact(&path, hash, encoding, raw_len)? {
+            if !Self::chunk_is_intact(&path, hash, encoding, raw_len, key)? {
                 tracing::warn!(chunk = %path.display(), "damaged chunk found by dedup; writing it anew");
                 self.verified
                     .lock()
@@ -773,6 +834,7 @@ impl Tier for NvmeTier {
         pacing: &Pacing,
     ) -> Result<LoadReport, TierError> {
         let manifest = self.manifest(name)?;
+        let key = self.opening_key(&manifest)?.map(|k| &**k);
         // Twice the workers: while half decompress, the other half keep the disk busy.
         let workers = self.config.worker_count() * 2;
         let run_on = RunOn {
@@ -780,8 +842,16 @@ impl Tier for NvmeTier {
             class: pacing.class,
             cancel: &pacing.cancel,
         };
-        let loaded =
-            restore_image_set_on(TIER, &manifest, dest, self, self.pool(), workers, run_on);
+        let loaded = restore_image_set_on(
+            TIER,
+            &manifest,
+            key,
+            dest,
+            self,
+            self.pool(),
+            workers,
+            run_on,
+        );
         if let Err(TierError::Corrupt { .. }) = &loaded {
             self.forget_verified();
         }

@@ -8,18 +8,17 @@
 //! bounded, so memory stays flat whatever the image size.
 
 use std::collections::HashMap;
-use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 
-use memmap2::Mmap;
-
 use crate::buffer::{BufferPool, PooledBuf};
+use crate::chunk::{address_of, seal_stored};
 use crate::chunk::{encode_into, is_zero, store_raw, ChunkConfig, ChunkEncoding, ChunkHash};
+use crate::crypt::SealKey;
 use crate::digest::ImageDigest;
+use crate::image_files::{open_sources, SourceFile};
 use crate::manifest::{CheckpointManifest, ChunkLocation, ChunkRef, FileEntry};
 use crate::{CancelToken, CheckpointName, PriorityGate, TierError, TierKind, WorkClass};
 
@@ -90,14 +89,6 @@ pub struct DrainStats {
     pub new_chunks: u64,
 }
 
-/// One memory-mapped file of an image set.
-pub(crate) struct SourceFile {
-    pub name: String,
-    pub mode: u32,
-    pub size: u64,
-    pub map: Option<Mmap>,
-}
-
 struct Job<'a> {
     file: usize,
     index: usize,
@@ -120,63 +111,6 @@ struct Done {
     outcome: Outcome,
 }
 
-fn io_err(tier: TierKind, op: &'static str, path: &Path, source: std::io::Error) -> TierError {
-    TierError::Io {
-        tier,
-        op,
-        path: path.to_owned(),
-        source,
-    }
-}
-
-/// Maps every file of the flat image directory `dir`, sorted by name.
-pub(crate) fn open_sources(tier: TierKind, dir: &Path) -> Result<Vec<SourceFile>, TierError> {
-    let mut files = Vec::new();
-    for entry in fs::read_dir(dir).map_err(|e| io_err(tier, "read image directory", dir, e))? {
-        let entry = entry.map_err(|e| io_err(tier, "read image directory", dir, e))?;
-        let path = entry.path();
-        let meta = fs::symlink_metadata(&path).map_err(|e| io_err(tier, "stat", &path, e))?;
-        if !meta.is_file() {
-            return Err(io_err(
-                tier,
-                "read image set",
-                &path,
-                std::io::Error::other(
-                    "not a regular file; image sets are flat directories of files",
-                ),
-            ));
-        }
-        let name = entry.file_name().into_string().map_err(|_| {
-            io_err(
-                tier,
-                "read image set",
-                &path,
-                std::io::Error::other("file name is not UTF-8"),
-            )
-        })?;
-        let file = fs::File::open(&path).map_err(|e| io_err(tier, "open", &path, e))?;
-        let map = if meta.len() == 0 {
-            None
-        } else {
-            // Populating maps every page in one go instead of faulting them in one by one
-            // from the workers.
-            let options = memmap2::MmapOptions::new().populate().clone();
-            // SAFETY: CRIU has finished writing the image set before it is drained, and
-            // nothing modifies or truncates files in the RAM tier while a store reads them.
-            let map = unsafe { options.map(&file) };
-            Some(map.map_err(|e| io_err(tier, "mmap", &path, e))?)
-        };
-        files.push(SourceFile {
-            name,
-            mode: meta.permissions().mode() & 0o7777,
-            size: meta.len(),
-            map,
-        });
-    }
-    files.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(files)
-}
-
 /// Where a pass of the pipeline runs: the node's gate, the pass's class, its cancel token.
 #[derive(Clone, Copy)]
 pub(crate) struct RunOn<'a> {
@@ -194,6 +128,7 @@ pub(crate) fn drain_image_set(
     image_dir: &Path,
     known: Option<&ImageDigest>,
     config: &ChunkConfig,
+    key: Option<&SealKey>,
     pool: &BufferPool,
     index: &dyn ChunkIndex,
     writer: &mut dyn ChunkWriter,
@@ -205,7 +140,7 @@ pub(crate) fn drain_image_set(
         cancel: &cancel,
     };
     drain_image_set_on(
-        tier, name, image_dir, known, config, pool, index, writer, run_on,
+        tier, name, image_dir, known, config, key, pool, index, writer, run_on,
     )
 }
 
@@ -225,6 +160,7 @@ fn work(
     jobs: &Mutex<Receiver<Job<'_>>>,
     done: &std::sync::mpsc::SyncSender<Result<Done, TierError>>,
     config: &ChunkConfig,
+    key: Option<&SealKey>,
     pool: &BufferPool,
     index: &dyn ChunkIndex,
     backlog: Option<&WriteBacklog>,
@@ -261,7 +197,12 @@ fn work(
         let result = if zero {
             Ok((ChunkHash::ZERO, Outcome::Zero))
         } else {
-            let hash = job.known.unwrap_or_else(|| ChunkHash::of(job.data));
+            // The digest taken after the dump holds plain hashes; a sealed store addresses
+            // chunks by a keyed hash instead.
+            let hash = match (key, job.known) {
+                (None, Some(known)) => known,
+                _ => address_of(key, job.data),
+            };
             match index.lookup(&hash, raw_len) {
                 Ok(Some(stored)) => Ok((hash, Outcome::Known(stored))),
                 Ok(None) => {
@@ -273,6 +214,7 @@ fn work(
                     } else {
                         store_raw(job.data, buf.spare_mut())
                     };
+                    let n = seal_stored(key, &hash, encoding, raw_len, buf.spare_mut(), n);
                     buf.set_len(n);
                     Ok((hash, Outcome::New(encoding, buf)))
                 }
@@ -342,7 +284,8 @@ fn known_hashes<'d>(
 /// the manifest (with [`ChunkLocation`]s from the writer) and what was done. With `known`, the
 /// hashes taken right after the dump are used instead of hashing every chunk again. Each
 /// chunk's CPU work waits for a permit of `run_on`'s gate; a cancelled token stops the pass
-/// between chunks with [`TierError::Cancelled`].
+/// between chunks with [`TierError::Cancelled`]. With `key`, chunks are addressed by keyed
+/// hashes and sealed, and the manifest names the key.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn drain_image_set_on(
     tier: TierKind,
@@ -350,6 +293,7 @@ pub(crate) fn drain_image_set_on(
     image_dir: &Path,
     known: Option<&ImageDigest>,
     config: &ChunkConfig,
+    key: Option<&SealKey>,
     pool: &BufferPool,
     index: &dyn ChunkIndex,
     writer: &mut dyn ChunkWriter,
@@ -411,7 +355,7 @@ pub(crate) fn drain_image_set_on(
             let backlog = backlog.as_deref();
             s.spawn(move || {
                 work(
-                    tier, &job_rx, &done_tx, config, pool, index, backlog, run_on,
+                    tier, &job_rx, &done_tx, config, key, pool, index, backlog, run_on,
                 )
             });
         }
@@ -488,6 +432,7 @@ pub(crate) fn drain_image_set_on(
         .collect::<Result<Vec<_>, TierError>>()?;
     let manifest = CheckpointManifest {
         name: name.clone(),
+        key_id: key.map(|k| k.id().clone()),
         chunk_size: u32::try_from(chunk_size).expect("validated chunk size"),
         packs: Vec::new(),
         files,
@@ -498,6 +443,7 @@ pub(crate) fn drain_image_set_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     /// Keeps new chunks in memory and reports a fixed backlog.
     struct Recorder {
@@ -559,6 +505,7 @@ mod tests {
             dir.path(),
             None,
             &config,
+            None,
             &pool,
             &Empty,
             &mut writer,

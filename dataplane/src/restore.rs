@@ -15,7 +15,9 @@ use std::sync::{Arc, Mutex};
 use memmap2::MmapMut;
 
 use crate::buffer::{AlignedBuf, BufferPool};
+use crate::chunk::open_stored;
 use crate::chunk::{decode_into, verify, ChunkEncoding};
+use crate::crypt::SealKey;
 use crate::manifest::{CheckpointManifest, ChunkRef};
 use crate::pipeline::RunOn;
 use crate::{LoadReport, TierError, TierKind};
@@ -56,10 +58,13 @@ struct Job<'a> {
 
 /// Writes the image set described by `manifest` into `dest` using `fetch`, with `workers`
 /// threads whose decoding and verifying waits for `run_on`'s gate; on error or cancellation
-/// nothing it created is left in `dest`.
+/// nothing it created is left in `dest`. A sealed manifest's chunks are opened with `key`,
+/// which the caller looked up by the manifest's key id.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn restore_image_set_on(
     tier: TierKind,
     manifest: &CheckpointManifest,
+    key: Option<&SealKey>,
     dest: &Path,
     fetch: &dyn ChunkFetch,
     pool: &BufferPool,
@@ -71,6 +76,7 @@ pub(crate) fn restore_image_set_on(
     let result = restore_inner(
         tier,
         manifest,
+        key,
         dest,
         fetch,
         pool,
@@ -91,6 +97,7 @@ pub(crate) fn restore_image_set_on(
 pub(crate) fn restore_image_set(
     tier: TierKind,
     manifest: &CheckpointManifest,
+    key: Option<&SealKey>,
     dest: &Path,
     fetch: &dyn ChunkFetch,
     pool: &BufferPool,
@@ -105,13 +112,14 @@ pub(crate) fn restore_image_set(
         class: crate::WorkClass::Foreground,
         cancel: &cancel,
     };
-    restore_image_set_on(tier, manifest, dest, fetch, pool, workers, run_on)
+    restore_image_set_on(tier, manifest, key, dest, fetch, pool, workers, run_on)
 }
 
 #[allow(clippy::too_many_arguments)]
 fn restore_inner(
     tier: TierKind,
     manifest: &CheckpointManifest,
+    key: Option<&SealKey>,
     dest: &Path,
     fetch: &dyn ChunkFetch,
     pool: &BufferPool,
@@ -179,7 +187,9 @@ fn restore_inner(
                             job.file, job.index, job.chunk.hash
                         ),
                     };
-                    let direct = job.chunk.encoding == ChunkEncoding::Raw;
+                    // A sealed chunk is opened in a buffer: its tag and nonce do not fit the
+                    // destination.
+                    let direct = job.chunk.encoding == ChunkEncoding::Raw && key.is_none();
                     let result = match direct
                         .then(|| {
                             fetch.fetch_raw_into(manifest, job.file, job.index, job.chunk, job.dest)
@@ -188,7 +198,7 @@ fn restore_inner(
                     {
                         Ok(Some(true)) => {
                             let _permit = run_on.gate.acquire(run_on.class);
-                            verify(job.dest, &job.chunk.hash).map_err(corrupt)
+                            verify(job.dest, &job.chunk.hash, key).map_err(corrupt)
                         }
                         Ok(_) => {
                             let mut buf = pool.take();
@@ -196,10 +206,21 @@ fn restore_inner(
                                 .fetch(manifest, job.file, job.index, job.chunk, &mut buf)
                                 .and_then(|()| {
                                     let _permit = run_on.gate.acquire(run_on.class);
+                                    let len = buf.as_slice().len();
+                                    let stored = &mut buf.spare_mut()[..len];
+                                    let encoded = open_stored(
+                                        key,
+                                        &job.chunk.hash,
+                                        job.chunk.encoding,
+                                        job.chunk.raw_len,
+                                        stored,
+                                    )
+                                    .map_err(corrupt)?;
                                     decode_into(
                                         job.chunk.encoding,
-                                        buf.as_slice(),
+                                        encoded,
                                         &job.chunk.hash,
+                                        key,
                                         &mut decompressor,
                                         job.dest,
                                     )

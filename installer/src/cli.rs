@@ -8,13 +8,15 @@ use clap::Parser;
 
 use crate::files::HostRoot;
 use crate::flavour::Flavour;
-use crate::plan::{plan_install, plan_uninstall, InstallOptions, Plan};
+use crate::install::plan_install;
+use crate::plan::{InstallOptions, Plan};
 use crate::probe::CriStatusProbe;
 use crate::restart::{
     restart_and_wait, restart_for, socket_path, ContainerdProbe, HostCommand, NsenterCommand,
     ProbeOutcome, WaitPolicy,
 };
 use crate::runtime_spec::SHIM_BINARY;
+use crate::uninstall::plan_uninstall;
 use crate::{InstallerError, Result};
 
 /// Installs the Kybernate containerd shim on this node and registers the `kybernate`

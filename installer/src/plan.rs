@@ -15,9 +15,6 @@ use crate::runtime_spec::{ConfigVersion, RuntimeSpec, SHIM_BINARY};
 use crate::shim::ShimStep;
 use crate::{InstallerError, Result};
 
-pub use crate::install::plan_install;
-pub use crate::uninstall::plan_uninstall;
-
 /// What the command line asked for.
 #[derive(Debug, Clone)]
 pub struct InstallOptions {

@@ -6,7 +6,8 @@ mod common;
 use std::fs;
 
 use common::{assert_refused, Host};
-use kybernate_installer::plan::{plan_install, plan_uninstall};
+use kybernate_installer::install::plan_install;
+use kybernate_installer::uninstall::plan_uninstall;
 
 const CONFIG: &str = "/etc/containerd/config.toml";
 

@@ -10,8 +10,9 @@ use std::path::Path;
 
 use common::{fixture, Host};
 use kybernate_installer::flavour::Flavour;
-use kybernate_installer::plan::{plan_install, plan_uninstall};
+use kybernate_installer::install::plan_install;
 use kybernate_installer::shim::ShimStep;
+use kybernate_installer::uninstall::plan_uninstall;
 
 struct Case {
     name: &'static str,

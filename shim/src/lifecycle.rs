@@ -17,8 +17,7 @@ use crate::runtime_options::RuncOptions;
 use crate::service::TaskService;
 use crate::stdio::{PreparedIo, StdioPaths};
 
-/// OCI annotation naming a Kybernate checkpoint to restore the container from.
-pub const RESTORE_ANNOTATION: &str = "kybernate.io/restore-from";
+use kybernate_api::RESTORE_FROM_ANNOTATION;
 
 impl TaskService {
     /// Create: mounts the rootfs, then `runc create` (or stages a restore for Start). The
@@ -459,7 +458,7 @@ impl TaskService {
         let reference = spec
             .annotations()
             .as_ref()
-            .and_then(|a| a.get(RESTORE_ANNOTATION))
+            .and_then(|a| a.get(RESTORE_FROM_ANNOTATION))
             .cloned();
         match reference {
             None => Ok(None),

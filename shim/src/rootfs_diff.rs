@@ -199,7 +199,7 @@ fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
 /// leaving out `excluded` mount points and everything below them.
 pub fn capture(upper: &Path, excluded: &BTreeSet<PathBuf>, out: &Path) -> Result<DiffSummary> {
     let tar_path = out.join(DIFF_TAR);
-    let file = File::create(&tar_path).map_err(io("create", &tar_path))?;
+    let file = private_file(&tar_path).map_err(io("create", &tar_path))?;
     let mut builder = tar::Builder::new(BufWriter::new(file));
     builder.follow_symlinks(false);
     let mut list = DiffList {
@@ -229,9 +229,23 @@ pub fn capture(upper: &Path, excluded: &BTreeSet<PathBuf>, out: &Path) -> Result
         path: list_path.clone(),
         source: e.into(),
     })?;
-    fs::write(&list_path, text).map_err(io("write", &list_path))?;
+    private_file(&list_path)
+        .and_then(|mut file| std::io::Write::write_all(&mut file, &text))
+        .map_err(io("write", &list_path))?;
     summary.deletions = u64::try_from(list.deleted.len() + list.opaque.len()).unwrap_or(u64::MAX);
     Ok(summary)
+}
+
+/// Creates (or truncates) `path` as root's alone: the diff holds the container's files,
+/// which may be as secret as its memory.
+fn private_file(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
 }
 
 fn walk(

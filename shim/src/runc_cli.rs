@@ -45,6 +45,10 @@ pub struct CommandLine {
     pub stdio: CommandStdio,
     /// Killed with its process group past this.
     pub deadline: Option<Duration>,
+    /// Runs under umask 077, so that the files it creates (CRIU's images of a container's
+    /// memory, written by `runc checkpoint`) are readable by root only. Not for commands
+    /// that start a container: its process would inherit the umask.
+    pub private_files: bool,
 }
 
 impl CommandLine {
@@ -69,9 +73,19 @@ impl Spawner for ProcessSpawner {
             args,
             stdio,
             deadline,
+            private_files,
         } = command;
         let mut cmd = Command::new(&binary);
         cmd.args(args).env_remove("NOTIFY_SOCKET");
+        if private_files {
+            // SAFETY: umask(2) is async-signal-safe and touches only the child's own mask.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::umask(0o077);
+                    Ok(())
+                });
+            }
+        }
         let (capture_out, capture_err) = (stdio.stdout.is_none(), stdio.stderr.is_none());
         cmd.stdin(stdio.stdin.map_or_else(Stdio::null, Stdio::from));
         cmd.stdout(stdio.stdout.map_or_else(Stdio::piped, Stdio::from));
@@ -82,6 +96,10 @@ impl Spawner for ProcessSpawner {
         execute(cmd, capture_out, capture_err, deadline).await
     }
 }
+
+/// The runc sub-command whose files hold a container's memory: it runs under umask 077
+/// (CRIU writes its images with the default mode, 0644 under the usual umask).
+const PRIVATE_FILES_COMMAND: &str = "checkpoint";
 
 /// The runc binary with its global flags.
 #[derive(Debug, Clone)]
@@ -235,6 +253,7 @@ impl RuncCli {
                 args: words,
                 stdio,
                 deadline,
+                private_files: command_name == PRIVATE_FILES_COMMAND,
             })
             .await
             .map_err(|e| ShimError::io(id, format!("run {}", self.binary.display()), e))?;

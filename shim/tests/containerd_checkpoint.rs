@@ -8,7 +8,8 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
-use harness::{containerd_16, containerd_21, Node, Version, IMAGE, KYBERNATE};
+use harness::kube_api::KubeApi;
+use harness::{containerd_16, containerd_21, Node, NodeOptions, Version, IMAGE, KYBERNATE};
 
 /// A shell loop counting in memory; it writes the count to /tmp/count every 50 ms.
 const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done";
@@ -593,11 +594,64 @@ fn pod_annotations(namespace: &str, pod: &str) -> Vec<String> {
     .collect()
 }
 
-/// Tenant isolation: a container of namespace tenant-a is checkpointed; a container of
-/// tenant-b that names the checkpoint is refused with both namespaces named and no process
-/// started; a container of tenant-a restores it and continues its count.
+/// Every file and directory under `dir` with its permission bits, where they are not 0600
+/// and 0700.
+fn not_private(dir: &std::path::Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let meta = entry.path().symlink_metadata().unwrap();
+        let mode = meta.permissions().mode() & 0o7777;
+        let wanted = if meta.is_dir() { 0o700 } else { 0o600 };
+        if meta.is_dir() {
+            found.extend(not_private(&entry.path()));
+        }
+        if mode != wanted && !meta.file_type().is_symlink() {
+            found.push(format!("{} {mode:o}", entry.path().display()));
+        }
+    }
+    found
+}
+
+/// Runs a container of pod `pod` in `namespace` that restores checkpoint `name`.
+fn run_restoring(node: &Node, id: &str, namespace: &str, name: &str) -> std::process::Output {
+    let mut annotations = pod_annotations(namespace, id);
+    annotations.extend([
+        "--annotation".to_owned(),
+        format!("kybernate.io/restore-from={name}"),
+    ]);
+    let mut args = vec!["run", "-d", "--runtime", KYBERNATE];
+    args.extend(annotations.iter().map(String::as_str));
+    args.extend([IMAGE, id, "sh", "-c", COUNTER]);
+    node.ctr(&args)
+}
+
+/// Tenant isolation, with the agent as node worker of a scripted API server: a container of
+/// namespace tenant-a is checkpointed (its images are root's alone; its origin records the
+/// pod's service account from the API server); a container of tenant-b
+/// that names the checkpoint is refused with both namespaces named, no process started and a
+/// Warning Event on its pod; a container of tenant-a restores it and continues its count;
+/// once a GpuCheckpointGrant lets tenant-b restore tenant-a's checkpoints, tenant-b's
+/// restore succeeds too.
 fn tenants(version: Version) {
-    let node = Node::start(version);
+    let api = KubeApi::start();
+    api.add_pod("tenant-a", "owner", "uid-tenant-a-owner", "trainer");
+    let kubeconfig = tempfile::NamedTempFile::new().unwrap();
+    api.write_kubeconfig(kubeconfig.path());
+    let options = NodeOptions {
+        kubeconfig: Some(kubeconfig.path().to_owned()),
+        ..NodeOptions::default()
+    };
+    let node = Node::start_with(version, options);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !api.state.lock().unwrap().watching() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never watched GpuCheckpointGrants and its pods; agent log:\n{}",
+            node.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let owner = pod_annotations("tenant-a", "owner");
     let owner: Vec<&str> = owner.iter().map(String::as_str).collect();
     run_counter(&node, "secret-holder", &owner);
@@ -606,14 +660,15 @@ fn tenants(version: Version) {
     assert!(out.status.success(), "{}", stderr(&out));
     let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let name = reply["name"].as_str().unwrap().to_owned();
-    let restore_from = format!("kybernate.io/restore-from={name}");
+    let images = node.ram_tier.join(&name);
+    assert!(images.is_dir(), "{} holds the images", images.display());
+    let open = not_private(&images);
+    assert!(
+        open.is_empty(),
+        "checkpoint files others may read: {open:?}"
+    );
 
-    let mut thief = pod_annotations("tenant-b", "thief");
-    thief.extend(["--annotation".to_owned(), restore_from.clone()]);
-    let mut args = vec!["run", "-d", "--runtime", KYBERNATE];
-    args.extend(thief.iter().map(String::as_str));
-    args.extend([IMAGE, "thief", "sh", "-c", COUNTER]);
-    let out = node.ctr(&args);
+    let out = run_restoring(&node, "thief", "tenant-b", &name);
     let text = stderr(&out);
     assert!(
         !out.status.success(),
@@ -622,6 +677,10 @@ fn tenants(version: Version) {
     assert!(
         text.contains(&name) && text.contains("tenant-a") && text.contains("tenant-b"),
         "the refusal names the checkpoint and both namespaces: {text}"
+    );
+    assert!(
+        text.contains("service account trainer"),
+        "the origin records the pod's service account, looked up in the API: {text}"
     );
     assert!(
         node.task_status("thief").is_none(),
@@ -633,9 +692,33 @@ fn tenants(version: Version) {
             .contains("refused a container restore across tenants"),
         "the agent logs the refusal"
     );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let event = loop {
+        if let Some(event) = api.events("CheckpointRestoreRefused").pop() {
+            break event;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no Event for the refusal; agent log:\n{}",
+            node.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(event["type"], "Warning", "{event}");
+    assert_eq!(event["regarding"]["kind"], "Pod", "{event}");
+    assert_eq!(event["regarding"]["namespace"], "tenant-b", "{event}");
+    assert_eq!(event["regarding"]["name"], "thief", "{event}");
+    let note = event["note"].as_str().unwrap();
+    assert!(
+        note.contains(&name) && note.contains("tenant-a") && note.contains("tenant-b"),
+        "{note}"
+    );
 
     let mut heir = pod_annotations("tenant-a", "heir");
-    heir.extend(["--annotation".to_owned(), restore_from]);
+    heir.extend([
+        "--annotation".to_owned(),
+        format!("kybernate.io/restore-from={name}"),
+    ]);
     let heir: Vec<&str> = heir.iter().map(String::as_str).collect();
     run_counter(&node, "heir", &heir);
     assert!(
@@ -643,7 +726,38 @@ fn tenants(version: Version) {
         "tenant-a's restore continues the count"
     );
     node.remove("heir");
+
+    // The administrator shares tenant-a's checkpoints with tenant-b.
+    api.add_grant(serde_json::json!({
+        "apiVersion": "kybernate.io/v1alpha1", "kind": "GpuCheckpointGrant",
+        "metadata": {"name": "a-to-b", "uid": "uid-a-to-b", "resourceVersion": "7"},
+        "spec": {"from": {"namespace": "tenant-a"}, "to": {"namespaces": ["tenant-b"]}},
+    }));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !node.agent_log().contains("GpuCheckpointGrant in force") {
+        assert!(Instant::now() < deadline, "the agent never saw the grant");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = run_restoring(&node, "guest", "tenant-b", &name);
+    assert!(
+        out.status.success(),
+        "the granted restore failed: {}; agent log:\n{}",
+        stderr(&out),
+        node.agent_log()
+    );
+    node.wait_status("guest", "RUNNING");
+    assert!(
+        count(&node, "guest") >= before,
+        "tenant-b's granted restore continues the count"
+    );
+    assert!(
+        node.agent_log().contains("allowed by a GpuCheckpointGrant"),
+        "the agent logs which grant allowed it"
+    );
+    node.remove("guest");
     node.remove("secret-holder");
+    let unexpected = api.state.lock().unwrap().unexpected.clone();
+    assert!(unexpected.is_empty(), "{unexpected:?}");
 }
 
 #[test]

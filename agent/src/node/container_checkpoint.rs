@@ -1,5 +1,6 @@
-//! Container checkpoints driven by the shim: the shim runs `runc checkpoint` itself, the
-//! agent does what surrounds it. Begin: CUDA lock + checkpoint of the container's processes
+//! Container checkpoints driven by the shim: the shim's driver of the checkpoint machine
+//! ([`crate::checkpoint_machine`]). The shim runs `runc checkpoint` itself; the machine does
+//! what surrounds it, as for the agent's own CRIU. Begin: CUDA lock + checkpoint of the container's processes
 //! and an image directory in the RAM tier. End: commit and digest into the RAM tier, store
 //! into the tiers up to the one the checkpoint asked for, record it in the catalog and drain
 //! the slower tiers in the background — or, when the dump failed, CUDA resume and drop the
@@ -19,32 +20,22 @@ use kybernate_proto::agent::v1 as pb;
 
 use super::shim_lease::{CheckpointLeaseExpired, Lease};
 use super::{completed_reply, phases_pb, NodeAgent};
-use crate::catalog::{CheckpointRecord, Phase};
-use crate::checkpoint::{blocking, commit_and_digest};
+use crate::catalog::CheckpointRecord;
+use crate::checkpoint_machine::{CheckpointMachine, Driver, Start, Step};
 use crate::config::TimeoutsConfig;
-use crate::cuda::{CudaPhaseError, LockAndCheckpoint, Release};
-use crate::drain;
-use crate::error::{tier_list, AgentError};
+use crate::error::AgentError;
 use crate::events::PhaseClock;
-use crate::journal::{DumpIntent, Transition};
-use crate::node_parts::NodeParts;
+use crate::journal::DumpIntent;
 use crate::process;
-use crate::tenancy::Origin;
-use crate::workload_state::WorkloadState;
-use kybernate_cuda::GpuFingerprint;
+use crate::workload_state::WorkloadKey;
 
 /// A container checkpoint between Begin and End.
 #[derive(Debug)]
 pub struct ShimCheckpoint {
     pub(super) request: pb::ContainerCheckpointBeginRequest,
-    cuda_pids: Vec<u32>,
-    fingerprint: Option<GpuFingerprint>,
-    phases: Vec<Phase>,
+    /// The checkpoint's state machine, driven by the shim.
+    pub(super) machine: CheckpointMachine,
     began: Instant,
-    /// The slowest tier stored into before End replies.
-    pub(super) until: TierKind,
-    /// CUDA was released by an End whose images followed later.
-    pub(super) cuda_released: bool,
     /// The container's processes as Begin found them (PID, start time in clock ticks), to
     /// tell whether the workload still runs when the lease runs out.
     pub(super) processes: Vec<(i32, u64)>,
@@ -92,7 +83,8 @@ impl Handler<ContainerCheckpointBegin> for NodeAgent {
     fn handle(&mut self, msg: ContainerCheckpointBegin, _: &mut Self::Context) -> Self::Result {
         let request = msg.0;
         let prepared = (|| {
-            let (asked, _) = crate::request_check::container_checkpoint_begin(&request)?;
+            let (asked, mut origin) = crate::request_check::container_checkpoint_begin(&request)?;
+            self.parts.pods.complete(&mut origin);
             let awaited = self.awaited_containers.get(&request.container_id);
             let (name, until) = match (asked, awaited) {
                 // This agent asked containerd for the checkpoint and promised its caller a name.
@@ -102,30 +94,44 @@ impl Handler<ContainerCheckpointBegin> for NodeAgent {
             };
             self.ensure_name_unused(&name)?;
             self.reserve(&name)?;
-            Ok((name, until))
+            Ok((name, until, origin))
         })();
-        let (name, until) = match prepared {
-            Ok(name) => name,
+        let (name, until, origin) = match prepared {
+            Ok(prepared) => prepared,
             Err(e) => return Box::pin(actix::fut::ready(Err(e))),
         };
         let parts = self.parts.clone();
-        let job_name = name.clone();
         let pids = request.pids.clone();
         let processes: Vec<(i32, u64)> = request
             .pids
             .iter()
             .filter_map(|pid| Some((*pid, process::stat(*pid)?.start_ticks)))
             .collect();
-        let intent = DumpIntent {
-            pid: processes.first().map_or(0, |p| p.0),
-            start_ticks: processes.first().map_or(0, |p| p.1),
-            leave_running: request.leave_running,
-            shell_job: false,
-            container_id: request.container_id.clone(),
-            pod_uid: request.pod_uid.clone(),
-            gpu_group: request.gpu_group.clone(),
-            gpu_seat: request.gpu_seat.clone(),
-            images_dir: parts.ram.partial_dir_of(&name),
+        let start = Start {
+            name: name.clone(),
+            driver: Driver::ShimRunc,
+            intent: DumpIntent {
+                pid: processes.first().map_or(0, |p| p.0),
+                start_ticks: processes.first().map_or(0, |p| p.1),
+                leave_running: request.leave_running,
+                shell_job: false,
+                container_id: request.container_id.clone(),
+                pod_uid: request.pod_uid.clone(),
+                gpu_group: request.gpu_group.clone(),
+                gpu_seat: request.gpu_seat.clone(),
+                images_dir: parts.ram.partial_dir_of(&name),
+            },
+            origin,
+            until,
+            workload: self
+                .workloads
+                .channel(WorkloadKey::Container(request.container_id.clone())),
+            clock: PhaseClock::new(
+                name.as_str(),
+                "checkpoint",
+                parts.events.clone(),
+                parts.metrics.clone(),
+            ),
         };
         let lock_timeout = if request.cuda_timeout_ms > 0 {
             Duration::from_millis(request.cuda_timeout_ms)
@@ -134,95 +140,40 @@ impl Handler<ContainerCheckpointBegin> for NodeAgent {
         };
         Box::pin(
             async move {
-                let mut clock = PhaseClock::new(
-                    job_name.as_str(),
-                    "checkpoint",
-                    parts.events.clone(),
-                    parts.metrics.clone(),
-                );
-                let lock = LockAndCheckpoint {
-                    name: job_name.to_string(),
-                    pids,
-                    lock_timeout,
-                };
-                let held = clock
-                    .run("cuda_checkpoint", async {
-                        parts
-                            .cuda
-                            .send(lock)
-                            .await?
-                            .map_err(|source| AgentError::Cuda {
-                                name: job_name.to_string(),
-                                source,
-                            })
-                    })
-                    .await;
-                let held = match held {
-                    Ok(held) => held,
-                    Err(e) => {
-                        clock.failed("cuda_checkpoint", e.metric_label());
-                        return Err(e);
-                    }
-                };
-                let partial = intent.images_dir.clone();
-                let (dir, journal, entry) =
-                    (partial.clone(), parts.journal.clone(), job_name.clone());
-                let made = blocking(move || {
-                    match std::fs::remove_dir_all(&dir) {
-                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                        _ => std::fs::create_dir_all(&dir),
-                    }
-                    .map_err(|e| {
-                        AgentError::Internal(format!("cannot prepare {}: {e}", dir.display()))
-                    })?;
-                    // Journaled before the shim may dump: a stop-mode dump ends the
-                    // container, and an agent that crashes after it must find out whose
-                    // images these are.
-                    journal
-                        .append(entry.as_str(), Transition::DumpIntent(intent))
-                        .map_err(|e| AgentError::Internal(e.to_string()))
-                })
-                .await
-                .and_then(|made| made);
-                if let Err(e) = made {
-                    let _ = parts.cuda.send(release(&job_name, false)).await;
-                    let _ = std::fs::remove_dir(&partial);
+                let mut machine = CheckpointMachine::begin(parts, start).await?;
+                if let Err(e) = machine.lock_cuda(pids, lock_timeout).await {
+                    machine.clock.failed("cuda_checkpoint", e.metric_label());
                     return Err(e);
                 }
-                Ok((held, partial, clock.phases.clone()))
+                Ok(machine)
             }
             .into_actor(self)
             .map(move |result, agent, ctx| {
-                let (held, partial, phases) = match result {
-                    Ok(r) => r,
+                let machine = match result {
+                    Ok(machine) => machine,
                     Err(e) => {
                         agent.busy.remove(&name);
                         return Err(e);
                     }
                 };
                 let lease = agent.grant_checkpoint_lease(ctx, &name);
-                agent.set_container_state(&request.container_id, WorkloadState::Freezing);
                 let reply = pb::ContainerCheckpointBeginReply {
                     checkpoint_ref: name.to_string(),
-                    image_dir: partial.display().to_string(),
-                    cuda_pids: held
-                        .cuda_pids
+                    image_dir: machine.images_dir().display().to_string(),
+                    cuda_pids: machine
+                        .cuda_pids()
                         .iter()
                         .filter_map(|p| i32::try_from(*p).ok())
                         .collect(),
-                    phases: phases_pb(&phases),
+                    phases: phases_pb(&machine.clock.phases),
                     lease_ms: lease.millis(),
                 };
                 agent.shim_checkpoints.insert(
                     name.clone(),
                     ShimCheckpoint {
                         request,
-                        cuda_pids: held.cuda_pids,
-                        fingerprint: held.fingerprint,
-                        phases,
+                        machine,
                         began: Instant::now(),
-                        until,
-                        cuda_released: false,
                         processes,
                         lease,
                     },
@@ -248,13 +199,6 @@ impl NodeAgent {
     }
 }
 
-pub(super) fn release(name: &CheckpointName, keep_checkpointed: bool) -> Release {
-    Release {
-        name: name.to_string(),
-        keep_checkpointed,
-    }
-}
-
 impl Handler<ContainerCheckpointEnd> for NodeAgent {
     type Result = ResponseActFuture<Self, Result<pb::CheckpointReply, AgentError>>;
 
@@ -276,53 +220,23 @@ impl Handler<ContainerCheckpointEnd> for NodeAgent {
             Ok(found) => found,
             Err(e) => return Box::pin(actix::fut::ready(Err(e))),
         };
-        let container = session.request.container_id.clone();
-        if request.dumped {
-            self.set_container_state(&container, WorkloadState::Dumped);
-        }
         if request.dumped && request.images_follow {
             return self.release_before_images(name, session, request.dump_millis);
         }
-        let parts = self.parts.clone();
-        let job_name = name.clone();
-        let until = session.until;
-        let leave_running = session.request.leave_running;
+        let until = session.machine.until();
         Box::pin(
             async move {
                 if request.dumped {
-                    parts.journal.note(job_name.as_str(), Transition::Dumped);
-                    finish(
-                        &parts,
-                        &job_name,
-                        session,
-                        request.dump_millis,
-                        String::new(),
-                    )
-                    .await
-                    .map(Some)
+                    let took = Duration::from_millis(request.dump_millis);
+                    finish(session, Some(took), String::new()).await.map(Some)
                 } else {
-                    roll_back(&parts, &job_name, &request.failure, session.cuda_released)
-                        .await
-                        .map(|()| None)
+                    roll_back(session, &request.failure).await.map(|()| None)
                 }
             }
             .into_actor(self)
             .map(move |result, agent, ctx| {
                 agent.busy.remove(&name);
                 agent.refresh_tier_usage(ctx);
-                agent.set_container_state(
-                    &container,
-                    match &result {
-                        Ok(None) => WorkloadState::Running,
-                        Ok(Some(_)) | Err(AgentError::HeldPartially { .. }) if leave_running => {
-                            WorkloadState::Running
-                        }
-                        Ok(Some(_)) | Err(AgentError::HeldPartially { .. }) => {
-                            WorkloadState::Stored
-                        }
-                        Err(_) => WorkloadState::Failed,
-                    },
-                );
                 if let Err(AgentError::HeldPartially { record, .. }) = &result {
                     agent.keep_record(ctx, &name, record)?;
                 }
@@ -353,57 +267,39 @@ impl NodeAgent {
         mut session: ShimCheckpoint,
         dump_millis: u64,
     ) -> ResponseActFuture<Self, Result<pb::CheckpointReply, AgentError>> {
-        let parts = self.parts.clone();
-        let job_name = name.clone();
-        let phases = session.phases.clone();
-        let leave_running = session.request.leave_running;
         Box::pin(
             async move {
-                let mut clock = PhaseClock::new(
-                    job_name.as_str(),
-                    "checkpoint",
-                    parts.events.clone(),
-                    parts.metrics.clone(),
-                );
-                clock.phases = phases;
-                clock.record("criu_dump", Duration::from_millis(dump_millis));
-                parts.journal.note(job_name.as_str(), Transition::Dumped);
-                match release_cuda(&parts, &mut clock, &job_name, leave_running).await {
-                    Ok(()) => Ok(clock.phases),
-                    Err((phase, e)) => {
-                        clock.failed(phase, e.metric_label());
-                        let partial = parts.ram.partial_dir_of(&job_name);
-                        let _ = blocking(move || std::fs::remove_dir_all(partial)).await;
-                        parts.journal.note(
-                            job_name.as_str(),
-                            Transition::Abandoned {
-                                reason: e.to_string(),
-                            },
-                        );
-                        Err(e)
-                    }
+                let machine = &mut session.machine;
+                let released = match machine.dumped(Some(Duration::from_millis(dump_millis))) {
+                    Ok(()) => machine.release_gpus().await,
+                    Err(e) => Err(("criu_dump", e)),
+                };
+                if let Err((phase, e)) = released {
+                    machine.clock.failed(phase, e.metric_label());
+                    let _ = machine.abandon(e.to_string()).await;
+                    // The GPU state of the container is not known after a failed release.
+                    machine.workload_failed();
+                    return Err(e);
                 }
+                Ok(session)
             }
             .into_actor(self)
             .map(move |result, agent, ctx| match result {
-                Ok(phases) => {
+                Ok(mut session) => {
                     // The images are still to come: the shim gets a fresh lease for them.
                     session.lease = agent.grant_checkpoint_lease(ctx, &name);
                     let reply = pb::CheckpointReply {
                         checkpoint_ref: name.to_string(),
-                        phases: phases_pb(&phases),
+                        phases: phases_pb(&session.machine.clock.phases),
                         cuda_done: true,
                         criu_done: true,
                         ..Default::default()
                     };
-                    session.phases = phases;
-                    session.cuda_released = true;
                     agent.shim_checkpoints.insert(name, session);
                     Ok(reply)
                 }
                 Err(e) => {
                     agent.busy.remove(&name);
-                    agent.set_container_state(&session.request.container_id, WorkloadState::Failed);
                     Err(e)
                 }
             }),
@@ -411,162 +307,51 @@ impl NodeAgent {
     }
 }
 
-/// Gives the container's GPUs back after its dump: CUDA resume (leave-running) or release.
-pub(super) async fn release_cuda(
-    parts: &NodeParts,
-    clock: &mut PhaseClock,
-    name: &CheckpointName,
-    leave_running: bool,
-) -> Result<(), (&'static str, AgentError)> {
-    let phase = if leave_running {
-        "cuda_resume"
-    } else {
-        "cuda_release"
-    };
-    clock
-        .run(phase, async {
-            parts
-                .cuda
-                .send(release(name, !leave_running))
-                .await?
-                .map_err(|source| AgentError::Cuda {
-                    name: name.to_string(),
-                    source,
-                })
-        })
-        .await
-        .map(|_| ())
-        .map_err(|e| (phase, e))
-}
-
-async fn roll_back(
-    parts: &NodeParts,
-    name: &CheckpointName,
-    failure: &str,
-    cuda_released: bool,
-) -> Result<(), AgentError> {
-    let partial = parts.ram.partial_dir_of(name);
-    let _ = blocking(move || std::fs::remove_dir_all(partial)).await;
-    parts.journal.note(
-        name.as_str(),
-        Transition::Abandoned {
-            reason: format!("the shim's dump failed: {failure}"),
-        },
-    );
-    if cuda_released {
+/// The shim's dump failed (or, after an `images_follow` End, its images never came): the
+/// machine gives the GPUs back, drops the partial images and journals why.
+async fn roll_back(mut session: ShimCheckpoint, failure: &str) -> Result<(), AgentError> {
+    let name = session.machine.name().clone();
+    if session.machine.step() == Step::Released {
         tracing::warn!(checkpoint = %name, failure, "container images never arrived; dropped");
-        return Ok(());
+    } else {
+        tracing::warn!(checkpoint = %name, failure, "container dump failed; resuming CUDA");
     }
-    tracing::warn!(checkpoint = %name, failure, "container dump failed; resuming CUDA");
-    parts
-        .cuda
-        .send(release(name, false))
-        .await?
-        .map(|_| ())
-        .map_err(|source: CudaPhaseError| AgentError::Cuda {
-            name: name.to_string(),
-            source,
-        })
+    session
+        .machine
+        .abandon(format!("the shim's dump failed: {failure}"))
+        .await
 }
 
-/// Commits, digests and stores the images of a dump the shim finished, after giving the
-/// GPUs back; `note` goes into the record (why it was finished other than by an End).
+/// Finishes a dump the shim completed: the machine gives the GPUs back (unless an earlier
+/// End or the lease expiry did), commits, digests and stores the images and assembles the
+/// record; `took` is the dump's duration as the shim measured it, `note` goes into the
+/// record (why it was finished other than by an End). Returns the record and the tiers
+/// that hold it.
 pub(super) async fn finish(
-    parts: &NodeParts,
-    name: &CheckpointName,
-    session: ShimCheckpoint,
-    dump_millis: u64,
+    mut session: ShimCheckpoint,
+    took: Option<Duration>,
     note: String,
 ) -> Result<(CheckpointRecord, Vec<String>), AgentError> {
-    let mut clock = PhaseClock::new(
-        name.as_str(),
-        "checkpoint",
-        parts.events.clone(),
-        parts.metrics.clone(),
-    );
-    clock.phases = session.phases.clone();
-    let leave_running = session.request.leave_running;
-    if !session.cuda_released {
-        clock.record("criu_dump", Duration::from_millis(dump_millis));
-        if let Err((phase, e)) = release_cuda(parts, &mut clock, name, leave_running).await {
-            clock.failed(phase, e.metric_label());
-            return Err(e);
+    let machine = &mut session.machine;
+    let result = async {
+        if machine.step() == Step::Locked {
+            machine.dumped(took).map_err(|e| ("criu_dump", e))?;
+            machine.release_gpus().await?;
         }
+        let stored = machine.store(None).await?;
+        let tiers = stored
+            .foreground
+            .kinds()
+            .iter()
+            .map(|k| k.as_str().to_owned())
+            .collect();
+        Ok((machine.record(stored, note).map_err(|e| *e)?, tiers))
     }
-    let (ram_report, files) = match commit_and_digest(parts, &mut clock, name).await {
-        Ok(committed) => committed,
-        Err((phase, e)) => {
-            clock.failed(phase, e.metric_label());
-            return Err(e);
-        }
-    };
-    let foreground =
-        drain::store_foreground(parts, &mut clock, name, &files, ram_report, session.until).await;
-    for kind in foreground
-        .kinds()
-        .into_iter()
-        .filter(|k| *k != TierKind::Ram)
-    {
-        parts.journal.note(
-            name.as_str(),
-            Transition::Committed {
-                tier: kind.as_str().into(),
-            },
-        );
+    .await;
+    machine.finish(&result);
+    if result.is_ok() {
+        tracing::info!(checkpoint = %machine.name(), container = %session.request.container_id,
+            took_ms = crate::events::millis(session.began.elapsed()), "container checkpoint stored");
     }
-    parts
-        .metrics
-        .stored(ram_report.raw_bytes, &[("ram", ram_report.stored_bytes)]);
-    tracing::info!(checkpoint = %name, container = %session.request.container_id,
-        took_ms = crate::events::millis(session.began.elapsed()), "container checkpoint stored");
-    let request = session.request;
-    // Validated at Begin; node-local, the strictest origin, if it were not.
-    let origin = Origin::of_container(request.pod.as_ref()).unwrap_or_default();
-    let record = CheckpointRecord {
-        name: name.to_string(),
-        pid: request.pids.first().copied().unwrap_or_default(),
-        container_id: request.container_id,
-        pod_uid: request.pod_uid,
-        gpu_group: request.gpu_group,
-        gpu_seat: request.gpu_seat,
-        created_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        leave_running,
-        shell_job: false,
-        phases: clock.phases.clone(),
-        raw_bytes: ram_report.raw_bytes,
-        stored_bytes: foreground.stored_bytes(),
-        files,
-        gpu: if session.cuda_pids.is_empty() {
-            None
-        } else {
-            session.fingerprint
-        },
-        note,
-        origin,
-    };
-    let held = tier_list(&foreground.kinds());
-    match foreground.failure {
-        None => {
-            clock.succeeded();
-            let tiers = foreground
-                .kinds()
-                .iter()
-                .map(|k| k.as_str().to_owned())
-                .collect();
-            Ok((record, tiers))
-        }
-        // The images are the container's state (its only state when it exited): keep the
-        // checkpoint in the tiers that hold it and report what failed.
-        Some((phase, source)) => {
-            clock.failed(phase, source.metric_label());
-            Err(AgentError::HeldPartially {
-                tiers: held,
-                record: Box::new(record),
-                source: Box::new(source),
-            })
-        }
-    }
+    result.map_err(|(_, e)| e)
 }

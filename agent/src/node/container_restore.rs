@@ -12,12 +12,13 @@ use kybernate_proto::agent::v1 as pb;
 use super::shim_lease::{Lease, RestoreLeaseExpired};
 use super::{phases_pb, NodeAgent};
 use crate::bandwidth::Urgency;
+use crate::blocking_work::blocking;
 use crate::catalog::CheckpointRecord;
 use crate::cuda::{CheckRestore, RestoreAndUnlock};
 use crate::error::AgentError;
 use crate::events::PhaseClock;
+use crate::journal::Transition;
 use crate::restore::{stage, Staged};
-use crate::tenancy::check_restore;
 use crate::workload_state::WorkloadState;
 
 /// A container restore between Stage and End.
@@ -52,15 +53,8 @@ impl Handler<ContainerRestoreStage> for NodeAgent {
         let from = crate::request_check::source_tier(&request.from_tier);
         let prepared = from.and_then(|from| {
             let (name, record) = self.record(&request.checkpoint_ref)?;
-            check_restore(name.as_str(), &record.origin, request.target.as_ref()).inspect_err(
-                |refused| {
-                    self.parts
-                        .metrics
-                        .failure("restore", "tenancy", "refused_tenant");
-                    tracing::warn!(checkpoint = %name, container = %request.container_id,
-                        %refused, "refused a container restore across tenants");
-                },
-            )?;
+            let target = request.target.as_ref();
+            self.admit_restore(&name, &record, target.map(|p| p.namespace.as_str()), target)?;
             self.reserve(&name)?;
             Ok((name, record, from))
         });
@@ -70,6 +64,7 @@ impl Handler<ContainerRestoreStage> for NodeAgent {
         };
         let parts = self.parts.clone();
         let job_name = name.clone();
+        let container_id = request.container_id.clone();
         Box::pin(
             async move {
                 let mut clock = PhaseClock::new(
@@ -108,7 +103,22 @@ impl Handler<ContainerRestoreStage> for NodeAgent {
                     &mut clock,
                     Urgency::Foreground,
                 );
-                match staged.await {
+                let staged = staged.await.and_then(|staged| {
+                    // Journaled before the shim may restore: an agent that dies before the
+                    // End must know a restore may have brought processes back.
+                    parts
+                        .journal
+                        .append(
+                            job_name.as_str(),
+                            Transition::RestoreStaged {
+                                container_id,
+                                images_dir: staged.dir.clone(),
+                            },
+                        )
+                        .map_err(|e| AgentError::Internal(e.to_string()))?;
+                    Ok(staged)
+                });
+                match staged {
                     Ok(staged) => Ok((record, staged, clock.phases.clone())),
                     Err(e) => {
                         clock.failed("stage", e.metric_label());
@@ -133,7 +143,9 @@ impl Handler<ContainerRestoreStage> for NodeAgent {
                     },
                     lease.length,
                 );
-                let before = agent.set_state_of(&record, WorkloadState::Restoring);
+                let before = agent
+                    .workloads
+                    .set_state_of(&record, WorkloadState::Restoring);
                 agent.expired_restores.remove(&name);
                 let reply = pb::ContainerRestoreStageReply {
                     image_dir: staged.dir.display().to_string(),
@@ -177,10 +189,24 @@ impl Handler<ContainerRestoreEnd> for NodeAgent {
         Box::pin(
             async move {
                 let ShimRestore { record, staged, .. } = session;
+                // Dropping the staged copy removes its scratch directory: file work, off
+                // the agent's thread.
                 if !request.restored {
-                    drop(staged);
+                    let _ = blocking(move || drop(staged)).await;
+                    parts
+                        .journal
+                        .note(&record.name, Transition::RestoreEnded { ok: false });
                     return Ok(Vec::new());
                 }
+                // Journaled before the unlock: an agent that dies first leaves the restored
+                // processes CUDA-locked, and recovery unlocks exactly these.
+                parts.journal.note(
+                    &record.name,
+                    Transition::RestoreRan {
+                        pids: request.pids.clone(),
+                    },
+                );
+                crate::failpoints::failpoint("container_restore.before_cuda_restore")?;
                 let mut clock = PhaseClock::new(
                     &record.name,
                     "restore",
@@ -203,7 +229,11 @@ impl Handler<ContainerRestoreEnd> for NodeAgent {
                             })
                     })
                     .await;
-                drop(staged);
+                let _ = blocking(move || drop(staged)).await;
+                parts.journal.note(
+                    &record.name,
+                    Transition::RestoreEnded { ok: report.is_ok() },
+                );
                 match report {
                     Ok(report) => {
                         if !report.processes.is_empty() {
@@ -223,9 +253,11 @@ impl Handler<ContainerRestoreEnd> for NodeAgent {
                 agent.busy.remove(&name);
                 agent.refresh_tier_usage(ctx);
                 if matches!(&result, Ok(phases) if !phases.is_empty()) {
-                    agent.set_state_of(&stored, WorkloadState::Running);
+                    agent
+                        .workloads
+                        .set_state_of(&stored, WorkloadState::Running);
                 } else {
-                    agent.put_back_state_of(&stored, before);
+                    agent.workloads.put_back_state_of(&stored, before);
                 }
                 let phases = result?;
                 Ok(pb::ContainerRestoreEndReply {

@@ -110,7 +110,9 @@ impl NodeAgent {
                 if record.is_none() && !agent.shim_checkpoints.contains_key(&name) {
                     // Nothing of this checkpoint is kept or in progress: drop what a shim
                     // dumped (another runtime's shim dumps without telling this agent).
-                    let _ = std::fs::remove_dir_all(agent.parts.ram.partial_dir_of(&name));
+                    // File work, off the agent's thread.
+                    let partial = agent.parts.ram.partial_dir_of(&name);
+                    tokio::task::spawn_blocking(move || std::fs::remove_dir_all(partial));
                 }
                 let record = judge_containerd_reply(asked_containerd, record, &container)?;
                 Ok(completed_reply(&record, held_by(&holdings?, name.as_str())))

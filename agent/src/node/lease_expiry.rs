@@ -16,13 +16,14 @@
 //! with status `expired` saying why; then the name is free again.
 
 use actix::prelude::*;
-use kybernate_dataplane::{CheckpointName, TierKind};
+use kybernate_dataplane::TierKind;
 
-use super::container_checkpoint::{finish, release, ShimCheckpoint};
+use super::container_checkpoint::{finish, ShimCheckpoint};
 use super::shim_lease::{expiry_reason, CheckpointLeaseExpired, RestoreLeaseExpired};
 use super::NodeAgent;
+use crate::blocking_work::blocking;
 use crate::catalog::CheckpointRecord;
-use crate::checkpoint::blocking;
+use crate::checkpoint_machine::Step;
 use crate::config::TimeoutsConfig;
 use crate::error::AgentError;
 use crate::events::PhaseClock;
@@ -30,7 +31,6 @@ use crate::journal::Transition;
 use crate::node_parts::NodeParts;
 use crate::process;
 use crate::recovery::{self, Leftover, LeftoverKind};
-use crate::workload_state::WorkloadState;
 
 /// How an expired checkpoint was settled.
 #[derive(Debug)]
@@ -40,8 +40,8 @@ enum Settled {
         record: Box<CheckpointRecord>,
         until: TierKind,
     },
-    /// No checkpoint: GPUs given back, partial images dropped; whether the workload runs.
-    RolledBack { runs: bool },
+    /// No checkpoint: GPUs given back, partial images dropped.
+    RolledBack,
     /// An incomplete dump of a workload that has ended, kept and listed.
     Incomplete(Leftover),
 }
@@ -64,27 +64,12 @@ impl Handler<CheckpointLeaseExpired> for NodeAgent {
         tracing::warn!(checkpoint = %msg.name, container = %session.request.container_id,
             %reason, "container checkpoint lease expired; the agent settles it");
         let name = msg.name;
-        let container = session.request.container_id.clone();
-        let leave_running = session.request.leave_running;
         ctx.spawn(
-            settle_checkpoint(self.parts.clone(), name.clone(), session, reason)
+            settle_checkpoint(self.parts.clone(), session, reason)
                 .into_actor(self)
                 .map(move |settled, agent, ctx| {
                     agent.busy.remove(&name);
                     agent.refresh_tier_usage(ctx);
-                    let state = match &settled {
-                        Ok(Settled::RolledBack { runs: true }) => WorkloadState::Running,
-                        Ok(Settled::Recorded { .. }) | Err(AgentError::HeldPartially { .. })
-                            if leave_running =>
-                        {
-                            WorkloadState::Running
-                        }
-                        Ok(Settled::Recorded { .. }) | Err(AgentError::HeldPartially { .. }) => {
-                            WorkloadState::Stored
-                        }
-                        _ => WorkloadState::Failed,
-                    };
-                    agent.set_container_state(&container, state);
                     match settled {
                         Ok(Settled::Recorded { record, until }) => {
                             if let Err(e) = agent.keep_record(ctx, &name, &record) {
@@ -96,7 +81,7 @@ impl Handler<CheckpointLeaseExpired> for NodeAgent {
                             agent.enforce_budgets(ctx);
                         }
                         Ok(Settled::Incomplete(leftover)) => agent.leftovers.push(leftover),
-                        Ok(Settled::RolledBack { .. }) => {}
+                        Ok(Settled::RolledBack) => {}
                         Err(AgentError::HeldPartially { record, source, .. }) => {
                             tracing::error!(checkpoint = %name, error = %source, "the adopted dump is held only partially");
                             if let Err(e) = agent.keep_record(ctx, &name, &record) {
@@ -112,22 +97,20 @@ impl Handler<CheckpointLeaseExpired> for NodeAgent {
     }
 }
 
-/// Settles one checkpoint whose lease ran out (see the module docs).
+/// Settles one checkpoint whose lease ran out (see the module docs); the checkpoint's
+/// machine moves the workload's state.
 async fn settle_checkpoint(
     parts: NodeParts,
-    name: CheckpointName,
     mut session: ShimCheckpoint,
     reason: String,
 ) -> Result<Settled, AgentError> {
-    let clock = PhaseClock::new(
-        name.as_str(),
-        "checkpoint",
-        parts.events.clone(),
-        parts.metrics.clone(),
-    );
-    clock.announce("lease", "expired", reason.clone());
-    clock.failed("lease", "lease_expired");
-    let partial = parts.ram.partial_dir_of(&name);
+    let name = session.machine.name().clone();
+    session
+        .machine
+        .clock
+        .announce("lease", "expired", reason.clone());
+    session.machine.clock.failed("lease", "lease_expired");
+    let partial = session.machine.images_dir().to_owned();
     let dump_timeout = TimeoutsConfig::of(parts.config.timeouts.dump_ms);
     let dir = partial.clone();
     let complete = blocking(move || {
@@ -138,27 +121,32 @@ async fn settle_checkpoint(
     let runs = session.workload_runs();
     let leave_running = session.request.leave_running;
     if complete && (!runs || leave_running) {
-        if !session.cuda_released {
+        let machine = &mut session.machine;
+        if machine.step() == Step::Locked {
+            machine.dumped(None)?;
             // Processes that are gone cannot be resumed: their hold just ends.
-            give_gpus_back(&parts, &name, !(runs && leave_running)).await;
-            session.cuda_released = true;
+            let keep = !(runs && leave_running);
+            if let Err((_, e)) = machine.release_gpus_keeping(keep).await {
+                tracing::error!(checkpoint = %name, error = %e, "giving the GPUs back after the lease failed");
+            }
         }
-        parts.journal.note(name.as_str(), Transition::Dumped);
-        let until = session.until;
+        let until = machine.until();
         let note = format!("adopted: {reason}, after its dump had completed");
-        let (record, _) = finish(&parts, &name, session, 0, note).await?;
+        let (record, _) = finish(session, None, note).await?;
         tracing::warn!(checkpoint = %name, "the completed dump of an expired lease is kept as a checkpoint");
         return Ok(Settled::Recorded {
             record: Box::new(record),
             until,
         });
     }
-    if !session.cuda_released {
-        give_gpus_back(&parts, &name, !runs).await;
+    let machine = &mut session.machine;
+    if let Err(e) = machine.end_gpu_hold(!runs).await {
+        tracing::error!(checkpoint = %name, error = %e, "giving the GPUs back after the lease failed");
     }
     let dir = partial.clone();
     let bytes = blocking(move || recovery::dir_bytes(&dir)).await?;
     if !runs && bytes > 0 {
+        machine.workload_failed();
         let pid = session.processes.first().map_or(0, |p| p.0);
         tracing::error!(checkpoint = %name, pid, "incomplete dump of an ended workload kept and listed as incomplete");
         return Ok(Settled::Incomplete(Leftover {
@@ -173,42 +161,15 @@ async fn settle_checkpoint(
             ),
         }));
     }
-    let dir = partial.clone();
-    blocking(move || match std::fs::remove_dir_all(&dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(AgentError::Internal(format!(
-            "cannot remove {}: {e}",
-            dir.display()
-        ))),
-        _ => Ok(()),
-    })
-    .await??;
     if runs {
         let pids: Vec<i32> = session.processes.iter().map(|p| p.0).collect();
         process::continue_tree(&pids);
     }
-    parts
-        .journal
-        .note(name.as_str(), Transition::Abandoned { reason });
-    Ok(Settled::RolledBack { runs })
-}
-
-/// Ends the CUDA hold of `name`: the processes stay checkpointed (`keep_checkpointed`, for
-/// a workload that has ended) or are restored and unlocked. A failure is logged: nothing
-/// else can be done for them here, and the name must be released anyway.
-async fn give_gpus_back(parts: &NodeParts, name: &CheckpointName, keep_checkpointed: bool) {
-    let done = match parts.cuda.send(release(name, keep_checkpointed)).await {
-        Ok(done) => done.map(|_| ()).map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    match done {
-        Ok(()) if keep_checkpointed => {
-            tracing::info!(checkpoint = %name, "CUDA hold of the ended workload released")
-        }
-        Ok(()) => tracing::info!(checkpoint = %name, "CUDA restored and unlocked"),
-        Err(error) => {
-            tracing::error!(checkpoint = %name, %error, "giving the GPUs back after the lease failed")
-        }
+    machine.abandon(reason).await?;
+    if !runs {
+        machine.workload_failed();
     }
+    Ok(Settled::RolledBack)
 }
 
 impl Handler<RestoreLeaseExpired> for NodeAgent {
@@ -238,7 +199,8 @@ impl Handler<RestoreLeaseExpired> for NodeAgent {
         self.parts
             .journal
             .note(msg.name.as_str(), Transition::RestoreEnded { ok: false });
-        self.put_back_state_of(&session.record, session.before);
+        self.workloads
+            .put_back_state_of(&session.record, session.before);
         self.expired_restores.insert(msg.name.clone());
         let name = msg.name;
         ctx.spawn(

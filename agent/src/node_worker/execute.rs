@@ -6,8 +6,8 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{finalizer, Event};
 use kube::ResourceExt;
-use kybernate_controller::crd::apply::{self, AGENT_MANAGER};
-use kybernate_controller::crd::{
+use kybernate_api::apply::{self, AGENT_MANAGER};
+use kybernate_api::{
     CheckpointPhase, Condition, GpuCheckpoint, GpuCheckpointStatus, PhaseDuration,
     ARTIFACTS_FINALIZER, FAILED_CONDITION,
 };

@@ -13,10 +13,13 @@
 //! concurrently. The finalizer `kybernate.io/artifacts` is kept by kube-runtime's
 //! finalizer helper: added before a checkpoint is claimed, removed once the stored
 //! checkpoint is deleted. A claim (Scheduled → Checkpointing) is guarded by the
-//! resourceVersion the decision was made on, so a stale copy never runs twice.
+//! resourceVersion the decision was made on, so a stale copy never runs twice. It also keeps
+//! the cluster's `GpuCheckpointGrant`s for the agent's tenancy check and posts refused
+//! restores as Events ([`grants`]).
 
 mod config_events;
 mod execute;
+mod grants;
 mod node_labels;
 mod progress;
 mod stage;
@@ -31,14 +34,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource};
-use kybernate_controller::backoff::ErrorBackoff;
-use kybernate_controller::crd::apply::{self, AGENT_MANAGER};
-use kybernate_controller::crd::{GpuCheckpoint, GpuRestore, NODE_LABEL};
+use kybernate_api::apply::{self, AGENT_MANAGER};
+use kybernate_api::backoff::ErrorBackoff;
+use kybernate_api::{GpuCheckpoint, GpuRestore, NODE_LABEL};
 use kybernate_cuda::GpuFingerprint;
 
 use crate::error::AgentError;
 use crate::node::NodeAgent;
 
+pub use grants::RESTORE_REFUSED;
 pub use node_labels::node_labels;
 pub use progress::DRAINING_CONDITION;
 
@@ -148,7 +152,14 @@ impl NodeWorker {
                 worker.clone(),
             )
             .for_each(|_| async {});
-        futures::join!(checkpoints, restores, worker.report_config_rejections());
+        futures::join!(
+            checkpoints,
+            restores,
+            worker.report_config_rejections(),
+            worker.watch_grants(),
+            worker.watch_pods(),
+            worker.report_refusals()
+        );
     }
 
     /// Applies the node's labels as `kybernate-agent`: a label it applied before and

@@ -2,14 +2,12 @@
 
 use std::collections::BTreeMap;
 
-use kybernate_controller::crd::{
+use kybernate_api::{
     label_value, GpuFingerprintStatus, GPU_COUNT_LABEL, GPU_DRIVER_LABEL, GPU_MODEL_LABEL,
 };
 use kybernate_cuda::GpuFingerprint;
 
-/// Label saying the agent (and so the `kybernate` runtime) is ready on the node; the
-/// RuntimeClass schedules onto it.
-pub const AGENT_READY_LABEL: &str = "kybernate.io/agent";
+use kybernate_api::AGENT_READY_LABEL;
 
 /// Node labels for `gpus` (`None`: no CUDA driver); a `None` value is a label the node must
 /// not carry. A node without GPUs still gets `gpu-count=0`, so CPU-only checkpoints can

@@ -3,8 +3,8 @@
 
 use kube::api::Api;
 use kube::ResourceExt;
-use kybernate_controller::crd::apply::{self, AGENT_MANAGER};
-use kybernate_controller::crd::{CheckpointPhase, Condition, GpuCheckpoint, GpuCheckpointStatus};
+use kybernate_api::apply::{self, AGENT_MANAGER};
+use kybernate_api::{CheckpointPhase, Condition, GpuCheckpoint, GpuCheckpointStatus};
 use kybernate_proto::agent::v1 as pb;
 use tokio::sync::broadcast::error::RecvError;
 

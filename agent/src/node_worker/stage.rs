@@ -5,25 +5,28 @@
 //! Level-triggered and idempotent: an object whose status already records staging (or a
 //! failure) is left alone, and a prefetch of a checkpoint the tier already holds copies
 //! nothing. The agent applies only `staging` and its own conditions (`Staged`, or `Failed`
-//! with the phase when the checkpoint is not here); the controller's fields stay.
+//! with the phase when the checkpoint is not here or belongs to another tenant that granted
+//! the restore's namespace nothing); the controller's fields stay.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::ResourceExt;
-use kybernate_controller::crd::apply::{self, AGENT_MANAGER};
-use kybernate_controller::crd::{
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use kybernate_api::apply::{self, AGENT_MANAGER};
+use kybernate_api::{
     Condition, GpuRestore, GpuRestoreStatus, PhaseDuration, RestorePhase, RestoreStaging,
     FAILED_CONDITION, STAGED_CONDITION,
 };
 use kybernate_proto::agent::v1 as pb;
 
 use super::execute::{artifact_name, now};
+use super::grants::RESTORE_REFUSED;
 use super::{NodeWorker, WorkerError};
 use crate::error::AgentError;
-use crate::node::{Prefetch, RestorePrefetchTier};
+use crate::node::{CheckRestoreInto, Prefetch, RestorePrefetchTier};
 
 /// How long to wait between tries while the checkpoint is busy (still being written or
 /// drained), and how many tries before reporting it.
@@ -62,6 +65,11 @@ impl NodeWorker {
             .artifact_ref
             .clone()
             .unwrap_or_else(|| artifact_name(&ns, &restore.spec.checkpoint_name));
+        // Refused before anything is copied when the checkpoint is here; a checkpoint the
+        // prefetch has to adopt from a shared tier is checked once its record is known.
+        if let Some(refused) = self.refusal(restore, &artifact, &ns).await? {
+            return self.apply_restore_status(&api, restore, refused).await;
+        }
         let tier = self.agent.send(RestorePrefetchTier).await?.as_str();
         tracing::info!(object = %restore.name_any(), %artifact, tier, "staging a restore");
         let request = pb::PrefetchRequest {
@@ -79,6 +87,11 @@ impl NodeWorker {
             }
         };
         let cp = &restore.spec.checkpoint_name;
+        if result.is_ok() {
+            if let Some(refused) = self.refusal(restore, &artifact, &ns).await? {
+                return self.apply_restore_status(&api, restore, refused).await;
+            }
+        }
         let applied = match result {
             Ok(reply) => {
                 let from = (!reply.from_tier.is_empty()).then(|| reply.from_tier.clone());
@@ -153,6 +166,51 @@ impl NodeWorker {
             }
         };
         self.apply_restore_status(&api, restore, applied).await
+    }
+
+    /// The Failed status of `restore` when the agent refuses `artifact` to pods of
+    /// `namespace` (its origin is another tenant and no grant allows it), also posted as a
+    /// Warning Event on the GpuRestore; `None` when allowed or not (yet) on this node.
+    async fn refusal(
+        &self,
+        restore: &GpuRestore,
+        artifact: &str,
+        namespace: &str,
+    ) -> Result<Option<GpuRestoreStatus>, WorkerError> {
+        let check = CheckRestoreInto {
+            checkpoint_ref: artifact.to_owned(),
+            namespace: namespace.to_owned(),
+        };
+        let refused = match self.agent.send(check).await? {
+            Err(AgentError::RestoreRefused(refused)) => refused,
+            Ok(_) | Err(_) => return Ok(None),
+        };
+        let message = refused.to_string();
+        tracing::warn!(object = %restore.name_any(), %message, "GpuRestore refused");
+        let event = Event {
+            type_: EventType::Warning,
+            reason: RESTORE_REFUSED.into(),
+            note: Some(message.clone()),
+            action: "Restore".into(),
+            secondary: None,
+        };
+        if let Err(error) = self
+            .recorder()
+            .publish(&event, &restore.object_ref(&()))
+            .await
+        {
+            tracing::warn!(%error, "cannot publish the CheckpointRestoreRefused event");
+        }
+        Ok(Some(GpuRestoreStatus {
+            phase: RestorePhase::Failed,
+            conditions: vec![Condition::new(
+                FAILED_CONDITION,
+                RESTORE_REFUSED,
+                message,
+                now(),
+            )],
+            ..GpuRestoreStatus::default()
+        }))
     }
 
     /// Applies the agent's fields of the restore's status as `kybernate-agent`.

@@ -245,7 +245,49 @@ impl Containerd {
         self.run_workload_with(id, ctl, 0, status, &["--annotation", &annotation]);
     }
 
+    /// [`Containerd::run_workload`] as a container of pod `pod` in Kubernetes namespace
+    /// `namespace` (the CRI annotations the CRI plugin writes), restoring checkpoint
+    /// `restore_from` when given; the output of `ctr run`, which may fail.
+    #[allow(dead_code)]
+    pub fn run_workload_in_pod(
+        &self,
+        id: &str,
+        ctl: &Path,
+        mib: usize,
+        status: &Path,
+        (namespace, pod): (&str, &str),
+        restore_from: Option<&str>,
+    ) -> Output {
+        let mut extra = vec![
+            format!("io.kubernetes.cri.sandbox-namespace={namespace}"),
+            format!("io.kubernetes.cri.sandbox-name={pod}"),
+            format!("io.kubernetes.cri.sandbox-uid=uid-{namespace}-{pod}"),
+        ];
+        extra.extend(restore_from.map(|name| format!("kybernate.io/restore-from={name}")));
+        let extra: Vec<&str> = extra
+            .iter()
+            .flat_map(|a| ["--annotation", a.as_str()])
+            .collect();
+        let args = self.workload_args(id, ctl, mib, status, &extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.ctr(&args)
+    }
+
     fn run_workload_with(&self, id: &str, ctl: &Path, mib: usize, status: &Path, extra: &[&str]) {
+        let args = self.workload_args(id, ctl, mib, status, extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.ctr_ok(&args);
+    }
+
+    /// `ctr run` arguments of the workload container.
+    fn workload_args(
+        &self,
+        id: &str,
+        ctl: &Path,
+        mib: usize,
+        status: &Path,
+        extra: &[&str],
+    ) -> Vec<String> {
         let status_dir = status.parent().unwrap();
         let mounts = [
             ("/usr/lib".into(), "/lib".into()),
@@ -277,7 +319,7 @@ impl Containerd {
             "--status",
             status.to_str().unwrap(),
         ]);
-        self.ctr_ok(&args);
+        args.into_iter().map(str::to_owned).collect()
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use kybernate_agent::workload::Status;
+use kybernate_sample_workload::Status;
 
 pub mod faults;
 

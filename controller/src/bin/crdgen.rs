@@ -16,8 +16,8 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    for (file, crd) in kybernate_controller::crd::all() {
-        let yaml = kybernate_controller::crd::render(&crd)?;
+    for (file, crd) in kybernate_api::all() {
+        let yaml = kybernate_api::render(&crd)?;
         if args.out.is_empty() {
             print!("---\n{yaml}");
         }

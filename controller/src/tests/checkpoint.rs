@@ -6,9 +6,9 @@ use serde_json::json;
 
 use super::{core, kyb, node_path};
 use crate::checkpoint::reconcile;
-use crate::crd::*;
 use crate::fixtures::*;
 use crate::mock::{list, Scenario};
+use kybernate_api::*;
 
 fn run_on(
     cp: GpuCheckpoint,

@@ -13,11 +13,11 @@ use kube::api::Patch;
 use serde::Serialize;
 
 use super::{core, kyb, node_path};
-use crate::crd::apply::{self, AGENT_MANAGER, CONTROLLER_MANAGER};
-use crate::crd::*;
 use crate::fixtures::*;
 use crate::mock::apply::AppliedObject;
 use crate::mock::Scenario;
+use kybernate_api::apply::{self, AGENT_MANAGER, CONTROLLER_MANAGER};
+use kybernate_api::*;
 
 /// What the agent sends for `status`, as JSON.
 fn agent_apply<K, S>(name: &str, status: S) -> serde_json::Value

@@ -9,11 +9,11 @@ use serde_json::json;
 
 use super::{core, kyb, node_path};
 use crate::checkpoint::reconcile;
-use crate::crd::*;
 use crate::fence::WriteFence;
 use crate::fixtures::*;
 use crate::lease::LeaderLease;
 use crate::mock::Scenario;
+use kybernate_api::*;
 
 const LEASE: &str =
     "/apis/coordination.k8s.io/v1/namespaces/kybernate-system/leases/kybernate-controller";

@@ -5,10 +5,10 @@ use kube::runtime::controller::Action;
 use serde_json::json;
 
 use super::{core, kyb};
-use crate::crd::*;
 use crate::fixtures::*;
 use crate::mock::Scenario;
 use crate::restore::reconcile;
+use kybernate_api::*;
 
 #[tokio::test]
 async fn creates_the_restored_pod_with_runtime_annotation_and_gpu_affinity() {
@@ -128,6 +128,28 @@ async fn missing_checkpoint_fails() {
         seen.bodies[1]["status"]["conditions"][0]["reason"],
         "CheckpointNotFound"
     );
+}
+
+#[tokio::test]
+async fn a_restore_the_agent_refused_across_tenants_stays_failed() {
+    let mut restore = GpuRestore::test("r1", "cp1");
+    restore.status = Some(GpuRestoreStatus {
+        phase: RestorePhase::Failed,
+        conditions: vec![Condition::new(
+            FAILED_CONDITION,
+            "CheckpointRestoreRefused",
+            "checkpoint default_cp1 was taken from a process of the node (node-local) and \
+             cannot be restored into a pod of namespace default",
+            ago(1),
+        )],
+        ..Default::default()
+    });
+    // No request at all: no pod is created, the agent's condition is not overwritten.
+    let (result, seen) = Scenario::default()
+        .run(now(), |ctx| reconcile(Arc::new(restore), ctx))
+        .await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert!(seen.requests.is_empty() && seen.events.is_empty());
 }
 
 #[tokio::test]

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use k8s_openapi::jiff::Timestamp;
 
 use super::node_path;
-use crate::crd::*;
 use crate::fixtures::*;
 use crate::mock::{list, Scenario};
 use crate::schedule::{parse_cron, Schedule, ScheduleError};
 use crate::workload::{due_at, reconcile};
+use kybernate_api::*;
 
 const PODS: &str = "/api/v1/namespaces/default/pods";
 const CPS: &str = "/apis/kybernate.io/v1alpha1/namespaces/default/gpucheckpoints";

@@ -1,10 +1,10 @@
 use std::sync::Arc;
 
 use super::{core, node_path};
-use crate::crd::*;
 use crate::fixtures::*;
 use crate::mock::{list, Scenario};
 use crate::workload::{expired, reconcile};
+use kybernate_api::*;
 
 const PODS: &str = "/api/v1/namespaces/default/pods";
 const CPS: &str = "/apis/kybernate.io/v1alpha1/namespaces/default/gpucheckpoints";

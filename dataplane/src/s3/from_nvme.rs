@@ -7,7 +7,7 @@ use super::store::{same_contents, PreparedStore};
 use super::upload::PackUpload;
 use super::{S3Tier, TIER};
 use crate::buffer::BufferPool;
-use crate::chunk::{decode_into, ChunkEncoding, ChunkHash};
+use crate::chunk::{decode_into, open_stored, ChunkEncoding, ChunkHash};
 use crate::manifest::ChunkRef;
 use crate::pipeline::{ChunkIndex, ChunkWriter, DrainStats, StoredChunk};
 use crate::restore::ChunkFetch;
@@ -23,6 +23,17 @@ impl S3Tier {
         nvme: &NvmeTier,
     ) -> Result<(StoreReport, DrainStats), TierError> {
         let mut source = nvme.manifest(name)?;
+        let source_key = nvme.opening_key(&source)?.cloned();
+        if source_key.is_none() && self.sealing.writing_key().is_some() {
+            // Copying the chunks as they are would put plaintext into an encrypted bucket.
+            return Err(TierError::Sealing {
+                tier: TIER,
+                name: name.clone(),
+                detail: "its NVMe copy is unencrypted and this tier stores encrypted \
+                         checkpoints; store it from the RAM copy or re-encrypt it first"
+                    .into(),
+            });
+        }
         if let Some(held) =
             self.begin_store(name, |existing| Ok(same_contents(existing, &source)))?
         {
@@ -52,7 +63,7 @@ impl S3Tier {
             None,
         );
         let chunk_size = usize::try_from(source.chunk_size).expect("u32 fits usize");
-        let buffers = BufferPool::new(chunk_size, 2);
+        let buffers = BufferPool::new(chunk_size + crate::SEAL_OVERHEAD, 2);
         let mut stats = DrainStats::default();
         let mut written: HashMap<ChunkHash, StoredChunk> = HashMap::new();
         let mut decompressor = zstd::bulk::Decompressor::new().map_err(|e| TierError::Io {
@@ -86,6 +97,7 @@ impl S3Tier {
                                 &f.name,
                                 i,
                                 c,
+                                source_key.as_deref(),
                                 &buffers,
                                 &mut decompressor,
                                 &mut upload,
@@ -120,6 +132,7 @@ impl S3Tier {
         file: &str,
         index: usize,
         chunk: &ChunkRef,
+        key: Option<&crate::SealKey>,
         buffers: &BufferPool,
         decompressor: &mut zstd::bulk::Decompressor<'_>,
         upload: &mut PackUpload<'_>,
@@ -128,18 +141,31 @@ impl S3Tier {
         nvme.fetch(source, file, index, chunk, &mut stored)?;
         let mut scratch = buffers.take();
         let raw_len = usize::try_from(chunk.raw_len).expect("u32 fits usize");
-        decode_into(
-            chunk.encoding,
-            stored.as_slice(),
-            &chunk.hash,
-            decompressor,
-            &mut scratch.spare_mut()[..raw_len],
-        )
-        .map_err(|e| TierError::Corrupt {
-            tier: nvme_kind(),
-            name: source.name.clone(),
-            detail: format!("file {file} chunk {index} ({}): {e}", chunk.hash),
-        })?;
+        // The sealed bytes are uploaded as they are; a copy is opened only to check them.
+        let mut sealed = Vec::new();
+        let encoded = match key {
+            None => Ok(stored.as_slice()),
+            Some(_) => {
+                sealed.extend_from_slice(stored.as_slice());
+                open_stored(key, &chunk.hash, chunk.encoding, chunk.raw_len, &mut sealed)
+            }
+        };
+        encoded
+            .and_then(|encoded| {
+                decode_into(
+                    chunk.encoding,
+                    encoded,
+                    &chunk.hash,
+                    key,
+                    decompressor,
+                    &mut scratch.spare_mut()[..raw_len],
+                )
+            })
+            .map_err(|e| TierError::Corrupt {
+                tier: nvme_kind(),
+                name: source.name.clone(),
+                detail: format!("file {file} chunk {index} ({}): {e}", chunk.hash),
+            })?;
         drop(scratch);
         upload.put(chunk.hash, chunk.encoding, stored)
     }

@@ -87,7 +87,7 @@ impl S3Tier {
     /// earlier checkpoint of this name: the manifest is ours now).
     pub(super) fn put_index(&self, manifest: &CheckpointManifest) -> Result<(), TierError> {
         let index = index_of(manifest);
-        let body = encode(&index)?;
+        let body = self.encode(&index)?;
         let key = self.index_key(&manifest.name);
         match self.put_object(&key, body.clone(), true)? {
             super::Put::Created => Ok(()),
@@ -111,7 +111,7 @@ impl S3Tier {
         else {
             return Ok(None);
         };
-        let index = CheckpointManifest::read_from(&body[..]).map_err(|e| corrupt(e.to_string()))?;
+        let index = self.parse_manifest(name, &key, &body)?;
         if &index.name != name {
             return Err(corrupt(format!("names checkpoint {}", index.name)));
         }
@@ -141,8 +141,10 @@ impl S3Tier {
             let read = match valid_index {
                 Some(&modified) => {
                     match self.cached(name, 'i', modified, || self.read_index(name)) {
-                        Err(TierError::Corrupt { detail, .. }) => {
-                            tracing::warn!(checkpoint = %name, %detail, "ignoring a damaged index object");
+                        Err(
+                            TierError::Corrupt { detail, .. } | TierError::Sealing { detail, .. },
+                        ) => {
+                            tracing::warn!(checkpoint = %name, %detail, "ignoring a damaged or unreadable index object");
                             None
                         }
                         other => other?,
@@ -162,9 +164,11 @@ impl S3Tier {
                         }
                     });
                     match m {
-                        Err(TierError::Corrupt { detail, .. }) if !strict => {
+                        Err(
+                            TierError::Corrupt { detail, .. } | TierError::Sealing { detail, .. },
+                        ) if !strict => {
                             tracing::warn!(checkpoint = %name, %detail,
-                                "a damaged manifest offers no chunks to deduplicate against");
+                                "a damaged manifest, or one sealed with a key this node lacks, offers no chunks to deduplicate against");
                             None
                         }
                         other => other?,
@@ -259,6 +263,7 @@ fn index_of(manifest: &CheckpointManifest) -> CheckpointManifest {
     let size = chunks.iter().map(|c| u64::from(c.raw_len)).sum();
     CheckpointManifest {
         name: manifest.name.clone(),
+        key_id: manifest.key_id.clone(),
         chunk_size: manifest.chunk_size,
         packs: manifest.packs.clone(),
         files: vec![FileEntry {
@@ -268,19 +273,6 @@ fn index_of(manifest: &CheckpointManifest) -> CheckpointManifest {
             chunks,
         }],
     }
-}
-
-/// `manifest` (or an index object) as the bytes of its object.
-pub(super) fn encode(manifest: &CheckpointManifest) -> Result<bytes::Bytes, TierError> {
-    let mut buf = Vec::new();
-    manifest
-        .write_to(&mut buf)
-        .map_err(|e| TierError::Corrupt {
-            tier: TIER,
-            name: manifest.name.clone(),
-            detail: format!("cannot be encoded: {e}"),
-        })?;
-    Ok(bytes::Bytes::from(buf))
 }
 
 #[cfg(test)]
@@ -309,6 +301,7 @@ mod tests {
         let at = |pack, offset| ChunkLocation::Pack { pack, offset };
         let manifest = CheckpointManifest {
             name: CheckpointName::new("cp").unwrap(),
+            key_id: None,
             chunk_size: 4096,
             packs: vec!["packs/a.pack".into(), "packs/b.pack".into()],
             files: vec![
@@ -331,7 +324,8 @@ mod tests {
         assert_eq!(index.files.len(), 1);
         let hashes: Vec<_> = index.files[0].chunks.iter().map(|c| c.hash.0[0]).collect();
         assert_eq!(hashes, vec![1, 2]);
-        let bytes = encode(&index).unwrap();
+        let mut bytes = Vec::new();
+        index.write_to(&mut bytes).unwrap();
         assert_eq!(CheckpointManifest::read_from(&bytes[..]).unwrap(), index);
         let view = BucketView {
             checkpoints: vec![Arc::new(index)],

@@ -76,6 +76,8 @@ pub struct S3Tier {
     index_cache: Mutex<IndexCache>,
     /// Multipart uploads whose abort failed (server unreachable): (key, upload id).
     pending_aborts: Mutex<Vec<(String, String)>>,
+    /// Which key seals new checkpoints and which ones may be opened.
+    sealing: crate::Sealing,
 }
 
 /// The tier's private runtime; dropping it never blocks, so the tier may be dropped anywhere,
@@ -202,6 +204,16 @@ impl S3Tier {
     /// Builds the client and checks that the bucket exists and the credentials work, so a bad
     /// configuration fails at start-up with a clear error.
     pub fn connect(config: S3Config, chunk: ChunkConfig) -> Result<Self, TierError> {
+        Self::connect_sealed(config, chunk, crate::Sealing::plain())
+    }
+
+    /// [`S3Tier::connect`] with encryption at rest: new checkpoints are sealed as `sealing`
+    /// says, and sealed ones are opened with its keys.
+    pub fn connect_sealed(
+        config: S3Config,
+        chunk: ChunkConfig,
+        sealing: crate::Sealing,
+    ) -> Result<Self, TierError> {
         config.validate()?;
         chunk
             .validate()
@@ -248,7 +260,7 @@ impl S3Tier {
             node_id: resolve_node_id(&config.node_id),
             index_cache: Mutex::new(HashMap::new()),
             pool: BufferPool::new(
-                chunk.chunk_size,
+                chunk.chunk_size + crate::SEAL_OVERHEAD,
                 config.fetch_concurrency + chunk.worker_count() * 2 + 8,
             ),
             config,
@@ -256,6 +268,7 @@ impl S3Tier {
             rt: OwnRuntime(Some(rt)),
             chunk,
             pending_aborts: Mutex::new(Vec::new()),
+            sealing,
         };
         tier.check_bucket()?;
         Ok(tier)
@@ -306,12 +319,70 @@ impl S3Tier {
                 tier: TIER,
                 name: name.clone(),
             })?;
-        let manifest =
-            CheckpointManifest::read_from(&body[..]).map_err(|e| corrupt(e.to_string()))?;
+        let manifest = self.parse_manifest(name, &key, &body)?;
         if &manifest.name != name {
             return Err(corrupt(format!("names checkpoint {}", manifest.name)));
         }
         Ok(manifest)
+    }
+
+    /// Which key seals new checkpoints and which ones may be opened.
+    pub fn sealing(&self) -> &crate::Sealing {
+        &self.sealing
+    }
+
+    /// The key that opens `manifest`'s chunks (`None`: plain), or why it cannot be opened.
+    pub fn opening_key(
+        &self,
+        manifest: &CheckpointManifest,
+    ) -> Result<Option<&std::sync::Arc<crate::SealKey>>, TierError> {
+        self.sealing
+            .opening_key(TIER, &manifest.name, manifest.key_id.as_ref())
+    }
+
+    /// Parses the manifest or index object `key` of `name` with this tier's keys; a key this
+    /// node lacks is [`TierError::Sealing`], anything else wrong [`TierError::Corrupt`].
+    pub(super) fn parse_manifest(
+        &self,
+        name: &CheckpointName,
+        key: &str,
+        body: &[u8],
+    ) -> Result<CheckpointManifest, TierError> {
+        CheckpointManifest::read_with_keys(body, self.sealing.ring().map(|r| &**r)).map_err(|e| {
+            let detail = format!("{key}: {e}");
+            match e {
+                crate::ManifestError::Key(..) => TierError::Sealing {
+                    tier: TIER,
+                    name: name.clone(),
+                    detail,
+                },
+                _ => TierError::Corrupt {
+                    tier: TIER,
+                    name: name.clone(),
+                    detail,
+                },
+            }
+        })
+    }
+
+    /// `manifest` (or an index object) as the bytes of its object, authenticated under its
+    /// key when it is sealed.
+    pub(super) fn encode(&self, manifest: &CheckpointManifest) -> Result<bytes::Bytes, TierError> {
+        let mut buf = Vec::new();
+        let encoded =
+            match self
+                .sealing
+                .opening_key(TIER, &manifest.name, manifest.key_id.as_ref())?
+            {
+                Some(key) => manifest.write_sealed(&mut buf, key),
+                None => manifest.write_to(&mut buf),
+            };
+        encoded.map_err(|e| TierError::Corrupt {
+            tier: TIER,
+            name: manifest.name.clone(),
+            detail: format!("cannot be encoded: {e}"),
+        })?;
+        Ok(bytes::Bytes::from(buf))
     }
 
     /// The body of the small object `key` (a manifest or a record), `None` when it does not

@@ -135,6 +135,7 @@ impl Tier for S3Tier {
         pacing: &crate::Pacing,
     ) -> Result<LoadReport, TierError> {
         let manifest = self.manifest(name)?;
+        let key = self.opening_key(&manifest)?;
         let fetch = PacedFetch {
             tier: self,
             rate: pacing.download.as_deref(),
@@ -142,6 +143,7 @@ impl Tier for S3Tier {
         restore_image_set(
             TIER,
             &manifest,
+            key.map(|k| &**k),
             dest,
             &fetch,
             &self.pool,

@@ -68,6 +68,7 @@ impl S3Tier {
             image_dir,
             known,
             &self.chunk,
+            self.sealing.writing_key().map(|k| &**k),
             &self.pool,
             &index,
             &mut upload,
@@ -175,7 +176,7 @@ impl S3Tier {
     /// another node) counts as stored; anything else is [`TierError::AlreadyExists`].
     fn create_manifest(&self, manifest: &CheckpointManifest) -> Result<(), TierError> {
         let key = self.manifest_key(&manifest.name);
-        let body = index::encode(manifest)?;
+        let body = self.encode(manifest)?;
         for _ in 0..3 {
             if let Put::Created = self.put_object(&key, body.clone(), true)? {
                 return Ok(());
@@ -266,14 +267,17 @@ impl S3Tier {
         known: Option<&crate::ImageDigest>,
     ) -> Result<bool, TierError> {
         let chunk_size = usize::try_from(existing.chunk_size).expect("u32 fits usize");
+        // A sealed checkpoint's addresses are keyed: the plain digest cannot be compared.
+        let key = self.opening_key(existing)?;
         let digest = match known {
-            Some(d) if d.chunk_size == chunk_size => d.clone(),
-            _ => crate::digest_image_set(
+            Some(d) if d.chunk_size == chunk_size && key.is_none() => d.clone(),
+            _ => crate::digest::digest_image_set_keyed(
                 dir,
                 &ChunkConfig {
                     chunk_size,
                     ..self.chunk.clone()
                 },
+                key.map(|k| &**k),
             )?,
         };
         Ok(digest.files.len() == existing.files.len()

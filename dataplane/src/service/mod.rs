@@ -8,8 +8,10 @@
 
 mod cancel;
 mod gate;
+mod plain;
 mod probe;
 mod ring;
+mod write_job;
 mod writer;
 
 use std::sync::Arc;
@@ -56,7 +58,10 @@ impl DataPlane {
             Err(_) => io,
         };
         let workers = chunk.worker_count();
-        let pool = BufferPool::new(chunk.chunk_size, workers * 2 + WRITE_BUFFERS);
+        let pool = BufferPool::new(
+            chunk.chunk_size + crate::SEAL_OVERHEAD,
+            workers * 2 + WRITE_BUFFERS,
+        );
         let staging = BufferPool::new(chunk.chunk_size, workers * 2 + STAGING_BUFFERS);
         let writer = writer::ChunkWriterThread::start(io, &pool)?;
         Ok(Arc::new(Self {

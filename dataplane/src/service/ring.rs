@@ -13,7 +13,8 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::writer::{cancelled, io_error, open_direct, run_plain, WriteJob};
+use super::plain::run_plain;
+use super::write_job::{cancelled, io_error, open_direct, WriteJob};
 use crate::buffer::BufferPool;
 use crate::TierError;
 

@@ -5,100 +5,27 @@
 //! complete and on disk; a crash leaves only temporary files, which `NvmeTier::open` sweeps.
 //!
 //! The thread drives io_uring ([`super::ring`]) or, when the probe failed or the operator
-//! asked for it, plain pwrite/fsync (here). Every store talks to it through its own
+//! asked for it, plain pwrite/fsync ([`super::plain`]). Every store talks to it through its own
 //! [`StoreWrites`], which collects that store's results, so one store's failure or
 //! cancellation never touches another's chunks.
 
-use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use super::plain::run_plain;
 use super::probe::{probe_ring, IoBackend, IoMode};
 use super::ring;
+use super::write_job::{cancelled, io_error, JobDone, WriteJob, TIER};
 use super::CancelToken;
 use crate::buffer::{BufferPool, PooledBuf};
-use crate::chunk::IO_ALIGN;
 use crate::pipeline::WriteBacklog;
-use crate::{TierError, TierKind};
+use crate::TierError;
 
-const TIER: TierKind = TierKind::Nvme;
 /// Chunks queued for the writer thread beyond those it works on, over all stores.
 const QUEUE_DEPTH: usize = 16;
-
-/// One chunk to make durable at `final_path`, and where to say how it went.
-pub(crate) struct WriteJob {
-    pub tmp_path: PathBuf,
-    pub final_path: PathBuf,
-    pub data: PooledBuf,
-    pub cancel: CancelToken,
-    pub backlog: Arc<WriteBacklog>,
-    pub reply: Sender<JobDone>,
-}
-
-/// The chunk file made durable, or why not (its temporary file is gone either way).
-pub(crate) type JobDone = Result<PathBuf, TierError>;
-
-pub(crate) fn io_error(op: &'static str, path: &Path, source: io::Error) -> TierError {
-    TierError::Io {
-        tier: TIER,
-        op,
-        path: path.to_owned(),
-        source,
-    }
-}
-
-pub(crate) fn cancelled(path: &Path) -> TierError {
-    TierError::Cancelled {
-        tier: TIER,
-        detail: format!("chunk {} not written", path.display()),
-    }
-}
-
-impl WriteJob {
-    /// Padded length of the write: O_DIRECT needs whole blocks.
-    pub(crate) fn padded_len(&self) -> usize {
-        self.data.as_slice().len().div_ceil(IO_ALIGN) * IO_ALIGN
-    }
-
-    /// Ends the job: on success renames the temporary file into place, on failure removes
-    /// it; then tells the store.
-    pub(crate) fn complete(self, result: Result<(), TierError>) {
-        let len = u64::try_from(self.data.as_slice().len()).unwrap_or(u64::MAX);
-        let result = result.and_then(|()| {
-            fs::rename(&self.tmp_path, &self.final_path)
-                .map(|()| self.final_path.clone())
-                .map_err(|e| io_error("rename chunk file", &self.tmp_path, e))
-        });
-        if result.is_err() {
-            let _ = fs::remove_file(&self.tmp_path);
-        }
-        self.backlog.done(len);
-        // A store that stopped listening has failed already and sweeps its own chunks.
-        let _ = self.reply.send(result);
-    }
-}
-
-/// Opens a chunk's temporary file for an uncached write.
-pub(crate) fn open_direct(path: &Path) -> io::Result<File> {
-    let open = |flags| {
-        OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(flags)
-            .open(path)
-    };
-    match open(libc::O_DIRECT) {
-        // Some file systems (older tmpfs) refuse O_DIRECT; buffered writes plus fsync are
-        // still durable.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open(0),
-        other => other,
-    }
-}
 
 /// The writer thread and the engine it uses.
 #[derive(Debug)]
@@ -180,36 +107,6 @@ impl Drop for ChunkWriterThread {
             let _ = thread.join();
         }
     }
-}
-
-/// Writes jobs one after the other with pwrite and fsync.
-pub(crate) fn run_plain(rx: &Receiver<WriteJob>) {
-    for job in rx {
-        let result = write_plain(&job);
-        job.complete(result);
-    }
-}
-
-fn write_plain(job: &WriteJob) -> Result<(), TierError> {
-    if job.cancel.is_cancelled() {
-        return Err(cancelled(&job.final_path));
-    }
-    let path = &job.tmp_path;
-    let file = open_direct(path).map_err(|e| io_error("create chunk file", path, e))?;
-    let len = job.data.as_slice().len();
-    let bytes = job
-        .data
-        .padded(job.padded_len())
-        .expect("buffer capacity is a multiple of the block size");
-    file.write_all_at(bytes, 0)
-        .map_err(|e| io_error("write chunk file", path, e))?;
-    file.set_len(u64::try_from(len).unwrap_or(u64::MAX))
-        .map_err(|e| io_error("write chunk file", path, e))?;
-    if job.cancel.is_cancelled() {
-        return Err(cancelled(&job.final_path));
-    }
-    file.sync_all()
-        .map_err(|e| io_error("write chunk file", path, e))
 }
 
 /// Chunk files a store's writes made durable, and its first error if any.

@@ -271,6 +271,7 @@ fn receive(
         name,
         dir,
         config,
+        key: tier.sealing().writing_key().map(|k| &**k),
         staging: tier.plane().staging().clone(),
         failure: Failure {
             failed: AtomicBool::new(false),
@@ -372,7 +373,8 @@ fn receive(
         return Err(e);
     }
     let images = images?;
-    let manifest = build_manifest(name, config, images, slots)?;
+    let mut manifest = build_manifest(name, config, images, slots)?;
+    manifest.key_id = shared.key.map(|k| k.id().clone());
     Ok((manifest, stats))
 }
 
@@ -413,6 +415,7 @@ fn build_manifest(
     }
     Ok(CheckpointManifest {
         name: name.clone(),
+        key_id: None,
         chunk_size: u32::try_from(config.chunk_size).expect("validated chunk size"),
         packs: Vec::new(),
         files,

@@ -98,6 +98,8 @@ pub(super) struct Shared<'a> {
     pub(super) name: &'a CheckpointName,
     pub(super) dir: &'a Path,
     pub(super) config: &'a ChunkConfig,
+    /// The key chunks are addressed and sealed with, when the tier encrypts.
+    pub(super) key: Option<&'a crate::SealKey>,
     pub(super) staging: BufferPool,
     pub(super) failure: Failure,
 }
@@ -234,7 +236,7 @@ pub(super) fn work(
         let result = if is_zero(data) {
             Ok((ChunkHash::ZERO, Outcome::Zero))
         } else {
-            let hash = ChunkHash::of(data);
+            let hash = crate::chunk::address_of(shared.key, data);
             index.lookup(&hash, raw_len).map(|known| match known {
                 Some(stored) => (hash, Outcome::Known(stored)),
                 None => {
@@ -246,6 +248,14 @@ pub(super) fn work(
                     } else {
                         store_raw(data, buf.spare_mut())
                     };
+                    let n = crate::chunk::seal_stored(
+                        shared.key,
+                        &hash,
+                        encoding,
+                        raw_len,
+                        buf.spare_mut(),
+                        n,
+                    );
                     buf.set_len(n);
                     (hash, Outcome::New(encoding, buf))
                 }

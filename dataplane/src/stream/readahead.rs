@@ -209,21 +209,34 @@ fn decode(
     }
     let mut out = buf.unwrap_or_default();
     out.resize(len, 0);
+    let key = tier.opening_key(manifest)?.map(|k| &**k);
+    // A sealed chunk is opened in a buffer: its tag and nonce do not fit the destination.
     let direct = chunk.encoding == ChunkEncoding::Raw
+        && key.is_none()
         && tier.fetch_raw_into(manifest, &entry.name, index, chunk, &mut out)?;
     // Reading is I/O; verifying and decompressing is the CPU work the data plane's gate
     // bounds. A streamed restore is what a caller waits for: foreground.
     let gate = tier.plane().gate();
     if direct {
         let _permit = gate.acquire(WorkClass::Foreground);
-        verify(&out, &chunk.hash).map_err(|e| corrupt(e.to_string()))?;
+        verify(&out, &chunk.hash, key).map_err(|e| corrupt(e.to_string()))?;
     } else {
         tier.fetch(manifest, &entry.name, index, chunk, stored)?;
         let _permit = gate.acquire(WorkClass::Foreground);
+        let len = stored.as_slice().len();
+        let encoded = crate::chunk::open_stored(
+            key,
+            &chunk.hash,
+            chunk.encoding,
+            chunk.raw_len,
+            &mut stored.spare_mut()[..len],
+        )
+        .map_err(|e| corrupt(e.to_string()))?;
         decode_into(
             chunk.encoding,
-            stored.as_slice(),
+            encoded,
             &chunk.hash,
+            key,
             decompressor,
             &mut out,
         )

@@ -5,6 +5,8 @@
 //! test fails. Modelled on the installer's real-containerd harness.
 #![allow(dead_code)]
 
+pub mod kube_api;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -87,6 +89,9 @@ pub struct NodeOptions {
     pub agent_config: String,
     /// Extra environment of containerd, which every shim inherits (e.g. failpoints).
     pub containerd_env: Vec<(String, String)>,
+    /// A kubeconfig: the agent then runs as the worker of node `n1` against its API
+    /// server (grants, Events).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// containerd + agent + shim for one test.
@@ -256,7 +261,14 @@ impl Node {
             .open(self.dir.path().join("agent.log"))
             .unwrap();
         let _ = fs::remove_file(&self.agent_socket);
-        let child = Command::new(workspace_bin("kybernate-agent"))
+        let mut command = Command::new(workspace_bin("kybernate-agent"));
+        if let Some(kubeconfig) = &self.options.kubeconfig {
+            command
+                .args(["--node-name", "n1"])
+                .env("KUBECONFIG", kubeconfig)
+                .env_remove("KUBERNETES_SERVICE_HOST");
+        }
+        let child = command
             .arg("--config")
             .arg(self.dir.path().join("agent.toml"))
             .env("PATH", self.path_env())

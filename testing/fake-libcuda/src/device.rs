@@ -129,7 +129,7 @@ pub fn devices() -> Result<Vec<Device>, i32> {
 }
 
 /// `cuDevicePrimaryCtxRetain`: binds this process to a device (the first one it asks
-/// for) and makes it a CUDA process (its control channel starts).
+/// for); the caller then starts its control channel (`control::serve`).
 pub fn retain_context(ordinal: i32) -> i32 {
     let devices = match devices() {
         Ok(d) => d,
@@ -147,7 +147,6 @@ pub fn retain_context(ordinal: i32) -> i32 {
         g.incarnation = own_start();
     }
     drop(g);
-    crate::control::serve();
     SUCCESS
 }
 

@@ -216,6 +216,8 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut *mut c_void, dev: c_
     }
     let code = device::retain_context(dev);
     if code == SUCCESS {
+        // A CUDA process from now on: its control channel starts.
+        control::serve();
         let handle = 0x1000 + usize::try_from(dev).unwrap_or(0);
         // SAFETY: valid out pointer; the handle is opaque to callers.
         unsafe { ctx.write(handle as *mut c_void) };

@@ -30,6 +30,7 @@ pub fn manifests() -> Result<Seeds> {
     };
     let nvme = CheckpointManifest {
         name: CheckpointName::new("web-1764770000-0a1b")?,
+        key_id: None,
         chunk_size: 1 << 20,
         packs: Vec::new(),
         files: vec![
@@ -52,6 +53,7 @@ pub fn manifests() -> Result<Seeds> {
     };
     let s3 = CheckpointManifest {
         name: CheckpointName::new("train-7")?,
+        key_id: None,
         chunk_size: 8 << 20,
         packs: vec!["packs/train-7-0".into(), "packs/train-7-1".into()],
         files: vec![FileEntry {
@@ -127,6 +129,7 @@ pub fn records() -> Result<Seeds> {
         namespace: "tenant-a".into(),
         pod_uid: "0b6c3f8e-4f1e-4c55-9d62-1d2f3a4b5c6d".into(),
         pod_name: "trainer-0".into(),
+        service_account: String::new(),
     });
     let mut from_pod = record("trainer-0-1764770000-beef", pod);
     from_pod.container_id = "3f2a9c".into();

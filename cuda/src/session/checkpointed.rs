@@ -1,12 +1,12 @@
 //! The guard a CUDA checkpoint returns: it holds the locked and checkpointed processes
 //! until the caller decides, after CRIU, whether they stay checkpointed or run again.
 
-use crate::custom_restore::restore_one;
+use super::custom_restore::restore_one;
+use super::PhaseTimings;
 use crate::driver::CudaDriver;
 use crate::error::{CudaError, Phase};
 use crate::fingerprint::GpuFingerprint;
 use crate::mode::CheckpointMode;
-use crate::session::PhaseTimings;
 use crate::vram::{VramImage, VramStore};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,13 +1,20 @@
-//! The custom resources of group `kybernate.io`, version `v1alpha1`.
+//! Kybernate's Kubernetes API, shared by the controller and the agent's node worker: the
+//! custom resources of group `kybernate.io`, version `v1alpha1` (`GpuCheckpoint`,
+//! `GpuRestore`, `GpuWorkload`, `GpuCheckpointGrant`), the labels, annotations and
+//! finalizers they use, status conditions and the server-side apply of each writer
+//! ([`apply`]), and the per-object backoff both reconcilers use ([`backoff`]).
 
 pub mod apply;
+pub mod backoff;
 mod checkpoint;
 mod common;
+mod grant;
 mod restore;
 mod workload;
 
 pub use checkpoint::*;
 pub use common::*;
+pub use grant::*;
 pub use restore::*;
 pub use workload::*;
 
@@ -18,6 +25,7 @@ use kube::CustomResourceExt;
 pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![
         ("gpucheckpoints.yaml", GpuCheckpoint::crd()),
+        ("gpucheckpointgrants.yaml", GpuCheckpointGrant::crd()),
         ("gpurestores.yaml", GpuRestore::crd()),
         ("gpuworkloads.yaml", GpuWorkload::crd()),
     ]

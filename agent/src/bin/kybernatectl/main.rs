@@ -2,9 +2,15 @@
 
 use clap::Parser;
 
+mod args;
+mod cli;
+mod demo;
+mod output;
+mod policy;
+
 fn main() {
-    let cli = kybernate_agent::cli::Cli::parse();
-    if let Err(e) = kybernate_agent::cli::run(cli) {
+    let cli = args::Cli::parse();
+    if let Err(e) = cli::run(cli) {
         eprintln!("kybernatectl: {e:#}");
         std::process::exit(1);
     }

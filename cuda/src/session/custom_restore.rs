@@ -2,11 +2,11 @@
 //! process (in parallel) map fresh VRAM, copy every GPU's memory back from the VRAM
 //! store (each chunk checked against its hash first), complete; then unlock them all.
 
+use super::{CudaSession, PhaseTimings, RestoreReport};
 use crate::copier::copy_in;
 use crate::driver::{CudaDriver, GpuPair, ProcessState};
 use crate::error::{CudaError, Phase};
 use crate::fingerprint::{plan_restore, GpuFingerprint};
-use crate::session::{CudaSession, PhaseTimings, RestoreReport};
 use crate::vram::{VramImage, VramStore};
 use crate::CopyFailure;
 use std::time::Instant;
@@ -106,13 +106,13 @@ impl CudaSession {
             .map(|(pid, _)| *pid)
             .collect();
         if !without_images.is_empty() {
-            return Err(CudaError::ModeUnavailable {
+            return Err(CudaError::from(crate::mode::ModeUnavailable {
                 mode: crate::CheckpointMode::CustomStorage,
                 reason: format!(
                     "no VRAM images recorded for pid(s) {without_images:?}: a checkpoint made \
                      on the classic path is restored with the classic restore"
                 ),
-            });
+            }));
         }
         let started = Instant::now();
         let driver_ref = driver.as_ref();

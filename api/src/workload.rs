@@ -30,7 +30,7 @@ pub const SCHEDULE_INVALID_CONDITION: &str = "ScheduleInvalid";
 #[serde(rename_all = "camelCase")]
 pub struct GpuWorkloadSpec {
     /// The pod to run (runtimeClassName is forced to `kybernate`).
-    #[schemars(schema_with = "crate::crd::preserve_unknown")]
+    #[schemars(schema_with = "crate::preserve_unknown")]
     pub template: PodTemplateSpec,
     /// When to checkpoint.
     pub schedule: CheckpointSchedule,

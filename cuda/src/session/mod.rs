@@ -12,7 +12,12 @@ use crate::mode::{choose_mode, CheckpointMode, CustomStorageSetting, ModeChoice}
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use crate::checkpointed::Checkpointed;
+mod checkpointed;
+mod custom_checkpoint;
+mod custom_restore;
+
+pub use checkpointed::Checkpointed;
+pub use custom_checkpoint::CustomCheckpointOptions;
 
 /// How long each phase took, for metrics and the CLI. Phases that did not run are zero.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -153,10 +158,10 @@ impl CudaSession {
     /// Refuses a checkpoint or restore in `wanted` mode when this node cannot do it.
     pub fn require_mode(&self, wanted: CheckpointMode) -> Result<(), CudaError> {
         if wanted == CheckpointMode::CustomStorage && self.mode.mode != wanted {
-            return Err(CudaError::ModeUnavailable {
+            return Err(CudaError::from(crate::mode::ModeUnavailable {
                 mode: wanted,
                 reason: self.mode.reason.clone(),
-            });
+            }));
         }
         Ok(())
     }

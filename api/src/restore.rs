@@ -37,7 +37,7 @@ pub struct GpuRestoreSpec {
     pub pod_name: Option<String>,
     /// Pod template to use instead of the spec captured at checkpoint time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::crd::preserve_unknown")]
+    #[schemars(schema_with = "crate::preserve_unknown")]
     pub template: Option<PodTemplateSpec>,
     /// Extra node selector for the new pod.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

@@ -3,12 +3,12 @@
 //! each) into the VRAM store, and complete. CRIU runs afterwards and dumps host state
 //! only. A failure gives every process its VRAM back and unlocks it.
 
-use crate::checkpointed::Checkpointed;
+use super::checkpointed::Checkpointed;
+use super::custom_restore::restore_one;
+use super::{lock_all, CudaSession};
 use crate::copier::copy_out;
-use crate::custom_restore::restore_one;
 use crate::driver::{CudaDriver, MappedOperation};
 use crate::error::{CudaError, Phase};
-use crate::session::{lock_all, CudaSession};
 use crate::vram::{MemoryVramStore, VramImage, VramKey, VramStore};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -168,7 +168,7 @@ pub struct GpuCheckpointStatus {
     pub artifact_ref: Option<String>,
     /// The pod spec that was captured, for restores without a template.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::crd::preserve_unknown")]
+    #[schemars(schema_with = "crate::preserve_unknown")]
     pub captured_pod_spec: Option<PodSpec>,
     /// Observations with reasons, one per type. A list-map keyed by `type`: the controller
     /// and the agent each apply only their own types and the API server merges them.

@@ -9,9 +9,10 @@ use anyhow::{bail, Context};
 use kybernate_proto::agent::v1 as pb;
 use serde_json::json;
 
-use crate::cli::{human_bytes, phases_json, status_error, OutputFormat};
-use crate::workload::Status;
+use crate::args::OutputFormat;
+use crate::output::{answer, human_bytes, phases_json};
 use kybernate_client as client;
+use kybernate_sample_workload::Status;
 
 /// How long the demo waits for any single thing before it gives up.
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -114,16 +115,13 @@ pub async fn run(socket: &Path, mib: usize, output: OutputFormat) -> anyhow::Res
     ));
 
     let name = format!("demo-{}-{pid}", std::process::id());
-    let reply = agent
-        .checkpoint(pb::CheckpointRequest {
-            name: name.clone(),
-            pid,
-            ..Default::default()
-        })
-        .await
-        .map_err(status_error)
-        .context("checkpoint failed")?
-        .into_inner();
+    let reply = answer(agent.checkpoint(pb::CheckpointRequest {
+        name: name.clone(),
+        pid,
+        ..Default::default()
+    }))
+    .await
+    .context("checkpoint failed")?;
     workload.wait();
     let at_dump = Status::read(&status_path).context("no status after the dump")?;
     let freeze = phase(&reply.phases, "criu_dump");
@@ -141,16 +139,13 @@ pub async fn run(socket: &Path, mib: usize, output: OutputFormat) -> anyhow::Res
         at_dump.counter
     ));
 
-    let restored = agent
-        .restore(pb::RestoreRequest {
-            checkpoint_ref: name.clone(),
-            from_tier: "nvme".into(),
-            ..Default::default()
-        })
-        .await
-        .map_err(status_error)
-        .context("restore failed")?
-        .into_inner();
+    let restored = answer(agent.restore(pb::RestoreRequest {
+        checkpoint_ref: name.clone(),
+        from_tier: "nvme".into(),
+        ..Default::default()
+    }))
+    .await
+    .context("restore failed")?;
     let _restored_guard = Restored(restored.pid);
     say(format!(
         "  restore    from the {} tier as PID {}: {}",

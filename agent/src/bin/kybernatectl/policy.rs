@@ -5,7 +5,8 @@ use kybernate_proto::agent::v1::agent_client::AgentClient;
 use serde_json::json;
 use tonic::transport::Channel;
 
-use crate::cli::{human_bytes, phases_json, status_error, Command, ConfigCommand};
+use crate::args::{Command, ConfigCommand};
+use crate::output::{answer, human_bytes, phases_json};
 
 /// Runs one of the policy commands against `agent`.
 pub async fn run(
@@ -15,14 +16,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     match command {
         Command::Pin { name, tier } => {
-            let reply = agent
-                .pin(pb::PinRequest {
-                    checkpoint_ref: name.clone(),
-                    tier: tier.clone(),
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let reply = answer(agent.pin(pb::PinRequest {
+                checkpoint_ref: name.clone(),
+                tier: tier.clone(),
+            }))
+            .await?;
             if json {
                 println!(
                     "{}",
@@ -39,13 +37,10 @@ pub async fn run(
             }
         }
         Command::Unpin { name } => {
-            let reply = agent
-                .unpin(pb::UnpinRequest {
-                    checkpoint_ref: name.clone(),
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let reply = answer(agent.unpin(pb::UnpinRequest {
+                checkpoint_ref: name.clone(),
+            }))
+            .await?;
             if json {
                 println!("{}", json!({"name": name, "was_pinned_to": reply.tier}));
             } else if reply.tier.is_empty() {
@@ -57,19 +52,11 @@ pub async fn run(
         Command::Config {
             command: ConfigCommand::Show,
         } => {
-            let reply = agent
-                .config_show(pb::ConfigShowRequest {})
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let reply = answer(agent.config_show(pb::ConfigShowRequest {})).await?;
             print_config(&reply, json);
         }
         Command::Tiers => {
-            let reply = agent
-                .tier_status(pb::TierStatusRequest {})
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let reply = answer(agent.tier_status(pb::TierStatusRequest {})).await?;
             print_tiers(&reply.tiers, json);
         }
         other => anyhow::bail!("not a policy command: {other:?}"),

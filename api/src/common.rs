@@ -78,6 +78,9 @@ pub const GPU_MODEL_LABEL: &str = "kybernate.io/gpu-model";
 pub const GPU_DRIVER_LABEL: &str = "kybernate.io/gpu-driver";
 /// Node label with the GPU count.
 pub const GPU_COUNT_LABEL: &str = "kybernate.io/gpu-count";
+/// Node label saying the agent (and so the `kybernate` runtime) is ready on the node
+/// (value `ready`); the RuntimeClass schedules onto it.
+pub const AGENT_READY_LABEL: &str = "kybernate.io/agent";
 /// Label naming the node whose agent executes an object.
 pub const NODE_LABEL: &str = "kybernate.io/node";
 /// The well-known node label with the node's name, to pin a pod to one node.
@@ -87,7 +90,8 @@ pub const WORKLOAD_LABEL: &str = "kybernate.io/workload";
 /// Label on the pods the controller creates (value `kybernate-controller`), so its pod
 /// watches select only those.
 pub const MANAGED_BY_LABEL: &str = "kybernate.io/managed-by";
-/// Pod annotation the shim reads to restore instead of start.
+/// Pod annotation the shim reads (in the OCI spec, where CRI copies it) to restore the
+/// container from the named checkpoint instead of starting it.
 pub const RESTORE_FROM_ANNOTATION: &str = "kybernate.io/restore-from";
 /// The RuntimeClass (and containerd handler) of pods Kybernate can checkpoint.
 pub const RUNTIME_CLASS: &str = "kybernate";
