@@ -195,7 +195,7 @@ async fn dump_and_store(
         process::continue_tree(&tree);
         return Err(roll_back(machine, "criu_dump", e).await);
     }
-    machine.dumped(None).map_err(|e| ("criu_dump", e))?;
+    machine.dumped(None).await.map_err(|e| ("criu_dump", e))?;
     failpoint("checkpoint.after_criu").map_err(|e| ("criu_dump", e))?;
     machine.release_gpus().await?;
     let stored = machine.store(streamed).await?;

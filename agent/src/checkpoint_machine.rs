@@ -270,14 +270,15 @@ impl CheckpointMachine {
     }
 
     /// The driver's dump is complete (`took`, when the driver timed it elsewhere).
-    pub fn dumped(&mut self, took: Option<Duration>) -> Result<(), AgentError> {
+    pub async fn dumped(&mut self, took: Option<Duration>) -> Result<(), AgentError> {
         self.advance(Step::Dumped)?;
         if let Some(took) = took {
             self.clock.record("criu_dump", took);
         }
         self.parts
             .journal
-            .note(self.name.as_str(), Transition::Dumped);
+            .note_off_thread(self.name.as_str(), Transition::Dumped)
+            .await;
         self.workload.send_replace(WorkloadState::Dumped);
         Ok(())
     }
@@ -367,12 +368,15 @@ impl CheckpointMachine {
             .into_iter()
             .filter(|k| *k != TierKind::Ram)
         {
-            parts.journal.note(
-                name.as_str(),
-                Transition::Committed {
-                    tier: kind.as_str().into(),
-                },
-            );
+            parts
+                .journal
+                .note_off_thread(
+                    name.as_str(),
+                    Transition::Committed {
+                        tier: kind.as_str().into(),
+                    },
+                )
+                .await;
         }
         parts.metrics.stored(
             first.1.raw_bytes,
@@ -459,7 +463,8 @@ impl CheckpointMachine {
         }
         self.parts
             .journal
-            .note(self.name.as_str(), Transition::Abandoned { reason });
+            .note_off_thread(self.name.as_str(), Transition::Abandoned { reason })
+            .await;
         self.workload.send_replace(if resumed.is_ok() {
             WorkloadState::Running
         } else {
@@ -519,12 +524,15 @@ async fn commit_and_digest(
         })
         .await
         .map_err(|e| ("store_ram", e))?;
-    parts.journal.note(
-        name.as_str(),
-        Transition::Committed {
-            tier: TierKind::Ram.as_str().into(),
-        },
-    );
+    parts
+        .journal
+        .note_off_thread(
+            name.as_str(),
+            Transition::Committed {
+                tier: TierKind::Ram.as_str().into(),
+            },
+        )
+        .await;
     failpoint("checkpoint.after_ram_commit").map_err(|e| ("store_ram", e))?;
     let dir = parts.ram.dir_of(name);
     let config = parts.config.dataplane.chunk_config();

@@ -52,6 +52,9 @@ pub struct AgentConfig {
     /// which a Kubernetes Secret fills.
     #[serde(skip_serializing)]
     pub s3: Option<S3Config>,
+    /// Encryption at rest; absent means checkpoints are stored unencrypted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crate::encryption::EncryptionConfig>,
 }
 
 /// Chunking and compression of the data plane.
@@ -168,6 +171,7 @@ impl Default for AgentConfig {
             policy: PolicyConfig::default(),
             bandwidth: BandwidthConfig::default(),
             s3: None,
+            encryption: None,
         }
     }
 }
@@ -277,6 +281,14 @@ impl AgentConfig {
                 key: "s3",
                 problem: e.to_string(),
             })?;
+        }
+        if let Some(encryption) = &self.encryption {
+            encryption
+                .validate()
+                .map_err(|problem| ConfigError::Invalid {
+                    key: "encryption",
+                    problem,
+                })?;
         }
         for (key, budget) in [
             ("tiers.ram_budget_bytes", self.tiers.ram_budget_bytes),

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use actix::prelude::*;
-use kybernate_dataplane::{DataPlane, LocalDirTier, NvmeTier, S3Tier, TierError, TierKind};
+use kybernate_dataplane::{
+    DataPlane, LocalDirTier, NvmeTier, S3Tier, Sealing, TierError, TierKind,
+};
 use kybernate_proto::agent::v1::agent_server::AgentServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -35,6 +37,9 @@ pub enum DaemonError {
     /// A tier could not be opened.
     #[error("cannot open tier: {0}")]
     Tier(#[from] TierError),
+    /// The encryption keys could not be read.
+    #[error("encryption at rest: {0}")]
+    Keys(#[from] kybernate_dataplane::KeyError),
     /// libcuda.so.1 exists but cannot be used.
     #[error("{0}")]
     Cuda(#[from] kybernate_cuda::CudaError),
@@ -190,18 +195,31 @@ async fn serve(
         io = %plane.io_backend(),
         "data plane ready"
     );
-    let nvme = Arc::new(NvmeTier::open_on(
+    let ring = match &config.encryption {
+        Some(encryption) => Some((encryption, encryption.load_ring()?)),
+        None => None,
+    };
+    let sealing = |tier| -> Result<Sealing, DaemonError> {
+        Ok(match &ring {
+            Some((encryption, ring)) => encryption.sealing_for(ring, tier),
+            None => Sealing::plain(),
+        })
+    };
+    let nvme = Arc::new(NvmeTier::open_sealed(
         config.nvme_tier_path(),
         chunks.clone(),
         plane,
+        sealing(TierKind::Nvme)?,
     )?);
     let s3 = match &config.s3 {
         Some(s3) => {
             // The S3 tier runs its own runtime, which must not be created inside this one.
             let (settings, chunks) = (s3.clone(), chunks.clone());
-            let tier = std::thread::spawn(move || S3Tier::connect(settings, chunks))
-                .join()
-                .map_err(|_| DaemonError::S3Connect)??;
+            let sealing = sealing(TierKind::S3)?;
+            let tier =
+                std::thread::spawn(move || S3Tier::connect_sealed(settings, chunks, sealing))
+                    .join()
+                    .map_err(|_| DaemonError::S3Connect)??;
             tracing::info!(endpoint = %s3.endpoint, bucket = %s3.bucket, prefix = %s3.prefix, "S3 tier ready");
             let tier = Arc::new(tier);
             if let Err(e) = S3Tier::spawn_sweeper(&tier) {
@@ -247,6 +265,7 @@ async fn serve(
     if let Some(tier) = &s3 {
         actors.push((TierKind::S3, TierActor::start(tier.clone(), TIER_THREADS)));
     }
+    let reencrypt_on = Arc::clone(&nvme);
     let tiers = Tiers {
         actors,
         nvme: Some(nvme),
@@ -301,7 +320,9 @@ async fn serve(
     tracing::info!(socket = %config.socket.display(), metrics = %metrics_addr, "agent serving");
     let allowed = Arc::new(config.allowed_uids.clone());
     let service = AgentServer::with_interceptor(
-        AgentService::new(node, events).with_gpu_uuids(gpu_uuids),
+        AgentService::new(node, events)
+            .with_gpu_uuids(gpu_uuids)
+            .with_nvme(reencrypt_on),
         move |req| authorise(&allowed, &req).map(|()| req),
     );
     let served = tonic::transport::Server::builder()

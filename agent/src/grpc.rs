@@ -22,6 +22,9 @@ pub struct AgentService {
     node: Addr<NodeAgent>,
     events: EventBus,
     gpu_uuids: Arc<Vec<String>>,
+    /// The NVMe tier, for re-encryption (a tier operation of its own, safe beside the
+    /// node's work: it takes the checkpoint's store guard).
+    nvme: Option<Arc<kybernate_dataplane::NvmeTier>>,
 }
 
 impl AgentService {
@@ -31,7 +34,14 @@ impl AgentService {
             node,
             events,
             gpu_uuids: Arc::new(Vec::new()),
+            nvme: None,
         }
+    }
+
+    /// Serves `kybernatectl reencrypt` on `nvme`.
+    pub fn with_nvme(mut self, nvme: Arc<kybernate_dataplane::NvmeTier>) -> Self {
+        self.nvme = Some(nvme);
+        self
     }
 
     /// The UUIDs of the GPUs the CUDA driver enumerates, reported to the shim with the
@@ -128,6 +138,31 @@ impl Agent for AgentService {
         )
         .await??;
         Ok(Response::new(pb::DeleteReply { removed_from }))
+    }
+
+    async fn reencrypt(
+        &self,
+        request: Request<pb::ReencryptRequest>,
+    ) -> Result<Response<pb::ReencryptReply>, Status> {
+        let name = kybernate_dataplane::CheckpointName::new(&request.into_inner().checkpoint_ref)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let nvme = self
+            .nvme
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("this agent serves no NVMe tier"))?;
+        let done = tokio::task::spawn_blocking(move || nvme.reencrypt(&name))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| match e {
+                kybernate_dataplane::TierError::NotFound { .. } => Status::not_found(e.to_string()),
+                e => Status::failed_precondition(e.to_string()),
+            })?;
+        tracing::info!(from = ?done.from, to = %done.to, unchanged = done.unchanged, "re-encrypted a checkpoint");
+        Ok(Response::new(pb::ReencryptReply {
+            from_key: done.from.map(|k| k.to_string()).unwrap_or_default(),
+            to_key: done.to.to_string(),
+            unchanged: done.unchanged,
+        }))
     }
 
     async fn prefetch(

@@ -14,6 +14,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -288,6 +289,17 @@ impl Journal {
     /// where they are), where failing the operation would do more harm than going on.
     pub fn note(&self, name: &str, transition: Transition) {
         if let Err(e) = self.append(name, transition) {
+            tracing::error!(checkpoint = name, error = %e, "journal entry not written; recovery falls back to what the tiers hold");
+        }
+    }
+
+    /// [`Self::note`] on the blocking pool, awaited: the entry's fsync stays off the actix
+    /// thread that polls the caller, and the caller goes on only once the entry is written.
+    pub async fn note_off_thread(self: &Arc<Self>, name: &str, transition: Transition) {
+        let journal = Arc::clone(self);
+        let entry = name.to_owned();
+        if let Err(e) = tokio::task::spawn_blocking(move || journal.note(&entry, transition)).await
+        {
             tracing::error!(checkpoint = name, error = %e, "journal entry not written; recovery falls back to what the tiers hold");
         }
     }

@@ -20,6 +20,7 @@ pub mod cuda;
 pub mod daemon;
 pub mod demotion;
 pub mod drain;
+pub mod encryption;
 pub mod error;
 pub mod events;
 pub mod failpoints;

@@ -170,13 +170,16 @@ async fn phases(
     let _ = std::fs::create_dir_all(parts.config.logs_dir());
     // Whatever holds the PID from here on was put there by this restore.
     let since_ticks = process::uptime_ticks();
-    parts.journal.note(
-        &record.name,
-        Transition::RestoreStarted {
-            pid: record.pid,
-            since_ticks,
-        },
-    );
+    parts
+        .journal
+        .note_off_thread(
+            &record.name,
+            Transition::RestoreStarted {
+                pid: record.pid,
+                since_ticks,
+            },
+        )
+        .await;
     let restored = match crate::failpoints::failpoint("restore.before_criu") {
         Err(e) => Err(("criu_restore", e)),
         Ok(()) => run_criu_restore(parts, record, &name, staged, candidates, clock).await,
@@ -191,7 +194,8 @@ async fn phases(
             }
             parts
                 .journal
-                .note(&record.name, Transition::RestoreEnded { ok: false });
+                .note_off_thread(&record.name, Transition::RestoreEnded { ok: false })
+                .await;
             return Err(e);
         }
     };
@@ -218,13 +222,15 @@ async fn phases(
             process::kill_tree(&tree);
             parts
                 .journal
-                .note(&record.name, Transition::RestoreEnded { ok: false });
+                .note_off_thread(&record.name, Transition::RestoreEnded { ok: false })
+                .await;
             return Err(("cuda_restore", e));
         }
     }
     parts
         .journal
-        .note(&record.name, Transition::RestoreEnded { ok: true });
+        .note_off_thread(&record.name, Transition::RestoreEnded { ok: true })
+        .await;
     let source_tier = staged.tier;
     // Dropping a staged scratch copy removes it: file work, off the agent's thread.
     let _ = blocking(move || drop(staged)).await;

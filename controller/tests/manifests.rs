@@ -123,9 +123,28 @@ fn agent_daemonset_has_host_pid_the_installer_and_only_the_needed_host_mounts() 
             "/run/containerd/containerd.sock",
             "/run/kybernate",
             "/var/lib/kybernate",
-            "/dev/shm"
+            "/dev/shm",
+            "/etc/kybernate-keys"
         ]
     );
+    // The encryption keys come from a Secret, read-only and readable by root alone, never
+    // from the host or the ConfigMap.
+    let keys = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "encryption-keys")
+        .expect("the encryption-keys volume");
+    assert_eq!(keys["secret"]["secretName"], "kybernate-encryption-keys");
+    assert_eq!(keys["secret"]["defaultMode"], 0o400);
+    let key_mount = agent["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == "/etc/kybernate-keys")
+        .unwrap();
+    assert_eq!(key_mount["name"], "encryption-keys");
+    assert_eq!(key_mount["readOnly"], true);
     for probe in ["readinessProbe", "livenessProbe"] {
         assert!(agent[probe].is_object(), "agent has no {probe}");
     }

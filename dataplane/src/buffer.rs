@@ -212,8 +212,14 @@ impl BufferPool {
 
     /// Pinned bytes the pool holds once every buffer is allocated.
     pub fn capacity_bytes(&self) -> u64 {
-        let per_buf = self.buf_size.div_ceil(IO_ALIGN).max(1) * IO_ALIGN;
-        u64::try_from(per_buf.saturating_mul(self.count)).unwrap_or(u64::MAX)
+        Self::capacity_of(self.buf_size, self.count)
+    }
+
+    /// Pinned bytes of a pool of `count` buffers of `buf_size` bytes once all exist (each
+    /// rounded up to whole I/O blocks).
+    pub fn capacity_of(buf_size: usize, count: usize) -> u64 {
+        let per_buf = buf_size.div_ceil(IO_ALIGN).max(1) * IO_ALIGN;
+        u64::try_from(per_buf.saturating_mul(count)).unwrap_or(u64::MAX)
     }
 
     /// This pool's identity (see [`PooledBuf::pool_id`]).

@@ -16,7 +16,9 @@ mod manifest;
 mod name;
 mod nvme;
 mod nvme_index;
+mod nvme_reencrypt;
 mod pipeline;
+mod record_seal;
 mod restore;
 mod s3;
 mod sealing;
@@ -39,7 +41,9 @@ pub use manifest::{
 };
 pub use name::{CheckpointName, InvalidName};
 pub use nvme::NvmeTier;
+pub use nvme_reencrypt::Reencrypted;
 pub use pipeline::DrainStats;
+pub use record_seal::{open_record, seal_record, RecordSealError, RECORD_MAGIC};
 pub use s3::{
     GcReport, LeaseInfo, S3Config, S3Tier, Secret, UnfinishedUpload, MAX_PARTS, MIN_PART_SIZE,
 };

@@ -487,6 +487,13 @@ impl NvmeTier {
         Ok(names)
     }
 
+    /// Swaps the index's references of `manifest`'s checkpoint for the chunks it names now,
+    /// removing the old chunks nothing references any more.
+    pub(crate) fn replace_in_index(&self, manifest: &CheckpointManifest) {
+        self.index
+            .replaced(manifest, |hash| self.remove_garbage(hash));
+    }
+
     /// Removes the chunk file of `hash` (index says it is garbage) and forgets it was verified.
     fn remove_garbage(&self, hash: &ChunkHash) -> bool {
         self.verified
@@ -798,6 +805,30 @@ impl ChunkFetch for NvmeTier {
         }
         let (f, path) = self.open_chunk(manifest, file, index, chunk)?;
         read_chunk(&f, &path, dest, len)?;
+        Ok(true)
+    }
+
+    fn fetch_sealed_raw_into(
+        &self,
+        manifest: &CheckpointManifest,
+        file: &str,
+        index: usize,
+        chunk: &ChunkRef,
+        dest: &mut [u8],
+        trailer: &mut [u8; SEAL_OVERHEAD],
+    ) -> Result<bool, TierError> {
+        use std::os::unix::fs::FileExt;
+        let len = usize::try_from(chunk.stored_len).expect("u32 fits usize");
+        if len != dest.len() + SEAL_OVERHEAD {
+            // The general path reports the mismatch.
+            return Ok(false);
+        }
+        let (f, path) = self.open_chunk(manifest, file, index, chunk)?;
+        read_chunk(&f, &path, dest, dest.len())?;
+        let at = u64::try_from(dest.len()).expect("fits");
+        File::open(&path)
+            .and_then(|plain| plain.read_exact_at(trailer, at))
+            .map_err(|e| io("read chunk", &path, e))?;
         Ok(true)
     }
 }

@@ -155,6 +155,25 @@ impl NvmeIndex {
     }
 }
 
+impl NvmeIndex {
+    /// `manifest` was committed in place of the checkpoint of the same name (re-encryption):
+    /// its chunks are referenced first, then the old ones nothing references any more go.
+    pub fn replaced(&self, manifest: &CheckpointManifest, remove: impl FnMut(&ChunkHash) -> bool) {
+        let mut s = self.lock();
+        let old = s.checkpoints.remove(&manifest.name).unwrap_or_default();
+        add_checkpoint(&mut s, manifest);
+        for hash in &old {
+            if let Some(n) = s.referenced.get_mut(hash) {
+                *n -= 1;
+                if *n == 0 {
+                    s.referenced.remove(hash);
+                }
+            }
+        }
+        collect(&mut s, old.into_iter(), remove);
+    }
+}
+
 fn add_checkpoint(s: &mut IndexState, manifest: &CheckpointManifest) {
     if s.checkpoints.contains_key(&manifest.name) {
         return;

@@ -17,7 +17,7 @@ use memmap2::MmapMut;
 use crate::buffer::{AlignedBuf, BufferPool};
 use crate::chunk::open_stored;
 use crate::chunk::{decode_into, verify, ChunkEncoding};
-use crate::crypt::SealKey;
+use crate::crypt::{SealKey, SEAL_OVERHEAD};
 use crate::manifest::{CheckpointManifest, ChunkRef};
 use crate::pipeline::RunOn;
 use crate::{LoadReport, TierError, TierKind};
@@ -44,6 +44,20 @@ pub(crate) trait ChunkFetch: Sync {
         _index: usize,
         _chunk: &ChunkRef,
         _dest: &mut [u8],
+    ) -> Result<bool, TierError> {
+        Ok(false)
+    }
+
+    /// Reads a sealed raw chunk's ciphertext straight into `dest` and its tag and nonce into
+    /// `trailer`, so it is opened in place; returns `false` when this tier cannot.
+    fn fetch_sealed_raw_into(
+        &self,
+        _manifest: &CheckpointManifest,
+        _file: &str,
+        _index: usize,
+        _chunk: &ChunkRef,
+        _dest: &mut [u8],
+        _trailer: &mut [u8; SEAL_OVERHEAD],
     ) -> Result<bool, TierError> {
         Ok(false)
     }
@@ -187,18 +201,40 @@ fn restore_inner(
                             job.file, job.index, job.chunk.hash
                         ),
                     };
-                    // A sealed chunk is opened in a buffer: its tag and nonce do not fit the
-                    // destination.
-                    let direct = job.chunk.encoding == ChunkEncoding::Raw && key.is_none();
+                    let direct = job.chunk.encoding == ChunkEncoding::Raw;
+                    let mut trailer = [0u8; SEAL_OVERHEAD];
+                    let (file, index, chunk) = (job.file, job.index, job.chunk);
                     let result = match direct
-                        .then(|| {
-                            fetch.fetch_raw_into(manifest, job.file, job.index, job.chunk, job.dest)
+                        .then(|| match key {
+                            None => fetch.fetch_raw_into(manifest, file, index, chunk, job.dest),
+                            Some(_) => fetch.fetch_sealed_raw_into(
+                                manifest,
+                                file,
+                                index,
+                                chunk,
+                                job.dest,
+                                &mut trailer,
+                            ),
                         })
                         .transpose()
                     {
                         Ok(Some(true)) => {
                             let _permit = run_on.gate.acquire(run_on.class);
-                            verify(job.dest, &job.chunk.hash, key).map_err(corrupt)
+                            let opened = match key {
+                                Some(key) => key
+                                    .open_detached(
+                                        &chunk.hash.0,
+                                        chunk.encoding.to_byte(),
+                                        chunk.raw_len,
+                                        job.dest,
+                                        &trailer,
+                                    )
+                                    .map_err(|e| corrupt(crate::chunk::ChunkDecodeError::Seal(e))),
+                                None => Ok(()),
+                            };
+                            opened.and_then(|()| {
+                                verify(job.dest, &job.chunk.hash, key).map_err(corrupt)
+                            })
                         }
                         Ok(_) => {
                             let mut buf = pool.take();

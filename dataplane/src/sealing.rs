@@ -52,6 +52,11 @@ impl Sealing {
         self
     }
 
+    /// Whether plain checkpoints and records are accepted.
+    pub fn accepts_plain(&self) -> bool {
+        self.accept_plain
+    }
+
     /// The key ring, if one is configured.
     pub fn ring(&self) -> Option<&Arc<KeyRing>> {
         self.ring.as_ref()

@@ -437,3 +437,107 @@ fn s3_round_trip_demotion_and_tampering_with_encryption_on() {
         .to_string();
     assert!(msg.contains("unencrypted"), "{msg}");
 }
+
+#[test]
+fn s3_records_are_authenticated_and_bound_to_their_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = S3Server::start(&tmp.path().join("s3"));
+    let keys = key_dir(tmp.path(), &[("k1", 1)]);
+    let sealed =
+        S3Tier::connect_sealed(s3_config(&server), config(), Sealing::sealed(ring(&keys))).unwrap();
+    let record = br#"{"name":"cp","origin":{"namespace":"tenant-a"}}"#;
+    sealed.put_record(&name("cp"), record).unwrap();
+    assert_eq!(sealed.get_record(&name("cp")).unwrap().unwrap(), record);
+    let object = server.root.join(BUCKET).join("node-a/records/cp.json");
+    let good = fs::read(&object).unwrap();
+    assert!(good.starts_with(&kybernate_dataplane::RECORD_MAGIC));
+
+    // A changed namespace is caught and named.
+    let mut bad = good.clone();
+    let at = bad.len() - 4;
+    bad[at] ^= 0x01;
+    fs::write(&object, &bad).unwrap();
+    let msg = sealed.get_record(&name("cp")).unwrap_err().to_string();
+    assert!(
+        msg.contains("checkpoint cp")
+            && msg.contains("record")
+            && msg.contains("authentication failed"),
+        "{msg}"
+    );
+    // Another checkpoint's record copied under this name is caught too.
+    sealed.put_record(&name("cp-b"), record).unwrap();
+    fs::copy(
+        server.root.join(BUCKET).join("node-a/records/cp-b.json"),
+        &object,
+    )
+    .unwrap();
+    assert!(sealed.get_record(&name("cp")).is_err());
+    // A forged plain record is refused.
+    fs::write(&object, record).unwrap();
+    let err = sealed.get_record(&name("cp")).unwrap_err();
+    assert!(matches!(err, TierError::Sealing { .. }), "{err}");
+    // A node without the key says which key the record needs.
+    fs::write(&object, &good).unwrap();
+    let keyless = S3Tier::connect(s3_config(&server), config()).unwrap();
+    let msg = keyless.get_record(&name("cp")).unwrap_err().to_string();
+    assert!(msg.contains("\"k1\""), "{msg}");
+}
+
+#[test]
+fn reencryption_moves_a_checkpoint_to_the_newest_key_and_collects_the_old_chunks_after() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = new_dir(tmp.path(), "src");
+    image(&src, 7);
+    nvme(tmp.path(), Sealing::plain())
+        .store(&name("legacy"), &src)
+        .unwrap();
+    let keys = key_dir(tmp.path(), &[("2026-01-01", 1)]);
+    {
+        let tier = nvme(tmp.path(), Sealing::sealed(ring(&keys)));
+        tier.store(&name("old"), &src).unwrap();
+    }
+    key_dir(tmp.path(), &[("2026-06-01", 2)]);
+    let tier = nvme(tmp.path(), Sealing::sealed(ring(&keys)));
+    let chunk_files = |tier: &NvmeTier| all_files(&tier.root().join("chunks")).len();
+    let before = chunk_files(&tier);
+    let old_chunks: Vec<_> = tier
+        .manifest(&name("old"))
+        .unwrap()
+        .files
+        .iter()
+        .flat_map(|f| f.chunks.iter())
+        .filter(|c| c.encoding != ChunkEncoding::Zero)
+        .map(|c| tier.chunk_path(&c.hash))
+        .collect();
+
+    for cp in ["old", "legacy"] {
+        let done = tier.reencrypt(&name(cp)).unwrap();
+        assert_eq!(done.to.as_str(), "2026-06-01");
+        assert!(!done.unchanged);
+        let m = tier.manifest(&name(cp)).unwrap();
+        assert_eq!(m.key_id.as_ref().unwrap().as_str(), "2026-06-01");
+        let dest = new_dir(tmp.path(), &format!("dest-{cp}"));
+        tier.load(&name(cp), &dest).unwrap();
+        assert_eq!(read_dir_files(&dest), read_dir_files(&src), "{cp}");
+    }
+    // Both now share the new key's chunks; the old key's and the plain ones are gone.
+    assert!(old_chunks.iter().all(|p| !p.exists()));
+    assert!(chunk_files(&tier) < before);
+    assert!(tier.reencrypt(&name("old")).unwrap().unchanged);
+    assert!(!tier.root().join(".reencrypt-old").exists());
+
+    // A checkpoint whose key is gone cannot be re-encrypted and stays as it was.
+    drop(tier);
+    let other = tempfile::tempdir().unwrap();
+    let plain_tier = nvme(tmp.path(), Sealing::plain());
+    let err = plain_tier.reencrypt(&name("old")).unwrap_err().to_string();
+    assert!(err.contains("does not encrypt"), "{err}");
+    drop(plain_tier);
+    let only_new = key_dir(other.path(), &[("2027-01-01", 3)]);
+    let tier = nvme(tmp.path(), Sealing::sealed(ring(&only_new)));
+    let err = tier.reencrypt(&name("old")).unwrap_err().to_string();
+    assert!(
+        err.contains("\"2026-06-01\"") && err.contains("checkpoint old"),
+        "{err}"
+    );
+}

@@ -15,6 +15,7 @@ mod images;
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -178,7 +179,8 @@ impl Drop for HostWorkload {
 
 /// Where each of the pod's volumes comes from on this test's host: the host's `/` is the
 /// temp host root, the containerd socket the private containerd's, the ConfigMap a temp
-/// directory; every other host path is the host's own.
+/// directory, an optional Secret that does not exist an empty one (as the kubelet mounts
+/// it); every other host path is the host's own.
 fn volume_on_test_host(node: &PrivateContainerd, config_dir: &Path, mount: &PodMount) -> PathBuf {
     match &mount.source {
         VolumeSource::HostPath { path, .. } if path == "/" => node.host.root(),
@@ -190,6 +192,12 @@ fn volume_on_test_host(node: &PrivateContainerd, config_dir: &Path, mount: &PodM
             PathBuf::from(path)
         }
         VolumeSource::ConfigMap { .. } => config_dir.to_path_buf(),
+        VolumeSource::OptionalSecret { name } => {
+            let dir = node.host.dir.path().join(format!("secret-{name}"));
+            fs::create_dir_all(&dir).unwrap();
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+            dir
+        }
     }
 }
 

@@ -217,10 +217,11 @@ mod tests {
         let planned = data_plane_values(&config, None);
         assert_eq!(value(&planned, "dataplane.workers"), "3");
         assert_eq!(value(&planned, "dataplane.background_workers"), "1");
-        // 4 buffers per worker plus 28 shared ones, 1 MiB each.
+        // 4 buffers per worker plus 28 shared ones, 1 MiB each; the 30 of the chunk pool
+        // have room for a sealed chunk's tag and nonce, one more I/O block each.
         assert_eq!(
             value(&planned, "dataplane.pinned_pool_bytes"),
-            (40u64 << 20).to_string()
+            ((40u64 << 20) + 30 * 4096).to_string()
         );
         assert_eq!(value(&planned, "dataplane.io_backend"), "\"not started\"");
 

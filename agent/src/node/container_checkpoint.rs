@@ -270,7 +270,10 @@ impl NodeAgent {
         Box::pin(
             async move {
                 let machine = &mut session.machine;
-                let released = match machine.dumped(Some(Duration::from_millis(dump_millis))) {
+                let released = match machine
+                    .dumped(Some(Duration::from_millis(dump_millis)))
+                    .await
+                {
                     Ok(()) => machine.release_gpus().await,
                     Err(e) => Err(("criu_dump", e)),
                 };
@@ -335,7 +338,7 @@ pub(super) async fn finish(
     let machine = &mut session.machine;
     let result = async {
         if machine.step() == Step::Locked {
-            machine.dumped(took).map_err(|e| ("criu_dump", e))?;
+            machine.dumped(took).await.map_err(|e| ("criu_dump", e))?;
             machine.release_gpus().await?;
         }
         let stored = machine.store(None).await?;

@@ -195,17 +195,21 @@ impl Handler<ContainerRestoreEnd> for NodeAgent {
                     let _ = blocking(move || drop(staged)).await;
                     parts
                         .journal
-                        .note(&record.name, Transition::RestoreEnded { ok: false });
+                        .note_off_thread(&record.name, Transition::RestoreEnded { ok: false })
+                        .await;
                     return Ok(Vec::new());
                 }
                 // Journaled before the unlock: an agent that dies first leaves the restored
                 // processes CUDA-locked, and recovery unlocks exactly these.
-                parts.journal.note(
-                    &record.name,
-                    Transition::RestoreRan {
-                        pids: request.pids.clone(),
-                    },
-                );
+                parts
+                    .journal
+                    .note_off_thread(
+                        &record.name,
+                        Transition::RestoreRan {
+                            pids: request.pids.clone(),
+                        },
+                    )
+                    .await;
                 crate::failpoints::failpoint("container_restore.before_cuda_restore")?;
                 let mut clock = PhaseClock::new(
                     &record.name,
@@ -230,10 +234,13 @@ impl Handler<ContainerRestoreEnd> for NodeAgent {
                     })
                     .await;
                 let _ = blocking(move || drop(staged)).await;
-                parts.journal.note(
-                    &record.name,
-                    Transition::RestoreEnded { ok: report.is_ok() },
-                );
+                parts
+                    .journal
+                    .note_off_thread(
+                        &record.name,
+                        Transition::RestoreEnded { ok: report.is_ok() },
+                    )
+                    .await;
                 match report {
                     Ok(report) => {
                         if !report.processes.is_empty() {

@@ -123,7 +123,7 @@ async fn settle_checkpoint(
     if complete && (!runs || leave_running) {
         let machine = &mut session.machine;
         if machine.step() == Step::Locked {
-            machine.dumped(None)?;
+            machine.dumped(None).await?;
             // Processes that are gone cannot be resumed: their hold just ends.
             let keep = !(runs && leave_running);
             if let Err((_, e)) = machine.release_gpus_keeping(keep).await {

@@ -25,7 +25,7 @@
 
 use std::fmt;
 
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
@@ -152,6 +152,33 @@ impl SealKey {
         len + SEAL_OVERHEAD
     }
 
+    /// Opens a sealed chunk whose ciphertext was read into `ciphertext` (its place in the
+    /// restored file) and whose tag and nonce into `trailer`, in place: a raw chunk's restore
+    /// then needs no buffer and no copy.
+    pub fn open_detached(
+        &self,
+        address: &[u8; 32],
+        encoding: u8,
+        raw_len: u32,
+        ciphertext: &mut [u8],
+        trailer: &[u8; SEAL_OVERHEAD],
+    ) -> Result<(), SealError> {
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&trailer[..TAG_LEN]);
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&trailer[TAG_LEN..]);
+        self.chunk_cipher(address, encoding)
+            .open_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(self.aad(address, encoding, raw_len)),
+                Tag::from(tag),
+                ciphertext,
+                0..,
+            )
+            .map_err(|_| SealError::Forged(self.id.clone()))?;
+        Ok(())
+    }
+
     /// Opens a sealed chunk in place; returns the encoded bytes (a prefix of `stored`).
     pub fn open_chunk<'a>(
         &self,
@@ -211,6 +238,15 @@ mod tests {
         let sealed = buf.clone();
         let opened = k.open_chunk(&addr, RAW, 29, &mut buf).unwrap();
         assert_eq!(opened, &data[..]);
+        let mut detached = sealed[..data.len()].to_vec();
+        let trailer: [u8; SEAL_OVERHEAD] = sealed[data.len()..].try_into().unwrap();
+        k.open_detached(&addr, RAW, 29, &mut detached, &trailer)
+            .unwrap();
+        assert_eq!(detached, data);
+        let mut detached = sealed[..data.len()].to_vec();
+        assert!(k
+            .open_detached(&addr, ZSTD, 29, &mut detached, &trailer)
+            .is_err());
         for i in 0..sealed.len() {
             let mut bad = sealed.clone();
             bad[i] ^= 1;

@@ -16,6 +16,14 @@ impl S3Tier {
         record: &[u8],
     ) -> Result<(), TierError> {
         let key = self.record_key(name);
+        let sealed;
+        let record = match self.sealing.writing_key() {
+            Some(seal_key) => {
+                sealed = crate::seal_record(seal_key, name, record);
+                &sealed[..]
+            }
+            None => record,
+        };
         if u64::try_from(record.len()).map_or(true, |l| l > MAX_RECORD_BYTES) {
             return Err(TierError::Corrupt {
                 tier: TIER,
@@ -47,8 +55,26 @@ impl S3Tier {
             name: name.clone(),
             detail: format!("record {key}: {detail}"),
         };
-        let body = self.get_small("get record", &key, MAX_RECORD_BYTES, corrupt)?;
-        Ok(body.map(|b| b.to_vec()))
+        let Some(body) = self.get_small("get record", &key, MAX_RECORD_BYTES, corrupt)? else {
+            return Ok(None);
+        };
+        let opened = crate::open_record(
+            name,
+            &body,
+            self.sealing.ring().map(|r| &**r),
+            self.sealing.accepts_plain(),
+        );
+        match opened {
+            Ok(record) => Ok(Some(record)),
+            Err(e @ (crate::RecordSealError::Key(..) | crate::RecordSealError::Plain)) => {
+                Err(TierError::Sealing {
+                    tier: TIER,
+                    name: name.clone(),
+                    detail: format!("record {key}: {e}"),
+                })
+            }
+            Err(e) => Err(corrupt(e.to_string())),
+        }
     }
 
     /// Deletes the record of `name`; a missing one is no error.

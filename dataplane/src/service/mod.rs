@@ -58,11 +58,9 @@ impl DataPlane {
             Err(_) => io,
         };
         let workers = chunk.worker_count();
-        let pool = BufferPool::new(
-            chunk.chunk_size + crate::SEAL_OVERHEAD,
-            workers * 2 + WRITE_BUFFERS,
-        );
-        let staging = BufferPool::new(chunk.chunk_size, workers * 2 + STAGING_BUFFERS);
+        let [(pool_buf, pool_count), (staging_buf, staging_count)] = pool_sizes(chunk);
+        let pool = BufferPool::new(pool_buf, pool_count);
+        let staging = BufferPool::new(staging_buf, staging_count);
         let writer = writer::ChunkWriterThread::start(io, &pool)?;
         Ok(Arc::new(Self {
             writer,
@@ -100,9 +98,10 @@ impl DataPlane {
     /// What [`DataPlane::pinned_pool_bytes`] will be for `chunk`, without starting anything
     /// (for `kybernatectl config show` on a config not yet in force).
     pub fn pinned_pool_bytes_for(chunk: &ChunkConfig) -> u64 {
-        let workers = chunk.worker_count();
-        let buffers = workers * 4 + WRITE_BUFFERS + STAGING_BUFFERS;
-        u64::try_from(chunk.chunk_size.saturating_mul(buffers)).unwrap_or(u64::MAX)
+        pool_sizes(chunk)
+            .iter()
+            .map(|&(buf, count)| BufferPool::capacity_of(buf, count))
+            .sum()
     }
 
     pub(crate) fn pool(&self) -> &BufferPool {
@@ -117,4 +116,18 @@ impl DataPlane {
     pub(crate) fn store_writes(&self, cancel: CancelToken) -> StoreWrites {
         self.writer.store_writes(cancel)
     }
+}
+
+/// Buffer size and count of the two pinned pools for chunks cut as `chunk` says: the chunk
+/// pool (each buffer holds a chunk sealed for encryption at rest: its bytes, tag and nonce)
+/// and the staging pool (raw chunks).
+fn pool_sizes(chunk: &ChunkConfig) -> [(usize, usize); 2] {
+    let workers = chunk.worker_count();
+    [
+        (
+            chunk.chunk_size + crate::SEAL_OVERHEAD,
+            workers * 2 + WRITE_BUFFERS,
+        ),
+        (chunk.chunk_size, workers * 2 + STAGING_BUFFERS),
+    ]
 }

@@ -142,6 +142,9 @@ pub enum VolumeSource {
     HostPath { path: String, kind: String },
     /// A key-to-file ConfigMap volume.
     ConfigMap { name: String },
+    /// A Secret volume that may be absent (`optional: true`): then the kubelet mounts it
+    /// empty.
+    OptionalSecret { name: String },
 }
 
 /// One container of the DaemonSet's pod template.
@@ -204,8 +207,17 @@ impl AgentPod {
                 VolumeSource::ConfigMap {
                     name: cm["name"].as_str().expect("configMap.name").into(),
                 }
+            } else if let Some(secret) = v.get("secret") {
+                assert_eq!(
+                    secret["optional"].as_bool(),
+                    Some(true),
+                    "volume {name}: a Secret the agent needs to start must be created by the test"
+                );
+                VolumeSource::OptionalSecret {
+                    name: secret["secretName"].as_str().expect("secretName").into(),
+                }
             } else {
-                panic!("volume {name}: only hostPath and configMap volumes are understood")
+                panic!("volume {name}: only hostPath, configMap and optional secret volumes are understood")
             }
         };
         let containers = |key: &str| -> Vec<PodContainer> {

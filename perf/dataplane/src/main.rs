@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use kybernate_dataplane_bench::{generate, priority, steps, suite};
+use kybernate_dataplane_bench::{encryption, generate, priority, steps, suite};
 
 const USAGE: &str = "usage:
   dataplane-bench suite [--ram DIR] [--disk DIR] [--size-mib N] [--runs N]
@@ -13,7 +13,8 @@ const USAGE: &str = "usage:
   dataplane-bench drain-s3 IMAGE_DIR ENDPOINT PREFIX NAME
   dataplane-bench restore-s3 ENDPOINT PREFIX NAME DEST
   dataplane-bench serve-s3 ROOT ADDR
-  dataplane-bench priority IMAGE_DIR WORK_DIR RUNS";
+  dataplane-bench priority IMAGE_DIR WORK_DIR RUNS
+  dataplane-bench encryption IMAGE_DIR WORK_DIR RESTORE_DIR RUNS";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -52,6 +53,7 @@ fn main() -> Result<()> {
         Some("drain-s3") => steps::drain_s3(&path(1)?, a(2)?, a(3)?, a(4)?),
         Some("restore-s3") => steps::restore_s3(a(1)?, a(2)?, a(3)?, &path(4)?),
         Some("serve-s3") => steps::serve_s3(&path(1)?, a(2)?),
+        Some("encryption") => encryption::run(&path(1)?, &path(2)?, &path(3)?, a(4)?.parse()?),
         Some("priority") => priority::run(&path(1)?, &path(2)?, a(3)?.parse()?),
         _ => bail!("{USAGE}"),
     }

@@ -90,6 +90,13 @@ pub enum Command {
         /// The checkpoint.
         name: String,
     },
+    /// Seal a checkpoint on the NVMe tier with the newest encryption key (after adding a
+    /// key, or to encrypt one stored before encryption was on); its old chunks go only once
+    /// the new copy is committed.
+    Reencrypt {
+        /// The checkpoint.
+        name: String,
+    },
     /// Print progress events as they happen.
     Watch {
         /// Only this checkpoint's events.

@@ -111,6 +111,27 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Reencrypt { name } => {
+            let reply = answer(agent.reencrypt(pb::ReencryptRequest {
+                checkpoint_ref: name.clone(),
+            }))
+            .await?;
+            let from = if reply.from_key.is_empty() {
+                "unencrypted".to_owned()
+            } else {
+                format!("key {}", reply.from_key)
+            };
+            if json {
+                println!(
+                    "{}",
+                    json!({"name": name, "from_key": reply.from_key, "to_key": reply.to_key, "unchanged": reply.unchanged})
+                );
+            } else if reply.unchanged {
+                println!("{name} is already sealed with key {}", reply.to_key);
+            } else {
+                println!("re-encrypted {name} from {from} to key {}", reply.to_key);
+            }
+        }
         Command::Delete { name } => {
             let reply = answer(agent.delete(pb::DeleteRequest {
                 checkpoint_ref: name.clone(),
