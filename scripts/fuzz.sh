@@ -55,10 +55,9 @@ after=$(find "artifacts/$target" -type f | wc -l)
 # Fork mode reports "#<executions>: cov: ... exec/s <n> oom/timeout/crash: a/b/c time: <s>s".
 last=$(grep -E '^#[0-9]+:' "$out" | tail -1 || true)
 execs=$(sed -E 's/^#([0-9]+):.*/\1/' <<<"$last")
-rate=$(sed -nE 's/.*exec\/s:? ([0-9]+).*/\1/p' <<<"$last")
 failures=$(sed -nE 's/.*oom\/timeout\/crash: ([0-9]+\/[0-9]+\/[0-9]+).*/\1/p' <<<"$last")
 corpus=$(find "corpus-new/$target" -type f | wc -l)
-echo "target=$target seconds=$seconds executions=${execs:-0} exec_per_sec=${rate:-0}" \
+echo "target=$target seconds=$seconds executions=${execs:-0} exec_per_sec=$(( ${execs:-0} / seconds ))" \
   "oom/timeout/crash=${failures:-0/0/0} new_artifacts=$((after - before))" \
   "corpus_new=$corpus libfuzzer_status=$status"
 if [ "$after" -gt "$before" ]; then

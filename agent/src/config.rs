@@ -100,10 +100,11 @@ impl Default for DataplaneConfig {
 }
 
 impl DataplaneConfig {
-    /// The data plane's own form of these settings.
+    /// The data plane's own form of these settings. A chunk size too large for bytes
+    /// saturates (and fails validation) rather than wrapping to a small valid one.
     pub fn chunk_config(&self) -> ChunkConfig {
         ChunkConfig {
-            chunk_size: self.chunk_size_mib << 20,
+            chunk_size: self.chunk_size_mib.saturating_mul(1 << 20),
             zstd_level: self.zstd_level,
             workers: self.workers,
             background_workers: self.background_workers,
@@ -470,6 +471,19 @@ mod tests {
         };
         assert_eq!(config.ram_tier_path(), Path::new("/tmp/a/ram"));
         assert_eq!(config.nvme_tier_path(), Path::new("/tmp/a/nvme"));
+    }
+
+    #[test]
+    fn a_chunk_size_that_overflows_bytes_is_refused_not_wrapped() {
+        // 2^44 + 8 MiB is 8 MiB once shifted into bytes with the high bits lost.
+        let text = "[dataplane]\nchunk_size_mib = 17592186044424\n";
+        let err = AgentConfig::from_text(Path::new("/a.toml"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("invalid config: dataplane: chunk_size"),
+            "{err}"
+        );
     }
 
     #[test]

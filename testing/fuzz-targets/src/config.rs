@@ -7,7 +7,8 @@ use kybernate_agent::config::AgentConfig;
 use crate::Verdict;
 
 /// An accepted config must validate again and give every derived value without a panic:
-/// the tier paths, the shim lease, the chunking and the watermarks of any budget.
+/// the tier paths, the shim lease, the chunking (the very chunk size the file asked for) and
+/// the watermarks of any budget.
 pub fn config(data: &[u8]) -> Verdict {
     supply_s3_secret();
     let Ok(text) = std::str::from_utf8(data) else {
@@ -24,11 +25,17 @@ pub fn config(data: &[u8]) -> Verdict {
     assert!(config.nvme_tier_path().is_absolute());
     assert!(config.records_dir().starts_with(&config.state_dir));
     let _ = config.timeouts.shim_lease();
-    config
-        .dataplane
-        .chunk_config()
+    let chunks = config.dataplane.chunk_config();
+    chunks
         .validate()
         .expect("an accepted config chunks validly");
+    assert_eq!(
+        Some(chunks.chunk_size),
+        config.dataplane.chunk_size_mib.checked_mul(1 << 20),
+        "dataplane.chunk_size_mib = {} was taken as {} bytes",
+        config.dataplane.chunk_size_mib,
+        chunks.chunk_size
+    );
     for budget in [
         0,
         1,

@@ -44,3 +44,20 @@ pub fn frame(body: &[u8]) -> Vec<u8> {
     out.extend_from_slice(blake3::hash(body).as_bytes());
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bare_body_is_framed_and_a_whole_manifest_read_as_it_is() {
+        assert!(matches!(manifest(b""), Verdict::Rejected(e) if e.contains("body ends early")));
+        let mut whole = frame(b"");
+        whole[8] = 9;
+        let verdict = manifest(&whole);
+        assert!(
+            matches!(&verdict, Verdict::Rejected(e) if e.contains("version 9")),
+            "{verdict:?}"
+        );
+    }
+}

@@ -70,3 +70,56 @@ fn octal(field: &[u8]) -> Option<u64> {
     }
     u64::from_str_radix(digits, 8).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one_file_tar() -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_size(600);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, "a/b.txt", &[7u8; 600][..])
+            .unwrap();
+        let mut header = tar::Header::new_gnu();
+        header.set_size(0);
+        header.set_cksum();
+        builder.append_data(&mut header, "c", &[][..]).unwrap();
+        builder.into_inner().unwrap()
+    }
+
+    #[test]
+    fn recomputed_checksums_let_a_mutated_header_through() {
+        let mut mutated = one_file_tar();
+        // A changed mode in the second header (after 512 + 1024 bytes) breaks its checksum.
+        mutated[1536 + 100] = b'7';
+        let list = br#"{"version":1,"deleted":[],"opaque":[]}"#;
+        let as_is = kybernate_shim::rootfs_diff::check(list, mutated.as_slice());
+        assert!(as_is.unwrap_err().to_string().contains("checksum"));
+        fix_header_checksums(&mut mutated);
+        let fixed = kybernate_shim::rootfs_diff::check(list, mutated.as_slice()).unwrap();
+        assert_eq!(fixed.entries, 2);
+    }
+
+    #[test]
+    fn the_list_and_the_tar_are_split_at_the_first_nul() {
+        let input = [
+            &br#"{"version":1,"deleted":["x"],"opaque":[]}"#[..],
+            &[0],
+            &one_file_tar(),
+        ]
+        .concat();
+        assert_eq!(rootfs_diff(&input), Verdict::Accepted);
+        let leaving = [
+            &br#"{"version":1,"deleted":["../x"],"opaque":[]}"#[..],
+            &[0],
+        ]
+        .concat();
+        assert!(
+            matches!(rootfs_diff(&leaving), Verdict::Rejected(e) if e.contains("leaves the rootfs"))
+        );
+    }
+}
