@@ -7,7 +7,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use kybernate_cuda::GpuFingerprint;
-use kybernate_dataplane::{CheckpointName, TierKind, MAX_RECORD_BYTES};
+use std::sync::Arc;
+
+use kybernate_dataplane::{
+    open_record, seal_record, CheckpointName, KeyRing, TierKind, MAX_RECORD_BYTES,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::images::ImageFile;
@@ -104,11 +108,17 @@ pub enum CatalogError {
 pub struct Catalog {
     dir: PathBuf,
     records: BTreeMap<CheckpointName, CheckpointRecord>,
+    /// With encryption at rest: records are written with a MAC under the newest key and
+    /// read back only if one verifies.
+    sealing: Option<RecordSealing>,
 }
 
 impl Catalog {
     /// Loads every record in `dir`; unreadable ones are reported and skipped.
-    pub fn open(dir: &Path) -> Result<(Self, Vec<CatalogError>), CatalogError> {
+    pub fn open(
+        dir: &Path,
+        sealing: Option<RecordSealing>,
+    ) -> Result<(Self, Vec<CatalogError>), CatalogError> {
         let io = |source| CatalogError::Io {
             path: dir.to_owned(),
             source,
@@ -121,7 +131,7 @@ impl Catalog {
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
-            match read_record(&path) {
+            match read_record(&path, sealing.as_ref()) {
                 Ok((name, record)) => {
                     records.insert(name, record);
                 }
@@ -131,6 +141,7 @@ impl Catalog {
         let catalog = Self {
             dir: dir.to_owned(),
             records,
+            sealing,
         };
         Ok((catalog, problems))
     }
@@ -157,10 +168,13 @@ impl Catalog {
             path: path.clone(),
             source,
         };
-        let bytes = serde_json::to_vec_pretty(&record).map_err(|e| CatalogError::Corrupt {
+        let mut bytes = serde_json::to_vec_pretty(&record).map_err(|e| CatalogError::Corrupt {
             path: path.clone(),
             detail: e.to_string(),
         })?;
+        if let Some(sealing) = &self.sealing {
+            bytes = seal_record(sealing.ring.newest(), &name, &bytes);
+        }
         let mut file = fs::File::create(&tmp).map_err(io)?;
         file.write_all(&bytes).map_err(io)?;
         file.sync_all().map_err(io)?;
@@ -185,7 +199,19 @@ impl Catalog {
     }
 }
 
-fn read_record(path: &Path) -> Result<(CheckpointName, CheckpointRecord), CatalogError> {
+/// How the records of a node with encryption at rest are authenticated.
+#[derive(Debug, Clone)]
+pub struct RecordSealing {
+    /// The node's keys: the newest seals, every one opens.
+    pub ring: Arc<KeyRing>,
+    /// Whether a record without a MAC (written before encryption was turned on) is read.
+    pub accept_plain: bool,
+}
+
+fn read_record(
+    path: &Path,
+    sealing: Option<&RecordSealing>,
+) -> Result<(CheckpointName, CheckpointRecord), CatalogError> {
     let corrupt = |detail: String| CatalogError::Corrupt {
         path: path.to_owned(),
         detail,
@@ -204,11 +230,21 @@ fn read_record(path: &Path) -> Result<(CheckpointName, CheckpointRecord), Catalo
         path: path.to_owned(),
         source,
     })?;
-    let (name, record) = decode(&bytes).map_err(corrupt)?;
     let stem = path
         .file_stem()
         .and_then(|s| s.to_str())
         .unwrap_or_default();
+    let file_name = CheckpointName::new(stem).map_err(|e| corrupt(e.to_string()))?;
+    // A sealed record is opened under the name of its file: the MAC binds the two, so a
+    // record moved to another name fails. Without keys a sealed record is refused by name.
+    let bytes = open_record(
+        &file_name,
+        &bytes,
+        sealing.map(|s| &*s.ring),
+        sealing.is_none_or(|s| s.accept_plain),
+    )
+    .map_err(|e| corrupt(e.to_string()))?;
+    let (name, record) = decode(&bytes).map_err(corrupt)?;
     if stem != name.as_str() {
         return Err(corrupt(format!("it names checkpoint {name}")));
     }
@@ -266,7 +302,7 @@ mod tests {
     #[test]
     fn records_survive_reopen_and_corrupt_ones_are_reported() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut catalog, problems) = Catalog::open(dir.path()).unwrap();
+        let (mut catalog, problems) = Catalog::open(dir.path(), None).unwrap();
         assert!(problems.is_empty());
         let name = CheckpointName::new("cp1").unwrap();
         catalog.insert(name.clone(), record("cp1")).unwrap();
@@ -277,7 +313,7 @@ mod tests {
         )
         .unwrap();
 
-        let (reopened, problems) = Catalog::open(dir.path()).unwrap();
+        let (reopened, problems) = Catalog::open(dir.path(), None).unwrap();
         assert_eq!(reopened.get(&name), Some(&record("cp1")));
         assert_eq!(reopened.all().count(), 1);
         let messages: Vec<String> = problems.iter().map(ToString::to_string).collect();
@@ -287,7 +323,7 @@ mod tests {
             .any(|m| m.contains("bad.json") && m.contains("corrupt")));
         assert!(messages.iter().any(|m| m.contains("names checkpoint cp9")));
 
-        let (mut catalog, _) = Catalog::open(dir.path()).unwrap();
+        let (mut catalog, _) = Catalog::open(dir.path(), None).unwrap();
         assert!(catalog.remove(&name).unwrap());
         assert!(!catalog.remove(&name).unwrap());
     }
@@ -320,5 +356,64 @@ mod tests {
         bad_name.name = "a/b".into();
         assert!(decode(&serde_json::to_vec(&bad_name).unwrap()).is_err());
         assert!(decode(b"{not json").is_err());
+    }
+
+    #[test]
+    fn sealed_records_are_read_only_intact_and_under_their_own_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = Arc::new(KeyRing::from_keys(Path::new("/k"), &[("k1", [7; 32])]).unwrap());
+        let sealing = |accept_plain| {
+            Some(RecordSealing {
+                ring: ring.clone(),
+                accept_plain,
+            })
+        };
+        let (mut catalog, _) = Catalog::open(dir.path(), sealing(false)).unwrap();
+        let name = CheckpointName::new("sealed").unwrap();
+        catalog.insert(name.clone(), record("sealed")).unwrap();
+        let path = dir.path().join("sealed.json");
+        let stored = fs::read(&path).unwrap();
+        assert!(stored.starts_with(&kybernate_dataplane::RECORD_MAGIC));
+
+        let (reopened, problems) = Catalog::open(dir.path(), sealing(false)).unwrap();
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(reopened.get(&name).unwrap().pid, 77);
+
+        // Without the key it is refused by name, not read as anyone's.
+        let (keyless, problems) = Catalog::open(dir.path(), None).unwrap();
+        assert!(keyless.get(&name).is_none());
+        assert!(problems[0].to_string().contains("k1"), "{problems:?}");
+
+        // A flipped byte anywhere is detected and the file named.
+        for at in [stored.len() / 2, stored.len() - 2] {
+            let mut bad = stored.clone();
+            bad[at] ^= 1;
+            fs::write(&path, &bad).unwrap();
+            let (opened, problems) = Catalog::open(dir.path(), sealing(true)).unwrap();
+            assert!(opened.get(&name).is_none(), "byte {at}");
+            assert!(
+                problems[0].to_string().contains("sealed.json"),
+                "{problems:?}"
+            );
+        }
+
+        // Moved to another name: the MAC binds the record to its file name.
+        fs::write(&path, &stored).unwrap();
+        fs::rename(&path, dir.path().join("other.json")).unwrap();
+        let (opened, problems) = Catalog::open(dir.path(), sealing(true)).unwrap();
+        assert_eq!(opened.all().count(), 0);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        fs::remove_file(dir.path().join("other.json")).unwrap();
+
+        // A plain record (from before encryption) is read only when accepted.
+        fs::write(&path, serde_json::to_vec(&record("sealed")).unwrap()).unwrap();
+        let (strict, problems) = Catalog::open(dir.path(), sealing(false)).unwrap();
+        assert!(strict.get(&name).is_none());
+        assert!(
+            problems[0].to_string().contains("accept_unencrypted"),
+            "{problems:?}"
+        );
+        let (lenient, _) = Catalog::open(dir.path(), sealing(true)).unwrap();
+        assert!(lenient.get(&name).is_some());
     }
 }

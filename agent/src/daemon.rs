@@ -13,7 +13,7 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::bandwidth::Bandwidth;
-use crate::catalog::{Catalog, CatalogError};
+use crate::catalog::{Catalog, CatalogError, RecordSealing};
 use crate::command::TokioCommandRunner;
 use crate::config::AgentConfig;
 use crate::criu::{self, CriuRunner};
@@ -229,7 +229,11 @@ async fn serve(
         }
         None => None,
     };
-    let (mut catalog, problems) = Catalog::open(&config.records_dir())?;
+    let record_sealing = ring.as_ref().map(|(encryption, ring)| RecordSealing {
+        ring: Arc::clone(ring),
+        accept_plain: encryption.accept_unencrypted,
+    });
+    let (mut catalog, problems) = Catalog::open(&config.records_dir(), record_sealing)?;
     for problem in problems {
         tracing::error!(%problem, "skipping an unreadable checkpoint record");
     }
