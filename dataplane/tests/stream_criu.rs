@@ -9,6 +9,7 @@
 //! memory is bit-identical.
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -16,7 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kybernate_dataplane::{
-    CheckpointName, ChunkConfig, DataPlane, IoBackend, IoMode, NvmeTier, Tier, TierError,
+    CheckpointName, ChunkConfig, DataPlane, IoBackend, IoMode, KeyRing, NvmeTier, Sealing, Tier,
+    TierError,
 };
 
 const WORKLOAD: &str = r#"
@@ -234,6 +236,33 @@ impl Fixture {
         Self { dir, tier }
     }
 
+    /// A fixture whose tier seals every chunk with one key (encryption at rest).
+    fn sealed() -> Self {
+        require_root_and_criu();
+        let dir = tempfile::Builder::new()
+            .prefix("kyb-stream-criu.")
+            .tempdir()
+            .unwrap();
+        let keys = dir.path().join("keys");
+        fs::create_dir_all(&keys).unwrap();
+        fs::set_permissions(&keys, fs::Permissions::from_mode(0o700)).unwrap();
+        let key = keys.join("2026-12-03");
+        fs::write(&key, format!("{}\n", "5a".repeat(32))).unwrap();
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o400)).unwrap();
+        let ring = Arc::new(KeyRing::load(&keys).unwrap());
+        let plane = DataPlane::start(IoMode::Auto, &ChunkConfig::default()).unwrap();
+        let tier = Arc::new(
+            NvmeTier::open_sealed(
+                dir.path().join("nvme"),
+                ChunkConfig::default(),
+                plane,
+                Sealing::sealed(ring),
+            )
+            .unwrap(),
+        );
+        Self { dir, tier }
+    }
+
     fn subdir(&self, name: &str) -> PathBuf {
         let path = self.dir.path().join(name);
         fs::create_dir_all(&path).unwrap();
@@ -264,6 +293,31 @@ fn a_streamed_round_trip_with_io_uring_forced_off_is_bit_identical() {
     );
     // 40% of 256 MiB is zero, 96 MiB of it in whole 8 MiB chunks.
     streamed_round_trip(&fx, 256, 96, "streamed-pread");
+}
+
+#[test]
+fn a_streamed_round_trip_with_encryption_at_rest_is_bit_identical_and_sealed() {
+    let fx = Fixture::sealed();
+    // 40% of 256 MiB is zero, 96 MiB of it in whole 8 MiB chunks.
+    streamed_round_trip(&fx, 256, 96, "streamed-sealed");
+    // The workload's heap text ("key:00000001 value:...") is in no stored file.
+    let needle = b"key:00000001 value:";
+    let mut files = vec![fx.dir.path().join("nvme")];
+    let mut checked = 0;
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            files.extend(fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            let bytes = fs::read(&path).unwrap();
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "{} holds the workload's memory in the clear",
+                path.display()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 3, "only {checked} files stored");
 }
 
 /// Dumps a `mib` MiB workload with `criu dump --stream` into `fx`'s tier as `cp` (at least
